@@ -1,0 +1,241 @@
+"""Hugging Face LLaMA / Qwen2 / Qwen3 directory -> (ModelConfig, params), without torch.
+
+Conversion is a strict table: every expected tensor is found exactly once with
+the shape the config implies, every tensor in the files is used (or is a
+known-redundant buffer), and nothing is loaded until all of that holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from specpv_jax.config import ConfigError, ModelConfig
+
+SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
+# Tensors some checkpoints carry that the model recomputes.
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not match its config or our table."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One parameter: HF key (with `{i}` for per-layer keys), HF shape, our path, transform."""
+
+    hf_key: str
+    hf_shape: tuple[int, ...]
+    path: tuple[str, ...]
+    transpose: bool = False
+    per_layer: bool = False
+
+
+def read_json(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_config(model_dir: str | pathlib.Path) -> tuple[ModelConfig, dict]:
+    """ModelConfig and the raw config.json dict of an HF model directory."""
+    model_dir = pathlib.Path(model_dir)
+    hf = read_json(model_dir / "config.json")
+    gen_path = model_dir / "generation_config.json"
+    gen = read_json(gen_path) if gen_path.exists() else None
+    try:
+        return ModelConfig.from_hf(hf, gen), hf
+    except (KeyError, TypeError) as e:
+        raise ConversionError(f"{model_dir / 'config.json'}: missing or malformed field {e}") from None
+    except ConfigError as e:
+        raise ConversionError(f"{model_dir / 'config.json'}: {e}") from None
+
+
+def param_table(cfg: ModelConfig) -> list[Entry]:
+    """Every tensor a checkpoint of `cfg` must contain."""
+    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    table = [
+        Entry("model.embed_tokens.weight", (cfg.vocab_size, h), ("embed_tokens", "embedding")),
+        Entry("model.norm.weight", (h,), ("norm", "scale")),
+    ]
+    if not cfg.tie_word_embeddings:
+        table.append(Entry("lm_head.weight", (cfg.vocab_size, h), ("lm_head", "kernel"), transpose=True))
+    layer = [
+        ("input_layernorm.weight", (h,), ("input_layernorm", "scale"), False),
+        ("post_attention_layernorm.weight", (h,), ("post_attention_layernorm", "scale"), False),
+        ("self_attn.q_proj.weight", (q, h), ("self_attn", "q_proj", "kernel"), True),
+        ("self_attn.k_proj.weight", (kv, h), ("self_attn", "k_proj", "kernel"), True),
+        ("self_attn.v_proj.weight", (kv, h), ("self_attn", "v_proj", "kernel"), True),
+        ("self_attn.o_proj.weight", (h, q), ("self_attn", "o_proj", "kernel"), True),
+        ("mlp.gate_proj.weight", (i, h), ("mlp", "gate_proj", "kernel"), True),
+        ("mlp.up_proj.weight", (i, h), ("mlp", "up_proj", "kernel"), True),
+        ("mlp.down_proj.weight", (h, i), ("mlp", "down_proj", "kernel"), True),
+    ]
+    if cfg.qkv_bias:
+        layer += [(f"self_attn.{n}_proj.bias", (s,), ("self_attn", f"{n}_proj", "bias"), False)
+                  for n, s in (("q", q), ("k", kv), ("v", kv))]
+    if cfg.o_bias:
+        layer.append(("self_attn.o_proj.bias", (h,), ("self_attn", "o_proj", "bias"), False))
+    if cfg.qk_norm:
+        layer += [(f"self_attn.{n}_norm.weight", (d,), ("self_attn", f"{n}_norm", "scale"), False)
+                  for n in ("q", "k")]
+    table += [Entry(f"model.layers.{{i}}.{key}", shape, ("layers",) + path, transpose=t, per_layer=True)
+              for key, shape, path, t in layer]
+    return table
+
+
+def safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The checkpoint's shard files (from the index when there is one)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index} has no weight_map")
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ConversionError(f"{index} lists shard files that do not exist: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        bins = sorted(p.name for p in model_dir.glob("*.bin"))
+        hint = f" (found {bins}: re-save with safetensors, e.g. save_pretrained(safe_serialization=True))" if bins else ""
+        raise ConversionError(f"no *.safetensors files in {model_dir}{hint}")
+    return files
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    file: pathlib.Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def scan_headers(files: Iterable[pathlib.Path]) -> dict[str, TensorInfo]:
+    """Key -> (file, shape, dtype) from the safetensors headers; reads no tensor data."""
+    found: dict[str, TensorInfo] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="flax") as f:
+                for key in f.keys():
+                    s = f.get_slice(key)
+                    info = TensorInfo(path, tuple(s.get_shape()), s.get_dtype())
+                    if key in found:
+                        raise ConversionError(f"tensor {key!r} appears twice: in {found[key].file.name} and {path.name}")
+                    found[key] = info
+        except SafetensorError as e:
+            raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return found
+
+
+def check_tensors(table: list[Entry], found: dict[str, TensorInfo], cfg: ModelConfig,
+                  ignore: Callable[[str], bool] = lambda k: False) -> None:
+    """Raises one error listing every missing, unexpected, misshaped or unsupported-dtype tensor."""
+    expected = {}
+    for e in table:
+        keys = [e.hf_key.format(i=i) for i in range(cfg.num_layers)] if e.per_layer else [e.hf_key]
+        expected.update({k: e.hf_shape for k in keys})
+    problems = []
+    missing = [k for k in expected if k not in found]
+    if missing:
+        problems.append(f"missing tensors: {_abbrev(missing)}")
+    extra = [k for k in found if k not in expected and not IGNORED.match(k) and not ignore(k)]
+    if extra:
+        problems.append(f"unexpected tensors (not used by a {cfg.arch} model with this config): {_abbrev(extra)}")
+    for key, shape in expected.items():
+        info = found.get(key)
+        if info is None:
+            continue
+        if info.shape != shape:
+            problems.append(f"{key}: shape {info.shape} in {info.file.name}, but config.json implies {shape}")
+        if info.dtype not in SUPPORTED_DTYPES:
+            problems.append(f"{key}: unsupported dtype {info.dtype} in {info.file.name} "
+                            f"(supported: {', '.join(sorted(SUPPORTED_DTYPES))})")
+    if problems:
+        raise ConversionError("checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+
+
+def _abbrev(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+class TensorReader:
+    """Reads tensors by key from a set of open safetensors files."""
+
+    def __init__(self, found: dict[str, TensorInfo]):
+        self.found = found
+        self._handles = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()
+
+    def get(self, key: str, dtype) -> jax.Array:
+        path = self.found[key].file
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="flax").__enter__()
+        try:
+            x = self._handles[path].get_tensor(key)
+        except SafetensorError as e:
+            raise ConversionError(f"{path}: cannot read tensor {key!r} (truncated or corrupt?): {e}") from None
+        if not bool(jnp.isfinite(x).all()):
+            raise ConversionError(f"{path}: tensor {key!r} contains NaN or Inf")
+        return x.astype(dtype)
+
+
+def load_params(table: list[Entry], found: dict[str, TensorInfo], num_layers: int, dtype,
+                progress: bool = True, desc: str = "converting") -> dict:
+    """Loads, transposes, stacks and casts every table entry into a nested param dict."""
+    params: dict = {}
+    total = sum(num_layers if e.per_layer else 1 for e in table)
+    with TensorReader(found) as reader, tqdm(total=total, desc=desc, unit="tensor", disable=not progress) as bar:
+        for e in table:
+            def read(key):
+                x = reader.get(key, dtype)
+                bar.update(1)
+                return x.T if e.transpose else x
+            if e.per_layer:
+                value = jnp.stack([read(e.hf_key.format(i=i)) for i in range(num_layers)])
+            else:
+                value = read(e.hf_key)
+            node = params
+            for name in e.path[:-1]:
+                node = node.setdefault(name, {})
+            node[e.path[-1]] = value
+    return params
+
+
+def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool = True) -> tuple[ModelConfig, dict]:
+    """Converts an HF model directory into `(ModelConfig, params)`.
+
+    Raises ConversionError naming the file and key for any mismatch, before
+    reading tensor data.
+    """
+    model_dir = pathlib.Path(model_dir)
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ConversionError(f"unsupported target dtype {dtype} (float32, bfloat16 or float16)")
+    cfg, _ = read_config(model_dir)
+    found = scan_headers(safetensors_files(model_dir))
+    table = param_table(cfg)
+    tied_head = cfg.tie_word_embeddings and "lm_head.weight" in found
+    # transformers ties lm_head to the embedding and ignores a stored copy; so do we.
+    check_tensors(table, found, cfg, ignore=lambda k: tied_head and k == "lm_head.weight")
+    return cfg, load_params(table, found, cfg.num_layers, dtype, progress)

@@ -1,0 +1,108 @@
+"""Attention of new tokens over a prefix cache plus themselves (XLA path).
+
+One contract serves prefill chunks (causal), decode (T = 1) and tree
+verification (tree mask): queries see prefix keys `[0, cache_len)` and the new
+keys allowed by `new_mask`. The prefix is read block by block with an online
+softmax and a trip count set by the longest row, so cost follows the valid
+length, not the buffer size; the Pallas kernels in `pallas_kernels/` keep the
+same contract.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NEG_INF = -1e30  # finite: a fully masked block gives exp(-huge) = 0, never NaN
+PREFIX_BLOCK = 256
+
+
+def causal_mask(batch: int, t: int) -> jax.Array:
+    """`[B, T, T]` lower-triangular mask (query i sees new keys j <= i)."""
+    return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
+
+
+def _group_rows(q: jax.Array, hkv: int) -> jax.Array:
+    """`[B, T, Hq, D]` -> `[B, Hkv, G*T, D]`: a KV head's query heads x tokens as one block of rows."""
+    b, t, hq, d = q.shape
+    return q.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)
+
+
+def _ungroup_rows(o: jax.Array, t: int) -> jax.Array:
+    b, hkv, _, d = o.shape
+    return o.reshape(b, hkv, -1, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
+
+
+def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, cache_len: jax.Array | None,
+           k_new: jax.Array, v_new: jax.Array, new_mask: jax.Array, scale: float,
+           layer: jax.Array | None = None) -> jax.Array:
+    """Softmax attention over prefix + new tokens.
+
+    q: `[B, T, Hq, D]`; k_new, v_new: `[B, Hkv, T, D]`; new_mask: `[B, T, T]` bool
+    (True = may attend; each token must see itself). k_cache, v_cache:
+    `[B, Hkv, S, D]`, or `[L, B, Hkv, S, D]` read at `layer`; valid below
+    `cache_len [B]`. With no cache (None) this is plain masked self-attention
+    (differentiable; used in training). Returns `[B, T, Hq, D]` in q's dtype;
+    softmax statistics in float32.
+    """
+    b, t, hq, d = q.shape
+    hkv = k_new.shape[1]
+    group = hq // hkv
+    qr = _group_rows(q, hkv)
+    s_new = jnp.einsum("bhmd,bhud->bhmu", qr, k_new, preferred_element_type=jnp.float32) * scale
+    mask = jnp.tile(new_mask, (1, group, 1))[:, None]  # rows ordered (g, t)
+    s_new = jnp.where(mask, s_new, NEG_INF)
+    m = s_new.max(-1)
+    p = jnp.exp(s_new - m[..., None])
+    l = p.sum(-1)
+    o = jnp.einsum("bhmu,bhud->bhmd", p.astype(v_new.dtype), v_new, preferred_element_type=jnp.float32)
+    if k_cache is not None:
+        m, l, o = _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, (m, l, o))
+    return _ungroup_rows(o / l[..., None], t).astype(q.dtype)
+
+
+def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init):
+    """Folds prefix key blocks `[0, max(cache_len))` into running (max, sum, out) statistics."""
+    size = k_cache.shape[-2]
+    block = min(PREFIX_BLOCK, size)
+    if size % block:
+        raise ValueError(f"cache length {size} must be a multiple of {block}")
+    stacked = layer is not None
+
+    def read(buf, j):
+        if stacked:
+            start = (layer, 0, 0, j * block, 0)
+            return lax.dynamic_slice(buf, start, (1,) + buf.shape[1:3] + (block, buf.shape[-1]))[0]
+        return lax.dynamic_slice_in_dim(buf, j * block, block, axis=2)
+
+    def body(j, carry):
+        m, l, o = carry
+        s = jnp.einsum("bhmd,bhsd->bhms", qr, read(k_cache, j), preferred_element_type=jnp.float32) * scale
+        valid = (j * block + jnp.arange(block))[None, :] < cache_len[:, None]
+        s = jnp.where(valid[:, None, None, :], s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum("bhms,bhsd->bhmd", p.astype(v_cache.dtype), read(v_cache, j),
+                        preferred_element_type=jnp.float32)
+        return m_new, l * corr + p.sum(-1), o * corr[..., None] + pv
+
+    n_blocks = (jnp.max(cache_len) + block - 1) // block
+    return lax.fori_loop(0, n_blocks, body, init)
+
+
+def attend_dense(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale):
+    """The same attention as one dense softmax over the whole buffer (a test oracle)."""
+    b, t, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    k = jnp.concatenate([k_cache, k_new], axis=2)
+    v = jnp.concatenate([v_cache, v_new], axis=2)
+    allowed = jnp.concatenate(
+        [jnp.broadcast_to((jnp.arange(s)[None, :] < cache_len[:, None])[:, None, :], (b, t, s)), new_mask], -1)
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("bthgd,bhsd->bhgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhgts,bhsd->bthgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, hq, d).astype(q.dtype)

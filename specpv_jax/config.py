@@ -1,0 +1,240 @@
+"""Frozen, hashable configuration dataclasses (static under jit).
+
+`ModelConfig.from_hf` reads a Hugging Face `config.json` dict for the three
+supported architectures and rejects anything whose semantics we do not
+implement, naming the field, instead of silently computing something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+ROPE_KINDS = ("default", "llama3", "yarn")
+
+
+class ConfigError(ValueError):
+    """A configuration that names something unsupported or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, in the Hugging Face conventions.
+
+    kind: "default", "llama3" (Llama 3.1 frequency smoothing) or "yarn".
+    """
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.kind not in ROPE_KINDS:
+            raise ConfigError(f"unsupported RoPE type {self.kind!r} (supported: {', '.join(ROPE_KINDS)})")
+        if self.kind != "default" and self.original_max_position_embeddings is None:
+            raise ConfigError(f"RoPE type {self.kind!r} needs original_max_position_embeddings")
+        if self.theta <= 0 or self.factor <= 0:
+            raise ConfigError(f"RoPE theta and factor must be positive, got theta={self.theta}, factor={self.factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder shape and semantics for LLaMA-3.x, Qwen2 and Qwen3."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = RopeConfig()
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES.values():
+            raise ConfigError(f"unsupported arch {self.arch!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        for tok in self.eos_token_ids:
+            if not 0 <= tok < self.vocab_size:
+                raise ConfigError(f"eos_token_id {tok} is outside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None) -> "ModelConfig":
+        """Builds a config from a Hugging Face config.json dict (transformers 4 or 5 layout).
+
+        `generation_config` (generation_config.json), when given, supplies the EOS
+        ids that `transformers.generate` would stop on.
+        """
+        arch = _architecture(hf)
+        _reject_unsupported(hf, arch)
+        num_heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        if arch == "qwen2":
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+        eos = (generation_config or {}).get("eos_token_id", hf.get("eos_token_id"))
+        return cls(
+            arch=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=int(hf["max_position_embeddings"]),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if arch != "llama" else 1e-5)),
+            rope=_rope_from_hf(hf),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=arch == "qwen3",
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_as_ids(eos),
+            pad_token_id=_first(hf.get("pad_token_id")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Inverse of `to_dict` (our own serialisation, not the HF layout)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        d = dict(d)
+        d["rope"] = RopeConfig(**d.get("rope", {}))
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+
+def _architecture(hf: Mapping[str, Any]) -> str:
+    names = hf.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    if names:
+        raise ConfigError(
+            f"unsupported architecture {names[0]!r} in config.json "
+            f"(supported: {', '.join(ARCHITECTURES)})")
+    model_type = hf.get("model_type")
+    if model_type in ARCHITECTURES.values():
+        return model_type
+    raise ConfigError(
+        f"unsupported model_type {model_type!r} in config.json (supported: llama, qwen2, qwen3)")
+
+
+def _reject_unsupported(hf: Mapping[str, Any], arch: str) -> None:
+    """Fields that would change the computation in ways we do not implement."""
+    problems = []
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"hidden_act={act!r} (only 'silu')")
+    if hf.get("mlp_bias"):
+        problems.append("mlp_bias=true")
+    if hf.get("use_sliding_window"):
+        problems.append("use_sliding_window=true (sliding-window attention)")
+    layer_types = hf.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        problems.append(f"layer_types={sorted(set(layer_types))} (only full_attention)")
+    rope = _rope_dict(hf)
+    if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        problems.append("partial_rotary_factor != 1")
+    if hf.get("pretraining_tp", 1) not in (1, None):
+        problems.append(f"pretraining_tp={hf['pretraining_tp']}")
+    if problems:
+        raise ConfigError(f"unsupported config.json fields for {arch}: " + "; ".join(problems))
+
+
+def _rope_dict(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """rope_parameters (transformers 5) or rope_scaling + rope_theta (hub checkpoints)."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, Mapping) and "full_attention" in params:  # per-layer-type form
+        params = params["full_attention"]
+    if params:
+        return dict(params)
+    scaling = dict(hf.get("rope_scaling") or {})
+    scaling.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    return scaling
+
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
+    r = _rope_dict(hf)
+    kind = r.get("rope_type", r.get("type", "default")) or "default"
+    theta = float(r.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    if kind not in ROPE_KINDS:
+        raise ConfigError(f"unsupported rope_scaling type {kind!r} in config.json "
+                          f"(supported: {', '.join(ROPE_KINDS)})")
+    orig = r.get("original_max_position_embeddings")
+    if kind == "llama3":
+        return RopeConfig(theta=theta, kind=kind, factor=float(r["factor"]),
+                          original_max_position_embeddings=int(orig),
+                          low_freq_factor=float(r["low_freq_factor"]),
+                          high_freq_factor=float(r["high_freq_factor"]))
+    factor = r.get("factor")
+    if factor is None:
+        factor = hf["max_position_embeddings"] / orig
+    return RopeConfig(
+        theta=theta, kind=kind, factor=float(factor), original_max_position_embeddings=int(orig),
+        beta_fast=float(r.get("beta_fast") or 32.0), beta_slow=float(r.get("beta_slow") or 1.0),
+        attention_factor=r.get("attention_factor"), mscale=r.get("mscale"),
+        mscale_all_dim=r.get("mscale_all_dim"), truncate=bool(r.get("truncate", True)))
+
+
+def _as_ids(x) -> tuple[int, ...]:
+    if x is None:
+        return ()
+    if isinstance(x, int):
+        return (x,)
+    return tuple(int(t) for t in x)
+
+
+def _first(x):
+    if isinstance(x, (list, tuple)):
+        return x[0] if x else None
+    return x

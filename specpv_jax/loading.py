@@ -1,0 +1,76 @@
+"""Loading models from Hugging Face directories or our orbax checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from specpv_jax import checkpoint
+from specpv_jax.config import ModelConfig
+from specpv_jax.model import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A loaded decoder: config (static), params (pytree) and optional tokenizer."""
+
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Any = None
+    source: str = ""
+
+    @property
+    def dtype(self):
+        return self.params["embed_tokens"]["embedding"].dtype
+
+
+def _tokenizer(directory: pathlib.Path | None):
+    if directory is None or not any((directory / n).is_file() for n in checkpoint.TOKENIZER_FILES[:5]):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def cast_params(params: Params, dtype) -> Params:
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), params)
+
+
+def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress: bool = True) -> Model:
+    """Loads a target model from an HF directory (LLaMA/Qwen2/Qwen3) or an orbax export.
+
+    dtype: parameter and compute dtype ("float32", "bfloat16"); None keeps a
+    checkpoint's stored dtype.
+    """
+    from convert.hf import load_hf_model  # convert -> params -> model: imported lazily
+
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if checkpoint.is_checkpoint(path):
+        meta, params = checkpoint.restore(path)
+        if meta.get("kind") != "target":
+            raise checkpoint.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a target model")
+        cfg = ModelConfig.from_dict(meta["model_config"])
+        if dtype is not None:
+            params = cast_params(params, dtype)
+        return Model(cfg, params, _tokenizer(checkpoint.tokenizer_dir(path)), str(path))
+    if (path / "config.json").is_file():
+        cfg, params = load_hf_model(path, dtype or "float32", progress=progress)
+        return Model(cfg, params, _tokenizer(path), str(path))
+    raise FileNotFoundError(f"{path} is not a model directory: it has neither config.json (Hugging Face) "
+                            f"nor {checkpoint.META_FILE} (specpv-jax orbax export)")
+
+
+def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
+    """Exports a target model as an orbax checkpoint that restores without HF files or torch."""
+    source = pathlib.Path(model.source) if model.source else None
+    tok_dir = source if source is not None and (source / "config.json").is_file() else (
+        checkpoint.tokenizer_dir(source) if source is not None else None)
+    meta = {"kind": "target", "model_config": model.cfg.to_dict(), "dtype": str(model.dtype)}
+    return checkpoint.save(out_dir, model.params, meta, tokenizer_dir=tok_dir, overwrite=overwrite)

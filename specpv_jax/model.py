@@ -1,0 +1,184 @@
+"""Functional decoder for LLaMA-3.x, Qwen2 and Qwen3.
+
+Layers are Flax modules applied with explicit, stacked parameters and run with
+`lax.scan`, so compile time does not grow with depth. The KV cache goes in and
+comes out as a pytree; nothing is mutable.
+
+Parameter tree (names mirror the HF module paths; `layers` leaves have a
+leading `[L]` axis):
+
+    embed_tokens/embedding [V, H]
+    layers/{input_layernorm, post_attention_layernorm}/scale [L, H]
+    layers/self_attn/{q,k,v,o}_proj/{kernel, bias?}, layers/self_attn/{q,k}_norm/scale (Qwen3)
+    layers/mlp/{gate,up,down}_proj/kernel
+    norm/scale [H]
+    lm_head/kernel [H, V]      (absent with tied embeddings)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from specpv_jax import rope
+from specpv_jax.attention import attend, causal_mask
+from specpv_jax.cache import FullCache, write_tokens
+from specpv_jax.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled in the input dtype (as in HF)."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _dense(features: int, bias: bool, dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, cos, sin, k_cache, v_cache, cache_len, new_mask, layer):
+        cfg = self.cfg
+        b, t, _ = h.shape
+        q = _dense(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "q_proj")(h)
+        k = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "k_proj")(h)
+        v = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "v_proj")(h)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
+        q = rope.apply_rope(q, cos, sin)
+        k = rope.apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
+        out = attend(q, k_cache, v_cache, cache_len, k, v, new_mask, scale=cfg.head_dim ** -0.5, layer=layer)
+        out = _dense(cfg.hidden_size, cfg.o_bias, self.dtype, "o_proj")(out.reshape(b, t, -1))
+        return out, k, v
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h):
+        cfg = self.cfg
+        gate = _dense(cfg.intermediate_size, False, self.dtype, "gate_proj")(h)
+        up = _dense(cfg.intermediate_size, False, self.dtype, "up_proj")(h)
+        return _dense(cfg.hidden_size, False, self.dtype, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP. Returns the new hidden state and this layer's new K/V."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, k_cache, v_cache, cache_len, new_mask, layer=None):
+        """k_cache, v_cache: `[B, Hkv, S, D]`, or the stacked `[L, ...]` cache read at `layer`;
+        None for cache-free self-attention (training)."""
+        eps = self.cfg.rms_norm_eps
+        h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
+        attn, k, v = Attention(self.cfg, self.dtype, name="self_attn")(
+            h, cos, sin, k_cache, v_cache, cache_len, new_mask, layer)
+        x = x + attn
+        x = x + MLP(self.cfg, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x))
+        return x, k, v
+
+
+@flax.struct.dataclass
+class ForwardOut:
+    """hidden: `[B, T, H]` after the final norm; features: `[n_capture, B, T, H]`,
+    the inputs of the layers named in `capture_layers`; cache: new K/V written at
+    `cache.length`, lengths unchanged (the caller commits)."""
+
+    hidden: jax.Array
+    features: jax.Array
+    cache: FullCache
+
+
+def param_dtype(params: Params):
+    return params["embed_tokens"]["embedding"].dtype
+
+
+def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array, cache: FullCache,
+            new_mask: jax.Array | None = None, capture_layers: Sequence[int] = ()) -> ForwardOut:
+    """Runs new tokens `ids [B, T]` at `positions [B, T]` over `cache`.
+
+    The new tokens attend to the cache prefix `[0, cache.length)` and to each
+    other under `new_mask [B, T, T]` (causal when None; a tree mask for
+    verification). Their K/V are written at `cache.length + [0, T)`.
+    """
+    dtype = param_dtype(params)
+    b, t = ids.shape
+    if new_mask is None:
+        new_mask = causal_mask(b, t)
+    x = jnp.take(params["embed_tokens"]["embedding"], ids, axis=0)
+    cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim),
+                            rope.attention_scaling(cfg.rope), dtype)
+    layer = DecoderLayer(cfg, dtype)
+    capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
+
+    def body(carry, xs):
+        x, k_all, v_all, feats = carry
+        i, layer_params = xs
+        feats = jnp.where((capture == i)[:, None, None, None], x[None], feats)
+        x, k, v = layer.apply({"params": layer_params}, x, cos, sin, k_all, v_all, cache.length, new_mask, i)
+        k_all = write_tokens(k_all, i, k, cache.length)
+        v_all = write_tokens(v_all, i, v, cache.length)
+        return (x, k_all, v_all, feats), None
+
+    feats = jnp.zeros((capture.shape[0], b, t, cfg.hidden_size), dtype)
+    (x, k_all, v_all, feats), _ = lax.scan(
+        body, (x, cache.k, cache.v, feats), (jnp.arange(cfg.num_layers), params["layers"]))
+    hidden = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
+    return ForwardOut(hidden=hidden, features=feats, cache=cache.replace(k=k_all, v=v_all))
+
+
+def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Float32 logits `[..., V]` from final hidden states `[..., H]`."""
+    if cfg.tie_word_embeddings:
+        return jnp.einsum("...h,vh->...v", hidden, params["embed_tokens"]["embedding"],
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("...h,hv->...v", hidden, params["lm_head"]["kernel"], preferred_element_type=jnp.float32)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters with the converted-checkpoint layout (for tests and speed benchmarks)."""
+    k_embed, k_layers, k_head = jax.random.split(key, 3)
+    x = jnp.zeros((1, 1, cfg.hidden_size), dtype)
+    cos = sin = jnp.zeros((1, 1, cfg.head_dim), dtype)
+    args = (x, cos, sin, None, None, None, causal_mask(1, 1))
+    layer = DecoderLayer(cfg, dtype)
+    layers = jax.vmap(lambda k: layer.init(k, *args)["params"])(jax.random.split(k_layers, cfg.num_layers))
+    params = {
+        "embed_tokens": {"embedding": (0.02 * jax.random.normal(k_embed, (cfg.vocab_size, cfg.hidden_size)))
+                         .astype(dtype)},
+        "layers": layers,
+        "norm": {"scale": jnp.ones((cfg.hidden_size,), dtype)},
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": (jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size))
+                                        * cfg.hidden_size ** -0.5).astype(dtype)}
+    return params

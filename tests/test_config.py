@@ -1,0 +1,89 @@
+"""ModelConfig.from_hf: the three architectures, both RoPE layouts, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import HF_SPECS
+from specpv_jax import rope
+from specpv_jax.config import ConfigError, ModelConfig, RopeConfig
+
+
+def hf_dict(name):
+    return HF_SPECS[name].config().to_dict()
+
+
+def test_reads_every_architecture():
+    llama = ModelConfig.from_hf({**hf_dict("llama-gqa4-yarn-bias"), "architectures": ["LlamaForCausalLM"]})
+    assert (llama.arch, llama.num_heads, llama.num_kv_heads, llama.q_per_kv) == ("llama", 8, 2, 4)
+    assert llama.qkv_bias and llama.o_bias and not llama.qk_norm
+    qwen2 = ModelConfig.from_hf({**hf_dict("qwen2-gqa2-tied"), "architectures": ["Qwen2ForCausalLM"]})
+    assert qwen2.qkv_bias and not qwen2.o_bias and qwen2.tie_word_embeddings
+    qwen3 = ModelConfig.from_hf({**hf_dict("qwen3-gqa4-headdim"), "architectures": ["Qwen3ForCausalLM"]})
+    assert qwen3.qk_norm and qwen3.head_dim == 32 and qwen3.hidden_size // qwen3.num_heads == 16
+    assert qwen3.eos_token_ids == (2,) and qwen3.pad_token_id == 0
+
+
+def test_hub_rope_scaling_layout_equals_transformers5_layout():
+    """Hub checkpoints store rope_scaling + rope_theta; transformers 5 writes rope_parameters."""
+    new = hf_dict("llama-gqa2-tied-llama3")
+    old = {k: v for k, v in new.items() if k != "rope_parameters"}
+    old["rope_theta"] = 10000.0
+    old["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 64}
+    assert ModelConfig.from_hf(old) == ModelConfig.from_hf(new)
+    qwen = {**hf_dict("qwen2-gqa4-yarn")}
+    del qwen["rope_parameters"]
+    qwen.update(rope_theta=10000.0, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                  "original_max_position_embeddings": 64})
+    assert ModelConfig.from_hf(qwen).rope == ModelConfig.from_hf(hf_dict("qwen2-gqa4-yarn")).rope
+
+
+def test_generation_config_eos_wins():
+    cfg = ModelConfig.from_hf(hf_dict("llama-mha"), {"eos_token_id": [2, 7]})
+    assert cfg.eos_token_ids == (2, 7)
+
+
+def test_dict_round_trip():
+    cfg = ModelConfig.from_hf(hf_dict("qwen3-gqa2-tied-yarn"))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    hash(cfg)  # static under jit
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architectures": ["MistralForCausalLM"]}, "unsupported architecture 'MistralForCausalLM'"),
+    ({"architectures": None, "model_type": "gpt2"}, "unsupported model_type 'gpt2'"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "unsupported rope_scaling type 'dynamic'"),
+    ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads (3)"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
+    ({"eos_token_id": 999}, "eos_token_id 999 is outside the vocabulary"),
+])
+def test_unsupported_fields_are_named(change, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ModelConfig.from_hf({**hf_dict("llama-mha"), **change})
+
+
+def test_sliding_window_is_rejected():
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        ModelConfig.from_hf({**hf_dict("qwen2-gqa2-tied"), "use_sliding_window": True})
+
+
+def test_rope_tables_match_transformers():
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for name in ("llama-gqa2-tied-llama3", "qwen2-gqa4-yarn"):
+        hf_cfg = HF_SPECS[name].config()
+        ours = ModelConfig.from_hf(hf_cfg.to_dict())
+        inv, scaling = ROPE_INIT_FUNCTIONS[ours.rope.kind](hf_cfg, torch.device("cpu"))
+        np.testing.assert_allclose(rope.inverse_frequencies(ours.rope, ours.head_dim), inv.numpy(), rtol=1e-6)
+        assert rope.attention_scaling(ours.rope) == pytest.approx(scaling)
+
+
+def test_rope_config_validation():
+    with pytest.raises(ConfigError, match="needs original_max_position_embeddings"):
+        RopeConfig(kind="yarn", factor=4.0)

@@ -1,0 +1,175 @@
+"""HF conversion: sharded checkpoints, orbax round trip, the CLI, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import specpv_jax as sj
+from convert.hf import ConversionError
+from specpv_jax import checkpoint, cli
+from specpv_jax.checkpoint import CheckpointError
+
+IDS = np.random.default_rng(0).integers(3, 160, (2, 40))
+
+
+@pytest.fixture
+def hf_copy(hf_model, tmp_path):
+    """A writable copy of a tiny HF Qwen2 model directory plus helpers to edit its weights."""
+    src, _ = hf_model("qwen2-gqa2-tied")
+    d = tmp_path / "hf"
+    shutil.copytree(src, d)
+    return d
+
+
+def edit_weights(d: pathlib.Path, fn):
+    path = d / "model.safetensors"
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, path)
+
+
+def edit_config(d: pathlib.Path, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def convert_error(d) -> str:
+    with pytest.raises(ConversionError) as e:
+        sj.load_target(d, progress=False)
+    return str(e.value)
+
+
+def test_sharded_checkpoint_loads(hf_model, tmp_path):
+    _, hf = hf_model("llama-mha")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    whole = sj.forward_logits(sj.load_target(hf_model("llama-mha")[0], progress=False), IDS)
+    np.testing.assert_array_equal(sj.forward_logits(sj.load_target(tmp_path / "sharded", progress=False), IDS), whole)
+
+
+def test_orbax_round_trip_is_bit_identical(hf_model, tmp_path):
+    target = sj.load_target(hf_model("qwen3-gqa2-tied-yarn")[0], progress=False)
+    sj.save_target(target, tmp_path / "ckpt")
+    restored = sj.load_target(tmp_path / "ckpt", dtype=None)
+    assert restored.cfg == target.cfg
+    np.testing.assert_array_equal(sj.forward_logits(restored, IDS), sj.forward_logits(target, IDS))
+
+
+def test_cli_convert_then_generate_without_hf_files(hf_model, tmp_path, capsys):
+    src, _ = hf_model("llama-gqa2-tied-llama3")
+    out = tmp_path / "converted"
+    assert cli.main(["convert", str(src), str(out), "--dtype", "float32"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert checkpoint.is_checkpoint(out) and not (out / "config.json").exists()
+    restored = sj.load_target(out)
+    np.testing.assert_array_equal(sj.forward_logits(restored, IDS),
+                                  sj.forward_logits(sj.load_target(src, progress=False), IDS))
+    # A second convert into the same directory is refused unless forced.
+    assert cli.main(["convert", str(src), str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert cli.main(["convert", str(src), str(out), "--force", "--dtype", "bfloat16"]) == 0
+    assert sj.load_target(out, dtype=None).dtype == np.dtype("bfloat16")
+
+
+def test_failed_convert_leaves_nothing(hf_copy, tmp_path, capsys):
+    edit_weights(hf_copy, lambda t: t.pop("model.norm.weight"))
+    out = tmp_path / "out"
+    assert cli.main(["convert", str(hf_copy), str(out)]) == 1
+    assert "model.norm.weight" in capsys.readouterr().err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_interrupted_save_leaves_nothing(hf_model, tmp_path, monkeypatch):
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_replace_dir", boom)  # everything written, the final rename fails
+    with pytest.raises(OSError, match="disk full"):
+        sj.save_target(target, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_tensor_is_named(hf_copy):
+    edit_weights(hf_copy, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
+    assert "missing tensors: model.layers.1.self_attn.k_proj.bias" in convert_error(hf_copy)
+
+
+def test_unexpected_tensor_is_named(hf_copy):
+    edit_weights(hf_copy, lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}))
+    assert "unexpected tensors" in (msg := convert_error(hf_copy)) and "model.layers.0.mlp.extra.weight" in msg
+
+
+def test_misshaped_tensor_names_key_and_both_shapes(hf_copy):
+    edit_weights(hf_copy, lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": np.zeros((32, 64), np.float32)}))
+    msg = convert_error(hf_copy)
+    assert "model.layers.0.self_attn.q_proj.weight: shape (32, 64) in model.safetensors" in msg
+    assert "config.json implies (64, 64)" in msg
+
+
+def test_truncated_file_is_reported(hf_copy):
+    path = hf_copy / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    msg = convert_error(hf_copy)
+    assert "model.safetensors" in msg and "truncated or corrupt" in msg
+
+
+def test_unsupported_dtype_is_reported(hf_copy):
+    edit_weights(hf_copy, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(np.int8)}))
+    assert "model.norm.weight: unsupported dtype I8" in convert_error(hf_copy)
+
+
+def test_nan_weights_are_reported(hf_copy):
+    def poison(t):
+        t["model.layers.1.mlp.up_proj.weight"][3, 4] = np.nan
+    edit_weights(hf_copy, poison)
+    assert "model.layers.1.mlp.up_proj.weight' contains NaN" in convert_error(hf_copy)
+
+
+def test_config_weights_mismatch(hf_copy):
+    edit_config(hf_copy, num_hidden_layers=3)
+    assert "missing tensors: model.layers.2." in convert_error(hf_copy)
+    edit_config(hf_copy, num_hidden_layers=2, intermediate_size=100)
+    assert "model.layers.0.mlp.gate_proj.weight: shape (96, 64)" in convert_error(hf_copy)
+
+
+def test_index_naming_a_missing_shard(hf_copy):
+    (hf_copy / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    assert "shard files that do not exist: ['model-00002-of-00002.safetensors']" in convert_error(hf_copy)
+
+
+def test_no_weights_and_bad_json(hf_copy):
+    (hf_copy / "model.safetensors").rename(hf_copy / "pytorch_model.bin")
+    assert "no *.safetensors files" in (msg := convert_error(hf_copy)) and "pytorch_model.bin" in msg
+    (hf_copy / "config.json").write_text("{not json")
+    assert "config.json is not valid JSON" in convert_error(hf_copy)
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither config.json"):
+        sj.load_target(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sj.load_target(tmp_path / "nope")
+
+
+def test_unsupported_target_dtype(hf_copy):
+    with pytest.raises(ConversionError, match="unsupported target dtype int32"):
+        sj.load_target(hf_copy, dtype="int32", progress=False)
+
+
+def test_checkpoint_of_wrong_kind(tmp_path):
+    checkpoint.save(tmp_path / "ck", {"w": np.zeros(2, np.float32)}, {"kind": "eagle3"})
+    with pytest.raises(CheckpointError, match="holds a 'eagle3' checkpoint"):
+        sj.load_target(tmp_path / "ck")

@@ -1,0 +1,90 @@
+"""AR generation: input validation, sampling, stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import specpv_jax as sj
+from sampling_stats import chi_square_pvalue
+from specpv_jax.prompts import PromptError, bucket_length
+from specpv_jax.sampling import Sampler
+
+
+@pytest.fixture(scope="module")
+def target(hf_model):
+    return sj.load_target(hf_model("llama-mha")[0], progress=False)
+
+
+@pytest.mark.parametrize("ids, kwargs, message", [
+    (np.arange(3, 2000) % 150 + 3, {"max_new_tokens": 100}, "prompt 0 has 1997 tokens; with max_new_tokens=100 that is 2097 positions, over the model's max_position_embeddings=2048"),
+    ([[5, 6], [7, 160]], {}, r"prompt 1 has token id 160 outside the vocabulary \[0, 160\)"),
+    ([5, -1, 6], {}, "token id -1 outside the vocabulary"),
+    ([], {}, "prompt 0 is empty"),
+    (np.zeros((0, 4), np.int32), {}, "input_ids is empty"),
+    ([[5, 6], []], {}, "prompt 1 is empty"),
+    (np.array([5.0, 6.0]), {}, "input_ids must be integer token ids, got dtype float64"),
+    (np.zeros((1, 2, 3), np.int32), {}, r"input_ids must have shape \[T\] or \[B, T\], got \(1, 2, 3\)"),
+    (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 0, 1]])}, "not one contiguous run of ones"),
+    (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 1]])}, r"attention_mask shape \(1, 2\) does not match"),
+    ([5, 6], {"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
+    ([5, 6], {"max_new_tokens": 2.5}, "max_new_tokens must be a positive integer"),
+])
+def test_bad_prompts_are_clear_errors(target, ids, kwargs, message):
+    with pytest.raises(PromptError, match=message):
+        sj.generate(target, ids, **kwargs)
+
+
+def test_bad_modes_and_sampling_parameters(target):
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        sj.generate(target, [5, 6], mode="fast")
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        sj.generate(target, [5, 6], temperature=-1.0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        sj.generate(target, [5, 6], temperature=1.0, top_p=0.0)
+
+
+def test_right_padding_mask_equals_ragged(target):
+    prompts = [[5, 9, 11, 3], [7, 8]]
+    ids = np.array([[5, 9, 11, 3], [7, 8, 0, 0]])
+    mask = (np.arange(4)[None] < np.array([[4], [2]])).astype(np.int32)
+    a = sj.generate(target, prompts, max_new_tokens=12, eos_token_ids=())
+    b = sj.generate(target, ids, max_new_tokens=12, eos_token_ids=(), attention_mask=mask)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.tokens.shape == (2, 12) and (a.lengths == 12).all()
+
+
+def test_stats(target):
+    out = sj.generate(target, [5, 6, 7], max_new_tokens=10, eos_token_ids=())
+    s = out.stats
+    assert s["new_tokens"] == 10 and s["steps"] == 9 and s["mean_accept_len"] == 1.0
+    assert s["time_s"] > 0 and s["prefill_s"] > 0 and s["tokens_per_s"] > 0
+    assert {"full_verifications", "partial_verifications", "rollbacks"} <= set(s)
+
+
+def test_sampling_is_seeded(target):
+    a = sj.generate(target, [5, 6, 7], max_new_tokens=16, temperature=1.0, seed=1, eos_token_ids=())
+    b = sj.generate(target, [5, 6, 7], max_new_tokens=16, temperature=1.0, seed=1, eos_token_ids=())
+    c = sj.generate(target, [5, 6, 7], max_new_tokens=16, temperature=1.0, seed=2, eos_token_ids=())
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any()
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampled_first_token_follows_the_model(target, temperature, top_p):
+    """2048 rows of one prompt: the first sampled token's histogram matches the sampler's distribution."""
+    prompt = [5, 9, 11, 3, 17]
+    n = 2048
+    out = sj.generate(target, [prompt] * n, max_new_tokens=1, temperature=temperature, top_p=top_p, seed=3)
+    probs = np.asarray(Sampler(temperature, top_p).probs(sj.forward_logits(target, [prompt])[0, -1]))
+    assert chi_square_pvalue(out.tokens[:, 0], probs) > 1e-3
+
+
+def test_top_p_keeps_smallest_nucleus():
+    p = Sampler(1.0, 0.6).probs(np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32)))
+    np.testing.assert_allclose(np.asarray(p), [0.625, 0.375, 0, 0], atol=1e-6)
+
+
+def test_bucket_lengths():
+    assert [bucket_length(n, 512) for n in (1, 16, 17, 300, 512, 513, 1100)] == [16, 16, 32, 512, 512, 1024, 1536]
+    assert bucket_length(300, 100) == 300 and bucket_length(90, 100) == 100

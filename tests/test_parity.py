@@ -1,0 +1,89 @@
+"""Converted HF models reproduce `transformers` logits and greedy generations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import specpv_jax as sj
+from conftest import HF_SPECS
+
+NAMES = list(HF_SPECS)
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def hf_greedy(model, prompt: np.ndarray, new: int, eos=None) -> list[int]:
+    kw = {} if eos is None else {"eos_token_id": eos}
+    with torch.no_grad():
+        out = model.generate(torch.tensor(prompt[None]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=new, do_sample=False, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers(hf_model, name):
+    directory, hf = hf_model(name)
+    target = sj.load_target(directory, progress=False)
+    rng = np.random.default_rng(1)
+    # Causal logits of a 300-token prompt cover every prompt length 1..300.
+    for length in (1, 300):
+        ids = rng.integers(3, 160, (2, length))
+        ref = hf_logits(hf, ids)
+        np.testing.assert_allclose(sj.forward_logits(target, ids), ref, atol=1e-4, rtol=0)
+    # Several prefill chunks (prefix read block by block) give the same logits.
+    np.testing.assert_allclose(sj.forward_logits(target, ids, chunk=64), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generate_matches_transformers(hf_model, name):
+    directory, hf = hf_model(name)
+    target = sj.load_target(directory, progress=False)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 160, n) for n in (7, 60, 131)]
+    expected = [hf_greedy(hf, p, 64) for p in prompts]
+
+    single = sj.generate(target, prompts[0], max_new_tokens=64)
+    assert single.tokens[0, : single.lengths[0]].tolist() == expected[0]
+
+    ragged = sj.generate(target, prompts, max_new_tokens=64)
+    assert [ragged.tokens[b, : ragged.lengths[b]].tolist() for b in range(3)] == expected
+
+    # The same batch given as a left-padded array with an attention mask.
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((3, width), np.int64)
+    mask = np.zeros((3, width), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = p, 1
+    left = sj.generate(target, ids, max_new_tokens=64, attention_mask=mask)
+    np.testing.assert_array_equal(left.tokens, ragged.tokens)
+
+
+def test_generation_stops_at_eos_like_transformers(hf_model):
+    directory, hf = hf_model("llama-mha")
+    target = sj.load_target(directory, progress=False)
+    prompt = np.random.default_rng(3).integers(3, 160, 25)
+    free = hf_greedy(hf, prompt, 40)
+    eos = free[10]  # a token the model emits: generation must end right after its first occurrence
+    stop = free.index(eos) + 1
+    assert hf_greedy(hf, prompt, 40, eos=eos) == free[:stop]
+    out = sj.generate(target, [prompt, prompt[:5]], max_new_tokens=40, eos_token_ids=(eos,))
+    assert out.lengths[0] == stop
+    assert out.tokens[0, :stop].tolist() == free[:stop]
+    assert (out.tokens[0, stop:] == target.cfg.pad_token_id).all()
+
+
+def test_bfloat16_close_to_float32(hf_model):
+    directory, _ = hf_model("qwen3-gqa2-tied-yarn")
+    ids = np.random.default_rng(4).integers(3, 160, (1, 50))
+    f32 = sj.forward_logits(sj.load_target(directory, dtype="float32", progress=False), ids)
+    bf16 = sj.load_target(directory, dtype="bfloat16", progress=False)
+    assert bf16.dtype == np.dtype("bfloat16")
+    got = sj.forward_logits(bf16, ids)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    assert np.abs(got - f32).max() < 0.1 * np.abs(f32).max()
+    assert (got.argmax(-1) == f32.argmax(-1)).mean() > 0.9
