@@ -1,0 +1,138 @@
+"""Tree-attention kernel vs the XLA reference: time and achieved K/V bandwidth.
+
+Llama-3.1-8B attention shapes (Hq 32, Hkv 8, D 128, B 1, bf16) at prefix
+4K/16K/64K x tree sizes T 1/16/60, next to the device's copy bandwidth.
+
+    python benchmarks/kernels.py [--out results.json]     # on a GPU
+    python benchmarks/kernels.py --quick                   # CPU smoke run (interpret mode)
+
+Bandwidth = bytes of K/V the attention has to read (valid prefix only) / time.
+"xla" is the model's own XLA path (`specpv_jax.attention.attend`: blockwise
+online softmax, fp32 statistics), what runs where the kernel does not;
+"dense" is `tree_attention_reference`, the fp32 oracle.
+Copy bandwidth = (read + write bytes) / time of an on-device array copy, the
+practical ceiling for a memory-bound kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import tree_attention, tree_attention_reference
+from specpv_jax.attention import attend
+
+HQ, HKV, D, B = 32, 8, 128, 1
+DTYPE = jnp.bfloat16
+
+
+def median_time(fn, args, *, warmup: int, trials: int, reps: int) -> float:
+    """Median over `trials` of the mean wall time of `reps` back-to-back calls (seconds)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / reps)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, timing: dict) -> float:
+    """Bytes/s of a jitted on-device copy of an `nbytes` array, counting read + write."""
+    x = jnp.zeros(nbytes // 4, jnp.float32)
+    t = median_time(jax.jit(jnp.copy), (x,), **timing)
+    return 2 * x.nbytes / t
+
+
+def random_tree_mask(rng, T: int) -> np.ndarray:
+    """A random tree over T nodes (parents precede children) as an ancestor mask [1, T, T]."""
+    mask = np.eye(T, dtype=bool)
+    for i in range(1, T):
+        mask[i] |= mask[rng.integers(0, i)]
+    return mask[None]
+
+
+def inputs(prefix: int, T: int, seed: int = 0):
+    """Benchmark inputs for a full prefix of `prefix` tokens and a T-node tree."""
+    rng = np.random.default_rng(seed)
+    kq, kk, kv, kt, kvt = jax.random.split(jax.random.key(seed), 5)
+    return (
+        jax.random.normal(kq, (B, T, HQ, D), DTYPE),
+        jax.random.normal(kk, (B, HKV, prefix, D), DTYPE),
+        jax.random.normal(kv, (B, HKV, prefix, D), DTYPE),
+        jnp.full((B,), prefix, jnp.int32),
+        jax.random.normal(kt, (B, HKV, T, D), DTYPE),
+        jax.random.normal(kvt, (B, HKV, T, D), DTYPE),
+        jnp.asarray(random_tree_mask(rng, T)),
+    )
+
+
+def run(prefixes, nodes, timing, copy_bytes, **kernel_options):
+    """Times kernel and reference for every (prefix, T); returns (copy bytes/s, result rows)."""
+    copy_bw = copy_bandwidth(copy_bytes, timing)
+    kernel = jax.jit(functools.partial(tree_attention, **kernel_options))
+    xla = jax.jit(lambda q, kc, vc, n, kt, vt, m: attend(q, kc, vc, n, kt, vt, m, scale=D ** -0.5))
+    reference = jax.jit(tree_attention_reference)
+    rows = []
+    for prefix in prefixes:
+        for T in nodes:
+            args = inputs(prefix, T)
+            kv_bytes = 2 * B * HKV * prefix * D * jnp.dtype(DTYPE).itemsize
+            t_kernel = median_time(kernel, args, **timing)
+            t_xla = median_time(xla, args, **timing)
+            t_ref = median_time(reference, args, **timing)
+            rows.append(dict(prefix=prefix, T=T, kv_bytes=kv_bytes, kernel_s=t_kernel, xla_s=t_xla,
+                             reference_s=t_ref, kernel_gbps=kv_bytes / t_kernel / 1e9,
+                             xla_gbps=kv_bytes / t_xla / 1e9, kernel_over_copy=kv_bytes / t_kernel / copy_bw))
+    return copy_bw, rows
+
+
+def print_table(copy_bw: float, rows) -> None:
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"copy bandwidth (read+write): {copy_bw / 1e9:.1f} GB/s")
+    print(f"shapes: B={B} Hq={HQ} Hkv={HKV} D={D} {jnp.dtype(DTYPE).name}; xla = the model's blockwise XLA "
+          "attention; dense = fp32 oracle")
+    header = f"{'prefix':>7} {'T':>3} {'kernel us':>10} {'xla us':>10} {'dense us':>10} {'xla/kernel':>10} " \
+             f"{'kernel GB/s':>12} {'xla GB/s':>10} {'kernel/copy':>12}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['prefix']:>7} {r['T']:>3} {r['kernel_s'] * 1e6:>10.1f} {r['xla_s'] * 1e6:>10.1f} "
+              f"{r['reference_s'] * 1e6:>10.1f} {r['xla_s'] / r['kernel_s']:>10.2f} {r['kernel_gbps']:>12.1f} "
+              f"{r['xla_gbps']:>10.1f} {r['kernel_over_copy']:>12.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small prefixes and few runs (CPU smoke test)")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--block-k", type=int, default=64, help="kernel keys per inner step")
+    parser.add_argument("--num-splits", type=int, help="kernel prefix splits (default: chosen from the shapes)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        prefixes, timing, copy_bytes = (512, 1536), dict(warmup=1, trials=3, reps=1), 64 << 20
+    else:
+        prefixes, timing, copy_bytes = (4096, 16384, 65536), dict(warmup=3, trials=7, reps=20), 1 << 30
+    copy_bw, rows = run(prefixes, (1, 16, 60), timing, copy_bytes, block_k=args.block_k, num_splits=args.num_splits)
+    print_table(copy_bw, rows)
+    if args.out:
+        meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
+                    shapes=dict(B=B, Hq=HQ, Hkv=HKV, D=D, dtype=jnp.dtype(DTYPE).name), quick=args.quick,
+                    block_k=args.block_k, num_splits=args.num_splits)
+        args.out.write_text(json.dumps(dict(meta=meta, copy_gbps=copy_bw / 1e9, rows=rows), indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

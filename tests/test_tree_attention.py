@@ -1,0 +1,301 @@
+"""Pallas tree attention (interpret mode on CPU) against its dense jnp reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import merge_attention, tree_attention, tree_attention_reference
+
+BLOCK_K = 128  # tests use one block size; prefix lengths avoid its multiples
+# Interpret mode copies the whole K/V arrays once per grid program; this caps that traffic per example.
+COPY_BUDGET_BYTES = 1.5e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    B: int
+    T: int
+    Hq: int
+    Hkv: int
+    D: int
+    lens: tuple[int, ...]
+    S: int
+    num_splits: int | None
+    seed: int
+
+
+def ancestor_masks(rng, B, T):
+    """Random trees from parent pointers (node i's parent is earlier, -1 = hangs off the prefix)."""
+    masks = np.zeros((B, T, T), bool)
+    for b in range(B):
+        for i in range(T):
+            parent = rng.integers(-1, i) if i else -1
+            if parent >= 0:
+                masks[b, i] = masks[b, parent]
+            masks[b, i, i] = True
+    return masks
+
+
+def make_inputs(case: Case, dtype, garbage=1e4):
+    """Random inputs; cache positions at or past cache_len hold `garbage`-scaled noise."""
+    rng = np.random.default_rng(case.seed)
+    B, T, Hq, Hkv, D, S = case.B, case.T, case.Hq, case.Hkv, case.D, case.S
+
+    def normal(*shape, scale=1.0):
+        return rng.standard_normal(shape).astype(np.float32) * scale
+
+    valid = (np.arange(S)[None, :] < np.array(case.lens)[:, None])[:, None, :, None]
+    k_cache = np.where(valid, normal(B, Hkv, S, D), normal(B, Hkv, S, D, scale=garbage))
+    v_cache = np.where(valid, normal(B, Hkv, S, D), normal(B, Hkv, S, D, scale=garbage))
+    q = normal(B, T, Hq, D, scale=rng.uniform(0.5, 3.0))  # sharper or flatter softmaxes
+    arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_tree=normal(B, Hkv, T, D), v_tree=normal(B, Hkv, T, D))
+    args = {k: jnp.asarray(v, dtype) for k, v in arrays.items()}
+    args["cache_len"] = jnp.asarray(case.lens, jnp.int32)
+    args["tree_mask"] = jnp.asarray(ancestor_masks(rng, B, T))
+    return args
+
+
+def call(fn, args, **kw):
+    return fn(args["q"], args["k_cache"], args["v_cache"], args["cache_len"], args["k_tree"], args["v_tree"],
+              args["tree_mask"], **kw)
+
+
+def off_block(n):
+    """Nudges a positive multiple of the block size off it."""
+    return n + 1 if n and n % BLOCK_K == 0 else n
+
+
+@st.composite
+def cases(draw, itemsize):
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 64))
+    Hkv = draw(st.sampled_from([1, 2, 4, 8]))
+    Hq = Hkv * draw(st.sampled_from([g for g in (1, 2, 4, 8) if Hkv * g <= 8]))
+    D = draw(st.sampled_from([64, 128]))
+    num_splits = draw(st.sampled_from([1, 2, 3]))
+    row_blocks = -(-(Hq // Hkv * T) // 128)  # the kernel packs G*T rows into blocks of <= 128
+    programs = B * Hkv * num_splits * row_blocks
+    s_cap = int(min(5000, COPY_BUDGET_BYTES // (2 * B * Hkv * D * itemsize * programs)))
+    longest = off_block(draw(st.integers(0, s_cap - 1)))
+    lens = [longest] + [off_block(draw(st.integers(0, longest))) for _ in range(B - 1)]
+    S = longest + draw(st.integers(0, 100))
+    return Case(B, T, Hq, Hkv, D, tuple(draw(st.permutations(lens))), S, num_splits, draw(st.integers(0, 2**31)))
+
+
+def check(case: Case, dtype, atol_out, atol_lse, *, scale=None, block_k=BLOCK_K):
+    """Kernel (interpret mode on CPU) vs reference on random inputs for `case`."""
+    args = make_inputs(case, dtype)
+    out, lse = call(tree_attention, args, scale=scale, block_k=block_k, num_splits=case.num_splits)
+    ref_out, ref_lse = call(tree_attention_reference, args, scale=scale)
+    assert out.dtype == args["q"].dtype and lse.dtype == jnp.float32
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), rtol=0, atol=atol_out)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-6, atol=atol_lse)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(cases(itemsize=4))
+@example(Case(B=2, T=64, Hq=8, Hkv=2, D=128, lens=(4999, 1234), S=5060, num_splits=3, seed=7))
+def test_matches_reference_fp32(case):
+    check(case, jnp.float32, 2e-5, 2e-5)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(cases(itemsize=2))
+def test_matches_reference_bf16(case):
+    check(case, jnp.bfloat16, 2e-2, 1e-3)
+
+
+def test_decode_single_node_with_default_splits():
+    case = Case(B=2, T=1, Hq=8, Hkv=2, D=128, lens=(1000, 3), S=1030, num_splits=None, seed=1)
+    check(case, jnp.float32, 2e-5, 2e-5, block_k=64)
+
+
+def test_custom_scale_and_full_buffer():
+    case = Case(B=1, T=7, Hq=4, Hkv=4, D=64, lens=(300,), S=300, num_splits=2, seed=2)
+    check(case, jnp.float32, 2e-5, 2e-5, scale=0.3)
+
+
+def test_no_prefix_at_all():
+    """cache_len 0 everywhere, and a zero-length buffer: only the tree is attended."""
+    for S in (0, 50):
+        case = Case(B=2, T=5, Hq=4, Hkv=2, D=64, lens=(0, 0), S=S, num_splits=None, seed=3)
+        check(case, jnp.float32, 2e-5, 2e-5)
+
+
+def test_nan_past_cache_len_is_never_read():
+    case = Case(B=2, T=3, Hq=4, Hkv=2, D=64, lens=(130, 7), S=300, num_splits=2, seed=4)
+    clean = make_inputs(case, jnp.float32, garbage=0.0)
+    valid = (jnp.arange(case.S)[None, :] < clean["cache_len"][:, None])[:, None, :, None]
+    poisoned = {**clean, "k_cache": jnp.where(valid, clean["k_cache"], jnp.nan),
+                "v_cache": jnp.where(valid, clean["v_cache"], jnp.inf)}
+    out, lse = call(tree_attention, poisoned, block_k=BLOCK_K)
+    ref_out, ref_lse = call(tree_attention_reference, clean)
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-6, atol=2e-5)
+
+
+def test_stacked_cache_with_traced_layer():
+    case = Case(B=2, T=4, Hq=4, Hkv=2, D=64, lens=(200, 61), S=260, num_splits=2, seed=5)
+    layers = [make_inputs(dataclasses.replace(case, seed=case.seed + i), jnp.float32) for i in range(3)]
+    args = {**layers[0], "k_cache": jnp.stack([a["k_cache"] for a in layers]),
+            "v_cache": jnp.stack([a["v_cache"] for a in layers])}
+
+    @jax.jit
+    def at_layer(layer):
+        return call(tree_attention, args, layer=layer, block_k=BLOCK_K, num_splits=2)
+
+    for layer in (2, 0):
+        per_layer = {**args, "k_cache": layers[layer]["k_cache"], "v_cache": layers[layer]["v_cache"]}
+        ref_out, ref_lse = call(tree_attention_reference, per_layer)
+        out, lse = at_layer(jnp.int32(layer))
+        np.testing.assert_allclose(out, ref_out, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(lse, ref_lse, rtol=1e-6, atol=2e-5)
+        stacked_ref = call(tree_attention_reference, args, layer=layer)
+        np.testing.assert_allclose(stacked_ref[0], ref_out, rtol=0, atol=1e-6)
+
+
+def dense_attention(q, k, v):
+    """q [N, D], k/v [K, D] -> out [N, D], lse [N]; fp64 numpy. An empty key set gives (0, -inf)."""
+    if not len(k):
+        return np.zeros_like(q), np.full(q.shape[0], -np.inf)
+    s = q @ k.T
+    lse = np.log(np.exp(s - s.max(1, keepdims=True)).sum(1)) + s.max(1)
+    return np.exp(s - lse[:, None]) @ v, lse
+
+
+def test_reference_matches_numpy_float64():
+    """The oracle itself, per (row, query head), against a float64 softmax over the keys each node may see."""
+    case = Case(B=2, T=6, Hq=4, Hkv=2, D=64, lens=(41, 0), S=50, num_splits=None, seed=8)
+    a = {k: np.asarray(v) for k, v in make_inputs(case, jnp.float32).items()}
+    out, lse = call(tree_attention_reference, {k: jnp.asarray(v) for k, v in a.items()})
+    for b in range(case.B):
+        for h in range(case.Hq):
+            kv = h // (case.Hq // case.Hkv)
+            n = a["cache_len"][b]
+            for t in range(case.T):
+                seen = a["tree_mask"][b, t]
+                keys = np.concatenate([a["k_cache"][b, kv, :n], a["k_tree"][b, kv][seen]])
+                vals = np.concatenate([a["v_cache"][b, kv, :n], a["v_tree"][b, kv][seen]])
+                want_out, want_lse = dense_attention(a["q"][b, t, h][None] / np.sqrt(case.D), keys, vals)
+                np.testing.assert_allclose(out[b, t, h], want_out[0], rtol=0, atol=1e-5)
+                np.testing.assert_allclose(lse[b, t, h], want_lse[0], rtol=1e-6, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- merge_attention
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(n_a=st.integers(0, 40), n_b=st.integers(0, 40), seed=st.integers(0, 2**31))
+def test_merge_attention_is_exact(n_a, n_b, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((6, 16))
+    k, v = 3 * rng.standard_normal((n_a + n_b, 16)), rng.standard_normal((n_a + n_b, 16))
+    parts = [dense_attention(q, k[sl], v[sl]) for sl in (slice(0, n_a), slice(n_a, None))]
+    (out_a, lse_a), (out_b, lse_b) = [(jnp.asarray(o, jnp.float32), jnp.asarray(l, jnp.float32)) for o, l in parts]
+    out, lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    want_out, want_lse = dense_attention(q, k, v)
+    assert not np.isnan(np.asarray(out)).any() and not np.isnan(np.asarray(lse)).any()
+    np.testing.assert_allclose(out, want_out, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-6, atol=1e-5)
+
+
+def test_merge_attention_empty_side_ignores_its_output():
+    out_a, lse_a = jnp.ones((3, 8), jnp.bfloat16), jnp.array([0.5, -2.0, 7.0])
+    out, lse = merge_attention(out_a, lse_a, jnp.full((3, 8), 123.0, jnp.bfloat16), jnp.full((3,), -jnp.inf))
+    assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    np.testing.assert_array_equal(out, out_a)
+    np.testing.assert_array_equal(lse, lse_a)
+    out, lse = merge_attention(out_a, jnp.full((3,), -jnp.inf), out_a, jnp.full((3,), -jnp.inf))
+    np.testing.assert_array_equal(out, 0)
+    np.testing.assert_array_equal(lse, -np.inf)
+
+
+# ----------------------------------------------------------------------------- errors and lowering
+
+
+BASE = Case(B=2, T=3, Hq=4, Hkv=2, D=64, lens=(10, 20), S=32, num_splits=None, seed=0)
+
+
+BAD_ARGUMENTS = {
+    "q rank": (lambda a: {**a, "q": a["q"][0]}, r"q must be \[B, T, Hq, D\]"),
+    "head dim": (lambda a: {**a, "q": jnp.zeros((2, 3, 4, 96))}, r"head dim D=96 .* supported: \(64, 128\)"),
+    "gqa ratio": (lambda a: {**a, "q": jnp.zeros((2, 3, 3, 64))}, r"Hq=3 .* multiple of KV heads Hkv=2"),
+    "cache batch": (lambda a: {**a, "k_cache": a["k_cache"][:1], "v_cache": a["v_cache"][:1]},
+                    r"k_cache \(1, 2, 32, 64\) does not match q"),
+    "k/v cache": (lambda a: {**a, "v_cache": a["v_cache"][:, :, :30]}, r"k_cache .* and v_cache .* same shape"),
+    "k_tree": (lambda a: {**a, "k_tree": a["k_tree"][:, :, :2]}, r"k_tree must be \[B, Hkv, T, D\]"),
+    "v_tree": (lambda a: {**a, "v_tree": a["v_tree"][:, :1]}, r"v_tree must be \[B, Hkv, T, D\]"),
+    "mask shape": (lambda a: {**a, "tree_mask": a["tree_mask"][:, :2]}, r"tree_mask must be \[B, T, T\]"),
+    "mask dtype": (lambda a: {**a, "tree_mask": a["tree_mask"].astype(jnp.int32)}, r"tree_mask must be bool"),
+    "cache_len shape": (lambda a: {**a, "cache_len": a["cache_len"][:1]},
+                        r"cache_len must be an integer array of shape \[B\]"),
+    "cache_len dtype": (lambda a: {**a, "cache_len": a["cache_len"].astype(jnp.float32)},
+                        r"cache_len must be an integer"),
+    "cache dtype": (lambda a: {**a, "k_cache": a["k_cache"].astype(jnp.bfloat16)},
+                    r"k_cache dtype bfloat16 must match q"),
+    "q dtype": (lambda a: {**a, "q": a["q"].astype(jnp.int32)}, r"q dtype int32 is not supported"),
+    "stacked without layer": (lambda a: {**a, "k_cache": a["k_cache"][None], "v_cache": a["v_cache"][None]},
+                              r"layer="),
+}
+
+
+@pytest.mark.parametrize("mutate, message", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_arguments_name_the_problem(mutate, message):
+    args = mutate(make_inputs(BASE, jnp.float32))
+    for fn in (tree_attention, tree_attention_reference):
+        with pytest.raises(ValueError, match=message):
+            call(fn, args)
+
+
+def test_bad_options_name_the_problem():
+    args = make_inputs(BASE, jnp.float32)
+    with pytest.raises(ValueError, match="layer= needs a stacked k_cache"):
+        call(tree_attention, args, layer=0)
+    with pytest.raises(ValueError, match="block_k must be a power of two >= 16"):
+        call(tree_attention, args, block_k=48)
+    with pytest.raises(ValueError, match="num_splits must be >= 1"):
+        call(tree_attention, args, num_splits=0)
+
+
+LLAMA8B = dict(Hq=32, Hkv=8, D=128)
+TRITON_DEPRECATION = "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"  # jax >= 0.11
+
+
+@pytest.mark.filterwarnings(TRITON_DEPRECATION)
+@pytest.mark.parametrize("T, stacked", [(1, False), (16, True), (60, False)])
+def test_lowers_to_triton_for_gpu(T, stacked):
+    """No GPU needed: the compiled (non-interpret) kernel must lower to a Triton custom call."""
+    B, S, dt = 1, 4096 + 17, jnp.bfloat16
+    cache = (3, B, LLAMA8B["Hkv"], S, LLAMA8B["D"]) if stacked else (B, LLAMA8B["Hkv"], S, LLAMA8B["D"])
+    sds = jax.ShapeDtypeStruct
+    shapes = (sds((B, T, LLAMA8B["Hq"], LLAMA8B["D"]), dt), sds(cache, dt), sds(cache, dt), sds((B,), jnp.int32),
+              sds((B, LLAMA8B["Hkv"], T, LLAMA8B["D"]), dt), sds((B, LLAMA8B["Hkv"], T, LLAMA8B["D"]), dt),
+              sds((B, T, T), jnp.bool_))
+
+    def fn(*a):
+        return tree_attention(*a, layer=jnp.int32(1) if stacked else None, interpret=False)
+
+    # jax >= 0.11 reads the target GPU from an abstract mesh when no GPU is attached.
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+        text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text and "tree_attention_prefix" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings(TRITON_DEPRECATION)
+def test_compiled_bf16_llama_shape():
+    case = Case(B=1, T=16, lens=(16 * 1024 - 37,), S=16 * 1024, num_splits=None, seed=6, **LLAMA8B)
+    args = make_inputs(case, jnp.bfloat16)
+    out, lse = call(tree_attention, args, interpret=False)
+    ref_out, ref_lse = call(tree_attention_reference, args)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), rtol=0, atol=2e-2)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-3)
