@@ -141,12 +141,15 @@ def scan_headers(files: Iterable[pathlib.Path]) -> dict[str, TensorInfo]:
     return found
 
 
-def check_tensors(table: list[Entry], found: dict[str, TensorInfo], cfg: ModelConfig,
-                  ignore: Callable[[str], bool] = lambda k: False) -> None:
-    """Raises one error listing every missing, unexpected, misshaped or unsupported-dtype tensor."""
+def check_tensors(table: list[Entry], found: dict[str, TensorInfo], num_layers: int, what: str,
+                  ignore: Callable[[str], bool] = lambda k: False, source: str = "config.json") -> None:
+    """Raises one error listing every missing, unexpected, misshaped or unsupported-dtype tensor.
+
+    `what` names the model in messages ("a llama model with this config").
+    """
     expected = {}
     for e in table:
-        keys = [e.hf_key.format(i=i) for i in range(cfg.num_layers)] if e.per_layer else [e.hf_key]
+        keys = [e.hf_key.format(i=i) for i in range(num_layers)] if e.per_layer else [e.hf_key]
         expected.update({k: e.hf_shape for k in keys})
     problems = []
     missing = [k for k in expected if k not in found]
@@ -154,26 +157,26 @@ def check_tensors(table: list[Entry], found: dict[str, TensorInfo], cfg: ModelCo
         problems.append(f"missing tensors: {_abbrev(missing)}")
     extra = [k for k in found if k not in expected and not IGNORED.match(k) and not ignore(k)]
     if extra:
-        problems.append(f"unexpected tensors (not used by a {cfg.arch} model with this config): {_abbrev(extra)}")
+        problems.append(f"unexpected tensors (not used by {what}): {_abbrev(extra)}")
     for key, shape in expected.items():
         info = found.get(key)
         if info is None:
             continue
         if info.shape != shape:
-            problems.append(f"{key}: shape {info.shape} in {info.file.name}, but config.json implies {shape}")
+            problems.append(f"{key}: shape {info.shape} in {info.file.name}, but {source} implies {shape}")
         if info.dtype not in SUPPORTED_DTYPES:
             problems.append(f"{key}: unsupported dtype {info.dtype} in {info.file.name} "
                             f"(supported: {', '.join(sorted(SUPPORTED_DTYPES))})")
     if problems:
-        raise ConversionError("checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+        raise ConversionError(f"checkpoint does not match {source}:\n  " + "\n  ".join(problems))
 
 
 def _abbrev(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-class TensorReader:
-    """Reads tensors by key from a set of open safetensors files."""
+class SafetensorsReader:
+    """Reads tensors by key from a set of safetensors files (a context manager)."""
 
     def __init__(self, found: dict[str, TensorInfo]):
         self.found = found
@@ -187,7 +190,7 @@ class TensorReader:
             h.__exit__(None, None, None)
         self._handles.clear()
 
-    def get(self, key: str, dtype) -> jax.Array:
+    def __call__(self, key: str) -> jax.Array:
         path = self.found[key].file
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="flax").__enter__()
@@ -195,31 +198,40 @@ class TensorReader:
             x = self._handles[path].get_tensor(key)
         except SafetensorError as e:
             raise ConversionError(f"{path}: cannot read tensor {key!r} (truncated or corrupt?): {e}") from None
-        if not bool(jnp.isfinite(x).all()):
-            raise ConversionError(f"{path}: tensor {key!r} contains NaN or Inf")
-        return x.astype(dtype)
+        return require_finite(x, key, str(path))
 
 
-def load_params(table: list[Entry], found: dict[str, TensorInfo], num_layers: int, dtype,
+def require_finite(x, key: str, where: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all()):
+        raise ConversionError(f"{where}: tensor {key!r} contains NaN or Inf")
+    return x
+
+
+def load_params(table: list[Entry], num_layers: int, read: Callable[[str], jax.Array], dtype,
                 progress: bool = True, desc: str = "converting") -> dict:
-    """Loads, transposes, stacks and casts every table entry into a nested param dict."""
+    """Reads, transposes, stacks and casts every table entry into a nested param dict."""
     params: dict = {}
     total = sum(num_layers if e.per_layer else 1 for e in table)
-    with TensorReader(found) as reader, tqdm(total=total, desc=desc, unit="tensor", disable=not progress) as bar:
+    with tqdm(total=total, desc=desc, unit="tensor", disable=not progress) as bar:
         for e in table:
-            def read(key):
-                x = reader.get(key, dtype)
+            def get(key):
+                x = read(key).astype(dtype)
                 bar.update(1)
                 return x.T if e.transpose else x
-            if e.per_layer:
-                value = jnp.stack([read(e.hf_key.format(i=i)) for i in range(num_layers)])
-            else:
-                value = read(e.hf_key)
+            value = jnp.stack([get(e.hf_key.format(i=i)) for i in range(num_layers)]) if e.per_layer else get(e.hf_key)
             node = params
             for name in e.path[:-1]:
                 node = node.setdefault(name, {})
             node[e.path[-1]] = value
     return params
+
+
+def check_dtype(dtype) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ConversionError(f"unsupported target dtype {dtype} (float32, bfloat16 or float16)")
+    return dtype
 
 
 def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool = True) -> tuple[ModelConfig, dict]:
@@ -229,13 +241,13 @@ def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool
     reading tensor data.
     """
     model_dir = pathlib.Path(model_dir)
-    dtype = jnp.dtype(dtype)
-    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise ConversionError(f"unsupported target dtype {dtype} (float32, bfloat16 or float16)")
+    dtype = check_dtype(dtype)
     cfg, _ = read_config(model_dir)
     found = scan_headers(safetensors_files(model_dir))
     table = param_table(cfg)
     tied_head = cfg.tie_word_embeddings and "lm_head.weight" in found
     # transformers ties lm_head to the embedding and ignores a stored copy; so do we.
-    check_tensors(table, found, cfg, ignore=lambda k: tied_head and k == "lm_head.weight")
-    return cfg, load_params(table, found, cfg.num_layers, dtype, progress)
+    check_tensors(table, found, cfg.num_layers, f"a {cfg.arch} model with this config",
+                  ignore=lambda k: tied_head and k == "lm_head.weight")
+    with SafetensorsReader(found) as read:
+        return cfg, load_params(table, cfg.num_layers, read, dtype, progress)

@@ -2,15 +2,16 @@
 
     import specpv_jax as sj
     target = sj.load_target(path, dtype="float32")
-    out = sj.generate(target, input_ids, max_new_tokens=256, mode="ar")
+    draft = sj.load_draft(eagle3_path, target)
+    out = sj.generate(target, input_ids, max_new_tokens=256, draft=draft, mode="eagle")
     out.tokens, out.stats
 """
 
-from specpv_jax.config import ModelConfig, RopeConfig
+from specpv_jax.config import DraftConfig, ModelConfig, RopeConfig, SpecConfig
 from specpv_jax.generate import GenerateOutput, forward_logits, generate
-from specpv_jax.loading import Model, load_target, save_target
+from specpv_jax.loading import Model, load_draft, load_target, save_draft, save_target
 
 __all__ = [
-    "GenerateOutput", "Model", "ModelConfig", "RopeConfig",
-    "forward_logits", "generate", "load_target", "save_target",
+    "DraftConfig", "GenerateOutput", "Model", "ModelConfig", "RopeConfig", "SpecConfig",
+    "forward_logits", "generate", "load_draft", "load_target", "save_draft", "save_target",
 ]

@@ -16,6 +16,17 @@ from jax import lax
 
 NEG_INF = -1e30  # finite: a fully masked block gives exp(-huge) = 0, never NaN
 PREFIX_BLOCK = 256
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+KERNEL_HEAD_DIMS = (64, 128)
+
+
+def resolve_implementation(impl: str) -> str:
+    """"auto" -> the Pallas kernel on GPU, XLA elsewhere (CPU; TPU until its lowering is validated)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {impl!r} (choose from {', '.join(IMPLEMENTATIONS)})")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return impl
 
 
 def causal_mask(batch: int, t: int) -> jax.Array:
@@ -36,17 +47,24 @@ def _ungroup_rows(o: jax.Array, t: int) -> jax.Array:
 
 def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, cache_len: jax.Array | None,
            k_new: jax.Array, v_new: jax.Array, new_mask: jax.Array, scale: float,
-           layer: jax.Array | None = None) -> jax.Array:
+           layer: jax.Array | None = None, impl: str = "xla") -> jax.Array:
     """Softmax attention over prefix + new tokens.
 
-    q: `[B, T, Hq, D]`; k_new, v_new: `[B, Hkv, T, D]`; new_mask: `[B, T, T]` bool
-    (True = may attend; each token must see itself). k_cache, v_cache:
+    q: `[B, T, Hq, D]`; k_new, v_new: `[B, Hkv, U, D]` (usually U = T, the new
+    tokens); new_mask: `[B, T, U]` bool (True = may attend; every query must see
+    at least one new key, normally itself). k_cache, v_cache:
     `[B, Hkv, S, D]`, or `[L, B, Hkv, S, D]` read at `layer`; valid below
     `cache_len [B]`. With no cache (None) this is plain masked self-attention
     (differentiable; used in training). Returns `[B, T, Hq, D]` in q's dtype;
     softmax statistics in float32.
+
+    impl "pallas" runs `pallas_kernels.tree_attention` where its contract fits
+    (a cache, U = T new keys, D in {64, 128}); other calls take the XLA path.
     """
     b, t, hq, d = q.shape
+    if impl == "pallas" and k_cache is not None and k_new.shape[2] == t and d in KERNEL_HEAD_DIMS:
+        from pallas_kernels import tree_attention  # kernels know nothing of models; imported on use
+        return tree_attention(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, layer=layer, scale=scale)[0]
     hkv = k_new.shape[1]
     group = hq // hkv
     qr = _group_rows(q, hkv)

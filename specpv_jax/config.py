@@ -238,3 +238,144 @@ def _first(x):
     if isinstance(x, (list, tuple)):
         return x[0] if x else None
     return x
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftConfig:
+    """EAGLE-3 head: one decoder layer over (token embedding, fused target features).
+
+    feature_layers: target layers whose *inputs* are concatenated (3 x target
+    hidden) and projected by `fc`; EAGLE-3 uses (2, L // 2, L - 3).
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    draft_vocab_size: int
+    target_hidden_size: int
+    feature_layers: tuple[int, ...]
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = RopeConfig()
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"draft num_attention_heads ({self.num_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_kv_heads})")
+        if not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ConfigError(f"draft_vocab_size {self.draft_vocab_size} must be in [1, vocab_size={self.vocab_size}]")
+        if len(set(self.feature_layers)) != len(self.feature_layers) or not self.feature_layers:
+            raise ConfigError(f"feature_layers must be distinct and non-empty, got {self.feature_layers}")
+
+    @staticmethod
+    def default_feature_layers(num_layers: int) -> tuple[int, ...]:
+        """EAGLE-3's capture points, in layer order (a layer named twice is captured once)."""
+        return tuple(sorted({2, num_layers // 2, num_layers - 3} & set(range(num_layers))))
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], target: ModelConfig) -> "DraftConfig":
+        """Reads a public EAGLE-3 config.json (LlamaForCausalLM-style fields plus `draft_vocab_size`).
+
+        Optional `eagle_config.eagle_aux_hidden_state_layer_ids` name the target layers
+        whose outputs are captured (as SGLang and SpecForge write them).
+        """
+        num_heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        aux = (hf.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+        layers = (tuple(int(i) + 1 for i in aux) if aux is not None
+                  else cls.default_feature_layers(target.num_layers))
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=hidden // num_heads,  # the EAGLE head ignores config head_dim
+            vocab_size=int(hf["vocab_size"]),
+            draft_vocab_size=int(hf.get("draft_vocab_size") or hf["vocab_size"]),
+            target_hidden_size=int(hf.get("target_hidden_size") or hidden),
+            feature_layers=layers,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rope=_rope_from_hf(hf),  # RoPE base 10000 when unset, as in the EAGLE code
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """config.json in the public EAGLE-3 layout (readable by the EAGLE reference code)."""
+        hf = {
+            "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "num_hidden_layers": 1, "vocab_size": self.vocab_size, "draft_vocab_size": self.draft_vocab_size,
+            "target_hidden_size": self.target_hidden_size, "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings, "rope_theta": self.rope.theta,
+            "tie_word_embeddings": False,
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in self.feature_layers]},
+        }
+        if self.rope.kind != "default":
+            hf["rope_scaling"] = {"type": self.rope.kind, "rope_type": self.rope.kind, "factor": self.rope.factor,
+                                  "original_max_position_embeddings": self.rope.original_max_position_embeddings}
+            if self.rope.kind == "llama3":
+                hf["rope_scaling"].update(low_freq_factor=self.rope.low_freq_factor,
+                                          high_freq_factor=self.rope.high_freq_factor)
+        return hf
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DraftConfig":
+        d = dict(d)
+        d["rope"] = RopeConfig(**d.get("rope", {}))
+        d["feature_layers"] = tuple(d["feature_layers"])
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding parameters (static under jit).
+
+    Tree (EAGLE-3 style): `tree_depth` draft levels, `tree_top_k` expansions per
+    frontier node, `tree_nodes` best nodes verified (plus the root).
+    Partial verification (SpecPV): the partial cache holds `sink_tokens` +
+    `retrieval_tokens` (in `block_size` blocks) + `window_tokens` + a buffer of
+    `buffer_tokens` (None: 20 + tree_nodes + 1) for tokens accepted in partial mode.
+    """
+
+    tree_depth: int = 7
+    tree_top_k: int = 10
+    tree_nodes: int = 60
+    block_size: int = 16
+    sink_tokens: int = 32
+    retrieval_tokens: int = 4096
+    window_tokens: int = 128
+    buffer_tokens: int | None = None
+    offload: bool = False
+
+    def __post_init__(self):
+        for name in ("tree_depth", "tree_top_k", "tree_nodes", "block_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"SpecConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.tree_nodes > self.max_tree_nodes:
+            raise ConfigError(
+                f"SpecConfig.tree_nodes={self.tree_nodes} exceeds the {self.max_tree_nodes} candidates a tree of "
+                f"depth {self.tree_depth} and top_k {self.tree_top_k} proposes")
+        for name in ("sink_tokens", "retrieval_tokens", "window_tokens"):
+            value = getattr(self, name)
+            if value < 0 or value % self.block_size:
+                raise ConfigError(f"SpecConfig.{name}={value} must be a non-negative multiple of "
+                                  f"block_size={self.block_size}")
+        if self.buffer_tokens is not None and self.buffer_tokens < self.tree_nodes + 1:
+            raise ConfigError(f"SpecConfig.buffer_tokens={self.buffer_tokens} must hold at least one tree "
+                              f"(tree_nodes + 1 = {self.tree_nodes + 1})")
+
+    @property
+    def max_tree_nodes(self) -> int:
+        k, d = self.tree_top_k, self.tree_depth
+        return k + (d - 1) * k * k
+
+    @property
+    def buffer_size(self) -> int:
+        return self.buffer_tokens if self.buffer_tokens is not None else 20 + self.tree_nodes + 1

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -18,10 +17,13 @@ import numpy as np
 from jax import lax
 
 from specpv_jax import model as M
-from specpv_jax import prompts
+from specpv_jax import prompts, speculative
 from specpv_jax.cache import FullCache
-from specpv_jax.config import ModelConfig
+from specpv_jax.config import ModelConfig, SpecConfig
+from specpv_jax.draft import eagle3
 from specpv_jax.loading import Model
+from specpv_jax.attention import resolve_implementation
+from specpv_jax.loop import Output, Run, prefill, timed_call
 from specpv_jax.sampling import Sampler
 
 MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
@@ -38,115 +40,43 @@ class GenerateOutput:
     stats: dict[str, Any]
 
 
-# --------------------------------------------------------------------------- timing
-
-
-_EXECUTABLES: dict[Any, Any] = {}
-
-
-def timed_call(fn: Callable, *args) -> tuple[Any, float]:
-    """Runs a jitted `fn`, compiling ahead of time so the returned seconds exclude compilation."""
-    leaves, treedef = jax.tree.flatten(args)
-    key = (fn, treedef, tuple((x.shape, x.dtype) for x in leaves))
-    exe = _EXECUTABLES.get(key)
-    if exe is None:
-        exe = _EXECUTABLES[key] = fn.lower(*args).compile()
-    start = time.perf_counter()
-    out = jax.block_until_ready(exe(*args))
-    return out, time.perf_counter() - start
-
-
-# --------------------------------------------------------------------------- prefill
-
-
-def prefill(params: M.Params, cfg: ModelConfig, ids: jax.Array, lengths: jax.Array, cache: FullCache,
-            chunk: int) -> tuple[FullCache, jax.Array]:
-    """Feeds right-padded prompts `ids [B, T]` (T a multiple of `chunk`) in chunks.
-
-    Returns the cache with `length = lengths` and the final hidden state of each
-    row's last prompt token, `[B, H]`.
-    """
-    b, t = ids.shape
-    n_chunks = t // chunk
-
-    def body(c, carry):
-        cache, last = carry
-        start = c * chunk
-        ids_c = lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
-        pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
-        out = M.forward(params, cfg, ids_c, pos, cache.replace(length=jnp.full((b,), start, jnp.int32)))
-        idx = lengths - 1 - start
-        h = jnp.take_along_axis(out.hidden, jnp.clip(idx, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
-        last = jnp.where(((idx >= 0) & (idx < chunk))[:, None], h, last)
-        return out.cache, last
-
-    last = jnp.zeros((b, cfg.hidden_size), M.param_dtype(params))
-    cache, last = lax.fori_loop(0, n_chunks, body, (cache, last))
-    return cache.replace(length=lengths.astype(jnp.int32)), last
-
-
 @functools.lru_cache(maxsize=None)
-def _prefill_fn(cfg: ModelConfig, chunk: int):
+def _prefill_fn(run: Run):
     def fn(params, ids, lengths, cache):
-        cache, last = prefill(params, cfg, ids, lengths, cache, chunk)
-        return cache, M.logits(params, cfg, last)
+        cache, last, _, _ = prefill(params, run, ids, lengths, cache)
+        return cache, M.logits(params, run.cfg, last)
     return jax.jit(fn, donate_argnums=(3,))
 
 
-# --------------------------------------------------------------------------- AR decode
-
-
 @flax.struct.dataclass
-class DecodeState:
-    """The while_loop carry. tokens: `[B, N]` output buffer; num_out: `[B]` tokens emitted;
-    last: `[B]` last emitted token (not yet in the cache); done: `[B]`."""
+class ARState:
+    """AR loop carry: the cache, the output buffer, the last emitted token `[B]` (not yet in the cache)."""
 
     cache: FullCache
-    tokens: jax.Array
-    num_out: jax.Array
+    out: Output
     last: jax.Array
-    done: jax.Array
-    steps: jax.Array
     key: jax.Array
 
 
-def _emit_first(logits: jax.Array, cache: FullCache, key: jax.Array, sampler: Sampler, eos: jax.Array,
-                max_new: int, pad_id: int) -> DecodeState:
-    """The state after sampling the first new token from the prefill logits `[B, V]`."""
-    key, sub = jax.random.split(key)
-    first = sampler.sample(logits, sub)
-    b = first.shape[0]
-    tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, eos) | (max_new <= 1)
-    return DecodeState(cache=cache, tokens=tokens, num_out=jnp.ones((b,), jnp.int32), last=first,
-                       done=done, steps=jnp.zeros((), jnp.int32), key=key)
-
-
-def ar_step(params: M.Params, cfg: ModelConfig, sampler: Sampler, eos: jax.Array, max_new: int,
-            s: DecodeState) -> DecodeState:
-    """One target forward over each row's last token; rows that are done stay frozen."""
-    b = s.last.shape[0]
-    out = M.forward(params, cfg, s.last[:, None], s.cache.length[:, None], s.cache)
+def ar_step(params: M.Params, run: Run, eos: jax.Array, s: ARState) -> ARState:
+    """One target forward over each row's last token; finished rows keep their cache length."""
+    out = M.forward(params, run.cfg, s.last[:, None], s.cache.length[:, None], s.cache, attention=run.attention)
     key, sub = jax.random.split(s.key)
-    nxt = sampler.sample(M.logits(params, cfg, out.hidden[:, 0]), sub)
-    live = ~s.done
-    slot = jnp.where(live, s.num_out, max_new)  # out of range for finished rows: dropped
-    tokens = s.tokens.at[jnp.arange(b), slot].set(nxt, mode="drop")
-    num_out = s.num_out + live
-    return DecodeState(
-        cache=out.cache.replace(length=s.cache.length + live),
-        tokens=tokens, num_out=num_out, last=jnp.where(live, nxt, s.last),
-        done=s.done | (live & (jnp.isin(nxt, eos) | (num_out >= max_new))),
-        steps=s.steps + 1, key=key)
+    nxt = run.sampler.sample(M.logits(params, run.cfg, out.hidden[:, 0]), sub)
+    live = ~s.out.done
+    return ARState(cache=out.cache.replace(length=s.cache.length + live),
+                   out=s.out.append(nxt[:, None], jnp.ones_like(nxt), eos),
+                   last=jnp.where(live, nxt, s.last), key=key)
 
 
 @functools.lru_cache(maxsize=None)
-def _ar_decode_fn(cfg: ModelConfig, sampler: Sampler, max_new: int, pad_id: int):
+def _ar_decode_fn(run: Run):
     def fn(params, cache, logits, key, eos):
-        state = _emit_first(logits, cache, key, sampler, eos, max_new, pad_id)
-        step = functools.partial(ar_step, params, cfg, sampler, eos, max_new)
-        state = lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
-        return state.tokens, state.num_out, state.steps, state.cache  # returning the cache lets it be donated
+        key, sub = jax.random.split(key)
+        first = run.sampler.sample(logits, sub)
+        state = ARState(cache=cache, out=Output.start(first, eos, run.max_new, run.pad_id), last=first, key=key)
+        state = lax.while_loop(lambda s: ~jnp.all(s.out.done), functools.partial(ar_step, params, run, eos), state)
+        return state.out, state.cache  # returning the cache lets it be donated
     return jax.jit(fn, donate_argnums=(1,))
 
 
@@ -160,66 +90,95 @@ def _eos_ids(cfg: ModelConfig, eos_token_ids) -> np.ndarray:
     return np.array(ids or (-1,), np.int32)
 
 
+def _check_draft(target: Model, draft: Any, mode: str) -> None:
+    if mode == "ar":
+        return
+    if draft is None:
+        raise ValueError(f"mode {mode!r} needs a draft: pass draft=sj.load_draft(path, target)")
+    if getattr(draft, "kind", None) != "eagle3":
+        raise ValueError(f"mode {mode!r} needs an EAGLE-3 draft, got {type(draft).__name__}")
+    if draft.cfg.target_hidden_size != target.cfg.hidden_size or draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise ValueError("the draft was loaded for a different target (hidden size or vocabulary differ); "
+                         "load it with sj.load_draft(path, target)")
+
+
 def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft: Any = None, mode: str = "ar",
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, spec: Any = None,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, spec: SpecConfig | None = None,
              attention_mask: Any = None, eos_token_ids: int | tuple[int, ...] | None = None,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> GenerateOutput:
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "auto") -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens after each prompt.
 
     input_ids: a list of ids, a ragged list of lists, or an int array `[T]` / `[B, T]`
     (with an optional 0/1 `attention_mask` for left- or right-padded rows).
-    Rows stop at any of `eos_token_ids` (default: the model's EOS ids; `()` never stops).
+    mode: "ar" (one target step per token) or "eagle" (tree speculation with an
+    EAGLE-3 `draft`, lossless). Rows stop at any of `eos_token_ids` (default: the
+    model's EOS ids; `()` never stops). attention: "auto" (Pallas kernels on GPU,
+    XLA elsewhere), "xla" or "pallas".
     Returns `GenerateOutput(tokens [B, n_new], lengths [B], stats)`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
-    if mode != "ar":
+    if mode not in ("ar", "eagle"):
         raise NotImplementedError(f"mode {mode!r} is not implemented yet")
+    _check_draft(target, draft, mode)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise prompts.PromptError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+    spec = spec or SpecConfig()
     cfg = target.cfg
-    sampler = Sampler(float(temperature), float(top_p))
     batch = prompts.prepare(input_ids, cfg, max_new_tokens, prefill_chunk, attention_mask)
-    chunk = min(prefill_chunk, batch.ids.shape[1])
-    max_len = batch.ids.shape[1] + max_new_tokens + 1
-    eos = _eos_ids(cfg, eos_token_ids)
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else int(max(eos[0], 0))
-
+    eos = jnp.asarray(_eos_ids(cfg, eos_token_ids))
+    run = Run(cfg=cfg, sampler=Sampler(float(temperature), float(top_p)), max_new=int(max_new_tokens),
+              pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else int(max(int(eos[0]), 0)),
+              chunk=min(prefill_chunk, batch.ids.shape[1]), attention=resolve_implementation(attention),
+              spec=spec if mode != "ar" else None, dcfg=draft.cfg if mode != "ar" else None)
+    # Room for the prompt bucket, the new tokens, and one verified tree beyond them.
+    max_len = batch.ids.shape[1] + max_new_tokens + (spec.tree_nodes + 1 if mode != "ar" else 1)
+    ids, lengths, key = jnp.asarray(batch.ids), jnp.asarray(batch.lengths), jax.random.key(seed)
     cache = FullCache.zeros(cfg, batch.batch, max_len, target.dtype)
-    (cache, logits), prefill_s = timed_call(_prefill_fn(cfg, chunk), target.params, jnp.asarray(batch.ids),
-                                            jnp.asarray(batch.lengths), cache)
-    decode = _ar_decode_fn(cfg, sampler, int(max_new_tokens), pad_id)
-    (tokens, num_out, steps, _), decode_s = timed_call(decode, target.params, cache, logits,
-                                                    jax.random.key(seed), jnp.asarray(eos))
-    num_out = np.asarray(num_out)
-    new_tokens = int(num_out.sum())
-    loop_tokens = new_tokens - batch.batch  # the first token of each row comes from prefill
+
+    if mode == "ar":
+        (cache, logits), prefill_s = timed_call(_prefill_fn(run), target.params, ids, lengths, cache)
+        (out, _), decode_s = timed_call(_ar_decode_fn(run), target.params, cache, logits, key, eos)
+    else:
+        draft_cache = eagle3.empty_cache(draft.cfg, batch.batch, cache.max_len, draft.params)
+        (cache, draft_cache, logits, feats), prefill_s = timed_call(
+            speculative.eagle_prefill_fn(run), target.params, draft.params, ids, lengths, cache, draft_cache)
+        (out, _, _), decode_s = timed_call(speculative.eagle_decode_fn(run), target.params, draft.params, draft.d2t,
+                                           cache, draft_cache, logits, feats, key, eos)
+
+    num_out = np.asarray(out.num_out)
+    row_steps = int(out.row_steps)
     stats = {
         "mode": mode,
-        "steps": int(steps),
-        "new_tokens": new_tokens,
-        "mean_accept_len": 1.0,
-        "full_verifications": 0,
+        "steps": int(out.steps),
+        "new_tokens": int(num_out.sum()),
+        "mean_accept_len": int(out.emitted) / row_steps if row_steps else 0.0,
+        "full_verifications": int(out.steps) if mode != "ar" else 0,
         "partial_verifications": 0,
         "rollbacks": 0,
         "prefill_s": prefill_s,
         "time_s": decode_s,
-        "tokens_per_s": loop_tokens / decode_s if decode_s > 0 else 0.0,
+        # The first token of each row comes from prefill.
+        "tokens_per_s": int(out.emitted) / decode_s if decode_s > 0 else 0.0,
     }
-    return GenerateOutput(tokens=np.asarray(tokens)[:, : int(num_out.max())], lengths=num_out, stats=stats)
+    return GenerateOutput(tokens=np.asarray(out.tokens)[:, : int(num_out.max())], lengths=num_out, stats=stats)
 
 
 @functools.lru_cache(maxsize=None)
-def _logits_chunk_fn(cfg: ModelConfig):
+def _logits_chunk_fn(cfg: ModelConfig, attention: str):
     def fn(params, ids, start, cache):
         b, t = ids.shape
         pos = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        out = M.forward(params, cfg, ids, pos, cache.replace(length=jnp.full((b,), start, jnp.int32)))
+        out = M.forward(params, cfg, ids, pos, cache.replace(length=jnp.full((b,), start, jnp.int32)),
+                        attention=attention)
         return out.cache, M.logits(params, cfg, out.hidden)
     return jax.jit(fn, donate_argnums=(3,))
 
 
-def forward_logits(target: Model, input_ids: Any, chunk: int = DEFAULT_PREFILL_CHUNK) -> np.ndarray:
+def forward_logits(target: Model, input_ids: Any, chunk: int = DEFAULT_PREFILL_CHUNK,
+                   attention: str = "auto") -> np.ndarray:
     """Full-context reference logits `[B, T, V]` float32 for equal-length prompts `[B, T]` (or `[T]`)."""
     batch = prompts.prepare(input_ids, target.cfg, 0, chunk)
     if len(set(batch.lengths.tolist())) != 1:
@@ -227,7 +186,7 @@ def forward_logits(target: Model, input_ids: Any, chunk: int = DEFAULT_PREFILL_C
     t = int(batch.lengths[0])
     chunk = min(chunk, batch.ids.shape[1])
     cache = FullCache.zeros(target.cfg, batch.batch, batch.ids.shape[1], target.dtype)
-    fn = _logits_chunk_fn(target.cfg)
+    fn = _logits_chunk_fn(target.cfg, resolve_implementation(attention))
     out = []
     for start in range(0, t, chunk):
         cache, lg = fn(target.params, jnp.asarray(batch.ids[:, start:start + chunk]), start, cache)

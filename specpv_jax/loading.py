@@ -74,3 +74,37 @@ def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = Fals
         checkpoint.tokenizer_dir(source) if source is not None else None)
     meta = {"kind": "target", "model_config": model.cfg.to_dict(), "dtype": str(model.dtype)}
     return checkpoint.save(out_dir, model.params, meta, tokenizer_dir=tok_dir, overwrite=overwrite)
+
+
+def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None) -> Any:
+    """Loads a draft for `target`: a public-layout EAGLE-3 head directory or an orbax export.
+
+    Raises naming what does not fit the target (vocabulary, hidden size, layers).
+    dtype: None uses the target's dtype.
+    """
+    from convert.eagle3 import check_fits_target, load_eagle3
+    from specpv_jax.config import DraftConfig
+    from specpv_jax.draft.eagle3 import Eagle3
+
+    path = pathlib.Path(path)
+    dtype = dtype or target.dtype
+    if not path.is_dir():
+        raise FileNotFoundError(f"draft directory {path} does not exist")
+    if checkpoint.is_checkpoint(path):
+        meta, tree = checkpoint.restore(path)
+        if meta.get("kind") != "eagle3":
+            raise checkpoint.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not an EAGLE-3 draft")
+        cfg = DraftConfig.from_dict(meta["draft_config"])
+        check_fits_target(cfg, target.cfg, str(path))
+        return Eagle3(cfg, cast_params(tree["params"], dtype), tree["d2t"].astype(jnp.int32), str(path))
+    if (path / "config.json").is_file():
+        cfg, params, d2t = load_eagle3(path, target.cfg, dtype)
+        return Eagle3(cfg, params, d2t, str(path))
+    raise FileNotFoundError(f"{path} is not a draft directory: it has neither config.json (EAGLE-3 layout) "
+                            f"nor {checkpoint.META_FILE} (specpv-jax orbax export)")
+
+
+def save_draft(draft: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
+    """Exports a draft as an orbax checkpoint (`export_eagle3` writes the public layout instead)."""
+    meta = {"kind": draft.kind, "draft_config": draft.cfg.to_dict()}
+    return checkpoint.save(out_dir, {"params": draft.params, "d2t": draft.d2t}, meta, overwrite=overwrite)

@@ -17,6 +17,7 @@ leading `[L]` axis):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -52,59 +53,92 @@ def _dense(features: int, bias: bool, dtype, name: str) -> nn.Dense:
 
 
 class Attention(nn.Module):
-    cfg: ModelConfig
+    """GQA self-attention with RoPE over a prefix cache plus the new tokens.
+
+    The stacked cache `k_cache, v_cache [L, B, Hkv, S, D]` is read at `layer`
+    below `cache_len`; with `write`, the new K/V are first written there at
+    `cache_len + [0, T)`. (Writing before the prefix is read lets XLA update the
+    cache in place; the other order makes it copy the whole cache per layer.)
+    `k_extra, v_extra [B, Hkv, U, D]` optionally add context keys before the new
+    ones (the draft's tree levels); `new_mask` then spans `[B, T, U + T]`.
+    Returns `(out, k_new, v_new, k_cache, v_cache)`.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    out_features: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    eps: float = 1e-6
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
-    def __call__(self, h, cos, sin, k_cache, v_cache, cache_len, new_mask, layer):
-        cfg = self.cfg
+    def __call__(self, h, cos, sin, k_cache, v_cache, cache_len, new_mask, layer=None, k_extra=None, v_extra=None,
+                 write=True):
         b, t, _ = h.shape
-        q = _dense(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "q_proj")(h)
-        k = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "k_proj")(h)
-        v = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, self.dtype, "v_proj")(h)
-        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
+        q = _dense(self.num_heads * self.head_dim, self.qkv_bias, self.dtype, "q_proj")(h)
+        k = _dense(self.num_kv_heads * self.head_dim, self.qkv_bias, self.dtype, "k_proj")(h)
+        v = _dense(self.num_kv_heads * self.head_dim, self.qkv_bias, self.dtype, "v_proj")(h)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = RMSNorm(self.eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(self.eps, self.dtype, name="k_norm")(k)
         q = rope.apply_rope(q, cos, sin)
         k = rope.apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
-        out = attend(q, k_cache, v_cache, cache_len, k, v, new_mask, scale=cfg.head_dim ** -0.5, layer=layer)
-        out = _dense(cfg.hidden_size, cfg.o_bias, self.dtype, "o_proj")(out.reshape(b, t, -1))
-        return out, k, v
+        if write and k_cache is not None:
+            k_cache = write_tokens(k_cache, layer, k, cache_len)
+            v_cache = write_tokens(v_cache, layer, v, cache_len)
+        keys, values = k, v
+        if k_extra is not None:
+            keys = jnp.concatenate([k_extra.astype(k.dtype), k], axis=2)
+            values = jnp.concatenate([v_extra.astype(v.dtype), v], axis=2)
+        out = attend(q, k_cache, v_cache, cache_len, keys, values, new_mask, scale=self.head_dim ** -0.5, layer=layer,
+                     impl=self.attention)
+        out = _dense(self.out_features, self.o_bias, self.dtype, "o_proj")(out.reshape(b, t, -1))
+        return out, k, v, k_cache, v_cache
 
 
 class MLP(nn.Module):
-    cfg: ModelConfig
+    hidden_size: int
+    intermediate_size: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, h):
-        cfg = self.cfg
-        gate = _dense(cfg.intermediate_size, False, self.dtype, "gate_proj")(h)
-        up = _dense(cfg.intermediate_size, False, self.dtype, "up_proj")(h)
-        return _dense(cfg.hidden_size, False, self.dtype, "down_proj")(nn.silu(gate) * up)
+        gate = _dense(self.intermediate_size, False, self.dtype, "gate_proj")(h)
+        up = _dense(self.intermediate_size, False, self.dtype, "up_proj")(h)
+        return _dense(self.hidden_size, False, self.dtype, "down_proj")(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + SwiGLU MLP. Returns the new hidden state and this layer's new K/V."""
+    """Pre-norm attention + SwiGLU MLP.
+
+    Returns the new hidden state, this layer's new K/V and the cache with them written.
+    """
 
     cfg: ModelConfig
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x, cos, sin, k_cache, v_cache, cache_len, new_mask, layer=None):
         """k_cache, v_cache: `[B, Hkv, S, D]`, or the stacked `[L, ...]` cache read at `layer`;
         None for cache-free self-attention (training)."""
-        eps = self.cfg.rms_norm_eps
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        attn, k, v = Attention(self.cfg, self.dtype, name="self_attn")(
-            h, cos, sin, k_cache, v_cache, cache_len, new_mask, layer)
+        attn, k, v, k_cache, v_cache = Attention(
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm,
+            eps, self.dtype, self.attention, name="self_attn")(h, cos, sin, k_cache, v_cache, cache_len, new_mask,
+                                                                layer)
         x = x + attn
-        x = x + MLP(self.cfg, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x))
-        return x, k, v
+        h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
+        return x + MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(h), k, v, k_cache, v_cache
 
 
 @flax.struct.dataclass
@@ -123,12 +157,14 @@ def param_dtype(params: Params):
 
 
 def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array, cache: FullCache,
-            new_mask: jax.Array | None = None, capture_layers: Sequence[int] = ()) -> ForwardOut:
+            new_mask: jax.Array | None = None, capture_layers: Sequence[int] = (),
+            attention: str = "xla") -> ForwardOut:
     """Runs new tokens `ids [B, T]` at `positions [B, T]` over `cache`.
 
     The new tokens attend to the cache prefix `[0, cache.length)` and to each
     other under `new_mask [B, T, T]` (causal when None; a tree mask for
     verification). Their K/V are written at `cache.length + [0, T)`.
+    attention: "xla" or "pallas" (see `attention.attend`).
     """
     dtype = param_dtype(params)
     b, t = ids.shape
@@ -137,16 +173,15 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     x = jnp.take(params["embed_tokens"]["embedding"], ids, axis=0)
     cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim),
                             rope.attention_scaling(cfg.rope), dtype)
-    layer = DecoderLayer(cfg, dtype)
+    layer = DecoderLayer(cfg, dtype, attention)
     capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
 
     def body(carry, xs):
         x, k_all, v_all, feats = carry
         i, layer_params = xs
         feats = jnp.where((capture == i)[:, None, None, None], x[None], feats)
-        x, k, v = layer.apply({"params": layer_params}, x, cos, sin, k_all, v_all, cache.length, new_mask, i)
-        k_all = write_tokens(k_all, i, k, cache.length)
-        v_all = write_tokens(v_all, i, v, cache.length)
+        x, _, _, k_all, v_all = layer.apply({"params": layer_params}, x, cos, sin, k_all, v_all, cache.length,
+                                            new_mask, i)
         return (x, k_all, v_all, feats), None
 
     feats = jnp.zeros((capture.shape[0], b, t, cfg.hidden_size), dtype)
@@ -164,6 +199,7 @@ def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     return jnp.einsum("...h,hv->...v", hidden, params["lm_head"]["kernel"], preferred_element_type=jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     """Random parameters with the converted-checkpoint layout (for tests and speed benchmarks)."""
     k_embed, k_layers, k_head = jax.random.split(key, 3)

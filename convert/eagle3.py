@@ -1,0 +1,188 @@
+"""Public EAGLE-3 head checkpoints <-> (DraftConfig, params, d2t).
+
+The public layout (e.g. the EAGLE-3 heads for Llama-3.1-8B-Instruct): an
+HF-style config.json with `draft_vocab_size`, and `pytorch_model.bin` or
+`model.safetensors` holding `fc.weight`, `midlayer.*`, `norm.weight`,
+`lm_head.weight`, `d2t` (draft id -> target id offset), `t2d` (target ids in
+the draft vocabulary) and sometimes `embed_tokens.weight`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from convert.hf import (ConversionError, Entry, TensorInfo, check_dtype, check_tensors, load_params, read_json,
+                        require_finite)
+from specpv_jax.config import ConfigError, DraftConfig, ModelConfig
+
+TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+                "bool": "BOOL"}
+
+
+def head_table(cfg: DraftConfig) -> list[Entry]:
+    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    n_in = len(cfg.feature_layers) * cfg.target_hidden_size
+    mid = "midlayer"
+    return [
+        Entry("fc.weight", (h, n_in), ("fc", "kernel"), transpose=True),
+        Entry(f"{mid}.input_layernorm.weight", (h,), (mid, "input_layernorm", "scale")),
+        Entry(f"{mid}.hidden_norm.weight", (h,), (mid, "hidden_norm", "scale")),
+        Entry(f"{mid}.post_attention_layernorm.weight", (h,), (mid, "post_attention_layernorm", "scale")),
+        Entry(f"{mid}.self_attn.q_proj.weight", (q, 2 * h), (mid, "self_attn", "q_proj", "kernel"), transpose=True),
+        Entry(f"{mid}.self_attn.k_proj.weight", (kv, 2 * h), (mid, "self_attn", "k_proj", "kernel"), transpose=True),
+        Entry(f"{mid}.self_attn.v_proj.weight", (kv, 2 * h), (mid, "self_attn", "v_proj", "kernel"), transpose=True),
+        Entry(f"{mid}.self_attn.o_proj.weight", (h, q), (mid, "self_attn", "o_proj", "kernel"), transpose=True),
+        Entry(f"{mid}.mlp.gate_proj.weight", (i, h), (mid, "mlp", "gate_proj", "kernel"), transpose=True),
+        Entry(f"{mid}.mlp.up_proj.weight", (i, h), (mid, "mlp", "up_proj", "kernel"), transpose=True),
+        Entry(f"{mid}.mlp.down_proj.weight", (h, i), (mid, "mlp", "down_proj", "kernel"), transpose=True),
+        Entry("norm.weight", (h,), ("norm", "scale")),
+        Entry("lm_head.weight", (cfg.draft_vocab_size, h), ("lm_head", "kernel"), transpose=True),
+    ]
+
+
+def read_state(head_dir: pathlib.Path) -> tuple[dict[str, jax.Array], dict[str, TensorInfo]]:
+    """All tensors of a head checkpoint (it is small) and their header facts."""
+    files = sorted(head_dir.glob("*.safetensors"))
+    if files:
+        tensors = {}
+        for path in files:
+            try:
+                with safe_open(str(path), framework="flax") as f:
+                    tensors.update({k: (f.get_tensor(k), path) for k in f.keys()})
+            except SafetensorError as e:
+                raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    elif (head_dir / "pytorch_model.bin").exists():
+        tensors = _read_torch_bin(head_dir / "pytorch_model.bin")
+    else:
+        raise ConversionError(f"no model.safetensors or pytorch_model.bin in {head_dir}")
+    infos = {k: TensorInfo(p, tuple(x.shape), _dtype_name(x.dtype)) for k, (x, p) in tensors.items()}
+    return {k: x for k, (x, _) in tensors.items()}, infos
+
+
+def _read_torch_bin(path: pathlib.Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(f"{path} is a torch pickle: reading it needs torch installed "
+                              "(or re-save the head as model.safetensors)") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for damaged pickles
+        raise ConversionError(f"{path}: cannot read the torch checkpoint (truncated or corrupt?): {e}") from None
+    out = {}
+    for k, t in state.items():
+        name = str(t.dtype).removeprefix("torch.")
+        arr = t.float().numpy() if name == "bfloat16" else t.numpy()
+        out[k] = (jnp.asarray(arr, jnp.bfloat16) if name == "bfloat16" else jnp.asarray(arr), path)
+    return out
+
+
+def _dtype_name(dtype) -> str:
+    return TORCH_DTYPES.get(jnp.dtype(dtype).name, jnp.dtype(dtype).name.upper())
+
+
+def check_fits_target(cfg: DraftConfig, target: ModelConfig, where: str) -> None:
+    """Raises naming every way the head does not fit the target."""
+    problems = []
+    if cfg.vocab_size != target.vocab_size:
+        problems.append(f"vocab_size={cfg.vocab_size}, but the target's vocabulary has {target.vocab_size} tokens")
+    if cfg.target_hidden_size != target.hidden_size:
+        problems.append(f"the head takes target features of hidden size {cfg.target_hidden_size}, "
+                        f"but the target's hidden_size is {target.hidden_size}")
+    bad = [i for i in cfg.feature_layers if not 0 <= i < target.num_layers]
+    if bad:
+        problems.append(f"feature layers {bad} do not exist in a {target.num_layers}-layer target")
+    if problems:
+        raise ConversionError(f"{where}: this EAGLE-3 head does not fit the target: " + "; ".join(problems))
+
+
+def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32",
+                progress: bool = False) -> tuple[DraftConfig, dict, jax.Array]:
+    """Reads a public-layout EAGLE-3 head for `target`. Returns (config, params, d2t `[V_draft]` int32)."""
+    head_dir = pathlib.Path(head_dir)
+    dtype = check_dtype(dtype)
+    try:
+        cfg = DraftConfig.from_hf(read_json(head_dir / "config.json"), target)
+    except (KeyError, TypeError) as e:
+        raise ConversionError(f"{head_dir / 'config.json'}: missing or malformed field {e}") from None
+    except ConfigError as e:
+        raise ConversionError(f"{head_dir / 'config.json'}: {e}") from None
+    check_fits_target(cfg, target, str(head_dir))
+    tensors, infos = read_state(head_dir)
+    extras = {"d2t", "t2d", "embed_tokens.weight"}
+    fc = infos.get("fc.weight")
+    if fc is not None and len(fc.shape) == 2 and fc.shape[1] != len(cfg.feature_layers) * target.hidden_size:
+        raise ConversionError(
+            f"{head_dir}: fc.weight {fc.shape} takes {fc.shape[1]} feature values, but {len(cfg.feature_layers)} "
+            f"feature layers {cfg.feature_layers} of a hidden-size-{target.hidden_size} target give "
+            f"{len(cfg.feature_layers) * target.hidden_size}")
+    check_tensors(head_table(cfg), infos, 1, "an EAGLE-3 head", ignore=lambda k: k in extras,
+                  source=f"{head_dir / 'config.json'}")
+    read = lambda k: require_finite(tensors[k], k, str(infos[k].file))
+    params = load_params(head_table(cfg), 1, read, dtype, progress, desc="converting head")
+    if "embed_tokens.weight" in tensors:
+        shape = infos["embed_tokens.weight"].shape
+        if shape != (target.vocab_size, target.hidden_size):
+            raise ConversionError(f"{head_dir}: embed_tokens.weight has shape {shape}, expected "
+                                  f"{(target.vocab_size, target.hidden_size)}")
+        params["embed_tokens"] = {"embedding": read("embed_tokens.weight").astype(dtype)}
+    return cfg, params, _d2t(tensors, cfg, head_dir)
+
+
+def _d2t(tensors: dict, cfg: DraftConfig, head_dir: pathlib.Path) -> jax.Array:
+    if "d2t" not in tensors:
+        if cfg.draft_vocab_size != cfg.vocab_size:
+            raise ConversionError(f"{head_dir}: draft_vocab_size={cfg.draft_vocab_size} differs from "
+                                  f"vocab_size={cfg.vocab_size}, so the checkpoint needs a d2t tensor")
+        return jnp.zeros((cfg.draft_vocab_size,), jnp.int32)
+    d2t = np.asarray(tensors["d2t"]).astype(np.int64)
+    if d2t.shape != (cfg.draft_vocab_size,):
+        raise ConversionError(f"{head_dir}: d2t has shape {d2t.shape}, expected ({cfg.draft_vocab_size},)")
+    target_ids = d2t + np.arange(d2t.size)
+    if target_ids.min() < 0 or target_ids.max() >= cfg.vocab_size:
+        raise ConversionError(f"{head_dir}: d2t maps draft ids outside the target vocabulary [0, {cfg.vocab_size})")
+    return jnp.asarray(d2t, jnp.int32)
+
+
+def export_eagle3(out_dir: str | os.PathLike, cfg: DraftConfig, params: dict, d2t: jax.Array,
+                  overwrite: bool = False) -> pathlib.Path:
+    """Writes a head in the public layout (config.json + model.safetensors), atomically."""
+    from safetensors.numpy import save_file
+
+    out = pathlib.Path(out_dir).resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConversionError(f"{out} already exists and is not empty (pass overwrite=True to replace it)")
+    tensors = {}
+    for e in head_table(cfg):
+        node = params
+        for name in e.path:
+            node = node[name]
+        tensors[e.hf_key] = np.ascontiguousarray(np.asarray(node.T if e.transpose else node))
+    if "embed_tokens" in params:
+        tensors["embed_tokens.weight"] = np.asarray(params["embed_tokens"]["embedding"])
+    d2t = np.asarray(d2t, np.int64)
+    t2d = np.zeros(cfg.vocab_size, bool)
+    t2d[d2t + np.arange(d2t.size)] = True
+    tensors["d2t"], tensors["t2d"] = d2t, t2d
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

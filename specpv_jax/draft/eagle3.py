@@ -1,0 +1,205 @@
+"""EAGLE-3 head: a one-layer self-speculative draft over fused target features.
+
+The head pairs the target feature of position t (its hidden states at the
+inputs of `feature_layers`, concatenated and projected by `fc`) with the
+embedding of token t + 1 and predicts token t + 2. Deeper tree levels feed the
+head's own output hidden state in place of the target feature. The head keeps
+its own one-layer KV cache (a `FullCache` with L = 1) over all committed pairs.
+
+Parameter tree (names mirror the public checkpoints):
+
+    fc/kernel [n_feat * Ht, H]
+    midlayer/{input_layernorm, hidden_norm, post_attention_layernorm}/scale [H]
+    midlayer/self_attn/{q,k,v}_proj/kernel [2H, *], midlayer/self_attn/o_proj/kernel
+    midlayer/mlp/{gate,up,down}_proj/kernel
+    norm/scale [H]; lm_head/kernel [H, V_draft]
+    embed_tokens/embedding [V, H]   (optional; else the target's embedding)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from specpv_jax import rope
+from specpv_jax.attention import causal_mask
+from specpv_jax.cache import FullCache
+from specpv_jax.config import DraftConfig, SpecConfig
+from specpv_jax.model import MLP, Attention, Params, RMSNorm
+from specpv_jax.tree import Tree, candidate_layout, select_tree
+
+
+class MidLayer(nn.Module):
+    """The head's decoder layer: attention over concat(norm(embedding), norm(feature))."""
+
+    cfg: DraftConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb, hidden, cos, sin, cache: FullCache, new_mask, k_extra=None, v_extra=None, write=True):
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        x = jnp.concatenate([RMSNorm(eps, self.dtype, name="input_layernorm")(emb),
+                             RMSNorm(eps, self.dtype, name="hidden_norm")(hidden)], axis=-1)
+        attn, k, v, k_cache, v_cache = Attention(
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, eps=eps, dtype=self.dtype,
+            name="self_attn")(x, cos, sin, cache.k, cache.v, cache.length, new_mask, 0, k_extra, v_extra, write)
+        h = hidden + attn
+        h = h + MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(
+            RMSNorm(eps, self.dtype, name="post_attention_layernorm")(h))
+        return h, k, v, cache.replace(k=k_cache, v=v_cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle3:
+    """A loaded EAGLE-3 head: config, params and the draft-to-target vocabulary offsets `d2t [V_draft]`."""
+
+    cfg: DraftConfig
+    params: Params
+    d2t: jax.Array
+    source: str = ""
+
+    kind = "eagle3"
+
+
+def _dtype(params: Params):
+    return params["fc"]["kernel"].dtype
+
+
+def embed_table(params: Params, target_params: Params) -> jax.Array:
+    own = params.get("embed_tokens")
+    return own["embedding"] if own is not None else target_params["embed_tokens"]["embedding"]
+
+
+def head_forward(params: Params, cfg: DraftConfig, embed: jax.Array, tokens: jax.Array, hidden: jax.Array,
+                 positions: jax.Array, cache: FullCache, new_mask: jax.Array, k_extra=None, v_extra=None,
+                 write: bool = True):
+    """One head pass. tokens, positions: `[B, T]`; hidden: `[B, T, n_feat * Ht]` target features
+    or `[B, T, H]` the head's own outputs. With `write`, the new K/V go into the cache at
+    `cache.length` (lengths unchanged). Returns (hidden out `[B, T, H]`, k, v `[B, Hkv, T, D]`, cache)."""
+    dtype = _dtype(params)
+    if hidden.shape[-1] != cfg.hidden_size:
+        hidden = hidden.astype(dtype) @ params["fc"]["kernel"]
+    emb = jnp.take(embed, tokens, axis=0).astype(dtype)
+    cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim),
+                            rope.attention_scaling(cfg.rope), dtype)
+    return MidLayer(cfg, dtype).apply({"params": params["midlayer"]}, emb, hidden.astype(dtype), cos, sin, cache,
+                                      new_mask, k_extra, v_extra, write)
+
+
+def head_logprobs(params: Params, cfg: DraftConfig, hidden: jax.Array) -> jax.Array:
+    """Float32 log-probabilities over the draft vocabulary, `[..., V_draft]`."""
+    h = RMSNorm(cfg.rms_norm_eps, _dtype(params)).apply({"params": params["norm"]}, hidden)
+    logits = jnp.einsum("...h,hv->...v", h, params["lm_head"]["kernel"], preferred_element_type=jnp.float32)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def advance(params: Params, cfg: DraftConfig, embed: jax.Array, cache: FullCache, features: jax.Array,
+            tokens: jax.Array, count: jax.Array) -> tuple[FullCache, jax.Array]:
+    """Commits new (feature t, token t + 1) pairs to the head's cache.
+
+    features: `[B, P, n_feat * Ht]`; tokens: `[B, P]`; the first `count [B]` pairs
+    of each row are real. Returns the cache and the head's output at each row's
+    last real pair, `[B, H]` (the state the next tree grows from).
+    """
+    b, p = tokens.shape
+    positions = cache.length[:, None] + jnp.arange(p, dtype=jnp.int32)[None]
+    h, _, _, cache = head_forward(params, cfg, embed, tokens, features, positions, cache, causal_mask(b, p))
+    cache = cache.replace(length=cache.length + count)
+    last = jnp.take_along_axis(h, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
+    return cache, last
+
+
+def draft_tree(params: Params, cfg: DraftConfig, spec: SpecConfig, embed: jax.Array, d2t: jax.Array,
+               cache: FullCache, last_hidden: jax.Array, root: jax.Array) -> tuple[Tree, FullCache]:
+    """Grows a top-k tree from the head state `last_hidden [B, H]` below `root [B]` (EAGLE-3 `topK_genrate`).
+
+    Level 1 takes the head's top-k tokens; each further level runs the head on
+    the k frontier nodes (attending to the committed cache, their frontier
+    ancestors and themselves), scores their k x k children by cumulative
+    log-probability and keeps the best k as the next frontier. Returns the tree
+    and the (unchanged) cache, threaded through for the caller to keep using.
+    """
+    k, depth = spec.tree_top_k, spec.tree_depth
+    b = root.shape[0]
+    _, level_start = candidate_layout(k, depth)
+
+    def to_target(draft_ids):
+        return draft_ids + d2t[draft_ids]
+
+    scores, ids = lax.top_k(head_logprobs(params, cfg, last_hidden), k)  # [B, k]
+    tokens = to_target(ids)
+    cand_tokens, cand_scores, cand_parent = [tokens], [scores], [jnp.full((b, k), -1, jnp.int32)]
+    frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))  # candidate ids
+    hidden = jnp.broadcast_to(last_hidden[:, None], (b, k, last_hidden.shape[-1]))
+    slots = (depth - 1) * k
+    k_buf = jnp.zeros((b, cfg.num_kv_heads, slots, cfg.head_dim), _dtype(params))
+    v_buf = k_buf
+    ancestors = jnp.zeros((b, k, slots), bool)  # frontier-chain ancestors' slots in the buffers
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=bool), (b, k, k))
+    for level in range(1, depth):
+        positions = jnp.broadcast_to(cache.length[:, None] + level - 1, (b, k))
+        out, k_new, v_new, cache = head_forward(params, cfg, embed, tokens, hidden, positions, cache,
+                                                jnp.concatenate([ancestors, eye], axis=-1), k_buf, v_buf,
+                                                write=False)
+        k_buf = k_buf.at[:, :, (level - 1) * k: level * k].set(k_new)
+        v_buf = v_buf.at[:, :, (level - 1) * k: level * k].set(v_new)
+        child_scores, child_ids = lax.top_k(head_logprobs(params, cfg, out), k)  # [B, k, k]
+        flat_scores = (scores[:, :, None] + child_scores).reshape(b, k * k)
+        flat_tokens = to_target(child_ids).reshape(b, k * k)
+        cand_tokens.append(flat_tokens)
+        cand_scores.append(flat_scores)
+        cand_parent.append(jnp.repeat(frontier, k, axis=1))
+        if level == depth - 1:
+            break
+        scores, best = lax.top_k(flat_scores, k)
+        parent = best // k  # frontier index of each new frontier node's parent
+        tokens = jnp.take_along_axis(flat_tokens, best, axis=1)
+        hidden = jnp.take_along_axis(out, parent[:, :, None], axis=1)
+        frontier = level_start[level] + best
+        parent_slot = (level - 1) * k + parent
+        ancestors = (jnp.take_along_axis(ancestors, parent[:, :, None], axis=1)
+                     | (jnp.arange(slots)[None, None] == parent_slot[:, :, None]))
+    tree = select_tree(root, jnp.concatenate(cand_tokens, 1), jnp.concatenate(cand_scores, 1),
+                       jnp.concatenate(cand_parent, 1), spec.tree_nodes, k, depth)
+    return tree, cache
+
+
+def empty_cache(cfg: DraftConfig, batch: int, max_len: int, params: Params) -> FullCache:
+    """The head's empty one-layer cache."""
+    return FullCache.empty(1, batch, cfg.num_kv_heads, max_len, cfg.head_dim, _dtype(params))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def init_params(cfg: DraftConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random head parameters (tests, benchmarks, and the start of training)."""
+    k_fc, k_mid, k_head = jax.random.split(key, 3)
+    b, h = 1, cfg.hidden_size
+    cache = FullCache.empty(1, b, cfg.num_kv_heads, 1, cfg.head_dim, dtype)
+    x = jnp.zeros((b, 1, h), dtype)
+    cos = sin = jnp.zeros((b, 1, cfg.head_dim), dtype)
+    mid = MidLayer(cfg, dtype).init(k_mid, x, x, cos, sin, cache, causal_mask(b, 1))["params"]
+    fan_in = len(cfg.feature_layers) * cfg.target_hidden_size
+    return {
+        "fc": {"kernel": (jax.random.normal(k_fc, (fan_in, h)) * fan_in ** -0.5).astype(dtype)},
+        "midlayer": mid,
+        "norm": {"scale": jnp.ones((h,), dtype)},
+        "lm_head": {"kernel": (jax.random.normal(k_head, (h, cfg.draft_vocab_size)) * h ** -0.5).astype(dtype)},
+    }
+
+
+def identity_d2t(cfg: DraftConfig) -> jax.Array:
+    """Offsets for a draft vocabulary equal to the first `draft_vocab_size` target ids."""
+    return jnp.zeros((cfg.draft_vocab_size,), jnp.int32)
+
+
+def d2t_from_token_ids(token_ids: np.ndarray) -> np.ndarray:
+    """Offsets `d2t` for a draft vocabulary made of the given (sorted, distinct) target ids."""
+    token_ids = np.asarray(token_ids, np.int64)
+    return (token_ids - np.arange(token_ids.size)).astype(np.int32)

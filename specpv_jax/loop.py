@@ -1,0 +1,127 @@
+"""Pieces every generation loop shares: static settings, chunked prefill, the emitted-token buffer, timing."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from specpv_jax import model as M
+from specpv_jax.cache import FullCache
+from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig
+from specpv_jax.sampling import Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The static settings of one generate call; hashable, so it keys the compiled loop.
+
+    max_new: output buffer size; pad_id: filler after a row ends; chunk: prefill
+    chunk; attention: "xla" or "pallas" (resolved); spec/dcfg: speculative modes only.
+    """
+
+    cfg: ModelConfig
+    sampler: Sampler
+    max_new: int
+    pad_id: int
+    chunk: int
+    attention: str = "xla"
+    spec: SpecConfig | None = None
+    dcfg: DraftConfig | None = None
+
+
+_EXECUTABLES: dict[Any, Any] = {}
+
+
+def timed_call(fn: Callable, *args) -> tuple[Any, float]:
+    """Runs a jitted `fn`, compiling ahead of time so the returned seconds exclude compilation."""
+    leaves, treedef = jax.tree.flatten(args)
+    key = (fn, treedef, tuple((x.shape, x.dtype) for x in leaves))
+    exe = _EXECUTABLES.get(key)
+    if exe is None:
+        exe = _EXECUTABLES[key] = fn.lower(*args).compile()
+    start = time.perf_counter()
+    out = jax.block_until_ready(exe(*args))
+    return out, time.perf_counter() - start
+
+
+def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cache: FullCache,
+            capture_layers: tuple[int, ...] = (), consume: Callable | None = None,
+            extra: Any = None) -> tuple[FullCache, jax.Array, jax.Array, Any]:
+    """Feeds right-padded prompts `ids [B, T]` (T a multiple of `run.chunk`) in chunks.
+
+    `consume(extra, start, next_ids [B, C], features [n, B, C, H]) -> extra` sees
+    each chunk's captured features with the token that follows each position
+    (the draft's own prefill). Returns the cache with `length = lengths`, the
+    final hidden state `[B, H]` and captured features `[n, B, H]` of each row's
+    last prompt token, and `extra`.
+    """
+    cfg, chunk = run.cfg, run.chunk
+    b, t = ids.shape
+    next_ids = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
+
+    def body(c, carry):
+        cache, last, last_feats, extra = carry
+        start = c * chunk
+        ids_c = lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
+        pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+        out = M.forward(params, cfg, ids_c, pos, cache.replace(length=jnp.full((b,), start, jnp.int32)),
+                        capture_layers=capture_layers, attention=run.attention)
+        if consume is not None:
+            extra = consume(extra, start, lax.dynamic_slice_in_dim(next_ids, start, chunk, axis=1), out.features)
+        idx = lengths - 1 - start
+        here = (idx >= 0) & (idx < chunk)
+        pick = jnp.clip(idx, 0, chunk - 1)
+        h = jnp.take_along_axis(out.hidden, pick[:, None, None], axis=1)[:, 0]
+        f = jnp.take_along_axis(out.features, pick[None, :, None, None], axis=2)[:, :, 0]
+        return (out.cache, jnp.where(here[:, None], h, last), jnp.where(here[None, :, None], f, last_feats), extra)
+
+    dtype = M.param_dtype(params)
+    init = (cache, jnp.zeros((b, cfg.hidden_size), dtype),
+            jnp.zeros((len(capture_layers), b, cfg.hidden_size), dtype), extra)
+    cache, last, last_feats, extra = lax.fori_loop(0, t // chunk, body, init)
+    return cache.replace(length=lengths.astype(jnp.int32)), last, last_feats, extra
+
+
+@flax.struct.dataclass
+class Output:
+    """The part of the loop carry that collects results. tokens: `[B, N]`; num_out, done: `[B]`;
+    steps: loop iterations; row_steps: verifications of live rows; emitted: tokens they emitted."""
+
+    tokens: jax.Array
+    num_out: jax.Array
+    done: jax.Array
+    steps: jax.Array
+    row_steps: jax.Array
+    emitted: jax.Array
+
+    @classmethod
+    def start(cls, first: jax.Array, eos: jax.Array, max_new: int, pad_id: int) -> "Output":
+        """The buffer after each row's first token `[B]` (sampled from the prefill logits)."""
+        b = first.shape[0]
+        zero = jnp.zeros((), jnp.int32)
+        return cls(tokens=jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first),
+                   num_out=jnp.ones((b,), jnp.int32), done=jnp.isin(first, eos) | (max_new <= 1),
+                   steps=zero, row_steps=zero, emitted=zero)
+
+    def append(self, new: jax.Array, count: jax.Array, eos: jax.Array) -> "Output":
+        """Appends `new [B, P]` (first `count [B]` valid) to live rows, stopping at EOS and at the buffer's end."""
+        b, p = new.shape
+        max_new = self.tokens.shape[1]
+        live = ~self.done
+        slot = jnp.arange(p)[None, :]
+        is_eos = jnp.isin(new, eos) & (slot < count[:, None])
+        hit_eos = is_eos.any(1)
+        count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, count)
+        count = jnp.where(live, jnp.minimum(count, max_new - self.num_out), 0)
+        dest = jnp.where(slot < count[:, None], self.num_out[:, None] + slot, max_new)
+        tokens = self.tokens.at[jnp.arange(b)[:, None], dest].set(new, mode="drop")
+        num_out = self.num_out + count
+        return Output(tokens=tokens, num_out=num_out, done=self.done | (live & (hit_eos | (num_out >= max_new))),
+                      steps=self.steps + 1, row_steps=self.row_steps + live.sum(),
+                      emitted=self.emitted + count.sum())

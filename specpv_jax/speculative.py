@@ -1,0 +1,113 @@
+"""The speculative loop: draft a tree, verify it with the target, commit, repeat.
+
+Everything between prefill and the final tokens runs inside one jitted
+`lax.while_loop`; rows of a batch accept different numbers of tokens and
+finish independently.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from specpv_jax import model as M
+from specpv_jax import verify
+from specpv_jax.attention import causal_mask
+from specpv_jax.cache import FullCache, commit_path
+from specpv_jax.config import DraftConfig
+from specpv_jax.draft import eagle3
+from specpv_jax.loop import Output, Run, prefill
+
+
+@flax.struct.dataclass
+class EagleState:
+    """Loop carry for `eagle` mode.
+
+    pair_feats `[B, P, n_feat * H]`, pair_tokens `[B, P]`, pair_count `[B]`: the
+    (feature, next token) pairs the head has not seen yet (P = depth + 1);
+    root `[B]`: the last emitted token, root of the next tree.
+    """
+
+    cache: FullCache
+    draft_cache: FullCache
+    pair_feats: jax.Array
+    pair_tokens: jax.Array
+    pair_count: jax.Array
+    root: jax.Array
+    out: Output
+    key: jax.Array
+
+
+def _flat_features(features: jax.Array) -> jax.Array:
+    """`[n, B, T, H]` -> `[B, T, n * H]` (EAGLE-3 concatenates captured layers in order)."""
+    n, b, t, h = features.shape
+    return features.transpose(1, 2, 0, 3).reshape(b, t, n * h)
+
+
+def draft_prefill_chunk(dparams, dcfg: DraftConfig, embed, draft_cache: FullCache, start, next_ids, features):
+    """The head's prefill for one target chunk: pairs (feature t, token t + 1) at positions `start + [0, C)`."""
+    b, c = next_ids.shape
+    positions = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
+    cache = draft_cache.replace(length=jnp.full((b,), start, jnp.int32))
+    _, _, _, cache = eagle3.head_forward(dparams, dcfg, embed, next_ids, _flat_features(features), positions,
+                                         cache, causal_mask(b, c))
+    return cache
+
+
+def eagle_step(params, dparams, d2t, run: Run, eos: jax.Array, s: EagleState) -> EagleState:
+    """Draft a tree from the head, verify it against the full cache, commit the accepted path."""
+    cfg, dcfg = run.cfg, run.dcfg
+    embed = eagle3.embed_table(dparams, params)
+    draft_cache, head_state = eagle3.advance(dparams, dcfg, embed, s.draft_cache, s.pair_feats, s.pair_tokens,
+                                             s.pair_count)
+    tree, draft_cache = eagle3.draft_tree(dparams, dcfg, run.spec, embed, d2t, draft_cache, head_state, s.root)
+    out = M.forward(params, cfg, tree.tokens, s.cache.length[:, None] + tree.depth, s.cache, tree.mask,
+                    dcfg.feature_layers, run.attention)
+    key, sub = jax.random.split(s.key)
+    acc = verify.accept(tree, M.logits(params, cfg, out.hidden), run.sampler, sub)
+    live = ~s.out.done
+    cache = commit_path(out.cache, acc.path, acc.count)
+    emitted = acc.emitted(tree)
+    feats = jnp.take_along_axis(_flat_features(out.features), acc.path[:, :, None], axis=1)
+    return EagleState(cache=cache.replace(length=jnp.where(live, cache.length, s.cache.length)),
+                      draft_cache=draft_cache.replace(length=jnp.where(live, draft_cache.length,
+                                                                       s.draft_cache.length)),
+                      pair_feats=feats, pair_tokens=emitted, pair_count=acc.count + 1, root=acc.bonus,
+                      out=s.out.append(emitted, acc.count + 1, eos), key=key)
+
+
+@functools.lru_cache(maxsize=None)
+def eagle_prefill_fn(run: Run):
+    def fn(params, dparams, ids, lengths, cache, draft_cache):
+        embed = eagle3.embed_table(dparams, params)
+        consume = functools.partial(draft_prefill_chunk, dparams, run.dcfg, embed)
+        cache, last, last_feats, draft_cache = prefill(params, run, ids, lengths, cache, run.dcfg.feature_layers,
+                                                       consume, draft_cache)
+        draft_cache = draft_cache.replace(length=lengths - 1)  # the last pair waits for the first new token
+        return cache, draft_cache, M.logits(params, run.cfg, last), last_feats
+
+    return jax.jit(fn, donate_argnums=(4, 5))
+
+
+@functools.lru_cache(maxsize=None)
+def eagle_decode_fn(run: Run):
+    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos):
+        key, sub = jax.random.split(key)
+        first = run.sampler.sample(logits, sub)
+        b = first.shape[0]
+        p = run.spec.tree_depth + 1
+        feats = jnp.zeros((b, p, last_feats.shape[0] * run.cfg.hidden_size), last_feats.dtype)
+        feats = feats.at[:, 0].set(_flat_features(last_feats[:, :, None])[:, 0])
+        state = EagleState(cache=cache, draft_cache=draft_cache, pair_feats=feats,
+                           pair_tokens=jnp.zeros((b, p), jnp.int32).at[:, 0].set(first),
+                           pair_count=jnp.ones((b,), jnp.int32), root=first,
+                           out=Output.start(first, eos, run.max_new, run.pad_id), key=key)
+        step = functools.partial(eagle_step, params, dparams, d2t, run, eos)
+        state = lax.while_loop(lambda s: ~jnp.all(s.out.done), step, state)
+        return state.out, state.cache, state.draft_cache
+
+    return jax.jit(fn, donate_argnums=(3, 4))

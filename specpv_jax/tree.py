@@ -1,0 +1,103 @@
+"""Static-shape draft trees (EAGLE-3 `topK_genrate` layout).
+
+Candidates arrive level by level: `top_k` children of the root, then `top_k`
+children of each of the `top_k` frontier nodes per further level. Every
+candidate carries its cumulative log-probability, which only decreases along a
+path, so keeping the `n` best candidates keeps a valid tree. Node 0 is the
+root (the last emitted token); nodes 1..n follow in candidate order, so
+parents precede children.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+@flax.struct.dataclass
+class Tree:
+    """A batch of trees over `N = n + 1` nodes (root first).
+
+    tokens: `[B, N]` int32; parents: `[B, N]` (the root is its own parent);
+    depth: `[B, N]` (root 0); mask: `[B, N, N]` bool, row i = i and its ancestors;
+    retrieve: `[B, N, max_depth + 1]` root-to-leaf node paths, leaves first, rows
+    and tails padded with -1; children: `[B, N, top_k]` child nodes in index order, -1 padded.
+    """
+
+    tokens: jax.Array
+    parents: jax.Array
+    depth: jax.Array
+    mask: jax.Array
+    retrieve: jax.Array
+    children: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[-1]
+
+
+def candidate_layout(top_k: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Static per-candidate facts: depth `[C]` and the first candidate index of each level `[depth]`."""
+    sizes = [top_k] + [top_k * top_k] * (depth - 1)
+    starts = np.cumsum([0] + sizes[:-1])
+    cand_depth = np.concatenate([np.full(s, lvl + 1, np.int32) for lvl, s in enumerate(sizes)])
+    return cand_depth, starts.astype(np.int32)
+
+
+def ancestor_mask(parents: jax.Array, max_depth: int) -> jax.Array:
+    """`[N, N]` bool: row i marks i and all its ancestors (parents `[N]`, root its own parent)."""
+    eye = jnp.eye(parents.shape[0], dtype=bool)
+    return lax.fori_loop(0, max_depth, lambda _, m: eye | m[parents], eye)
+
+
+def root_to_leaf_paths(parents: jax.Array, depth: jax.Array, mask: jax.Array, max_depth: int) -> jax.Array:
+    """`[N, max_depth + 1]` node ids along each root-to-leaf path (leaves first, -1 padded)."""
+    n = parents.shape[0]
+    is_parent = jnp.zeros(n, bool).at[parents[1:]].set(True)
+    leaf = ~is_parent
+    hit = mask[:, :, None] & (depth[None, :, None] == jnp.arange(max_depth + 1)[None, None, :])
+    path = jnp.where(hit.any(1), jnp.argmax(hit, axis=1), -1)
+    order = jnp.argsort(~leaf, stable=True)
+    return jnp.where(leaf[order][:, None], path[order], -1)
+
+
+def child_lists(parents: jax.Array, width: int) -> jax.Array:
+    """`[N, width]`: each node's children in index order, padded with -1."""
+    n = parents.shape[0]
+    is_child = (parents[None, 1:] == jnp.arange(n)[:, None])  # [N, N-1]
+    return jax.vmap(lambda row: jnp.nonzero(row, size=width, fill_value=-2)[0] + 1)(is_child)
+
+
+def select_tree(root: jax.Array, cand_tokens: jax.Array, cand_scores: jax.Array, cand_parent: jax.Array,
+                n: int, top_k: int, max_depth: int) -> Tree:
+    """Builds a batch of trees from the `n` best candidates.
+
+    root: `[B]`; cand_tokens, cand_scores: `[B, C]`; cand_parent: `[B, C]` candidate
+    index of each candidate's parent (-1 = root). Ties keep the lower index (the
+    parent), so the selection is always closed under ancestors.
+    """
+    cand_depth, _ = candidate_layout(top_k, max_depth)
+
+    def one(root, tokens, scores, parent):
+        _, chosen = lax.top_k(scores, n)
+        chosen = jnp.sort(chosen)
+        node_of = jnp.full(scores.shape, -1, jnp.int32).at[chosen].set(jnp.arange(1, n + 1, dtype=jnp.int32))
+        p = parent[chosen]
+        parents = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.where(p < 0, 0, node_of[jnp.maximum(p, 0)])])
+        depth = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.asarray(cand_depth)[chosen]])
+        mask = ancestor_mask(parents, max_depth)
+        return Tree(tokens=jnp.concatenate([root[None], tokens[chosen]]).astype(jnp.int32), parents=parents,
+                    depth=depth, mask=mask, retrieve=root_to_leaf_paths(parents, depth, mask, max_depth),
+                    children=child_lists(parents, top_k))
+
+    return jax.vmap(one)(root, cand_tokens, cand_scores, cand_parent)
+
+
+def path_nodes(tree_mask_row: jax.Array, depth: jax.Array, max_depth: int) -> jax.Array:
+    """Node ids by depth along the path marked in `tree_mask_row [B, N]` → `[B, max_depth + 1]`
+    (entries past the path's end are 0, the root; callers mask them by count)."""
+    hit = tree_mask_row[:, :, None] & (depth[:, :, None] == jnp.arange(max_depth + 1)[None, None, :])
+    return jnp.argmax(hit, axis=1).astype(jnp.int32)

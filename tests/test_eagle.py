@@ -1,0 +1,147 @@
+"""EAGLE-3 tree speculation: lossless greedy and sampling, checkpoints, the head's semantics."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import specpv_jax as sj
+from convert.eagle3 import export_eagle3
+from convert.hf import ConversionError
+from sampling_stats import chi_square_pvalue
+from specpv_jax import loop, speculative
+from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig
+from specpv_jax.draft import eagle3
+from specpv_jax.model import init_params
+from specpv_jax.sampling import Sampler
+from specpv_jax.tree import candidate_layout, select_tree
+
+
+def make_target(vocab: int, seed: int = 0, layers: int = 8, sharpen: float = 4.0, heads: int = 4,
+                head_dim: int = 16) -> sj.Model:
+    cfg = ModelConfig(arch="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=layers,
+                      num_heads=heads, num_kv_heads=heads // 2, head_dim=head_dim, max_position_embeddings=8192)
+    params = init_params(cfg, jax.random.key(seed))
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * sharpen  # clear argmax margins
+    return sj.Model(cfg, params)
+
+
+def make_head(target: sj.Model, draft_vocab: int | None = None, seed: int = 1) -> eagle3.Eagle3:
+    cfg = target.cfg
+    dcfg = DraftConfig(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
+                       vocab_size=cfg.vocab_size, draft_vocab_size=draft_vocab or cfg.vocab_size,
+                       target_hidden_size=cfg.hidden_size,
+                       feature_layers=DraftConfig.default_feature_layers(cfg.num_layers))
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(cfg.vocab_size, dcfg.draft_vocab_size, replace=False))
+    return eagle3.Eagle3(dcfg, eagle3.init_params(dcfg, jax.random.key(seed)),
+                         jnp.asarray(eagle3.d2t_from_token_ids(ids)))
+
+
+@pytest.fixture(scope="module")
+def small_vocab():
+    """A 16-token target, where even a random head's guesses are often accepted."""
+    target = make_target(16)
+    return target, make_head(target, draft_vocab=12)
+
+
+SHAPES = [SpecConfig(tree_depth=1, tree_top_k=1, tree_nodes=1),
+          SpecConfig(tree_depth=4, tree_top_k=3, tree_nodes=12),
+          SpecConfig(tree_depth=6, tree_top_k=4, tree_nodes=30)]
+
+
+@pytest.mark.parametrize("spec, length", list(zip(SHAPES, (1, 37, 2000))), ids=["chain1-len1", "d4k3n12-len37",
+                                                                          "d6k4n30-len2000"])
+def test_greedy_eagle_equals_ar(small_vocab, spec, length):
+    target, head = small_vocab
+    prompt = np.random.default_rng(length).integers(0, 16, length)
+    ar = sj.generate(target, prompt, 48, eos_token_ids=())
+    eg = sj.generate(target, prompt, 48, draft=head, mode="eagle", spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(eg.tokens, ar.tokens)
+    assert eg.stats["steps"] < 47 or spec.tree_top_k == 1  # wider trees get some random guesses accepted
+    assert eg.stats["full_verifications"] == eg.stats["steps"]
+
+
+def test_greedy_eagle_batch_equals_ar(small_vocab):
+    target, head = small_vocab
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 16, n) for n in (5, 130, 61)]
+    free = sj.generate(target, prompts, 40, eos_token_ids=())
+    eos = int(free.tokens[1, 12])  # ends row 1 early
+    ar = sj.generate(target, prompts, 40, eos_token_ids=(eos,))
+    eg = sj.generate(target, prompts, 40, draft=head, mode="eagle", spec=SHAPES[1], eos_token_ids=(eos,))
+    assert ar.lengths[1] <= 13
+    np.testing.assert_array_equal(eg.lengths, ar.lengths)
+    np.testing.assert_array_equal(eg.tokens, ar.tokens)
+
+
+def oracle_tree(sequences: jax.Array):
+    """A stand-in for `eagle3.draft_tree` whose best chain is the true greedy continuation."""
+    def draft_tree(params, cfg, spec, embed, d2t, cache, last_hidden, root):
+        k, depth = spec.tree_top_k, spec.tree_depth
+        b = root.shape[0]
+        vocab = cfg.vocab_size
+        _, starts = candidate_layout(k, depth)
+        tokens, scores, parents = [], [], []
+        for level in range(depth):
+            true = jnp.take_along_axis(sequences, (cache.length + 1 + level)[:, None], axis=1)[:, 0]
+            wrong = (true[:, None] + 1 + jnp.arange(k)[None]) % vocab
+            row = jnp.concatenate([true[:, None], wrong[:, 1:]], axis=1)  # [B, k]
+            row_scores = -jnp.arange(k, dtype=jnp.float32)[None].repeat(b, 0)
+            if level == 0:
+                tokens.append(row), scores.append(row_scores), parents.append(jnp.full((b, k), -1))
+            else:  # children of frontier node 0 (the true chain) get the best scores
+                tok = jnp.concatenate([row, jnp.zeros((b, k * k - k), jnp.int32)], 1)
+                sc = jnp.concatenate([row_scores, jnp.full((b, k * k - k), -100.0)], 1)
+                tokens.append(tok), scores.append(sc)
+                parents.append(jnp.broadcast_to(jnp.repeat(starts[level - 1] + jnp.arange(k), k), (b, k * k)))
+        tree = select_tree(root, jnp.concatenate(tokens, 1), jnp.concatenate(scores, 1),
+                           jnp.concatenate(parents, 1), spec.tree_nodes, k, depth)
+        return tree, cache
+    return draft_tree
+
+
+def test_long_accepted_paths_commit_correctly(small_vocab, monkeypatch):
+    """With a draft that knows the answer, whole chains are accepted; the output is still exactly AR."""
+    target, head = small_vocab
+    prompt = np.random.default_rng(2).integers(0, 16, 50)
+    ar = sj.generate(target, prompt, 60, eos_token_ids=())
+    sequences = np.zeros((1, 512), np.int32)
+    sequences[0, :110] = np.concatenate([prompt, ar.tokens[0]])
+    monkeypatch.setattr(eagle3, "draft_tree", oracle_tree(jnp.asarray(sequences)))
+    spec = SpecConfig(tree_depth=5, tree_top_k=3, tree_nodes=11)  # a shape no other test compiles
+    eg = sj.generate(target, prompt, 60, draft=head, mode="eagle", spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(eg.tokens, ar.tokens)
+    assert eg.stats["mean_accept_len"] > 5.5  # depth 5 + the bonus token, but for the last step
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampling_is_lossless(temperature, top_p):
+    """The joint law of the first three new tokens under `eagle` equals the target's, exactly."""
+    vocab = 8
+    target = make_target(vocab, seed=3, layers=7, sharpen=1.0)
+    head = make_head(target, draft_vocab=6, seed=4)
+    prompt = [1, 5, 2, 7, 3]
+    rows = 4096
+    spec = SpecConfig(tree_depth=2, tree_top_k=5, tree_nodes=10)
+    out = sj.generate(target, [prompt] * rows, 3, draft=head, mode="eagle", spec=spec, temperature=temperature,
+                      top_p=top_p, seed=11, eos_token_ids=())
+    assert out.stats["mean_accept_len"] > 1.3  # drafted tokens are being accepted, so rejection is exercised
+    pairs = np.array([[a, b] for a in range(vocab) for b in range(vocab)])
+    logits = sj.forward_logits(target, np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], 1))
+    probs = np.asarray(Sampler(temperature, top_p).probs(logits), np.float64)
+    p1 = probs[0, -3]
+    p2 = probs[:, -2].reshape(vocab, vocab, vocab)[:, 0]  # p(t2 | t1), from rows with that t1
+    p3 = probs[:, -1].reshape(vocab, vocab, vocab)        # p(t3 | t1, t2)
+    joint = p1[:, None, None] * p2[:, :, None] * p3
+    cells = out.tokens[:, 0] * vocab * vocab + out.tokens[:, 1] * vocab + out.tokens[:, 2]
+    assert chi_square_pvalue(cells, joint.reshape(-1)) > 1e-3
+    # The same test has power: the law at another temperature is rejected.
+    wrong = np.asarray(Sampler(temperature * 1.5, top_p).probs(logits), np.float64)
+    wrong_joint = wrong[0, -3][:, None, None] * wrong[:, -2].reshape(vocab, vocab, vocab)[:, 0][:, :, None] * \
+        wrong[:, -1].reshape(vocab, vocab, vocab)
+    assert chi_square_pvalue(cells, wrong_joint.reshape(-1)) < 1e-3

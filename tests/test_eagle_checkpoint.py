@@ -1,0 +1,186 @@
+"""EAGLE-3 heads in the public checkpoint layout: loading, export, errors, and the head's math."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import specpv_jax as sj
+from convert.eagle3 import export_eagle3
+from convert.hf import ConversionError
+from specpv_jax.attention import causal_mask
+from specpv_jax.draft import eagle3
+from test_eagle import make_target
+
+VOCAB, DRAFT_VOCAB, HIDDEN, HEADS, KV_HEADS, INTER = 64, 48, 64, 4, 2, 128
+
+
+def public_config(**changes) -> dict:
+    """The field names of the public Llama-3.1-8B EAGLE-3 head's config.json, scaled down."""
+    cfg = {
+        "architectures": ["LlamaForCausalLMEagle3"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": HIDDEN, "initializer_range": 0.02, "intermediate_size": INTER,
+        "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "num_hidden_layers": 1, "pad_token_id": 0, "rms_norm_eps": 1e-05,
+        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.28.1",
+        "use_cache": True, "vocab_size": VOCAB, "draft_vocab_size": DRAFT_VOCAB,
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def public_state(seed=0, n_features=3, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        return (torch.randn(*shape, generator=g) / math.sqrt(shape[-1])).to(dtype)
+
+    d = HIDDEN // HEADS
+    ids = torch.sort(torch.randperm(VOCAB, generator=g)[:DRAFT_VOCAB]).values
+    t2d = torch.zeros(VOCAB, dtype=torch.bool)
+    t2d[ids] = True
+    return {
+        "fc.weight": w(HIDDEN, n_features * HIDDEN),
+        "midlayer.self_attn.q_proj.weight": w(HEADS * d, 2 * HIDDEN),
+        "midlayer.self_attn.k_proj.weight": w(KV_HEADS * d, 2 * HIDDEN),
+        "midlayer.self_attn.v_proj.weight": w(KV_HEADS * d, 2 * HIDDEN),
+        "midlayer.self_attn.o_proj.weight": w(HIDDEN, HEADS * d),
+        "midlayer.mlp.gate_proj.weight": w(INTER, HIDDEN), "midlayer.mlp.up_proj.weight": w(INTER, HIDDEN),
+        "midlayer.mlp.down_proj.weight": w(HIDDEN, INTER),
+        "midlayer.hidden_norm.weight": (1 + 0.1 * torch.randn(HIDDEN, generator=g)).to(dtype),
+        "midlayer.input_layernorm.weight": (1 + 0.1 * torch.randn(HIDDEN, generator=g)).to(dtype),
+        "midlayer.post_attention_layernorm.weight": (1 + 0.1 * torch.randn(HIDDEN, generator=g)).to(dtype),
+        "norm.weight": (1 + 0.1 * torch.randn(HIDDEN, generator=g)).to(dtype),
+        "lm_head.weight": w(DRAFT_VOCAB, HIDDEN),
+        "d2t": (ids - torch.arange(DRAFT_VOCAB)).long(),
+        "t2d": t2d,
+    }
+
+
+def write_head(directory, config=None, state=None, fmt="bin"):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config or public_config()))
+    state = public_state() if state is None else state
+    if fmt == "bin":
+        torch.save(state, directory / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+        save_file(state, str(directory / "model.safetensors"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make_target(VOCAB, seed=5, layers=8)
+
+
+def test_public_bin_head_loads_and_speculates(target, tmp_path):
+    head = sj.load_draft(write_head(tmp_path / "head"), target)
+    assert head.cfg.draft_vocab_size == DRAFT_VOCAB and head.cfg.feature_layers == (2, 4, 5)
+    assert head.cfg.rope.theta == 10000.0  # the EAGLE code's default base when config.json has none
+    prompt = np.random.default_rng(0).integers(0, VOCAB, 30)
+    ar = sj.generate(target, prompt, 20, eos_token_ids=())
+    eg = sj.generate(target, prompt, 20, draft=head, mode="eagle", eos_token_ids=(),
+                     spec=sj.SpecConfig(tree_depth=3, tree_top_k=4, tree_nodes=10))
+    np.testing.assert_array_equal(eg.tokens, ar.tokens)
+
+
+def test_export_and_orbax_round_trips(target, tmp_path):
+    head = sj.load_draft(write_head(tmp_path / "head", fmt="safetensors"), target)
+    again = sj.load_draft(export_eagle3(tmp_path / "exported", head.cfg, head.params, head.d2t), target)
+    sj.save_draft(head, tmp_path / "orbax")
+    restored = sj.load_draft(tmp_path / "orbax", target)
+    for other in (again, restored):
+        assert other.cfg == head.cfg
+        np.testing.assert_array_equal(np.asarray(other.d2t), np.asarray(head.d2t))
+        jax.tree.map(np.testing.assert_array_equal, other.params, head.params)
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert exported["d2t"].dtype == torch.int64 and exported["t2d"].dtype == torch.bool
+    assert set(exported) == set(public_state())
+
+
+@pytest.mark.parametrize("config, state_edit, message", [
+    ({"vocab_size": 100}, None, "vocab_size=100, but the target's vocabulary has 64 tokens"),
+    ({"target_hidden_size": 32}, None, "target features of hidden size 32, but the target's hidden_size is 64"),
+    ({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 3, 11]}}, None,
+     r"feature layers \[12\] do not exist in a 8-layer target"),
+    ({}, lambda s: s.pop("midlayer.hidden_norm.weight"), "missing tensors: midlayer.hidden_norm.weight"),
+    ({}, lambda s: s.update({"fc.weight": torch.zeros(HIDDEN, 2 * HIDDEN)}),
+     r"fc.weight \(64, 128\) takes 128 feature values, but 3 feature layers"),
+    ({}, lambda s: s.update({"midlayer.self_attn.q_proj.weight": torch.zeros(HIDDEN, HIDDEN)}),
+     r"midlayer.self_attn.q_proj.weight: shape \(64, 64\) in pytorch_model.bin, but .*config.json implies \(64, 128\)"),
+    ({}, lambda s: s.update({"d2t": s["d2t"] + 100}), "d2t maps draft ids outside the target vocabulary"),
+    ({}, lambda s: s.pop("d2t"), "needs a d2t tensor"),
+    ({}, lambda s: s.update({"extra.weight": torch.zeros(3)}), "unexpected tensors .*extra.weight"),
+])
+def test_mismatched_heads_are_named(target, tmp_path, config, state_edit, message):
+    state = public_state()
+    if state_edit is not None:
+        state_edit(state)
+    head_dir = write_head(tmp_path / "head", public_config(**config), state)
+    with pytest.raises(ConversionError, match=message):
+        sj.load_draft(head_dir, target)
+
+
+def test_not_a_draft_directory(target, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a draft directory"):
+        sj.load_draft(tmp_path, target)
+    with pytest.raises(ValueError, match="needs a draft"):
+        sj.generate(target, [1, 2, 3], 4, mode="eagle")
+
+
+def reference_head_logits(state, target_embed, features, tokens):
+    """The EAGLE-3 head written out in torch from the reference code's structure (float32, causal)."""
+    s = {k: v.float() for k, v in state.items()}
+
+    def rms(x, w, eps=1e-5):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    t = tokens.shape[0]
+    d = HIDDEN // HEADS
+    hidden = features @ s["fc.weight"].T
+    x = torch.cat([rms(target_embed[tokens], s["midlayer.input_layernorm.weight"]),
+                   rms(hidden, s["midlayer.hidden_norm.weight"])], -1)
+    q = (x @ s["midlayer.self_attn.q_proj.weight"].T).view(t, HEADS, d).transpose(0, 1)
+    k = (x @ s["midlayer.self_attn.k_proj.weight"].T).view(t, KV_HEADS, d).transpose(0, 1)
+    v = (x @ s["midlayer.self_attn.v_proj.weight"].T).view(t, KV_HEADS, d).transpose(0, 1)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.arange(t).float()[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+
+    def rot(u):
+        return u * cos + torch.cat([-u[..., d // 2:], u[..., : d // 2]], -1) * sin
+
+    q, k = rot(q), rot(k)
+    k, v = k.repeat_interleave(HEADS // KV_HEADS, 0), v.repeat_interleave(HEADS // KV_HEADS, 0)
+    att = (q @ k.transpose(1, 2)) / math.sqrt(d) + torch.triu(torch.full((t, t), -1e9), 1)
+    out = (att.softmax(-1) @ v).transpose(0, 1).reshape(t, HIDDEN) @ s["midlayer.self_attn.o_proj.weight"].T
+    h = hidden + out
+    m = rms(h, s["midlayer.post_attention_layernorm.weight"])
+    h = h + (torch.nn.functional.silu(m @ s["midlayer.mlp.gate_proj.weight"].T) * (m @ s["midlayer.mlp.up_proj.weight"].T)) \
+        @ s["midlayer.mlp.down_proj.weight"].T
+    return torch.log_softmax(rms(h, s["norm.weight"]) @ s["lm_head.weight"].T, -1)
+
+
+def test_head_matches_the_reference_structure(target, tmp_path):
+    state = public_state(dtype=torch.float32)
+    head = sj.load_draft(write_head(tmp_path / "head", state=state), target)
+    rng = np.random.default_rng(1)
+    t = 24
+    features = rng.standard_normal((t, 3 * HIDDEN)).astype(np.float32)
+    tokens = rng.integers(0, VOCAB, t)
+    embed = np.asarray(target.params["embed_tokens"]["embedding"])
+    expected = reference_head_logits(state, torch.tensor(embed), torch.tensor(features), torch.tensor(tokens))
+    cache = eagle3.empty_cache(head.cfg, 1, 256, head.params)
+    hidden, _, _, _ = eagle3.head_forward(head.params, head.cfg, jnp.asarray(embed), jnp.asarray(tokens)[None],
+                                          jnp.asarray(features)[None], jnp.arange(t)[None], cache,
+                                          causal_mask(1, t))
+    got = eagle3.head_logprobs(head.params, head.cfg, hidden)[0]
+    np.testing.assert_allclose(np.asarray(got), expected.numpy(), atol=1e-4)
