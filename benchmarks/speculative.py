@@ -22,7 +22,7 @@ import numpy as np
 import specpv_jax as sj
 from specpv_jax import model as M
 from specpv_jax import verify
-from specpv_jax.cache import FullCache
+from specpv_jax.cache import KVCache
 from specpv_jax.demo import random_demo_model, random_head
 from specpv_jax.draft import eagle3
 from specpv_jax.sampling import Sampler
@@ -42,7 +42,7 @@ def profile_step(target: sj.Model, head: eagle3.Eagle3, spec: sj.SpecConfig, con
     """Seconds for one AR step, one draft (head catch-up + tree) and one verification, at `context`."""
     cfg, dcfg = target.cfg, head.cfg
     rng = np.random.default_rng(0)
-    cache = FullCache.zeros(cfg, 1, context + spec.tree_nodes + 1, target.dtype)
+    cache = KVCache.zeros(cfg, 1, context + spec.tree_nodes + 1, target.dtype)
     cache = cache.replace(k=jnp.asarray(rng.standard_normal(cache.k.shape), target.dtype),
                           v=jnp.asarray(rng.standard_normal(cache.v.shape), target.dtype),
                           length=jnp.array([context], jnp.int32))

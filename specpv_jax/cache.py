@@ -1,20 +1,27 @@
-"""KV-cache pytrees. Shapes are static; validity is tracked by per-row lengths."""
+"""KV-cache pytrees. Shapes are static; validity is tracked by per-row lengths.
+
+One layout, `KVCache` (`k, v [L, B, Hkv, S, D]`, `length [B]`), serves three roles:
+the target's full cache over the whole context, SpecPV's partial cache (S =
+sink + retrieval + window + buffer slots) and the EAGLE-3 head's cache (L = 1).
+`BlockSummary` keeps per-block key extrema of the full cache for retrieval.
+"""
 
 from __future__ import annotations
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from specpv_jax.attention import PREFIX_BLOCK
 from specpv_jax.config import ModelConfig
 
 
 @flax.struct.dataclass
-class FullCache:
-    """The target's KV cache over the whole context.
+class KVCache:
+    """A stacked KV cache.
 
-    k, v: `[L, B, Hkv, S, D]`; length: `[B]` int32, positions `[0, length)` are valid.
+    k, v: `[L, B, Hkv, S, D]`; length: `[B]` int32, slots `[0, length)` are valid.
     Entries at and beyond `length` are scratch: written by verification, kept
     only when committed by advancing `length`.
     """
@@ -24,14 +31,14 @@ class FullCache:
     length: jax.Array
 
     @classmethod
-    def empty(cls, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype) -> "FullCache":
+    def empty(cls, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype) -> "KVCache":
         """An empty cache holding at least `max_len` positions (rounded up to whole attention blocks)."""
         max_len = -(-max_len // PREFIX_BLOCK) * PREFIX_BLOCK
         shape = (layers, batch, kv_heads, max_len, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32))
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "FullCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
         """The target's empty cache."""
         return cls.empty(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype)
 
@@ -52,20 +59,78 @@ def write_tokens(buf: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Ar
     return buf.at[layer, rows, heads, pos].set(new.astype(buf.dtype), mode="drop")
 
 
-def commit_path(cache: FullCache, path: jax.Array, count: jax.Array) -> FullCache:
-    """Keeps an accepted tree path and advances the lengths.
+def commit_path(cache: KVCache, path: jax.Array, count: jax.Array, src: jax.Array | None = None,
+                dst: jax.Array | None = None) -> KVCache:
+    """Keeps an accepted tree path and advances the lengths to just past it.
 
-    The tree's K/V sit at `length + node`; the nodes `path [B, P]` (root first,
-    valid for `count [B] + 1` entries) move to `length + [0, count]`, in place.
+    The tree's K/V sit at slot `src + node` (default `src = length`); the nodes
+    `path [B, P]` (root first, valid for `count [B] + 1` entries; count < 0 keeps
+    none) move to `dst + [0, count]` (default `dst = length`), in place, and the
+    length becomes `dst + count + 1`.
     """
     p = path.shape[1]
+    src = cache.length if src is None else src
+    dst = cache.length if dst is None else dst
     slot = jnp.arange(p)[None, :]
-    src = cache.length[:, None] + path
-    dst = jnp.where(slot <= count[:, None], cache.length[:, None] + slot, cache.max_len)  # past the end: dropped
-
     rows = jnp.arange(path.shape[0])[:, None]
+    from_slot = src[:, None] + path
+    to_slot = jnp.where(slot <= count[:, None], dst[:, None] + slot, cache.max_len)  # past the end: dropped
 
-    def move(buf):  # advanced indices on the batch and position axes: [B, P, L, Hkv, D] moved at once
-        return buf.at[:, rows, :, dst].set(buf[:, rows, :, src], mode="drop")
+    def move(buf):  # advanced indices on the batch and slot axes: [B, P, L, Hkv, D] moved at once
+        return buf.at[:, rows, :, to_slot].set(buf[:, rows, :, from_slot], mode="drop")
 
-    return cache.replace(k=move(cache.k), v=move(cache.v), length=cache.length + count + 1)
+    return cache.replace(k=move(cache.k), v=move(cache.v), length=dst + count + 1)
+
+
+@flax.struct.dataclass
+class BlockSummary:
+    """Elementwise key maximum and minimum of each `block`-token block of the full cache.
+
+    kmax, kmin: `[L, B, Hkv, S // block, D]`. A block's entries are final once the
+    full cache's length has passed its end; blocks without valid keys hold 0.
+    """
+
+    kmax: jax.Array
+    kmin: jax.Array
+    block: int = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def of(cls, cache: KVCache, block: int) -> "BlockSummary":
+        """Summaries of every block of `cache` (keys at or past `length` ignored)."""
+        kmax, kmin = summarize_blocks(cache.k, jnp.zeros_like(cache.length), cache.length, block)
+        return cls(kmax=kmax, kmin=kmin, block=block)
+
+    def update(self, cache: KVCache, old_length: jax.Array, blocks: int) -> "BlockSummary":
+        """Recomputes `blocks` blocks from the one holding `old_length [B]`, after the cache grew past it."""
+        width = blocks * self.block
+        starts = jnp.minimum(old_length // self.block * self.block, cache.max_len - width)
+
+        def window(buf):  # per row: [L, Hkv, S, D] -> [L, Hkv, width, D]
+            return jax.vmap(lambda b, s: lax.dynamic_slice_in_dim(b, s, width, axis=2), in_axes=(1, 0),
+                            out_axes=1)(buf, starts)
+
+        kmax, kmin = summarize_blocks(window(cache.k), starts, cache.length, self.block)
+        rows = jnp.arange(starts.shape[0])[:, None]
+        dest = starts[:, None] // self.block + jnp.arange(blocks)[None, :]
+
+        def put(summary, new):  # new [L, B, Hkv, blocks, D] -> indexed as [B, blocks, L, Hkv, D]
+            return summary.at[:, rows, :, dest].set(new.transpose(1, 3, 0, 2, 4))
+
+        return self.replace(kmax=put(self.kmax, kmax), kmin=put(self.kmin, kmin))
+
+
+def summarize_blocks(keys: jax.Array, start: jax.Array, length: jax.Array, block: int):
+    """Per-block key max and min of `keys [L, B, Hkv, N, D]` whose slot 0 is position `start [B]`.
+
+    Positions at or past `length [B]` are ignored; a block with no valid key gets 0.
+    Returns kmax, kmin `[L, B, Hkv, N // block, D]` in the keys' dtype.
+    """
+    n_layers, b, h, n, d = keys.shape
+    valid = (start[:, None] + jnp.arange(n)[None, :]) < length[:, None]  # [B, N]
+    valid = valid.reshape(1, b, 1, n // block, block, 1)
+    kb = keys.reshape(n_layers, b, h, n // block, block, d)
+    any_valid = valid.any(axis=4)
+    big = jnp.asarray(jnp.finfo(keys.dtype).max, keys.dtype)
+    kmax = jnp.where(any_valid, jnp.where(valid, kb, -big).max(axis=4), 0)
+    kmin = jnp.where(any_valid, jnp.where(valid, kb, big).min(axis=4), 0)
+    return kmax.astype(keys.dtype), kmin.astype(keys.dtype)

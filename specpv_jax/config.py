@@ -379,3 +379,18 @@ class SpecConfig:
     @property
     def buffer_size(self) -> int:
         return self.buffer_tokens if self.buffer_tokens is not None else 20 + self.tree_nodes + 1
+
+    @property
+    def static_tokens(self) -> int:
+        """Partial-cache tokens outside the buffer: sink + retrieval + window."""
+        return self.sink_tokens + self.retrieval_tokens + self.window_tokens
+
+    @property
+    def partial_threshold(self) -> int:
+        """Partial verification needs a context longer than this (sink + retrieval + window)."""
+        return self.static_tokens
+
+    @property
+    def max_missing(self) -> int:
+        """Most tokens accepted in partial mode before a full verification must re-feed them."""
+        return self.buffer_size - self.tree_nodes + self.tree_depth

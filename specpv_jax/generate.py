@@ -17,8 +17,8 @@ import numpy as np
 from jax import lax
 
 from specpv_jax import model as M
-from specpv_jax import prompts, speculative
-from specpv_jax.cache import FullCache
+from specpv_jax import prompts, specpv, speculative
+from specpv_jax.cache import KVCache
 from specpv_jax.config import ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.loading import Model
@@ -52,7 +52,7 @@ def _prefill_fn(run: Run):
 class ARState:
     """AR loop carry: the cache, the output buffer, the last emitted token `[B]` (not yet in the cache)."""
 
-    cache: FullCache
+    cache: KVCache
     out: Output
     last: jax.Array
     key: jax.Array
@@ -118,7 +118,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
-    if mode not in ("ar", "eagle"):
+    if mode not in ("ar", "eagle", "specpv", "exact"):
         raise NotImplementedError(f"mode {mode!r} is not implemented yet")
     _check_draft(target, draft, mode)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -129,15 +129,20 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     cfg = target.cfg
     batch = prompts.prepare(input_ids, cfg, max_new_tokens, prefill_chunk, attention_mask)
     eos = jnp.asarray(_eos_ids(cfg, eos_token_ids))
+    speculative_mode = mode != "ar"
     run = Run(cfg=cfg, sampler=Sampler(float(temperature), float(top_p)), max_new=int(max_new_tokens),
               pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else int(max(int(eos[0]), 0)),
-              chunk=min(prefill_chunk, batch.ids.shape[1]), attention=resolve_implementation(attention),
-              spec=spec if mode != "ar" else None, dcfg=draft.cfg if mode != "ar" else None)
-    # Room for the prompt bucket, the new tokens, and one verified tree beyond them.
-    max_len = batch.ids.shape[1] + max_new_tokens + (spec.tree_nodes + 1 if mode != "ar" else 1)
+              chunk=min(prefill_chunk, batch.ids.shape[1]), mode=mode, attention=resolve_implementation(attention),
+              spec=spec if speculative_mode else None, dcfg=draft.cfg if speculative_mode else None)
+    # Room for the prompt bucket, the new tokens, and the scratch of one verification beyond them.
+    scratch = {"ar": 1, "eagle": spec.tree_nodes + 1}.get(mode, spec.max_missing + spec.tree_nodes + 1)
+    max_len = batch.ids.shape[1] + max_new_tokens + scratch
+    if mode in ("specpv", "exact"):  # block retrieval needs at least a partial cache's worth of blocks
+        max_len = max(max_len, spec.static_tokens + spec.block_size)
     ids, lengths, key = jnp.asarray(batch.ids), jnp.asarray(batch.lengths), jax.random.key(seed)
-    cache = FullCache.zeros(cfg, batch.batch, max_len, target.dtype)
+    cache = KVCache.zeros(cfg, batch.batch, max_len, target.dtype)
 
+    counters = None
     if mode == "ar":
         (cache, logits), prefill_s = timed_call(_prefill_fn(run), target.params, ids, lengths, cache)
         (out, _), decode_s = timed_call(_ar_decode_fn(run), target.params, cache, logits, key, eos)
@@ -145,25 +150,39 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         draft_cache = eagle3.empty_cache(draft.cfg, batch.batch, cache.max_len, draft.params)
         (cache, draft_cache, logits, feats), prefill_s = timed_call(
             speculative.eagle_prefill_fn(run), target.params, draft.params, ids, lengths, cache, draft_cache)
-        (out, _, _), decode_s = timed_call(speculative.eagle_decode_fn(run), target.params, draft.params, draft.d2t,
-                                           cache, draft_cache, logits, feats, key, eos)
+        args = (target.params, draft.params, draft.d2t, cache, draft_cache, logits, feats, key, eos)
+        if mode == "eagle":
+            (out, _, _), decode_s = timed_call(speculative.eagle_decode_fn(run), *args)
+        else:
+            (out, counters, _, _), decode_s = timed_call(specpv.specpv_decode_fn(run), *args)
 
     num_out = np.asarray(out.num_out)
-    row_steps = int(out.row_steps)
-    stats = {
-        "mode": mode,
-        "steps": int(out.steps),
-        "new_tokens": int(num_out.sum()),
-        "mean_accept_len": int(out.emitted) / row_steps if row_steps else 0.0,
-        "full_verifications": int(out.steps) if mode != "ar" else 0,
-        "partial_verifications": 0,
-        "rollbacks": 0,
-        "prefill_s": prefill_s,
-        "time_s": decode_s,
-        # The first token of each row comes from prefill.
-        "tokens_per_s": int(out.emitted) / decode_s if decode_s > 0 else 0.0,
-    }
+    stats = {"mode": mode, "new_tokens": int(num_out.sum()), **_step_stats(out, counters, speculative_mode),
+             "prefill_s": prefill_s, "time_s": decode_s,
+             # The first token of each row comes from prefill.
+             "tokens_per_s": int(out.emitted) / decode_s if decode_s > 0 else 0.0}
     return GenerateOutput(tokens=np.asarray(out.tokens)[:, : int(num_out.max())], lengths=num_out, stats=stats)
+
+
+def _step_stats(out: Output, counters, speculative_mode: bool) -> dict[str, Any]:
+    """Verification counts and mean accepted lengths (tokens per verification and row)."""
+    if counters is None:  # ar and eagle: every step is one target pass per live row
+        rows = int(out.row_steps)
+        mean = int(out.emitted) / rows if rows else 0.0
+        full = int(out.steps) if speculative_mode else 0
+        return {"steps": int(out.steps), "mean_accept_len": mean, "mean_accept_len_full": mean if full else 0.0,
+                "mean_accept_len_partial": 0.0, "full_verifications": full, "partial_verifications": 0,
+                "rollbacks": 0}
+    c = jax.tree.map(int, counters)
+
+    def ratio(a, b):
+        return a / b if b else 0.0
+
+    return {"steps": c.full + c.partial,
+            "mean_accept_len": ratio(c.full_accepted + c.partial_accepted, c.full_rows + c.partial_rows),
+            "mean_accept_len_full": ratio(c.full_accepted, c.full_rows),
+            "mean_accept_len_partial": ratio(c.partial_accepted, c.partial_rows),
+            "full_verifications": c.full, "partial_verifications": c.partial, "rollbacks": c.rollbacks}
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,7 +204,7 @@ def forward_logits(target: Model, input_ids: Any, chunk: int = DEFAULT_PREFILL_C
         raise prompts.PromptError("forward_logits needs prompts of equal length")
     t = int(batch.lengths[0])
     chunk = min(chunk, batch.ids.shape[1])
-    cache = FullCache.zeros(target.cfg, batch.batch, batch.ids.shape[1], target.dtype)
+    cache = KVCache.zeros(target.cfg, batch.batch, batch.ids.shape[1], target.dtype)
     fn = _logits_chunk_fn(target.cfg, resolve_implementation(attention))
     out = []
     for start in range(0, t, chunk):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from specpv_jax import model as M
-from specpv_jax.cache import FullCache
+from specpv_jax.cache import KVCache
 from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig
 from specpv_jax.sampling import Sampler
 
@@ -21,8 +21,9 @@ from specpv_jax.sampling import Sampler
 class Run:
     """The static settings of one generate call; hashable, so it keys the compiled loop.
 
-    max_new: output buffer size; pad_id: filler after a row ends; chunk: prefill
-    chunk; attention: "xla" or "pallas" (resolved); spec/dcfg: speculative modes only.
+    mode: the generate mode; max_new: output buffer size; pad_id: filler after a
+    row ends; chunk: prefill chunk; attention: "xla" or "pallas" (resolved);
+    spec/dcfg: speculative modes only.
     """
 
     cfg: ModelConfig
@@ -30,6 +31,7 @@ class Run:
     max_new: int
     pad_id: int
     chunk: int
+    mode: str = "ar"
     attention: str = "xla"
     spec: SpecConfig | None = None
     dcfg: DraftConfig | None = None
@@ -50,9 +52,9 @@ def timed_call(fn: Callable, *args) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cache: FullCache,
+def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cache: KVCache,
             capture_layers: tuple[int, ...] = (), consume: Callable | None = None,
-            extra: Any = None) -> tuple[FullCache, jax.Array, jax.Array, Any]:
+            extra: Any = None) -> tuple[KVCache, jax.Array, jax.Array, Any]:
     """Feeds right-padded prompts `ids [B, T]` (T a multiple of `run.chunk`) in chunks.
 
     `consume(extra, start, next_ids [B, C], features [n, B, C, H]) -> extra` sees

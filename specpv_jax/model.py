@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from specpv_jax import rope
+from specpv_jax import retrieval, rope
 from specpv_jax.attention import attend, causal_mask
-from specpv_jax.cache import FullCache, write_tokens
+from specpv_jax.cache import BlockSummary, KVCache, write_tokens
 from specpv_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -61,7 +61,7 @@ class Attention(nn.Module):
     cache in place; the other order makes it copy the whole cache per layer.)
     `k_extra, v_extra [B, Hkv, U, D]` optionally add context keys before the new
     ones (the draft's tree levels); `new_mask` then spans `[B, T, U + T]`.
-    Returns `(out, k_new, v_new, k_cache, v_cache)`.
+    Returns `(out, q, k_new, v_new, k_cache, v_cache)` (q after RoPE, `[B, T, Hq, D]`).
     """
 
     num_heads: int
@@ -101,7 +101,7 @@ class Attention(nn.Module):
         out = attend(q, k_cache, v_cache, cache_len, keys, values, new_mask, scale=self.head_dim ** -0.5, layer=layer,
                      impl=self.attention)
         out = _dense(self.out_features, self.o_bias, self.dtype, "o_proj")(out.reshape(b, t, -1))
-        return out, k, v, k_cache, v_cache
+        return out, q, k, v, k_cache, v_cache
 
 
 class MLP(nn.Module):
@@ -119,7 +119,8 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention + SwiGLU MLP.
 
-    Returns the new hidden state, this layer's new K/V and the cache with them written.
+    Returns the new hidden state, this layer's queries (after RoPE) and new K/V, and
+    the cache with them written.
     """
 
     cfg: ModelConfig
@@ -132,39 +133,44 @@ class DecoderLayer(nn.Module):
         None for cache-free self-attention (training)."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        attn, k, v, k_cache, v_cache = Attention(
+        attn, q, k, v, k_cache, v_cache = Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm,
             eps, self.dtype, self.attention, name="self_attn")(h, cos, sin, k_cache, v_cache, cache_len, new_mask,
                                                                 layer)
         x = x + attn
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(h), k, v, k_cache, v_cache
+        return x + MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(h), q, k, v, k_cache, v_cache
 
 
 @flax.struct.dataclass
 class ForwardOut:
     """hidden: `[B, T, H]` after the final norm; features: `[n_capture, B, T, H]`,
     the inputs of the layers named in `capture_layers`; cache: new K/V written at
-    `cache.length`, lengths unchanged (the caller commits)."""
+    `cache.length`, lengths unchanged (the caller commits); block_scores:
+    `[L, B, Hkv, NB]` retrieval scores when a block summary was given, else None."""
 
     hidden: jax.Array
     features: jax.Array
-    cache: FullCache
+    cache: KVCache
+    block_scores: jax.Array | None = None
 
 
 def param_dtype(params: Params):
     return params["embed_tokens"]["embedding"].dtype
 
 
-def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array, cache: FullCache,
+def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array, cache: KVCache,
             new_mask: jax.Array | None = None, capture_layers: Sequence[int] = (),
-            attention: str = "xla") -> ForwardOut:
+            attention: str = "xla", summary: BlockSummary | None = None,
+            score_mask: jax.Array | None = None) -> ForwardOut:
     """Runs new tokens `ids [B, T]` at `positions [B, T]` over `cache`.
 
     The new tokens attend to the cache prefix `[0, cache.length)` and to each
     other under `new_mask [B, T, T]` (causal when None; a tree mask for
     verification). Their K/V are written at `cache.length + [0, T)`.
-    attention: "xla" or "pallas" (see `attention.attend`).
+    attention: "xla" or "pallas" (see `attention.attend`). With a block `summary`,
+    each layer also scores the summary's blocks against the queries where
+    `score_mask [B, T]` is set (SpecPV retrieval).
     """
     dtype = param_dtype(params)
     b, t = ids.shape
@@ -180,15 +186,18 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
         x, k_all, v_all, feats = carry
         i, layer_params = xs
         feats = jnp.where((capture == i)[:, None, None, None], x[None], feats)
-        x, _, _, k_all, v_all = layer.apply({"params": layer_params}, x, cos, sin, k_all, v_all, cache.length,
-                                            new_mask, i)
-        return (x, k_all, v_all, feats), None
+        x, q, _, _, k_all, v_all = layer.apply({"params": layer_params}, x, cos, sin, k_all, v_all, cache.length,
+                                               new_mask, i)
+        scores = None
+        if summary is not None:
+            scores = retrieval.block_scores(q, summary.kmax[i], summary.kmin[i], score_mask)
+        return (x, k_all, v_all, feats), scores
 
     feats = jnp.zeros((capture.shape[0], b, t, cfg.hidden_size), dtype)
-    (x, k_all, v_all, feats), _ = lax.scan(
+    (x, k_all, v_all, feats), scores = lax.scan(
         body, (x, cache.k, cache.v, feats), (jnp.arange(cfg.num_layers), params["layers"]))
     hidden = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
-    return ForwardOut(hidden=hidden, features=feats, cache=cache.replace(k=k_all, v=v_all))
+    return ForwardOut(hidden=hidden, features=feats, cache=cache.replace(k=k_all, v=v_all), block_scores=scores)
 
 
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:

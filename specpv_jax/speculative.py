@@ -17,7 +17,8 @@ from jax import lax
 from specpv_jax import model as M
 from specpv_jax import verify
 from specpv_jax.attention import causal_mask
-from specpv_jax.cache import FullCache, commit_path
+from specpv_jax.cache import KVCache, commit_path
+from specpv_jax.tree import Tree
 from specpv_jax.config import DraftConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.loop import Output, Run, prefill
@@ -32,8 +33,8 @@ class EagleState:
     root `[B]`: the last emitted token, root of the next tree.
     """
 
-    cache: FullCache
-    draft_cache: FullCache
+    cache: KVCache
+    draft_cache: KVCache
     pair_feats: jax.Array
     pair_tokens: jax.Array
     pair_count: jax.Array
@@ -42,29 +43,34 @@ class EagleState:
     key: jax.Array
 
 
-def _flat_features(features: jax.Array) -> jax.Array:
+def flat_features(features: jax.Array) -> jax.Array:
     """`[n, B, T, H]` -> `[B, T, n * H]` (EAGLE-3 concatenates captured layers in order)."""
     n, b, t, h = features.shape
     return features.transpose(1, 2, 0, 3).reshape(b, t, n * h)
 
 
-def draft_prefill_chunk(dparams, dcfg: DraftConfig, embed, draft_cache: FullCache, start, next_ids, features):
+def draft_prefill_chunk(dparams, dcfg: DraftConfig, embed, draft_cache: KVCache, start, next_ids, features):
     """The head's prefill for one target chunk: pairs (feature t, token t + 1) at positions `start + [0, C)`."""
     b, c = next_ids.shape
     positions = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
     cache = draft_cache.replace(length=jnp.full((b,), start, jnp.int32))
-    _, _, _, cache = eagle3.head_forward(dparams, dcfg, embed, next_ids, _flat_features(features), positions,
+    _, _, _, cache = eagle3.head_forward(dparams, dcfg, embed, next_ids, flat_features(features), positions,
                                          cache, causal_mask(b, c))
     return cache
+
+
+def draft(params, dparams, d2t, run: Run, s: EagleState) -> tuple[Tree, KVCache]:
+    """The head sees the pairs committed last step, then grows the next tree below `s.root`."""
+    embed = eagle3.embed_table(dparams, params)
+    draft_cache, head_state = eagle3.advance(dparams, run.dcfg, embed, s.draft_cache, s.pair_feats,
+                                             s.pair_tokens, s.pair_count)
+    return eagle3.draft_tree(dparams, run.dcfg, run.spec, embed, d2t, draft_cache, head_state, s.root)
 
 
 def eagle_step(params, dparams, d2t, run: Run, eos: jax.Array, s: EagleState) -> EagleState:
     """Draft a tree from the head, verify it against the full cache, commit the accepted path."""
     cfg, dcfg = run.cfg, run.dcfg
-    embed = eagle3.embed_table(dparams, params)
-    draft_cache, head_state = eagle3.advance(dparams, dcfg, embed, s.draft_cache, s.pair_feats, s.pair_tokens,
-                                             s.pair_count)
-    tree, draft_cache = eagle3.draft_tree(dparams, dcfg, run.spec, embed, d2t, draft_cache, head_state, s.root)
+    tree, draft_cache = draft(params, dparams, d2t, run, s)
     out = M.forward(params, cfg, tree.tokens, s.cache.length[:, None] + tree.depth, s.cache, tree.mask,
                     dcfg.feature_layers, run.attention)
     key, sub = jax.random.split(s.key)
@@ -72,7 +78,7 @@ def eagle_step(params, dparams, d2t, run: Run, eos: jax.Array, s: EagleState) ->
     live = ~s.out.done
     cache = commit_path(out.cache, acc.path, acc.count)
     emitted = acc.emitted(tree)
-    feats = jnp.take_along_axis(_flat_features(out.features), acc.path[:, :, None], axis=1)
+    feats = jnp.take_along_axis(flat_features(out.features), acc.path[:, :, None], axis=1)
     return EagleState(cache=cache.replace(length=jnp.where(live, cache.length, s.cache.length)),
                       draft_cache=draft_cache.replace(length=jnp.where(live, draft_cache.length,
                                                                        s.draft_cache.length)),
@@ -93,19 +99,28 @@ def eagle_prefill_fn(run: Run):
     return jax.jit(fn, donate_argnums=(4, 5))
 
 
+def initial_state(run: Run, cache: KVCache, draft_cache: KVCache, logits: jax.Array, last_feats: jax.Array,
+                  key: jax.Array, eos: jax.Array) -> EagleState:
+    """The loop carry after sampling each row's first token from the prefill `logits [B, V]`.
+
+    The head still owes the pair (last prompt feature, first token).
+    """
+    key, sub = jax.random.split(key)
+    first = run.sampler.sample(logits, sub)
+    b = first.shape[0]
+    p = run.spec.tree_depth + 1
+    feats = jnp.zeros((b, p, last_feats.shape[0] * run.cfg.hidden_size), last_feats.dtype)
+    feats = feats.at[:, 0].set(flat_features(last_feats[:, :, None])[:, 0])
+    return EagleState(cache=cache, draft_cache=draft_cache, pair_feats=feats,
+                      pair_tokens=jnp.zeros((b, p), jnp.int32).at[:, 0].set(first),
+                      pair_count=jnp.ones((b,), jnp.int32), root=first,
+                      out=Output.start(first, eos, run.max_new, run.pad_id), key=key)
+
+
 @functools.lru_cache(maxsize=None)
 def eagle_decode_fn(run: Run):
     def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos):
-        key, sub = jax.random.split(key)
-        first = run.sampler.sample(logits, sub)
-        b = first.shape[0]
-        p = run.spec.tree_depth + 1
-        feats = jnp.zeros((b, p, last_feats.shape[0] * run.cfg.hidden_size), last_feats.dtype)
-        feats = feats.at[:, 0].set(_flat_features(last_feats[:, :, None])[:, 0])
-        state = EagleState(cache=cache, draft_cache=draft_cache, pair_feats=feats,
-                           pair_tokens=jnp.zeros((b, p), jnp.int32).at[:, 0].set(first),
-                           pair_count=jnp.ones((b,), jnp.int32), root=first,
-                           out=Output.start(first, eos, run.max_new, run.pad_id), key=key)
+        state = initial_state(run, cache, draft_cache, logits, last_feats, key, eos)
         step = functools.partial(eagle_step, params, dparams, d2t, run, eos)
         state = lax.while_loop(lambda s: ~jnp.all(s.out.done), step, state)
         return state.out, state.cache, state.draft_cache

@@ -4,7 +4,7 @@ The head pairs the target feature of position t (its hidden states at the
 inputs of `feature_layers`, concatenated and projected by `fc`) with the
 embedding of token t + 1 and predicts token t + 2. Deeper tree levels feed the
 head's own output hidden state in place of the target feature. The head keeps
-its own one-layer KV cache (a `FullCache` with L = 1) over all committed pairs.
+its own one-layer KV cache (a `KVCache` with L = 1) over all committed pairs.
 
 Parameter tree (names mirror the public checkpoints):
 
@@ -30,7 +30,7 @@ from jax import lax
 
 from specpv_jax import rope
 from specpv_jax.attention import causal_mask
-from specpv_jax.cache import FullCache
+from specpv_jax.cache import KVCache
 from specpv_jax.config import DraftConfig, SpecConfig
 from specpv_jax.model import MLP, Attention, Params, RMSNorm
 from specpv_jax.tree import Tree, candidate_layout, select_tree
@@ -43,11 +43,11 @@ class MidLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, emb, hidden, cos, sin, cache: FullCache, new_mask, k_extra=None, v_extra=None, write=True):
+    def __call__(self, emb, hidden, cos, sin, cache: KVCache, new_mask, k_extra=None, v_extra=None, write=True):
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         x = jnp.concatenate([RMSNorm(eps, self.dtype, name="input_layernorm")(emb),
                              RMSNorm(eps, self.dtype, name="hidden_norm")(hidden)], axis=-1)
-        attn, k, v, k_cache, v_cache = Attention(
+        attn, _, k, v, k_cache, v_cache = Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, eps=eps, dtype=self.dtype,
             name="self_attn")(x, cos, sin, cache.k, cache.v, cache.length, new_mask, 0, k_extra, v_extra, write)
         h = hidden + attn
@@ -78,7 +78,7 @@ def embed_table(params: Params, target_params: Params) -> jax.Array:
 
 
 def head_forward(params: Params, cfg: DraftConfig, embed: jax.Array, tokens: jax.Array, hidden: jax.Array,
-                 positions: jax.Array, cache: FullCache, new_mask: jax.Array, k_extra=None, v_extra=None,
+                 positions: jax.Array, cache: KVCache, new_mask: jax.Array, k_extra=None, v_extra=None,
                  write: bool = True):
     """One head pass. tokens, positions: `[B, T]`; hidden: `[B, T, n_feat * Ht]` target features
     or `[B, T, H]` the head's own outputs. With `write`, the new K/V go into the cache at
@@ -100,8 +100,8 @@ def head_logprobs(params: Params, cfg: DraftConfig, hidden: jax.Array) -> jax.Ar
     return jax.nn.log_softmax(logits, axis=-1)
 
 
-def advance(params: Params, cfg: DraftConfig, embed: jax.Array, cache: FullCache, features: jax.Array,
-            tokens: jax.Array, count: jax.Array) -> tuple[FullCache, jax.Array]:
+def advance(params: Params, cfg: DraftConfig, embed: jax.Array, cache: KVCache, features: jax.Array,
+            tokens: jax.Array, count: jax.Array) -> tuple[KVCache, jax.Array]:
     """Commits new (feature t, token t + 1) pairs to the head's cache.
 
     features: `[B, P, n_feat * Ht]`; tokens: `[B, P]`; the first `count [B]` pairs
@@ -117,7 +117,7 @@ def advance(params: Params, cfg: DraftConfig, embed: jax.Array, cache: FullCache
 
 
 def draft_tree(params: Params, cfg: DraftConfig, spec: SpecConfig, embed: jax.Array, d2t: jax.Array,
-               cache: FullCache, last_hidden: jax.Array, root: jax.Array) -> tuple[Tree, FullCache]:
+               cache: KVCache, last_hidden: jax.Array, root: jax.Array) -> tuple[Tree, KVCache]:
     """Grows a top-k tree from the head state `last_hidden [B, H]` below `root [B]` (EAGLE-3 `topK_genrate`).
 
     Level 1 takes the head's top-k tokens; each further level runs the head on
@@ -171,9 +171,9 @@ def draft_tree(params: Params, cfg: DraftConfig, spec: SpecConfig, embed: jax.Ar
     return tree, cache
 
 
-def empty_cache(cfg: DraftConfig, batch: int, max_len: int, params: Params) -> FullCache:
+def empty_cache(cfg: DraftConfig, batch: int, max_len: int, params: Params) -> KVCache:
     """The head's empty one-layer cache."""
-    return FullCache.empty(1, batch, cfg.num_kv_heads, max_len, cfg.head_dim, _dtype(params))
+    return KVCache.empty(1, batch, cfg.num_kv_heads, max_len, cfg.head_dim, _dtype(params))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -181,7 +181,7 @@ def init_params(cfg: DraftConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     """Random head parameters (tests, benchmarks, and the start of training)."""
     k_fc, k_mid, k_head = jax.random.split(key, 3)
     b, h = 1, cfg.hidden_size
-    cache = FullCache.empty(1, b, cfg.num_kv_heads, 1, cfg.head_dim, dtype)
+    cache = KVCache.empty(1, b, cfg.num_kv_heads, 1, cfg.head_dim, dtype)
     x = jnp.zeros((b, 1, h), dtype)
     cos = sin = jnp.zeros((b, 1, cfg.head_dim), dtype)
     mid = MidLayer(cfg, dtype).init(k_mid, x, x, cos, sin, cache, causal_mask(b, 1))["params"]

@@ -1,0 +1,309 @@
+"""SpecPV: verify most steps against a small partial cache, periodically against the full one.
+
+Each loop step is one of three jitted branches, chosen for the whole batch:
+
+- partial: the tree attends to the partial cache (sink + retrieved blocks +
+  recent window + buffer); accepted K/V go into the buffer and the tokens are
+  "missing" from the full cache. Taken when every live row has a refreshed
+  partial cache, room in its buffer for another tree and (exact mode) nothing
+  that must be confirmed first.
+- full with missing tokens: the tokens accepted since the last full step are
+  fed again, ahead of the new tree, so their K/V in the full cache come from
+  full attention; then the partial cache is rebuilt from this step's block
+  scores and its buffer emptied.
+- full: as above when no row has missing tokens (short contexts: plain `eagle`).
+
+`mode="specpv"` is the paper: partially verified tokens are emitted at once and
+never revised. `mode="exact"` holds them back as provisional; the next full
+step re-checks them against the full-context target (greedy: argmax; sampling:
+speculative sampling with the partial verification's distributions as the
+draft's) and truncates at the first disagreement, emitting the target's token
+there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from specpv_jax import model as M
+from specpv_jax import retrieval, verify
+from specpv_jax.cache import BlockSummary, KVCache, commit_path
+from specpv_jax.loop import Run
+from specpv_jax.sampling import sample_from
+from specpv_jax.speculative import EagleState, draft, flat_features, initial_state
+from specpv_jax.tree import Tree
+
+
+@flax.struct.dataclass
+class Counters:
+    """Per-kind step counts; `*_rows` count live rows verified, `*_accepted` the tokens they accepted
+    (drafted + bonus). rollbacks: provisional tokens rejected by a full step (exact mode)."""
+
+    full: jax.Array
+    partial: jax.Array
+    full_rows: jax.Array
+    partial_rows: jax.Array
+    full_accepted: jax.Array
+    partial_accepted: jax.Array
+    rollbacks: jax.Array
+
+    @classmethod
+    def zeros(cls) -> "Counters":
+        z = jnp.zeros((), jnp.int32)
+        return cls(z, z, z, z, z, z, z)
+
+
+@flax.struct.dataclass
+class SpecPVState:
+    """eagle: the EAGLE loop carry (its cache is the full cache, length = fully verified tokens).
+
+    partial: the partial cache, length = static part + `n_missing`; summary: block
+    key extrema of the full cache; ready: `[B]` the partial cache was rebuilt for
+    a context above the threshold; missing: `[B, M]` tokens committed since the
+    last full step (root first), `n_missing [B]` of them; missing_q: `[B, M, V]`
+    the partial distributions that produced each following token (exact
+    sampling only, else None).
+    """
+
+    eagle: EagleState
+    partial: KVCache
+    summary: BlockSummary
+    ready: jax.Array
+    missing: jax.Array
+    n_missing: jax.Array
+    missing_q: jax.Array | None
+    counters: Counters
+
+
+def _live(st: SpecPVState) -> jax.Array:
+    return ~st.eagle.out.done
+
+
+def _tree_emission(acc: verify.Acceptance, tree: Tree, tree_features: jax.Array):
+    """Tokens a verified tree emits `[B, D + 1]` and the head's next pairs (features at the path)."""
+    feats = jnp.take_along_axis(tree_features, acc.path[:, :, None], axis=1)
+    return acc.emitted(tree), feats
+
+
+def partial_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPVState:
+    """Verify a tree against the partial cache; accepted tokens go to its buffer, not the full cache."""
+    s, cfg = st.eagle, run.cfg
+    tree, draft_cache = draft(params, dparams, d2t, run, s)
+    root_pos = s.cache.length + st.n_missing
+    out = M.forward(params, cfg, tree.tokens, root_pos[:, None] + tree.depth, st.partial, tree.mask,
+                    run.dcfg.feature_layers, run.attention)
+    logits = M.logits(params, cfg, out.hidden)
+    key, sub = jax.random.split(s.key)
+    acc = verify.accept(tree, logits, run.sampler, sub)
+    live = _live(st)
+    count = acc.count + 1
+    partial = commit_path(out.cache, acc.path, acc.count)
+    partial = partial.replace(length=jnp.where(live, partial.length, st.partial.length))
+
+    # Record root + accepted tokens as missing from the full cache (and, for exact sampling,
+    # the partial distribution at each of them, which produced the token after it).
+    slot = jnp.arange(acc.path.shape[1])[None, :]
+    dest = jnp.where((slot < count[:, None]) & live[:, None], st.n_missing[:, None] + slot, st.missing.shape[1])
+    rows = jnp.arange(dest.shape[0])[:, None]
+    missing = st.missing.at[rows, dest].set(jnp.take_along_axis(tree.tokens, acc.path, axis=1), mode="drop")
+    missing_q = st.missing_q
+    if missing_q is not None:
+        q = run.sampler.probs(jnp.take_along_axis(logits, acc.path[:, :, None], axis=1))
+        missing_q = missing_q.at[rows, dest].set(q, mode="drop")
+
+    emitted, feats = _tree_emission(acc, tree, flat_features(out.features))
+    out_buf = s.out.append(emitted, count, eos) if run.mode == "specpv" else s.out
+    c = st.counters
+    return st.replace(
+        eagle=EagleState(cache=s.cache, draft_cache=draft_cache.replace(
+                             length=jnp.where(live, draft_cache.length, s.draft_cache.length)),
+                         pair_feats=feats, pair_tokens=emitted, pair_count=count, root=acc.bonus, out=out_buf,
+                         key=key),
+        partial=partial, missing=missing, missing_q=missing_q,
+        n_missing=jnp.where(live, st.n_missing + count, st.n_missing),
+        counters=c.replace(partial=c.partial + 1, partial_rows=c.partial_rows + live.sum(),
+                           partial_accepted=c.partial_accepted + jnp.where(live, count, 0).sum()))
+
+
+def _full_inputs(tree: Tree, missing: jax.Array, n_missing: jax.Array, full_length: jax.Array):
+    """Tokens, positions, mask and scoring mask for [missing tokens (M slots), tree] in one pass.
+
+    Missing tokens are causal among themselves; tree nodes see every real missing
+    token and their own ancestors; empty missing slots are seen by no one.
+    """
+    b, m = missing.shape
+    n = tree.size
+    slot = jnp.arange(m)
+    real = slot[None, :] < n_missing[:, None]  # [B, M]
+    positions = jnp.concatenate([full_length[:, None] + slot[None, :],
+                                 (full_length + n_missing)[:, None] + tree.depth], axis=1)
+    eye = jnp.eye(m, dtype=bool)[None]
+    mm = (jnp.tril(jnp.ones((m, m), bool))[None] & real[:, None, :]) | eye
+    mask = jnp.concatenate([
+        jnp.concatenate([mm, jnp.zeros((b, m, n), bool)], axis=2),
+        jnp.concatenate([jnp.broadcast_to(real[:, None, :], (b, n, m)), tree.mask], axis=2)], axis=1)
+    score_mask = jnp.concatenate([jnp.zeros((b, m), bool), jnp.ones((b, n), bool)], axis=1)
+    return jnp.concatenate([missing, tree.tokens], axis=1), positions, mask, score_mask
+
+
+def check_provisional(run: Run, logits: jax.Array, provisional: jax.Array, n: jax.Array, q: jax.Array | None,
+                      key: jax.Array):
+    """Re-checks provisional tokens against full-context logits (exact mode).
+
+    logits: `[B, M, V]`, slot j predicting `provisional[:, j]`; the first `n [B]`
+    are real. Greedy: keep while they equal the argmax. Sampling: speculative
+    sampling with `q [B, M, V]` as the draft distribution (accept with
+    min(1, p/q), else draw from norm(max(p - q, 0))). Returns (rejected `[B]`,
+    index of the first rejected token `[B]`, the token to emit in its place `[B]`).
+    """
+    real = jnp.arange(provisional.shape[1])[None, :] < n[:, None]
+    if run.sampler.greedy:
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        ok = target == provisional
+    else:
+        p = run.sampler.probs(logits)
+        px = jnp.take_along_axis(p, provisional[..., None], axis=2)[..., 0]
+        qx = jnp.take_along_axis(q, provisional[..., None], axis=2)[..., 0]
+        k_accept, k_resample = jax.random.split(key)
+        ok = jax.random.uniform(k_accept, px.shape) * qx < px
+    bad = real & ~ok
+    rejected = bad.any(axis=1)
+    first = jnp.argmax(bad, axis=1)
+    if run.sampler.greedy:
+        token = jnp.take_along_axis(target, first[:, None], axis=1)[:, 0]
+    else:
+        pick = lambda x: jnp.take_along_axis(x, first[:, None, None], axis=1)[:, 0]  # noqa: E731
+        residual = jnp.maximum(pick(p) - pick(q), 0.0)
+        residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, pick(p))
+        token = sample_from(residual, k_resample)
+    return rejected, first, token
+
+
+def full_step(params, dparams, d2t, run: Run, eos, st: SpecPVState, with_missing: bool) -> SpecPVState:
+    """Verify against the full cache (re-feeding missing tokens when `with_missing`), then refresh."""
+    s, cfg, spec = st.eagle, run.cfg, run.spec
+    live = _live(st)
+    tree, draft_cache = draft(params, dparams, d2t, run, s)
+    full_len = s.cache.length
+    n_missing = st.n_missing if with_missing else jnp.zeros_like(st.n_missing)
+    if with_missing:
+        tokens, positions, mask, score_mask = _full_inputs(tree, st.missing, n_missing, full_len)
+    else:
+        tokens, positions, mask = tree.tokens, full_len[:, None] + tree.depth, tree.mask
+        score_mask = jnp.ones(tokens.shape, bool)
+    m = tokens.shape[1] - tree.size
+    out = M.forward(params, cfg, tokens, positions, s.cache, mask, run.dcfg.feature_layers, run.attention,
+                    st.summary, score_mask)
+    logits = M.logits(params, cfg, out.hidden)
+    key, k_tree, k_check = jax.random.split(s.key, 3)
+    acc = verify.accept(tree, logits[:, m:], run.sampler, k_tree)
+    features = flat_features(out.features)
+    emitted, pair_feats = _tree_emission(acc, tree, features[:, m:])
+    count = acc.count + 1
+
+    # Exact mode: the tokens after missing[0] (and the root) were only partially verified.
+    rejected = jnp.zeros_like(live)
+    n_prov = jnp.zeros_like(n_missing)
+    provisional = None
+    if run.mode == "exact" and with_missing:
+        slot = jnp.arange(m)[None, :]
+        provisional = jnp.where(slot + 1 < n_missing[:, None], jnp.roll(st.missing, -1, axis=1), tree.tokens[:, :1])
+        n_prov = n_missing
+        rejected, first, correction = check_provisional(run, logits[:, :m], provisional, n_missing, st.missing_q,
+                                                        k_check)
+        rejected = rejected & live
+        kept = first + 1  # missing[0..first] stay; the token after them is replaced
+        n_prov = jnp.where(rejected, first, n_prov)
+        feats_kept = jnp.take_along_axis(features[:, :m], first[:, None, None], axis=1)
+        pair_feats = jnp.where(rejected[:, None, None], jnp.zeros_like(pair_feats).at[:, 0].set(feats_kept[:, 0]),
+                               pair_feats)
+        emitted = jnp.where(rejected[:, None], jnp.zeros_like(emitted).at[:, 0].set(correction), emitted)
+        count = jnp.where(rejected, 1, count)
+        draft_cache = draft_cache.replace(length=jnp.where(rejected, full_len + kept - 1, draft_cache.length))
+
+    # Commit: missing tokens already sit at full_len + [0, n_missing); the tree path follows them.
+    cache = commit_path(out.cache, acc.path, jnp.where(rejected, -1, acc.count), src=full_len + m,
+                        dst=full_len + n_missing)
+    if run.mode == "exact" and with_missing:
+        cache = cache.replace(length=jnp.where(rejected, full_len + first + 1, cache.length))
+    cache = cache.replace(length=jnp.where(live, cache.length, full_len))
+    summary = st.summary.update(cache, full_len, (m + tree.size) // spec.block_size + 2)
+    blocks = retrieval.select_blocks(out.block_scores, cache.length, spec)
+    partial = retrieval.refresh(st.partial, cache, blocks, spec)
+
+    if run.mode == "exact":
+        out_tokens, out_count = _exact_emission(provisional, n_prov, emitted, count)
+    else:
+        out_tokens, out_count = emitted, count
+    root = jnp.where(rejected, emitted[:, 0], acc.bonus)
+    c = st.counters
+    return st.replace(
+        eagle=EagleState(cache=cache, draft_cache=draft_cache.replace(
+                             length=jnp.where(live, draft_cache.length, s.draft_cache.length)),
+                         pair_feats=pair_feats, pair_tokens=emitted, pair_count=count, root=root,
+                         out=s.out.append(out_tokens, out_count, eos), key=key),
+        partial=partial, summary=summary, ready=cache.length > spec.partial_threshold,
+        n_missing=jnp.where(live, 0, st.n_missing),
+        counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
+                           full_accepted=c.full_accepted + jnp.where(live & ~rejected, acc.count + 1, 0).sum(),
+                           rollbacks=c.rollbacks + rejected.sum()))
+
+
+def _exact_emission(provisional, n_prov, emitted, count):
+    """Confirmed provisional tokens followed by this step's tokens, per row: `[B, M + D + 1]`, counts."""
+    if provisional is None:
+        return emitted, count
+    b, m = provisional.shape
+    slot = jnp.arange(m + emitted.shape[1])[None, :]
+    from_tree = jnp.take_along_axis(emitted, jnp.clip(slot - n_prov[:, None], 0, emitted.shape[1] - 1), axis=1)
+    from_prov = jnp.take_along_axis(provisional, jnp.clip(slot, 0, m - 1), axis=1)
+    return jnp.where(slot < n_prov[:, None], from_prov, from_tree), n_prov + count
+
+
+def must_confirm(run: Run, eos, st: SpecPVState) -> jax.Array:
+    """Exact mode: rows whose provisional tokens could end generation need a full step first."""
+    out = st.eagle.out
+    slot = jnp.arange(st.missing.shape[1])[None, :]
+    has_eos = (jnp.isin(st.missing, eos) & (slot < st.n_missing[:, None])).any(1) | jnp.isin(st.eagle.root, eos)
+    return has_eos | (out.num_out + st.n_missing >= run.max_new)
+
+
+def specpv_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPVState:
+    """Picks partial or full verification for the whole batch and runs it."""
+    live = _live(st)
+    room = st.n_missing + run.spec.tree_nodes + 1 <= run.spec.buffer_size
+    can_partial = st.ready & room
+    if run.mode == "exact":
+        can_partial &= ~must_confirm(run, eos, st)
+    use_partial = jnp.all(can_partial | ~live)
+    any_missing = jnp.any(live & (st.n_missing > 0))
+    branch = jnp.where(use_partial, 0, jnp.where(any_missing, 2, 1))
+    args = (params, dparams, d2t, run, eos)
+    return lax.switch(branch, [functools.partial(partial_step, *args),
+                               functools.partial(full_step, *args, with_missing=False),
+                               functools.partial(full_step, *args, with_missing=True)], st)
+
+
+@functools.lru_cache(maxsize=None)
+def specpv_decode_fn(run: Run):
+    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos):
+        spec = run.spec
+        b = cache.length.shape[0]
+        m = spec.max_missing
+        store_q = run.mode == "exact" and not run.sampler.greedy
+        st = SpecPVState(
+            eagle=initial_state(run, cache, draft_cache, logits, last_feats, key, eos),
+            partial=retrieval.empty_partial(cache, spec), summary=BlockSummary.of(cache, spec.block_size),
+            ready=jnp.zeros((b,), bool), missing=jnp.zeros((b, m), jnp.int32), n_missing=jnp.zeros((b,), jnp.int32),
+            missing_q=jnp.zeros((b, m, run.cfg.vocab_size), jnp.float32) if store_q else None,
+            counters=Counters.zeros())
+        step = functools.partial(specpv_step, params, dparams, d2t, run, eos)
+        st = lax.while_loop(lambda s: ~jnp.all(s.eagle.out.done), step, st)
+        return st.eagle.out, st.counters, st.eagle.cache, st.eagle.draft_cache
+
+    return jax.jit(fn, donate_argnums=(3, 4))

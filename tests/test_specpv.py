@@ -1,0 +1,204 @@
+"""SpecPV: block summaries and retrieval against numpy, the partial cache, and the specpv / exact modes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import specpv_jax as sj
+from sampling_stats import chi_square_pvalue
+from specpv_jax import model as M
+from specpv_jax import retrieval
+from specpv_jax.cache import BlockSummary, KVCache
+from specpv_jax.sampling import Sampler
+from test_eagle import make_head, make_target
+
+BLOCK = 16
+
+
+def small_spec(retrieval_tokens=64, window=32, sink=32, **tree) -> sj.SpecConfig:
+    tree = {"tree_depth": 3, "tree_top_k": 3, "tree_nodes": 8, **tree}
+    return sj.SpecConfig(sink_tokens=sink, retrieval_tokens=retrieval_tokens, window_tokens=window, **tree)
+
+
+def random_cache(rng, layers=2, batch=2, heads=2, size=512, dim=8, lengths=(300, 170)) -> KVCache:
+    cache = KVCache.empty(layers, batch, heads, size, dim, jnp.float32)
+    k = jnp.asarray(rng.standard_normal(cache.k.shape), jnp.float32)
+    v = jnp.asarray(rng.standard_normal(cache.v.shape), jnp.float32)
+    return cache.replace(k=k, v=v, length=jnp.asarray(lengths, jnp.int32))
+
+
+def test_block_summaries_match_numpy():
+    rng = np.random.default_rng(0)
+    cache = random_cache(rng)
+    summary = BlockSummary.of(cache, BLOCK)
+    k = np.asarray(cache.k)
+    for b, n in enumerate(np.asarray(cache.length)):
+        for j in range(cache.max_len // BLOCK):
+            keys = k[:, b, :, j * BLOCK: min((j + 1) * BLOCK, n)]
+            want_max = keys.max(2) if keys.shape[2] else 0 * k[:, b, :, 0]
+            want_min = keys.min(2) if keys.shape[2] else 0 * k[:, b, :, 0]
+            np.testing.assert_array_equal(np.asarray(summary.kmax[:, b, :, j]), want_max)
+            np.testing.assert_array_equal(np.asarray(summary.kmin[:, b, :, j]), want_min)
+    # Incremental updates after the cache grows (as commits do) equal a fresh summary.
+    grown = cache.replace(length=cache.length + jnp.array([45, 3]))
+    np.testing.assert_array_equal(np.asarray(summary.update(grown, cache.length, 5).kmax),
+                                  np.asarray(BlockSummary.of(grown, BLOCK).kmax))
+
+
+def numpy_select(q, kmax, kmin, length, spec):
+    """SpecPV's quest selector in plain numpy, for one layer: [B, Hkv, n_ret] sorted block ids."""
+    b, t, hq, d = q.shape
+    hkv = kmax.shape[1]
+    g = hq // hkv
+    out = []
+    for row in range(b):
+        heads = []
+        for h in range(hkv):
+            qh = q[row, :, h * g:(h + 1) * g].reshape(-1, d)  # the group's heads x tokens
+            s = np.maximum(qh @ kmax[row, h].T, qh @ kmin[row, h].T).mean(0)
+            first, end = spec.sink_tokens // BLOCK, (length[row] - spec.window_tokens) // BLOCK
+            cand = np.arange(first, end)
+            best = cand[np.argsort(-s[cand], kind="stable")[: spec.retrieval_tokens // BLOCK]]
+            heads.append(np.sort(best))
+        out.append(heads)
+    return np.array(out)
+
+
+def test_retrieval_matches_numpy():
+    rng = np.random.default_rng(1)
+    spec = small_spec()
+    cache = random_cache(rng, lengths=(300, 200))
+    summary = BlockSummary.of(cache, BLOCK)
+    q = rng.standard_normal((2, 5, 4, 8)).astype(np.float32)  # 4 query heads over 2 KV heads
+    scores = jnp.stack([retrieval.block_scores(jnp.asarray(q), summary.kmax[i], summary.kmin[i],
+                                               jnp.ones((2, 5), bool)) for i in range(2)])
+    chosen = np.asarray(retrieval.select_blocks(scores, cache.length, spec))
+    for layer in range(2):
+        want = numpy_select(q, np.asarray(summary.kmax[layer]), np.asarray(summary.kmin[layer]),
+                            np.asarray(cache.length), spec)
+        np.testing.assert_array_equal(chosen[layer], want)
+    # The rebuilt partial cache holds exactly sink + those blocks + the window, in order.
+    partial = retrieval.refresh(retrieval.empty_partial(cache, spec), cache, jnp.asarray(chosen), spec)
+    k = np.asarray(cache.k)
+    for b, n in enumerate(np.asarray(cache.length)):
+        slots = np.concatenate([np.arange(spec.sink_tokens),
+                                (chosen[0, b, 1][:, None] * BLOCK + np.arange(BLOCK)).ravel(),
+                                np.arange(n - spec.window_tokens, n)])
+        np.testing.assert_array_equal(np.asarray(partial.k[0, b, 1, : spec.static_tokens]), k[0, b, 1, slots])
+    assert (np.asarray(partial.length) == spec.static_tokens).all()
+
+
+def test_partial_cache_holding_every_token_reproduces_full_attention():
+    """When sink + retrieved + window is the whole context, verifying against it is exact."""
+    target = make_target(16, seed=9)
+    spec = small_spec()
+    length = spec.static_tokens  # every block between sink and window gets retrieved
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 16, (1, length + 4)), jnp.int32)
+    cache = KVCache.zeros(target.cfg, 1, 512)
+    pos = jnp.arange(length)[None]
+    cache = M.forward(target.params, target.cfg, ids[:, :length], pos, cache).cache.replace(
+        length=jnp.array([length]))
+    summary = BlockSummary.of(cache, BLOCK)
+    tail, tail_pos = ids[:, length:], length + jnp.arange(4)[None]
+    full = M.forward(target.params, target.cfg, tail, tail_pos, cache, summary=summary,
+                     score_mask=jnp.ones((1, 4), bool))
+    blocks = retrieval.select_blocks(full.block_scores, cache.length, spec)
+    partial = retrieval.refresh(retrieval.empty_partial(cache, spec), cache, blocks, spec)
+    part = M.forward(target.params, target.cfg, tail, tail_pos, partial)
+    np.testing.assert_allclose(np.asarray(part.hidden), np.asarray(full.hidden), atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = make_target(16)
+    return target, make_head(target, draft_vocab=12)
+
+
+@pytest.mark.parametrize("length, spec", [
+    (300, small_spec()),                                              # partial mode after a few steps
+    (2000, small_spec(retrieval_tokens=256, window=64)),
+    (2000, small_spec(retrieval_tokens=32, window=16, buffer_tokens=10)),  # a tiny buffer: full steps often
+    (8000, small_spec(retrieval_tokens=1024, window=128, tree_depth=5, tree_top_k=4, tree_nodes=20)),
+], ids=["300", "2k", "2k-tiny-buffer", "8k"])
+def test_exact_greedy_equals_ar(models, length, spec):
+    target, head = models
+    prompt = np.random.default_rng(length).integers(0, 16, length)
+    ar = sj.generate(target, prompt, 64, eos_token_ids=())
+    exact = sj.generate(target, prompt, 64, draft=head, mode="exact", spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(exact.tokens, ar.tokens)
+    s = exact.stats
+    assert s["partial_verifications"] > 0 and s["full_verifications"] > 0
+    specpv = sj.generate(target, prompt, 64, draft=head, mode="specpv", spec=spec, eos_token_ids=())
+    assert specpv.stats["partial_verifications"] > 0
+    assert specpv.tokens.shape == ar.tokens.shape
+
+
+def test_specpv_below_threshold_is_eagle(models):
+    """With a budget larger than the context, partial verification never starts: output equals eagle."""
+    target, head = models
+    spec = small_spec(retrieval_tokens=1024)
+    prompt = np.random.default_rng(4).integers(0, 16, 500)
+    eagle = sj.generate(target, prompt, 48, draft=head, mode="eagle", spec=spec, eos_token_ids=())
+    for mode in ("specpv", "exact"):
+        out = sj.generate(target, prompt, 48, draft=head, mode=mode, spec=spec, eos_token_ids=())
+        np.testing.assert_array_equal(out.tokens, eagle.tokens)
+        assert out.stats["partial_verifications"] == 0
+
+
+def test_exact_batch_with_eos_equals_ar(models):
+    target, head = models
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 16, n) for n in (400, 250, 700)]
+    free = sj.generate(target, prompts, 50, eos_token_ids=())
+    eos = int(free.tokens[2, 30])
+    ar = sj.generate(target, prompts, 50, eos_token_ids=(eos,))
+    exact = sj.generate(target, prompts, 50, draft=head, mode="exact", spec=small_spec(), eos_token_ids=(eos,))
+    np.testing.assert_array_equal(exact.lengths, ar.lengths)
+    np.testing.assert_array_equal(exact.tokens, ar.tokens)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_provisional_check_restores_the_target_law(temperature, top_p):
+    """Tokens drawn from a partial distribution q and re-checked against p come out distributed as p."""
+    from specpv_jax.loop import Run
+    from specpv_jax.specpv import check_provisional
+
+    rng = np.random.default_rng(7)
+    vocab, rows = 12, 20000
+    sampler = Sampler(temperature, top_p)
+    p_logits = rng.standard_normal(vocab).astype(np.float32) * 2
+    q_logits = p_logits + rng.standard_normal(vocab).astype(np.float32) * 2  # a quite different partial view
+    p, q = (np.asarray(sampler.probs(jnp.asarray(x)), np.float64) for x in (p_logits, q_logits))
+    drawn = rng.choice(vocab, rows, p=q / q.sum()).astype(np.int32)[:, None]
+    run = Run(cfg=None, sampler=sampler, max_new=1, pad_id=0, chunk=1, mode="exact")
+    rejected, first, token = check_provisional(
+        run, jnp.broadcast_to(jnp.asarray(p_logits), (rows, 1, vocab)), jnp.asarray(drawn),
+        jnp.ones((rows,), jnp.int32), jnp.broadcast_to(jnp.asarray(q, jnp.float32), (rows, 1, vocab)),
+        jax.random.key(0))
+    out = np.where(np.asarray(rejected), np.asarray(token), drawn[:, 0])
+    assert 0.05 < np.asarray(rejected).mean() < 0.95 and (np.asarray(first) == 0).all()
+    assert chi_square_pvalue(out, p) > 1e-3
+    assert chi_square_pvalue(drawn[:, 0], p) < 1e-6  # the test can tell q from p
+
+
+def test_exact_sampling_follows_the_full_context_target():
+    """Sampled `exact` generation, with partial steps and rollbacks, keeps the full-context target's joint law
+    of the first three tokens."""
+    vocab = 8
+    target = make_target(vocab, seed=3, layers=7, sharpen=1.0)
+    head = make_head(target, draft_vocab=6, seed=4)
+    spec = small_spec(retrieval_tokens=16, window=16, sink=16, tree_depth=2, tree_top_k=5, tree_nodes=10)
+    prompt = list(np.random.default_rng(6).integers(0, vocab, 64))
+    out = sj.generate(target, [prompt] * 2048, 3, draft=head, mode="exact", spec=spec, temperature=1.0, seed=1,
+                      eos_token_ids=())
+    assert out.stats["partial_verifications"] > 0 and out.stats["rollbacks"] > 0
+    pairs = np.array([[a, b] for a in range(vocab) for b in range(vocab)])
+    logits = sj.forward_logits(target, np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], 1))
+    probs = np.asarray(Sampler(1.0).probs(logits), np.float64)
+    joint = probs[0, -3][:, None, None] * probs[:, -2].reshape(vocab, vocab, vocab)[:, 0][:, :, None] \
+        * probs[:, -1].reshape(vocab, vocab, vocab)
+    cells = out.tokens[:, 0] * vocab * vocab + out.tokens[:, 1] * vocab + out.tokens[:, 2]
+    assert chi_square_pvalue(cells, joint.reshape(-1)) > 1e-3
