@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from specpv_jax.config import ConfigError, ModelConfig
+from specpv_jax.config import ARCHITECTURES, ConfigError, ModelConfig
 
 SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
 # Tensors some checkpoints carry that the model recomputes.
@@ -251,3 +251,69 @@ def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool
                   ignore=lambda k: tied_head and k == "lm_head.weight")
     with SafetensorsReader(found) as read:
         return cfg, load_params(table, cfg.num_layers, read, dtype, progress)
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """A transformers-readable config.json dict for `cfg` (the inverse of `ModelConfig.from_hf`)."""
+    arch = {v: k for k, v in ARCHITECTURES.items()}[cfg.arch]
+    rope: dict = {"rope_type": cfg.rope.kind, "rope_theta": cfg.rope.theta}
+    if cfg.rope.kind != "default":
+        rope.update(factor=cfg.rope.factor, original_max_position_embeddings=cfg.rope.original_max_position_embeddings)
+    if cfg.rope.kind == "llama3":
+        rope.update(low_freq_factor=cfg.rope.low_freq_factor, high_freq_factor=cfg.rope.high_freq_factor)
+    if cfg.rope.kind == "yarn":
+        rope.update(beta_fast=cfg.rope.beta_fast, beta_slow=cfg.rope.beta_slow, truncate=cfg.rope.truncate)
+        if cfg.rope.attention_factor is not None:
+            rope["attention_factor"] = cfg.rope.attention_factor
+    out = {
+        "architectures": [arch], "model_type": cfg.arch, "hidden_act": "silu",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "rope_parameters": rope,
+        # Hub checkpoints and transformers 4 read these two instead of rope_parameters.
+        "rope_theta": cfg.rope.theta, "rope_scaling": None if cfg.rope.kind == "default" else rope,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids) or None,
+        "pad_token_id": cfg.pad_token_id,
+    }
+    if cfg.arch != "qwen2":
+        out["attention_bias"] = cfg.qkv_bias
+    return out
+
+
+def export_hf(out_dir: str | pathlib.Path, cfg: ModelConfig, params: dict, overwrite: bool = False) -> pathlib.Path:
+    """Writes `params` as a Hugging Face directory (config.json + model.safetensors), atomically.
+
+    The result loads with `transformers` (`AutoModelForCausalLM.from_pretrained`) and with `load_target`.
+    """
+    import os
+    import shutil
+    import uuid
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out = pathlib.Path(out_dir).resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConversionError(f"{out} already exists and is not empty (pass overwrite=True to replace it)")
+    tensors = {}
+    for e in param_table(cfg):
+        node = params
+        for name in e.path:
+            node = node[name]
+        for i in range(cfg.num_layers) if e.per_layer else [None]:
+            x = np.asarray(node[i] if i is not None else node)
+            tensors[e.hf_key.format(i=i)] = np.ascontiguousarray(x.T if e.transpose else x)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

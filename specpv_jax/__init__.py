@@ -8,10 +8,10 @@
 """
 
 from specpv_jax.config import DraftConfig, ModelConfig, RopeConfig, SpecConfig
-from specpv_jax.generate import GenerateOutput, forward_logits, generate
+from specpv_jax.generate import GenerateOutput, fidelity, forward_logits, generate
 from specpv_jax.loading import Model, load_draft, load_target, save_draft, save_target
 
 __all__ = [
     "DraftConfig", "GenerateOutput", "Model", "ModelConfig", "RopeConfig", "SpecConfig",
-    "forward_logits", "generate", "load_draft", "load_target", "save_draft", "save_target",
+    "fidelity", "forward_logits", "generate", "load_draft", "load_target", "save_draft", "save_target",
 ]

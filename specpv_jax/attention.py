@@ -15,7 +15,10 @@ import jax.numpy as jnp
 from jax import lax
 
 NEG_INF = -1e30  # finite: a fully masked block gives exp(-huge) = 0, never NaN
-PREFIX_BLOCK = 256
+PREFIX_BLOCK = 256  # caches are allocated in multiples of this
+# Keys per step of the blockwise prefix loop. Larger blocks mean fewer loop iterations, which dominate on CPU
+# (2-core CPU, 16K prefix: a 1-token step takes 7.7 ms with 256-key blocks, 5.4 ms with 1024; 17 tokens 53 -> 34 ms).
+READ_BLOCK = 1024
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 KERNEL_HEAD_DIMS = (64, 128)
 
@@ -81,28 +84,31 @@ def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, c
 
 
 def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init):
-    """Folds prefix key blocks `[0, max(cache_len))` into running (max, sum, out) statistics."""
+    """Folds prefix key blocks `[0, max(cache_len))` into running (max, sum, out) statistics.
+
+    The last block may start early to stay inside the buffer; keys it shares with
+    the block before are masked, so none is counted twice.
+    """
     size = k_cache.shape[-2]
-    block = min(PREFIX_BLOCK, size)
-    if size % block:
-        raise ValueError(f"cache length {size} must be a multiple of {block}")
+    block = min(READ_BLOCK, size)
     stacked = layer is not None
 
-    def read(buf, j):
+    def read(buf, start):
         if stacked:
-            start = (layer, 0, 0, j * block, 0)
-            return lax.dynamic_slice(buf, start, (1,) + buf.shape[1:3] + (block, buf.shape[-1]))[0]
-        return lax.dynamic_slice_in_dim(buf, j * block, block, axis=2)
+            return lax.dynamic_slice(buf, (layer, 0, 0, start, 0), (1,) + buf.shape[1:3] + (block, buf.shape[-1]))[0]
+        return lax.dynamic_slice_in_dim(buf, start, block, axis=2)
 
     def body(j, carry):
         m, l, o = carry
-        s = jnp.einsum("bhmd,bhsd->bhms", qr, read(k_cache, j), preferred_element_type=jnp.float32) * scale
-        valid = (j * block + jnp.arange(block))[None, :] < cache_len[:, None]
+        start = jnp.minimum(j * block, size - block)
+        s = jnp.einsum("bhmd,bhsd->bhms", qr, read(k_cache, start), preferred_element_type=jnp.float32) * scale
+        pos = start + jnp.arange(block)
+        valid = (pos >= j * block)[None, :] & (pos[None, :] < cache_len[:, None])
         s = jnp.where(valid[:, None, None, :], s, NEG_INF)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
-        pv = jnp.einsum("bhms,bhsd->bhmd", p.astype(v_cache.dtype), read(v_cache, j),
+        pv = jnp.einsum("bhms,bhsd->bhmd", p.astype(v_cache.dtype), read(v_cache, start),
                         preferred_element_type=jnp.float32)
         return m_new, l * corr + p.sum(-1), o * corr[..., None] + pv
 

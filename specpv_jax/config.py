@@ -342,6 +342,9 @@ class SpecConfig:
     Partial verification (SpecPV): the partial cache holds `sink_tokens` +
     `retrieval_tokens` (in `block_size` blocks) + `window_tokens` + a buffer of
     `buffer_tokens` (None: 20 + tree_nodes + 1) for tokens accepted in partial mode.
+    `bounded_draft`: in partial steps the EAGLE-3 head, too, attends only to sink +
+    the blocks retrieved for the target's last layer + its recent window, not to
+    its whole cache (cheaper drafting at long context; acceptance may change).
     """
 
     tree_depth: int = 7
@@ -352,6 +355,7 @@ class SpecConfig:
     retrieval_tokens: int = 4096
     window_tokens: int = 128
     buffer_tokens: int | None = None
+    bounded_draft: bool = False
     offload: bool = False
 
     def __post_init__(self):
@@ -370,6 +374,16 @@ class SpecConfig:
         if self.buffer_tokens is not None and self.buffer_tokens < self.tree_nodes + 1:
             raise ConfigError(f"SpecConfig.buffer_tokens={self.buffer_tokens} must hold at least one tree "
                               f"(tree_nodes + 1 = {self.tree_nodes + 1})")
+
+    @classmethod
+    def tuned(cls, target, draft, context, **options) -> "SpecConfig":
+        """The tree size and partial budget that ran fastest here on `context` (a prompt or a length).
+
+        Times short generations of a few candidates; see `specpv_jax.tuning.tune` for the options.
+        """
+        from specpv_jax.tuning import tune
+
+        return tune(target, draft, context, **options)[0]
 
     @property
     def max_tree_nodes(self) -> int:

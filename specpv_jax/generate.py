@@ -186,28 +186,53 @@ def _step_stats(out: Output, counters, speculative_mode: bool) -> dict[str, Any]
 
 
 @functools.lru_cache(maxsize=None)
-def _logits_chunk_fn(cfg: ModelConfig, attention: str):
+def _chunk_fn(cfg: ModelConfig, attention: str, argmax: bool):
     def fn(params, ids, start, cache):
         b, t = ids.shape
         pos = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         out = M.forward(params, cfg, ids, pos, cache.replace(length=jnp.full((b,), start, jnp.int32)),
                         attention=attention)
-        return out.cache, M.logits(params, cfg, out.hidden)
+        logits = M.logits(params, cfg, out.hidden)
+        return out.cache, jnp.argmax(logits, -1).astype(jnp.int32) if argmax else logits
     return jax.jit(fn, donate_argnums=(3,))
+
+
+def _full_context_pass(target: Model, input_ids: Any, chunk: int, attention: str, argmax: bool) -> np.ndarray:
+    batch = prompts.prepare(input_ids, target.cfg, 0, chunk)
+    if len(set(batch.lengths.tolist())) != 1:
+        raise prompts.PromptError("all prompts must have the same length here")
+    t = int(batch.lengths[0])
+    chunk = min(chunk, batch.ids.shape[1])
+    cache = KVCache.zeros(target.cfg, batch.batch, batch.ids.shape[1], target.dtype)
+    fn = _chunk_fn(target.cfg, resolve_implementation(attention), argmax)
+    out = []
+    for start in range(0, t, chunk):
+        cache, part = fn(target.params, jnp.asarray(batch.ids[:, start:start + chunk]), start, cache)
+        out.append(np.asarray(part))
+    return np.concatenate(out, axis=1)[:, :t]
 
 
 def forward_logits(target: Model, input_ids: Any, chunk: int = DEFAULT_PREFILL_CHUNK,
                    attention: str = "auto") -> np.ndarray:
     """Full-context reference logits `[B, T, V]` float32 for equal-length prompts `[B, T]` (or `[T]`)."""
-    batch = prompts.prepare(input_ids, target.cfg, 0, chunk)
-    if len(set(batch.lengths.tolist())) != 1:
-        raise prompts.PromptError("forward_logits needs prompts of equal length")
-    t = int(batch.lengths[0])
-    chunk = min(chunk, batch.ids.shape[1])
-    cache = KVCache.zeros(target.cfg, batch.batch, batch.ids.shape[1], target.dtype)
-    fn = _logits_chunk_fn(target.cfg, resolve_implementation(attention))
-    out = []
-    for start in range(0, t, chunk):
-        cache, lg = fn(target.params, jnp.asarray(batch.ids[:, start:start + chunk]), start, cache)
-        out.append(np.asarray(lg))
-    return np.concatenate(out, axis=1)[:, :t]
+    return _full_context_pass(target, input_ids, chunk, attention, argmax=False)
+
+
+def fidelity(target: Model, input_ids: Any, output: GenerateOutput, attention_mask: Any = None,
+             chunk: int = DEFAULT_PREFILL_CHUNK) -> float:
+    """Fraction of generated tokens equal to the full-context target's argmax given the same prefix.
+
+    Teacher-forced: each row's prompt + generated tokens go through the target in
+    one pass. 1.0 for any lossless greedy generation; `specpv` trades some for speed.
+    """
+    batch = prompts.prepare(input_ids, target.cfg, 0, chunk, attention_mask)
+    matched = total = 0
+    for b, n in enumerate(batch.lengths):
+        generated = output.tokens[b, : output.lengths[b]]
+        if generated.size == 0:
+            continue
+        sequence = np.concatenate([batch.ids[b, :n], generated])[None]
+        predicted = _full_context_pass(target, sequence, chunk, "auto", argmax=True)[0, n - 1: n - 1 + generated.size]
+        matched += int((predicted == generated).sum())
+        total += generated.size
+    return matched / total if total else 1.0

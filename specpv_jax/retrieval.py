@@ -69,10 +69,10 @@ def refresh(partial: KVCache, full: KVCache, blocks: jax.Array, spec: SpecConfig
     return partial.replace(k=rebuild(partial.k, full.k), v=rebuild(partial.v, full.v), length=static)
 
 
-def empty_partial(full: KVCache, spec: SpecConfig) -> KVCache:
-    """A partial cache shaped for `full` (static part + buffer slots), not yet filled."""
+def empty_partial(full: KVCache, spec: SpecConfig, extra: int = 0) -> KVCache:
+    """A partial cache shaped for `full` (static part + buffer + `extra` slots), not yet filled."""
     layers, batch, heads, _, dim = full.k.shape
-    return KVCache.empty(layers, batch, heads, spec.static_tokens + spec.buffer_size, dim, full.k.dtype)
+    return KVCache.empty(layers, batch, heads, spec.static_tokens + spec.buffer_size + extra, dim, full.k.dtype)
 
 
 def empty_summary(full: KVCache, spec: SpecConfig) -> BlockSummary:

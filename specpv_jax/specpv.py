@@ -32,7 +32,8 @@ from jax import lax
 
 from specpv_jax import model as M
 from specpv_jax import retrieval, verify
-from specpv_jax.cache import BlockSummary, KVCache, commit_path
+from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_tokens
+from specpv_jax.draft import eagle3
 from specpv_jax.loop import Run
 from specpv_jax.sampling import sample_from
 from specpv_jax.speculative import EagleState, draft, flat_features, initial_state
@@ -67,7 +68,8 @@ class SpecPVState:
     a context above the threshold; missing: `[B, M]` tokens committed since the
     last full step (root first), `n_missing [B]` of them; missing_q: `[B, M, V]`
     the partial distributions that produced each following token (exact
-    sampling only, else None).
+    sampling only, else None); draft_partial: the head's bounded cache
+    (`spec.bounded_draft` only, else None), length = static part + pairs since.
     """
 
     eagle: EagleState
@@ -77,6 +79,7 @@ class SpecPVState:
     missing: jax.Array
     n_missing: jax.Array
     missing_q: jax.Array | None
+    draft_partial: KVCache | None
     counters: Counters
 
 
@@ -90,10 +93,28 @@ def _tree_emission(acc: verify.Acceptance, tree: Tree, tree_features: jax.Array)
     return acc.emitted(tree), feats
 
 
+def bounded_draft(params, dparams, d2t, run: Run, st: SpecPVState):
+    """`draft` with the head attending to its bounded cache; the new pairs go into both of its caches."""
+    s, dcfg = st.eagle, run.dcfg
+    embed = eagle3.embed_table(dparams, params)
+    start = s.draft_cache.length
+    bounded, head_state, k, v = eagle3.advance(dparams, dcfg, embed, st.draft_partial, s.pair_feats, s.pair_tokens,
+                                               s.pair_count, position=start)
+    full = s.draft_cache.replace(k=write_tokens(s.draft_cache.k, 0, k, start),
+                                 v=write_tokens(s.draft_cache.v, 0, v, start), length=start + s.pair_count)
+    tree, bounded = eagle3.draft_tree(dparams, dcfg, run.spec, embed, d2t, bounded, head_state, s.root,
+                                      position=full.length)
+    return tree, full, bounded
+
+
 def partial_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPVState:
     """Verify a tree against the partial cache; accepted tokens go to its buffer, not the full cache."""
     s, cfg = st.eagle, run.cfg
-    tree, draft_cache = draft(params, dparams, d2t, run, s)
+    draft_partial = st.draft_partial
+    if draft_partial is None:
+        tree, draft_cache = draft(params, dparams, d2t, run, s)
+    else:
+        tree, draft_cache, draft_partial = bounded_draft(params, dparams, d2t, run, st)
     root_pos = s.cache.length + st.n_missing
     out = M.forward(params, cfg, tree.tokens, root_pos[:, None] + tree.depth, st.partial, tree.mask,
                     run.dcfg.feature_layers, run.attention)
@@ -124,7 +145,7 @@ def partial_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPV
                              length=jnp.where(live, draft_cache.length, s.draft_cache.length)),
                          pair_feats=feats, pair_tokens=emitted, pair_count=count, root=acc.bonus, out=out_buf,
                          key=key),
-        partial=partial, missing=missing, missing_q=missing_q,
+        partial=partial, missing=missing, missing_q=missing_q, draft_partial=draft_partial,
         n_missing=jnp.where(live, st.n_missing + count, st.n_missing),
         counters=c.replace(partial=c.partial + 1, partial_rows=c.partial_rows + live.sum(),
                            partial_accepted=c.partial_accepted + jnp.where(live, count, 0).sum()))
@@ -235,6 +256,12 @@ def full_step(params, dparams, d2t, run: Run, eos, st: SpecPVState, with_missing
     summary = st.summary.update(cache, full_len, (m + tree.size) // spec.block_size + 2)
     blocks = retrieval.select_blocks(out.block_scores, cache.length, spec)
     partial = retrieval.refresh(st.partial, cache, blocks, spec)
+    draft_cache = draft_cache.replace(length=jnp.where(live, draft_cache.length, s.draft_cache.length))
+    draft_partial = st.draft_partial
+    if draft_partial is not None:  # the head reuses the target's last-layer choice, mapped onto its own heads
+        target_heads, draft_heads = blocks.shape[2], draft_cache.k.shape[2]
+        head = jnp.arange(draft_heads) * target_heads // draft_heads
+        draft_partial = retrieval.refresh(draft_partial, draft_cache, blocks[-1:, :, head], spec)
 
     if run.mode == "exact":
         out_tokens, out_count = _exact_emission(provisional, n_prov, emitted, count)
@@ -243,11 +270,9 @@ def full_step(params, dparams, d2t, run: Run, eos, st: SpecPVState, with_missing
     root = jnp.where(rejected, emitted[:, 0], acc.bonus)
     c = st.counters
     return st.replace(
-        eagle=EagleState(cache=cache, draft_cache=draft_cache.replace(
-                             length=jnp.where(live, draft_cache.length, s.draft_cache.length)),
-                         pair_feats=pair_feats, pair_tokens=emitted, pair_count=count, root=root,
-                         out=s.out.append(out_tokens, out_count, eos), key=key),
-        partial=partial, summary=summary, ready=cache.length > spec.partial_threshold,
+        eagle=EagleState(cache=cache, draft_cache=draft_cache, pair_feats=pair_feats, pair_tokens=emitted,
+                         pair_count=count, root=root, out=s.out.append(out_tokens, out_count, eos), key=key),
+        partial=partial, summary=summary, ready=cache.length > spec.partial_threshold, draft_partial=draft_partial,
         n_missing=jnp.where(live, 0, st.n_missing),
         counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
                            full_accepted=c.full_accepted + jnp.where(live & ~rejected, acc.count + 1, 0).sum(),
@@ -301,6 +326,9 @@ def specpv_decode_fn(run: Run):
             partial=retrieval.empty_partial(cache, spec), summary=BlockSummary.of(cache, spec.block_size),
             ready=jnp.zeros((b,), bool), missing=jnp.zeros((b, m), jnp.int32), n_missing=jnp.zeros((b,), jnp.int32),
             missing_q=jnp.zeros((b, m, run.cfg.vocab_size), jnp.float32) if store_q else None,
+            # The head's buffer also holds the last full step's pairs: room for one more path.
+            draft_partial=retrieval.empty_partial(draft_cache, spec, extra=spec.tree_depth + 1)
+            if spec.bounded_draft else None,
             counters=Counters.zeros())
         step = functools.partial(specpv_step, params, dparams, d2t, run, eos)
         st = lax.while_loop(lambda s: ~jnp.all(s.eagle.out.done), step, st)

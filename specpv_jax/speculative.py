@@ -62,8 +62,8 @@ def draft_prefill_chunk(dparams, dcfg: DraftConfig, embed, draft_cache: KVCache,
 def draft(params, dparams, d2t, run: Run, s: EagleState) -> tuple[Tree, KVCache]:
     """The head sees the pairs committed last step, then grows the next tree below `s.root`."""
     embed = eagle3.embed_table(dparams, params)
-    draft_cache, head_state = eagle3.advance(dparams, run.dcfg, embed, s.draft_cache, s.pair_feats,
-                                             s.pair_tokens, s.pair_count)
+    draft_cache, head_state, _, _ = eagle3.advance(dparams, run.dcfg, embed, s.draft_cache, s.pair_feats,
+                                                   s.pair_tokens, s.pair_count)
     return eagle3.draft_tree(dparams, run.dcfg, run.spec, embed, d2t, draft_cache, head_state, s.root)
 
 

@@ -12,10 +12,12 @@ from specpv_jax.attention import attend, attend_dense, causal_mask, resolve_impl
 from test_eagle import make_head, make_target
 
 
-@pytest.mark.parametrize("t, lens, stacked", [(1, (0, 700), False), (5, (256, 3), True), (64, (513, 1000), True)])
-def test_blockwise_prefix_equals_dense(t, lens, stacked):
+@pytest.mark.parametrize("t, lens, stacked, s", [(1, (0, 700), False, 1024), (5, (256, 3), True, 1024),
+                                                 (64, (513, 1000), True, 1024),
+                                                 (3, (1270, 1100), True, 1280)])  # last block overlaps the one before
+def test_blockwise_prefix_equals_dense(t, lens, stacked, s):
     rng = np.random.default_rng(t)
-    b, hq, hkv, d, s = 2, 4, 2, 16, 1024
+    b, hq, hkv, d = 2, 4, 2, 16
     q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
     kc, vc = (jnp.asarray(rng.standard_normal((b, hkv, s, d)), jnp.float32) for _ in range(2))
     kn, vn = (jnp.asarray(rng.standard_normal((b, hkv, t, d)), jnp.float32) for _ in range(2))

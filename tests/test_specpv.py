@@ -119,10 +119,10 @@ def models():
 
 @pytest.mark.parametrize("length, spec", [
     (300, small_spec()),                                              # partial mode after a few steps
-    (2000, small_spec(retrieval_tokens=256, window=64)),
+    (2000, small_spec(retrieval_tokens=256, window=64, bounded_draft=True)),
     (2000, small_spec(retrieval_tokens=32, window=16, buffer_tokens=10)),  # a tiny buffer: full steps often
     (8000, small_spec(retrieval_tokens=1024, window=128, tree_depth=5, tree_top_k=4, tree_nodes=20)),
-], ids=["300", "2k", "2k-tiny-buffer", "8k"])
+], ids=["300", "2k-bounded-draft", "2k-tiny-buffer", "8k"])
 def test_exact_greedy_equals_ar(models, length, spec):
     target, head = models
     prompt = np.random.default_rng(length).integers(0, 16, length)
@@ -202,3 +202,27 @@ def test_exact_sampling_follows_the_full_context_target():
         * probs[:, -1].reshape(vocab, vocab, vocab)
     cells = out.tokens[:, 0] * vocab * vocab + out.tokens[:, 1] * vocab + out.tokens[:, 2]
     assert chi_square_pvalue(cells, joint.reshape(-1)) > 1e-3
+
+
+def test_tuned_picks_a_timed_candidate(models):
+    target, head = models
+    from specpv_jax.tuning import tune
+
+    base = small_spec(retrieval_tokens=32, window=16, sink=16)
+    spec, trials = tune(target, head, 300, trees=((2, 2, 3), (3, 2, 5)), budgets=(32, 64), new_tokens=16, base=base)
+    assert len(trials) == 4 and all(t.tokens_per_s > 0 for t in trials)
+    assert (spec.tree_depth, spec.tree_top_k, spec.tree_nodes) in ((2, 2, 3), (3, 2, 5))
+    assert all(t.fidelity is not None for t in trials[2:])  # budgets are judged on fidelity too
+    assert spec in [t.spec for t in trials[2:]]
+
+
+@pytest.mark.slow
+def test_exact_greedy_equals_ar_at_20k(models):
+    """The long end of the range (run with `make test-slow`)."""
+    target, head = models
+    prompt = np.random.default_rng(20000).integers(0, 16, 20000)
+    spec = small_spec(retrieval_tokens=4096, window=128, tree_depth=5, tree_top_k=4, tree_nodes=20)
+    ar = sj.generate(target, prompt, 96, eos_token_ids=())
+    exact = sj.generate(target, prompt, 96, draft=head, mode="exact", spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(exact.tokens, ar.tokens)
+    assert exact.stats["partial_verifications"] > 0

@@ -101,30 +101,35 @@ def head_logprobs(params: Params, cfg: DraftConfig, hidden: jax.Array) -> jax.Ar
 
 
 def advance(params: Params, cfg: DraftConfig, embed: jax.Array, cache: KVCache, features: jax.Array,
-            tokens: jax.Array, count: jax.Array) -> tuple[KVCache, jax.Array]:
+            tokens: jax.Array, count: jax.Array, position: jax.Array | None = None):
     """Commits new (feature t, token t + 1) pairs to the head's cache.
 
     features: `[B, P, n_feat * Ht]`; tokens: `[B, P]`; the first `count [B]` pairs
-    of each row are real. Returns the cache and the head's output at each row's
-    last real pair, `[B, H]` (the state the next tree grows from).
+    of each row are real; the first pair's position is `position [B]` (default:
+    the cache length, true for the head's full cache). Returns the cache, the
+    head's output at each row's last real pair `[B, H]` (the state the next
+    tree grows from) and the pairs' K/V `[B, Hkv, P, D]` (for a second cache).
     """
     b, p = tokens.shape
-    positions = cache.length[:, None] + jnp.arange(p, dtype=jnp.int32)[None]
-    h, _, _, cache = head_forward(params, cfg, embed, tokens, features, positions, cache, causal_mask(b, p))
+    start = cache.length if position is None else position
+    positions = start[:, None] + jnp.arange(p, dtype=jnp.int32)[None]
+    h, k, v, cache = head_forward(params, cfg, embed, tokens, features, positions, cache, causal_mask(b, p))
     cache = cache.replace(length=cache.length + count)
     last = jnp.take_along_axis(h, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
-    return cache, last
+    return cache, last, k, v
 
 
 def draft_tree(params: Params, cfg: DraftConfig, spec: SpecConfig, embed: jax.Array, d2t: jax.Array,
-               cache: KVCache, last_hidden: jax.Array, root: jax.Array) -> tuple[Tree, KVCache]:
+               cache: KVCache, last_hidden: jax.Array, root: jax.Array,
+               position: jax.Array | None = None) -> tuple[Tree, KVCache]:
     """Grows a top-k tree from the head state `last_hidden [B, H]` below `root [B]` (EAGLE-3 `topK_genrate`).
 
     Level 1 takes the head's top-k tokens; each further level runs the head on
     the k frontier nodes (attending to the committed cache, their frontier
     ancestors and themselves), scores their k x k children by cumulative
-    log-probability and keeps the best k as the next frontier. Returns the tree
-    and the (unchanged) cache, threaded through for the caller to keep using.
+    log-probability and keeps the best k as the next frontier. Level-1 nodes sit
+    at `position [B]` (default: the cache length). Returns the tree and the
+    (unchanged) cache, threaded through for the caller to keep using.
     """
     k, depth = spec.tree_top_k, spec.tree_depth
     b = root.shape[0]
@@ -143,8 +148,9 @@ def draft_tree(params: Params, cfg: DraftConfig, spec: SpecConfig, embed: jax.Ar
     v_buf = k_buf
     ancestors = jnp.zeros((b, k, slots), bool)  # frontier-chain ancestors' slots in the buffers
     eye = jnp.broadcast_to(jnp.eye(k, dtype=bool), (b, k, k))
+    start = cache.length if position is None else position
     for level in range(1, depth):
-        positions = jnp.broadcast_to(cache.length[:, None] + level - 1, (b, k))
+        positions = jnp.broadcast_to(start[:, None] + level - 1, (b, k))
         out, k_new, v_new, cache = head_forward(params, cfg, embed, tokens, hidden, positions, cache,
                                                 jnp.concatenate([ancestors, eye], axis=-1), k_buf, v_buf,
                                                 write=False)

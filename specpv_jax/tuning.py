@@ -1,0 +1,81 @@
+"""Picking SpecPV's tree size and partial budget for this device by timing candidates.
+
+SpecPV picks its node count from {40, 48, 50, 56, 60} by timing the target on a
+GPU. Here every candidate runs a short real generation (so the timing includes
+drafting, acceptance and the switching between full and partial steps): first
+the tree shapes at a default budget, then the partial budgets with the best
+tree, keeping the fastest budget whose fidelity stays above `min_fidelity`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from specpv_jax.config import SpecConfig
+
+# (tree_depth, tree_top_k, tree_nodes). A 2-core CPU is compute-bound in verification: small trees win there.
+GPU_TREES = ((7, 10, 40), (7, 10, 48), (7, 10, 50), (7, 10, 56), (7, 10, 60))
+CPU_TREES = ((4, 4, 8), (5, 6, 16), (6, 8, 24), (6, 8, 32))
+BUDGETS = (1024, 2048, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    spec: SpecConfig
+    tokens_per_s: float
+    mean_accept_len: float
+    fidelity: float | None
+
+
+def _budget(spec: SpecConfig, retrieval: int, context: int) -> SpecConfig | None:
+    """`spec` with that retrieval budget, or None when the context is too short for partial steps to start."""
+    candidate = dataclasses.replace(spec, retrieval_tokens=retrieval)
+    return candidate if candidate.partial_threshold < context else None
+
+
+def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "specpv",
+         trees: Sequence[tuple[int, int, int]] | None = None, budgets: Sequence[int] = BUDGETS,
+         new_tokens: int = 32, min_fidelity: float = 0.99, base: SpecConfig | None = None,
+         verbose: bool = False) -> tuple[SpecConfig, list[Trial]]:
+    """Returns the fastest `SpecConfig` found and every trial.
+
+    context: a prompt (token ids) or a length, for which random ids are used.
+    trees: (depth, top_k, nodes) candidates (default: SpecPV's set on GPU/TPU, small trees on CPU).
+    """
+    from specpv_jax.generate import fidelity, generate
+
+    if isinstance(context, (int, np.integer)):
+        prompt = np.random.default_rng(0).integers(0, target.cfg.vocab_size, int(context))
+    else:
+        prompt = np.asarray(context)
+    trees = trees or (CPU_TREES if jax.default_backend() == "cpu" else GPU_TREES)
+    base = base or SpecConfig()
+    trials: list[Trial] = []
+
+    def run(spec: SpecConfig, with_fidelity: bool) -> Trial:
+        # The first run of a fresh executable pays one-time costs; the second is the one timed.
+        out = max((generate(target, prompt, new_tokens, draft=draft, mode=mode, spec=spec, eos_token_ids=())
+                   for _ in range(2)), key=lambda o: o.stats["tokens_per_s"])
+        trial = Trial(spec, out.stats["tokens_per_s"], out.stats["mean_accept_len"],
+                      fidelity(target, prompt, out) if with_fidelity else None)
+        trials.append(trial)
+        if verbose:
+            print(f"  depth {spec.tree_depth} top-k {spec.tree_top_k} nodes {spec.tree_nodes} retrieval "
+                  f"{spec.retrieval_tokens}: {trial.tokens_per_s:.1f} tok/s, accept {trial.mean_accept_len:.2f}"
+                  + (f", fidelity {trial.fidelity:.3f}" if trial.fidelity is not None else ""))
+        return trial
+
+    usable = [b for b in budgets if _budget(base, b, prompt.size) is not None]
+    default_budget = max(usable) if usable else base.retrieval_tokens
+    tree_trials = [run(dataclasses.replace(base, tree_depth=d, tree_top_k=k, tree_nodes=n,
+                                           retrieval_tokens=default_budget), False) for d, k, n in trees]
+    best = max(tree_trials, key=lambda t: t.tokens_per_s).spec
+    if not usable:  # the context is below every budget's threshold: partial steps never start
+        return best, trials
+    budget_trials = [run(dataclasses.replace(best, retrieval_tokens=b), True) for b in usable]
+    good = [t for t in budget_trials if t.fidelity >= min_fidelity] or [max(budget_trials, key=lambda t: t.fidelity)]
+    return max(good, key=lambda t: t.tokens_per_s).spec, trials
