@@ -219,7 +219,10 @@ def test_tuned_picks_a_timed_candidate(models):
 @pytest.mark.slow
 def test_exact_greedy_equals_ar_at_20k(models):
     """The long end of the range (run with `make test-slow`)."""
+    import dataclasses
+
     target, head = models
+    target = sj.Model(dataclasses.replace(target.cfg, max_position_embeddings=32768), target.params)
     prompt = np.random.default_rng(20000).integers(0, 16, 20000)
     spec = small_spec(retrieval_tokens=4096, window=128, tree_depth=5, tree_top_k=4, tree_nodes=20)
     ar = sj.generate(target, prompt, 96, eos_token_ids=())
