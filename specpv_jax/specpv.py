@@ -69,7 +69,10 @@ class SpecPVState:
     last full step (root first), `n_missing [B]` of them; missing_q: `[B, M, V]`
     the partial distributions that produced each following token (exact
     sampling only, else None); draft_partial: the head's bounded cache
-    (`spec.bounded_draft` only, else None), length = static part + pairs since.
+    (`spec.bounded_draft` only, else None), length = static part + pairs since;
+    provisional_cap: `[B]` exact mode's limit on provisional tokens before a full
+    step (doubled after a full step confirms all, set to twice the confirmed run
+    after a rollback, so a partial cache that disagrees often costs little).
     """
 
     eagle: EagleState
@@ -80,6 +83,7 @@ class SpecPVState:
     n_missing: jax.Array
     missing_q: jax.Array | None
     draft_partial: KVCache | None
+    provisional_cap: jax.Array
     counters: Counters
 
 
@@ -263,8 +267,12 @@ def full_step(params, dparams, d2t, run: Run, eos, st: SpecPVState, with_missing
         head = jnp.arange(draft_heads) * target_heads // draft_heads
         draft_partial = retrieval.refresh(draft_partial, draft_cache, blocks[-1:, :, head], spec)
 
+    cap = st.provisional_cap
     if run.mode == "exact":
         out_tokens, out_count = _exact_emission(provisional, n_prov, emitted, count)
+        if with_missing:
+            grown = jnp.where(n_missing > 0, jnp.minimum(2 * jnp.maximum(cap, 1), spec.max_missing), cap)
+            cap = jnp.where(rejected, jnp.maximum(2 * first, 1), grown)
     else:
         out_tokens, out_count = emitted, count
     root = jnp.where(rejected, emitted[:, 0], acc.bonus)
@@ -273,7 +281,7 @@ def full_step(params, dparams, d2t, run: Run, eos, st: SpecPVState, with_missing
         eagle=EagleState(cache=cache, draft_cache=draft_cache, pair_feats=pair_feats, pair_tokens=emitted,
                          pair_count=count, root=root, out=s.out.append(out_tokens, out_count, eos), key=key),
         partial=partial, summary=summary, ready=cache.length > spec.partial_threshold, draft_partial=draft_partial,
-        n_missing=jnp.where(live, 0, st.n_missing),
+        n_missing=jnp.where(live, 0, st.n_missing), provisional_cap=cap,
         counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
                            full_accepted=c.full_accepted + jnp.where(live & ~rejected, acc.count + 1, 0).sum(),
                            rollbacks=c.rollbacks + rejected.sum()))
@@ -291,11 +299,11 @@ def _exact_emission(provisional, n_prov, emitted, count):
 
 
 def must_confirm(run: Run, eos, st: SpecPVState) -> jax.Array:
-    """Exact mode: rows whose provisional tokens could end generation need a full step first."""
+    """Exact mode: rows whose provisional tokens could end generation, or reached their cap, need a full step."""
     out = st.eagle.out
     slot = jnp.arange(st.missing.shape[1])[None, :]
     has_eos = (jnp.isin(st.missing, eos) & (slot < st.n_missing[:, None])).any(1) | jnp.isin(st.eagle.root, eos)
-    return has_eos | (out.num_out + st.n_missing >= run.max_new)
+    return has_eos | (out.num_out + st.n_missing >= run.max_new) | (st.n_missing >= st.provisional_cap)
 
 
 def specpv_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPVState:
@@ -329,7 +337,7 @@ def specpv_decode_fn(run: Run):
             # The head's buffer also holds the last full step's pairs: room for one more path.
             draft_partial=retrieval.empty_partial(draft_cache, spec, extra=spec.tree_depth + 1)
             if spec.bounded_draft else None,
-            counters=Counters.zeros())
+            provisional_cap=jnp.full((b,), m, jnp.int32), counters=Counters.zeros())
         step = functools.partial(specpv_step, params, dparams, d2t, run, eos)
         st = lax.while_loop(lambda s: ~jnp.all(s.eagle.out.done), step, st)
         return st.eagle.out, st.counters, st.eagle.cache, st.eagle.draft_cache

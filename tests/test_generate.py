@@ -88,3 +88,15 @@ def test_top_p_keeps_smallest_nucleus():
 def test_bucket_lengths():
     assert [bucket_length(n, 512) for n in (1, 16, 17, 300, 512, 513, 1100)] == [16, 16, 32, 512, 512, 1024, 1536]
     assert bucket_length(300, 100) == 300 and bucket_length(90, 100) == 100
+
+
+def test_fidelity(target):
+    prompts = [[5, 9, 11, 3], [7, 8]]
+    out = sj.generate(target, prompts, max_new_tokens=12, eos_token_ids=())
+    assert sj.fidelity(target, prompts, out) == 1.0  # greedy AR agrees with itself
+    wrong = out.tokens.copy()
+    wrong[0, 4] = (wrong[0, 4] + 1) % 160  # one token of 24 off; its successors still judged on its prefix
+    assert sj.fidelity(target, prompts, sj.GenerateOutput(wrong, out.lengths, out.stats)) < 1.0
+    wrong = out.tokens.copy()
+    wrong[1, 11] = (wrong[1, 11] + 1) % 160  # the last token: exactly one mismatch
+    assert sj.fidelity(target, prompts, sj.GenerateOutput(wrong, out.lengths, out.stats)) == 23 / 24
