@@ -9,11 +9,8 @@ the draft vocabulary) and sometimes `embed_tokens.weight`.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import shutil
-import uuid
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +18,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from convert.hf import (ConversionError, Entry, TensorInfo, check_dtype, check_tensors, load_params, read_json,
-                        require_finite)
+                        require_finite, table_to_tensors, write_safetensors_dir)
 from specpv_jax.config import ConfigError, DraftConfig, ModelConfig
 
 TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
@@ -157,32 +154,11 @@ def _d2t(tensors: dict, cfg: DraftConfig, head_dir: pathlib.Path) -> jax.Array:
 def export_eagle3(out_dir: str | os.PathLike, cfg: DraftConfig, params: dict, d2t: jax.Array,
                   overwrite: bool = False) -> pathlib.Path:
     """Writes a head in the public layout (config.json + model.safetensors), atomically."""
-    from safetensors.numpy import save_file
-
-    out = pathlib.Path(out_dir).resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConversionError(f"{out} already exists and is not empty (pass overwrite=True to replace it)")
-    tensors = {}
-    for e in head_table(cfg):
-        node = params
-        for name in e.path:
-            node = node[name]
-        tensors[e.hf_key] = np.ascontiguousarray(np.asarray(node.T if e.transpose else node))
+    tensors = table_to_tensors(head_table(cfg), params, 1)
     if "embed_tokens" in params:
         tensors["embed_tokens.weight"] = np.asarray(params["embed_tokens"]["embedding"])
     d2t = np.asarray(d2t, np.int64)
     t2d = np.zeros(cfg.vocab_size, bool)
     t2d[d2t + np.arange(d2t.size)] = True
     tensors["d2t"], tensors["t2d"] = d2t, t2d
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_safetensors_dir(out_dir, tensors, cfg.to_hf(), overwrite)

@@ -282,38 +282,37 @@ def hf_config(cfg: ModelConfig) -> dict:
     return out
 
 
+def table_to_tensors(table: list[Entry], params: dict, num_layers: int) -> dict:
+    """The inverse of `load_params`: HF key -> numpy array (torch layout) for every table entry."""
+    import numpy as np
+
+    tensors = {}
+    for e in table:
+        node = params
+        for name in e.path:
+            node = node[name]
+        for i in range(num_layers) if e.per_layer else [None]:
+            x = np.asarray(node[i] if i is not None else node)
+            tensors[e.hf_key.format(i=i)] = np.ascontiguousarray(x.T if e.transpose else x)
+    return tensors
+
+
+def write_safetensors_dir(out_dir, tensors: dict, config: dict, overwrite: bool = False) -> pathlib.Path:
+    """config.json + model.safetensors, written atomically (nothing half-written on failure)."""
+    from safetensors.numpy import save_file
+
+    from specpv_jax.checkpoint import atomic_directory
+
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return pathlib.Path(out_dir).resolve()
+
+
 def export_hf(out_dir: str | pathlib.Path, cfg: ModelConfig, params: dict, overwrite: bool = False) -> pathlib.Path:
     """Writes `params` as a Hugging Face directory (config.json + model.safetensors), atomically.
 
     The result loads with `transformers` (`AutoModelForCausalLM.from_pretrained`) and with `load_target`.
     """
-    import os
-    import shutil
-    import uuid
-
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    out = pathlib.Path(out_dir).resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConversionError(f"{out} already exists and is not empty (pass overwrite=True to replace it)")
-    tensors = {}
-    for e in param_table(cfg):
-        node = params
-        for name in e.path:
-            node = node[name]
-        for i in range(cfg.num_layers) if e.per_layer else [None]:
-            x = np.asarray(node[i] if i is not None else node)
-            tensors[e.hf_key.format(i=i)] = np.ascontiguousarray(x.T if e.transpose else x)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_safetensors_dir(out_dir, table_to_tensors(param_table(cfg), params, cfg.num_layers),
+                                 hf_config(cfg), overwrite)

@@ -8,12 +8,13 @@ checkpoint under the requested name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import shutil
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -34,15 +35,29 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (pathlib.Path(path) / META_FILE).is_file()
 
 
-def save(out_dir: str | os.PathLike, params: Any, meta: dict[str, Any],
-         tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> pathlib.Path:
-    """Writes `params` and `meta` to `out_dir` atomically; returns the path."""
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
+    """Yields a hidden sibling directory to fill; on success it replaces `out_dir`, on any error it vanishes.
+
+    Refuses a non-empty `out_dir` unless `overwrite`.
+    """
     out = pathlib.Path(out_dir).resolve()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out} already exists and is not empty (pass overwrite=True / --force to replace it)")
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
+        yield tmp
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(out_dir: str | os.PathLike, params: Any, meta: dict[str, Any],
+         tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> pathlib.Path:
+    """Writes `params` and `meta` to `out_dir` atomically; returns the path."""
+    with atomic_directory(out_dir, overwrite) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", params)
         checkpointer.wait_until_finished()
@@ -50,11 +65,7 @@ def save(out_dir: str | os.PathLike, params: Any, meta: dict[str, Any],
             _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp / "tokenizer")
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return pathlib.Path(out_dir).resolve()
 
 
 def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
@@ -89,10 +100,12 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def restore(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
-    """Returns `(meta, params)` with params placed on the default device."""
+def restore(path: str | os.PathLike, kind: str) -> tuple[dict[str, Any], Any]:
+    """Returns `(meta, params)` of a checkpoint of `kind` ("target", "eagle3"), params on the default device."""
     path = pathlib.Path(path).resolve()
     meta = read_meta(path)
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a {kind!r} one")
     checkpointer = ocp.StandardCheckpointer()
     tree = checkpointer.metadata(path / "params").item_metadata.tree
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -53,9 +53,7 @@ def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if checkpoint.is_checkpoint(path):
-        meta, params = checkpoint.restore(path)
-        if meta.get("kind") != "target":
-            raise checkpoint.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a target model")
+        meta, params = checkpoint.restore(path, "target")
         cfg = ModelConfig.from_dict(meta["model_config"])
         if dtype is not None:
             params = cast_params(params, dtype)
@@ -91,9 +89,7 @@ def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None)
     if not path.is_dir():
         raise FileNotFoundError(f"draft directory {path} does not exist")
     if checkpoint.is_checkpoint(path):
-        meta, tree = checkpoint.restore(path)
-        if meta.get("kind") != "eagle3":
-            raise checkpoint.CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not an EAGLE-3 draft")
+        meta, tree = checkpoint.restore(path, "eagle3")
         cfg = DraftConfig.from_dict(meta["draft_config"])
         check_fits_target(cfg, target.cfg, str(path))
         return Eagle3(cfg, cast_params(tree["params"], dtype), tree["d2t"].astype(jnp.int32), str(path))
