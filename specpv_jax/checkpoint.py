@@ -22,9 +22,10 @@ import orbax.checkpoint as ocp
 META_FILE = "specpv_config.json"
 FORMAT = "specpv-jax"
 FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
+# Files that make a directory loadable by AutoTokenizer; the rest travel with them.
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = TOKENIZER_MARKERS + ("special_tokens_map.json", "merges.txt", "added_tokens.json",
+                                       "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 class CheckpointError(ValueError):

@@ -19,12 +19,13 @@ def _cmd_convert(args) -> int:
 def _cmd_generate(args) -> int:
     from specpv_jax import text
     from specpv_jax.generate import generate
-    from specpv_jax.loading import load_target
+    from specpv_jax.loading import load_draft, load_target
 
     model = load_target(args.model, dtype=args.dtype)
+    draft = load_draft(args.draft, model) if args.draft else None
     prompt = pathlib.Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     ids = text.encode_prompt(model.tokenizer, prompt, chat=not args.no_chat)
-    out = generate(model, ids, max_new_tokens=args.max_new_tokens, mode=args.mode,
+    out = generate(model, ids, max_new_tokens=args.max_new_tokens, mode=args.mode, draft=draft,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(text.decode(model.tokenizer, out.tokens[0, : out.lengths[0]].tolist()))
     if args.stats:
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt")
     src.add_argument("--prompt-file")
     g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--mode", default="ar")
+    g.add_argument("--mode", default="ar", help="ar | eagle | specpv | exact (the last three need --draft)")
+    g.add_argument("--draft", help="EAGLE-3 head directory or orbax export")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)

@@ -18,12 +18,12 @@ from jax import lax
 
 from specpv_jax import model as M
 from specpv_jax import prompts, specpv, speculative
+from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
 from specpv_jax.config import ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.loading import Model
-from specpv_jax.attention import resolve_implementation
-from specpv_jax.loop import Output, Run, prefill, timed_call
+from specpv_jax.loop import Output, Run, output_bucket, prefill, timed_call
 from specpv_jax.sampling import Sampler
 
 MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
@@ -71,10 +71,10 @@ def ar_step(params: M.Params, run: Run, eos: jax.Array, s: ARState) -> ARState:
 
 @functools.lru_cache(maxsize=None)
 def _ar_decode_fn(run: Run):
-    def fn(params, cache, logits, key, eos):
+    def fn(params, cache, logits, key, eos, limit):
         key, sub = jax.random.split(key)
         first = run.sampler.sample(logits, sub)
-        state = ARState(cache=cache, out=Output.start(first, eos, run.max_new, run.pad_id), last=first, key=key)
+        state = ARState(cache=cache, out=Output.start(first, eos, run.buffer, run.pad_id, limit), last=first, key=key)
         state = lax.while_loop(lambda s: ~jnp.all(s.out.done), functools.partial(ar_step, params, run, eos), state)
         return state.out, state.cache  # returning the cache lets it be donated
     return jax.jit(fn, donate_argnums=(1,))
@@ -130,27 +130,29 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     batch = prompts.prepare(input_ids, cfg, max_new_tokens, prefill_chunk, attention_mask)
     eos = jnp.asarray(_eos_ids(cfg, eos_token_ids))
     speculative_mode = mode != "ar"
-    run = Run(cfg=cfg, sampler=Sampler(float(temperature), float(top_p)), max_new=int(max_new_tokens),
+    run = Run(cfg=cfg, sampler=Sampler(float(temperature), float(top_p)), buffer=output_bucket(max_new_tokens),
               pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else int(max(int(eos[0]), 0)),
               chunk=min(prefill_chunk, batch.ids.shape[1]), mode=mode, attention=resolve_implementation(attention),
               spec=spec if speculative_mode else None, dcfg=draft.cfg if speculative_mode else None)
     # Room for the prompt bucket, the new tokens, and the scratch of one verification beyond them.
     scratch = {"ar": 1, "eagle": spec.tree_nodes + 1}.get(mode, spec.max_missing + spec.tree_nodes + 1)
-    max_len = batch.ids.shape[1] + max_new_tokens + scratch
+    max_len = batch.ids.shape[1] + run.buffer + scratch
     if mode in ("specpv", "exact"):  # block retrieval needs at least a partial cache's worth of blocks
         max_len = max(max_len, spec.static_tokens + spec.block_size)
     ids, lengths, key = jnp.asarray(batch.ids), jnp.asarray(batch.lengths), jax.random.key(seed)
+    limit = jnp.asarray(max_new_tokens, jnp.int32)
     cache = KVCache.zeros(cfg, batch.batch, max_len, target.dtype)
 
     counters = None
     if mode == "ar":
-        (cache, logits), prefill_s = timed_call(_prefill_fn(run), target.params, ids, lengths, cache)
-        (out, _), decode_s = timed_call(_ar_decode_fn(run), target.params, cache, logits, key, eos)
+        (cache, logits), prefill_s = timed_call(_prefill_fn(run.prefill_key), target.params, ids, lengths, cache)
+        (out, _), decode_s = timed_call(_ar_decode_fn(run), target.params, cache, logits, key, eos, limit)
     else:
         draft_cache = eagle3.empty_cache(draft.cfg, batch.batch, cache.max_len, draft.params)
         (cache, draft_cache, logits, feats), prefill_s = timed_call(
-            speculative.eagle_prefill_fn(run), target.params, draft.params, ids, lengths, cache, draft_cache)
-        args = (target.params, draft.params, draft.d2t, cache, draft_cache, logits, feats, key, eos)
+            speculative.eagle_prefill_fn(run.prefill_key), target.params, draft.params, ids, lengths, cache,
+            draft_cache)
+        args = (target.params, draft.params, draft.d2t, cache, draft_cache, logits, feats, key, eos, limit)
         if mode == "eagle":
             (out, _, _), decode_s = timed_call(speculative.eagle_decode_fn(run), *args)
         else:

@@ -30,7 +30,7 @@ class Model:
 
 
 def _tokenizer(directory: pathlib.Path | None):
-    if directory is None or not any((directory / n).is_file() for n in checkpoint.TOKENIZER_FILES[:5]):
+    if directory is None or not any((directory / n).is_file() for n in checkpoint.TOKENIZER_MARKERS):
         return None
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)

@@ -21,20 +21,32 @@ from specpv_jax.sampling import Sampler
 class Run:
     """The static settings of one generate call; hashable, so it keys the compiled loop.
 
-    mode: the generate mode; max_new: output buffer size; pad_id: filler after a
-    row ends; chunk: prefill chunk; attention: "xla" or "pallas" (resolved);
-    spec/dcfg: speculative modes only.
+    mode: the generate mode; buffer: output slots per row (max_new_tokens rounded
+    up to a bucket, so nearby lengths share one compiled loop; the exact limit is
+    a traced value); pad_id: filler after a row ends; chunk: prefill chunk;
+    attention: "xla" or "pallas" (resolved); spec/dcfg: speculative modes only.
     """
 
     cfg: ModelConfig
     sampler: Sampler
-    max_new: int
+    buffer: int
     pad_id: int
     chunk: int
     mode: str = "ar"
     attention: str = "xla"
     spec: SpecConfig | None = None
     dcfg: DraftConfig | None = None
+
+    @property
+    def prefill_key(self) -> "Run":
+        """The settings prefill depends on (so other changes do not recompile it)."""
+        return Run(cfg=self.cfg, sampler=Sampler(), buffer=0, pad_id=0, chunk=self.chunk, attention=self.attention,
+                   dcfg=self.dcfg)
+
+
+def output_bucket(max_new: int) -> int:
+    """Output buffer size for `max_new` tokens: the next power of two, at least 16."""
+    return max(16, 1 << (int(max_new) - 1).bit_length())
 
 
 _EXECUTABLES: dict[Any, Any] = {}
@@ -93,37 +105,39 @@ def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cach
 @flax.struct.dataclass
 class Output:
     """The part of the loop carry that collects results. tokens: `[B, N]`; num_out, done: `[B]`;
-    steps: loop iterations; row_steps: verifications of live rows; emitted: tokens they emitted."""
+    limit: tokens wanted per row (traced, <= N); steps: loop iterations; row_steps: verifications
+    of live rows; emitted: tokens they emitted."""
 
     tokens: jax.Array
     num_out: jax.Array
     done: jax.Array
+    limit: jax.Array
     steps: jax.Array
     row_steps: jax.Array
     emitted: jax.Array
 
     @classmethod
-    def start(cls, first: jax.Array, eos: jax.Array, max_new: int, pad_id: int) -> "Output":
+    def start(cls, first: jax.Array, eos: jax.Array, buffer: int, pad_id: int, limit: jax.Array) -> "Output":
         """The buffer after each row's first token `[B]` (sampled from the prefill logits)."""
         b = first.shape[0]
         zero = jnp.zeros((), jnp.int32)
-        return cls(tokens=jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first),
-                   num_out=jnp.ones((b,), jnp.int32), done=jnp.isin(first, eos) | (max_new <= 1),
-                   steps=zero, row_steps=zero, emitted=zero)
+        return cls(tokens=jnp.full((b, buffer), pad_id, jnp.int32).at[:, 0].set(first),
+                   num_out=jnp.ones((b,), jnp.int32), done=jnp.isin(first, eos) | (limit <= 1),
+                   limit=jnp.asarray(limit, jnp.int32), steps=zero, row_steps=zero, emitted=zero)
 
     def append(self, new: jax.Array, count: jax.Array, eos: jax.Array) -> "Output":
         """Appends `new [B, P]` (first `count [B]` valid) to live rows, stopping at EOS and at the buffer's end."""
         b, p = new.shape
-        max_new = self.tokens.shape[1]
         live = ~self.done
         slot = jnp.arange(p)[None, :]
         is_eos = jnp.isin(new, eos) & (slot < count[:, None])
         hit_eos = is_eos.any(1)
         count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, count)
-        count = jnp.where(live, jnp.minimum(count, max_new - self.num_out), 0)
-        dest = jnp.where(slot < count[:, None], self.num_out[:, None] + slot, max_new)
+        count = jnp.where(live, jnp.minimum(count, self.limit - self.num_out), 0)
+        dest = jnp.where(slot < count[:, None], self.num_out[:, None] + slot, self.tokens.shape[1])
         tokens = self.tokens.at[jnp.arange(b)[:, None], dest].set(new, mode="drop")
         num_out = self.num_out + count
-        return Output(tokens=tokens, num_out=num_out, done=self.done | (live & (hit_eos | (num_out >= max_new))),
-                      steps=self.steps + 1, row_steps=self.row_steps + live.sum(),
-                      emitted=self.emitted + count.sum())
+        return self.replace(tokens=tokens, num_out=num_out,
+                            done=self.done | (live & (hit_eos | (num_out >= self.limit))),
+                            steps=self.steps + 1, row_steps=self.row_steps + live.sum(),
+                            emitted=self.emitted + count.sum())

@@ -36,7 +36,7 @@ from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_tokens
 from specpv_jax.draft import eagle3
 from specpv_jax.loop import Run
 from specpv_jax.sampling import sample_from
-from specpv_jax.speculative import EagleState, draft, flat_features, initial_state
+from specpv_jax.speculative import EagleState, draft, flat_features, initial_state, tree_emission
 from specpv_jax.tree import Tree
 
 
@@ -91,12 +91,6 @@ def _live(st: SpecPVState) -> jax.Array:
     return ~st.eagle.out.done
 
 
-def _tree_emission(acc: verify.Acceptance, tree: Tree, tree_features: jax.Array):
-    """Tokens a verified tree emits `[B, D + 1]` and the head's next pairs (features at the path)."""
-    feats = jnp.take_along_axis(tree_features, acc.path[:, :, None], axis=1)
-    return acc.emitted(tree), feats
-
-
 def bounded_draft(params, dparams, d2t, run: Run, st: SpecPVState):
     """`draft` with the head attending to its bounded cache; the new pairs go into both of its caches."""
     s, dcfg = st.eagle, run.dcfg
@@ -141,7 +135,7 @@ def partial_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPV
         q = run.sampler.probs(jnp.take_along_axis(logits, acc.path[:, :, None], axis=1))
         missing_q = missing_q.at[rows, dest].set(q, mode="drop")
 
-    emitted, feats = _tree_emission(acc, tree, flat_features(out.features))
+    emitted, feats = tree_emission(acc, tree, flat_features(out.features))
     out_buf = s.out.append(emitted, count, eos) if run.mode == "specpv" else s.out
     c = st.counters
     return st.replace(
@@ -228,7 +222,7 @@ def full_step(params, dparams, d2t, run: Run, eos, st: SpecPVState, with_missing
     key, k_tree, k_check = jax.random.split(s.key, 3)
     acc = verify.accept(tree, logits[:, m:], run.sampler, k_tree)
     features = flat_features(out.features)
-    emitted, pair_feats = _tree_emission(acc, tree, features[:, m:])
+    emitted, pair_feats = tree_emission(acc, tree, features[:, m:])
     count = acc.count + 1
 
     # Exact mode: the tokens after missing[0] (and the root) were only partially verified.
@@ -303,7 +297,7 @@ def must_confirm(run: Run, eos, st: SpecPVState) -> jax.Array:
     out = st.eagle.out
     slot = jnp.arange(st.missing.shape[1])[None, :]
     has_eos = (jnp.isin(st.missing, eos) & (slot < st.n_missing[:, None])).any(1) | jnp.isin(st.eagle.root, eos)
-    return has_eos | (out.num_out + st.n_missing >= run.max_new) | (st.n_missing >= st.provisional_cap)
+    return has_eos | (out.num_out + st.n_missing >= out.limit) | (st.n_missing >= st.provisional_cap)
 
 
 def specpv_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPVState:
@@ -324,13 +318,13 @@ def specpv_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPVS
 
 @functools.lru_cache(maxsize=None)
 def specpv_decode_fn(run: Run):
-    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos):
+    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos, limit):
         spec = run.spec
         b = cache.length.shape[0]
         m = spec.max_missing
         store_q = run.mode == "exact" and not run.sampler.greedy
         st = SpecPVState(
-            eagle=initial_state(run, cache, draft_cache, logits, last_feats, key, eos),
+            eagle=initial_state(run, cache, draft_cache, logits, last_feats, key, eos, limit),
             partial=retrieval.empty_partial(cache, spec), summary=BlockSummary.of(cache, spec.block_size),
             ready=jnp.zeros((b,), bool), missing=jnp.zeros((b, m), jnp.int32), n_missing=jnp.zeros((b,), jnp.int32),
             missing_q=jnp.zeros((b, m, run.cfg.vocab_size), jnp.float32) if store_q else None,

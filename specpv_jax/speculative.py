@@ -18,10 +18,10 @@ from specpv_jax import model as M
 from specpv_jax import verify
 from specpv_jax.attention import causal_mask
 from specpv_jax.cache import KVCache, commit_path
-from specpv_jax.tree import Tree
 from specpv_jax.config import DraftConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.loop import Output, Run, prefill
+from specpv_jax.tree import Tree
 
 
 @flax.struct.dataclass
@@ -59,6 +59,12 @@ def draft_prefill_chunk(dparams, dcfg: DraftConfig, embed, draft_cache: KVCache,
     return cache
 
 
+def tree_emission(acc: verify.Acceptance, tree: Tree, tree_features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Tokens a verified tree emits `[B, D + 1]` and the head's next pairs' features (at the accepted path)."""
+    feats = jnp.take_along_axis(tree_features, acc.path[:, :, None], axis=1)
+    return acc.emitted(tree), feats
+
+
 def draft(params, dparams, d2t, run: Run, s: EagleState) -> tuple[Tree, KVCache]:
     """The head sees the pairs committed last step, then grows the next tree below `s.root`."""
     embed = eagle3.embed_table(dparams, params)
@@ -77,8 +83,7 @@ def eagle_step(params, dparams, d2t, run: Run, eos: jax.Array, s: EagleState) ->
     acc = verify.accept(tree, M.logits(params, cfg, out.hidden), run.sampler, sub)
     live = ~s.out.done
     cache = commit_path(out.cache, acc.path, acc.count)
-    emitted = acc.emitted(tree)
-    feats = jnp.take_along_axis(flat_features(out.features), acc.path[:, :, None], axis=1)
+    emitted, feats = tree_emission(acc, tree, flat_features(out.features))
     return EagleState(cache=cache.replace(length=jnp.where(live, cache.length, s.cache.length)),
                       draft_cache=draft_cache.replace(length=jnp.where(live, draft_cache.length,
                                                                        s.draft_cache.length)),
@@ -100,7 +105,7 @@ def eagle_prefill_fn(run: Run):
 
 
 def initial_state(run: Run, cache: KVCache, draft_cache: KVCache, logits: jax.Array, last_feats: jax.Array,
-                  key: jax.Array, eos: jax.Array) -> EagleState:
+                  key: jax.Array, eos: jax.Array, limit: jax.Array) -> EagleState:
     """The loop carry after sampling each row's first token from the prefill `logits [B, V]`.
 
     The head still owes the pair (last prompt feature, first token).
@@ -114,13 +119,13 @@ def initial_state(run: Run, cache: KVCache, draft_cache: KVCache, logits: jax.Ar
     return EagleState(cache=cache, draft_cache=draft_cache, pair_feats=feats,
                       pair_tokens=jnp.zeros((b, p), jnp.int32).at[:, 0].set(first),
                       pair_count=jnp.ones((b,), jnp.int32), root=first,
-                      out=Output.start(first, eos, run.max_new, run.pad_id), key=key)
+                      out=Output.start(first, eos, run.buffer, run.pad_id, limit), key=key)
 
 
 @functools.lru_cache(maxsize=None)
 def eagle_decode_fn(run: Run):
-    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos):
-        state = initial_state(run, cache, draft_cache, logits, last_feats, key, eos)
+    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos, limit):
+        state = initial_state(run, cache, draft_cache, logits, last_feats, key, eos, limit)
         step = functools.partial(eagle_step, params, dparams, d2t, run, eos)
         state = lax.while_loop(lambda s: ~jnp.all(s.out.done), step, state)
         return state.out, state.cache, state.draft_cache

@@ -100,3 +100,14 @@ def test_fidelity(target):
     wrong = out.tokens.copy()
     wrong[1, 11] = (wrong[1, 11] + 1) % 160  # the last token: exactly one mismatch
     assert sj.fidelity(target, prompts, sj.GenerateOutput(wrong, out.lengths, out.stats)) == 23 / 24
+
+
+def test_nearby_lengths_share_compiled_loops(target):
+    """Prompt lengths and max_new_tokens are bucketed: a new value inside the buckets compiles nothing."""
+    from specpv_jax import loop
+
+    sj.generate(target, [5, 6, 7], max_new_tokens=20, eos_token_ids=())
+    compiled = len(loop._EXECUTABLES)
+    out = sj.generate(target, [5, 6, 8, 9, 10], max_new_tokens=27, eos_token_ids=())
+    assert len(loop._EXECUTABLES) == compiled
+    assert out.tokens.shape == (1, 27) and out.stats["new_tokens"] == 27

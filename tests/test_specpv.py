@@ -173,7 +173,7 @@ def test_provisional_check_restores_the_target_law(temperature, top_p):
     q_logits = p_logits + rng.standard_normal(vocab).astype(np.float32) * 2  # a quite different partial view
     p, q = (np.asarray(sampler.probs(jnp.asarray(x)), np.float64) for x in (p_logits, q_logits))
     drawn = rng.choice(vocab, rows, p=q / q.sum()).astype(np.int32)[:, None]
-    run = Run(cfg=None, sampler=sampler, max_new=1, pad_id=0, chunk=1, mode="exact")
+    run = Run(cfg=None, sampler=sampler, buffer=1, pad_id=0, chunk=1, mode="exact")
     rejected, first, token = check_provisional(
         run, jnp.broadcast_to(jnp.asarray(p_logits), (rows, 1, vocab)), jnp.asarray(drawn),
         jnp.ones((rows,), jnp.int32), jnp.broadcast_to(jnp.asarray(q, jnp.float32), (rows, 1, vocab)),
