@@ -24,7 +24,7 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow tests
 
 bench: install
-	$(BIN)/python benchmarks/ar_vs_hf.py
+	$(BIN)/specpv-jax bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

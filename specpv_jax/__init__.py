@@ -8,10 +8,12 @@
 """
 
 from specpv_jax.config import DraftConfig, ModelConfig, RopeConfig, SpecConfig
-from specpv_jax.generate import GenerateOutput, fidelity, forward_logits, generate
+from specpv_jax.demo import DemoModels, demo_models
+from specpv_jax.generate import GenerateOutput, fidelity, forward_logits, generate, make_generate_fn
 from specpv_jax.loading import Model, load_draft, load_target, save_draft, save_target
 
 __all__ = [
-    "DraftConfig", "GenerateOutput", "Model", "ModelConfig", "RopeConfig", "SpecConfig",
-    "fidelity", "forward_logits", "generate", "load_draft", "load_target", "save_draft", "save_target",
+    "DemoModels", "DraftConfig", "GenerateOutput", "Model", "ModelConfig", "RopeConfig", "SpecConfig",
+    "demo_models", "fidelity", "forward_logits", "generate", "load_draft", "load_target", "make_generate_fn", "save_draft",
+    "save_target",
 ]

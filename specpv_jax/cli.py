@@ -25,26 +25,66 @@ def _cmd_generate(args) -> int:
     draft = load_draft(args.draft, model) if args.draft else None
     prompt = pathlib.Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     ids = text.encode_prompt(model.tokenizer, prompt, chat=not args.no_chat)
+    stream = None if args.no_stream else text.TextStream(model.tokenizer)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, mode=args.mode, draft=draft,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    print(text.decode(model.tokenizer, out.tokens[0, : out.lengths[0]].tolist()))
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=stream)
+    if stream is None:
+        print(text.decode(model.tokenizer, out.tokens[0, : out.lengths[0]].tolist()))
+    else:
+        print()
     if args.stats:
-        for k, v in out.stats.items():
-            print(f"{k:>24}: {v:.4g}" if isinstance(v, float) else f"{k:>24}: {v}", file=sys.stderr)
+        print(stats_table(out.stats), file=sys.stderr)
     return 0
+
+
+def stats_table(stats: dict) -> str:
+    """`generate` stats as an aligned two-column table."""
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in stats.items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:>10}" for k, v in rows)
 
 
 def _cmd_demo(args) -> int:
     from specpv_jax.demo import run_demo
 
-    return run_demo()
+    run_demo(context=args.context, new_tokens=args.max_new_tokens)
+    return 0
 
 
-def _not_yet(name):
-    def run(args) -> int:
-        print(f"specpv-jax {name}: not implemented yet", file=sys.stderr)
-        return 2
-    return run
+def _cmd_train_draft(args) -> int:
+    from convert.eagle3 import export_eagle3
+    from specpv_jax.loading import load_target
+    from specpv_jax.train import corpus, eagle
+    from specpv_jax.train.trainer import TrainConfig
+
+    target = load_target(args.target, dtype="float32")
+    if target.tokenizer is None:
+        raise ValueError(f"{args.target} has no tokenizer files; train-draft tokenizes --data with it")
+    files = [f for path in map(pathlib.Path, args.data)
+             for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise FileNotFoundError(f"--data: no such file(s): {', '.join(missing) or ' '.join(args.data)}")
+    docs = [corpus.Document(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    token_docs = corpus.encode_documents(target.tokenizer, docs)
+    print(f"train-draft: {len(docs)} files, {sum(d.size for d in token_docs)} tokens", file=sys.stderr)
+    short = TrainConfig(args.steps, args.batch, args.length, lr=args.lr)
+    long = (TrainConfig(args.long_steps, max(1, args.batch // 4), args.long_length, lr=args.lr / 10, warmup=5)
+            if args.long_context else None)
+    head, metrics = eagle.train_eagle3(target.params, target.cfg, token_docs,
+                                       min(args.draft_vocab, target.cfg.vocab_size), short, long, args.long_context,
+                                       args.unroll, args.work)
+    out = export_eagle3(args.out, head.cfg, head.params, head.d2t, overwrite=args.force)
+    accuracy = " ".join(f"{metrics[k]:.2f}" for k in sorted(metrics) if k.startswith("acc"))
+    print(f"wrote {out} (last-step accuracy per TTT step: {accuracy})")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from specpv_jax.bench import run
+
+    run(args)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,12 +112,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--stats", action="store_true", help="print counters and timings to stderr")
+    g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
     g.set_defaults(run=_cmd_generate)
 
     d = sub.add_parser("demo", help="run the bundled demo")
+    d.add_argument("--context", type=int, default=16384, help="prompt tokens (a held-out module's source)")
+    d.add_argument("--max-new-tokens", type=int, default=128)
     d.set_defaults(run=_cmd_demo)
-    for name in ("bench", "train-draft"):
-        sub.add_parser(name).set_defaults(run=_not_yet(name))
+    t = sub.add_parser("train-draft", help="train an EAGLE-3 head for a target on text files")
+    t.add_argument("--target", required=True, help="HF directory or orbax checkpoint (with tokenizer files)")
+    t.add_argument("--data", nargs="+", required=True, help="text files or directories of them")
+    t.add_argument("--out", required=True, help="output directory (public EAGLE-3 layout)")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--length", type=int, default=512, help="training sequence length")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--unroll", type=int, default=5, help="training-time-test steps")
+    t.add_argument("--draft-vocab", type=int, default=32000, help="draft vocabulary size (capped at the target's)")
+    t.add_argument("--long-context", type=int, help="YaRN fine-tune stretching RoPE to this many positions")
+    t.add_argument("--long-steps", type=int, default=100)
+    t.add_argument("--long-length", type=int, default=2048)
+    t.add_argument("--work", help="directory for resumable training checkpoints")
+    t.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    t.set_defaults(run=_cmd_train_draft)
+    b = sub.add_parser("bench", help="the modes side by side over context lengths; writes bench.json/md/png")
+    from specpv_jax.bench import add_arguments
+    add_arguments(b)
+    b.set_defaults(run=_cmd_bench)
     return p
 
 

@@ -1,21 +1,61 @@
-"""`specpv-jax demo`: generation on a small model, with speed and counters.
+"""The bundled demo models and `specpv-jax demo`.
 
-Until trained demo models are bundled, the demo runs a small random-weight
-LLaMA-shaped model and a random EAGLE-3 head, so it shows the machinery and
-its cost, not sensible text: a random head's guesses are almost never
-accepted, so `eagle` is slower than `ar` here.
+`demo_models()` loads the small target and EAGLE-3 head shipped in
+`specpv_jax/assets/demo` (trained on the Python standard library's source by
+`python -m specpv_jax.train.demo_models`). The demo continues a held-out
+standard-library document at several context lengths with every mode and
+prints speed, acceptance and fidelity side by side.
 """
 
 from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from specpv_jax.config import DraftConfig, ModelConfig, RopeConfig, SpecConfig
 from specpv_jax.draft import eagle3
-from specpv_jax.generate import generate
-from specpv_jax.loading import Model
+from specpv_jax.loading import Model, load_draft, load_target
 from specpv_jax.model import init_params
+
+ASSETS = pathlib.Path(__file__).resolve().parent / "assets" / "demo"
+DEMO_MODES = ("ar", "eagle", "specpv", "exact")
+# A small tree: on a 2-core CPU and this small target, the default 7/10/60 tree costs more per step than the
+# tokens it saves (BENCHMARKS.md, "Demo models"). Pass spec=SpecConfig() for the paper's tree.
+DEMO_SPEC = SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=6)
+
+
+class DemoModels(NamedTuple):
+    target: Model
+    eagle3: eagle3.Eagle3
+    tokenizer: Any
+
+
+@functools.lru_cache(maxsize=4)
+def demo_models(dtype: str = "float32") -> DemoModels:
+    """The bundled demo target, its EAGLE-3 head and tokenizer, loaded and ready for `generate`."""
+    target_dir, head_dir = ASSETS / "target", ASSETS / "eagle3"
+    for d in (target_dir, head_dir):
+        if not (d / "config.json").is_file():
+            raise FileNotFoundError(f"demo model {d} is missing; rebuild the assets with "
+                                    f"`python -m specpv_jax.train.demo_models` (see its docstring)")
+    target = load_target(target_dir, dtype=dtype, progress=False)
+    return DemoModels(target, load_draft(head_dir, target), target.tokenizer)
+
+
+def demo_prompt(tokenizer, length: int) -> np.ndarray:
+    """The first `length` tokens of the longest held-out standard-library document (never trained on)."""
+    from specpv_jax.train import corpus
+
+    _, heldout = corpus.split(corpus.documents())
+    ids = max(corpus.encode_documents(tokenizer, heldout), key=len)
+    if ids.size < length:
+        raise ValueError(f"the longest held-out document has {ids.size} tokens, fewer than {length}")
+    return ids[:length]
+
 
 DEMO_CONFIG = ModelConfig(arch="llama", vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=4,
                           num_heads=8, num_kv_heads=2, head_dim=32, max_position_embeddings=32768,
@@ -23,6 +63,7 @@ DEMO_CONFIG = ModelConfig(arch="llama", vocab_size=2048, hidden_size=256, interm
 
 
 def random_demo_model(seed: int = 0) -> Model:
+    """A random-weight model shaped like a small LLaMA (speed benchmarks without the assets)."""
     return Model(DEMO_CONFIG, init_params(DEMO_CONFIG, jax.random.key(seed)), source="random")
 
 
@@ -38,20 +79,36 @@ def random_head(target: Model, seed: int = 1) -> eagle3.Eagle3:
                          eagle3.identity_d2t(dcfg), source="random")
 
 
-def run_demo(context: int = 2048, new_tokens: int = 128) -> int:
-    print("specpv-jax demo: random-weight target and head (trained demo models are not bundled yet),\n"
-          "so drafted tokens are almost never accepted and `eagle` only shows its cost here.")
-    model = random_demo_model()
-    head = random_head(model)
-    spec = SpecConfig(tree_depth=5, tree_top_k=8, tree_nodes=32)
-    prompt = np.random.default_rng(0).integers(0, DEMO_CONFIG.vocab_size, context)
-    print(f"{'mode':>8} {'context':>8} {'new':>5} {'tok/s':>9} {'vs ar':>6} {'prefill s':>10} {'accept':>7}")
-    base = None
-    for mode in ("ar", "eagle"):
-        out = generate(model, prompt, max_new_tokens=new_tokens, mode=mode, draft=head, spec=spec,
-                       eos_token_ids=())
+def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...] = DEMO_MODES,
+             spec: SpecConfig | None = None, progress: bool = True) -> list[dict]:
+    """Continues a held-out module's source (`context` tokens) with each of `modes` on the demo models and
+    prints the code written, then a table: tokens/s, speedup over the first mode, mean accepted length,
+    full/partial verifications and fidelity (share of tokens equal to the full-context target's greedy
+    choice). Returns the table's rows."""
+    from tqdm.auto import tqdm
+
+    from specpv_jax.generate import fidelity, generate
+
+    models = demo_models()
+    prompt = demo_prompt(models.tokenizer, context)
+    print(f"specpv-jax demo: a {models.target.cfg.num_layers}-layer target and its EAGLE-3 head, trained on the "
+          f"Python standard library, continue {context} tokens of a held-out module's source.")
+    rows, outputs = [], {}
+    for mode in tqdm(modes, desc="modes", disable=not progress):
+        out = generate(models.target, prompt, max_new_tokens=new_tokens, mode=mode, draft=models.eagle3,
+                       spec=spec or DEMO_SPEC, eos_token_ids=())
+        outputs[mode] = out
+        lossless_match = mode != "specpv" and modes[0] == "ar" and np.array_equal(out.tokens, outputs["ar"].tokens)
         s = out.stats
-        base = base or s["tokens_per_s"]
-        print(f"{mode:>8} {context:>8} {s['new_tokens']:>5} {s['tokens_per_s']:>9.1f} {s['tokens_per_s'] / base:>6.2f} "
-              f"{s['prefill_s']:>10.2f} {s['mean_accept_len']:>7.2f}")
-    return 0
+        rows.append({"mode": mode, "tokens_per_s": s["tokens_per_s"], "mean_accept_len": s["mean_accept_len"],
+                     "full": s["full_verifications"], "partial": s["partial_verifications"],
+                     "fidelity": 1.0 if lossless_match else fidelity(models.target, prompt, out)})
+    base = rows[0]["tokens_per_s"]
+    first = outputs[modes[0]]
+    print(f"\n--- {modes[0]} wrote ({first.lengths[0]} tokens) ---\n"
+          f"{models.tokenizer.decode(first.tokens[0, :first.lengths[0]])}\n---\n")
+    print(f"{'mode':>8} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'full':>5} {'partial':>8} {'fidelity':>9}")
+    for r in rows:
+        print(f"{r['mode']:>8} {r['tokens_per_s']:>8.1f} {r['tokens_per_s'] / base:>7.2f}x "
+              f"{r['mean_accept_len']:>7.2f} {r['full']:>5} {r['partial']:>8} {r['fidelity']:>9.3f}")
+    return rows

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from specpv_jax import model as M
 from specpv_jax import prompts, specpv, speculative
@@ -23,7 +22,7 @@ from specpv_jax.cache import KVCache
 from specpv_jax.config import ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.loading import Model
-from specpv_jax.loop import Output, Run, output_bucket, prefill, timed_call
+from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill, timed_call
 from specpv_jax.sampling import Sampler
 
 MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
@@ -75,7 +74,7 @@ def _ar_decode_fn(run: Run):
         key, sub = jax.random.split(key)
         first = run.sampler.sample(logits, sub)
         state = ARState(cache=cache, out=Output.start(first, eos, run.buffer, run.pad_id, limit), last=first, key=key)
-        state = lax.while_loop(lambda s: ~jnp.all(s.out.done), functools.partial(ar_step, params, run, eos), state)
+        state = decode_loop(run, functools.partial(ar_step, params, run, eos), state)
         return state.out, state.cache  # returning the cache lets it be donated
     return jax.jit(fn, donate_argnums=(1,))
 
@@ -105,7 +104,8 @@ def _check_draft(target: Model, draft: Any, mode: str) -> None:
 def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft: Any = None, mode: str = "ar",
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, spec: SpecConfig | None = None,
              attention_mask: Any = None, eos_token_ids: int | tuple[int, ...] | None = None,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "auto") -> GenerateOutput:
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "auto",
+             stream: Callable[[list[np.ndarray]], None] | None = None) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens after each prompt.
 
     input_ids: a list of ids, a ragged list of lists, or an int array `[T]` / `[B, T]`
@@ -113,7 +113,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     mode: "ar" (one target step per token) or "eagle" (tree speculation with an
     EAGLE-3 `draft`, lossless). Rows stop at any of `eos_token_ids` (default: the
     model's EOS ids; `()` never stops). attention: "auto" (Pallas kernels on GPU,
-    XLA elsewhere), "xla" or "pallas".
+    XLA elsewhere), "xla" or "pallas". stream: called on the host with each row's
+    newly emitted tokens as generation goes (exact mode: confirmed tokens only).
     Returns `GenerateOutput(tokens [B, n_new], lengths [B], stats)`.
     """
     if mode not in MODES:
@@ -128,42 +129,104 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     spec = spec or SpecConfig()
     cfg = target.cfg
     batch = prompts.prepare(input_ids, cfg, max_new_tokens, prefill_chunk, attention_mask)
-    eos = jnp.asarray(_eos_ids(cfg, eos_token_ids))
-    speculative_mode = mode != "ar"
-    run = Run(cfg=cfg, sampler=Sampler(float(temperature), float(top_p)), buffer=output_bucket(max_new_tokens),
-              pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else int(max(int(eos[0]), 0)),
-              chunk=min(prefill_chunk, batch.ids.shape[1]), mode=mode, attention=resolve_implementation(attention),
-              spec=spec if speculative_mode else None, dcfg=draft.cfg if speculative_mode else None)
-    # Room for the prompt bucket, the new tokens, and the scratch of one verification beyond them.
-    scratch = {"ar": 1, "eagle": spec.tree_nodes + 1}.get(mode, spec.max_missing + spec.tree_nodes + 1)
-    max_len = batch.ids.shape[1] + run.buffer + scratch
-    if mode in ("specpv", "exact"):  # block retrieval needs at least a partial cache's worth of blocks
-        max_len = max(max_len, spec.static_tokens + spec.block_size)
-    ids, lengths, key = jnp.asarray(batch.ids), jnp.asarray(batch.lengths), jax.random.key(seed)
-    limit = jnp.asarray(max_new_tokens, jnp.int32)
-    cache = KVCache.zeros(cfg, batch.batch, max_len, target.dtype)
-
-    counters = None
-    if mode == "ar":
-        (cache, logits), prefill_s = timed_call(_prefill_fn(run.prefill_key), target.params, ids, lengths, cache)
-        (out, _), decode_s = timed_call(_ar_decode_fn(run), target.params, cache, logits, key, eos, limit)
-    else:
-        draft_cache = eagle3.empty_cache(draft.cfg, batch.batch, cache.max_len, draft.params)
-        (cache, draft_cache, logits, feats), prefill_s = timed_call(
-            speculative.eagle_prefill_fn(run.prefill_key), target.params, draft.params, ids, lengths, cache,
-            draft_cache)
-        args = (target.params, draft.params, draft.d2t, cache, draft_cache, logits, feats, key, eos, limit)
-        if mode == "eagle":
-            (out, _, _), decode_s = timed_call(speculative.eagle_decode_fn(run), *args)
-        else:
-            (out, counters, _, _), decode_s = timed_call(specpv.specpv_decode_fn(run), *args)
-
+    eos = _eos_ids(cfg, eos_token_ids)
+    run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, temperature, top_p,
+                         eos, batch.ids.shape[1], min(prefill_chunk, batch.ids.shape[1]), attention, stream)
+    out, counters, prefill_s, decode_s = _prefill_and_decode(
+        run, max_len, timed_call, target.params, draft.params if draft is not None else None,
+        draft.d2t if draft is not None else None, jnp.asarray(batch.ids), jnp.asarray(batch.lengths),
+        jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32))
     num_out = np.asarray(out.num_out)
-    stats = {"mode": mode, "new_tokens": int(num_out.sum()), **_step_stats(out, counters, speculative_mode),
+    stats = {"mode": mode, "new_tokens": int(num_out.sum()), **_step_stats(out, counters, mode != "ar"),
              "prefill_s": prefill_s, "time_s": decode_s,
              # The first token of each row comes from prefill.
              "tokens_per_s": int(out.emitted) / decode_s if decode_s > 0 else 0.0}
     return GenerateOutput(tokens=np.asarray(out.tokens)[:, : int(num_out.max())], lengths=num_out, stats=stats)
+
+
+def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: int, temperature: float,
+          top_p: float, eos: np.ndarray, prompt_len: int, chunk: int, attention: str,
+          stream=None) -> tuple[Run, int]:
+    """The static settings of a call and the cache length it needs."""
+    speculative_mode = mode != "ar"
+    run = Run(cfg=cfg, sampler=Sampler(float(temperature), float(top_p)), buffer=output_bucket(max_new_tokens),
+              pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else int(max(int(eos[0]), 0)),
+              chunk=chunk, mode=mode, attention=resolve_implementation(attention),
+              spec=spec if speculative_mode else None, dcfg=dcfg if speculative_mode else None, stream=stream)
+    # Room for the prompt bucket, the new tokens, and the scratch of one verification beyond them.
+    scratch = {"ar": 1, "eagle": spec.tree_nodes + 1}.get(mode, spec.max_missing + spec.tree_nodes + 1)
+    max_len = prompt_len + run.buffer + scratch
+    if mode in ("specpv", "exact"):  # block retrieval needs at least a partial cache's worth of blocks
+        max_len = max(max_len, spec.static_tokens + spec.block_size)
+    return run, max_len
+
+
+def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t, ids, lengths, key, eos, limit):
+    """Prefill then the decode loop; `call(fn, *args) -> (result, seconds)` runs each jitted stage.
+    Returns (Output, SpecPV counters or None, prefill seconds, decode seconds)."""
+    b = ids.shape[0]
+    cache = KVCache.zeros(run.cfg, b, max_len, M.param_dtype(params))
+    if run.mode == "ar":
+        (cache, logits), prefill_s = call(_prefill_fn(run.prefill_key), params, ids, lengths, cache)
+        (out, _), decode_s = call(_ar_decode_fn(run), params, cache, logits, key, eos, limit)
+        return out, None, prefill_s, decode_s
+    draft_cache = eagle3.empty_cache(run.dcfg, b, max_len, draft_params)
+    (cache, draft_cache, logits, feats), prefill_s = call(
+        speculative.eagle_prefill_fn(run.prefill_key), params, draft_params, ids, lengths, cache, draft_cache)
+    args = (params, draft_params, d2t, cache, draft_cache, logits, feats, key, eos, limit)
+    if run.mode == "eagle":
+        (out, _, _), decode_s = call(speculative.eagle_decode_fn(run), *args)
+        return out, None, prefill_s, decode_s
+    (out, counters, _, _), decode_s = call(specpv.specpv_decode_fn(run), *args)
+    return out, counters, prefill_s, decode_s
+
+
+def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None, *, mode: str = "ar",
+                     draft_cfg=None, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                     eos_token_ids: int | tuple[int, ...] | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                     attention: str = "auto"):
+    """A pure, jittable `generate_fn(params, draft_params, ids, key) -> (tokens [B, max_new_tokens], lengths [B])`.
+
+    For research code that jits (or vmaps) generation itself. ids: `[B, T]`
+    int32 equal-length prompts (no padding); draft_params: `{"params": draft.params,
+    "d2t": draft.d2t}` for the speculative modes (ignored by "ar"); key: a PRNG key.
+    Settings are static and fixed here; output equals `generate` with the same
+    settings. Example::
+
+        fn = jax.jit(sj.make_generate_fn(target.cfg, sj.SpecConfig(), mode="eagle", draft_cfg=draft.cfg,
+                                         max_new_tokens=64))
+        tokens, lengths = fn(target.params, {"params": draft.params, "d2t": draft.d2t}, ids, jax.random.key(0))
+        # several samples of one prompt at once:
+        sample = jax.vmap(fn, in_axes=(None, None, None, 0))
+    """
+    if mode not in ("ar", "eagle", "specpv", "exact"):
+        raise ValueError(f"make_generate_fn supports modes ar, eagle, specpv, exact; got {mode!r}")
+    if mode != "ar" and draft_cfg is None:
+        raise ValueError(f"mode {mode!r} needs draft_cfg (the draft's DraftConfig)")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    spec = spec_cfg or SpecConfig()
+    eos = _eos_ids(target_cfg, eos_token_ids)
+
+    def untimed(fn, *args):
+        return fn(*args), 0.0
+
+    def generate_fn(params, draft_params, ids, key):
+        ids = jnp.asarray(ids, jnp.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"ids must be [B, T], got shape {ids.shape}")
+        b, t = ids.shape
+        chunk = min(prefill_chunk, t)
+        padded = jnp.pad(ids, ((0, 0), (0, -t % chunk)))
+        run, max_len = _plan(target_cfg, spec, mode, draft_cfg, max_new_tokens, temperature, top_p, eos,
+                             padded.shape[1], chunk, attention)
+        draft_params = draft_params or {"params": None, "d2t": None}
+        out, _, _, _ = _prefill_and_decode(run, max_len, untimed, params, draft_params["params"], draft_params["d2t"],
+                                           padded, jnp.full((b,), t, jnp.int32), key, jnp.asarray(eos),
+                                           jnp.asarray(max_new_tokens, jnp.int32))
+        return out.tokens[:, :max_new_tokens], out.num_out
+
+    return generate_fn
 
 
 def _step_stats(out: Output, counters, speculative_mode: bool) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -24,7 +25,8 @@ class Run:
     mode: the generate mode; buffer: output slots per row (max_new_tokens rounded
     up to a bucket, so nearby lengths share one compiled loop; the exact limit is
     a traced value); pad_id: filler after a row ends; chunk: prefill chunk;
-    attention: "xla" or "pallas" (resolved); spec/dcfg: speculative modes only.
+    attention: "xla" or "pallas" (resolved); spec/dcfg: speculative modes only;
+    stream: a host function called with each row's newly emitted tokens (see `decode_loop`).
     """
 
     cfg: ModelConfig
@@ -36,6 +38,7 @@ class Run:
     attention: str = "xla"
     spec: SpecConfig | None = None
     dcfg: DraftConfig | None = None
+    stream: Callable[[list], None] | None = None
 
     @property
     def prefill_key(self) -> "Run":
@@ -141,3 +144,29 @@ class Output:
                             done=self.done | (live & (hit_eos | (num_out >= self.limit))),
                             steps=self.steps + 1, row_steps=self.row_steps + live.sum(),
                             emitted=self.emitted + count.sum())
+
+
+def decode_loop(run: Run, step: Callable, state: Any, out_of: Callable[[Any], Output] = lambda s: s.out) -> Any:
+    """Runs `step` until every row is done.
+
+    With `run.stream`, the host function receives, after the first token and after
+    each step, a list with each row's newly emitted tokens (`np.ndarray`, possibly
+    empty): only tokens in the output buffer, so exact mode streams confirmed tokens.
+    """
+    def reporting_step(s):
+        before = out_of(s).num_out
+        s = step(s)
+        _report(run.stream, out_of(s), before)
+        return s
+
+    if run.stream is not None:
+        _report(run.stream, out_of(state), jnp.zeros_like(out_of(state).num_out))
+    return lax.while_loop(lambda s: ~jnp.all(out_of(s).done), step if run.stream is None else reporting_step, state)
+
+
+def _report(stream: Callable, out: Output, before: jax.Array) -> None:
+    jax.debug.callback(functools.partial(_deliver, stream), out.tokens, before, out.num_out, ordered=True)
+
+
+def _deliver(stream: Callable, tokens, before, after) -> None:
+    stream([row[b:a] for row, b, a in zip(tokens.__array__(), before.__array__(), after.__array__())])

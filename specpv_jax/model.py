@@ -151,7 +151,7 @@ class ForwardOut:
 
     hidden: jax.Array
     features: jax.Array
-    cache: KVCache
+    cache: KVCache | None
     block_scores: jax.Array | None = None
 
 
@@ -159,7 +159,7 @@ def param_dtype(params: Params):
     return params["embed_tokens"]["embedding"].dtype
 
 
-def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array, cache: KVCache,
+def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array, cache: KVCache | None,
             new_mask: jax.Array | None = None, capture_layers: Sequence[int] = (),
             attention: str = "xla", summary: BlockSummary | None = None,
             score_mask: jax.Array | None = None) -> ForwardOut:
@@ -167,7 +167,8 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
 
     The new tokens attend to the cache prefix `[0, cache.length)` and to each
     other under `new_mask [B, T, T]` (causal when None; a tree mask for
-    verification). Their K/V are written at `cache.length + [0, T)`.
+    verification). Their K/V are written at `cache.length + [0, T)`. With
+    `cache=None` the tokens attend only to each other (training; differentiable).
     attention: "xla" or "pallas" (see `attention.attend`). With a block `summary`,
     each layer also scores the summary's blocks against the queries where
     `score_mask [B, T]` is set (SpecPV retrieval).
@@ -186,7 +187,7 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
         x, k_all, v_all, feats = carry
         i, layer_params = xs
         feats = jnp.where((capture == i)[:, None, None, None], x[None], feats)
-        x, q, _, _, k_all, v_all = layer.apply({"params": layer_params}, x, cos, sin, k_all, v_all, cache.length,
+        x, q, _, _, k_all, v_all = layer.apply({"params": layer_params}, x, cos, sin, k_all, v_all, cache_len,
                                                new_mask, i)
         scores = None
         if summary is not None:
@@ -194,10 +195,13 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
         return (x, k_all, v_all, feats), scores
 
     feats = jnp.zeros((capture.shape[0], b, t, cfg.hidden_size), dtype)
+    k_all, v_all, cache_len = (None, None, None) if cache is None else (cache.k, cache.v, cache.length)
     (x, k_all, v_all, feats), scores = lax.scan(
-        body, (x, cache.k, cache.v, feats), (jnp.arange(cfg.num_layers), params["layers"]))
+        body, (x, k_all, v_all, feats), (jnp.arange(cfg.num_layers), params["layers"]))
     hidden = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
-    return ForwardOut(hidden=hidden, features=feats, cache=cache.replace(k=k_all, v=v_all), block_scores=scores)
+    if cache is not None:
+        cache = cache.replace(k=k_all, v=v_all)
+    return ForwardOut(hidden=hidden, features=feats, cache=cache, block_scores=scores)
 
 
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:

@@ -34,7 +34,7 @@ from specpv_jax import model as M
 from specpv_jax import retrieval, verify
 from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_tokens
 from specpv_jax.draft import eagle3
-from specpv_jax.loop import Run
+from specpv_jax.loop import Run, decode_loop
 from specpv_jax.sampling import sample_from
 from specpv_jax.speculative import EagleState, draft, flat_features, initial_state, tree_emission
 from specpv_jax.tree import Tree
@@ -333,7 +333,7 @@ def specpv_decode_fn(run: Run):
             if spec.bounded_draft else None,
             provisional_cap=jnp.full((b,), m, jnp.int32), counters=Counters.zeros())
         step = functools.partial(specpv_step, params, dparams, d2t, run, eos)
-        st = lax.while_loop(lambda s: ~jnp.all(s.eagle.out.done), step, st)
+        st = decode_loop(run, step, st, lambda s: s.eagle.out)
         return st.eagle.out, st.counters, st.eagle.cache, st.eagle.draft_cache
 
     return jax.jit(fn, donate_argnums=(3, 4))

@@ -12,7 +12,6 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from specpv_jax import model as M
 from specpv_jax import verify
@@ -20,7 +19,7 @@ from specpv_jax.attention import causal_mask
 from specpv_jax.cache import KVCache, commit_path
 from specpv_jax.config import DraftConfig
 from specpv_jax.draft import eagle3
-from specpv_jax.loop import Output, Run, prefill
+from specpv_jax.loop import Output, Run, decode_loop, prefill
 from specpv_jax.tree import Tree
 
 
@@ -127,7 +126,7 @@ def eagle_decode_fn(run: Run):
     def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos, limit):
         state = initial_state(run, cache, draft_cache, logits, last_feats, key, eos, limit)
         step = functools.partial(eagle_step, params, dparams, d2t, run, eos)
-        state = lax.while_loop(lambda s: ~jnp.all(s.out.done), step, state)
+        state = decode_loop(run, step, state)
         return state.out, state.cache, state.draft_cache
 
     return jax.jit(fn, donate_argnums=(3, 4))

@@ -18,3 +18,26 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class TextStream:
+    """A `generate(stream=...)` callback that prints row 0's tokens as text as they arrive.
+
+    Decodes everything received so far and prints the new suffix, holding back a
+    trailing incomplete UTF-8 character until its other bytes arrive.
+    """
+
+    def __init__(self, tokenizer: Any, file=None):
+        self.tokenizer, self.file = tokenizer, file
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, rows) -> None:
+        import sys
+
+        self.ids.extend(int(i) for i in rows[0])
+        text = decode(self.tokenizer, self.ids)
+        if text.endswith("\ufffd"):
+            return
+        print(text[self.printed:], end="", flush=True, file=self.file or sys.stdout)
+        self.printed = len(text)

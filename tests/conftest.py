@@ -92,3 +92,14 @@ def hf_model(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drops compiled executables after each test module, so one long pytest process does not accumulate
+    every module's programs (memory grows by gigabytes over the suite otherwise)."""
+    yield
+    from specpv_jax import loop
+
+    loop._EXECUTABLES.clear()
+    jax.clear_caches()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +9,7 @@ import numpy as np
 import pytest
 
 import specpv_jax as sj
-from convert.eagle3 import export_eagle3
-from convert.hf import ConversionError
 from sampling_stats import chi_square_pvalue
-from specpv_jax import loop, speculative
 from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.model import init_params

@@ -48,6 +48,21 @@ def test_cli_generate_from_text(model_dir, capsys):
     words = out.out.split()
     assert 1 <= len(words) <= 6 and all(w.startswith("w") for w in words)
     assert "tokens_per_s" in out.err
+    assert cli.main(["generate", str(model_dir), "--prompt", "w7 w8 w9", "--max-new-tokens", "6", "--no-stream"]) == 0
+    assert capsys.readouterr().out.split() == words  # streamed text == text printed at the end
+
+
+def test_text_stream_holds_back_incomplete_characters(capsys):
+    class Bytes:  # a byte-level tokenizer: id = byte
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    stream = text.TextStream(Bytes())
+    for chunk in ([104, 105, 32], [0xC3], [0xA9, 33]):  # "hi " then "é" split over two steps, then "!"
+        stream([chunk])
+        if chunk == [0xC3]:
+            assert capsys.readouterr().out == "hi "
+    assert capsys.readouterr().out == "é!"
 
 
 def test_tokenizer_travels_with_orbax_export(model_dir, tmp_path):

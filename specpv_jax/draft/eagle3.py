@@ -47,13 +47,14 @@ class MidLayer(nn.Module):
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         x = jnp.concatenate([RMSNorm(eps, self.dtype, name="input_layernorm")(emb),
                              RMSNorm(eps, self.dtype, name="hidden_norm")(hidden)], axis=-1)
+        k_cache, v_cache, length = (None, None, None) if cache is None else (cache.k, cache.v, cache.length)
         attn, _, k, v, k_cache, v_cache = Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, eps=eps, dtype=self.dtype,
-            name="self_attn")(x, cos, sin, cache.k, cache.v, cache.length, new_mask, 0, k_extra, v_extra, write)
+            name="self_attn")(x, cos, sin, k_cache, v_cache, length, new_mask, 0, k_extra, v_extra, write)
         h = hidden + attn
         h = h + MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(
             RMSNorm(eps, self.dtype, name="post_attention_layernorm")(h))
-        return h, k, v, cache.replace(k=k_cache, v=v_cache)
+        return h, k, v, None if cache is None else cache.replace(k=k_cache, v=v_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +79,12 @@ def embed_table(params: Params, target_params: Params) -> jax.Array:
 
 
 def head_forward(params: Params, cfg: DraftConfig, embed: jax.Array, tokens: jax.Array, hidden: jax.Array,
-                 positions: jax.Array, cache: KVCache, new_mask: jax.Array, k_extra=None, v_extra=None,
+                 positions: jax.Array, cache: KVCache | None, new_mask: jax.Array, k_extra=None, v_extra=None,
                  write: bool = True):
     """One head pass. tokens, positions: `[B, T]`; hidden: `[B, T, n_feat * Ht]` target features
     or `[B, T, H]` the head's own outputs. With `write`, the new K/V go into the cache at
-    `cache.length` (lengths unchanged). Returns (hidden out `[B, T, H]`, k, v `[B, Hkv, T, D]`, cache)."""
+    `cache.length` (lengths unchanged); with `cache=None` the pairs attend only to
+    `k_extra, v_extra` and each other (training). Returns (hidden out `[B, T, H]`, k, v `[B, Hkv, T, D]`, cache)."""
     dtype = _dtype(params)
     if hidden.shape[-1] != cfg.hidden_size:
         hidden = hidden.astype(dtype) @ params["fc"]["kernel"]

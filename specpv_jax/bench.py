@@ -1,0 +1,211 @@
+"""`specpv-jax bench`: the modes side by side in one process over context lengths.
+
+    specpv-jax bench                                 # demo models, 2K/4K/8K/16K, held-out prompts
+    specpv-jax bench --quick                         # 1K/2K, fewer tokens (minutes on 2 CPU cores)
+    specpv-jax bench --target DIR --draft DIR --contexts 16384 32768
+
+Per context: decode tokens/s of each mode (each run twice, the warm run
+reported; prefill excluded), speedup over our `ar` and over `transformers`
+greedy generate (torch CPU, from a prefilled cache, so decoding alone is
+timed), mean accepted length in full and partial verifications, their counts,
+and fidelity (share of tokens equal to the full-context target's greedy
+choice). `specpv-bd` is `specpv` with the bounded draft cache. Writes
+`bench.json`, `bench.md` and `bench.png` into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+MODES = ("ar", "eagle", "specpv", "specpv-bd", "exact")
+DEFAULT_MODES = ("ar", "eagle", "specpv", "exact")
+
+
+def run_mode(target, head, prompt, new_tokens, mode, spec, repeats: int = 2):
+    """The last of `repeats` runs (the first run of a fresh executable pays one-time costs)."""
+    from specpv_jax.generate import generate
+
+    name = mode
+    if mode == "specpv-bd":
+        name, spec = "specpv", dataclasses.replace(spec, bounded_draft=True)
+    for _ in range(repeats):
+        out = generate(target, prompt, new_tokens, draft=head, mode=name, spec=spec, eos_token_ids=())
+    return out
+
+
+def hf_decode_tokens_per_s(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens: int) -> float:
+    """Greedy `transformers` generate from a prefilled cache (a copy per run), so only decoding is timed."""
+    import copy
+
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(prompt[None], dtype=torch.long)
+    with torch.no_grad():
+        prefilled = model(ids[:, :-1], use_cache=True).past_key_values
+
+    def timed():
+        cache = copy.deepcopy(prefilled)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+        return time.perf_counter() - start
+
+    timed()  # warm-up
+    return new_tokens / timed()
+
+
+def budget_for(context: int, base, fraction: float):
+    """`base` with a retrieval budget of `fraction` of the context (whole blocks, at most 4096 tokens)."""
+    retrieval = max(base.block_size, min(4096, int(context * fraction)) // base.block_size * base.block_size)
+    return dataclasses.replace(base, retrieval_tokens=retrieval)
+
+
+def prompts_for(target, contexts: list[int]) -> dict[int, np.ndarray]:
+    """Held-out standard-library source through the target's tokenizer, else random ids."""
+    if target.tokenizer is None:
+        rng = np.random.default_rng(0)
+        return {c: rng.integers(0, target.cfg.vocab_size, c) for c in contexts}
+    from specpv_jax.demo import demo_prompt
+
+    return {c: demo_prompt(target.tokenizer, c) for c in contexts}
+
+
+def write_markdown(rows: list[dict], path: pathlib.Path, title: str) -> None:
+    fmt = lambda x, f: format(x, f) if x is not None else "-"  # noqa: E731
+    lines = [f"# {title}", "", "| context | mode | tok/s | vs ar | vs hf | accept | accept full | accept partial "
+             "| full | partial | fidelity |", "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['mode']} | {r['tokens_per_s']:.1f} | {fmt(r.get('vs_ar'), '.2f')} | "
+                     f"{fmt(r.get('vs_hf'), '.2f')} | {fmt(r.get('accept'), '.2f')} | "
+                     f"{fmt(r.get('accept_full'), '.2f')} | {fmt(r.get('accept_partial'), '.2f')} | "
+                     f"{r.get('full', '-')} | {r.get('partial', '-')} | {fmt(r.get('fidelity'), '.3f')} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        pts = [r for r in rows if r["mode"] == mode]
+        ctx = [r["context"] for r in pts]
+        axes[0].plot(ctx, [r["tokens_per_s"] for r in pts], marker="o", label=mode)
+        if all(r.get("vs_ar") is not None for r in pts):
+            axes[1].plot(ctx, [r["vs_ar"] for r in pts], marker="o", label=mode)
+        if all(r.get("accept") is not None for r in pts) and mode != "ar":
+            axes[2].plot(ctx, [r["accept"] for r in pts], marker="o", label=mode)
+    for ax, ylabel in zip(axes, ("decode tokens/s", "speedup over ar", "mean accepted length")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context tokens")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", help="target model directory (default: the bundled demo models)")
+    p.add_argument("--draft", help="EAGLE-3 head directory (with --target)")
+    p.add_argument("--contexts", type=int, nargs="+", help="context lengths (default 2048 4096 8192 16384)")
+    p.add_argument("--new-tokens", type=int, help="new tokens per run (default 64; --quick 32)")
+    p.add_argument("--modes", nargs="+", choices=MODES, help=f"default: {' '.join(DEFAULT_MODES)}")
+    p.add_argument("--tree", type=int, nargs=3, metavar=("DEPTH", "TOP_K", "NODES"),
+                   help="tree shape (default: SpecConfig's)")
+    p.add_argument("--budget-fraction", type=float, default=0.25,
+                   help="retrieval budget as a fraction of the context (at most 4096 tokens)")
+    p.add_argument("--tune", action="store_true", help="pick tree and budget with SpecConfig.tuned")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    p.add_argument("--quick", action="store_true", help="1K and 2K contexts, 32 new tokens")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_results"))
+
+
+def run(args) -> list[dict]:
+    import jax
+
+    import specpv_jax as sj
+
+    contexts = args.contexts or ([1024, 2048] if args.quick else [2048, 4096, 8192, 16384])
+    new_tokens = args.new_tokens or (32 if args.quick else 64)
+    modes = args.modes or list(DEFAULT_MODES)
+    if args.target:
+        target = sj.load_target(args.target)
+        head = sj.load_draft(args.draft, target) if args.draft else None
+    else:
+        target, head, _ = sj.demo_models()
+    if head is None and any(m != "ar" for m in modes):
+        raise ValueError("speculative modes need --draft with --target")
+    base = sj.SpecConfig(**dict(zip(("tree_depth", "tree_top_k", "tree_nodes"), args.tree))) if args.tree \
+        else sj.SpecConfig()
+    tuned = sj.SpecConfig.tuned(target, head, max(contexts), verbose=True) if args.tune else None
+    hf_dir = None
+    if not args.no_hf:
+        hf_dir = pathlib.Path(target.source) if target.source and (
+            pathlib.Path(target.source) / "config.json").is_file() else None
+        if hf_dir is None:
+            from convert.hf import export_hf
+            hf_dir = export_hf(pathlib.Path(tempfile.mkdtemp()) / "target", target.cfg, target.params)
+
+    device = jax.devices()[0].device_kind
+    title = (f"{target.cfg.arch} {target.cfg.num_layers} layers x {target.cfg.hidden_size} on {device}, "
+             f"{new_tokens} new tokens")
+    print(title)
+    rows = []
+    prompts = prompts_for(target, contexts)
+    for context in contexts:
+        spec = tuned or budget_for(context, base, args.budget_fraction)
+        prompt = prompts[context]
+        hf = hf_decode_tokens_per_s(hf_dir, prompt, new_tokens) if hf_dir else None
+        ar_speed = None
+        for mode in modes:
+            out = run_mode(target, head, prompt, new_tokens, mode, spec)
+            s = out.stats
+            ar_speed = ar_speed or (s["tokens_per_s"] if mode == "ar" else None)
+            row = dict(context=context, mode=mode, tokens_per_s=s["tokens_per_s"],
+                       vs_ar=s["tokens_per_s"] / ar_speed if ar_speed else None,
+                       vs_hf=s["tokens_per_s"] / hf if hf else None, accept=s["mean_accept_len"],
+                       accept_full=s["mean_accept_len_full"], accept_partial=s["mean_accept_len_partial"],
+                       full=s["full_verifications"], partial=s["partial_verifications"],
+                       fidelity=sj.fidelity(target, prompt, out), retrieval_tokens=spec.retrieval_tokens,
+                       tree=[spec.tree_depth, spec.tree_top_k, spec.tree_nodes])
+            rows.append(row)
+            print(f"{context:>7} {mode:>10} {row['tokens_per_s']:>8.1f} tok/s  x{row['vs_ar'] or 0:.2f} vs ar  "
+                  f"accept {row['accept']:.2f}  fidelity {row['fidelity']:.3f}", flush=True)
+        if hf:
+            rows.append(dict(context=context, mode="transformers", tokens_per_s=hf,
+                             vs_ar=hf / ar_speed if ar_speed else None))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(
+        {"device": device, "title": title, "contexts": contexts, "new_tokens": new_tokens, "modes": modes,
+         "rows": rows}, indent=2))
+    write_markdown(rows, args.out / "bench.md", title)
+    plot(rows, args.out / "bench.png", title)
+    print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    run(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

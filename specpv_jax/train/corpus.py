@@ -1,0 +1,83 @@
+"""A training corpus on every machine with no download: the Python standard library's source.
+
+A document is one top-level module, or one package with its files concatenated
+in path order (thousands of lines whose later code refers to names defined far
+earlier, so long context matters). Tests, generated tables (`encodings`) and
+documentation data (`pydoc_data`) are left out. The split is a fixed rule on the
+document name, so it is the same on every machine with the same Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sysconfig
+import zlib
+
+import numpy as np
+
+EXCLUDED_PARTS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__", "_bundled",
+                            "encodings", "pydoc_data"})
+HELDOUT_MODULUS = 10  # crc32(name) % 10 == 0 -> held out (about a tenth)
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    name: str  # module or package name, e.g. "tarfile", "asyncio"
+    text: str
+
+    @property
+    def heldout(self) -> bool:
+        return zlib.crc32(self.name.encode()) % HELDOUT_MODULUS == 0
+
+
+def stdlib_root() -> pathlib.Path:
+    return pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def documents(root: str | pathlib.Path | None = None) -> list[Document]:
+    """All documents under `root` (default: this interpreter's standard library), sorted by name."""
+    root = pathlib.Path(root) if root is not None else stdlib_root()
+    files: dict[str, list[pathlib.Path]] = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if EXCLUDED_PARTS & set(rel.parts) or rel.parts[0].startswith("config-"):
+            continue
+        files.setdefault(rel.parts[0] if len(rel.parts) > 1 else rel.stem, []).append(path)
+    if not files:
+        raise FileNotFoundError(f"no Python source files under {root}")
+    docs = []
+    for name, paths in sorted(files.items()):
+        parts = [f"# file: {p.relative_to(root).as_posix()}\n{p.read_text(encoding='utf-8', errors='replace')}"
+                 for p in paths]
+        docs.append(Document(name, "\n".join(parts)))
+    return docs
+
+
+def split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
+    """(train, held-out) by the fixed name rule."""
+    return [d for d in docs if not d.heldout], [d for d in docs if d.heldout]
+
+
+def encode_documents(tokenizer, docs: list[Document]) -> list[np.ndarray]:
+    """Token ids of each document, `[n_i]` int32, starting with BOS and ending with EOS."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    return [np.asarray([bos, *ids, eos], np.int32) for ids in encoded]
+
+
+def batches(token_docs: list[np.ndarray], batch: int, length: int, seed: int):
+    """Endless `[batch, length]` int32 windows: each row a random window of a random document,
+    documents drawn in proportion to their length (short ones are packed end to end)."""
+    stream = np.concatenate(token_docs)
+    if stream.size < length:
+        raise ValueError(f"corpus has {stream.size} tokens, fewer than one sequence of {length}")
+    rng = np.random.default_rng(seed)
+    while True:
+        starts = rng.integers(0, stream.size - length + 1, batch)
+        yield np.stack([stream[s: s + length] for s in starts])
+
+
+def long_documents(token_docs: list[np.ndarray], min_tokens: int) -> list[np.ndarray]:
+    """The documents with at least `min_tokens` tokens (held-out long-context prompts)."""
+    return [d for d in token_docs if d.size >= min_tokens]

@@ -1,0 +1,159 @@
+"""EAGLE-3 head training with training-time test (TTT), and the YaRN long-context fine-tune.
+
+Training-time test unrolls the head on its own outputs for `unroll` steps, as
+drafting does. Step j at slot i stands for the pair at position i + j: its
+hidden input is the target feature of position i (j = 0) or the head's step
+j - 1 output at slot i; its token is `ids[i + j + 1]`; it predicts token
+i + j + 2. It attends to the step-0 keys of slots <= i (the committed context)
+and to its own slot's keys of steps 1..j (its drafted ancestors), exactly the
+attention a tree node gets at inference. The loss at step j is the
+cross-entropy against the target's next-token distribution restricted to the
+draft vocabulary, weighted 0.8^j (the EAGLE-3 recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specpv_jax import model
+from specpv_jax.config import DraftConfig, ModelConfig, RopeConfig
+from specpv_jax.draft import eagle3
+from specpv_jax.model import Params
+from specpv_jax.speculative import flat_features
+from specpv_jax.train import corpus
+from specpv_jax.train.lm import positions_for
+from specpv_jax.train.trainer import TrainConfig, fit
+
+STEP_WEIGHT = 0.8
+
+
+def draft_vocabulary(token_docs: list[np.ndarray], vocab_size: int, draft_vocab_size: int) -> np.ndarray:
+    """The `draft_vocab_size` most frequent target ids in the corpus, sorted (ties: lower id first)."""
+    counts = np.bincount(np.concatenate(token_docs), minlength=vocab_size)[:vocab_size]
+    top = np.argsort(-counts, kind="stable")[:draft_vocab_size]
+    return np.sort(top).astype(np.int32)
+
+
+def head_config(target: ModelConfig, draft_vocab_size: int) -> DraftConfig:
+    """A head shaped like one target layer, with EAGLE-3's feature layers."""
+    return DraftConfig(hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
+                       num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
+                       vocab_size=target.vocab_size, draft_vocab_size=draft_vocab_size,
+                       target_hidden_size=target.hidden_size,
+                       feature_layers=DraftConfig.default_feature_layers(target.num_layers),
+                       max_position_embeddings=target.max_position_embeddings, rms_norm_eps=target.rms_norm_eps,
+                       rope=target.rope)
+
+
+def _shift(x: jax.Array, by: int) -> jax.Array:
+    """x[:, i + by] at slot i, zero-padded past the end (axis 1)."""
+    if by == 0:
+        return x
+    pad = jnp.zeros((x.shape[0], by) + x.shape[2:], x.dtype)
+    return jnp.concatenate([x[:, by:], pad], axis=1)
+
+
+def unroll(head: Params, dcfg: DraftConfig, embed: jax.Array, features: jax.Array, ids: jax.Array,
+           steps: int) -> list[jax.Array]:
+    """The head's outputs `[B, T, H]` at each TTT step (see the module docstring).
+
+    features: `[B, T, n_feat * Ht]` target features at positions 0..T-1; ids: `[B, T]`.
+    Slot i of step j holds the head's state for the pair at position i + j.
+    """
+    b, t = ids.shape
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    diagonal = jnp.eye(t, dtype=bool)
+    hidden, keys, values, outputs = features, [], [], []
+    for j in range(steps):
+        mask = jnp.broadcast_to(jnp.concatenate([causal] + [diagonal] * j, axis=1), (b, t, t * (j + 1)))
+        k_extra = jnp.concatenate(keys, axis=2) if keys else None
+        v_extra = jnp.concatenate(values, axis=2) if values else None
+        hidden, k, v, _ = eagle3.head_forward(head, dcfg, embed, _shift(ids, j + 1), hidden, positions_for(ids) + j,
+                                              None, mask, k_extra, v_extra)
+        keys.append(k)
+        values.append(v)
+        outputs.append(hidden)
+    return outputs
+
+
+def ttt_loss(head: Params, dcfg: DraftConfig, target: Params, tcfg: ModelConfig, draft_ids: jax.Array,
+             ids: jax.Array, steps: int) -> tuple[jax.Array, dict]:
+    """Weighted TTT loss over `ids [B, T]`; metrics `acc{j}` (draft argmax == target argmax, step j)."""
+    b, t = ids.shape
+    out = model.forward(target, tcfg, ids, positions_for(ids), None, capture_layers=dcfg.feature_layers)
+    features = jax.lax.stop_gradient(flat_features(out.features))
+    target_logits = jax.lax.stop_gradient(model.logits(target, tcfg, out.hidden)[..., draft_ids])
+    target_p = jax.nn.softmax(target_logits, axis=-1)  # [B, T, Vd]: distribution of token pos + 1
+    target_top = jnp.argmax(target_logits, axis=-1)
+    outputs = unroll(head, dcfg, target["embed_tokens"]["embedding"], features, ids, steps)
+    total, weights, metrics = 0.0, 0.0, {}
+    for j, hidden in enumerate(outputs):
+        logp = eagle3.head_logprobs(head, dcfg, hidden)
+        valid = jnp.broadcast_to((jnp.arange(t) + j + 1 < t).astype(jnp.float32), (b, t))  # predicted token exists
+        ce = -(_shift(target_p, j + 1) * logp).sum(-1)
+        hit = (jnp.argmax(logp, -1) == _shift(target_top, j + 1)).astype(jnp.float32)
+        metrics[f"acc{j}"] = (hit * valid).sum() / valid.sum()
+        total += STEP_WEIGHT ** j * (ce * valid).sum() / valid.sum()
+        weights += STEP_WEIGHT ** j
+    return total / weights, metrics
+
+
+def train_head(head: eagle3.Eagle3, target: Params, tcfg: ModelConfig, draft_ids: np.ndarray,
+               batches: Iterator[np.ndarray], tc: TrainConfig, steps: int = 5, checkpoint_dir=None,
+               progress: bool = True, desc: str = "eagle3") -> tuple[eagle3.Eagle3, list[dict]]:
+    """Trains `head` on `[tc.batch, tc.length]` windows with TTT (`steps` unrolled); the target is frozen."""
+    draft_ids = jnp.asarray(draft_ids, jnp.int32)
+    if draft_ids.shape != (head.cfg.draft_vocab_size,):
+        raise ValueError(f"draft_ids has shape {draft_ids.shape}, expected ({head.cfg.draft_vocab_size},)")
+    params, history = fit(lambda p, ids: ttt_loss(p, head.cfg, target, tcfg, draft_ids, ids, steps),
+                          head.params, batches, tc, desc, checkpoint_dir, progress)
+    return dataclasses.replace(head, params=params), history
+
+
+def yarn_config(dcfg: DraftConfig, trained_length: int, context: int) -> DraftConfig:
+    """The head's config with YaRN RoPE stretching `trained_length` to `context` positions (SpecPV's recipe)."""
+    factor = context / trained_length
+    if factor <= 1:
+        raise ValueError(f"context {context} must exceed the trained length {trained_length} for YaRN")
+    rope = RopeConfig(theta=dcfg.rope.theta, kind="yarn", factor=float(factor),
+                      original_max_position_embeddings=trained_length)
+    return dataclasses.replace(dcfg, rope=rope, max_position_embeddings=context)
+
+
+def new_head(target_cfg: ModelConfig, draft_ids: np.ndarray, seed: int = 0) -> eagle3.Eagle3:
+    """A randomly initialised head for `target_cfg` whose draft vocabulary is `draft_ids` (sorted target ids)."""
+    dcfg = head_config(target_cfg, int(np.asarray(draft_ids).size))
+    return eagle3.Eagle3(dcfg, eagle3.init_params(dcfg, jax.random.key(seed)),
+                         jnp.asarray(eagle3.d2t_from_token_ids(draft_ids)), source="trained")
+
+
+def train_eagle3(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarray], draft_vocab_size: int,
+                 short: TrainConfig, long: TrainConfig | None = None, context: int | None = None, steps: int = 5,
+                 work=None, progress: bool = True) -> tuple[eagle3.Eagle3, dict]:
+    """The whole head recipe: draft vocabulary from token frequencies, TTT at `short.length`, then
+    (with `long` and `context`) SpecPV's YaRN fine-tune at `long.length` stretching RoPE to `context`.
+
+    The head starts from the target's RoPE without any scaling the target may carry.
+    work: directory for resumable checkpoints (`eagle3/`, `eagle3_long/`). Returns (head, last metrics).
+    """
+    import pathlib
+
+    work = pathlib.Path(work) if work is not None else None
+    draft_ids = draft_vocabulary(token_docs, tcfg.vocab_size, draft_vocab_size)
+    head = new_head(tcfg, draft_ids, short.seed)
+    head = dataclasses.replace(head, cfg=dataclasses.replace(head.cfg, rope=RopeConfig(theta=tcfg.rope.theta)))
+    head, hist = train_head(head, target, tcfg, draft_ids,
+                            corpus.batches(token_docs, short.batch, short.length, short.seed + 2), short, steps,
+                            work / "eagle3" if work else None, progress)
+    if long is not None and context is not None:
+        head = dataclasses.replace(head, cfg=yarn_config(head.cfg, short.length, context))
+        head, more = train_head(head, target, tcfg, draft_ids,
+                                corpus.batches(token_docs, long.batch, long.length, long.seed + 3), long, steps,
+                                work / "eagle3_long" if work else None, progress, desc="eagle3-yarn")
+        hist = hist + more
+    return head, (hist[-1] if hist else {})

@@ -1,0 +1,111 @@
+"""One optax training loop for every model we train: jitted step, progress bar, orbax checkpoints.
+
+A run saves its state (params, optimizer state, step) every `save_every` steps
+under `checkpoint_dir` and resumes from the newest one found there, so a long
+CPU run can be interrupted and continued with the same command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+LossFn = Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """steps of AdamW (b2 0.95) with linear warmup and cosine decay to lr / 10; global-norm clipping."""
+
+    steps: int
+    batch: int
+    length: int
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    save_every: int = 200
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+
+
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    warmup = min(tc.warmup, max(tc.steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1), tc.lr / 10)
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # matrices only, not norms
+    return optax.chain(optax.clip_by_global_norm(tc.clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask))
+
+
+def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainConfig, desc: str = "train",
+        checkpoint_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[Any, list[dict]]:
+    """Minimises `loss_fn(params, batch) -> (loss, metrics)` for `tc.steps` steps.
+
+    Returns the final params and the metrics history (one dict of floats per
+    step). Raises if the loss becomes non-finite, naming the step.
+    """
+    from tqdm.auto import tqdm
+
+    opt = optimizer(tc)
+    state = {"params": params, "opt": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+    manager = _manager(checkpoint_dir, tc.save_every)
+    if manager is not None and manager.latest_step() is not None:
+        state = _restore(manager, state)
+
+    @jax.jit
+    def step(state, batch):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        updates, opt_state = opt.update(grads, state["opt"], state["params"])
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state,
+                "step": state["step"] + 1}, metrics
+
+    history: list[dict] = []
+    start = int(state["step"])
+    bar = tqdm(range(start, tc.steps), desc=desc, initial=start, total=tc.steps, disable=not progress)
+    for i in bar:
+        state, metrics = step(state, jnp.asarray(next(batches)))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not np.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"{desc}: loss became {metrics['loss']} at step {i}; lower the learning rate")
+        history.append(metrics)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k != "grad_norm"}, refresh=False)
+        if manager is not None and ((i + 1) % tc.save_every == 0 or i + 1 == tc.steps):
+            manager.save(i + 1, args=_save_args(state))
+    if manager is not None:
+        manager.wait_until_finished()
+    return state["params"], history
+
+
+def _manager(directory, save_every):
+    if directory is None:
+        return None
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(pathlib.Path(directory).absolute(),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+
+def _save_args(state):
+    import orbax.checkpoint as ocp
+
+    return ocp.args.StandardSave(state)
+
+
+def _restore(manager, state):
+    import orbax.checkpoint as ocp
+
+    return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))

@@ -1,0 +1,95 @@
+"""The bundled demo models: real trained weights through the converters, `transformers` parity, the demo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import specpv_jax as sj
+from specpv_jax.demo import ASSETS, demo_prompt, run_demo
+
+
+def test_assets_fit_the_size_limit():
+    files = [f for f in ASSETS.rglob("*") if f.is_file()]
+    assert {f.name for f in files} >= {"config.json", "model.safetensors", "tokenizer.json", "report.json"}
+    assert sum(f.stat().st_size for f in files) <= 40 * 2 ** 20
+
+
+def test_bundled_target_matches_transformers_on_heldout_text():
+    import torch
+    import transformers
+
+    models = sj.demo_models()
+    ids = demo_prompt(models.tokenizer, 300)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ASSETS / "target", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        expected = hf(torch.tensor(ids[None], dtype=torch.long)).logits.numpy()
+    ours = sj.forward_logits(models.target, ids[None])
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_demo_models_speculate_losslessly_on_heldout_text():
+    models = sj.demo_models()
+    assert models.eagle3.cfg.rope.kind == "yarn" and models.tokenizer is models.target.tokenizer
+    prompt = demo_prompt(models.tokenizer, 700)
+    ar = sj.generate(models.target, prompt, 32, eos_token_ids=())
+    eagle = sj.generate(models.target, prompt, 32, mode="eagle", draft=models.eagle3, eos_token_ids=())
+    np.testing.assert_array_equal(eagle.tokens, ar.tokens)
+    assert eagle.stats["mean_accept_len"] > 1.5  # a trained head: most steps accept drafted tokens
+
+
+@pytest.mark.parametrize("spec", [
+    sj.SpecConfig(tree_depth=5, tree_top_k=6, tree_nodes=16, retrieval_tokens=512, window_tokens=64),
+    sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=6, retrieval_tokens=64, window_tokens=32,
+                  buffer_tokens=8),  # a tiny partial cache and buffer: many full steps and rollbacks
+], ids=["512-budget", "tiny-budget"])
+def test_exact_equals_ar_on_the_demo_models(spec):
+    models = sj.demo_models()
+    prompt = demo_prompt(models.tokenizer, 2500)
+    ar = sj.generate(models.target, prompt, 48, eos_token_ids=())
+    exact = sj.generate(models.target, prompt, 48, mode="exact", draft=models.eagle3, spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(exact.tokens, ar.tokens)
+    assert exact.stats["partial_verifications"] > 0 and exact.stats["full_verifications"] > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", [8192, 16384])
+def test_exact_equals_ar_on_the_demo_models_long(context):
+    """The long end of the range (run with `make test-slow`)."""
+    models = sj.demo_models()
+    prompt = demo_prompt(models.tokenizer, context)
+    ar = sj.generate(models.target, prompt, 64, eos_token_ids=())
+    spec = sj.SpecConfig(tree_depth=5, tree_top_k=6, tree_nodes=16, retrieval_tokens=context // 4)
+    exact = sj.generate(models.target, prompt, 64, mode="exact", draft=models.eagle3, spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(exact.tokens, ar.tokens)
+    assert exact.stats["partial_verifications"] > 0
+
+
+def test_run_demo_prints_every_mode(capsys):
+    spec = sj.SpecConfig(tree_depth=4, tree_top_k=4, tree_nodes=12, retrieval_tokens=256, window_tokens=64)
+    rows = run_demo(context=600, new_tokens=24, spec=spec, progress=False)
+    out = capsys.readouterr().out
+    assert [r["mode"] for r in rows] == ["ar", "eagle", "specpv", "exact"]
+    assert "speedup" in out and "wrote" in out
+    assert rows[0]["fidelity"] == rows[1]["fidelity"] == rows[3]["fidelity"] == 1.0
+    assert rows[2]["partial"] > 0 and 0.0 <= rows[2]["fidelity"] <= 1.0
+
+
+def test_bench_writes_json_markdown_and_plot(tmp_path):
+    import json
+
+    from specpv_jax.cli import main
+
+    assert main(["bench", "--contexts", "300", "600", "--new-tokens", "8", "--modes", "ar", "eagle", "--tree", "3",
+                 "3", "8", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["contexts"] == [300, 600] and data["modes"] == ["ar", "eagle"]
+    assert [(r["context"], r["mode"]) for r in data["rows"]] == [
+        (c, m) for c in (300, 600) for m in ("ar", "eagle", "transformers")]
+    eagle = data["rows"][1]
+    assert eagle["tokens_per_s"] > 0 and eagle["accept"] >= 1 and eagle["fidelity"] == 1.0
+    assert data["rows"][0]["vs_ar"] == 1.0 and eagle["vs_hf"] > 0
+    table = (tmp_path / "bench.md").read_text().splitlines()
+    assert table[2].startswith("| context | mode |") and len(table) == 4 + 6
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,85 @@
+"""Generation for users: `make_generate_fn` under the user's own jit and vmap, and streaming."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import specpv_jax as sj
+from test_eagle import make_head, make_target
+
+SPEC = sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=8, sink_tokens=16, retrieval_tokens=64,
+                     window_tokens=32)
+
+
+@pytest.mark.parametrize("mode", ["ar", "eagle", "exact"])
+def test_jitted_generate_fn_equals_generate(mode):
+    target = make_target(96, seed=2, layers=4)
+    head = make_head(target, seed=3)
+    ids = np.random.default_rng(0).integers(0, 96, (2, 150)).astype(np.int32)
+    fn = sj.make_generate_fn(target.cfg, SPEC, mode=mode, draft_cfg=head.cfg, max_new_tokens=20, eos_token_ids=())
+    user_fn = jax.jit(lambda p, d, x, k: fn(p, d, x, k))  # the user's own outer jit
+    tokens, lengths = user_fn(target.params, {"params": head.params, "d2t": head.d2t}, ids, jax.random.key(0))
+    ref = sj.generate(target, ids, max_new_tokens=20, mode=mode, draft=head, spec=SPEC, eos_token_ids=())
+    assert tokens.shape == (2, 20)
+    np.testing.assert_array_equal(np.asarray(lengths), ref.lengths)
+    np.testing.assert_array_equal(np.asarray(tokens), ref.tokens)
+
+
+def test_vmap_over_keys_draws_independent_samples():
+    target = make_target(64, seed=4, layers=2, sharpen=0.5)
+    ids = np.arange(10, dtype=np.int32)[None]
+    fn = sj.make_generate_fn(target.cfg, mode="ar", max_new_tokens=8, temperature=1.0, eos_token_ids=())
+    keys = jax.random.split(jax.random.key(1), 3)
+    tokens, _ = jax.jit(jax.vmap(fn, in_axes=(None, None, None, 0)))(target.params, None, ids, keys)
+    for i in range(3):
+        single, _ = fn(target.params, None, ids, keys[i])
+        np.testing.assert_array_equal(np.asarray(tokens[i]), np.asarray(single))
+    assert len({tuple(np.asarray(t[0])) for t in tokens}) > 1
+
+
+def test_make_generate_fn_checks_its_settings():
+    target = make_target(64, layers=2)
+    with pytest.raises(ValueError, match="draft_cfg"):
+        sj.make_generate_fn(target.cfg, mode="eagle")
+    with pytest.raises(ValueError, match="modes"):
+        sj.make_generate_fn(target.cfg, mode="specextend")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sj.make_generate_fn(target.cfg, max_new_tokens=0)
+
+
+def _collect():
+    got: list[list[int]] = []
+
+    def stream(rows):
+        while len(got) < len(rows):
+            got.append([])
+        for acc, new in zip(got, rows):
+            acc.extend(int(t) for t in new)
+
+    return got, stream
+
+
+@pytest.mark.parametrize("mode", ["ar", "eagle"])
+def test_stream_delivers_exactly_the_output(mode):
+    target = make_target(96, seed=2, layers=4)
+    head = make_head(target, seed=3)
+    got, stream = _collect()
+    prompts = [list(range(5, 30)), list(range(40, 52))]
+    out = sj.generate(target, prompts, 17, mode=mode, draft=head, spec=SPEC, eos_token_ids=(), stream=stream)
+    assert got == [out.tokens[b, : out.lengths[b]].tolist() for b in range(2)]
+
+
+def test_exact_mode_streams_only_confirmed_tokens():
+    """With rollbacks of provisional tokens, the stream still equals the final output token for token."""
+    target = make_target(8, seed=3, layers=7, sharpen=1.0)
+    head = make_head(target, draft_vocab=6, seed=4)
+    spec = sj.SpecConfig(sink_tokens=16, retrieval_tokens=16, window_tokens=16, tree_depth=2, tree_top_k=5,
+                         tree_nodes=10)
+    prompt = list(np.random.default_rng(6).integers(0, 8, 64))
+    got, stream = _collect()
+    out = sj.generate(target, [prompt] * 4, 40, draft=head, mode="exact", spec=spec, temperature=1.0, seed=1,
+                      eos_token_ids=(), stream=stream)
+    assert out.stats["rollbacks"] > 0
+    assert got == [out.tokens[b, : out.lengths[b]].tolist() for b in range(4)]

@@ -1,0 +1,223 @@
+"""Training: corpus, tokenizer, the optax loop, LM and EAGLE-3 (training-time test) losses, the demo pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specpv_jax import model
+from specpv_jax.config import ModelConfig, RopeConfig
+from specpv_jax.draft import eagle3
+from specpv_jax.speculative import flat_features
+from specpv_jax.train import corpus, demo_models, eagle, lm, tokenizer
+from specpv_jax.train.trainer import TrainConfig, fit
+
+TINY_CFG = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+                       num_kv_heads=2, head_dim=8, max_position_embeddings=512, rope=RopeConfig(theta=10000.0))
+
+
+def _fake_stdlib(root):
+    (root / "pkg").mkdir()
+    (root / "pkg" / "__init__.py").write_text("from .b import name\n")
+    (root / "pkg" / "b.py").write_text("name = 1\n")
+    (root / "pkg" / "tests").mkdir()
+    (root / "pkg" / "tests" / "test_b.py").write_text("assert True\n")
+    (root / "encodings").mkdir()
+    (root / "encodings" / "cp1.py").write_text("table = ()\n")
+    (root / "mod.py").write_text("def f():\n    return 2\n")
+    return root
+
+
+def test_corpus_documents_concatenate_packages_and_skip_tests(tmp_path):
+    docs = corpus.documents(_fake_stdlib(tmp_path))
+    assert [d.name for d in docs] == ["mod", "pkg"]
+    pkg = docs[1].text
+    assert pkg.index("# file: pkg/__init__.py") < pkg.index("# file: pkg/b.py")
+    assert "assert True" not in pkg and "table" not in "".join(d.text for d in docs)
+    with pytest.raises(FileNotFoundError, match="no Python source"):
+        corpus.documents(tmp_path / "pkg" / "tests" / "none")
+
+
+def test_split_is_a_fixed_rule_on_names():
+    docs = [corpus.Document(f"m{i}", "x") for i in range(200)]
+    train, heldout = corpus.split(docs)
+    assert 5 <= len(heldout) <= 40 and len(train) + len(heldout) == 200
+    assert [d.name for d in corpus.split(list(reversed(docs)))[1]] == [d.name for d in reversed(heldout)]
+    real_train, real_heldout = corpus.split(corpus.documents())
+    assert {d.name for d in real_heldout} >= {"tarfile", "datetime", "pickle"}  # long prompts for the demo
+
+
+def test_batches_are_windows_of_the_stream():
+    docs = [np.arange(10, dtype=np.int32), np.arange(100, 150, dtype=np.int32)]
+    stream = np.concatenate(docs)
+    batch = next(corpus.batches(docs, 4, 8, seed=0))
+    assert batch.shape == (4, 8) and batch.dtype == np.int32
+    for row in batch:
+        start = int(np.flatnonzero(stream == row[0])[0])
+        np.testing.assert_array_equal(row, stream[start:start + 8])
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        next(corpus.batches(docs, 1, 100, seed=0))
+
+
+def test_tokenizer_round_trips_and_loads_with_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = ["def add(a, b):\n    return a + b\n", "class Foo:\n    pass\n"] * 20
+    tokenizer.train_tokenizer(texts, 300, tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    ids = tok("def add(x):\n\treturn x  # é")["input_ids"]
+    assert ids[0] == tok.bos_token_id == 0 and tok.eos_token_id == 1
+    assert tok.decode(ids, skip_special_tokens=True) == "def add(x):\n\treturn x  # é"
+    assert max(ids) < len(tok)
+    with pytest.raises(ValueError, match="too small"):
+        tokenizer.train_tokenizer(texts, 100)
+
+
+def _repeating_batches(batch, length):
+    pattern = np.array([5, 9, 2, 7, 7, 3, 11, 4], np.int32)
+    rng = np.random.default_rng(0)
+    while True:
+        starts = rng.integers(0, len(pattern), batch)
+        yield np.stack([np.roll(np.tile(pattern, length // 8 + 2), -s)[:length] for s in starts])
+
+
+def test_lm_training_learns_a_pattern_and_resumes(tmp_path):
+    params = model.init_params(TINY_CFG, jax.random.key(0))
+    tc = TrainConfig(steps=40, batch=4, length=32, lr=1e-2, warmup=5, save_every=20)
+    trained, history = lm.train_lm(params, TINY_CFG, _repeating_batches(4, 33), tc, tmp_path / "ckpt", progress=False)
+    assert history[-1]["loss"] < 0.3 * history[0]["loss"]
+    # A longer run over the same directory resumes at step 40: only 5 new steps.
+    _, more = lm.train_lm(params, TINY_CFG, _repeating_batches(4, 33), dataclasses.replace(tc, steps=45),
+                          tmp_path / "ckpt", progress=False)
+    assert len(more) == 5 and more[0]["loss"] < 0.5 * history[0]["loss"]
+
+
+def test_fit_stops_on_a_non_finite_loss():
+    def loss(p, batch):
+        return jnp.sum(p["w"]) * jnp.nan, {}
+
+    with pytest.raises(FloatingPointError, match="step 0"):
+        fit(loss, {"w": jnp.ones(3)}, iter([np.zeros(1)] * 3), TrainConfig(3, 1, 1), progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(0, 1, 1)
+
+
+def test_token_losses_match_the_training_loss():
+    params = model.init_params(TINY_CFG, jax.random.key(1))
+    ids = np.asarray(jax.random.randint(jax.random.key(2), (77,), 0, TINY_CFG.vocab_size), np.int32)
+    per_token = lm.token_losses(params, TINY_CFG, ids, chunk=16)  # cached, chunked inference path
+    full, _ = lm.lm_loss(params, TINY_CFG, jnp.asarray(ids[None]))  # cache-free training path
+    assert per_token.shape == (76,)
+    np.testing.assert_allclose(per_token.mean(), float(full), rtol=1e-5)
+    gain = lm.context_gain(params, TINY_CFG, [ids], 77, short=8, scored=16)
+    assert set(gain) == {"long", "short", "gain", "documents"} and gain["documents"] == 1
+    with pytest.raises(ValueError, match="no document"):
+        lm.context_gain(params, TINY_CFG, [ids], 500)
+
+
+def test_draft_vocabulary_takes_the_most_frequent_ids():
+    docs = [np.array([3, 3, 3, 7, 7, 1, 9], np.int32), np.array([9, 9, 9, 9], np.int32)]
+    ids = eagle.draft_vocabulary(docs, 12, 3)
+    np.testing.assert_array_equal(ids, [3, 7, 9])
+    d2t = eagle3.d2t_from_token_ids(ids)
+    np.testing.assert_array_equal(np.arange(3) + d2t, ids)
+
+
+def test_ttt_unroll_matches_drafting_attention():
+    """Step j at slot n of the training unroll == the head run as at inference: pairs 0..n committed to its
+    cache, then j drafted levels each attending to the cache, its ancestors and itself."""
+    head = eagle.new_head(TINY_CFG, np.arange(48, dtype=np.int32), seed=3)
+    params = model.init_params(TINY_CFG, jax.random.key(4))
+    embed = params["embed_tokens"]["embedding"]
+    t, n, steps = 12, 6, 3
+    ids = jax.random.randint(jax.random.key(5), (1, t), 0, TINY_CFG.vocab_size)
+    out = model.forward(params, TINY_CFG, ids, lm.positions_for(ids), None, capture_layers=head.cfg.feature_layers)
+    features = flat_features(out.features)
+    trained = eagle.unroll(head.params, head.cfg, embed, features, ids, steps)
+
+    cache = eagle3.empty_cache(head.cfg, 1, 64, head.params)
+    cache, last, _, _ = eagle3.advance(head.params, head.cfg, embed, cache, features[:, :n + 1], ids[:, 1:n + 2],
+                                       jnp.array([n + 1]))
+    np.testing.assert_allclose(trained[0][0, n], last[0], atol=1e-5)
+    hidden, k_buf, v_buf = last[:, None], None, None
+    for j in range(1, steps):
+        mask = jnp.ones((1, 1, j), bool)
+        hidden, k, v, _ = eagle3.head_forward(head.params, head.cfg, embed, ids[:, n + j + 1: n + j + 2], hidden,
+                                              jnp.array([[n + j]]), cache, mask, k_buf, v_buf, write=False)
+        k_buf = k if k_buf is None else jnp.concatenate([k_buf, k], axis=2)
+        v_buf = v if v_buf is None else jnp.concatenate([v_buf, v], axis=2)
+        np.testing.assert_allclose(trained[j][0, n], hidden[0, 0], atol=1e-5)
+
+
+def test_head_training_raises_accuracy():
+    params = model.init_params(TINY_CFG, jax.random.key(6))
+    head = eagle.new_head(TINY_CFG, np.arange(TINY_CFG.vocab_size, dtype=np.int32), seed=7)
+    ids = jnp.asarray(next(_repeating_batches(4, 32)))
+    draft_ids = jnp.arange(TINY_CFG.vocab_size)
+    before, m0 = eagle.ttt_loss(head.params, head.cfg, params, TINY_CFG, draft_ids, ids, 3)
+    trained, _ = eagle.train_head(head, params, TINY_CFG, np.arange(TINY_CFG.vocab_size),
+                                  _repeating_batches(4, 32), TrainConfig(30, 4, 32, lr=1e-2, warmup=3), steps=3,
+                                  progress=False)
+    after, m1 = eagle.ttt_loss(trained.params, trained.cfg, params, TINY_CFG, draft_ids, ids, 3)
+    assert float(after) < float(before) - 0.4  # the bound is the random target's entropy, not 0
+    assert float(m1["acc2"]) > float(m0["acc2"]) + 0.3
+    with pytest.raises(ValueError, match="draft_ids"):
+        eagle.train_head(head, params, TINY_CFG, np.arange(5), _repeating_batches(4, 32), TrainConfig(1, 4, 32))
+
+
+def test_yarn_config_stretches_the_head():
+    head = eagle.new_head(TINY_CFG, np.arange(48, dtype=np.int32))
+    cfg = eagle.yarn_config(head.cfg, 128, 1024)
+    assert cfg.rope.kind == "yarn" and cfg.rope.factor == 8 and cfg.rope.original_max_position_embeddings == 128
+    with pytest.raises(ValueError, match="must exceed"):
+        eagle.yarn_config(head.cfg, 128, 64)
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """The whole demo recipe at tiny size over a few standard-library documents."""
+    root = tmp_path_factory.mktemp("demo")
+    docs = [d for d in corpus.documents() if d.name in {"argparse", "json", "calendar", "copy", "tarfile", "glob"}]
+    report = demo_models.train_demo_models(root / "out", root / "work", demo_models.TINY, docs, progress=False)
+    return root / "out", report
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end(tiny_assets):
+    """Assets load with the public loaders and eagle == ar on them."""
+    import specpv_jax as sj
+
+    out, report = tiny_assets
+    assert (out / "report.json").is_file()
+    assert set(report["heldout"]) >= {"loss", "head_accuracy", "context_512"}
+    target = sj.load_target(out / "target")
+    head = sj.load_draft(out / "eagle3", target)
+    assert target.cfg.rope.kind == "yarn" and head.cfg.rope.kind == "yarn" and target.tokenizer is not None
+    ids = target.tokenizer("import os\n")["input_ids"]
+    spec = sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=8)
+    ar = sj.generate(target, ids, max_new_tokens=12, mode="ar", eos_token_ids=())
+    eg = sj.generate(target, ids, max_new_tokens=12, mode="eagle", draft=head, spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(ar.tokens, eg.tokens)
+
+
+@pytest.mark.slow
+def test_cli_train_draft(tiny_assets, tmp_path, capsys):
+    import specpv_jax as sj
+    from specpv_jax.cli import main
+
+    out, _ = tiny_assets
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_text("def f(x):\n    return x + 1\n" * 40)
+    args = ["train-draft", "--target", str(out / "target"), "--out", str(tmp_path / "head"), "--steps", "3",
+            "--batch", "2", "--length", "32", "--unroll", "2", "--draft-vocab", "100"]
+    assert main(args + ["--data", str(data / "missing.txt")]) == 1
+    assert "missing.txt" in capsys.readouterr().err
+    assert main(args + ["--data", str(data), "--long-context", "4096", "--long-steps", "2", "--long-length",
+                        "64"]) == 0
+    head = sj.load_draft(tmp_path / "head", sj.load_target(out / "target"))
+    assert head.cfg.draft_vocab_size == 100 and head.cfg.rope.kind == "yarn" and head.cfg.rope.factor == 128
