@@ -10,6 +10,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from specpv_jax import model as M
@@ -169,4 +170,4 @@ def _report(stream: Callable, out: Output, before: jax.Array) -> None:
 
 
 def _deliver(stream: Callable, tokens, before, after) -> None:
-    stream([row[b:a] for row, b, a in zip(tokens.__array__(), before.__array__(), after.__array__())])
+    stream([row[b:a] for row, b, a in zip(np.asarray(tokens), np.asarray(before), np.asarray(after))])

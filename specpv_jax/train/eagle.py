@@ -14,6 +14,7 @@ draft vocabulary, weighted 0.8^j (the EAGLE-3 recipe).
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Iterator
 
 import jax
@@ -141,8 +142,6 @@ def train_eagle3(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarray]
     The head starts from the target's RoPE without any scaling the target may carry.
     work: directory for resumable checkpoints (`eagle3/`, `eagle3_long/`). Returns (head, last metrics).
     """
-    import pathlib
-
     work = pathlib.Path(work) if work is not None else None
     draft_ids = draft_vocabulary(token_docs, tcfg.vocab_size, draft_vocab_size)
     head = new_head(tcfg, draft_ids, short.seed)
