@@ -9,7 +9,9 @@ reported; prefill excluded), speedup over our `ar` and over `transformers`
 greedy generate (torch CPU, from a prefilled cache, so decoding alone is
 timed), mean accepted length in full and partial verifications, their counts,
 and fidelity (share of tokens equal to the full-context target's greedy
-choice). `specpv-bd` is `specpv` with the bounded draft cache. Writes
+choice). `specpv-bd` is `specpv` with the bounded draft cache; `draft` is
+classic draft-model speculation with the small draft model (it attends to its
+whole cache), `specextend` the same pair with Cross-model Retrieval. Writes
 `bench.json`, `bench.md` and `bench.png` into `--out`.
 """
 
@@ -24,19 +26,26 @@ import time
 
 import numpy as np
 
-MODES = ("ar", "eagle", "specpv", "specpv-bd", "exact")
-DEFAULT_MODES = ("ar", "eagle", "specpv", "exact")
+MODES = ("ar", "eagle", "specpv", "specpv-bd", "exact", "draft", "specextend")
+DEFAULT_MODES = ("ar", "eagle", "specpv", "exact", "specextend")
+SMALL_DRAFT_MODES = ("draft", "specextend")
 
 
-def run_mode(target, head, prompt, new_tokens, mode, spec, repeats: int = 2):
-    """The last of `repeats` runs (the first run of a fresh executable pays one-time costs)."""
+def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec, repeats: int = 2):
+    """The last of `repeats` runs (the first run of a fresh executable pays one-time costs).
+
+    drafts: {"eagle3": head, "small": small draft model}; "specpv-bd" is specpv with the
+    bounded draft cache, "draft" classic draft-model speculation (specextend without retrieval).
+    """
     from specpv_jax.generate import generate
 
-    name = mode
+    name, draft = mode, drafts.get("small" if mode in SMALL_DRAFT_MODES else "eagle3")
     if mode == "specpv-bd":
         name, spec = "specpv", dataclasses.replace(spec, bounded_draft=True)
+    if mode == "draft":
+        name, spec = "specextend", dataclasses.replace(spec, draft_chunks=0)
     for _ in range(repeats):
-        out = generate(target, prompt, new_tokens, draft=head, mode=name, spec=spec, eos_token_ids=())
+        out = generate(target, prompt, new_tokens, draft=draft, mode=name, spec=spec, eos_token_ids=())
     return out
 
 
@@ -63,6 +72,40 @@ def hf_decode_tokens_per_s(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens:
 
     timed()  # warm-up
     return new_tokens / timed()
+
+
+def hf_assisted_tokens_per_s(hf_dir: pathlib.Path, assistant_dir: pathlib.Path, prompt: np.ndarray,
+                             new_tokens: int) -> float:
+    """Greedy `transformers` assisted generation with the same draft model (its own defaults).
+
+    Decoding alone: the time of `new_tokens` minus that of one token (both models' prefill).
+    """
+    import torch
+    import transformers
+
+    load = lambda d: transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()  # noqa: E731
+    model, assistant = load(hf_dir), load(assistant_dir)
+    ids = torch.tensor(prompt[None], dtype=torch.long)
+
+    def timed(n):
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    return (new_tokens - 1) / max(timed(new_tokens) - timed(1), 1e-9)
+
+
+def _hf_dir(model) -> pathlib.Path:
+    """The model's Hugging Face directory, exported to a temporary one if it came from elsewhere."""
+    source = pathlib.Path(model.source) if model.source else None
+    if source is not None and (source / "config.json").is_file():
+        return source
+    from convert.hf import export_hf
+
+    return export_hf(pathlib.Path(tempfile.mkdtemp()) / "model", model.cfg, model.params)
 
 
 def budget_for(context: int, base, fraction: float):
@@ -123,6 +166,7 @@ def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="target model directory (default: the bundled demo models)")
     p.add_argument("--draft", help="EAGLE-3 head directory (with --target)")
+    p.add_argument("--small-draft", help="small draft model directory for draft/specextend (with --target)")
     p.add_argument("--contexts", type=int, nargs="+", help="context lengths (default 2048 4096 8192 16384)")
     p.add_argument("--new-tokens", type=int, help="new tokens per run (default 64; --quick 32)")
     p.add_argument("--modes", nargs="+", choices=MODES, help=f"default: {' '.join(DEFAULT_MODES)}")
@@ -146,21 +190,25 @@ def run(args) -> list[dict]:
     modes = args.modes or list(DEFAULT_MODES)
     if args.target:
         target = sj.load_target(args.target)
-        head = sj.load_draft(args.draft, target) if args.draft else None
+        drafts = {kind: sj.load_draft(path, target) for kind, path in
+                  (("eagle3", args.draft), ("small", args.small_draft)) if path}
     else:
-        target, head, _ = sj.demo_models()
-    if head is None and any(m != "ar" for m in modes):
-        raise ValueError("speculative modes need --draft with --target")
+        models = sj.demo_models()
+        target, drafts = models.target, {"eagle3": models.eagle3, "small": models.small_draft}
+    if args.target and not args.modes:
+        modes = [m for m in modes if m == "ar" or ("small" if m in SMALL_DRAFT_MODES else "eagle3") in drafts]
+    for m in modes:
+        kind = "small" if m in SMALL_DRAFT_MODES else "eagle3"
+        if m != "ar" and kind not in drafts:
+            raise ValueError(f"mode {m} needs {'--small-draft' if kind == 'small' else '--draft'} with --target")
     base = sj.SpecConfig(**dict(zip(("tree_depth", "tree_top_k", "tree_nodes"), args.tree))) if args.tree \
         else sj.SpecConfig()
-    tuned = sj.SpecConfig.tuned(target, head, max(contexts), verbose=True) if args.tune else None
-    hf_dir = None
-    if not args.no_hf:
-        hf_dir = pathlib.Path(target.source) if target.source and (
-            pathlib.Path(target.source) / "config.json").is_file() else None
-        if hf_dir is None:
-            from convert.hf import export_hf
-            hf_dir = export_hf(pathlib.Path(tempfile.mkdtemp()) / "target", target.cfg, target.params)
+    if args.tune and "eagle3" not in drafts:
+        raise ValueError("--tune picks a tree for the EAGLE-3 modes: it needs --draft")
+    tuned = sj.SpecConfig.tuned(target, drafts["eagle3"], max(contexts), verbose=True) if args.tune else None
+    hf_dir = None if args.no_hf else _hf_dir(target)
+    assistant_dir = _hf_dir(drafts["small"]) if hf_dir and "small" in drafts and any(
+        m in SMALL_DRAFT_MODES for m in modes) else None
 
     device = jax.devices()[0].device_kind
     title = (f"{target.cfg.arch} {target.cfg.num_layers} layers x {target.cfg.hidden_size} on {device}, "
@@ -174,7 +222,7 @@ def run(args) -> list[dict]:
         hf = hf_decode_tokens_per_s(hf_dir, prompt, new_tokens) if hf_dir else None
         ar_speed = None
         for mode in modes:
-            out = run_mode(target, head, prompt, new_tokens, mode, spec)
+            out = run_mode(target, drafts, prompt, new_tokens, mode, spec)
             s = out.stats
             ar_speed = ar_speed or (s["tokens_per_s"] if mode == "ar" else None)
             row = dict(context=context, mode=mode, tokens_per_s=s["tokens_per_s"],
@@ -190,6 +238,11 @@ def run(args) -> list[dict]:
         if hf:
             rows.append(dict(context=context, mode="transformers", tokens_per_s=hf,
                              vs_ar=hf / ar_speed if ar_speed else None))
+        if assistant_dir:
+            assisted = hf_assisted_tokens_per_s(hf_dir, assistant_dir, prompt, new_tokens)
+            rows.append(dict(context=context, mode="transformers-assisted", tokens_per_s=assisted,
+                             vs_ar=assisted / ar_speed if ar_speed else None, vs_hf=assisted / hf))
+            print(f"{context:>7} {'hf-assisted':>10} {assisted:>8.1f} tok/s  x{assisted / hf:.2f} vs hf", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(
         {"device": device, "title": title, "contexts": contexts, "new_tokens": new_tokens, "modes": modes,

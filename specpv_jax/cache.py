@@ -59,6 +59,14 @@ def write_tokens(buf: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Ar
     return buf.at[layer, rows, heads, pos].set(new.astype(buf.dtype), mode="drop")
 
 
+def write_all_layers(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Writes `new [L, B, Hkv, T, D]` into `buf [L, B, Hkv, S, D]` at rows' `start [B] + t` (past the end: dropped)."""
+    b, t = new.shape[1], new.shape[3]
+    rows = jnp.arange(b)[:, None]
+    pos = start[:, None] + jnp.arange(t)[None, :]
+    return buf.at[:, rows, :, pos].set(new.transpose(1, 3, 0, 2, 4).astype(buf.dtype), mode="drop")
+
+
 def commit_path(cache: KVCache, path: jax.Array, count: jax.Array, src: jax.Array | None = None,
                 dst: jax.Array | None = None) -> KVCache:
     """Keeps an accepted tree path and advances the lengths to just past it.

@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt")
     src.add_argument("--prompt-file")
     g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--mode", default="ar", help="ar | eagle | specpv | exact (the last three need --draft)")
-    g.add_argument("--draft", help="EAGLE-3 head directory or orbax export")
+    g.add_argument("--mode", default="ar", help="ar | eagle | specpv | exact (with an EAGLE-3 --draft) | "
+                                               "specextend (with a small draft model --draft)")
+    g.add_argument("--draft", help="EAGLE-3 head or small draft model directory, or an orbax export")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)

@@ -345,6 +345,14 @@ class SpecConfig:
     `bounded_draft`: in partial steps the EAGLE-3 head, too, attends only to sink +
     the blocks retrieved for the target's last layer + its recent window, not to
     its whole cache (cheaper drafting at long context; acceptance may change).
+    `tree_threshold` (dynamic tree, OPT-tree style): drafting stops early, before
+    `tree_depth` levels, once no frontier node's path probability reaches it
+    (0 drafts every level); the tree keeps its `tree_nodes` budget.
+    SpecExtend's Cross-model Retrieval (small-draft modes): the draft's working
+    cache holds the `draft_chunks` best `chunk_tokens`-token chunks of the
+    context, re-chosen every `retrieve_every` steps by the target's attention,
+    plus every token since; `draft_chunks=0` lets the draft attend to its whole
+    cache (classic draft-model speculation).
     """
 
     tree_depth: int = 7
@@ -357,6 +365,10 @@ class SpecConfig:
     buffer_tokens: int | None = None
     bounded_draft: bool = False
     offload: bool = False
+    tree_threshold: float = 0.0
+    chunk_tokens: int = 32
+    draft_chunks: int = 32
+    retrieve_every: int = 4
 
     def __post_init__(self):
         for name in ("tree_depth", "tree_top_k", "tree_nodes", "block_size"):
@@ -371,6 +383,14 @@ class SpecConfig:
             if value < 0 or value % self.block_size:
                 raise ConfigError(f"SpecConfig.{name}={value} must be a non-negative multiple of "
                                   f"block_size={self.block_size}")
+        for name in ("chunk_tokens", "retrieve_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"SpecConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.draft_chunks, int) or self.draft_chunks < 0:
+            raise ConfigError(f"SpecConfig.draft_chunks must be a non-negative integer (0 = no retrieval), "
+                              f"got {self.draft_chunks!r}")
+        if not 0.0 <= self.tree_threshold < 1.0:
+            raise ConfigError(f"SpecConfig.tree_threshold must be in [0, 1), got {self.tree_threshold!r}")
         if self.buffer_tokens is not None and self.buffer_tokens < self.tree_nodes + 1:
             raise ConfigError(f"SpecConfig.buffer_tokens={self.buffer_tokens} must hold at least one tree "
                               f"(tree_nodes + 1 = {self.tree_nodes + 1})")
@@ -403,6 +423,12 @@ class SpecConfig:
     def partial_threshold(self) -> int:
         """Partial verification needs a context longer than this (sink + retrieval + window)."""
         return self.static_tokens
+
+    @property
+    def draft_working_tokens(self) -> int:
+        """Slots of a retrieving draft's working cache: the chosen chunks, the chunk in progress at the
+        last retrieval, and what `retrieve_every` steps can add before the next."""
+        return (self.draft_chunks + 1) * self.chunk_tokens + self.retrieve_every * (self.tree_depth + 1)
 
     @property
     def max_missing(self) -> int:

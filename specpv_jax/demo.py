@@ -1,6 +1,6 @@
 """The bundled demo models and `specpv-jax demo`.
 
-`demo_models()` loads the small target and EAGLE-3 head shipped in
+`demo_models()` loads the small target, its EAGLE-3 head and small draft model shipped in
 `specpv_jax/assets/demo` (trained on the Python standard library's source by
 `python -m specpv_jax.train.demo_models`). The demo continues a held-out
 standard-library document at several context lengths with every mode and
@@ -22,28 +22,32 @@ from specpv_jax.loading import Model, load_draft, load_target
 from specpv_jax.model import init_params
 
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets" / "demo"
-DEMO_MODES = ("ar", "eagle", "specpv", "exact")
+DEMO_MODES = ("ar", "eagle", "specpv", "exact", "specextend")
 # A small tree: on a 2-core CPU and this small target, the default 7/10/60 tree costs more per step than the
 # tokens it saves (BENCHMARKS.md, "Demo models"). Pass spec=SpecConfig() for the paper's tree.
 DEMO_SPEC = SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=6)
 
 
 class DemoModels(NamedTuple):
+    """target; eagle3: its EAGLE-3 head (eagle, specpv, exact); tokenizer; small_draft: a much smaller
+    model with the same tokenizer (specextend)."""
+
     target: Model
     eagle3: eagle3.Eagle3
     tokenizer: Any
+    small_draft: Any
 
 
 @functools.lru_cache(maxsize=4)
 def demo_models(dtype: str = "float32") -> DemoModels:
-    """The bundled demo target, its EAGLE-3 head and tokenizer, loaded and ready for `generate`."""
-    target_dir, head_dir = ASSETS / "target", ASSETS / "eagle3"
-    for d in (target_dir, head_dir):
+    """The bundled demo target, its drafts and tokenizer, loaded and ready for `generate`."""
+    dirs = [ASSETS / name for name in ("target", "eagle3", "small_draft")]
+    for d in dirs:
         if not (d / "config.json").is_file():
             raise FileNotFoundError(f"demo model {d} is missing; rebuild the assets with "
                                     f"`python -m specpv_jax.train.demo_models` (see its docstring)")
-    target = load_target(target_dir, dtype=dtype, progress=False)
-    return DemoModels(target, load_draft(head_dir, target), target.tokenizer)
+    target = load_target(dirs[0], dtype=dtype, progress=False)
+    return DemoModels(target, load_draft(dirs[1], target), target.tokenizer, load_draft(dirs[2], target))
 
 
 def demo_prompt(tokenizer, length: int) -> np.ndarray:
@@ -79,6 +83,11 @@ def random_head(target: Model, seed: int = 1) -> eagle3.Eagle3:
                          eagle3.identity_d2t(dcfg), source="random")
 
 
+def draft_for(models: DemoModels, mode: str):
+    """The demo draft a mode runs with (None for "ar")."""
+    return {"ar": None, "specextend": models.small_draft}.get(mode, models.eagle3)
+
+
 def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...] = DEMO_MODES,
              spec: SpecConfig | None = None, progress: bool = True) -> list[dict]:
     """Continues a held-out module's source (`context` tokens) with each of `modes` on the demo models and
@@ -91,11 +100,12 @@ def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...]
 
     models = demo_models()
     prompt = demo_prompt(models.tokenizer, context)
-    print(f"specpv-jax demo: a {models.target.cfg.num_layers}-layer target and its EAGLE-3 head, trained on the "
-          f"Python standard library, continue {context} tokens of a held-out module's source.")
+    print(f"specpv-jax demo: a {models.target.cfg.num_layers}-layer target with its EAGLE-3 head and a "
+          f"{models.small_draft.cfg.num_layers}-layer draft model, trained on the Python standard library, "
+          f"continue {context} tokens of a held-out module's source.")
     rows, outputs = [], {}
     for mode in tqdm(modes, desc="modes", disable=not progress):
-        out = generate(models.target, prompt, max_new_tokens=new_tokens, mode=mode, draft=models.eagle3,
+        out = generate(models.target, prompt, max_new_tokens=new_tokens, mode=mode, draft=draft_for(models, mode),
                        spec=spec or DEMO_SPEC, eos_token_ids=())
         outputs[mode] = out
         lossless_match = mode != "specpv" and modes[0] == "ar" and np.array_equal(out.tokens, outputs["ar"].tokens)

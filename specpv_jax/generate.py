@@ -16,16 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from specpv_jax import model as M
-from specpv_jax import prompts, specpv, speculative
+from specpv_jax import prompts, specextend, specpv, speculative
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
 from specpv_jax.config import ModelConfig, SpecConfig
-from specpv_jax.draft import eagle3
+from specpv_jax.draft import eagle3, small
 from specpv_jax.loading import Model
 from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill, timed_call
 from specpv_jax.sampling import Sampler
 
 MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
+IMPLEMENTED = ("ar", "eagle", "specpv", "exact", "specextend")
 DEFAULT_PREFILL_CHUNK = 512
 
 
@@ -89,15 +90,27 @@ def _eos_ids(cfg: ModelConfig, eos_token_ids) -> np.ndarray:
     return np.array(ids or (-1,), np.int32)
 
 
+DRAFT_KINDS = {"eagle": "eagle3", "specpv": "eagle3", "exact": "eagle3", "specextend": "small"}
+_DRAFT_NAMES = {"eagle3": "an EAGLE-3 head", "small": "a small draft model (a plain LLaMA/Qwen directory)"}
+
+
 def _check_draft(target: Model, draft: Any, mode: str) -> None:
     if mode == "ar":
         return
     if draft is None:
         raise ValueError(f"mode {mode!r} needs a draft: pass draft=sj.load_draft(path, target)")
-    if getattr(draft, "kind", None) != "eagle3":
-        raise ValueError(f"mode {mode!r} needs an EAGLE-3 draft, got {type(draft).__name__}")
-    if draft.cfg.target_hidden_size != target.cfg.hidden_size or draft.cfg.vocab_size != target.cfg.vocab_size:
-        raise ValueError("the draft was loaded for a different target (hidden size or vocabulary differ); "
+    kind = getattr(draft, "kind", None)
+    if kind != DRAFT_KINDS[mode]:
+        modes = ", ".join(m for m, k in DRAFT_KINDS.items() if k == kind) or "none"
+        raise ValueError(f"mode {mode!r} needs {_DRAFT_NAMES[DRAFT_KINDS[mode]]}, got {type(draft).__name__} "
+                         f"(modes for it: {modes})")
+    if kind == "small":
+        problems = small.fit_problems(draft.cfg, target.cfg)
+    else:
+        problems = [] if (draft.cfg.target_hidden_size == target.cfg.hidden_size
+                          and draft.cfg.vocab_size == target.cfg.vocab_size) else ["hidden size or vocabulary differ"]
+    if problems:
+        raise ValueError(f"the draft does not fit this target: {'; '.join(problems)}; "
                          "load it with sj.load_draft(path, target)")
 
 
@@ -110,16 +123,19 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
 
     input_ids: a list of ids, a ragged list of lists, or an int array `[T]` / `[B, T]`
     (with an optional 0/1 `attention_mask` for left- or right-padded rows).
-    mode: "ar" (one target step per token) or "eagle" (tree speculation with an
-    EAGLE-3 `draft`, lossless). Rows stop at any of `eos_token_ids` (default: the
-    model's EOS ids; `()` never stops). attention: "auto" (Pallas kernels on GPU,
-    XLA elsewhere), "xla" or "pallas". stream: called on the host with each row's
-    newly emitted tokens as generation goes (exact mode: confirmed tokens only).
+    mode: "ar" (one target step per token); with an EAGLE-3 `draft`: "eagle"
+    (tree speculation, lossless), "specpv" (partial verification, the paper),
+    "exact" (partial verification, lossless); with a small draft model:
+    "specextend" (Cross-model Retrieval, lossless). Rows stop at any of
+    `eos_token_ids` (default: the model's EOS ids; `()` never stops).
+    attention: "auto" (Pallas kernels on GPU, XLA elsewhere), "xla" or "pallas".
+    stream: called on the host with each row's newly emitted tokens as
+    generation goes (exact mode: confirmed tokens only).
     Returns `GenerateOutput(tokens [B, n_new], lengths [B], stats)`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
-    if mode not in ("ar", "eagle", "specpv", "exact"):
+    if mode not in IMPLEMENTED:
         raise NotImplementedError(f"mode {mode!r} is not implemented yet")
     _check_draft(target, draft, mode)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -154,7 +170,8 @@ def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: i
               chunk=chunk, mode=mode, attention=resolve_implementation(attention),
               spec=spec if speculative_mode else None, dcfg=dcfg if speculative_mode else None, stream=stream)
     # Room for the prompt bucket, the new tokens, and the scratch of one verification beyond them.
-    scratch = {"ar": 1, "eagle": spec.tree_nodes + 1}.get(mode, spec.max_missing + spec.tree_nodes + 1)
+    scratch = {"ar": 1, "eagle": spec.tree_nodes + 1, "specextend": spec.tree_nodes + 1}.get(
+        mode, spec.max_missing + spec.tree_nodes + 1)
     max_len = prompt_len + run.buffer + scratch
     if mode in ("specpv", "exact"):  # block retrieval needs at least a partial cache's worth of blocks
         max_len = max(max_len, spec.static_tokens + spec.block_size)
@@ -169,6 +186,14 @@ def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t,
     if run.mode == "ar":
         (cache, logits), prefill_s = call(_prefill_fn(run.prefill_key), params, ids, lengths, cache)
         (out, _), decode_s = call(_ar_decode_fn(run), params, cache, logits, key, eos, limit)
+        return out, None, prefill_s, decode_s
+    if run.mode == "specextend":
+        draft_cache = KVCache.zeros(run.dcfg, b, max_len, M.param_dtype(draft_params))
+        prefill_fn = specextend.specextend_prefill_fn(run.prefill_key, run.spec)
+        (cache, draft_state, logits), prefill_s = call(prefill_fn, params, draft_params, ids, lengths, cache,
+                                                       draft_cache)
+        (out, _, _), decode_s = call(specextend.specextend_decode_fn(run), params, draft_params, cache, draft_state,
+                                     logits, key, eos, limit)
         return out, None, prefill_s, decode_s
     draft_cache = eagle3.empty_cache(run.dcfg, b, max_len, draft_params)
     (cache, draft_cache, logits, feats), prefill_s = call(
@@ -189,7 +214,8 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
 
     For research code that jits (or vmaps) generation itself. ids: `[B, T]`
     int32 equal-length prompts (no padding); draft_params: `{"params": draft.params,
-    "d2t": draft.d2t}` for the speculative modes (ignored by "ar"); key: a PRNG key.
+    "d2t": draft.d2t}` for the speculative modes (ignored by "ar"; d2t None for a small
+    draft); key: a PRNG key.
     Settings are static and fixed here; output equals `generate` with the same
     settings. Example::
 
@@ -199,10 +225,10 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
         # several samples of one prompt at once:
         sample = jax.vmap(fn, in_axes=(None, None, None, 0))
     """
-    if mode not in ("ar", "eagle", "specpv", "exact"):
-        raise ValueError(f"make_generate_fn supports modes ar, eagle, specpv, exact; got {mode!r}")
+    if mode not in IMPLEMENTED:
+        raise ValueError(f"make_generate_fn supports modes {', '.join(IMPLEMENTED)}; got {mode!r}")
     if mode != "ar" and draft_cfg is None:
-        raise ValueError(f"mode {mode!r} needs draft_cfg (the draft's DraftConfig)")
+        raise ValueError(f"mode {mode!r} needs draft_cfg (the draft's config: draft.cfg)")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     spec = spec_cfg or SpecConfig()

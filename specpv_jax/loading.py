@@ -75,7 +75,9 @@ def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = Fals
 
 
 def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None) -> Any:
-    """Loads a draft for `target`: a public-layout EAGLE-3 head directory or an orbax export.
+    """Loads a draft for `target`: a public-layout EAGLE-3 head directory, a plain LLaMA/Qwen
+    directory (a small draft model for "specextend", sharing the target's tokenizer), or an
+    orbax export of either.
 
     Raises naming what does not fit the target (vocabulary, hidden size, layers).
     dtype: None uses the target's dtype.
@@ -89,18 +91,41 @@ def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None)
     if not path.is_dir():
         raise FileNotFoundError(f"draft directory {path} does not exist")
     if checkpoint.is_checkpoint(path):
+        if checkpoint.read_meta(path).get("kind") == "target":
+            return _small_draft(load_target(path, dtype), target, path)
         meta, tree = checkpoint.restore(path, "eagle3")
         cfg = DraftConfig.from_dict(meta["draft_config"])
         check_fits_target(cfg, target.cfg, str(path))
         return Eagle3(cfg, cast_params(tree["params"], dtype), tree["d2t"].astype(jnp.int32), str(path))
     if (path / "config.json").is_file():
+        if not _is_eagle3_config(path / "config.json"):
+            return _small_draft(load_target(path, dtype), target, path)
         cfg, params, d2t = load_eagle3(path, target.cfg, dtype)
         return Eagle3(cfg, params, d2t, str(path))
-    raise FileNotFoundError(f"{path} is not a draft directory: it has neither config.json (EAGLE-3 layout) "
-                            f"nor {checkpoint.META_FILE} (specpv-jax orbax export)")
+    raise FileNotFoundError(f"{path} is not a draft directory: it has neither config.json (EAGLE-3 layout or a "
+                            f"plain LLaMA/Qwen model) nor {checkpoint.META_FILE} (specpv-jax orbax export)")
+
+
+def _is_eagle3_config(config_json: pathlib.Path) -> bool:
+    import json
+
+    hf = json.loads(config_json.read_text())
+    archs = [str(a).lower() for a in hf.get("architectures") or []]
+    return "draft_vocab_size" in hf or any("eagle" in a for a in archs)
+
+
+def _small_draft(model: Model, target: Model, path: pathlib.Path) -> Any:
+    from specpv_jax.draft.small import SmallDraft, fit_problems
+
+    problems = fit_problems(model.cfg, target.cfg)
+    if problems:
+        raise ValueError(f"{path}: this draft model does not fit the target: {'; '.join(problems)}")
+    return SmallDraft(model.cfg, model.params, str(path))
 
 
 def save_draft(draft: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
     """Exports a draft as an orbax checkpoint (`export_eagle3` writes the public layout instead)."""
+    if draft.kind == "small":
+        return save_target(Model(draft.cfg, draft.params, source=draft.source), out_dir, overwrite)
     meta = {"kind": draft.kind, "draft_config": draft.cfg.to_dict()}
     return checkpoint.save(out_dir, {"params": draft.params, "d2t": draft.d2t}, meta, overwrite=overwrite)

@@ -128,15 +128,16 @@ class DecoderLayer(nn.Module):
     attention: str = "xla"
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, cache_len, new_mask, layer=None):
+    def __call__(self, x, cos, sin, k_cache, v_cache, cache_len, new_mask, layer=None, k_extra=None, v_extra=None,
+                 write=True):
         """k_cache, v_cache: `[B, Hkv, S, D]`, or the stacked `[L, ...]` cache read at `layer`;
-        None for cache-free self-attention (training)."""
+        None for cache-free self-attention (training). k_extra, v_extra, write: as in `Attention`."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         attn, q, k, v, k_cache, v_cache = Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm,
             eps, self.dtype, self.attention, name="self_attn")(h, cos, sin, k_cache, v_cache, cache_len, new_mask,
-                                                                layer)
+                                                                layer, k_extra, v_extra, write)
         x = x + attn
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(h), q, k, v, k_cache, v_cache
@@ -147,12 +148,14 @@ class ForwardOut:
     """hidden: `[B, T, H]` after the final norm; features: `[n_capture, B, T, H]`,
     the inputs of the layers named in `capture_layers`; cache: new K/V written at
     `cache.length`, lengths unchanged (the caller commits); block_scores:
-    `[L, B, Hkv, NB]` retrieval scores when a block summary was given, else None."""
+    `[L, B, Hkv, NB]` retrieval scores when a block summary was given, else None;
+    new_kv: with `collect_kv`, the new tokens' keys (after RoPE) and values, each `[L, B, Hkv, T, D]`."""
 
     hidden: jax.Array
     features: jax.Array
     cache: KVCache | None
     block_scores: jax.Array | None = None
+    new_kv: tuple[jax.Array, jax.Array] | None = None
 
 
 def param_dtype(params: Params):
@@ -162,16 +165,20 @@ def param_dtype(params: Params):
 def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array, cache: KVCache | None,
             new_mask: jax.Array | None = None, capture_layers: Sequence[int] = (),
             attention: str = "xla", summary: BlockSummary | None = None,
-            score_mask: jax.Array | None = None) -> ForwardOut:
+            score_mask: jax.Array | None = None, extra_kv: tuple[jax.Array, jax.Array] | None = None,
+            write: bool = True, collect_kv: bool = False) -> ForwardOut:
     """Runs new tokens `ids [B, T]` at `positions [B, T]` over `cache`.
 
     The new tokens attend to the cache prefix `[0, cache.length)` and to each
     other under `new_mask [B, T, T]` (causal when None; a tree mask for
-    verification). Their K/V are written at `cache.length + [0, T)`. With
-    `cache=None` the tokens attend only to each other (training; differentiable).
-    attention: "xla" or "pallas" (see `attention.attend`). With a block `summary`,
-    each layer also scores the summary's blocks against the queries where
-    `score_mask [B, T]` is set (SpecPV retrieval).
+    verification). Their K/V are written at `cache.length + [0, T)` (unless
+    `write=False`). With `cache=None` the tokens attend only to each other
+    (training; differentiable). attention: "xla" or "pallas" (see
+    `attention.attend`). With a block `summary`, each layer also scores the
+    summary's blocks against the queries where `score_mask [B, T]` is set
+    (SpecPV retrieval). `extra_kv` (k, v `[L, B, Hkv, U, D]`) adds keys between
+    the prefix and the new tokens (a draft tree's earlier levels); `new_mask` is
+    then `[B, T, U + T]`. `collect_kv` returns the new tokens' K/V per layer.
     """
     dtype = param_dtype(params)
     b, t = ids.shape
@@ -185,23 +192,44 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
 
     def body(carry, xs):
         x, k_all, v_all, feats = carry
-        i, layer_params = xs
+        i, layer_params, extra = xs
         feats = jnp.where((capture == i)[:, None, None, None], x[None], feats)
-        x, q, _, _, k_all, v_all = layer.apply({"params": layer_params}, x, cos, sin, k_all, v_all, cache_len,
-                                               new_mask, i)
+        x, q, k, v, k_all, v_all = layer.apply({"params": layer_params}, x, cos, sin, k_all, v_all, cache_len,
+                                               new_mask, i, *extra, write)
         scores = None
         if summary is not None:
             scores = retrieval.block_scores(q, summary.kmax[i], summary.kmin[i], score_mask)
-        return (x, k_all, v_all, feats), scores
+        return (x, k_all, v_all, feats), (scores, (k, v) if collect_kv else None)
 
     feats = jnp.zeros((capture.shape[0], b, t, cfg.hidden_size), dtype)
     k_all, v_all, cache_len = (None, None, None) if cache is None else (cache.k, cache.v, cache.length)
-    (x, k_all, v_all, feats), scores = lax.scan(
-        body, (x, k_all, v_all, feats), (jnp.arange(cfg.num_layers), params["layers"]))
+    extra = (None, None) if extra_kv is None else extra_kv
+    (x, k_all, v_all, feats), (scores, new_kv) = lax.scan(
+        body, (x, k_all, v_all, feats), (jnp.arange(cfg.num_layers), params["layers"], extra))
     hidden = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
     if cache is not None:
         cache = cache.replace(k=k_all, v=v_all)
-    return ForwardOut(hidden=hidden, features=feats, cache=cache, block_scores=scores)
+    return ForwardOut(hidden=hidden, features=feats, cache=cache, block_scores=scores, new_kv=new_kv)
+
+
+def layer_queries(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """The queries (after RoPE) layer `layer` computes from its inputs `x [B, T, H]`: `[B, T, Hq, D]`.
+
+    Lets a caller recompute one layer's attention (retrieval scores) from captured features.
+    """
+    p = jax.tree.map(lambda a: a[layer], params["layers"])
+    dtype = param_dtype(params)
+    h = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": p["input_layernorm"]}, x)
+    attn = p["self_attn"]
+    q = h @ attn["q_proj"]["kernel"]
+    if "bias" in attn["q_proj"]:
+        q = q + attn["q_proj"]["bias"]
+    q = q.reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": attn["q_norm"]}, q)
+    cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim),
+                            rope.attention_scaling(cfg.rope), dtype)
+    return rope.apply_rope(q, cos, sin)
 
 
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:

@@ -10,6 +10,9 @@ parents precede children.
 
 from __future__ import annotations
 
+import math
+from typing import Any, Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -101,3 +104,60 @@ def path_nodes(tree_mask_row: jax.Array, depth: jax.Array, max_depth: int) -> ja
     (entries past the path's end are 0, the root; callers mask them by count)."""
     hit = tree_mask_row[:, :, None] & (depth[:, :, None] == jnp.arange(max_depth + 1)[None, None, :])
     return jnp.argmax(hit, axis=1).astype(jnp.int32)
+
+
+# expand(level, tokens [B, k], parent [B, k], mask [B, k, slots + k], carry) -> (logprobs [B, k, V_d], carry)
+Expand = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry: Any, top_k: int, depth: int,
+              nodes: int, threshold: float = 0.0, to_target: Callable[[jax.Array], jax.Array] = lambda i: i) -> Tree:
+    """Grows a batch of top-k trees below `root [B]`, whatever the drafter (EAGLE-3 `topK_genrate`).
+
+    Level 1 takes the `top_k` best tokens of `first_logprobs [B, V_d]` (the drafter
+    at the root). Each further level calls `expand` on the k frontier nodes: it runs
+    the drafter on their `tokens`, each attending to the committed context, to the
+    earlier levels' slots its ancestors hold (`mask[..., :slots]`, slots =
+    (depth - 1) * top_k, level l's nodes at slots [(l - 1) k, l k)) and to itself
+    (`mask[..., slots:]`); `parent` is each node's index in the previous frontier
+    (0 at level 1). The k x k children are scored by cumulative log-probability and
+    the best k form the next frontier. With `threshold > 0` levels stop once no
+    frontier path probability reaches it (later levels propose nothing). The
+    `nodes` best candidates make the tree; `to_target` maps drafter ids to target ids.
+    """
+    k = top_k
+    b = root.shape[0]
+    _, level_start = candidate_layout(k, depth)
+    scores, ids = lax.top_k(first_logprobs, k)  # [B, k]
+    tokens = to_target(ids)
+    cand_tokens, cand_scores, cand_parent = [tokens], [scores], [jnp.full((b, k), -1, jnp.int32)]
+    frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))  # candidate ids
+    parent = jnp.zeros((b, k), jnp.int32)
+    slots = (depth - 1) * k
+    ancestors = jnp.zeros((b, k, slots), bool)  # frontier-chain ancestors' slots in the level buffers
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=bool), (b, k, k))
+    nothing = jnp.full((b, k, first_logprobs.shape[-1]), -jnp.inf, first_logprobs.dtype)
+    for level in range(1, depth):
+        mask = jnp.concatenate([ancestors, eye], axis=-1)
+        run = lambda c, level=level, tokens=tokens, parent=parent, mask=mask: expand(level, tokens, parent, mask, c)  # noqa: E731
+        if threshold > 0:
+            logprobs, carry = lax.cond(jnp.any(scores >= math.log(threshold)), run, lambda c: (nothing, c), carry)
+        else:
+            logprobs, carry = run(carry)
+        child_scores, child_ids = lax.top_k(logprobs, k)  # [B, k, k]
+        flat_scores = (scores[:, :, None] + child_scores).reshape(b, k * k)
+        flat_tokens = to_target(child_ids).reshape(b, k * k)
+        cand_tokens.append(flat_tokens)
+        cand_scores.append(flat_scores)
+        cand_parent.append(jnp.repeat(frontier, k, axis=1))
+        if level == depth - 1:
+            break
+        scores, best = lax.top_k(flat_scores, k)
+        parent = best // k  # frontier index of each new frontier node's parent
+        tokens = jnp.take_along_axis(flat_tokens, best, axis=1)
+        frontier = level_start[level] + best
+        parent_slot = (level - 1) * k + parent
+        ancestors = (jnp.take_along_axis(ancestors, parent[:, :, None], axis=1)
+                     | (jnp.arange(slots)[None, None] == parent_slot[:, :, None]))
+    return select_tree(root, jnp.concatenate(cand_tokens, 1), jnp.concatenate(cand_scores, 1),
+                       jnp.concatenate(cand_parent, 1), nodes, k, depth)

@@ -13,6 +13,7 @@ def test_assets_fit_the_size_limit():
     files = [f for f in ASSETS.rglob("*") if f.is_file()]
     assert {f.name for f in files} >= {"config.json", "model.safetensors", "tokenizer.json", "report.json"}
     assert sum(f.stat().st_size for f in files) <= 40 * 2 ** 20
+    assert (ASSETS / "small_draft" / "model.safetensors").stat().st_size <= 10 * 2 ** 20  # SpecExtend's limit
 
 
 def test_bundled_target_matches_transformers_on_heldout_text():
@@ -37,6 +38,18 @@ def test_demo_models_speculate_losslessly_on_heldout_text():
     eagle = sj.generate(models.target, prompt, 32, mode="eagle", draft=models.eagle3, eos_token_ids=())
     np.testing.assert_array_equal(eagle.tokens, ar.tokens)
     assert eagle.stats["mean_accept_len"] > 1.5  # a trained head: most steps accept drafted tokens
+
+
+def test_specextend_is_lossless_with_the_trained_small_draft():
+    models = sj.demo_models()
+    assert models.small_draft.kind == "small" and models.small_draft.cfg.num_layers < models.target.cfg.num_layers
+    prompt = demo_prompt(models.tokenizer, 2500)
+    ar = sj.generate(models.target, prompt, 48, eos_token_ids=())
+    spec = sj.SpecConfig(tree_depth=4, tree_top_k=3, tree_nodes=10, draft_chunks=16, retrieve_every=2)
+    out = sj.generate(models.target, prompt, 48, mode="specextend", draft=models.small_draft, spec=spec,
+                      eos_token_ids=())
+    np.testing.assert_array_equal(out.tokens, ar.tokens)
+    assert out.stats["mean_accept_len"] > 1.5  # a trained draft: most steps accept drafted tokens
 
 
 @pytest.mark.parametrize("spec", [
@@ -70,9 +83,9 @@ def test_run_demo_prints_every_mode(capsys):
     spec = sj.SpecConfig(tree_depth=4, tree_top_k=4, tree_nodes=12, retrieval_tokens=256, window_tokens=64)
     rows = run_demo(context=600, new_tokens=24, spec=spec, progress=False)
     out = capsys.readouterr().out
-    assert [r["mode"] for r in rows] == ["ar", "eagle", "specpv", "exact"]
+    assert [r["mode"] for r in rows] == ["ar", "eagle", "specpv", "exact", "specextend"]
     assert "speedup" in out and "wrote" in out
-    assert rows[0]["fidelity"] == rows[1]["fidelity"] == rows[3]["fidelity"] == 1.0
+    assert rows[0]["fidelity"] == rows[1]["fidelity"] == rows[3]["fidelity"] == rows[4]["fidelity"] == 1.0
     assert rows[2]["partial"] > 0 and 0.0 <= rows[2]["fidelity"] <= 1.0
 
 
@@ -81,15 +94,16 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
 
     from specpv_jax.cli import main
 
-    assert main(["bench", "--contexts", "300", "600", "--new-tokens", "8", "--modes", "ar", "eagle", "--tree", "3",
-                 "3", "8", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--contexts", "300", "600", "--new-tokens", "8", "--modes", "ar", "eagle", "specextend",
+                 "--tree", "3", "3", "8", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
-    assert data["contexts"] == [300, 600] and data["modes"] == ["ar", "eagle"]
+    assert data["contexts"] == [300, 600] and data["modes"] == ["ar", "eagle", "specextend"]
     assert [(r["context"], r["mode"]) for r in data["rows"]] == [
-        (c, m) for c in (300, 600) for m in ("ar", "eagle", "transformers")]
-    eagle = data["rows"][1]
+        (c, m) for c in (300, 600) for m in ("ar", "eagle", "specextend", "transformers", "transformers-assisted")]
+    eagle, specextend, assisted = data["rows"][1], data["rows"][2], data["rows"][4]
     assert eagle["tokens_per_s"] > 0 and eagle["accept"] >= 1 and eagle["fidelity"] == 1.0
-    assert data["rows"][0]["vs_ar"] == 1.0 and eagle["vs_hf"] > 0
+    assert specextend["accept"] >= 1 and specextend["fidelity"] == 1.0
+    assert data["rows"][0]["vs_ar"] == 1.0 and eagle["vs_hf"] > 0 and assisted["tokens_per_s"] > 0
     table = (tmp_path / "bench.md").read_text().splitlines()
-    assert table[2].startswith("| context | mode |") and len(table) == 4 + 6
+    assert table[2].startswith("| context | mode |") and len(table) == 4 + 10
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

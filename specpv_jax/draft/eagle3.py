@@ -26,14 +26,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from specpv_jax import rope
 from specpv_jax.attention import causal_mask
 from specpv_jax.cache import KVCache
 from specpv_jax.config import DraftConfig, SpecConfig
 from specpv_jax.model import MLP, Attention, Params, RMSNorm
-from specpv_jax.tree import Tree, candidate_layout, select_tree
+from specpv_jax.tree import Tree, grow_tree
 
 
 class MidLayer(nn.Module):
@@ -124,58 +123,32 @@ def advance(params: Params, cfg: DraftConfig, embed: jax.Array, cache: KVCache, 
 def draft_tree(params: Params, cfg: DraftConfig, spec: SpecConfig, embed: jax.Array, d2t: jax.Array,
                cache: KVCache, last_hidden: jax.Array, root: jax.Array,
                position: jax.Array | None = None) -> tuple[Tree, KVCache]:
-    """Grows a top-k tree from the head state `last_hidden [B, H]` below `root [B]` (EAGLE-3 `topK_genrate`).
+    """Grows a top-k tree (`tree.grow_tree`) from the head state `last_hidden [B, H]` below `root [B]`.
 
-    Level 1 takes the head's top-k tokens; each further level runs the head on
-    the k frontier nodes (attending to the committed cache, their frontier
-    ancestors and themselves), scores their k x k children by cumulative
-    log-probability and keeps the best k as the next frontier. Level-1 nodes sit
-    at `position [B]` (default: the cache length). Returns the tree and the
-    (unchanged) cache, threaded through for the caller to keep using.
+    Each level runs the head on the frontier nodes, fed their parents' head
+    outputs, attending to the committed cache, their frontier ancestors and
+    themselves. Level-1 nodes sit at `position [B]` (default: the cache length).
+    Returns the tree and the (unchanged) cache, threaded through for the caller.
     """
     k, depth = spec.tree_top_k, spec.tree_depth
     b = root.shape[0]
-    _, level_start = candidate_layout(k, depth)
-
-    def to_target(draft_ids):
-        return draft_ids + d2t[draft_ids]
-
-    scores, ids = lax.top_k(head_logprobs(params, cfg, last_hidden), k)  # [B, k]
-    tokens = to_target(ids)
-    cand_tokens, cand_scores, cand_parent = [tokens], [scores], [jnp.full((b, k), -1, jnp.int32)]
-    frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))  # candidate ids
-    hidden = jnp.broadcast_to(last_hidden[:, None], (b, k, last_hidden.shape[-1]))
-    slots = (depth - 1) * k
-    k_buf = jnp.zeros((b, cfg.num_kv_heads, slots, cfg.head_dim), _dtype(params))
-    v_buf = k_buf
-    ancestors = jnp.zeros((b, k, slots), bool)  # frontier-chain ancestors' slots in the buffers
-    eye = jnp.broadcast_to(jnp.eye(k, dtype=bool), (b, k, k))
     start = cache.length if position is None else position
-    for level in range(1, depth):
+    slots = (depth - 1) * k
+
+    def expand(level, tokens, parent, mask, carry):
+        prev_out, k_buf, v_buf = carry
+        hidden = jnp.take_along_axis(prev_out, parent[:, :, None], axis=1)
         positions = jnp.broadcast_to(start[:, None] + level - 1, (b, k))
-        out, k_new, v_new, cache = head_forward(params, cfg, embed, tokens, hidden, positions, cache,
-                                                jnp.concatenate([ancestors, eye], axis=-1), k_buf, v_buf,
-                                                write=False)
+        out, k_new, v_new, _ = head_forward(params, cfg, embed, tokens, hidden, positions, cache, mask, k_buf, v_buf,
+                                            write=False)
         k_buf = k_buf.at[:, :, (level - 1) * k: level * k].set(k_new)
         v_buf = v_buf.at[:, :, (level - 1) * k: level * k].set(v_new)
-        child_scores, child_ids = lax.top_k(head_logprobs(params, cfg, out), k)  # [B, k, k]
-        flat_scores = (scores[:, :, None] + child_scores).reshape(b, k * k)
-        flat_tokens = to_target(child_ids).reshape(b, k * k)
-        cand_tokens.append(flat_tokens)
-        cand_scores.append(flat_scores)
-        cand_parent.append(jnp.repeat(frontier, k, axis=1))
-        if level == depth - 1:
-            break
-        scores, best = lax.top_k(flat_scores, k)
-        parent = best // k  # frontier index of each new frontier node's parent
-        tokens = jnp.take_along_axis(flat_tokens, best, axis=1)
-        hidden = jnp.take_along_axis(out, parent[:, :, None], axis=1)
-        frontier = level_start[level] + best
-        parent_slot = (level - 1) * k + parent
-        ancestors = (jnp.take_along_axis(ancestors, parent[:, :, None], axis=1)
-                     | (jnp.arange(slots)[None, None] == parent_slot[:, :, None]))
-    tree = select_tree(root, jnp.concatenate(cand_tokens, 1), jnp.concatenate(cand_scores, 1),
-                       jnp.concatenate(cand_parent, 1), spec.tree_nodes, k, depth)
+        return head_logprobs(params, cfg, out), (out, k_buf, v_buf)
+
+    buf = jnp.zeros((b, cfg.num_kv_heads, slots, cfg.head_dim), _dtype(params))
+    carry = (jnp.broadcast_to(last_hidden[:, None], (b, k, last_hidden.shape[-1])), buf, buf)
+    tree = grow_tree(root, head_logprobs(params, cfg, last_hidden), expand, carry, k, depth, spec.tree_nodes,
+                     spec.tree_threshold, lambda ids: ids + d2t[ids])
     return tree, cache
 
 

@@ -7,9 +7,12 @@ Stages (each resumable; a stage whose output exists is skipped):
      fine-tune at `long_length` stretching RoPE to `context` positions;
   4. eagle3: EAGLE-3 head with training-time test at `short_length`, then
      SpecPV's YaRN long-context fine-tune at `long_length`;
-  5. report: held-out loss, how much 16K-token context helps the target, the
+  5. small_draft: a much smaller LLaMA with the same tokenizer, for draft-model
+     speculation (SpecExtend), trained at `draft_length` tokens only;
+  6. report: held-out loss, how much 16K-token context helps the target, the
      head's per-step accuracy; written to `report.json` beside the assets.
-Assets: `<out>/target` (HF layout + tokenizer) and `<out>/eagle3` (public EAGLE-3 layout).
+Assets: `<out>/target` (HF layout + tokenizer), `<out>/eagle3` (public EAGLE-3 layout)
+and `<out>/small_draft` (HF layout + tokenizer).
 """
 
 from __future__ import annotations
@@ -56,6 +59,15 @@ class Recipe:
     head_long_steps: int = 25
     head_long_batch: int = 2
     unroll: int = 5
+    draft_hidden_size: int = 128
+    draft_intermediate_size: int = 384
+    draft_layers: int = 4
+    draft_heads: int = 4
+    draft_kv_heads: int = 2
+    draft_length: int = 1024
+    draft_steps: int = 300
+    draft_batch: int = 8
+    draft_lr: float = 3e-3
     eval_context: int = 16384
     seed: int = 0
 
@@ -67,6 +79,13 @@ class Recipe:
                            rope=rope or RopeConfig(theta=500000.0), tie_word_embeddings=True,
                            bos_token_id=0, eos_token_ids=(1,))
 
+    def small_draft_config(self) -> ModelConfig:
+        return dataclasses.replace(
+            self.target_config(), hidden_size=self.draft_hidden_size,
+            intermediate_size=self.draft_intermediate_size, num_layers=self.draft_layers,
+            num_heads=self.draft_heads, num_kv_heads=self.draft_kv_heads,
+            head_dim=self.draft_hidden_size // self.draft_heads, max_position_embeddings=self.draft_length)
+
     def long_rope(self) -> RopeConfig:
         return RopeConfig(theta=500000.0, kind="yarn", factor=self.context / self.short_length,
                           original_max_position_embeddings=self.short_length)
@@ -76,7 +95,9 @@ class Recipe:
 TINY = Recipe(vocab_size=384, draft_vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4,
               num_heads=2, num_kv_heads=1, short_length=64, long_length=128, context=1024, target_steps=4,
               target_batch=2, target_long_steps=2, target_long_batch=1, head_steps=4, head_batch=2,
-              head_long_steps=2, head_long_batch=1, unroll=3, eval_context=512)
+              head_long_steps=2, head_long_batch=1, unroll=3, draft_hidden_size=32, draft_intermediate_size=64,
+              draft_layers=2, draft_heads=2, draft_kv_heads=1, draft_length=64, draft_steps=4, draft_batch=2,
+              eval_context=512)
 
 
 def _log(msg: str) -> None:
@@ -143,22 +164,47 @@ def train_demo_models(out: str | pathlib.Path = ASSETS, work: str | pathlib.Path
     draft_ids = head.d2t + np.arange(head.cfg.draft_vocab_size)
     stage_done("eagle3_long")
 
+    small_cfg, small_params = train_small_draft(train_ids, r, work, progress)
+    stage_done("small_draft")
+
     _log("report: held-out evaluation")
     report["heldout"] = evaluate(params, long_cfg, head, draft_ids, heldout_ids, r)
+    report["heldout"]["small_draft_loss"] = held_out_loss(small_params, small_cfg, heldout_ids, r.draft_length)
     stage_done("report")
 
     staging = work / "assets"
     export_hf(staging / "target", long_cfg, params, overwrite=True)
-    for name in checkpoint.TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copy2(tok_dir / name, staging / "target" / name)
     export_eagle3(staging / "eagle3", head.cfg, head.params, head.d2t, overwrite=True)
+    export_hf(staging / "small_draft", small_cfg, small_params, overwrite=True)
+    for name in ("target", "small_draft"):
+        for file in checkpoint.TOKENIZER_FILES:
+            if (tok_dir / file).is_file():
+                shutil.copy2(tok_dir / file, staging / name / file)
     (staging / "report.json").write_text(json.dumps(report, indent=2))
     with checkpoint.atomic_directory(out, overwrite=True) as tmp:
         for item in staging.iterdir():
             shutil.move(str(item), tmp / item.name)
     _log(f"wrote {out}")
     return report
+
+
+def train_small_draft(train_ids: list[np.ndarray], r: Recipe, work: pathlib.Path, progress: bool = True):
+    """The small draft model: a causal LM like the target, trained only on `r.draft_length`-token windows."""
+    cfg = r.small_draft_config()
+    _log(f"small draft: {r.draft_layers} layers x {r.draft_hidden_size}, {r.draft_steps} steps of "
+         f"{r.draft_batch} x {r.draft_length} tokens")
+    params, _ = lm.train_lm(init_params(cfg, jax.random.key(r.seed + 7)), cfg,
+                            corpus.batches(train_ids, r.draft_batch, r.draft_length + 1, r.seed + 7),
+                            TrainConfig(r.draft_steps, r.draft_batch, r.draft_length, lr=r.draft_lr, seed=r.seed),
+                            work / "small_draft", progress, desc="small-draft")
+    return cfg, params
+
+
+def held_out_loss(params, cfg: ModelConfig, heldout_ids: list[np.ndarray], length: int) -> float:
+    import jax.numpy as jnp
+
+    windows = next(corpus.batches(heldout_ids, 4, length + 1, seed=1234))
+    return float(lm.lm_loss(params, cfg, jnp.asarray(windows))[0])
 
 
 def evaluate(params, cfg: ModelConfig, head, draft_ids, heldout_ids: list[np.ndarray], r: Recipe) -> dict:

@@ -1,0 +1,101 @@
+"""SpecExtend: tree speculation with an independent small draft model (`mode="specextend"`).
+
+Each step of the jitted loop: the draft takes in the tokens committed last step,
+grows a top-k tree from its working cache (`draft.small`), the target verifies
+the tree against its full cache (on GPU the Pallas kernel's hybrid tree
+attention: split-K prefix part with LSE, dense tree part, merged exactly), the
+accepted path is committed, and every `retrieve_every` steps the draft's
+working cache is rebuilt around the context the target attends to (Cross-model
+Retrieval). Lossless: acceptance is the same rule as every other mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from specpv_jax import model as M
+from specpv_jax import verify
+from specpv_jax.cache import KVCache, commit_path
+from specpv_jax.config import SpecConfig
+from specpv_jax.draft import small
+from specpv_jax.loop import Output, Run, decode_loop, prefill
+
+
+@flax.struct.dataclass
+class SpecExtendState:
+    """Loop carry: the target's cache, the draft's state, the committed tokens the draft has not
+    seen yet (`pending [B, depth + 1]`, first `pending_count [B]` real, the last one the next root)."""
+
+    cache: KVCache
+    draft: small.DraftState
+    pending: jax.Array
+    pending_count: jax.Array
+    out: Output
+    key: jax.Array
+
+
+def _keep(live: jax.Array, new: KVCache | None, old: KVCache | None):
+    """Finished rows keep their old length."""
+    return None if new is None else new.replace(length=jnp.where(live, new.length, old.length))
+
+
+def specextend_step(params, dparams, run: Run, eos: jax.Array, s: SpecExtendState) -> SpecExtendState:
+    cfg, dcfg, spec = run.cfg, run.dcfg, run.spec
+    draft, logprobs = small.advance(dparams, dcfg, s.draft, s.pending, s.pending_count, run.attention)
+    root = jnp.take_along_axis(s.pending, (s.pending_count - 1)[:, None], axis=1)[:, 0]
+    tree = small.draft_tree(dparams, dcfg, spec, draft.work, logprobs, root, run.attention)
+    last_layer = cfg.num_layers - 1
+    out = M.forward(params, cfg, tree.tokens, s.cache.length[:, None] + tree.depth, s.cache, tree.mask,
+                    (last_layer,) if draft.store is not None else (), run.attention)
+    key, sub = jax.random.split(s.key)
+    acc = verify.accept(tree, M.logits(params, cfg, out.hidden), run.sampler, sub)
+    live = ~s.out.done
+    cache = commit_path(out.cache, acc.path, acc.count)
+    draft = small.DraftState(work=_keep(live, draft.work, s.draft.work), store=_keep(live, draft.store, s.draft.store))
+
+    if draft.store is not None:
+        def retrieve(d):
+            deepest = jnp.take_along_axis(acc.path, acc.count[:, None], axis=1)  # [B, 1]
+            x = jnp.take_along_axis(out.features[0], deepest[:, :, None], axis=1)  # last layer's input [B, 1, H]
+            q = M.layer_queries(params, cfg, last_layer, x, (s.cache.length + acc.count)[:, None])[:, 0]
+            return small.retrieve(dcfg, spec, d, q, cache.k[last_layer], cache.length)
+
+        draft = lax.cond((s.out.steps + 1) % spec.retrieve_every == 0, retrieve, lambda d: d, draft)
+
+    emitted = acc.emitted(tree)
+    return SpecExtendState(cache=cache.replace(length=jnp.where(live, cache.length, s.cache.length)), draft=draft,
+                           pending=emitted, pending_count=acc.count + 1, out=s.out.append(emitted, acc.count + 1, eos),
+                           key=key)
+
+
+@functools.lru_cache(maxsize=None)
+def specextend_prefill_fn(run: Run, spec: SpecConfig):
+    """Prefills the target and the draft over the prompts; returns (cache, draft state, last logits `[B, V]`)."""
+    def fn(params, dparams, ids, lengths, cache, draft_cache):
+        cache, last, _, _ = prefill(params, run, ids, lengths, cache)
+        draft_run = Run(cfg=run.dcfg, sampler=run.sampler, buffer=0, pad_id=0, chunk=run.chunk,
+                        attention=run.attention)
+        draft_cache, _, _, _ = prefill(dparams, draft_run, ids, lengths, draft_cache)
+        return cache, small.start(run.dcfg, spec, draft_cache), M.logits(params, run.cfg, last)
+
+    return jax.jit(fn, donate_argnums=(4, 5))
+
+
+@functools.lru_cache(maxsize=None)
+def specextend_decode_fn(run: Run):
+    def fn(params, dparams, cache, draft_state, logits, key, eos, limit):
+        key, sub = jax.random.split(key)
+        first = run.sampler.sample(logits, sub)
+        b = first.shape[0]
+        pending = jnp.zeros((b, run.spec.tree_depth + 1), jnp.int32).at[:, 0].set(first)
+        state = SpecExtendState(cache=cache, draft=draft_state, pending=pending, pending_count=jnp.ones((b,), jnp.int32),
+                                out=Output.start(first, eos, run.buffer, run.pad_id, limit), key=key)
+        state = decode_loop(run, functools.partial(specextend_step, params, dparams, run, eos), state)
+        return state.out, state.cache, state.draft
+
+    return jax.jit(fn, donate_argnums=(2, 3))
