@@ -143,14 +143,15 @@ def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for mode in dict.fromkeys(r["mode"] for r in rows):
+    for i, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):
         pts = [r for r in rows if r["mode"] == mode]
         ctx = [r["context"] for r in pts]
-        axes[0].plot(ctx, [r["tokens_per_s"] for r in pts], marker="o", label=mode)
+        style = dict(marker="o", label=mode, color=f"C{i}")  # one colour per mode in every panel
+        axes[0].plot(ctx, [r["tokens_per_s"] for r in pts], **style)
         if all(r.get("vs_ar") is not None for r in pts):
-            axes[1].plot(ctx, [r["vs_ar"] for r in pts], marker="o", label=mode)
+            axes[1].plot(ctx, [r["vs_ar"] for r in pts], **style)
         if all(r.get("accept") is not None for r in pts) and mode != "ar":
-            axes[2].plot(ctx, [r["accept"] for r in pts], marker="o", label=mode)
+            axes[2].plot(ctx, [r["accept"] for r in pts], **style)
     for ax, ylabel in zip(axes, ("decode tokens/s", "speedup over ar", "mean accepted length")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context tokens")
