@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specpv_jax import model as M
-from specpv_jax import prompts, specextend, specpv, speculative
+from specpv_jax import prompts, sharding, specextend, specpv, speculative
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
 from specpv_jax.config import ModelConfig, SpecConfig
@@ -118,7 +118,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, spec: SpecConfig | None = None,
              attention_mask: Any = None, eos_token_ids: int | tuple[int, ...] | None = None,
              prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "auto",
-             stream: Callable[[list[np.ndarray]], None] | None = None) -> GenerateOutput:
+             stream: Callable[[list[np.ndarray]], None] | None = None, mesh: Any = None) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens after each prompt.
 
     input_ids: a list of ids, a ragged list of lists, or an int array `[T]` / `[B, T]`
@@ -130,7 +130,9 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     `eos_token_ids` (default: the model's EOS ids; `()` never stops).
     attention: "auto" (Pallas kernels on GPU, XLA elsewhere), "xla" or "pallas".
     stream: called on the host with each row's newly emitted tokens as
-    generation goes (exact mode: confirmed tokens only).
+    generation goes (exact mode: confirmed tokens only). mesh: a
+    `sharding.make_mesh` mesh to run on (tensor parallel over "model", rows over
+    "data"); default: all devices along "model" when there is more than one.
     Returns `GenerateOutput(tokens [B, n_new], lengths [B], stats)`.
     """
     if mode not in MODES:
@@ -148,10 +150,17 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     eos = _eos_ids(cfg, eos_token_ids)
     run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, temperature, top_p,
                          eos, batch.ids.shape[1], min(prefill_chunk, batch.ids.shape[1]), attention, stream)
+    params, draft_params = target.params, draft.params if draft is not None else None
+    ids, lengths = jnp.asarray(batch.ids), jnp.asarray(batch.lengths)
+    if mesh is None and jax.device_count() > 1:
+        mesh = sharding.make_mesh()
+    if mesh is not None:
+        params, draft_params = sharding.shard_params(params, mesh), sharding.shard_params(draft_params, mesh)
+        ids = jax.device_put(ids, sharding.batch_sharding(ids.shape, mesh))
+        lengths = jax.device_put(lengths, sharding.batch_sharding(lengths.shape, mesh))
     out, counters, prefill_s, decode_s = _prefill_and_decode(
-        run, max_len, timed_call, target.params, draft.params if draft is not None else None,
-        draft.d2t if draft is not None else None, jnp.asarray(batch.ids), jnp.asarray(batch.lengths),
-        jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32))
+        run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
+        jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32), mesh)
     num_out = np.asarray(out.num_out)
     stats = {"mode": mode, "new_tokens": int(num_out.sum()), **_step_stats(out, counters, mode != "ar"),
              "prefill_s": prefill_s, "time_s": decode_s,
@@ -178,24 +187,33 @@ def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: i
     return run, max_len
 
 
-def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t, ids, lengths, key, eos, limit):
+def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t, ids, lengths, key, eos, limit,
+                        mesh=None):
     """Prefill then the decode loop; `call(fn, *args) -> (result, seconds)` runs each jitted stage.
-    Returns (Output, SpecPV counters or None, prefill seconds, decode seconds)."""
+    Caches are placed on `mesh` when given. Returns (Output, SpecPV counters or None, prefill seconds,
+    decode seconds)."""
     b = ids.shape[0]
-    cache = KVCache.zeros(run.cfg, b, max_len, M.param_dtype(params))
+
+    def placed(cache: KVCache) -> KVCache:
+        if mesh is None:
+            return cache
+        where = sharding.cache_sharding(cache.k.shape, mesh)
+        return cache.replace(k=jax.device_put(cache.k, where), v=jax.device_put(cache.v, where))
+
+    cache = placed(KVCache.zeros(run.cfg, b, max_len, M.param_dtype(params)))
     if run.mode == "ar":
         (cache, logits), prefill_s = call(_prefill_fn(run.prefill_key), params, ids, lengths, cache)
         (out, _), decode_s = call(_ar_decode_fn(run), params, cache, logits, key, eos, limit)
         return out, None, prefill_s, decode_s
     if run.mode == "specextend":
-        draft_cache = KVCache.zeros(run.dcfg, b, max_len, M.param_dtype(draft_params))
+        draft_cache = placed(KVCache.zeros(run.dcfg, b, max_len, M.param_dtype(draft_params)))
         prefill_fn = specextend.specextend_prefill_fn(run.prefill_key, run.spec)
         (cache, draft_state, logits), prefill_s = call(prefill_fn, params, draft_params, ids, lengths, cache,
                                                        draft_cache)
         (out, _, _), decode_s = call(specextend.specextend_decode_fn(run), params, draft_params, cache, draft_state,
                                      logits, key, eos, limit)
         return out, None, prefill_s, decode_s
-    draft_cache = eagle3.empty_cache(run.dcfg, b, max_len, draft_params)
+    draft_cache = placed(eagle3.empty_cache(run.dcfg, b, max_len, draft_params))
     (cache, draft_cache, logits, feats), prefill_s = call(
         speculative.eagle_prefill_fn(run.prefill_key), params, draft_params, ids, lengths, cache, draft_cache)
     args = (params, draft_params, d2t, cache, draft_cache, logits, feats, key, eos, limit)

@@ -59,7 +59,7 @@ _EXECUTABLES: dict[Any, Any] = {}
 def timed_call(fn: Callable, *args) -> tuple[Any, float]:
     """Runs a jitted `fn`, compiling ahead of time so the returned seconds exclude compilation."""
     leaves, treedef = jax.tree.flatten(args)
-    key = (fn, treedef, tuple((x.shape, x.dtype) for x in leaves))
+    key = (fn, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
     exe = _EXECUTABLES.get(key)
     if exe is None:
         exe = _EXECUTABLES[key] = fn.lower(*args).compile()

@@ -1,0 +1,75 @@
+"""Tensor- and batch-parallel placement: a ("data", "model") device mesh and partition specs.
+
+Attention projections are split over heads and the MLP over its hidden units
+along "model" (Megatron-style column/row splits), the LM head over the
+vocabulary; prompts and caches are split over rows along "data" and over KV
+heads along "model". An axis is split only where the mesh divides it; other
+arrays are replicated. XLA's SPMD partitioner then runs the same jitted loop
+on every device, so sharded generation gives the same tokens as one device.
+
+Multi-host (e.g. a TPU pod slice): call `jax.distributed.initialize()` on
+every host first; `jax.devices()` then lists all hosts' devices and
+`make_mesh` spans them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "model")
+# (module name, leaf name) -> the axis that carries "model" (negative: the same for stacked [L, ...] leaves).
+_MODEL_AXIS = {
+    ("q_proj", "kernel"): -1, ("k_proj", "kernel"): -1, ("v_proj", "kernel"): -1,
+    ("q_proj", "bias"): -1, ("k_proj", "bias"): -1, ("v_proj", "bias"): -1,
+    ("o_proj", "kernel"): -2,
+    ("gate_proj", "kernel"): -1, ("up_proj", "kernel"): -1, ("down_proj", "kernel"): -2,
+    ("lm_head", "kernel"): -1,  # [H, V]
+}
+
+
+def make_mesh(data: int = 1, model: int | None = None, devices: list | None = None) -> Mesh:
+    """A `("data", "model")` mesh over `devices` (default: all); `model` defaults to the devices left."""
+    devices = list(devices if devices is not None else jax.devices())
+    model = len(devices) // data if model is None else model
+    if data < 1 or model < 1 or data * model != len(devices):
+        raise ValueError(f"a {data} x {model} mesh needs {data * model} devices, {len(devices)} given")
+    return Mesh(np.array(devices).reshape(data, model), AXES)
+
+
+def _split(shape: tuple[int, ...], axis: int | None, name: str, mesh: Mesh) -> P:
+    spec = [None] * len(shape)
+    if axis is not None and shape[axis] % mesh.shape[name] == 0:
+        spec[axis] = name
+    return P(*spec)
+
+
+def param_specs(params: Any, mesh: Mesh) -> Any:
+    """A PartitionSpec per parameter leaf (same tree as `params`)."""
+    def spec(path, leaf):
+        names = [getattr(k, "key", str(k)) for k in path]
+        axis = _MODEL_AXIS.get(tuple(names[-2:]))
+        return _split(leaf.shape, axis, "model", mesh)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shard_params(params: Any, mesh: Mesh) -> Any:
+    """`params` placed on `mesh` (a no-op for arrays already placed so)."""
+    specs = param_specs(params, mesh)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+
+
+def batch_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """Rows `[B, ...]` split along "data" (replicated when the mesh does not divide B)."""
+    return NamedSharding(mesh, _split(shape, 0, "data", mesh))
+
+
+def cache_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """A stacked cache `[L, B, Hkv, S, D]`: rows along "data", KV heads along "model"."""
+    spec = list(_split(shape, 1, "data", mesh))
+    spec[2] = _split(shape, 2, "model", mesh)[2]
+    return NamedSharding(mesh, P(*spec))

@@ -1,0 +1,40 @@
+"""Tensor/batch-parallel generation on 8 fake CPU devices gives the one-device tokens."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from specpv_jax.sharding import make_mesh, param_specs
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def test_sharded_generate_matches_one_device():
+    """ar, eagle and exact on meshes 1x8, 2x4 and 8x1 (a subprocess: the device count is fixed at start-up)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(HERE))
+    proc = subprocess.run([sys.executable, str(HERE / "sharded_generate.py")], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("same tokens") == 9 and proc.stdout.rstrip().endswith("ok")
+
+
+def test_param_specs_split_heads_and_mlp_where_the_mesh_divides():
+    from test_eagle import make_target
+
+    params = make_target(16, layers=2).params
+    mesh = make_mesh(devices=jax.devices()[:1])
+    specs = param_specs(params, mesh)
+    attn, mlp = specs["layers"]["self_attn"], specs["layers"]["mlp"]
+    assert attn["q_proj"]["kernel"] == P(None, None, "model") and attn["o_proj"]["kernel"] == P(None, "model", None)
+    assert mlp["down_proj"]["kernel"] == P(None, "model", None) and specs["lm_head"]["kernel"] == P(None, "model")
+    assert specs["embed_tokens"]["embedding"] == P(None, None)
+    with pytest.raises(ValueError, match="a 3 x 1 mesh needs 3 devices, 1 given"):
+        make_mesh(3, 1, devices=jax.devices()[:1])
