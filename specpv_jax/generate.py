@@ -6,6 +6,7 @@ function into the same prefill / loop / stats scaffolding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -22,12 +23,13 @@ from specpv_jax.cache import KVCache
 from specpv_jax.config import ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3, small
 from specpv_jax.loading import Model
-from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill, timed_call
+from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill, prefill_progress, timed_call
 from specpv_jax.sampling import Sampler
 
 MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
 IMPLEMENTED = ("ar", "eagle", "specpv", "exact", "specextend")
 DEFAULT_PREFILL_CHUNK = 512
+PROGRESS_CHUNKS = 16  # prompts of this many prefill chunks (8K tokens by default) show a progress bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +120,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, spec: SpecConfig | None = None,
              attention_mask: Any = None, eos_token_ids: int | tuple[int, ...] | None = None,
              prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "auto",
-             stream: Callable[[list[np.ndarray]], None] | None = None, mesh: Any = None) -> GenerateOutput:
+             stream: Callable[[list[np.ndarray]], None] | None = None, mesh: Any = None,
+             progress: bool | None = None) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens after each prompt.
 
     input_ids: a list of ids, a ragged list of lists, or an int array `[T]` / `[B, T]`
@@ -133,7 +136,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     generation goes (exact mode: confirmed tokens only). mesh: a
     `sharding.make_mesh` mesh to run on (tensor parallel over "model", rows over
     "data"); default: all devices along "model" when there is more than one.
-    Returns `GenerateOutput(tokens [B, n_new], lengths [B], stats)`.
+    progress: a progress bar over prefill chunks (default: for prompts of
+    `PROGRESS_CHUNKS` chunks or more). Returns `GenerateOutput(tokens [B, n_new], lengths [B], stats)`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
@@ -148,8 +152,11 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     cfg = target.cfg
     batch = prompts.prepare(input_ids, cfg, max_new_tokens, prefill_chunk, attention_mask)
     eos = _eos_ids(cfg, eos_token_ids)
+    chunk = min(prefill_chunk, batch.ids.shape[1])
+    chunks = batch.ids.shape[1] // chunk
+    progress = chunks >= PROGRESS_CHUNKS if progress is None else bool(progress)
     run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, temperature, top_p,
-                         eos, batch.ids.shape[1], min(prefill_chunk, batch.ids.shape[1]), attention, stream)
+                         eos, batch.ids.shape[1], chunk, attention, stream, progress)
     params, draft_params = target.params, draft.params if draft is not None else None
     ids, lengths = jnp.asarray(batch.ids), jnp.asarray(batch.lengths)
     if mesh is None and jax.device_count() > 1:
@@ -158,9 +165,10 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         params, draft_params = sharding.shard_params(params, mesh), sharding.shard_params(draft_params, mesh)
         ids = jax.device_put(ids, sharding.batch_sharding(ids.shape, mesh))
         lengths = jax.device_put(lengths, sharding.batch_sharding(lengths.shape, mesh))
-    out, counters, prefill_s, decode_s = _prefill_and_decode(
-        run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
-        jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32), mesh)
+    with prefill_progress(chunks) if progress else contextlib.nullcontext():
+        out, counters, prefill_s, decode_s = _prefill_and_decode(
+            run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
+            jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32), mesh)
     num_out = np.asarray(out.num_out)
     stats = {"mode": mode, "new_tokens": int(num_out.sum()), **_step_stats(out, counters, mode != "ar"),
              "prefill_s": prefill_s, "time_s": decode_s,
@@ -171,13 +179,14 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
 
 def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: int, temperature: float,
           top_p: float, eos: np.ndarray, prompt_len: int, chunk: int, attention: str,
-          stream=None) -> tuple[Run, int]:
+          stream=None, progress: bool = False) -> tuple[Run, int]:
     """The static settings of a call and the cache length it needs."""
     speculative_mode = mode != "ar"
     run = Run(cfg=cfg, sampler=Sampler(float(temperature), float(top_p)), buffer=output_bucket(max_new_tokens),
               pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else int(max(int(eos[0]), 0)),
               chunk=chunk, mode=mode, attention=resolve_implementation(attention),
-              spec=spec if speculative_mode else None, dcfg=dcfg if speculative_mode else None, stream=stream)
+              spec=spec if speculative_mode else None, dcfg=dcfg if speculative_mode else None, stream=stream,
+              progress=progress)
     # Room for the prompt bucket, the new tokens, and the scratch of one verification beyond them.
     scratch = {"ar": 1, "eagle": spec.tree_nodes + 1, "specextend": spec.tree_nodes + 1}.get(
         mode, spec.max_missing + spec.tree_nodes + 1)

@@ -27,7 +27,8 @@ class Run:
     up to a bucket, so nearby lengths share one compiled loop; the exact limit is
     a traced value); pad_id: filler after a row ends; chunk: prefill chunk;
     attention: "xla" or "pallas" (resolved); spec/dcfg: speculative modes only;
-    stream: a host function called with each row's newly emitted tokens (see `decode_loop`).
+    stream: a host function called with each row's newly emitted tokens (see `decode_loop`);
+    progress: prefill reports each chunk to the active progress bar (see `prefill_progress`).
     """
 
     cfg: ModelConfig
@@ -40,12 +41,13 @@ class Run:
     spec: SpecConfig | None = None
     dcfg: DraftConfig | None = None
     stream: Callable[[list], None] | None = None
+    progress: bool = False
 
     @property
     def prefill_key(self) -> "Run":
         """The settings prefill depends on (so other changes do not recompile it)."""
         return Run(cfg=self.cfg, sampler=Sampler(), buffer=0, pad_id=0, chunk=self.chunk, attention=self.attention,
-                   dcfg=self.dcfg)
+                   dcfg=self.dcfg, progress=self.progress)
 
 
 def output_bucket(max_new: int) -> int:
@@ -66,6 +68,32 @@ def timed_call(fn: Callable, *args) -> tuple[Any, float]:
     start = time.perf_counter()
     out = jax.block_until_ready(exe(*args))
     return out, time.perf_counter() - start
+
+
+_PREFILL_BARS: list = []  # the progress bar of the prefill running now (host side)
+
+
+class prefill_progress:
+    """`with prefill_progress(chunks, desc):` shows a progress bar that prefills compiled with
+    `run.progress` advance, one chunk at a time (from inside the jitted loop)."""
+
+    def __init__(self, chunks: int, desc: str = "prefill"):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=chunks, desc=desc, unit="chunk", leave=False)
+
+    def __enter__(self):
+        _PREFILL_BARS.append(self.bar)
+        return self.bar
+
+    def __exit__(self, *exc):
+        _PREFILL_BARS.remove(self.bar)
+        self.bar.close()
+
+
+def _tick(_) -> None:
+    if _PREFILL_BARS:
+        _PREFILL_BARS[-1].update(1)
 
 
 def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cache: KVCache,
@@ -92,6 +120,8 @@ def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cach
                         capture_layers=capture_layers, attention=run.attention)
         if consume is not None:
             extra = consume(extra, start, lax.dynamic_slice_in_dim(next_ids, start, chunk, axis=1), out.features)
+        if run.progress:
+            jax.debug.callback(_tick, c)  # unordered: a count needs no order, and works on any mesh
         idx = lengths - 1 - start
         here = (idx >= 0) & (idx < chunk)
         pick = jnp.clip(idx, 0, chunk - 1)
@@ -166,7 +196,9 @@ def decode_loop(run: Run, step: Callable, state: Any, out_of: Callable[[Any], Ou
 
 
 def _report(stream: Callable, out: Output, before: jax.Array) -> None:
-    jax.debug.callback(functools.partial(_deliver, stream), out.tokens, before, out.num_out, ordered=True)
+    # Ordered effects exist for one device only; with several, the loop's steps still run one after another.
+    jax.debug.callback(functools.partial(_deliver, stream), out.tokens, before, out.num_out,
+                       ordered=jax.device_count() == 1)
 
 
 def _deliver(stream: Callable, tokens, before, after) -> None:

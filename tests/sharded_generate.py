@@ -29,6 +29,10 @@ def main() -> None:
             print(f"{mode} {data}x{model}: same tokens", flush=True)
     default = sj.generate(target, prompts, 24, eos_token_ids=(5,))  # more than one device: sharded by default
     np.testing.assert_array_equal(default.tokens, sj.generate(target, prompts, 24, mesh=one, eos_token_ids=(5,)).tokens)
+    streamed = []
+    out = sj.generate(target, prompts, 8, mesh=make_mesh(2, 4), prefill_chunk=64, progress=True,
+                      stream=streamed.append, eos_token_ids=())  # host callbacks on a mesh
+    np.testing.assert_array_equal(np.stack([np.concatenate([s[r] for s in streamed]) for r in range(8)]), out.tokens)
     print("ok")
 
 

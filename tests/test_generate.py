@@ -111,3 +111,17 @@ def test_nearby_lengths_share_compiled_loops(target):
     out = sj.generate(target, [5, 6, 8, 9, 10], max_new_tokens=27, eos_token_ids=())
     assert len(loop._EXECUTABLES) == compiled
     assert out.tokens.shape == (1, 27) and out.stats["new_tokens"] == 27
+
+
+def test_long_prefill_shows_a_progress_bar_per_chunk(monkeypatch):
+    import specpv_jax.loop as loop
+    from test_eagle import make_target
+
+    target = make_target(16, layers=2)
+    counts = []
+    close = loop.prefill_progress.__exit__
+    monkeypatch.setattr(loop.prefill_progress, "__exit__", lambda self, *e: (counts.append(self.bar.n), close(self, *e)))
+    prompt = np.arange(300) % 16
+    sj.generate(target, prompt, 4, prefill_chunk=64, progress=True)
+    sj.generate(target, prompt, 4, prefill_chunk=64)  # 5 chunks: below the default threshold, no bar
+    assert counts == [5]
