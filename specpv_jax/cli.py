@@ -16,6 +16,38 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _model_config(path: str):
+    from convert.hf import read_config
+    from specpv_jax import checkpoint
+    from specpv_jax.config import ModelConfig
+
+    if checkpoint.is_checkpoint(path):
+        return ModelConfig.from_dict(checkpoint.read_meta(path)["model_config"])
+    return read_config(path)[0]
+
+
+def _cmd_plan(args) -> int:
+    from specpv_jax import memory
+
+    cfg = _model_config(args.model)
+    draft = _model_config(args.small_draft) if args.small_draft else None
+    limit = memory.device_bytes_limit()
+    print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
+          f"context {args.context}, {args.new_tokens} new tokens, batch {args.batch}, {args.dtype}; device limit "
+          f"{memory.gib(limit) if limit else 'not reported by this backend'}")
+    print(f"{'mode':>10} {'device':>11} {'with offload (planned): device':>31} {'host':>10}  fits")
+    fits_any = False
+    for mode in memory.MODES:
+        if mode == "specextend" and draft is None:
+            continue
+        est = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode, dtype=args.dtype, draft_cfg=draft)
+        fits = limit is None or est.total <= limit
+        fits_any |= fits
+        offload = (memory.gib(est.total - est.host), memory.gib(est.host)) if est.host else ("-", "-")
+        print(f"{mode:>10} {memory.gib(est.total):>11} {offload[0]:>31} {offload[1]:>10}  {'yes' if fits else 'no'}")
+    return 0 if fits_any else 1
+
+
 def _cmd_generate(args) -> int:
     from specpv_jax import text
     from specpv_jax.generate import generate
@@ -115,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stats", action="store_true", help="print counters and timings to stderr")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
     g.set_defaults(run=_cmd_generate)
+
+    pl = sub.add_parser("plan", help="device and host memory of each mode, before loading anything")
+    pl.add_argument("--model", required=True, help="HF directory or orbax checkpoint (only its config is read)")
+    pl.add_argument("--context", type=int, required=True, help="prompt tokens")
+    pl.add_argument("--new-tokens", type=int, default=256)
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    pl.add_argument("--small-draft", help="small draft model directory (adds the specextend row)")
+    pl.set_defaults(run=_cmd_plan)
 
     d = sub.add_parser("demo", help="run the bundled demo")
     d.add_argument("--context", type=int, default=16384, help="prompt tokens (a held-out module's source)")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specpv_jax import model as M
-from specpv_jax import prompts, sharding, specextend, specpv, speculative
+from specpv_jax import memory, prompts, sharding, specextend, specpv, speculative
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
 from specpv_jax.config import ModelConfig, SpecConfig
@@ -157,6 +157,11 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     progress = chunks >= PROGRESS_CHUNKS if progress is None else bool(progress)
     run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, temperature, top_p,
                          eos, batch.ids.shape[1], chunk, attention, stream, progress)
+    limit = memory.device_bytes_limit()
+    if limit is not None:  # refuse before allocating anything
+        est = memory.estimate(cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
+                              draft.cfg if mode == "specextend" else None, chunk)
+        memory.check_fits(est, limit * (mesh.size if mesh is not None else jax.device_count()))
     params, draft_params = target.params, draft.params if draft is not None else None
     ids, lengths = jnp.asarray(batch.ids), jnp.asarray(batch.lengths)
     if mesh is None and jax.device_count() > 1:

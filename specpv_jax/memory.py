@@ -1,0 +1,111 @@
+"""Memory estimates per mode, before anything is allocated (`specpv-jax plan`, and `generate`'s check).
+
+Counts the arrays the engine allocates: weights, the target's full KV cache
+(rounded up to whole attention blocks), SpecPV's partial cache and block
+summaries, the drafts' caches, and the largest transient (verification logits,
+a prefill chunk's activations). "host" is what SpecPV's offload
+(`SpecConfig(offload=True)`, planned) would move to host memory: the full
+cache and its block summaries, in the partial-verification modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from specpv_jax.attention import PREFIX_BLOCK
+from specpv_jax.config import ModelConfig, SpecConfig
+
+MODES = ("ar", "eagle", "specpv", "exact", "specextend")
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of a model of `cfg` (every tensor a checkpoint of it holds)."""
+    from convert.hf import param_table
+
+    return sum(int(np.prod(e.hf_shape)) * (cfg.num_layers if e.per_layer else 1) for e in param_table(cfg))
+
+
+def kv_bytes(layers: int, batch: int, kv_heads: int, slots: int, head_dim: int, itemsize: int) -> int:
+    slots = -(-slots // PREFIX_BLOCK) * PREFIX_BLOCK
+    return 2 * layers * batch * kv_heads * slots * head_dim * itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Bytes by part; `device` and `host` totals (host: what offload would keep in host memory)."""
+
+    mode: str
+    parts: dict[str, int]
+    host_parts: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def host(self) -> int:
+        return sum(v for k, v in self.parts.items() if k in self.host_parts)
+
+
+def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int = 1, mode: str = "ar",
+             spec: SpecConfig | None = None, dtype: str = "bfloat16", draft_cfg: ModelConfig | None = None,
+             prefill_chunk: int = 512) -> Estimate:
+    """Memory a `generate` call of `batch` prompts of `context` tokens needs, by part.
+
+    The EAGLE-3 head is counted as one decoder layer of the target's shape (plus
+    `fc` and a full-vocabulary head); `draft_cfg` is the small draft for "specextend".
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+    spec = spec or SpecConfig()
+    size = np.dtype(jax.numpy.dtype(dtype)).itemsize
+    h, v = cfg.hidden_size, cfg.vocab_size
+    tree = 1 if mode == "ar" else spec.tree_nodes + 1
+    scratch = spec.max_missing + tree if mode in ("specpv", "exact") else tree
+    slots = context + max(16, 1 << (new_tokens - 1).bit_length()) + scratch
+    kv = dict(batch=batch, itemsize=size)
+    parts = {"weights": param_count(cfg) * size,
+             "full cache": kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads, slots=slots, head_dim=cfg.head_dim,
+                                    **kv)}
+    if mode in ("eagle", "specpv", "exact"):
+        head = dataclasses.replace(cfg, num_layers=1, tie_word_embeddings=False)
+        parts["draft weights"] = (param_count(head) - v * h + 3 * h * h) * size
+        parts["draft cache"] = kv_bytes(1, kv_heads=cfg.num_kv_heads, slots=slots, head_dim=cfg.head_dim, **kv)
+    if mode in ("specpv", "exact"):
+        parts["partial cache"] = kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads,
+                                          slots=spec.static_tokens + spec.buffer_size, head_dim=cfg.head_dim, **kv)
+        parts["block summaries"] = kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads,
+                                            slots=slots // spec.block_size, head_dim=cfg.head_dim, **kv)
+    if mode == "specextend":
+        if draft_cfg is None:
+            raise ValueError("mode 'specextend' needs the small draft's config (draft_cfg)")
+        d = draft_cfg
+        dkv = dict(kv_heads=d.num_kv_heads, head_dim=d.head_dim, **kv)
+        parts["draft weights"] = param_count(d) * size
+        parts["draft cache"] = kv_bytes(d.num_layers, slots=slots, **dkv) + (
+            kv_bytes(d.num_layers, slots=spec.draft_working_tokens, **dkv) if spec.draft_chunks else 0)
+    rows = batch * max(tree, prefill_chunk)
+    parts["activations"] = max(batch * tree * v * 4, rows * (2 * h + 2 * cfg.intermediate_size) * 4)
+    return Estimate(mode, parts, ("full cache", "block summaries") if mode in ("specpv", "exact") else ())
+
+
+def device_bytes_limit(device=None) -> int | None:
+    """The device's memory limit in bytes, where the backend reports one (GPU, TPU; not CPU)."""
+    stats = (device or jax.devices()[0]).memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def check_fits(est: Estimate, limit: int | None) -> None:
+    """Raises `MemoryError` naming the parts when `est` exceeds `limit` bytes (None: no check)."""
+    if limit is not None and est.total > limit:
+        biggest = ", ".join(f"{k} {gib(v)}" for k, v in sorted(est.parts.items(), key=lambda kv: -kv[1]))
+        raise MemoryError(f"mode {est.mode!r} needs about {gib(est.total)} of device memory, the device has "
+                          f"{gib(limit)} ({biggest}); use a shorter context, a smaller batch, bfloat16, or "
+                          f"several devices (mesh)")
+
+
+def gib(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"

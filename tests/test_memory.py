@@ -1,0 +1,62 @@
+"""Memory estimates (`specpv-jax plan`) and generate's refusal before allocating."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from test_eagle import make_target
+
+import specpv_jax as sj
+from specpv_jax import memory
+from specpv_jax.cache import KVCache
+from specpv_jax.model import init_params
+
+LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+               "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+               "rope_theta": 500000.0, "tie_word_embeddings": False,
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+
+
+@pytest.mark.parametrize("qwen3_like", [False, True])
+def test_param_count_matches_the_model(qwen3_like):
+    cfg = make_target(16, layers=2).cfg
+    if qwen3_like:
+        cfg = dataclasses.replace(cfg, qkv_bias=True, qk_norm=True, tie_word_embeddings=True)
+    params = init_params(cfg, jax.random.key(0))
+    assert memory.param_count(cfg) == sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_full_cache_estimate_is_what_generate_allocates():
+    cfg = make_target(16, layers=2).cfg
+    est = memory.estimate(cfg, 1000, 64, batch=2, mode="ar", dtype="float32")
+    cache = KVCache.zeros(cfg, 2, 1000 + 64 + 1)
+    assert est.parts["full cache"] == cache.k.nbytes + cache.v.nbytes
+    specpv = memory.estimate(cfg, 1000, 64, batch=2, mode="exact", dtype="float32")
+    assert specpv.host == specpv.parts["full cache"] + specpv.parts["block summaries"] < specpv.total
+    assert est.host == 0  # offload is a SpecPV option
+
+
+def test_generate_refuses_a_run_that_cannot_fit_before_allocating(monkeypatch):
+    target = make_target(16, layers=2)
+    monkeypatch.setattr(memory, "device_bytes_limit", lambda device=None: 10_000)
+    with pytest.raises(MemoryError, match=r"mode 'ar' needs about .* GiB of device memory.*full cache"):
+        sj.generate(target, np.arange(500) % 16, 8)
+
+
+def test_plan_prints_every_mode_for_llama_8b_shapes(tmp_path, capsys):
+    from specpv_jax.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    assert main(["plan", "--model", str(tmp_path), "--context", "65536"]) == 0
+    out = capsys.readouterr().out
+    assert "8.03 B params" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert list(rows) == ["ar", "eagle", "specpv", "exact"]
+    # bf16 weights 14.96 GiB + a 64K cache of 32 layers x 8 KV heads x 128 dims (8.0 GiB + the new tokens' slots)
+    assert 23.0 < float(rows["ar"][1]) < 23.5
