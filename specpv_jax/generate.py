@@ -192,13 +192,7 @@ def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: i
               chunk=chunk, mode=mode, attention=resolve_implementation(attention),
               spec=spec if speculative_mode else None, dcfg=dcfg if speculative_mode else None, stream=stream,
               progress=progress)
-    # Room for the prompt bucket, the new tokens, and the scratch of one verification beyond them.
-    scratch = {"ar": 1, "eagle": spec.tree_nodes + 1, "specextend": spec.tree_nodes + 1}.get(
-        mode, spec.max_missing + spec.tree_nodes + 1)
-    max_len = prompt_len + run.buffer + scratch
-    if mode in ("specpv", "exact"):  # block retrieval needs at least a partial cache's worth of blocks
-        max_len = max(max_len, spec.static_tokens + spec.block_size)
-    return run, max_len
+    return run, memory.cache_length(spec, mode, prompt_len, max_new_tokens)
 
 
 def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t, ids, lengths, key, eos, limit,

@@ -17,6 +17,7 @@ import numpy as np
 
 from specpv_jax.attention import PREFIX_BLOCK
 from specpv_jax.config import ModelConfig, SpecConfig
+from specpv_jax.loop import output_bucket
 
 MODES = ("ar", "eagle", "specpv", "exact", "specextend")
 
@@ -26,6 +27,17 @@ def param_count(cfg: ModelConfig) -> int:
     from convert.hf import param_table
 
     return sum(int(np.prod(e.hf_shape)) * (cfg.num_layers if e.per_layer else 1) for e in param_table(cfg))
+
+
+def cache_length(spec: SpecConfig, mode: str, prompt_len: int, max_new_tokens: int) -> int:
+    """Positions the target's cache needs: the prompt (bucket), the output bucket, and the scratch of
+    one verification beyond them (with re-fed tokens in the partial-verification modes)."""
+    tree = 1 if mode == "ar" else spec.tree_nodes + 1
+    partial = mode in ("specpv", "exact")
+    length = prompt_len + output_bucket(max_new_tokens) + tree + (spec.max_missing if partial else 0)
+    if partial:  # block retrieval needs at least a partial cache's worth of blocks
+        length = max(length, spec.static_tokens + spec.block_size)
+    return length
 
 
 def kv_bytes(layers: int, batch: int, kv_heads: int, slots: int, head_dim: int, itemsize: int) -> int:
@@ -64,8 +76,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     size = np.dtype(jax.numpy.dtype(dtype)).itemsize
     h, v = cfg.hidden_size, cfg.vocab_size
     tree = 1 if mode == "ar" else spec.tree_nodes + 1
-    scratch = spec.max_missing + tree if mode in ("specpv", "exact") else tree
-    slots = context + max(16, 1 << (new_tokens - 1).bit_length()) + scratch
+    slots = cache_length(spec, mode, context, new_tokens)
     kv = dict(batch=batch, itemsize=size)
     parts = {"weights": param_count(cfg) * size,
              "full cache": kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads, slots=slots, head_dim=cfg.head_dim,
