@@ -50,7 +50,7 @@ def _ungroup_rows(o: jax.Array, t: int) -> jax.Array:
 
 def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, cache_len: jax.Array | None,
            k_new: jax.Array, v_new: jax.Array, new_mask: jax.Array, scale: float,
-           layer: jax.Array | None = None, impl: str = "xla") -> jax.Array:
+           layer: jax.Array | None = None, impl: str = "xla", host_prefix: bool = False) -> jax.Array:
     """Softmax attention over prefix + new tokens.
 
     q: `[B, T, Hq, D]`; k_new, v_new: `[B, Hkv, U, D]` (usually U = T, the new
@@ -63,9 +63,12 @@ def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, c
 
     impl "pallas" runs `pallas_kernels.tree_attention` where its contract fits
     (a cache, U = T new keys, D in {64, 128}); other calls take the XLA path.
+    host_prefix: the cache lives in host memory (`offload`): its blocks are
+    copied to the device one at a time (XLA path only).
     """
     b, t, hq, d = q.shape
-    if impl == "pallas" and k_cache is not None and k_new.shape[2] == t and d in KERNEL_HEAD_DIMS:
+    if (impl == "pallas" and not host_prefix and k_cache is not None and k_new.shape[2] == t
+            and d in KERNEL_HEAD_DIMS):
         from pallas_kernels import tree_attention  # kernels know nothing of models; imported on use
         return tree_attention(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, layer=layer, scale=scale)[0]
     hkv = k_new.shape[1]
@@ -79,41 +82,76 @@ def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, c
     l = p.sum(-1)
     o = jnp.einsum("bhmu,bhud->bhmd", p.astype(v_new.dtype), v_new, preferred_element_type=jnp.float32)
     if k_cache is not None:
-        m, l, o = _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, (m, l, o))
+        m, l, o = _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, (m, l, o), host_prefix)
     return _ungroup_rows(o / l[..., None], t).astype(q.dtype)
 
 
-def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init):
+def attend_prefix(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cache_len: jax.Array, scale: float,
+                  layer: jax.Array | None = None) -> jax.Array:
+    """Attention of `q [B, T, Hq, D]` over the cache prefix `[0, cache_len)` alone (cross-attention onto a
+    cache read in place, blockwise as in `attend`). Rows with an empty prefix get zeros. Returns `[B, T, Hq, D]`."""
+    b, t, hq, d = q.shape
+    hkv = k_cache.shape[-3]
+    qr = _group_rows(q, hkv)
+    rows = qr.shape[2]
+    init = (jnp.full((b, hkv, rows), NEG_INF, jnp.float32), jnp.zeros((b, hkv, rows), jnp.float32),
+            jnp.zeros((b, hkv, rows, d), jnp.float32))
+    _, l, o = _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init)
+    # Until a row's first valid key, masked keys count exp(0) = 1; the first valid block starts at
+    # slot 0, so a non-empty prefix wipes them (factor exp(NEG_INF - m) = 0). Empty prefixes: zero.
+    o = jnp.where((cache_len > 0)[:, None, None, None], o / jnp.maximum(l, 1e-30)[..., None], 0.0)
+    return _ungroup_rows(o, t).astype(q.dtype)
+
+
+def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, host_prefix=False):
     """Folds prefix key blocks `[0, max(cache_len))` into running (max, sum, out) statistics.
 
     The last block may start early to stay inside the buffer; keys it shares with
-    the block before are masked, so none is counted twice.
+    the block before are masked, so none is counted twice. With `host_prefix` the
+    cache is in host memory: each block is sliced there and moved to the device,
+    the next block's copy issued before the current block's math so they overlap.
     """
     size = k_cache.shape[-2]
     block = min(READ_BLOCK, size)
     stacked = layer is not None
 
-    def read(buf, start):
+    def read(buf, start, move=lambda x: x):  # move: applied right after the slice (to the device, offloaded)
         if stacked:
-            return lax.dynamic_slice(buf, (layer, 0, 0, start, 0), (1,) + buf.shape[1:3] + (block, buf.shape[-1]))[0]
-        return lax.dynamic_slice_in_dim(buf, start, block, axis=2)
+            return move(lax.dynamic_slice(buf, (layer, 0, 0, start, 0),
+                                          (1,) + buf.shape[1:3] + (block, buf.shape[-1])))[0]
+        return move(lax.dynamic_slice_in_dim(buf, start, block, axis=2))
 
-    def body(j, carry):
+    def block_start(j):
+        return jnp.minimum(j * block, size - block)
+
+    def fold(j, keys, values, carry):
         m, l, o = carry
-        start = jnp.minimum(j * block, size - block)
-        s = jnp.einsum("bhmd,bhsd->bhms", qr, read(k_cache, start), preferred_element_type=jnp.float32) * scale
+        start = block_start(j)
+        s = jnp.einsum("bhmd,bhsd->bhms", qr, keys, preferred_element_type=jnp.float32) * scale
         pos = start + jnp.arange(block)
         valid = (pos >= j * block)[None, :] & (pos[None, :] < cache_len[:, None])
         s = jnp.where(valid[:, None, None, :], s, NEG_INF)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
-        pv = jnp.einsum("bhms,bhsd->bhmd", p.astype(v_cache.dtype), read(v_cache, start),
-                        preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bhms,bhsd->bhmd", p.astype(v_cache.dtype), values, preferred_element_type=jnp.float32)
         return m_new, l * corr + p.sum(-1), o * corr[..., None] + pv
 
     n_blocks = (jnp.max(cache_len) + block - 1) // block
-    return lax.fori_loop(0, n_blocks, body, init)
+    if not host_prefix:
+        return lax.fori_loop(0, n_blocks, lambda j, c: fold(j, read(k_cache, block_start(j)),
+                                                            read(v_cache, block_start(j)), c), init)
+    from specpv_jax.offload import to_device  # offload imports the cache, which imports this module
+
+    def fetch(j):
+        return read(k_cache, block_start(j), to_device), read(v_cache, block_start(j), to_device)
+
+    def prefetching(j, carry):
+        stats, (keys, values) = carry
+        ahead = fetch(j + 1)  # the last iteration fetches a block it does not use (clamped in range)
+        return fold(j, keys, values, stats), ahead
+
+    return lax.fori_loop(0, n_blocks, prefetching, (init, fetch(0)))[0]
 
 
 def attend_dense(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale):

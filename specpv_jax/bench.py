@@ -11,7 +11,9 @@ timed), mean accepted length in full and partial verifications, their counts,
 and fidelity (share of tokens equal to the full-context target's greedy
 choice). `specpv-bd` is `specpv` with the bounded draft cache; `draft` is
 classic draft-model speculation with the small draft model (it attends to its
-whole cache), `specextend` the same pair with Cross-model Retrieval. Writes
+whole cache), `specextend` the same pair with Cross-model Retrieval;
+`longspec` the LongSpec draft, `longspec-plain` its ablation trained without
+anchor-offset positions. Writes
 `bench.json`, `bench.md` and `bench.png` into `--out`.
 """
 
@@ -26,20 +28,34 @@ import time
 
 import numpy as np
 
-MODES = ("ar", "eagle", "specpv", "specpv-bd", "exact", "draft", "specextend")
-DEFAULT_MODES = ("ar", "eagle", "specpv", "exact", "specextend")
+MODES = ("ar", "eagle", "specpv", "specpv-bd", "exact", "draft", "specextend", "longspec", "longspec-plain")
+DEFAULT_MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
 SMALL_DRAFT_MODES = ("draft", "specextend")
+DRAFT_OPTIONS = {"eagle3": "--draft", "small": "--small-draft", "longspec": "--longspec-draft",
+                 "longspec_plain": "--longspec-plain-draft"}
+
+
+def draft_kind(mode: str) -> str | None:
+    """Which of the bench's drafts a mode runs with (None for ar)."""
+    if mode == "ar":
+        return None
+    if mode in SMALL_DRAFT_MODES:
+        return "small"
+    return {"longspec": "longspec", "longspec-plain": "longspec_plain"}.get(mode, "eagle3")
 
 
 def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec, repeats: int = 2):
     """The last of `repeats` runs (the first run of a fresh executable pays one-time costs).
 
-    drafts: {"eagle3": head, "small": small draft model}; "specpv-bd" is specpv with the
-    bounded draft cache, "draft" classic draft-model speculation (specextend without retrieval).
+    drafts: {"eagle3": head, "small": small draft model, "longspec": ..., "longspec_plain": ...};
+    "specpv-bd" is specpv with the bounded draft cache, "draft" classic draft-model speculation
+    (specextend without retrieval), "longspec-plain" longspec with the ablation draft.
     """
     from specpv_jax.generate import generate
 
-    name, draft = mode, drafts.get("small" if mode in SMALL_DRAFT_MODES else "eagle3")
+    name, draft = mode, drafts.get(draft_kind(mode))
+    if mode == "longspec-plain":
+        name = "longspec"
     if mode == "specpv-bd":
         name, spec = "specpv", dataclasses.replace(spec, bounded_draft=True)
     if mode == "draft":
@@ -168,6 +184,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="target model directory (default: the bundled demo models)")
     p.add_argument("--draft", help="EAGLE-3 head directory (with --target)")
     p.add_argument("--small-draft", help="small draft model directory for draft/specextend (with --target)")
+    p.add_argument("--longspec-draft", help="LongSpec draft directory (with --target)")
+    p.add_argument("--longspec-plain-draft", help="LongSpec ablation draft for longspec-plain (with --target)")
     p.add_argument("--contexts", type=int, nargs="+", help="context lengths (default 2048 4096 8192 16384)")
     p.add_argument("--new-tokens", type=int, help="new tokens per run (default 64; --quick 32)")
     p.add_argument("--modes", nargs="+", choices=MODES, help=f"default: {' '.join(DEFAULT_MODES)}")
@@ -191,17 +209,19 @@ def run(args) -> list[dict]:
     modes = args.modes or list(DEFAULT_MODES)
     if args.target:
         target = sj.load_target(args.target)
-        drafts = {kind: sj.load_draft(path, target) for kind, path in
-                  (("eagle3", args.draft), ("small", args.small_draft)) if path}
+        paths = {kind: getattr(args, option.lstrip("-").replace("-", "_")) for kind, option in DRAFT_OPTIONS.items()}
+        drafts = {kind: sj.load_draft(path, target) for kind, path in paths.items() if path}
     else:
         models = sj.demo_models()
-        target, drafts = models.target, {"eagle3": models.eagle3, "small": models.small_draft}
+        target = models.target
+        drafts = {"eagle3": models.eagle3, "small": models.small_draft, "longspec": models.longspec,
+                  "longspec_plain": models.longspec_plain}
     if args.target and not args.modes:
-        modes = [m for m in modes if m == "ar" or ("small" if m in SMALL_DRAFT_MODES else "eagle3") in drafts]
+        modes = [m for m in modes if m == "ar" or draft_kind(m) in drafts]
     for m in modes:
-        kind = "small" if m in SMALL_DRAFT_MODES else "eagle3"
-        if m != "ar" and kind not in drafts:
-            raise ValueError(f"mode {m} needs {'--small-draft' if kind == 'small' else '--draft'} with --target")
+        if m != "ar" and drafts.get(draft_kind(m)) is None:
+            raise ValueError(f"mode {m} needs {DRAFT_OPTIONS[draft_kind(m)]}"
+                             + (" with --target" if args.target else " (missing from the demo assets)"))
     base = sj.SpecConfig(**dict(zip(("tree_depth", "tree_top_k", "tree_nodes"), args.tree))) if args.tree \
         else sj.SpecConfig()
     if args.tune and "eagle3" not in drafts:

@@ -110,14 +110,8 @@ class BlockSummary:
 
     def update(self, cache: KVCache, old_length: jax.Array, blocks: int) -> "BlockSummary":
         """Recomputes `blocks` blocks from the one holding `old_length [B]`, after the cache grew past it."""
-        width = blocks * self.block
-        starts = jnp.minimum(old_length // self.block * self.block, cache.max_len - width)
-
-        def window(buf):  # per row: [L, Hkv, S, D] -> [L, Hkv, width, D]
-            return jax.vmap(lambda b, s: lax.dynamic_slice_in_dim(b, s, width, axis=2), in_axes=(1, 0),
-                            out_axes=1)(buf, starts)
-
-        kmax, kmin = summarize_blocks(window(cache.k), starts, cache.length, self.block)
+        starts = self.window_starts(old_length, blocks, cache.max_len)
+        kmax, kmin = self.recompute(cache.k, starts, cache.length, blocks)
         rows = jnp.arange(starts.shape[0])[:, None]
         dest = starts[:, None] // self.block + jnp.arange(blocks)[None, :]
 
@@ -125,6 +119,22 @@ class BlockSummary:
             return summary.at[:, rows, :, dest].set(new.transpose(1, 3, 0, 2, 4))
 
         return self.replace(kmax=put(self.kmax, kmax), kmin=put(self.kmin, kmin))
+
+    def window_starts(self, old_length: jax.Array, blocks: int, max_len: int) -> jax.Array:
+        """First slot `[B]` of the `blocks` blocks `update` recomputes (from the block holding `old_length`,
+        moved back to end inside a `max_len`-slot cache)."""
+        return jnp.minimum(old_length // self.block * self.block, max_len - blocks * self.block)
+
+    def recompute(self, keys: jax.Array, starts: jax.Array, length: jax.Array, blocks: int):
+        """kmax, kmin `[L, B, Hkv, blocks, D]` of the blocks from `starts [B]` of `keys [L, B, Hkv, S, D]`
+        (any number of layers L), keys at or past `length [B]` ignored."""
+        width = blocks * self.block
+
+        def window(buf):  # per row: [L, Hkv, S, D] -> [L, Hkv, width, D]
+            return jax.vmap(lambda b, s: lax.dynamic_slice_in_dim(b, s, width, axis=2), in_axes=(1, 0),
+                            out_axes=1)(buf, starts)
+
+        return summarize_blocks(window(keys), starts, length, self.block)
 
 
 def summarize_blocks(keys: jax.Array, start: jax.Array, length: jax.Array, block: int):

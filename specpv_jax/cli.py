@@ -28,6 +28,7 @@ def _model_config(path: str):
 
 def _cmd_plan(args) -> int:
     from specpv_jax import memory
+    from specpv_jax.config import SpecConfig
 
     cfg = _model_config(args.model)
     draft = _model_config(args.small_draft) if args.small_draft else None
@@ -35,16 +36,21 @@ def _cmd_plan(args) -> int:
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
           f"context {args.context}, {args.new_tokens} new tokens, batch {args.batch}, {args.dtype}; device limit "
           f"{memory.gib(limit) if limit else 'not reported by this backend'}")
-    print(f"{'mode':>10} {'device':>11} {'with offload (planned): device':>31} {'host':>10}  fits")
+    print(f"{'mode':>10} {'device':>11} {'with offload: device':>21} {'host':>10}  fits")
     fits_any = False
     for mode in memory.MODES:
         if mode == "specextend" and draft is None:
             continue
         est = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode, dtype=args.dtype, draft_cfg=draft)
-        fits = limit is None or est.total <= limit
-        fits_any |= fits
-        offload = (memory.gib(est.total - est.host), memory.gib(est.host)) if est.host else ("-", "-")
-        print(f"{mode:>10} {memory.gib(est.total):>11} {offload[0]:>31} {offload[1]:>10}  {'yes' if fits else 'no'}")
+        fits = "yes" if limit is None or est.total <= limit else "no"
+        offload = ("-", "-")
+        if est.host:  # SpecConfig(offload=True): the full cache and summaries in host memory
+            off = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode, SpecConfig(offload=True),
+                                  args.dtype, draft)
+            offload = (memory.gib(off.device), memory.gib(off.host))
+            fits = "with offload" if fits == "no" and off.device <= limit else fits
+        fits_any |= fits != "no"
+        print(f"{mode:>10} {memory.gib(est.total):>11} {offload[0]:>21} {offload[1]:>10}  {fits}")
     return 0 if fits_any else 1
 
 
@@ -137,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--mode", default="ar", help="ar | eagle | specpv | exact (with an EAGLE-3 --draft) | "
-                                               "specextend (with a small draft model --draft)")
-    g.add_argument("--draft", help="EAGLE-3 head or small draft model directory, or an orbax export")
+                                               "specextend (with a small draft model --draft) | "
+                                               "longspec (with a LongSpec --draft)")
+    g.add_argument("--draft", help="EAGLE-3 head, small draft model or LongSpec draft directory, or an orbax export")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)

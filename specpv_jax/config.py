@@ -334,6 +334,71 @@ class DraftConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LongSpecConfig:
+    """LongSpec draft: one layer of sliding-window self-attention (`num_heads` / `num_kv_heads` x
+    `head_dim`, over the last `window` tokens), cross-attention onto the target's last-layer K/V
+    (`cross_heads` query heads of the target's `target_head_dim`, grouped over its
+    `target_kv_heads`) and a SwiGLU MLP. `hidden_size` and `vocab_size` are the target's (the
+    embedding and LM head are shared); `rope` is the target's (the cross-attention's queries meet
+    the target's rotated keys)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    cross_heads: int
+    target_kv_heads: int
+    target_head_dim: int
+    vocab_size: int
+    window: int = 512
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = RopeConfig()
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "cross_heads",
+                     "target_kv_heads", "target_head_dim", "vocab_size", "window"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"LongSpecConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"LongSpec num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                              f"({self.num_kv_heads})")
+        if self.cross_heads % self.target_kv_heads:
+            raise ConfigError(f"LongSpec cross_heads ({self.cross_heads}) must be a multiple of the target's "
+                              f"KV heads ({self.target_kv_heads})")
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, window: int = 512) -> "LongSpecConfig":
+        """A draft layer shaped like one of the target's layers."""
+        return cls(hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
+                   num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
+                   cross_heads=target.num_heads, target_kv_heads=target.num_kv_heads,
+                   target_head_dim=target.head_dim, vocab_size=target.vocab_size, window=window,
+                   rms_norm_eps=target.rms_norm_eps, rope=target.rope)
+
+    def fit_problems(self, target: ModelConfig) -> list[str]:
+        """What keeps this draft from running on `target` (empty when it fits)."""
+        checks = [("hidden_size", self.hidden_size, target.hidden_size),
+                  ("vocab_size", self.vocab_size, target.vocab_size),
+                  ("target_kv_heads", self.target_kv_heads, target.num_kv_heads),
+                  ("target_head_dim", self.target_head_dim, target.head_dim),
+                  ("rope", self.rope, target.rope)]
+        return [f"{name} {mine} != the target's {theirs}" for name, mine, theirs in checks if mine != theirs]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LongSpecConfig":
+        d = dict(d)
+        d["rope"] = RopeConfig(**d.get("rope", {}))
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown LongSpecConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
 class SpecConfig:
     """Speculative decoding parameters (static under jit).
 
@@ -345,6 +410,8 @@ class SpecConfig:
     `bounded_draft`: in partial steps the EAGLE-3 head, too, attends only to sink +
     the blocks retrieved for the target's last layer + its recent window, not to
     its whole cache (cheaper drafting at long context; acceptance may change).
+    `offload` (modes "specpv", "exact"): the target's full cache and block summaries
+    live in host memory; see `specpv_jax.offload`.
     `tree_threshold` (dynamic tree, OPT-tree style): drafting stops early, before
     `tree_depth` levels, once no frontier node's path probability reaches it
     (0 drafts every level); the tree keeps its `tree_nodes` budget.

@@ -1,6 +1,6 @@
 """The bundled demo models and `specpv-jax demo`.
 
-`demo_models()` loads the small target, its EAGLE-3 head and small draft model shipped in
+`demo_models()` loads the small target, its EAGLE-3 head, small draft model and LongSpec drafts shipped in
 `specpv_jax/assets/demo` (trained on the Python standard library's source by
 `python -m specpv_jax.train.demo_models`). The demo continues a held-out
 standard-library document at several context lengths with every mode and
@@ -22,7 +22,7 @@ from specpv_jax.loading import Model, load_draft, load_target
 from specpv_jax.model import init_params
 
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets" / "demo"
-DEMO_MODES = ("ar", "eagle", "specpv", "exact", "specextend")
+DEMO_MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
 # A small tree: on a 2-core CPU and this small target, the default 7/10/60 tree costs more per step than the
 # tokens it saves (BENCHMARKS.md, "Demo models"). Pass spec=SpecConfig() for the paper's tree.
 DEMO_SPEC = SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=6)
@@ -30,24 +30,28 @@ DEMO_SPEC = SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=6)
 
 class DemoModels(NamedTuple):
     """target; eagle3: its EAGLE-3 head (eagle, specpv, exact); tokenizer; small_draft: a much smaller
-    model with the same tokenizer (specextend)."""
+    model with the same tokenizer (specextend); longspec: the LongSpec draft, longspec_plain: its
+    ablation trained without anchor-offset positions (longspec)."""
 
     target: Model
     eagle3: eagle3.Eagle3
     tokenizer: Any
     small_draft: Any
+    longspec: Any
+    longspec_plain: Any
 
 
 @functools.lru_cache(maxsize=4)
 def demo_models(dtype: str = "float32") -> DemoModels:
     """The bundled demo target, its drafts and tokenizer, loaded and ready for `generate`."""
-    dirs = [ASSETS / name for name in ("target", "eagle3", "small_draft")]
+    dirs = [ASSETS / name for name in ("target", "eagle3", "small_draft", "longspec", "longspec_plain")]
     for d in dirs:
         if not (d / "config.json").is_file():
             raise FileNotFoundError(f"demo model {d} is missing; rebuild the assets with "
                                     f"`python -m specpv_jax.train.demo_models` (see its docstring)")
     target = load_target(dirs[0], dtype=dtype, progress=False)
-    return DemoModels(target, load_draft(dirs[1], target), target.tokenizer, load_draft(dirs[2], target))
+    return DemoModels(target, load_draft(dirs[1], target), target.tokenizer,
+                      *(load_draft(d, target) for d in dirs[2:]))
 
 
 def demo_prompt(tokenizer, length: int) -> np.ndarray:
@@ -85,7 +89,7 @@ def random_head(target: Model, seed: int = 1) -> eagle3.Eagle3:
 
 def draft_for(models: DemoModels, mode: str):
     """The demo draft a mode runs with (None for "ar")."""
-    return {"ar": None, "specextend": models.small_draft}.get(mode, models.eagle3)
+    return {"ar": None, "specextend": models.small_draft, "longspec": models.longspec}.get(mode, models.eagle3)
 
 
 def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...] = DEMO_MODES,
@@ -100,8 +104,9 @@ def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...]
 
     models = demo_models()
     prompt = demo_prompt(models.tokenizer, context)
-    print(f"specpv-jax demo: a {models.target.cfg.num_layers}-layer target with its EAGLE-3 head and a "
-          f"{models.small_draft.cfg.num_layers}-layer draft model, trained on the Python standard library, "
+    print(f"specpv-jax demo: a {models.target.cfg.num_layers}-layer target with its EAGLE-3 head, a "
+          f"{models.small_draft.cfg.num_layers}-layer draft model and a LongSpec draft, trained on the Python "
+          f"standard library, "
           f"continue {context} tokens of a held-out module's source.")
     rows, outputs = [], {}
     for mode in tqdm(modes, desc="modes", disable=not progress):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specpv_jax import model as M
-from specpv_jax import memory, prompts, sharding, specextend, specpv, speculative
+from specpv_jax import longspec, memory, offload, prompts, sharding, specextend, specpv, speculative
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
 from specpv_jax.config import ModelConfig, SpecConfig
@@ -27,7 +27,7 @@ from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill, pr
 from specpv_jax.sampling import Sampler
 
 MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
-IMPLEMENTED = ("ar", "eagle", "specpv", "exact", "specextend")
+IMPLEMENTED = MODES
 DEFAULT_PREFILL_CHUNK = 512
 PROGRESS_CHUNKS = 16  # prompts of this many prefill chunks (8K tokens by default) show a progress bar
 
@@ -92,8 +92,10 @@ def _eos_ids(cfg: ModelConfig, eos_token_ids) -> np.ndarray:
     return np.array(ids or (-1,), np.int32)
 
 
-DRAFT_KINDS = {"eagle": "eagle3", "specpv": "eagle3", "exact": "eagle3", "specextend": "small"}
-_DRAFT_NAMES = {"eagle3": "an EAGLE-3 head", "small": "a small draft model (a plain LLaMA/Qwen directory)"}
+DRAFT_KINDS = {"eagle": "eagle3", "specpv": "eagle3", "exact": "eagle3", "specextend": "small",
+               "longspec": "longspec"}
+_DRAFT_NAMES = {"eagle3": "an EAGLE-3 head", "small": "a small draft model (a plain LLaMA/Qwen directory)",
+                "longspec": "a LongSpec draft"}
 
 
 def _check_draft(target: Model, draft: Any, mode: str) -> None:
@@ -108,6 +110,8 @@ def _check_draft(target: Model, draft: Any, mode: str) -> None:
                          f"(modes for it: {modes})")
     if kind == "small":
         problems = small.fit_problems(draft.cfg, target.cfg)
+    elif kind == "longspec":
+        problems = draft.cfg.fit_problems(target.cfg)
     else:
         problems = [] if (draft.cfg.target_hidden_size == target.cfg.hidden_size
                           and draft.cfg.vocab_size == target.cfg.vocab_size) else ["hidden size or vocabulary differ"]
@@ -129,7 +133,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     mode: "ar" (one target step per token); with an EAGLE-3 `draft`: "eagle"
     (tree speculation, lossless), "specpv" (partial verification, the paper),
     "exact" (partial verification, lossless); with a small draft model:
-    "specextend" (Cross-model Retrieval, lossless). Rows stop at any of
+    "specextend" (Cross-model Retrieval, lossless); with a LongSpec draft: "longspec"
+    (constant-memory draft, lossless; `longspec.LONGSPEC_TREE` is the paper's tree). Rows stop at any of
     `eos_token_ids` (default: the model's EOS ids; `()` never stops).
     attention: "auto" (Pallas kernels on GPU, XLA elsewhere), "xla" or "pallas".
     stream: called on the host with each row's newly emitted tokens as
@@ -149,6 +154,10 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
     spec = spec or SpecConfig()
+    _check_offload(spec, mode)
+    if spec.offload and (mesh.size if mesh is not None else jax.device_count()) > 1:
+        raise NotImplementedError("SpecConfig(offload=True) runs on one device; pass "
+                                  "mesh=sharding.make_mesh(devices=jax.devices()[:1])")
     cfg = target.cfg
     batch = prompts.prepare(input_ids, cfg, max_new_tokens, prefill_chunk, attention_mask)
     eos = _eos_ids(cfg, eos_token_ids)
@@ -161,7 +170,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     if limit is not None:  # refuse before allocating anything
         est = memory.estimate(cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
                               draft.cfg if mode == "specextend" else None, chunk)
-        memory.check_fits(est, limit * (mesh.size if mesh is not None else jax.device_count()))
+        memory.check_fits(est, limit * (mesh.size if mesh is not None else jax.device_count()), spec.offload)
     params, draft_params = target.params, draft.params if draft is not None else None
     ids, lengths = jnp.asarray(batch.ids), jnp.asarray(batch.lengths)
     if mesh is None and jax.device_count() > 1:
@@ -182,6 +191,12 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     return GenerateOutput(tokens=np.asarray(out.tokens)[:, : int(num_out.max())], lengths=num_out, stats=stats)
 
 
+def _check_offload(spec: SpecConfig, mode: str) -> None:
+    if spec.offload and mode not in offload.MODES:
+        raise ValueError(f"SpecConfig(offload=True) works with modes {' and '.join(offload.MODES)} (a partial cache "
+                         f"on the device), not {mode!r}")
+
+
 def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: int, temperature: float,
           top_p: float, eos: np.ndarray, prompt_len: int, chunk: int, attention: str,
           stream=None, progress: bool = False) -> tuple[Run, int]:
@@ -191,7 +206,7 @@ def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: i
               pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else int(max(int(eos[0]), 0)),
               chunk=chunk, mode=mode, attention=resolve_implementation(attention),
               spec=spec if speculative_mode else None, dcfg=dcfg if speculative_mode else None, stream=stream,
-              progress=progress)
+              progress=progress, offload=spec.offload and mode in offload.MODES)
     return run, memory.cache_length(spec, mode, prompt_len, max_new_tokens)
 
 
@@ -208,7 +223,10 @@ def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t,
         where = sharding.cache_sharding(cache.k.shape, mesh)
         return cache.replace(k=jax.device_put(cache.k, where), v=jax.device_put(cache.v, where))
 
-    cache = placed(KVCache.zeros(run.cfg, b, max_len, M.param_dtype(params)))
+    if run.offload:
+        cache = offload.empty_cache(run.cfg, b, max_len, M.param_dtype(params), mesh)
+    else:
+        cache = placed(KVCache.zeros(run.cfg, b, max_len, M.param_dtype(params)))
     if run.mode == "ar":
         (cache, logits), prefill_s = call(_prefill_fn(run.prefill_key), params, ids, lengths, cache)
         (out, _), decode_s = call(_ar_decode_fn(run), params, cache, logits, key, eos, limit)
@@ -221,6 +239,12 @@ def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t,
         (out, _, _), decode_s = call(specextend.specextend_decode_fn(run), params, draft_params, cache, draft_state,
                                      logits, key, eos, limit)
         return out, None, prefill_s, decode_s
+    if run.mode == "longspec":
+        (cache, ring, logits), prefill_s = call(longspec.longspec_prefill_fn(run.prefill_key), params, draft_params,
+                                                ids, lengths, cache)
+        (out, _, _), decode_s = call(longspec.longspec_decode_fn(run), params, draft_params, cache, ring, logits, key,
+                                     eos, limit)
+        return out, None, prefill_s, decode_s
     draft_cache = placed(eagle3.empty_cache(run.dcfg, b, max_len, draft_params))
     (cache, draft_cache, logits, feats), prefill_s = call(
         speculative.eagle_prefill_fn(run.prefill_key), params, draft_params, ids, lengths, cache, draft_cache)
@@ -228,7 +252,9 @@ def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t,
     if run.mode == "eagle":
         (out, _, _), decode_s = call(speculative.eagle_decode_fn(run), *args)
         return out, None, prefill_s, decode_s
-    (out, counters, _, _), decode_s = call(specpv.specpv_decode_fn(run), *args)
+    if run.offload:
+        args += (offload.empty_summary(cache, run.spec.block_size),)
+    (out, counters, *_), decode_s = call(specpv.specpv_decode_fn(run), *args)
     return out, counters, prefill_s, decode_s
 
 
@@ -258,6 +284,10 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     spec = spec_cfg or SpecConfig()
+    _check_offload(spec, mode)
+    if spec.offload:
+        raise NotImplementedError("SpecConfig(offload=True) needs generate (it allocates the cache in host memory "
+                                  "outside jit); make_generate_fn keeps the cache on the device")
     eos = _eos_ids(target_cfg, eos_token_ids)
 
     def untimed(fn, *args):

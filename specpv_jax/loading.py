@@ -76,13 +76,15 @@ def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = Fals
 
 def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None) -> Any:
     """Loads a draft for `target`: a public-layout EAGLE-3 head directory, a plain LLaMA/Qwen
-    directory (a small draft model for "specextend", sharing the target's tokenizer), or an
-    orbax export of either.
+    directory (a small draft model for "specextend", sharing the target's tokenizer), a LongSpec
+    draft directory (`convert.longspec` layout), or an orbax export of any of them.
 
     Raises naming what does not fit the target (vocabulary, hidden size, layers).
     dtype: None uses the target's dtype.
     """
     from convert.eagle3 import check_fits_target, load_eagle3
+    from convert.longspec import is_longspec_dir, load_longspec
+    from specpv_jax.draft.longspec import LongSpecDraft
     from specpv_jax.config import DraftConfig
     from specpv_jax.draft.eagle3 import Eagle3
 
@@ -91,13 +93,19 @@ def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None)
     if not path.is_dir():
         raise FileNotFoundError(f"draft directory {path} does not exist")
     if checkpoint.is_checkpoint(path):
-        if checkpoint.read_meta(path).get("kind") == "target":
+        kind = checkpoint.read_meta(path).get("kind")
+        if kind == "target":
             return _small_draft(load_target(path, dtype), target, path)
+        if kind == "longspec":
+            return _longspec_from_checkpoint(path, target, dtype)
         meta, tree = checkpoint.restore(path, "eagle3")
         cfg = DraftConfig.from_dict(meta["draft_config"])
         check_fits_target(cfg, target.cfg, str(path))
         return Eagle3(cfg, cast_params(tree["params"], dtype), tree["d2t"].astype(jnp.int32), str(path))
     if (path / "config.json").is_file():
+        if is_longspec_dir(path):
+            cfg, params = load_longspec(path, target.cfg, dtype)
+            return LongSpecDraft(cfg, params, str(path))
         if not _is_eagle3_config(path / "config.json"):
             return _small_draft(load_target(path, dtype), target, path)
         cfg, params, d2t = load_eagle3(path, target.cfg, dtype)
@@ -123,9 +131,24 @@ def _small_draft(model: Model, target: Model, path: pathlib.Path) -> Any:
     return SmallDraft(model.cfg, model.params, str(path))
 
 
+def _longspec_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
+    from specpv_jax.config import LongSpecConfig
+    from specpv_jax.draft.longspec import LongSpecDraft
+
+    meta, tree = checkpoint.restore(path, "longspec")
+    cfg = LongSpecConfig.from_dict(meta["longspec_config"])
+    problems = cfg.fit_problems(target.cfg)
+    if problems:
+        raise ValueError(f"{path}: this LongSpec draft does not fit the target: {'; '.join(problems)}")
+    return LongSpecDraft(cfg, cast_params(tree["params"], dtype), str(path))
+
+
 def save_draft(draft: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
     """Exports a draft as an orbax checkpoint (`export_eagle3` writes the public layout instead)."""
     if draft.kind == "small":
         return save_target(Model(draft.cfg, draft.params, source=draft.source), out_dir, overwrite)
+    if draft.kind == "longspec":
+        meta = {"kind": "longspec", "longspec_config": draft.cfg.to_dict()}
+        return checkpoint.save(out_dir, {"params": draft.params}, meta, overwrite=overwrite)
     meta = {"kind": draft.kind, "draft_config": draft.cfg.to_dict()}
     return checkpoint.save(out_dir, {"params": draft.params, "d2t": draft.d2t}, meta, overwrite=overwrite)

@@ -14,6 +14,7 @@ import numpy as np
 from jax import lax
 
 from specpv_jax import model as M
+from specpv_jax import offload
 from specpv_jax.cache import KVCache
 from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig
 from specpv_jax.sampling import Sampler
@@ -28,7 +29,8 @@ class Run:
     a traced value); pad_id: filler after a row ends; chunk: prefill chunk;
     attention: "xla" or "pallas" (resolved); spec/dcfg: speculative modes only;
     stream: a host function called with each row's newly emitted tokens (see `decode_loop`);
-    progress: prefill reports each chunk to the active progress bar (see `prefill_progress`).
+    progress: prefill reports each chunk to the active progress bar (see `prefill_progress`);
+    offload: the target's full cache lives in host memory (see `offload`).
     """
 
     cfg: ModelConfig
@@ -42,12 +44,13 @@ class Run:
     dcfg: DraftConfig | None = None
     stream: Callable[[list], None] | None = None
     progress: bool = False
+    offload: bool = False
 
     @property
     def prefill_key(self) -> "Run":
         """The settings prefill depends on (so other changes do not recompile it)."""
         return Run(cfg=self.cfg, sampler=Sampler(), buffer=0, pad_id=0, chunk=self.chunk, attention=self.attention,
-                   dcfg=self.dcfg, progress=self.progress)
+                   dcfg=self.dcfg, progress=self.progress, offload=self.offload)
 
 
 def output_bucket(max_new: int) -> int:
@@ -106,6 +109,11 @@ def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cach
     (the draft's own prefill). Returns the cache with `length = lengths`, the
     final hidden state `[B, H]` and captured features `[n, B, H]` of each row's
     last prompt token, and `extra`.
+
+    With `run.offload` the cache is in host memory: each chunk attends to it in
+    place and its K/V are then written there (`offload.write_rows`; the chunk
+    divides T <= the cache's slots, so every write fits). Each chunk reads the
+    whole prefix before it from host memory, so a larger chunk means less traffic.
     """
     cfg, chunk = run.cfg, run.chunk
     b, t = ids.shape
@@ -117,7 +125,12 @@ def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cach
         ids_c = lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
         pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
         out = M.forward(params, cfg, ids_c, pos, cache.replace(length=jnp.full((b,), start, jnp.int32)),
-                        capture_layers=capture_layers, attention=run.attention)
+                        capture_layers=capture_layers, attention=run.attention, offloaded=run.offload)
+        new_cache = out.cache
+        if run.offload:
+            k, v = out.new_kv
+            new_cache = new_cache.replace(k=offload.write_rows(new_cache.k, k, start),
+                                          v=offload.write_rows(new_cache.v, v, start))
         if consume is not None:
             extra = consume(extra, start, lax.dynamic_slice_in_dim(next_ids, start, chunk, axis=1), out.features)
         if run.progress:
@@ -127,7 +140,7 @@ def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cach
         pick = jnp.clip(idx, 0, chunk - 1)
         h = jnp.take_along_axis(out.hidden, pick[:, None, None], axis=1)[:, 0]
         f = jnp.take_along_axis(out.features, pick[None, :, None, None], axis=2)[:, :, 0]
-        return (out.cache, jnp.where(here[:, None], h, last), jnp.where(here[None, :, None], f, last_feats), extra)
+        return (new_cache, jnp.where(here[:, None], h, last), jnp.where(here[None, :, None], f, last_feats), extra)
 
     dtype = M.param_dtype(params)
     init = (cache, jnp.zeros((b, cfg.hidden_size), dtype),

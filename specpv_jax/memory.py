@@ -4,8 +4,10 @@ Counts the arrays the engine allocates: weights, the target's full KV cache
 (rounded up to whole attention blocks), SpecPV's partial cache and block
 summaries, the drafts' caches, and the largest transient (verification logits,
 a prefill chunk's activations). "host" is what SpecPV's offload
-(`SpecConfig(offload=True)`, planned) would move to host memory: the full
-cache and its block summaries, in the partial-verification modes.
+(`SpecConfig(offload=True)`, see `offload`) moves to host memory: the full
+cache and its block summaries, in the partial-verification modes; with it the
+device holds `Estimate.device` (plus "offload staging": two layers of the full
+cache, moved in during full verification).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import jax
 import numpy as np
 
 from specpv_jax.attention import PREFIX_BLOCK
-from specpv_jax.config import ModelConfig, SpecConfig
+from specpv_jax.config import LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.loop import output_bucket
 
-MODES = ("ar", "eagle", "specpv", "exact", "specextend")
+MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -47,7 +49,7 @@ def kv_bytes(layers: int, batch: int, kv_heads: int, slots: int, head_dim: int, 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """Bytes by part; `device` and `host` totals (host: what offload would keep in host memory)."""
+    """Bytes by part; `device` and `host` totals (host: what offload keeps in host memory)."""
 
     mode: str
     parts: dict[str, int]
@@ -60,6 +62,11 @@ class Estimate:
     @property
     def host(self) -> int:
         return sum(v for k, v in self.parts.items() if k in self.host_parts)
+
+    @property
+    def device(self) -> int:
+        """Device bytes with offload (the parts not in host memory)."""
+        return self.total - self.host
 
 
 def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int = 1, mode: str = "ar",
@@ -90,6 +97,8 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
                                           slots=spec.static_tokens + spec.buffer_size, head_dim=cfg.head_dim, **kv)
         parts["block summaries"] = kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads,
                                             slots=slots // spec.block_size, head_dim=cfg.head_dim, **kv)
+        if spec.offload:  # a full step's layer on the device and the next one prefetched
+            parts["offload staging"] = kv_bytes(2, kv_heads=cfg.num_kv_heads, slots=slots, head_dim=cfg.head_dim, **kv)
     if mode == "specextend":
         if draft_cfg is None:
             raise ValueError("mode 'specextend' needs the small draft's config (draft_cfg)")
@@ -98,6 +107,12 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
         parts["draft weights"] = param_count(d) * size
         parts["draft cache"] = kv_bytes(d.num_layers, slots=slots, **dkv) + (
             kv_bytes(d.num_layers, slots=spec.draft_working_tokens, **dkv) if spec.draft_chunks else 0)
+    if mode == "longspec":  # one layer plus a cross-attention's q/o; a cache of `window` slots at any context
+        d = LongSpecConfig.for_target(cfg)
+        attn = d.hidden_size * (d.num_heads + d.num_kv_heads) * d.head_dim * 2
+        cross = d.hidden_size * d.cross_heads * d.target_head_dim * 2
+        parts["draft weights"] = (attn + cross + 3 * d.hidden_size * d.intermediate_size + 4 * d.hidden_size) * size
+        parts["draft cache"] = 2 * batch * d.num_kv_heads * d.window * d.head_dim * size
     rows = batch * max(tree, prefill_chunk)
     parts["activations"] = max(batch * tree * v * 4, rows * (2 * h + 2 * cfg.intermediate_size) * 4)
     return Estimate(mode, parts, ("full cache", "block summaries") if mode in ("specpv", "exact") else ())
@@ -109,11 +124,14 @@ def device_bytes_limit(device=None) -> int | None:
     return stats.get("bytes_limit")
 
 
-def check_fits(est: Estimate, limit: int | None) -> None:
-    """Raises `MemoryError` naming the parts when `est` exceeds `limit` bytes (None: no check)."""
-    if limit is not None and est.total > limit:
-        biggest = ", ".join(f"{k} {gib(v)}" for k, v in sorted(est.parts.items(), key=lambda kv: -kv[1]))
-        raise MemoryError(f"mode {est.mode!r} needs about {gib(est.total)} of device memory, the device has "
+def check_fits(est: Estimate, limit: int | None, offload: bool = False) -> None:
+    """Raises `MemoryError` naming the parts when `est` exceeds `limit` bytes (None: no check); with
+    `offload`, only the device's parts (`est.device`) count."""
+    need = est.device if offload else est.total
+    if limit is not None and need > limit:
+        parts = {k: v for k, v in est.parts.items() if not (offload and k in est.host_parts)}
+        biggest = ", ".join(f"{k} {gib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+        raise MemoryError(f"mode {est.mode!r} needs about {gib(need)} of device memory, the device has "
                           f"{gib(limit)} ({biggest}); use a shorter context, a smaller batch, bfloat16, or "
                           f"several devices (mesh)")
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from specpv_jax import retrieval, rope
+from specpv_jax import offload, retrieval, rope
 from specpv_jax.attention import attend, causal_mask
 from specpv_jax.cache import BlockSummary, KVCache, write_tokens
 from specpv_jax.config import ModelConfig
@@ -61,6 +61,8 @@ class Attention(nn.Module):
     cache in place; the other order makes it copy the whole cache per layer.)
     `k_extra, v_extra [B, Hkv, U, D]` optionally add context keys before the new
     ones (the draft's tree levels); `new_mask` then spans `[B, T, U + T]`.
+    `host_prefix`: the cache is in host memory (`offload`: read block by block,
+    never written here).
     Returns `(out, q, k_new, v_new, k_cache, v_cache)` (q after RoPE, `[B, T, Hq, D]`).
     """
 
@@ -77,7 +79,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, h, cos, sin, k_cache, v_cache, cache_len, new_mask, layer=None, k_extra=None, v_extra=None,
-                 write=True):
+                 write=True, host_prefix=False):
         b, t, _ = h.shape
         q = _dense(self.num_heads * self.head_dim, self.qkv_bias, self.dtype, "q_proj")(h)
         k = _dense(self.num_kv_heads * self.head_dim, self.qkv_bias, self.dtype, "k_proj")(h)
@@ -91,7 +93,7 @@ class Attention(nn.Module):
         q = rope.apply_rope(q, cos, sin)
         k = rope.apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
-        if write and k_cache is not None:
+        if write and k_cache is not None and not host_prefix:
             k_cache = write_tokens(k_cache, layer, k, cache_len)
             v_cache = write_tokens(v_cache, layer, v, cache_len)
         keys, values = k, v
@@ -99,7 +101,7 @@ class Attention(nn.Module):
             keys = jnp.concatenate([k_extra.astype(k.dtype), k], axis=2)
             values = jnp.concatenate([v_extra.astype(v.dtype), v], axis=2)
         out = attend(q, k_cache, v_cache, cache_len, keys, values, new_mask, scale=self.head_dim ** -0.5, layer=layer,
-                     impl=self.attention)
+                     impl=self.attention, host_prefix=host_prefix)
         out = _dense(self.out_features, self.o_bias, self.dtype, "o_proj")(out.reshape(b, t, -1))
         return out, q, k, v, k_cache, v_cache
 
@@ -129,15 +131,15 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, k_cache, v_cache, cache_len, new_mask, layer=None, k_extra=None, v_extra=None,
-                 write=True):
+                 write=True, host_prefix=False):
         """k_cache, v_cache: `[B, Hkv, S, D]`, or the stacked `[L, ...]` cache read at `layer`;
-        None for cache-free self-attention (training). k_extra, v_extra, write: as in `Attention`."""
+        None for cache-free self-attention (training). k_extra, v_extra, write, host_prefix: as in `Attention`."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         attn, q, k, v, k_cache, v_cache = Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm,
             eps, self.dtype, self.attention, name="self_attn")(h, cos, sin, k_cache, v_cache, cache_len, new_mask,
-                                                                layer, k_extra, v_extra, write)
+                                                                layer, k_extra, v_extra, write, host_prefix)
         x = x + attn
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(h), q, k, v, k_cache, v_cache
@@ -147,7 +149,7 @@ class DecoderLayer(nn.Module):
 class ForwardOut:
     """hidden: `[B, T, H]` after the final norm; features: `[n_capture, B, T, H]`,
     the inputs of the layers named in `capture_layers`; cache: new K/V written at
-    `cache.length`, lengths unchanged (the caller commits); block_scores:
+    `cache.length`, lengths unchanged (the caller commits; offloaded: the cache as given); block_scores:
     `[L, B, Hkv, NB]` retrieval scores when a block summary was given, else None;
     new_kv: with `collect_kv`, the new tokens' keys (after RoPE) and values, each `[L, B, Hkv, T, D]`."""
 
@@ -166,7 +168,7 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
             new_mask: jax.Array | None = None, capture_layers: Sequence[int] = (),
             attention: str = "xla", summary: BlockSummary | None = None,
             score_mask: jax.Array | None = None, extra_kv: tuple[jax.Array, jax.Array] | None = None,
-            write: bool = True, collect_kv: bool = False) -> ForwardOut:
+            write: bool = True, collect_kv: bool = False, offloaded: bool = False) -> ForwardOut:
     """Runs new tokens `ids [B, T]` at `positions [B, T]` over `cache`.
 
     The new tokens attend to the cache prefix `[0, cache.length)` and to each
@@ -179,6 +181,9 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     (SpecPV retrieval). `extra_kv` (k, v `[L, B, Hkv, U, D]`) adds keys between
     the prefix and the new tokens (a draft tree's earlier levels); `new_mask` is
     then `[B, T, U + T]`. `collect_kv` returns the new tokens' K/V per layer.
+    `offloaded`: the cache and summary live in host memory (`offload`); they are
+    read in place and never written (as `write=False`, `collect_kv=True`: the
+    caller writes the returned K/V back), and attention takes the XLA path.
     """
     dtype = param_dtype(params)
     b, t = ids.shape
@@ -190,24 +195,35 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     layer = DecoderLayer(cfg, dtype, attention)
     capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
 
+    if offloaded:
+        write, collect_kv = False, True
+
     def body(carry, xs):
         x, k_all, v_all, feats = carry
         i, layer_params, extra = xs
         feats = jnp.where((capture == i)[:, None, None, None], x[None], feats)
+        if offloaded:  # the host cache is read in place, never carried through the scan
+            k_all, v_all = cache.k, cache.v
         x, q, k, v, k_all, v_all = layer.apply({"params": layer_params}, x, cos, sin, k_all, v_all, cache_len,
-                                               new_mask, i, *extra, write)
+                                               new_mask, i, *extra, write, offloaded)
+        if offloaded:
+            k_all = v_all = None
         scores = None
         if summary is not None:
-            scores = retrieval.block_scores(q, summary.kmax[i], summary.kmin[i], score_mask)
+            kmax, kmin = ((offload.layer_to_device(summary.kmax, i), offload.layer_to_device(summary.kmin, i))
+                          if offloaded else (summary.kmax[i], summary.kmin[i]))
+            scores = retrieval.block_scores(q, kmax, kmin, score_mask)
         return (x, k_all, v_all, feats), (scores, (k, v) if collect_kv else None)
 
     feats = jnp.zeros((capture.shape[0], b, t, cfg.hidden_size), dtype)
     k_all, v_all, cache_len = (None, None, None) if cache is None else (cache.k, cache.v, cache.length)
+    if offloaded:
+        k_all = v_all = None
     extra = (None, None) if extra_kv is None else extra_kv
     (x, k_all, v_all, feats), (scores, new_kv) = lax.scan(
         body, (x, k_all, v_all, feats), (jnp.arange(cfg.num_layers), params["layers"], extra))
     hidden = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
-    if cache is not None:
+    if cache is not None and not offloaded:
         cache = cache.replace(k=k_all, v=v_all)
     return ForwardOut(hidden=hidden, features=feats, cache=cache, block_scores=scores, new_kv=new_kv)
 

@@ -55,18 +55,29 @@ def refresh(partial: KVCache, full: KVCache, blocks: jax.Array, spec: SpecConfig
 
     blocks: `[L, B, Hkv, R_blocks]` from `select_blocks`; the window ends at `full.length`.
     """
+    slots = static_slots(full.length, blocks, spec)[..., None]  # [L, B, Hkv, static, 1]
+    k, v = (jnp.take_along_axis(buf, slots, axis=3) for buf in (full.k, full.v))
+    return with_static(partial, k, v, spec)
+
+
+def static_slots(length: jax.Array, blocks: jax.Array, spec: SpecConfig) -> jax.Array:
+    """Full-cache slots `[L, B, Hkv, static]` of the partial cache's static part: sink, the retrieved
+    `blocks [L, B, Hkv, R_blocks]`, and the window ending at `length [B]`."""
     offsets = jnp.arange(spec.block_size)
     retrieved = (blocks[..., None] * spec.block_size + offsets).reshape(*blocks.shape[:3], -1)  # [L, B, Hkv, R]
-    window = jnp.maximum(full.length[:, None] - spec.window_tokens + jnp.arange(spec.window_tokens)[None, :], 0)
+    window = jnp.maximum(length[:, None] - spec.window_tokens + jnp.arange(spec.window_tokens)[None, :], 0)
     window = jnp.broadcast_to(window[None, :, None, :], retrieved.shape[:3] + (spec.window_tokens,))
     sink = jnp.broadcast_to(jnp.arange(spec.sink_tokens), retrieved.shape[:3] + (spec.sink_tokens,))
-    slots = jnp.concatenate([sink, retrieved, window], axis=-1)[..., None]  # [L, B, Hkv, static, 1]
+    return jnp.concatenate([sink, retrieved, window], axis=-1)
 
-    def rebuild(part, buf):
-        return lax.dynamic_update_slice_in_dim(part, jnp.take_along_axis(buf, slots, axis=3), 0, axis=3)
+
+def with_static(partial: KVCache, k: jax.Array, v: jax.Array, spec: SpecConfig) -> KVCache:
+    """The partial cache with static part `k, v [L, B, Hkv, static, D]` and an empty buffer."""
+    def rebuild(part, new):
+        return lax.dynamic_update_slice_in_dim(part, new, 0, axis=3)
 
     static = jnp.full_like(partial.length, spec.static_tokens)
-    return partial.replace(k=rebuild(partial.k, full.k), v=rebuild(partial.v, full.v), length=static)
+    return partial.replace(k=rebuild(partial.k, k), v=rebuild(partial.v, v), length=static)
 
 
 def empty_partial(full: KVCache, spec: SpecConfig, extra: int = 0) -> KVCache:

@@ -19,6 +19,10 @@ step re-checks them against the full-context target (greedy: argmax; sampling:
 speculative sampling with the partial verification's distributions as the
 draft's) and truncates at the first disagreement, emitting the target's token
 there.
+
+With `SpecConfig(offload=True)` the full cache and its block summaries live in
+host memory (`offload`): partial steps never touch them; full steps read them in
+place and write back through `offload.commit_and_refresh`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from specpv_jax import model as M
-from specpv_jax import retrieval, verify
+from specpv_jax import offload, retrieval, verify
 from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_tokens
 from specpv_jax.draft import eagle3
 from specpv_jax.loop import Run, decode_loop
@@ -217,7 +221,7 @@ def full_step(params, dparams, d2t, run: Run, eos, st: SpecPVState, with_missing
         score_mask = jnp.ones(tokens.shape, bool)
     m = tokens.shape[1] - tree.size
     out = M.forward(params, cfg, tokens, positions, s.cache, mask, run.dcfg.feature_layers, run.attention,
-                    st.summary, score_mask)
+                    st.summary, score_mask, offloaded=run.offload)
     logits = M.logits(params, cfg, out.hidden)
     key, k_tree, k_check = jax.random.split(s.key, 3)
     acc = verify.accept(tree, logits[:, m:], run.sampler, k_tree)
@@ -246,14 +250,24 @@ def full_step(params, dparams, d2t, run: Run, eos, st: SpecPVState, with_missing
         draft_cache = draft_cache.replace(length=jnp.where(rejected, full_len + kept - 1, draft_cache.length))
 
     # Commit: missing tokens already sit at full_len + [0, n_missing); the tree path follows them.
-    cache = commit_path(out.cache, acc.path, jnp.where(rejected, -1, acc.count), src=full_len + m,
-                        dst=full_len + n_missing)
+    # (Offloaded: nothing was written yet; the lengths are set here, the K/V written by `commit_and_refresh`.)
+    if run.offload:
+        cache = s.cache.replace(length=full_len + n_missing + jnp.where(rejected, -1, acc.count) + 1)
+    else:
+        cache = commit_path(out.cache, acc.path, jnp.where(rejected, -1, acc.count), src=full_len + m,
+                            dst=full_len + n_missing)
     if run.mode == "exact" and with_missing:
         cache = cache.replace(length=jnp.where(rejected, full_len + first + 1, cache.length))
     cache = cache.replace(length=jnp.where(live, cache.length, full_len))
-    summary = st.summary.update(cache, full_len, (m + tree.size) // spec.block_size + 2)
+    summary_blocks = (m + tree.size) // spec.block_size + 2
     blocks = retrieval.select_blocks(out.block_scores, cache.length, spec)
-    partial = retrieval.refresh(st.partial, cache, blocks, spec)
+    if run.offload:
+        new_k, new_v = (offload.committed(x, acc.path, n_missing, m) for x in out.new_kv)
+        cache, summary, partial = offload.commit_and_refresh(cache, new_k, new_v, full_len, st.summary,
+                                                             summary_blocks, st.partial, blocks, spec)
+    else:
+        summary = st.summary.update(cache, full_len, summary_blocks)
+        partial = retrieval.refresh(st.partial, cache, blocks, spec)
     draft_cache = draft_cache.replace(length=jnp.where(live, draft_cache.length, s.draft_cache.length))
     draft_partial = st.draft_partial
     if draft_partial is not None:  # the head reuses the target's last-layer choice, mapped onto its own heads
@@ -318,14 +332,18 @@ def specpv_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPVS
 
 @functools.lru_cache(maxsize=None)
 def specpv_decode_fn(run: Run):
-    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos, limit):
+    """The jitted decode loop: (out, counters, full cache, draft cache). With `run.offload`, `cache` is in host
+    memory and a last argument, `summary` (`offload.empty_summary`, host memory), receives its block
+    summaries, returned last."""
+    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos, limit, summary=None):
         spec = run.spec
         b = cache.length.shape[0]
         m = spec.max_missing
         store_q = run.mode == "exact" and not run.sampler.greedy
         st = SpecPVState(
             eagle=initial_state(run, cache, draft_cache, logits, last_feats, key, eos, limit),
-            partial=retrieval.empty_partial(cache, spec), summary=BlockSummary.of(cache, spec.block_size),
+            partial=retrieval.empty_partial(cache, spec),
+            summary=offload.summarize(cache, summary) if run.offload else BlockSummary.of(cache, spec.block_size),
             ready=jnp.zeros((b,), bool), missing=jnp.zeros((b, m), jnp.int32), n_missing=jnp.zeros((b,), jnp.int32),
             missing_q=jnp.zeros((b, m, run.cfg.vocab_size), jnp.float32) if store_q else None,
             # The head's buffer also holds the last full step's pairs: room for one more path.
@@ -334,6 +352,8 @@ def specpv_decode_fn(run: Run):
             provisional_cap=jnp.full((b,), m, jnp.int32), counters=Counters.zeros())
         step = functools.partial(specpv_step, params, dparams, d2t, run, eos)
         st = decode_loop(run, step, st, lambda s: s.eagle.out)
+        if run.offload:  # returned so that the donated buffer holds it
+            return st.eagle.out, st.counters, st.eagle.cache, st.eagle.draft_cache, st.summary
         return st.eagle.out, st.counters, st.eagle.cache, st.eagle.draft_cache
 
-    return jax.jit(fn, donate_argnums=(3, 4))
+    return jax.jit(fn, donate_argnums=(3, 4, 10) if run.offload else (3, 4))

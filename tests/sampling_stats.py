@@ -23,3 +23,22 @@ def chi_square_pvalue(samples: np.ndarray, probs: np.ndarray, min_expected: floa
     exp = np.append(expected[big], expected[~big].sum())
     keep = exp > 0
     return float(stats.chisquare(obs[keep], exp[keep]).pvalue)
+
+
+def three_token_law(target, prompt, sampler) -> np.ndarray:
+    """The target's joint law `[V**3]` of the first three tokens sampled after `prompt` (full context)."""
+    import specpv_jax as sj
+
+    vocab = target.cfg.vocab_size
+    pairs = np.array([[a, b] for a in range(vocab) for b in range(vocab)])
+    logits = sj.forward_logits(target, np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], 1))
+    probs = np.asarray(sampler.probs(logits), np.float64)
+    p1 = probs[0, -3]
+    p2 = probs[:, -2].reshape(vocab, vocab, vocab)[:, 0]  # p(t2 | t1), from rows with that t1
+    p3 = probs[:, -1].reshape(vocab, vocab, vocab)        # p(t3 | t1, t2)
+    return (p1[:, None, None] * p2[:, :, None] * p3).reshape(-1)
+
+
+def three_token_cells(tokens: np.ndarray, vocab: int) -> np.ndarray:
+    """Each row's first three tokens as one cell id of the joint law."""
+    return tokens[:, 0] * vocab * vocab + tokens[:, 1] * vocab + tokens[:, 2]

@@ -13,7 +13,19 @@ def test_assets_fit_the_size_limit():
     files = [f for f in ASSETS.rglob("*") if f.is_file()]
     assert {f.name for f in files} >= {"config.json", "model.safetensors", "tokenizer.json", "report.json"}
     assert sum(f.stat().st_size for f in files) <= 40 * 2 ** 20
-    assert (ASSETS / "small_draft" / "model.safetensors").stat().st_size <= 10 * 2 ** 20  # SpecExtend's limit
+    for draft in ("small_draft", "longspec", "longspec_plain"):  # the SpecExtend and LongSpec issues' limit
+        assert (ASSETS / draft / "model.safetensors").stat().st_size <= 10 * 2 ** 20
+
+
+def test_longspec_is_lossless_with_the_trained_draft():
+    models = sj.demo_models()
+    assert models.longspec.kind == "longspec" and models.longspec.cfg.window == 512
+    prompt = demo_prompt(models.tokenizer, 2500)  # longer than the draft's window and training windows
+    ar = sj.generate(models.target, prompt, 48, eos_token_ids=())
+    spec = sj.SpecConfig(tree_depth=4, tree_top_k=3, tree_nodes=10)
+    out = sj.generate(models.target, prompt, 48, mode="longspec", draft=models.longspec, spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(out.tokens, ar.tokens)
+    assert out.stats["mean_accept_len"] > 1.5  # a trained draft: most steps accept drafted tokens
 
 
 def test_bundled_target_matches_transformers_on_heldout_text():
@@ -83,9 +95,9 @@ def test_run_demo_prints_every_mode(capsys):
     spec = sj.SpecConfig(tree_depth=4, tree_top_k=4, tree_nodes=12, retrieval_tokens=256, window_tokens=64)
     rows = run_demo(context=600, new_tokens=24, spec=spec, progress=False)
     out = capsys.readouterr().out
-    assert [r["mode"] for r in rows] == ["ar", "eagle", "specpv", "exact", "specextend"]
+    assert [r["mode"] for r in rows] == ["ar", "eagle", "specpv", "exact", "specextend", "longspec"]
     assert "speedup" in out and "wrote" in out
-    assert rows[0]["fidelity"] == rows[1]["fidelity"] == rows[3]["fidelity"] == rows[4]["fidelity"] == 1.0
+    assert all(rows[i]["fidelity"] == 1.0 for i in (0, 1, 3, 4, 5))
     assert rows[2]["partial"] > 0 and 0.0 <= rows[2]["fidelity"] <= 1.0
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import specpv_jax as sj
-from sampling_stats import chi_square_pvalue
+from sampling_stats import chi_square_pvalue, three_token_cells, three_token_law
 from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.model import init_params
@@ -127,17 +127,7 @@ def test_sampling_is_lossless(temperature, top_p):
     out = sj.generate(target, [prompt] * rows, 3, draft=head, mode="eagle", spec=spec, temperature=temperature,
                       top_p=top_p, seed=11, eos_token_ids=())
     assert out.stats["mean_accept_len"] > 1.3  # drafted tokens are being accepted, so rejection is exercised
-    pairs = np.array([[a, b] for a in range(vocab) for b in range(vocab)])
-    logits = sj.forward_logits(target, np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], 1))
-    probs = np.asarray(Sampler(temperature, top_p).probs(logits), np.float64)
-    p1 = probs[0, -3]
-    p2 = probs[:, -2].reshape(vocab, vocab, vocab)[:, 0]  # p(t2 | t1), from rows with that t1
-    p3 = probs[:, -1].reshape(vocab, vocab, vocab)        # p(t3 | t1, t2)
-    joint = p1[:, None, None] * p2[:, :, None] * p3
-    cells = out.tokens[:, 0] * vocab * vocab + out.tokens[:, 1] * vocab + out.tokens[:, 2]
-    assert chi_square_pvalue(cells, joint.reshape(-1)) > 1e-3
+    cells = three_token_cells(out.tokens, vocab)
+    assert chi_square_pvalue(cells, three_token_law(target, prompt, Sampler(temperature, top_p))) > 1e-3
     # The same test has power: the law at another temperature is rejected.
-    wrong = np.asarray(Sampler(temperature * 1.5, top_p).probs(logits), np.float64)
-    wrong_joint = wrong[0, -3][:, None, None] * wrong[:, -2].reshape(vocab, vocab, vocab)[:, 0][:, :, None] * \
-        wrong[:, -1].reshape(vocab, vocab, vocab)
-    assert chi_square_pvalue(cells, wrong_joint.reshape(-1)) < 1e-3
+    assert chi_square_pvalue(cells, three_token_law(target, prompt, Sampler(temperature * 1.5, top_p))) < 1e-3

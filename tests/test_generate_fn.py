@@ -44,7 +44,7 @@ def test_make_generate_fn_checks_its_settings():
     with pytest.raises(ValueError, match="draft_cfg"):
         sj.make_generate_fn(target.cfg, mode="eagle")
     with pytest.raises(ValueError, match="modes"):
-        sj.make_generate_fn(target.cfg, mode="longspec")
+        sj.make_generate_fn(target.cfg, mode="medusa")
     with pytest.raises(ValueError, match="max_new_tokens"):
         sj.make_generate_fn(target.cfg, max_new_tokens=0)
 

@@ -13,6 +13,7 @@ from test_eagle import make_target
 import specpv_jax as sj
 from specpv_jax import memory
 from specpv_jax.cache import KVCache
+from specpv_jax.config import ModelConfig
 from specpv_jax.model import init_params
 
 LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
@@ -42,6 +43,13 @@ def test_full_cache_estimate_is_what_generate_allocates():
     assert est.host == 0  # offload is a SpecPV option
 
 
+def test_longspec_draft_cache_is_constant():
+    cfg = ModelConfig.from_hf(LLAMA_31_8B)
+    short, long = (memory.estimate(cfg, n, mode="longspec") for n in (1024, 131072))
+    assert short.parts["draft cache"] == long.parts["draft cache"] == 2 * 8 * 512 * 128 * 2  # K+V, 512 slots, bf16
+    assert long.parts["draft weights"] < memory.estimate(cfg, 1024, mode="eagle").parts["draft weights"]
+
+
 def test_generate_refuses_a_run_that_cannot_fit_before_allocating(monkeypatch):
     target = make_target(16, layers=2)
     monkeypatch.setattr(memory, "device_bytes_limit", lambda device=None: 10_000)
@@ -57,6 +65,6 @@ def test_plan_prints_every_mode_for_llama_8b_shapes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "8.03 B params" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
-    assert list(rows) == ["ar", "eagle", "specpv", "exact"]
+    assert list(rows) == ["ar", "eagle", "specpv", "exact", "longspec"]
     # bf16 weights 14.96 GiB + a 64K cache of 32 layers x 8 KV heads x 128 dims (8.0 GiB + the new tokens' slots)
     assert 23.0 < float(rows["ar"][1]) < 23.5

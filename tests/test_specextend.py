@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sampling_stats import chi_square_pvalue
+from sampling_stats import chi_square_pvalue, three_token_cells, three_token_law
 from test_eagle import make_head, make_target
 
 import specpv_jax as sj
@@ -145,13 +145,8 @@ def test_sampling_is_lossless():
     out = sj.generate(target, [prompt] * 4096, 3, draft=draft, mode="specextend", spec=spec, temperature=1.0,
                       seed=11, eos_token_ids=())
     assert out.stats["mean_accept_len"] > 1.2  # drafted tokens are accepted, so rejection is exercised
-    pairs = np.array([[a, b] for a in range(vocab) for b in range(vocab)])
-    logits = sj.forward_logits(target, np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], 1))
-    probs = np.asarray(Sampler(1.0).probs(logits), np.float64)
-    joint = (probs[0, -3][:, None, None] * probs[:, -2].reshape(vocab, vocab, vocab)[:, 0][:, :, None]
-             * probs[:, -1].reshape(vocab, vocab, vocab))
-    cells = out.tokens[:, 0] * vocab * vocab + out.tokens[:, 1] * vocab + out.tokens[:, 2]
-    assert chi_square_pvalue(cells, joint.reshape(-1)) > 1e-3
+    law = three_token_law(target, prompt, Sampler(1.0))
+    assert chi_square_pvalue(three_token_cells(out.tokens, vocab), law) > 1e-3
 
 
 def test_load_draft_reads_a_plain_model_dir_and_checks_the_vocabulary(tmp_path, pair):

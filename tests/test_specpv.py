@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import specpv_jax as sj
-from sampling_stats import chi_square_pvalue
+from sampling_stats import chi_square_pvalue, three_token_cells, three_token_law
 from specpv_jax import model as M
 from specpv_jax import retrieval
 from specpv_jax.cache import BlockSummary, KVCache
@@ -195,13 +195,8 @@ def test_exact_sampling_follows_the_full_context_target():
     out = sj.generate(target, [prompt] * 2048, 3, draft=head, mode="exact", spec=spec, temperature=1.0, seed=1,
                       eos_token_ids=())
     assert out.stats["partial_verifications"] > 0 and out.stats["rollbacks"] > 0
-    pairs = np.array([[a, b] for a in range(vocab) for b in range(vocab)])
-    logits = sj.forward_logits(target, np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], 1))
-    probs = np.asarray(Sampler(1.0).probs(logits), np.float64)
-    joint = probs[0, -3][:, None, None] * probs[:, -2].reshape(vocab, vocab, vocab)[:, 0][:, :, None] \
-        * probs[:, -1].reshape(vocab, vocab, vocab)
-    cells = out.tokens[:, 0] * vocab * vocab + out.tokens[:, 1] * vocab + out.tokens[:, 2]
-    assert chi_square_pvalue(cells, joint.reshape(-1)) > 1e-3
+    law = three_token_law(target, prompt, Sampler(1.0))
+    assert chi_square_pvalue(three_token_cells(out.tokens, vocab), law) > 1e-3
 
 
 def test_tuned_picks_a_timed_candidate(models):

@@ -9,10 +9,13 @@ Stages (each resumable; a stage whose output exists is skipped):
      SpecPV's YaRN long-context fine-tune at `long_length`;
   5. small_draft: a much smaller LLaMA with the same tokenizer, for draft-model
      speculation (SpecExtend), trained at `draft_length` tokens only;
-  6. report: held-out loss, how much 16K-token context helps the target, the
+  6. longspec: the LongSpec draft, trained on `longspec_length`-token windows
+     with anchor-offset positions, and the ablation trained without them;
+  7. report: held-out loss, how much 16K-token context helps the target, the
      head's per-step accuracy; written to `report.json` beside the assets.
-Assets: `<out>/target` (HF layout + tokenizer), `<out>/eagle3` (public EAGLE-3 layout)
-and `<out>/small_draft` (HF layout + tokenizer).
+Assets: `<out>/target` (HF layout + tokenizer), `<out>/eagle3` (public EAGLE-3 layout),
+`<out>/small_draft` (HF layout + tokenizer), `<out>/longspec` and `<out>/longspec_plain`
+(`convert.longspec` layout). `--only longspec` adds the LongSpec drafts to existing assets.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 from specpv_jax import checkpoint
 from specpv_jax.config import ModelConfig, RopeConfig
 from specpv_jax.model import init_params
-from specpv_jax.train import corpus, eagle, lm, tokenizer
+from specpv_jax.train import corpus, eagle, lm, longspec, tokenizer
 from specpv_jax.train.trainer import TrainConfig
 
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets" / "demo"
@@ -68,6 +71,11 @@ class Recipe:
     draft_steps: int = 300
     draft_batch: int = 8
     draft_lr: float = 3e-3
+    longspec_window: int = 512
+    longspec_length: int = 1024
+    longspec_steps: int = 300
+    longspec_batch: int = 4
+    longspec_lr: float = 2e-3
     eval_context: int = 16384
     seed: int = 0
 
@@ -97,7 +105,7 @@ TINY = Recipe(vocab_size=384, draft_vocab_size=256, hidden_size=64, intermediate
               target_batch=2, target_long_steps=2, target_long_batch=1, head_steps=4, head_batch=2,
               head_long_steps=2, head_long_batch=1, unroll=3, draft_hidden_size=32, draft_intermediate_size=64,
               draft_layers=2, draft_heads=2, draft_kv_heads=1, draft_length=64, draft_steps=4, draft_batch=2,
-              eval_context=512)
+              longspec_window=16, longspec_length=64, longspec_steps=4, longspec_batch=2, eval_context=512)
 
 
 def _log(msg: str) -> None:
@@ -110,6 +118,7 @@ def train_demo_models(out: str | pathlib.Path = ASSETS, work: str | pathlib.Path
     """Runs every stage; returns the report (also written to `<out>/report.json`)."""
     from convert.eagle3 import export_eagle3
     from convert.hf import export_hf
+    from convert.longspec import export_longspec
 
     out, work = pathlib.Path(out), pathlib.Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -166,16 +175,21 @@ def train_demo_models(out: str | pathlib.Path = ASSETS, work: str | pathlib.Path
 
     small_cfg, small_params = train_small_draft(train_ids, r, work, progress)
     stage_done("small_draft")
+    longspec_drafts = train_longspec_drafts(params, long_cfg, train_ids, r, work, progress)
+    stage_done("longspec")
 
     _log("report: held-out evaluation")
     report["heldout"] = evaluate(params, long_cfg, head, draft_ids, heldout_ids, r)
     report["heldout"]["small_draft_loss"] = held_out_loss(small_params, small_cfg, heldout_ids, r.draft_length)
+    report["heldout"]["longspec"] = longspec_accuracy(longspec_drafts, params, long_cfg, heldout_ids, r)
     stage_done("report")
 
     staging = work / "assets"
     export_hf(staging / "target", long_cfg, params, overwrite=True)
     export_eagle3(staging / "eagle3", head.cfg, head.params, head.d2t, overwrite=True)
     export_hf(staging / "small_draft", small_cfg, small_params, overwrite=True)
+    for name, draft in longspec_drafts.items():
+        export_longspec(staging / name, draft.cfg, draft.params, overwrite=True)
     for name in ("target", "small_draft"):
         for file in checkpoint.TOKENIZER_FILES:
             if (tok_dir / file).is_file():
@@ -198,6 +212,65 @@ def train_small_draft(train_ids: list[np.ndarray], r: Recipe, work: pathlib.Path
                             TrainConfig(r.draft_steps, r.draft_batch, r.draft_length, lr=r.draft_lr, seed=r.seed),
                             work / "small_draft", progress, desc="small-draft")
     return cfg, params
+
+
+def train_longspec_drafts(params, cfg: ModelConfig, train_ids: list[np.ndarray], r: Recipe, work: pathlib.Path,
+                          progress: bool = True) -> dict:
+    """{"longspec": trained with anchor-offset positions, "longspec_plain": the same without them (ablation)}."""
+    tc = TrainConfig(r.longspec_steps, r.longspec_batch, r.longspec_length, lr=r.longspec_lr, warmup=30, seed=r.seed)
+    drafts = {}
+    for name, anchor in (("longspec", True), ("longspec_plain", False)):
+        _log(f"{name}: {r.longspec_steps} steps of {r.longspec_batch} x {r.longspec_length} tokens, "
+             f"window {r.longspec_window}, anchor-offset positions {'on' if anchor else 'off'}")
+        drafts[name], _ = longspec.train_longspec(params, cfg, train_ids, tc, anchor, r.longspec_window,
+                                                  work / name, progress, desc=name)
+    return drafts
+
+
+def longspec_accuracy(drafts: dict, params, cfg: ModelConfig, heldout_ids: list[np.ndarray], r: Recipe) -> dict:
+    """Held-out argmax agreement with the target (lag 1) at positions 0.. and with the first 4 tokens as a
+    sink 16K positions before the rest (long-context distances; a uniform shift alone changes nothing
+    under RoPE)."""
+    import jax.numpy as jnp
+
+    ids = next(corpus.batches(heldout_ids, 4, r.longspec_length, seed=1234))
+    out = {}
+    for name, draft in drafts.items():
+        for offset in (0, min(16384, cfg.max_position_embeddings - r.longspec_length)):
+            positions = np.arange(r.longspec_length, dtype=np.int32)
+            positions[longspec.MAX_SINK:] += offset
+            positions = np.broadcast_to(positions, ids.shape)
+            _, m = longspec.loss(draft.params, draft.cfg, params, cfg, jnp.asarray(ids), jnp.asarray(positions),
+                                 jnp.ones((ids.shape[0],), jnp.int32))
+            out[f"{name}_acc_sink_gap_{offset}"] = round(float(m["acc"]), 4)
+    return out
+
+
+def add_longspec(out: str | pathlib.Path = ASSETS, work: str | pathlib.Path = "demo_training",
+                 recipe: Recipe = Recipe(), progress: bool = True) -> dict:
+    """The longspec stage alone, over existing assets: trains both drafts for `<out>/target`, writes
+    `<out>/longspec`, `<out>/longspec_plain` and their figures into `<out>/report.json`."""
+    from transformers import AutoTokenizer
+
+    from convert.longspec import export_longspec
+    from specpv_jax.loading import load_target
+
+    out, work = pathlib.Path(out), pathlib.Path(work)
+    target = load_target(out / "target", progress=False)
+    tok = AutoTokenizer.from_pretrained(str(out / "target"), local_files_only=True)
+    train_docs, heldout_docs = corpus.split(corpus.documents())
+    train_ids, heldout_ids = corpus.encode_documents(tok, train_docs), corpus.encode_documents(tok, heldout_docs)
+    clock = time.perf_counter()
+    drafts = train_longspec_drafts(target.params, target.cfg, train_ids, recipe, work, progress)
+    seconds = round(time.perf_counter() - clock, 1)
+    report = json.loads((out / "report.json").read_text())
+    report["recipe"] = dataclasses.asdict(recipe)
+    report["seconds"]["longspec"] = seconds
+    report["heldout"]["longspec"] = longspec_accuracy(drafts, target.params, target.cfg, heldout_ids, recipe)
+    for name, draft in drafts.items():
+        export_longspec(out / name, draft.cfg, draft.params, overwrite=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def held_out_loss(params, cfg: ModelConfig, heldout_ids: list[np.ndarray], length: int) -> float:
@@ -229,8 +302,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ASSETS), help="where the assets go (default: the package's assets/demo)")
     p.add_argument("--work", default="demo_training", help="tokenizer, checkpoints for resuming")
     p.add_argument("--tiny", action="store_true", help="a minute-long smoke run with tiny models")
+    p.add_argument("--only", choices=["longspec"], help="run one stage over existing assets")
     args = p.parse_args(argv)
-    report = train_demo_models(args.out, args.work, TINY if args.tiny else Recipe())
+    recipe = TINY if args.tiny else Recipe()
+    if args.only == "longspec":
+        report = add_longspec(args.out, args.work, recipe)
+    else:
+        report = train_demo_models(args.out, args.work, recipe)
     print(json.dumps(report, indent=2))
     return 0
 

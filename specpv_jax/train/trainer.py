@@ -52,7 +52,8 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainConfig, desc: str = "train",
         checkpoint_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[Any, list[dict]]:
-    """Minimises `loss_fn(params, batch) -> (loss, metrics)` for `tc.steps` steps.
+    """Minimises `loss_fn(params, batch) -> (loss, metrics)` for `tc.steps` steps (a batch: an array or a
+    tuple of arrays).
 
     Returns the final params and the metrics history (one dict of floats per
     step). Raises if the loss becomes non-finite, naming the step.
@@ -77,7 +78,7 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
     start = int(state["step"])
     bar = tqdm(range(start, tc.steps), desc=desc, initial=start, total=tc.steps, disable=not progress)
     for i in bar:
-        state, metrics = step(state, jnp.asarray(next(batches)))
+        state, metrics = step(state, jax.tree.map(jnp.asarray, next(batches)))
         metrics = {k: float(v) for k, v in metrics.items()}
         if not np.isfinite(metrics["loss"]):
             raise FloatingPointError(f"{desc}: loss became {metrics['loss']} at step {i}; lower the learning rate")

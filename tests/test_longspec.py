@@ -1,0 +1,215 @@
+"""LongSpec: constant-memory draft, anchor-offset training, lossless `mode="longspec"`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sampling_stats import chi_square_pvalue, three_token_cells, three_token_law
+from test_eagle import make_head, make_target
+
+import specpv_jax as sj
+from convert.hf import ConversionError
+from convert.longspec import export_longspec
+from specpv_jax import model as M
+from specpv_jax.cache import KVCache
+from specpv_jax.config import ConfigError, LongSpecConfig, SpecConfig
+from specpv_jax.draft import longspec as L
+from specpv_jax.longspec import LONGSPEC_TREE, longspec_prefill_fn
+from specpv_jax.sampling import Sampler
+from specpv_jax.train import longspec as T
+from specpv_jax.train.trainer import TrainConfig
+
+TREE = SpecConfig(tree_depth=4, tree_top_k=3, tree_nodes=10)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = make_target(16)
+    cfg = LongSpecConfig.for_target(target.cfg, window=16)
+    return target, L.LongSpecDraft(cfg, L.init_params(cfg, jax.random.key(3)))
+
+
+def test_anchor_offset_positions_follow_the_recipe():
+    rng = np.random.default_rng(0)
+    sinks, offsets = set(), []
+    for _ in range(400):
+        pos = T.anchor_offset_positions(rng, 1000, 32768)
+        jumps = np.flatnonzero(np.diff(pos) != 1)
+        sink = 0 if pos[0] != 0 else (int(jumps[0]) + 1 if jumps.size else 0)
+        offset = int(pos[-1]) - 999
+        assert jumps.size <= 1 and pos.dtype == np.int32
+        np.testing.assert_array_equal(pos[:sink], np.arange(sink))
+        np.testing.assert_array_equal(pos[sink:], np.arange(sink, 1000) + offset)
+        assert 0 <= offset <= min(30000, 32768 - 1000) - 1000
+        sinks.add(sink if offset else None)
+        offsets.append(offset)
+    assert {0, 1, 2, 3, 4} <= sinks and max(offsets) > 25000  # the whole range is drawn
+    # Sequences too long for the model's range get no offset.
+    assert T.anchor_offset_positions(rng, 1200, 2048)[-1] == 1199
+
+
+def test_batches_carry_positions_and_lags():
+    docs = [np.arange(5000) % 97]
+    ids, pos, lag = next(T.batches(docs, 3, 64, 32768, seed=0))
+    assert ids.shape == pos.shape == (3, 64) and lag.shape == (3,)
+    assert ((1 <= lag) & (lag <= T.MAX_LAG)).all()
+    _, plain, _ = next(T.batches(docs, 3, 64, 32768, seed=0, anchor_offset=False))
+    np.testing.assert_array_equal(plain, np.broadcast_to(np.arange(64), (3, 64)))
+
+
+def test_drafting_computes_what_training_does(pair):
+    """The root's prediction at inference (ring + target cache read in place) equals the training forward
+    at lag 1 over the same tokens, with a context longer than the window."""
+    target, draft = pair
+    cfg, tcfg = draft.cfg, target.cfg
+    n = 40
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 16, (2, n)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(n), (2, n))
+    out = M.forward(target.params, tcfg, ids, positions, None, collect_kv=True)
+    hidden = L.train_forward(draft.params, cfg, target.params["embed_tokens"]["embedding"], ids, positions,
+                             out.new_kv[0][-1], out.new_kv[1][-1], jnp.ones((2,), jnp.int32))
+    expected = L.logprobs(draft.params, cfg, target.params, tcfg, hidden[:, -1])
+
+    cache = KVCache.zeros(tcfg, 2, 256)
+    cache = M.forward(target.params, tcfg, ids[:, :-1], positions[:, :-1], cache).cache.replace(
+        length=jnp.full((2,), n - 1, jnp.int32))
+    ring = L.start(draft.params, cfg, target.params["embed_tokens"]["embedding"], ids[:, :-1],
+                   jnp.full((2,), n - 1, jnp.int32))
+    got, _, _ = L.root_step(draft.params, cfg, target.params, tcfg, ring, cache, ids[:, -1])
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_ring_holds_the_last_window_tokens_at_their_positions(pair):
+    target, draft = pair
+    cfg, embed = draft.cfg, target.params["embed_tokens"]["embedding"]
+    rng = np.random.default_rng(2)
+    ids = jnp.asarray(rng.integers(0, 16, (2, 30)), jnp.int32)
+    lengths = jnp.asarray([30, 9], jnp.int32)
+    ring = L.start(draft.params, cfg, embed, ids, lengths)
+    more = jnp.asarray(rng.integers(0, 16, (2, 5)), jnp.int32)
+    ring = L.commit(draft.params, cfg, embed, ring, more, jnp.asarray([5, 2], jnp.int32))
+    np.testing.assert_array_equal(ring.length, [35, 11])
+    for r, (n, extra) in enumerate([(30, 5), (9, 2)]):
+        seq = np.concatenate([np.asarray(ids[r, :n]), np.asarray(more[r, :extra])])
+        total = seq.size
+        keep = np.arange(max(total - cfg.window, 0), total)
+        k, v = L.self_kv(draft.params, cfg, embed, jnp.asarray(seq[keep])[None], jnp.asarray(keep)[None])
+        np.testing.assert_allclose(ring.k[0, r][:, keep % cfg.window], k[0], atol=1e-6)
+        np.testing.assert_allclose(ring.v[0, r][:, keep % cfg.window], v[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("spec, length", [(TREE, 5), (TREE, 300), (LONGSPEC_TREE, 120)],
+                         ids=["short", "ring-wraps", "paper-tree"])
+def test_greedy_longspec_equals_ar(pair, spec, length):
+    target, draft = pair
+    prompt = np.random.default_rng(length).integers(0, 16, length)
+    ar = sj.generate(target, prompt, 40, eos_token_ids=())
+    ls = sj.generate(target, prompt, 40, draft=draft, mode="longspec", spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(ls.tokens, ar.tokens)
+    assert ls.stats["steps"] < 40 and ls.stats["mean_accept_len"] >= 1.0
+
+
+def test_greedy_longspec_batch_equals_ar(pair):
+    target, draft = pair
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 16, n).tolist() for n in (50, 13, 31)]
+    spec = SpecConfig(tree_depth=3, tree_top_k=2, tree_nodes=5, tree_threshold=0.05)
+    ar = sj.generate(target, prompts, 30, eos_token_ids=(3,))
+    ls = sj.generate(target, prompts, 30, draft=draft, mode="longspec", spec=spec, eos_token_ids=(3,))
+    np.testing.assert_array_equal(ls.lengths, ar.lengths)
+    np.testing.assert_array_equal(ls.tokens, ar.tokens)
+
+
+def test_sampling_is_lossless():
+    """The joint law of the first three new tokens under `longspec` equals the target's."""
+    vocab = 8
+    target = make_target(vocab, seed=3, layers=7, sharpen=1.0)
+    cfg = LongSpecConfig.for_target(target.cfg, window=4)
+    draft = L.LongSpecDraft(cfg, L.init_params(cfg, jax.random.key(4)))
+    prompt = [1, 5, 2, 7, 3]
+    spec = SpecConfig(tree_depth=2, tree_top_k=5, tree_nodes=10)
+    out = sj.generate(target, [prompt] * 4096, 3, draft=draft, mode="longspec", spec=spec, temperature=1.0,
+                      seed=11, eos_token_ids=())
+    assert out.stats["mean_accept_len"] > 1.2  # drafted tokens are accepted, so rejection is exercised
+    law = three_token_law(target, prompt, Sampler(1.0))
+    assert chi_square_pvalue(three_token_cells(out.tokens, vocab), law) > 1e-3
+
+
+def test_draft_memory_does_not_grow_with_context(pair):
+    """The draft's whole state after prefill has the same shapes at 64 and 4096 prompt tokens."""
+    from specpv_jax.generate import _plan
+
+    target, draft = pair
+    shapes = []
+    for n in (64, 4096):
+        run, max_len = _plan(target.cfg, TREE, "longspec", draft.cfg, 8, 0.0, 1.0, np.array([-1]), n, 64, "xla")
+        fn = longspec_prefill_fn(run.prefill_key)
+        ids = jax.ShapeDtypeStruct((2, n), jnp.int32)
+        lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+        cache = jax.eval_shape(lambda: KVCache.zeros(target.cfg, 2, max_len))
+        _, ring, _ = jax.eval_shape(fn, target.params, draft.params, ids, lengths, cache)
+        shapes.append(jax.tree.map(lambda x: x.shape, ring))
+    assert shapes[0] == shapes[1]
+    assert shapes[0].k == (1, 2, draft.cfg.num_kv_heads, draft.cfg.window, draft.cfg.head_dim)
+
+
+def test_make_generate_fn_runs_longspec_under_jit(pair):
+    target, draft = pair
+    ids = np.random.default_rng(3).integers(0, 16, (2, 40)).astype(np.int32)
+    fn = jax.jit(sj.make_generate_fn(target.cfg, TREE, mode="longspec", draft_cfg=draft.cfg, max_new_tokens=12,
+                                     eos_token_ids=()))
+    tokens, _ = fn(target.params, {"params": draft.params, "d2t": None}, ids, jax.random.key(0))
+    ar = sj.generate(target, ids, 12, eos_token_ids=())
+    np.testing.assert_array_equal(np.asarray(tokens), ar.tokens)
+
+
+def test_export_and_orbax_round_trips(tmp_path, pair):
+    target, draft = pair
+    export_longspec(tmp_path / "hf", draft.cfg, draft.params)
+    loaded = sj.load_draft(tmp_path / "hf", target)
+    assert loaded.kind == "longspec" and loaded.cfg == draft.cfg
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, draft.params)
+    sj.save_draft(loaded, tmp_path / "orbax")
+    again = sj.load_draft(tmp_path / "orbax", target)
+    assert again.cfg == draft.cfg
+    jax.tree.map(np.testing.assert_array_equal, again.params, draft.params)
+
+
+def test_loading_names_what_does_not_fit(tmp_path, pair):
+    target, draft = pair
+    export_longspec(tmp_path / "d", draft.cfg, draft.params)
+    with pytest.raises(ConversionError, match="vocab_size 16 != the target's 32"):
+        sj.load_draft(tmp_path / "d", make_target(32))
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(tmp_path / "d" / "model.safetensors")
+    del tensors["cross_attn.q_proj.weight"]
+    save_file(tensors, tmp_path / "d" / "model.safetensors")
+    with pytest.raises(ConversionError, match="missing tensors: cross_attn.q_proj.weight"):
+        sj.load_draft(tmp_path / "d", target)
+
+
+def test_modes_and_config_errors(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match="mode 'longspec' needs a LongSpec draft, got Eagle3"):
+        sj.generate(target, [1, 2, 3], 4, draft=make_head(target), mode="longspec")
+    with pytest.raises(ValueError, match="mode 'eagle' needs an EAGLE-3 head, got LongSpecDraft .modes for it: "
+                                         "longspec"):
+        sj.generate(target, [1, 2, 3], 4, draft=draft, mode="eagle")
+    with pytest.raises(ConfigError, match="cross_heads .3. must be a multiple"):
+        LongSpecConfig(hidden_size=64, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                       cross_heads=3, target_kv_heads=2, target_head_dim=16, vocab_size=16)
+    with pytest.raises(ValueError, match="<= 1200 tokens"):
+        T.train_longspec(target.params, target.cfg, [np.arange(3000) % 16], TrainConfig(1, 1, 2048))
+
+
+def test_training_steps_lower_the_loss(pair):
+    """A few steps on a repetitive corpus: the loss falls (the gradient reaches every part of the layer)."""
+    target, _ = pair
+    docs = [np.tile(np.arange(16), 200)]
+    draft, history = T.train_longspec(target.params, target.cfg, docs, TrainConfig(12, 2, 48, lr=3e-3, warmup=2),
+                                      window=8, progress=False)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert draft.cfg.window == 8

@@ -1,0 +1,234 @@
+"""SpecPV with the full cache in host memory (`SpecConfig(offload=True)`): the pieces against their device
+versions, and generation against the same run with the cache on the device."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_eagle import make_head, make_target
+from test_specpv import random_cache, small_spec
+
+import specpv_jax as sj
+from specpv_jax import memory, offload, prompts, retrieval, specpv, speculative
+from specpv_jax.attention import READ_BLOCK, attend, causal_mask
+from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_all_layers
+from specpv_jax.draft import eagle3
+from specpv_jax.generate import _eos_ids, _plan
+from specpv_jax.loop import timed_call
+
+SPEC = small_spec()  # partial threshold 128 tokens: partial steps at once, full steps every ~20 tokens
+NEW_TOKENS, CHUNK = 48, 128
+
+
+def in_host_memory(tree):
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind(offload.HOST)), tree)
+
+
+def on_device(x):
+    return jnp.asarray(np.asarray(x))
+
+
+def test_write_rows_matches_the_device_write():
+    rng = np.random.default_rng(0)
+    buf = jnp.asarray(rng.standard_normal((3, 2, 2, 64, 4)), jnp.float32)
+    new = jnp.asarray(rng.standard_normal((3, 2, 2, 16, 4)), jnp.float32)
+    write = jax.jit(offload.write_rows)
+    for start in (jnp.int32(32), jnp.array([0, 48], jnp.int32)):
+        got = write(in_host_memory(buf), new, start)
+        assert got.sharding.memory_kind == offload.HOST
+        want = write_all_layers(buf, new, jnp.broadcast_to(start, (2,)))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # One layer at a time (as the full step's refresh writes back), rows at their own slots.
+    got = write(in_host_memory(buf), new[1:2], jnp.array([5, 17], jnp.int32), 2)
+    want = buf.at[2].set(write_all_layers(buf[2:3], new[1:2], jnp.array([5, 17]))[0])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="cannot write"):
+        offload.write_rows(in_host_memory(buf), jnp.zeros((3, 2, 2, 65, 4)), 0)
+
+
+def test_host_prefix_attention_matches_the_device_path():
+    rng = np.random.default_rng(1)
+    size, t = 2 * READ_BLOCK + 256, 5  # several blocks, the last one clamped into the buffer
+    k_cache, v_cache = (jnp.asarray(rng.standard_normal((2, 2, 2, size, 8)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((2, t, 4, 8)), jnp.float32)
+    k_new, v_new = (jnp.asarray(rng.standard_normal((2, 2, t, 8)), jnp.float32) for _ in range(2))
+    lengths = jnp.array([size - 3, READ_BLOCK + 7], jnp.int32)
+
+    @jax.jit
+    def both(k_host, v_host, layer):
+        args = (q, k_new, v_new, causal_mask(2, t), 0.3)
+
+        def run(kc, vc, host):
+            return attend(args[0], kc, vc, lengths, *args[1:4], scale=args[4], layer=layer, host_prefix=host)
+
+        return run(k_host, v_host, True), run(k_cache, v_cache, False)
+
+    got, want = both(in_host_memory(k_cache), in_host_memory(v_cache), jnp.int32(1))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_commit_and_refresh_matches_the_device_path():
+    """Commit, summary update and partial refresh of a full step, against `commit_path` + `update` + `refresh`;
+    row 1 sits so close to the end that its write-back window is clamped (a finished row's scratch)."""
+    rng = np.random.default_rng(2)
+    m, n_tree = 5, 6
+    cache = random_cache(rng, size=512, lengths=(300, 505))
+    full_len = cache.length
+    new_k, new_v = (jnp.asarray(rng.standard_normal((2, 2, 2, m + n_tree, 8)), jnp.float32) for _ in range(2))
+    path, count, n_missing = jnp.array([[0, 2, 4], [0, 1, 3]]), jnp.array([2, 1]), jnp.array([3, 0])
+    spec, blocks_to_update = small_spec(), (m + n_tree) // 16 + 2
+    scores = jnp.asarray(rng.standard_normal((2, 2, 2, 32)), jnp.float32)
+    partial = retrieval.empty_partial(cache, spec)
+
+    @jax.jit
+    def device_path(cache):  # what `specpv.full_step` does with the cache on the device
+        written = cache.replace(k=write_all_layers(cache.k, new_k, full_len),
+                                v=write_all_layers(cache.v, new_v, full_len))
+        want = commit_path(written, path, count, src=full_len + m, dst=full_len + n_missing)
+        summary = BlockSummary.of(cache, spec.block_size)
+        blocks = retrieval.select_blocks(scores, want.length, spec)
+        return (want, summary, summary.update(want, full_len, blocks_to_update), blocks,
+                retrieval.refresh(partial, want, blocks, spec))
+
+    want, summary, want_summary, blocks, want_partial = device_path(cache)
+
+    @jax.jit
+    def host_path(host_cache, host_summary):
+        k, v = (offload.committed(x, path, n_missing, m) for x in (new_k, new_v))
+        return offload.commit_and_refresh(host_cache.replace(length=want.length), k, v, full_len, host_summary,
+                                          blocks_to_update, partial, blocks, spec)
+
+    got, got_summary, got_partial = host_path(in_host_memory(cache), in_host_memory(summary))
+    assert got.k.sharding.memory_kind == got_summary.kmax.sharding.memory_kind == offload.HOST
+    for b, n in enumerate(np.asarray(want.length)):
+        for name in ("k", "v"):
+            np.testing.assert_array_equal(np.asarray(getattr(got, name))[:, b, :, :n],
+                                          np.asarray(getattr(want, name))[:, b, :, :n])
+    np.testing.assert_array_equal(np.asarray(got_summary.kmax), np.asarray(want_summary.kmax))
+    np.testing.assert_array_equal(np.asarray(got_summary.kmin), np.asarray(want_summary.kmin))
+    np.testing.assert_array_equal(np.asarray(got_partial.k), np.asarray(want_partial.k))
+    np.testing.assert_array_equal(np.asarray(got_partial.length), np.asarray(want_partial.length))
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = make_target(16, layers=2)
+    return target, make_head(target, draft_vocab=12)
+
+
+def decode(target, head, rows, mode, spec):
+    """What `generate` runs, returning the decode loop's outputs (with the caches); shares its compiled code."""
+    batch = prompts.prepare(rows, target.cfg, NEW_TOKENS, CHUNK)
+    eos = _eos_ids(target.cfg, ())
+    run, max_len = _plan(target.cfg, spec, mode, head.cfg, NEW_TOKENS, 0.0, 1.0, eos, batch.ids.shape[1],
+                         min(CHUNK, batch.ids.shape[1]), "xla")
+    b = batch.batch
+    cache = (offload.empty_cache(target.cfg, b, max_len, jnp.float32) if run.offload
+             else KVCache.zeros(target.cfg, b, max_len))
+    (cache, draft_cache, logits, feats), _ = timed_call(
+        speculative.eagle_prefill_fn(run.prefill_key), target.params, head.params, jnp.asarray(batch.ids),
+        jnp.asarray(batch.lengths), cache, eagle3.empty_cache(head.cfg, b, max_len, head.params))
+    args = (target.params, head.params, head.d2t, cache, draft_cache, logits, feats, jax.random.key(0),
+            jnp.asarray(eos), jnp.asarray(NEW_TOKENS, jnp.int32))
+    if run.offload:
+        args += (offload.empty_summary(cache, spec.block_size),)
+    return timed_call(specpv.specpv_decode_fn(run), *args)[0]
+
+
+@pytest.mark.parametrize("mode", ["exact", "specpv"])
+def test_offloaded_generation_equals_the_device_cache(models, mode):
+    target, head = models
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(0, 16, n) for n in (300, 230)]  # ragged, above the partial threshold
+    offloaded = dataclasses.replace(SPEC, offload=True)
+    out = sj.generate(target, rows, NEW_TOKENS, draft=head, mode=mode, spec=offloaded, eos_token_ids=(),
+                      prefill_chunk=CHUNK)
+    ref, _, ref_cache, _ = decode(target, head, rows, mode, SPEC)
+    np.testing.assert_array_equal(out.tokens, np.asarray(ref.tokens)[:, : out.tokens.shape[1]])
+    np.testing.assert_array_equal(out.lengths, np.asarray(ref.num_out))
+    # Partial steps, and full steps after them (re-feeding the missing tokens).
+    assert out.stats["partial_verifications"] > 0 and out.stats["full_verifications"] >= 2
+
+    _, counters, cache, _, summary = decode(target, head, rows, mode, offloaded)
+    assert int(counters.partial) == out.stats["partial_verifications"]
+    for x in (cache.k, cache.v, summary.kmax, summary.kmin):
+        assert x.sharding.memory_kind == offload.HOST
+    lengths = np.asarray(cache.length)
+    np.testing.assert_array_equal(lengths, np.asarray(ref_cache.length))
+    for b, n in enumerate(lengths):
+        for name in ("k", "v"):
+            np.testing.assert_allclose(np.asarray(getattr(cache, name))[:, b, :, :n],
+                                       np.asarray(getattr(ref_cache, name))[:, b, :, :n], rtol=1e-5, atol=1e-5)
+    # The summaries kept up to date step by step equal those of the final cache.
+    fresh = jax.jit(BlockSummary.of, static_argnums=1)(
+        KVCache(k=on_device(cache.k), v=on_device(cache.v), length=cache.length), SPEC.block_size)
+    np.testing.assert_array_equal(np.asarray(summary.kmax), np.asarray(fresh.kmax))
+    np.testing.assert_array_equal(np.asarray(summary.kmin), np.asarray(fresh.kmin))
+
+
+HOST_OPS = {"dynamic_slice", "dynamic_update_slice", "device_put"}  # XLA host offloading's primitives
+CONTROL_FLOW = {"jit", "pjit", "closed_call", "scan", "while", "cond"}
+
+
+def host_primitives(jaxpr, found=None) -> set[str]:
+    """Names of the primitives that take or make a host-memory value anywhere in `jaxpr` (sub-jaxprs too)."""
+    found = set() if found is None else found
+
+    def on_host(var):
+        return getattr(getattr(var, "aval", None), "memory_space", None) == jax.memory.Space.Host
+
+    for eqn in jaxpr.eqns:
+        if any(map(on_host, eqn.invars)) or any(map(on_host, eqn.outvars)):
+            found.add(eqn.primitive.name)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+                    host_primitives(getattr(sub, "jaxpr", sub), found)
+    return found
+
+
+def test_offloaded_code_only_slices_updates_and_moves_host_arrays(models):
+    """Nothing is computed on host arrays in jit: they are sliced, updated in place or moved (traced only)."""
+    target, head = models
+    batch = prompts.prepare([[1] * 300, [2] * 230], target.cfg, NEW_TOKENS, CHUNK)
+    eos = _eos_ids(target.cfg, ())
+    spec = dataclasses.replace(SPEC, offload=True)
+    run, max_len = _plan(target.cfg, spec, "exact", head.cfg, NEW_TOKENS, 0.0, 1.0, eos, batch.ids.shape[1],
+                         CHUNK, "xla")
+    cache = offload.empty_cache(target.cfg, 2, max_len, jnp.float32)
+    draft_cache = eagle3.empty_cache(head.cfg, 2, max_len, head.params)
+    prefill = jax.make_jaxpr(speculative.eagle_prefill_fn(run.prefill_key))(
+        target.params, head.params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), cache, draft_cache)
+    n_feats = len(head.cfg.feature_layers)
+    decode = jax.make_jaxpr(specpv.specpv_decode_fn(run))(
+        target.params, head.params, head.d2t, cache, draft_cache, jnp.zeros((2, target.cfg.vocab_size)),
+        jnp.zeros((n_feats, 2, target.cfg.hidden_size)), jax.random.key(0), jnp.asarray(eos),
+        jnp.asarray(NEW_TOKENS, jnp.int32), offload.empty_summary(cache, spec.block_size))
+    for jaxpr in (prefill.jaxpr, decode.jaxpr):
+        used = host_primitives(jaxpr)
+        assert HOST_OPS <= used and used <= HOST_OPS | CONTROL_FLOW, used
+
+
+def test_offload_refuses_other_modes_and_counts_device_memory_only(models):
+    target, head = models
+    offloaded = dataclasses.replace(SPEC, offload=True)
+    with pytest.raises(ValueError, match="offload=True.*not 'eagle'"):
+        sj.generate(target, [1, 2, 3], 4, draft=head, mode="eagle", spec=offloaded)
+    with pytest.raises(ValueError, match="not 'ar'"):
+        sj.generate(target, [1, 2, 3], 4, spec=offloaded)
+    with pytest.raises(NotImplementedError, match="one device"):
+        sj.generate(target, [1, 2, 3], 4, draft=head, mode="exact", spec=offloaded, mesh=SimpleNamespace(size=2))
+    with pytest.raises(NotImplementedError, match="make_generate_fn"):
+        sj.make_generate_fn(target.cfg, offloaded, mode="exact", draft_cfg=head.cfg)
+    est = memory.estimate(target.cfg, 4096, 64, mode="exact", spec=offloaded, dtype="float32")
+    assert est.device == est.total - est.parts["full cache"] - est.parts["block summaries"]
+    assert est.parts["offload staging"] * target.cfg.num_layers == 2 * est.parts["full cache"]
+    memory.check_fits(est, est.device, offload=True)
+    with pytest.raises(MemoryError):
+        memory.check_fits(est, est.device)
