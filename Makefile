@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers: one compiles while the other runs (most test time is XLA compilation)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-slow bench clean
 
@@ -18,10 +20,10 @@ demo: install
 	$(BIN)/specpv-jax demo
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m slow tests
 
 bench: install
 	$(BIN)/specpv-jax bench

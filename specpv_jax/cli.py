@@ -17,10 +17,16 @@ def _cmd_convert(args) -> int:
 
 
 def _model_config(path: str):
+    """The config of an HF directory, an orbax checkpoint or a preset name (`presets.HF_CONFIGS`)."""
     from convert.hf import read_config
-    from specpv_jax import checkpoint
+    from specpv_jax import checkpoint, presets
     from specpv_jax.config import ModelConfig
 
+    if not pathlib.Path(path).exists():
+        if path in presets.HF_CONFIGS:
+            return presets.model_config(path)
+        raise FileNotFoundError(f"{path} is neither a model directory nor a preset "
+                                f"({', '.join(presets.HF_CONFIGS)})")
     if checkpoint.is_checkpoint(path):
         return ModelConfig.from_dict(checkpoint.read_meta(path)["model_config"])
     return read_config(path)[0]
@@ -156,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(run=_cmd_generate)
 
     pl = sub.add_parser("plan", help="device and host memory of each mode, before loading anything")
-    pl.add_argument("--model", required=True, help="HF directory or orbax checkpoint (only its config is read)")
+    pl.add_argument("--model", required=True, help="HF directory or orbax checkpoint (only its config is read), "
+                    "or a preset: llama-3.1-8b, qwen3-8b")
     pl.add_argument("--context", type=int, required=True, help="prompt tokens")
     pl.add_argument("--new-tokens", type=int, default=256)
     pl.add_argument("--batch", type=int, default=1)

@@ -340,7 +340,9 @@ class LongSpecConfig:
     (`cross_heads` query heads of the target's `target_head_dim`, grouped over its
     `target_kv_heads`) and a SwiGLU MLP. `hidden_size` and `vocab_size` are the target's (the
     embedding and LM head are shared); `rope` is the target's (the cross-attention's queries meet
-    the target's rotated keys)."""
+    the target's rotated keys). The released LongSpec checkpoints (`convert.longspec.load_glide`)
+    have `attention_bias` (biases on the self-attention's q/k/v and the cross-attention's q) and
+    no `final_norm` (the layer's output goes straight to the LM head)."""
 
     hidden_size: int
     intermediate_size: int
@@ -354,6 +356,8 @@ class LongSpecConfig:
     window: int = 512
     rms_norm_eps: float = 1e-5
     rope: RopeConfig = RopeConfig()
+    attention_bias: bool = False
+    final_norm: bool = True
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "cross_heads",

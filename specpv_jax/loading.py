@@ -77,7 +77,8 @@ def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = Fals
 def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None) -> Any:
     """Loads a draft for `target`: a public-layout EAGLE-3 head directory, a plain LLaMA/Qwen
     directory (a small draft model for "specextend", sharing the target's tokenizer), a LongSpec
-    draft directory (`convert.longspec` layout), or an orbax export of any of them.
+    draft directory (a released LongSpec checkpoint or the `convert.longspec` layout), or an orbax export
+    of any of them.
 
     Raises naming what does not fit the target (vocabulary, hidden size, layers).
     dtype: None uses the target's dtype.

@@ -213,3 +213,132 @@ def test_training_steps_lower_the_loss(pair):
                                       window=8, progress=False)
     assert history[-1]["loss"] < history[0]["loss"]
     assert draft.cfg.window == 8
+
+
+# --------------------------------------------------------------------------- released checkpoints
+
+
+def _rope(x, positions, theta):
+    """numpy RoPE, HF rotate_half layout: x [T, H, D] at positions [T]."""
+    d = x.shape[-1]
+    angles = positions[:, None] * theta ** (-np.arange(0, d, 2) / d)[None, :]
+    cos, sin = (np.concatenate([f(angles)] * 2, axis=-1)[:, None, :] for f in (np.cos, np.sin))
+    return x * cos + np.concatenate([-x[..., d // 2:], x[..., : d // 2]], axis=-1) * sin
+
+
+def _glide_reference(sd, target, tokens, positions, target_k, target_v, lag, window=512):
+    """The released LongSpec layer (their GlideDecoderLayer) on one sequence, in float64 numpy.
+
+    target_k, target_v: `[Hkv, T, D]`; query i cross-attends to target keys j <= i - lag.
+    Returns log-probabilities `[T, V]` through the target's LM head, with no final norm.
+    """
+    cfg = target.cfg
+    w = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    embed = np.asarray(target.params["embed_tokens"]["embedding"], np.float64)
+    lm_head = np.asarray(target.params["lm_head"]["kernel"], np.float64)
+    heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    t = len(tokens)
+    rms = lambda x, name: x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.rms_norm_eps) * w[name + ".weight"]  # noqa: E731
+    lin = lambda x, name: x @ w[name + ".weight"].T + w.get(name + ".bias", 0.0)  # noqa: E731
+
+    def attention(q, k, v, mask):  # q [T, Hq, D], k, v [Hkv, S, D], mask [T, S]
+        k, v = (np.repeat(a, heads // kv_heads, axis=0) for a in (k, v))
+        s = np.einsum("thd,hsd->hts", q, k) / np.sqrt(d)
+        s = np.where(mask[None], s, -1e30)  # rows with no key (before `lag`) come out uniform, then ignored
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return np.einsum("hts,hsd->thd", p / p.sum(-1, keepdims=True), v).reshape(t, heads * d)
+
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    x = embed[tokens]
+    h = rms(x, "input_layernorm")
+    q = _rope(lin(h, "self_attn.q_proj").reshape(t, heads, d), positions, cfg.rope.theta)
+    k = _rope(lin(h, "self_attn.k_proj").reshape(t, kv_heads, d), positions, cfg.rope.theta).transpose(1, 0, 2)
+    v = lin(h, "self_attn.v_proj").reshape(t, kv_heads, d).transpose(1, 0, 2)
+    x = x + lin(attention(q, k, v, (j <= i) & (j >= i - window)), "self_attn.o_proj")
+    h = rms(x, "post_self_attention_layernorm")
+    qc = _rope(lin(h, "cross_attn.q_proj").reshape(t, heads, d), positions, cfg.rope.theta)
+    x = x + lin(attention(qc, target_k, target_v, j <= i - lag), "cross_attn.o_proj")
+    h = rms(x, "post_cross_attention_layernorm")
+    silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+    x = x + lin(silu(lin(h, "mlp.gate_proj")) * lin(h, "mlp.up_proj"), "mlp.down_proj")
+    logits = x @ lm_head
+    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+
+
+def _released_checkpoint(path, target, seed=5):
+    """A random draft saved as their `LlamaGlideDecoderLayer.save_pretrained` would: (dir, state dict)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    cfg = target.cfg
+    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "cross_attn.q_proj": (q, h), "cross_attn.k_proj": (kv, h), "cross_attn.v_proj": (kv, h)}
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for name, shape in shapes.items():
+        sd[f"{name}.weight"] = rng.normal(0, shape[1] ** -0.5, shape).astype(np.float32)
+        sd[f"{name}.bias"] = rng.normal(0, 0.1, shape[:1]).astype(np.float32)
+    for name, shape in {"self_attn.o_proj": (h, q), "cross_attn.o_proj": (h, q), "mlp.gate_proj": (i, h),
+                        "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}.items():
+        sd[f"{name}.weight"] = rng.normal(0, shape[1] ** -0.5, shape).astype(np.float32)
+    for name in ("input_layernorm", "post_self_attention_layernorm", "post_cross_attention_layernorm"):
+        sd[f"{name}.weight"] = rng.uniform(0.5, 1.5, (h,)).astype(np.float32)
+    path.mkdir()
+    save_file(sd, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaGlideDecoderLayer"], "model_type": "llama", "hidden_size": h,
+        "intermediate_size": i, "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "num_hidden_layers": cfg.num_layers, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope.theta}))
+    return path, sd
+
+
+def test_released_checkpoint_loads_and_computes_their_layer(tmp_path, pair):
+    """A draft in the released layout (q/k/v biases, their norm names, no final norm) loads, computes what
+    their layer computes (an independent float64 re-implementation), round-trips through our layouts,
+    and drafts losslessly."""
+    target, _ = pair
+    path, sd = _released_checkpoint(tmp_path / "released", target)
+    draft = sj.load_draft(path, target)
+    assert draft.kind == "longspec" and draft.cfg.window == 512
+    assert draft.cfg.attention_bias and not draft.cfg.final_norm and "norm" not in draft.params
+
+    rng = np.random.default_rng(0)
+    t, lag = 24, 2
+    tokens, positions = rng.integers(0, 16, t), np.arange(t) + 100
+    kv_shape = (target.cfg.num_kv_heads, t, target.cfg.head_dim)
+    target_k, target_v = rng.normal(size=kv_shape), rng.normal(size=kv_shape)
+    hidden = L.train_forward(draft.params, draft.cfg, target.params["embed_tokens"]["embedding"],
+                             jnp.asarray(tokens[None], jnp.int32), jnp.asarray(positions[None], jnp.int32),
+                             jnp.asarray(target_k[None], jnp.float32), jnp.asarray(target_v[None], jnp.float32),
+                             jnp.array([lag], jnp.int32))
+    ours = np.asarray(L.logprobs(draft.params, draft.cfg, target.params, target.cfg, hidden))[0]
+    theirs = _glide_reference(sd, target, tokens, positions, target_k, target_v, lag)
+    np.testing.assert_allclose(ours[lag:], theirs[lag:], atol=2e-4)  # rows before `lag` see no target key
+
+    export_longspec(tmp_path / "ours", draft.cfg, draft.params)
+    again = sj.load_draft(tmp_path / "ours", target)
+    assert again.cfg == draft.cfg
+    jax.tree.map(np.testing.assert_array_equal, again.params, draft.params)
+
+    ids = rng.integers(0, 16, 40)
+    out = sj.generate(target, ids, 10, draft=draft, mode="longspec", spec=TREE, eos_token_ids=())
+    np.testing.assert_array_equal(out.tokens, sj.generate(target, ids, 10, eos_token_ids=()).tokens)
+
+
+def test_released_checkpoint_errors_name_the_problem(tmp_path, pair):
+    target, _ = pair
+    path, sd = _released_checkpoint(tmp_path / "released", target)
+    with pytest.raises(ConversionError, match="vocab_size 16 != the target's 32"):
+        sj.load_draft(path, make_target(32))
+    from safetensors.numpy import save_file
+
+    del sd["self_attn.k_proj.bias"]
+    sd["glide.extra"] = np.zeros(2, np.float32)
+    save_file(sd, path / "model.safetensors")
+    with pytest.raises(ConversionError, match=r"missing tensors: self_attn.k_proj.bias(.|\n)*unexpected tensors"
+                                              r".*glide.extra"):
+        sj.load_draft(path, target)

@@ -11,17 +11,12 @@ import pytest
 from test_eagle import make_target
 
 import specpv_jax as sj
-from specpv_jax import memory
+from specpv_jax import memory, presets
 from specpv_jax.cache import KVCache
 from specpv_jax.config import ModelConfig
 from specpv_jax.model import init_params
 
-LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-               "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-               "rope_theta": 500000.0, "tie_word_embeddings": False,
-               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+LLAMA_31_8B = presets.hf_config("llama-3.1-8b")
 
 
 @pytest.mark.parametrize("qwen3_like", [False, True])
@@ -68,3 +63,12 @@ def test_plan_prints_every_mode_for_llama_8b_shapes(tmp_path, capsys):
     assert list(rows) == ["ar", "eagle", "specpv", "exact", "longspec"]
     # bf16 weights 14.96 GiB + a 64K cache of 32 layers x 8 KV heads x 128 dims (8.0 GiB + the new tokens' slots)
     assert 23.0 < float(rows["ar"][1]) < 23.5
+
+
+def test_plan_takes_a_preset_name(capsys):
+    from specpv_jax.cli import main
+
+    assert main(["plan", "--model", "qwen3-8b", "--context", "32768"]) == 0
+    assert "qwen3, 36 layers x 4096, 8.19 B params" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-8b", "--context", "1024"]) != 0
+    assert "llama-8b is neither a model directory nor a preset (llama-3.1-8b, qwen3-8b)" in capsys.readouterr().err

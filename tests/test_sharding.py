@@ -16,14 +16,27 @@ from specpv_jax.sharding import make_mesh, param_specs
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def test_sharded_generate_matches_one_device():
-    """ar, eagle and exact on meshes 1x8, 2x4 and 8x1 (a subprocess: the device count is fixed at start-up)."""
+def _sharded_generate(*args: str) -> str:
+    """Runs tests/sharded_generate.py with 8 fake CPU devices (a subprocess: the count is fixed at start-up)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(HERE))
-    proc = subprocess.run([sys.executable, str(HERE / "sharded_generate.py")], env=env, capture_output=True, text=True,
-                          timeout=1200)
+    proc = subprocess.run([sys.executable, str(HERE / "sharded_generate.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("same tokens") == 9 and proc.stdout.rstrip().endswith("ok")
+    assert proc.stdout.rstrip().endswith("ok")
+    return proc.stdout
+
+
+def test_sharded_generate_matches_one_device():
+    """ar, eagle and exact on a 2x4 mesh, exact also on 1x8 and 8x1; the default mesh; streaming on a mesh."""
+    out = _sharded_generate()
+    assert out.count("same tokens") == 5 and "exact 8x1: same tokens" in out and "eagle 2x4: same tokens" in out
+
+
+@pytest.mark.slow
+def test_sharded_generate_matches_one_device_on_every_mesh():
+    """ar, eagle and exact on each of 1x8, 2x4 and 8x1."""
+    assert _sharded_generate("--every-mesh").count("same tokens") == 9
 
 
 def test_param_specs_split_heads_and_mlp_where_the_mesh_divides():

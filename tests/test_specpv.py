@@ -121,7 +121,8 @@ def models():
     (300, small_spec()),                                              # partial mode after a few steps
     (2000, small_spec(retrieval_tokens=256, window=64, bounded_draft=True)),
     (2000, small_spec(retrieval_tokens=32, window=16, buffer_tokens=10)),  # a tiny buffer: full steps often
-    (8000, small_spec(retrieval_tokens=1024, window=128, tree_depth=5, tree_top_k=4, tree_nodes=20)),
+    pytest.param(8000, small_spec(retrieval_tokens=1024, window=128, tree_depth=5, tree_top_k=4, tree_nodes=20),
+                 marks=pytest.mark.slow),
 ], ids=["300", "2k-bounded-draft", "2k-tiny-buffer", "8k"])
 def test_exact_greedy_equals_ar(models, length, spec):
     target, head = models

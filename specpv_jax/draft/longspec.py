@@ -7,7 +7,7 @@ One layer over the target's token embeddings. For token t at position p:
     x = x + CrossAttn(norm(x))   own q/o; queries rotated at p meet the target's last-layer keys
                                  and values, read in place from the target's cache
     x = x + MLP(norm(x))
-    logits = lm_head(norm(x))                      (the target's LM head)
+    logits = lm_head(norm(x))                      (the target's LM head; no norm without `final_norm`)
 
 The draft's own cache is a ring of `window` slots (`KVCache` with L = 1, S =
 window, `length` = tokens committed; slot = position % window). A token's
@@ -22,6 +22,7 @@ Parameter tree:
     {input_layernorm, cross_layernorm, post_attention_layernorm, norm}/scale [H]
     self_attn/{q,k,v,o}_proj/kernel; cross_attn/{q,o}_proj/kernel
     mlp/{gate,up,down}_proj/kernel
+    with `attention_bias`: self_attn/{q,k,v}_proj/bias, cross_attn/q_proj/bias; without `final_norm`: no norm
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ from specpv_jax.cache import KVCache
 from specpv_jax.config import LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.model import Params
 from specpv_jax.tree import Tree, grow_tree
+
+
+NORMS = ("input_layernorm", "cross_layernorm", "post_attention_layernorm", "norm")
+BIASED = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("cross_attn", "q_proj"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +68,7 @@ def _norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
 
 
 def _dense(p: Params, x: jax.Array) -> jax.Array:
-    return x @ p["kernel"]
+    return x @ p["kernel"] + p["bias"] if "bias" in p else x @ p["kernel"]
 
 
 def _tables(cfg: LongSpecConfig, positions: jax.Array, head_dim: int, dtype):
@@ -116,7 +121,9 @@ def layer(params: Params, cfg: LongSpecConfig, embed: jax.Array, tokens: jax.Arr
 
 def logprobs(params: Params, cfg: LongSpecConfig, target: Params, tcfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Float32 log-probabilities `[..., V]` through the target's LM head."""
-    return jax.nn.log_softmax(M.logits(target, tcfg, _norm(params["norm"], hidden, cfg.rms_norm_eps)), axis=-1)
+    if cfg.final_norm:
+        hidden = _norm(params["norm"], hidden, cfg.rms_norm_eps)
+    return jax.nn.log_softmax(M.logits(target, tcfg, hidden), axis=-1)
 
 
 def window_mask(t: int, window: int) -> jax.Array:
@@ -265,6 +272,9 @@ def init_params(cfg: LongSpecConfig, key: jax.Array, dtype=jnp.float32) -> Param
     keys = jax.random.split(key, len(leaves))
     kernels = [{"kernel": (jax.random.normal(k, s) * s[0] ** -0.5).astype(dtype)} for k, s in zip(keys, leaves)]
     params = jax.tree.unflatten(treedef, kernels)
-    for name in ("input_layernorm", "cross_layernorm", "post_attention_layernorm", "norm"):
+    if cfg.attention_bias:
+        for attn, proj in BIASED:
+            params[attn][proj]["bias"] = jnp.zeros(shapes[attn][proj][1], dtype)
+    for name in NORMS if cfg.final_norm else NORMS[:-1]:
         params[name] = {"scale": jnp.ones((h,), dtype)}
     return params
