@@ -164,8 +164,10 @@ def attempt(results: dict, name: str, fn, *args, **kwargs):
     return results[name]
 
 
-def measure_jax(cfg: ModelConfig, contexts, offload_contexts, impls, settings: Settings) -> tuple[dict, list[dict]]:
-    """Every JAX measurement; returns (device facts, one row per context and attention implementation)."""
+def measure(cfg: ModelConfig, contexts, offload_contexts, impls, settings: Settings,
+            peer: TransformersPeer | None) -> tuple[dict, list[dict]]:
+    """Every measurement, a context at a time (ours, then the peer's, so a run cut short keeps whole
+    contexts); returns (device facts, one row per context and attention implementation)."""
     params = M.init_params(cfg, jax.random.key(0), DTYPE)
     jax.block_until_ready(params)
     facts = dict(copy_gbps=copy_bandwidth(settings.copy_bytes, dict(warmup=2, trials=5, reps=10)) / 1e9,
@@ -197,8 +199,12 @@ def measure_jax(cfg: ModelConfig, contexts, offload_contexts, impls, settings: S
                             cfg=cfg, impl=impl)
                     del partial
                 del cache
-            if context in offload_contexts and impl == impls[0]:
-                attempt(row, "offload_full_s", offloaded_full_seconds, params, cfg, context, tree, spec, settings)
+            if impl == impls[0]:
+                if context in offload_contexts:
+                    attempt(row, "offload_full_s", offloaded_full_seconds, params, cfg, context, tree, spec,
+                            settings)
+                if peer is not None and context in contexts:
+                    attempt(row, "hf_s", peer.step_seconds, context, settings)
             row["peak_device_gib"] = (peak_device_bytes() or 0) / 2 ** 30 or None
             gc.collect()
             rows.append(row)
@@ -216,53 +222,55 @@ def offloaded_full_seconds(params, cfg: ModelConfig, context: int, tree, spec: S
     return median_time(fn, (params, cache, *tree, summary), warmup=1, trials=settings.trials, reps=settings.reps)
 
 
-def hf_step_seconds(hf_config: dict, contexts, settings: Settings, device: str) -> dict[int, float]:
-    """Seconds per token of `transformers` greedy generate (sdpa, bf16) from a random cache of each length."""
-    import torch
-    import transformers
+class TransformersPeer:
+    """`transformers` greedy generate (sdpa, bf16) of the same model with random weights, on `device`."""
 
-    config = transformers.AutoConfig.for_model(**hf_config)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    finally:
-        torch.set_default_dtype(default)
-    model = model.to(torch.bfloat16).eval()
-    shape = lambda n: (1, config.num_key_value_heads, n, hf_config.get("head_dim") or  # noqa: E731
-                       config.hidden_size // config.num_attention_heads)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    result = {}
-    for context in contexts:
-        cache = transformers.DynamicCache()
-        for layer in range(config.num_hidden_layers):
-            cache.update(torch.randn(shape(context), dtype=torch.bfloat16, device=device),
-                         torch.randn(shape(context), dtype=torch.bfloat16, device=device), layer)
+    def __init__(self, hf_config: dict, device: str):
+        import torch
+        import transformers
+
+        self.torch, self.transformers, self.device = torch, transformers, device
+        self.config = transformers.AutoConfig.for_model(**hf_config)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # created in bf16: no fp32 copy of the weights
+        try:
+            with torch.device(device):
+                model = transformers.AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa")
+        finally:
+            torch.set_default_dtype(default)
+        self.model = model.to(torch.bfloat16).eval()
+        self.head_dim = hf_config.get("head_dim") or self.config.hidden_size // self.config.num_attention_heads
+
+    def step_seconds(self, context: int, settings: Settings) -> float:
+        """Seconds per token decoding from a `DynamicCache` of `context` random K/V (median of trials)."""
+        torch, device = self.torch, self.device
+        shape = (1, self.config.num_key_value_heads, context, self.head_dim)
+        cache = self.transformers.DynamicCache()
+        for layer in range(self.config.num_hidden_layers):
+            cache.update(torch.randn(shape, dtype=torch.bfloat16, device=device),
+                         torch.randn(shape, dtype=torch.bfloat16, device=device), layer)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
         def decode(n):
-            ids = torch.randint(0, config.vocab_size, (1, cache.get_seq_length() + 1), device=device)
+            ids = torch.randint(0, self.config.vocab_size, (1, cache.get_seq_length() + 1), device=device)
             sync()
             start = time.perf_counter()
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                                     max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                     pad_token_id=0)
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                          max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                          pad_token_id=0)
             sync()
             assert out.shape[1] == ids.shape[1] + n
             return (time.perf_counter() - start) / n
 
         decode(2)
-        result[context] = statistics.median(decode(settings.ar_tokens) for _ in range(settings.trials))
-        print(f"transformers, context {context}: {result[context] * 1e3:.2f} ms/token", flush=True)
-        del cache
-        gc.collect()
-    return result
+        return statistics.median(decode(settings.ar_tokens) for _ in range(settings.trials))
 
 
-def summarize(facts: dict, rows: list[dict], hf: dict[int, float]) -> str:
-    """The results table, with the issue's three goals checked per row."""
+def summarize(facts: dict, rows: list[dict]) -> str:
+    """The results table, with the issue's three goals as ratios per row."""
     base = {r["attention"]: r.get("ar_s") for r in rows if r["context"] == BASE_CONTEXT}
+    hf = {r["context"]: r["hf_s"] for r in rows if r.get("hf_s")}
     ms = lambda s: f"{s * 1e3:.2f}" if s else "-"  # noqa: E731
     ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"  # noqa: E731
     lines = [f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
@@ -303,17 +311,13 @@ def main(argv=None) -> None:
     cfg = ModelConfig.from_hf(hf_config)
     gpu = jax.default_backend() == "gpu"
     impls = args.attention or (["xla", "pallas"] if gpu else ["xla"])
-    facts, rows = measure_jax(cfg, args.contexts, args.offload_contexts, impls, settings)
-    jax.clear_caches()
-    gc.collect()
-    hf = {}
-    if not args.no_hf:
-        hf = attempt({}, "hf", hf_step_seconds, hf_config, args.contexts, settings, "cuda" if gpu else "cpu") or {}
-    print(summarize(facts, rows, hf))
+    peer = None if args.no_hf else TransformersPeer(hf_config, "cuda" if gpu else "cpu")
+    facts, rows = measure(cfg, args.contexts, args.offload_contexts, impls, settings, peer)
+    print(summarize(facts, rows))
     if args.out:
         meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
                     model=args.model, quick=args.quick, dtype=jnp.dtype(DTYPE).name, settings=dataclasses.asdict(settings))
-        args.out.write_text(json.dumps(dict(meta=meta, facts=facts, rows=rows, hf_s=hf), indent=2))
+        args.out.write_text(json.dumps(dict(meta=meta, facts=facts, rows=rows), indent=2))
         print(f"wrote {args.out}")
 
 

@@ -340,7 +340,7 @@ class LongSpecConfig:
     (`cross_heads` query heads of the target's `target_head_dim`, grouped over its
     `target_kv_heads`) and a SwiGLU MLP. `hidden_size` and `vocab_size` are the target's (the
     embedding and LM head are shared); `rope` is the target's (the cross-attention's queries meet
-    the target's rotated keys). The released LongSpec checkpoints (`convert.longspec.load_glide`)
+    the target's rotated keys). The released LongSpec checkpoints (`convert.longspec`)
     have `attention_bias` (biases on the self-attention's q/k/v and the cross-attention's q) and
     no `final_norm` (the layer's output goes straight to the LM head)."""
 

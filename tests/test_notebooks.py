@@ -19,7 +19,13 @@ def test_the_four_notebooks_exist_with_stripped_outputs():
         assert code and all(not c.outputs and c.execution_count is None for c in code), f"{path.name}: outputs"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+# The long-context and training notebooks repeat what tests/test_demo.py and tests/test_train.py check;
+# they run with `make test-slow`.
+SLOW_NOTEBOOKS = {"long_context_specpv", "train_draft_head"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_NOTEBOOKS else p
+                                  for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
     from nbclient import NotebookClient
 

@@ -18,8 +18,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 def _sharded_generate(*args: str) -> str:
     """Runs tests/sharded_generate.py with 8 fake CPU devices (a subprocess: the count is fixed at start-up)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(HERE))
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(HERE))
     proc = subprocess.run([sys.executable, str(HERE / "sharded_generate.py"), *args], env=env, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -68,7 +68,8 @@ def _norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
 
 
 def _dense(p: Params, x: jax.Array) -> jax.Array:
-    return x @ p["kernel"] + p["bias"] if "bias" in p else x @ p["kernel"]
+    y = x @ p["kernel"]
+    return y + p["bias"] if "bias" in p else y
 
 
 def _tables(cfg: LongSpecConfig, positions: jax.Array, head_dim: int, dtype):
