@@ -115,7 +115,7 @@ def test_long_accepted_paths_commit_correctly(small_vocab, monkeypatch):
     assert eg.stats["mean_accept_len"] > 5.5  # depth 5 + the bonus token, but for the last step
 
 
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+@pytest.mark.parametrize("temperature, top_p", [pytest.param(1.0, 1.0, marks=pytest.mark.slow), (0.7, 0.9)])
 def test_sampling_is_lossless(temperature, top_p):
     """The joint law of the first three new tokens under `eagle` equals the target's, exactly."""
     vocab = 8

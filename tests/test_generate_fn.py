@@ -13,7 +13,7 @@ SPEC = sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=8, sink_tokens=16, r
                      window_tokens=32)
 
 
-@pytest.mark.parametrize("mode", ["ar", "eagle", "exact"])
+@pytest.mark.parametrize("mode", ["ar", pytest.param("eagle", marks=pytest.mark.slow), "exact"])
 def test_jitted_generate_fn_equals_generate(mode):
     target = make_target(96, seed=2, layers=4)
     head = make_head(target, seed=3)

@@ -100,7 +100,8 @@ def test_ring_holds_the_last_window_tokens_at_their_positions(pair):
         np.testing.assert_allclose(ring.v[0, r][:, keep % cfg.window], v[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("spec, length", [(TREE, 5), (TREE, 300), (LONGSPEC_TREE, 120)],
+@pytest.mark.parametrize("spec, length", [pytest.param(TREE, 5, marks=pytest.mark.slow), (TREE, 300),
+                                          (LONGSPEC_TREE, 120)],
                          ids=["short", "ring-wraps", "paper-tree"])
 def test_greedy_longspec_equals_ar(pair, spec, length):
     target, draft = pair

@@ -28,9 +28,9 @@ def _sharded_generate(*args: str) -> str:
 
 
 def test_sharded_generate_matches_one_device():
-    """ar, eagle and exact on a 2x4 mesh, exact also on 1x8 and 8x1; the default mesh; streaming on a mesh."""
+    """ar, eagle and exact on a 2x4 mesh, exact also on 8x1; the default mesh; streaming on a mesh."""
     out = _sharded_generate()
-    assert out.count("same tokens") == 5 and "exact 8x1: same tokens" in out and "eagle 2x4: same tokens" in out
+    assert out.count("same tokens") == 4 and "exact 8x1: same tokens" in out and "eagle 2x4: same tokens" in out
 
 
 @pytest.mark.slow
