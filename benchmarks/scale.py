@@ -316,7 +316,8 @@ def main(argv=None) -> None:
     print(summarize(facts, rows))
     if args.out:
         meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
-                    model=args.model, quick=args.quick, dtype=jnp.dtype(DTYPE).name, settings=dataclasses.asdict(settings))
+                    model=args.model, quick=args.quick, dtype=jnp.dtype(DTYPE).name,
+                    settings=dataclasses.asdict(settings))
         args.out.write_text(json.dumps(dict(meta=meta, facts=facts, rows=rows), indent=2))
         print(f"wrote {args.out}")
 

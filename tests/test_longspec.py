@@ -239,8 +239,12 @@ def _glide_reference(sd, target, tokens, positions, target_k, target_v, lag, win
     lm_head = np.asarray(target.params["lm_head"]["kernel"], np.float64)
     heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     t = len(tokens)
-    rms = lambda x, name: x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.rms_norm_eps) * w[name + ".weight"]  # noqa: E731
-    lin = lambda x, name: x @ w[name + ".weight"].T + w.get(name + ".bias", 0.0)  # noqa: E731
+
+    def rms(x, name):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.rms_norm_eps) * w[name + ".weight"]
+
+    def lin(x, name):
+        return x @ w[name + ".weight"].T + w.get(name + ".bias", 0.0)
 
     def attention(q, k, v, mask):  # q [T, Hq, D], k, v [Hkv, S, D], mask [T, S]
         k, v = (np.repeat(a, heads // kv_heads, axis=0) for a in (k, v))
