@@ -63,19 +63,18 @@ GPU_SETTINGS = Settings(ar_tokens=32, trials=3, reps=5, copy_bytes=1 << 30)
 QUICK_SETTINGS = Settings(ar_tokens=8, trials=2, reps=1, copy_bytes=64 << 20)
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
+def _random_layers(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Random `[L, ...]` values generated a layer at a time (no full-size temporaries)."""
+    return jax.lax.map(lambda k: jax.random.normal(k, shape[1:], DTYPE), jax.random.split(key, shape[0]))
+
+
 def random_cache(cfg: ModelConfig, length: int, slots: int, seed: int = 0) -> KVCache:
-    """A one-row cache of `slots` positions whose first `length` hold random K/V (generated a layer at a time)."""
+    """A one-row cache of `slots` random positions (K/V), the first `length` of them valid."""
     shape = jax.eval_shape(lambda: KVCache.zeros(cfg, 1, slots, DTYPE)).k.shape
-
-    @jax.jit
-    def fill(key):
-        layer = lambda k: jax.random.normal(k, shape[1:], DTYPE)  # noqa: E731
-        kk, kv = jax.random.split(key)
-        return (jax.lax.map(layer, jax.random.split(kk, shape[0])),
-                jax.lax.map(layer, jax.random.split(kv, shape[0])))
-
-    k, v = fill(jax.random.key(seed))
-    return KVCache(k=k, v=v, length=jnp.full((1,), length, jnp.int32))
+    kk, kv = jax.random.split(jax.random.key(seed))
+    return KVCache(k=_random_layers(kk, shape), v=_random_layers(kv, shape),
+                   length=jnp.full((1,), length, jnp.int32))
 
 
 def tree_inputs(nodes: int, seed: int = 0):
@@ -87,9 +86,10 @@ def tree_inputs(nodes: int, seed: int = 0):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnums=(1,))
-def verify(params, cache, tokens, depth, mask, summary, *, cfg, impl):
+def verify(params, cache, *, tree, summary, cfg, impl):
     """One tree verification over `cache` (SpecPV's full step when `summary` is given, else its partial step):
     returns the argmax `[1, T]`, the cache (tree K/V in its scratch slots) and the retrieval scores."""
+    tokens, depth, mask = tree
     score_mask = None if summary is None else jnp.ones(tokens.shape, bool)
     out = M.forward(params, cfg, tokens, cache.length[:, None] + depth, cache, mask,
                     DraftConfig.default_feature_layers(cfg.num_layers), impl, summary, score_mask)
@@ -104,11 +104,11 @@ def verify_offloaded(params, cache, tokens, depth, mask, summary, *, cfg):
     return jnp.argmax(M.logits(params, cfg, out.hidden), -1), out.new_kv, out.block_scores
 
 
-def time_donating(fn, cache, args, settings: Settings, **kw) -> float:
-    """Median seconds of `fn(params, cache, *args)` whose second output is the (donated) cache, threaded."""
+def time_donating(step, cache, settings: Settings) -> float:
+    """Median seconds of `step(cache)`, whose second output is the (donated) cache, threaded call to call."""
     def call():
         nonlocal cache
-        out = fn(*args[:1], cache, *args[1:], **kw)
+        out = step(cache)
         cache = out[1]
         return out
     jax.block_until_ready(call())
@@ -188,15 +188,15 @@ def measure(cfg: ModelConfig, contexts, offload_contexts, impls, settings: Setti
             if context in contexts:
                 cache = random_cache(cfg, context, context + nodes)
                 summary = BlockSummary.of(cache, spec.block_size)
-                attempt(row, "full_s", time_donating, verify, cache, (params, *tree, summary), settings,
-                        cfg=cfg, impl=impl)
+                full = functools.partial(verify, params, tree=tree, summary=summary, cfg=cfg, impl=impl)
+                attempt(row, "full_s", time_donating, full, cache, settings)
                 del summary
                 if context > spec.partial_threshold:
                     # the shape `retrieval.empty_partial` gives, its buffer all but full
                     partial = random_cache(cfg, spec.static_tokens + spec.buffer_size - nodes,
                                            spec.static_tokens + spec.buffer_size, seed=1)
-                    attempt(row, "partial_s", time_donating, verify, partial, (params, *tree, None), settings,
-                            cfg=cfg, impl=impl)
+                    step = functools.partial(verify, params, tree=tree, summary=None, cfg=cfg, impl=impl)
+                    attempt(row, "partial_s", time_donating, step, partial, settings)
                     del partial
                 del cache
             if impl == impls[0]:

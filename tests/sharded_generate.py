@@ -12,6 +12,8 @@ from test_eagle import make_head, make_target
 import specpv_jax as sj
 from specpv_jax.sharding import make_mesh
 
+DEFAULT_MESHES = {"ar": ((2, 4),), "eagle": ((2, 4),), "exact": ((2, 4), (8, 1))}
+
 
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
@@ -25,9 +27,8 @@ def main() -> None:
         draft = None if mode == "ar" else head
         expected = sj.generate(target, prompts, 24, draft=draft, mode=mode, spec=spec, mesh=one, eos_token_ids=(5,))
         # every mode on every mesh with --every-mesh; else each mode on 2x4 and exact (the most state) on 8x1
-        meshes = ((1, 8), (2, 4), (8, 1)) if "--every-mesh" in sys.argv else ((2, 4), (8, 1)) if mode == "exact" \
-            else ((2, 4),)
-        for data, model in meshes:
+        every = "--every-mesh" in sys.argv
+        for data, model in ((1, 8), (2, 4), (8, 1)) if every else DEFAULT_MESHES[mode]:
             out = sj.generate(target, prompts, 24, draft=draft, mode=mode, spec=spec, mesh=make_mesh(data, model),
                               eos_token_ids=(5,))
             np.testing.assert_array_equal(out.lengths, expected.lengths)
