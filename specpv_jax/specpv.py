@@ -1,6 +1,7 @@
 """SpecPV: verify most steps against a small partial cache, periodically against the full one.
 
-Each loop step is one of three jitted branches, chosen for the whole batch:
+Each loop step drafts a tree with the EAGLE-3 head, then verifies it in one of
+three branches, chosen for the whole batch:
 
 - partial: the tree attends to the partial cache (sink + retrieved blocks +
   recent window + buffer); accepted K/V go into the buffer and the tokens are
@@ -95,7 +96,7 @@ def _live(st: SpecPVState) -> jax.Array:
     return ~st.eagle.out.done
 
 
-def bounded_draft(params, dparams, d2t, run: Run, st: SpecPVState):
+def bounded_draft(params, dparams, d2t, run: Run, st: SpecPVState) -> tuple[Tree, KVCache, KVCache]:
     """`draft` with the head attending to its bounded cache; the new pairs go into both of its caches."""
     s, dcfg = st.eagle, run.dcfg
     embed = eagle3.embed_table(dparams, params)
@@ -109,14 +110,26 @@ def bounded_draft(params, dparams, d2t, run: Run, st: SpecPVState):
     return tree, full, bounded
 
 
-def partial_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPVState:
-    """Verify a tree against the partial cache; accepted tokens go to its buffer, not the full cache."""
-    s, cfg = st.eagle, run.cfg
-    draft_partial = st.draft_partial
-    if draft_partial is None:
-        tree, draft_cache = draft(params, dparams, d2t, run, s)
+def draft_step(params, dparams, d2t, run: Run, st: SpecPVState, partial: jax.Array) -> tuple[Tree, SpecPVState]:
+    """The step's tree, drafted once before the verification branch, and the state with the head's caches
+    after the pairs committed last step (finished rows keep their lengths). With `bounded_draft` a
+    `partial` step's head attends to its bounded cache, a full step's to its full cache."""
+    def full_draft():
+        return *draft(params, dparams, d2t, run, st.eagle), st.draft_partial
+
+    if st.draft_partial is None:
+        tree, draft_cache, draft_partial = full_draft()
     else:
-        tree, draft_cache, draft_partial = bounded_draft(params, dparams, d2t, run, st)
+        tree, draft_cache, draft_partial = lax.cond(partial, lambda: bounded_draft(params, dparams, d2t, run, st),
+                                                    full_draft)
+    old = st.eagle.draft_cache
+    draft_cache = draft_cache.replace(length=jnp.where(_live(st), draft_cache.length, old.length))
+    return tree, st.replace(eagle=st.eagle.replace(draft_cache=draft_cache), draft_partial=draft_partial)
+
+
+def partial_step(params, run: Run, eos, st: SpecPVState, tree: Tree) -> SpecPVState:
+    """Verify `tree` against the partial cache; accepted tokens go to its buffer, not the full cache."""
+    s, cfg = st.eagle, run.cfg
     root_pos = s.cache.length + st.n_missing
     out = M.forward(params, cfg, tree.tokens, root_pos[:, None] + tree.depth, st.partial, tree.mask,
                     run.dcfg.feature_layers, run.attention)
@@ -143,11 +156,9 @@ def partial_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPV
     out_buf = s.out.append(emitted, count, eos) if run.mode == "specpv" else s.out
     c = st.counters
     return st.replace(
-        eagle=EagleState(cache=s.cache, draft_cache=draft_cache.replace(
-                             length=jnp.where(live, draft_cache.length, s.draft_cache.length)),
-                         pair_feats=feats, pair_tokens=emitted, pair_count=count, root=acc.bonus, out=out_buf,
-                         key=key),
-        partial=partial, missing=missing, missing_q=missing_q, draft_partial=draft_partial,
+        eagle=s.replace(pair_feats=feats, pair_tokens=emitted, pair_count=count, root=acc.bonus, out=out_buf,
+                        key=key),
+        partial=partial, missing=missing, missing_q=missing_q,
         n_missing=jnp.where(live, st.n_missing + count, st.n_missing),
         counters=c.replace(partial=c.partial + 1, partial_rows=c.partial_rows + live.sum(),
                            partial_accepted=c.partial_accepted + jnp.where(live, count, 0).sum()))
@@ -207,11 +218,11 @@ def check_provisional(run: Run, logits: jax.Array, provisional: jax.Array, n: ja
     return rejected, first, token
 
 
-def full_step(params, dparams, d2t, run: Run, eos, st: SpecPVState, with_missing: bool) -> SpecPVState:
-    """Verify against the full cache (re-feeding missing tokens when `with_missing`), then refresh."""
+def full_step(params, run: Run, eos, st: SpecPVState, tree: Tree, with_missing: bool) -> SpecPVState:
+    """Verify `tree` against the full cache (re-feeding missing tokens when `with_missing`), then refresh."""
     s, cfg, spec = st.eagle, run.cfg, run.spec
     live = _live(st)
-    tree, draft_cache = draft(params, dparams, d2t, run, s)
+    draft_cache = s.draft_cache
     full_len = s.cache.length
     n_missing = st.n_missing if with_missing else jnp.zeros_like(st.n_missing)
     if with_missing:
@@ -268,7 +279,6 @@ def full_step(params, dparams, d2t, run: Run, eos, st: SpecPVState, with_missing
     else:
         summary = st.summary.update(cache, full_len, summary_blocks)
         partial = retrieval.refresh(st.partial, cache, blocks, spec)
-    draft_cache = draft_cache.replace(length=jnp.where(live, draft_cache.length, s.draft_cache.length))
     draft_partial = st.draft_partial
     if draft_partial is not None:  # the head reuses the target's last-layer choice, mapped onto its own heads
         target_heads, draft_heads = blocks.shape[2], draft_cache.k.shape[2]
@@ -324,10 +334,12 @@ def specpv_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPVS
     use_partial = jnp.all(can_partial | ~live)
     any_missing = jnp.any(live & (st.n_missing > 0))
     branch = jnp.where(use_partial, 0, jnp.where(any_missing, 2, 1))
-    args = (params, dparams, d2t, run, eos)
+    # Every branch verifies the same draft: made once here, so the compiled loop holds one copy of the head.
+    tree, st = draft_step(params, dparams, d2t, run, st, use_partial)
+    args = (params, run, eos)
     return lax.switch(branch, [functools.partial(partial_step, *args),
                                functools.partial(full_step, *args, with_missing=False),
-                               functools.partial(full_step, *args, with_missing=True)], st)
+                               functools.partial(full_step, *args, with_missing=True)], st, tree)
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,8 +12,6 @@ from test_eagle import make_head, make_target
 import specpv_jax as sj
 from specpv_jax.sharding import make_mesh
 
-DEFAULT_MESHES = {"ar": ((2, 4),), "eagle": ((2, 4),), "exact": ((2, 4), (8, 1))}
-
 
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
@@ -23,12 +21,12 @@ def main() -> None:
     prompts = [rng.integers(0, 32, n).tolist() for n in (300, 41, 260, 77, 300, 12, 150, 299)]
     spec = sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=8, retrieval_tokens=64, window_tokens=32)
     one = make_mesh(devices=jax.devices()[:1])
+    # every mode on every mesh with --every-mesh; else on 2x4 (data and model axes both split)
+    meshes = ((1, 8), (2, 4), (8, 1)) if "--every-mesh" in sys.argv else ((2, 4),)
     for mode in ("ar", "eagle", "exact"):
         draft = None if mode == "ar" else head
         expected = sj.generate(target, prompts, 24, draft=draft, mode=mode, spec=spec, mesh=one, eos_token_ids=(5,))
-        # every mode on every mesh with --every-mesh; else each mode on 2x4 and exact (the most state) on 8x1
-        every = "--every-mesh" in sys.argv
-        for data, model in ((1, 8), (2, 4), (8, 1)) if every else DEFAULT_MESHES[mode]:
+        for data, model in meshes:
             out = sj.generate(target, prompts, 24, draft=draft, mode=mode, spec=spec, mesh=make_mesh(data, model),
                               eos_token_ids=(5,))
             np.testing.assert_array_equal(out.lengths, expected.lengths)

@@ -189,7 +189,7 @@ def test_exact_sampling_follows_the_full_context_target():
     """Sampled `exact` generation, with partial steps and rollbacks, keeps the full-context target's joint law
     of the first three tokens."""
     vocab = 8
-    target = make_target(vocab, seed=3, layers=7, sharpen=1.0)
+    target = make_target(vocab, seed=3, layers=3, sharpen=1.0)
     head = make_head(target, draft_vocab=6, seed=4)
     spec = small_spec(retrieval_tokens=16, window=16, sink=16, tree_depth=2, tree_top_k=5, tree_nodes=10)
     prompt = list(np.random.default_rng(6).integers(0, vocab, 64))
