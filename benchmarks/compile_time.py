@@ -14,6 +14,7 @@ figure (the first of them to run).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -53,8 +54,7 @@ def main(argv=None) -> None:
     print(f"{'tree':>14} " + " ".join(f"{m:>14}" for m in MODES))
     for name, tree in TREES.items():
         # A retrieval budget below the context, so specpv and exact compile their partial branch too.
-        spec = sj.SpecConfig(tree_depth=tree.tree_depth, tree_top_k=tree.tree_top_k, tree_nodes=tree.tree_nodes,
-                             retrieval_tokens=args.context // 4)
+        spec = dataclasses.replace(tree, retrieval_tokens=args.context // 4)
         seconds = {m: compile_seconds(target, head, prompt, m, spec, args.new_tokens) for m in MODES}
         print(f"{name:>14} " + " ".join(f"{s:>6.1f} ({s / ar:>4.1f}x)" for s in seconds.values()))
 
