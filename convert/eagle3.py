@@ -18,7 +18,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from convert.hf import (ConversionError, Entry, TensorInfo, check_dtype, check_tensors, load_params, read_json,
-                        require_finite, table_to_tensors, write_safetensors_dir)
+                        table_to_tensors, write_safetensors_dir)
 from specpv_jax.config import ConfigError, DraftConfig, ModelConfig
 
 TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
@@ -47,14 +47,14 @@ def head_table(cfg: DraftConfig) -> list[Entry]:
     ]
 
 
-def read_state(head_dir: pathlib.Path) -> tuple[dict[str, jax.Array], dict[str, TensorInfo]]:
+def read_state(head_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, TensorInfo]]:
     """All tensors of a head checkpoint (it is small) and their header facts."""
     files = sorted(head_dir.glob("*.safetensors"))
     if files:
         tensors = {}
         for path in files:
             try:
-                with safe_open(str(path), framework="flax") as f:
+                with safe_open(str(path), framework="numpy") as f:
                     tensors.update({k: (f.get_tensor(k), path) for k in f.keys()})
             except SafetensorError as e:
                 raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
@@ -79,8 +79,7 @@ def _read_torch_bin(path: pathlib.Path) -> dict:
     out = {}
     for k, t in state.items():
         name = str(t.dtype).removeprefix("torch.")
-        arr = t.float().numpy() if name == "bfloat16" else t.numpy()
-        out[k] = (jnp.asarray(arr, jnp.bfloat16) if name == "bfloat16" else jnp.asarray(arr), path)
+        out[k] = (t.float().numpy().astype(jnp.bfloat16) if name == "bfloat16" else t.numpy(), path)
     return out
 
 
@@ -125,14 +124,14 @@ def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32
             f"{len(cfg.feature_layers) * target.hidden_size}")
     check_tensors(head_table(cfg), infos, 1, "an EAGLE-3 head", ignore=lambda k: k in extras,
                   source=f"{head_dir / 'config.json'}")
-    read = lambda k: require_finite(tensors[k], k, str(infos[k].file))
-    params = load_params(head_table(cfg), 1, read, dtype, progress, desc="converting head")
+    table = head_table(cfg)
     if "embed_tokens.weight" in tensors:
         shape = infos["embed_tokens.weight"].shape
         if shape != (target.vocab_size, target.hidden_size):
             raise ConversionError(f"{head_dir}: embed_tokens.weight has shape {shape}, expected "
                                   f"{(target.vocab_size, target.hidden_size)}")
-        params["embed_tokens"] = {"embedding": read("embed_tokens.weight").astype(dtype)}
+        table.append(Entry("embed_tokens.weight", shape, ("embed_tokens", "embedding")))
+    params = load_params(table, 1, tensors.__getitem__, infos, dtype, progress, desc="converting head")
     return cfg, params, _d2t(tensors, cfg, head_dir)
 
 
@@ -141,14 +140,14 @@ def _d2t(tensors: dict, cfg: DraftConfig, head_dir: pathlib.Path) -> jax.Array:
         if cfg.draft_vocab_size != cfg.vocab_size:
             raise ConversionError(f"{head_dir}: draft_vocab_size={cfg.draft_vocab_size} differs from "
                                   f"vocab_size={cfg.vocab_size}, so the checkpoint needs a d2t tensor")
-        return jnp.zeros((cfg.draft_vocab_size,), jnp.int32)
+        return jax.device_put(np.zeros(cfg.draft_vocab_size, np.int32))
     d2t = np.asarray(tensors["d2t"]).astype(np.int64)
     if d2t.shape != (cfg.draft_vocab_size,):
         raise ConversionError(f"{head_dir}: d2t has shape {d2t.shape}, expected ({cfg.draft_vocab_size},)")
     target_ids = d2t + np.arange(d2t.size)
     if target_ids.min() < 0 or target_ids.max() >= cfg.vocab_size:
         raise ConversionError(f"{head_dir}: d2t maps draft ids outside the target vocabulary [0, {cfg.vocab_size})")
-    return jnp.asarray(d2t, jnp.int32)
+    return jax.device_put(d2t.astype(np.int32))
 
 
 def export_eagle3(out_dir: str | os.PathLike, cfg: DraftConfig, params: dict, d2t: jax.Array,

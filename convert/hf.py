@@ -8,6 +8,7 @@ known-redundant buffer), and nothing is loaded until all of that holds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -15,6 +16,7 @@ from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
@@ -129,7 +131,7 @@ def scan_headers(files: Iterable[pathlib.Path]) -> dict[str, TensorInfo]:
     found: dict[str, TensorInfo] = {}
     for path in files:
         try:
-            with safe_open(str(path), framework="flax") as f:
+            with safe_open(str(path), framework="numpy") as f:
                 for key in f.keys():
                     s = f.get_slice(key)
                     info = TensorInfo(path, tuple(s.get_shape()), s.get_dtype())
@@ -176,7 +178,7 @@ def _abbrev(keys: list[str], n: int = 8) -> str:
 
 
 class SafetensorsReader:
-    """Reads tensors by key from a set of safetensors files (a context manager)."""
+    """Reads tensors by key (as numpy arrays) from a set of safetensors files (a context manager)."""
 
     def __init__(self, found: dict[str, TensorInfo]):
         self.found = found
@@ -190,40 +192,69 @@ class SafetensorsReader:
             h.__exit__(None, None, None)
         self._handles.clear()
 
-    def __call__(self, key: str) -> jax.Array:
+    def __call__(self, key: str) -> np.ndarray:
         path = self.found[key].file
         if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="flax").__enter__()
+            self._handles[path] = safe_open(str(path), framework="numpy").__enter__()
         try:
-            x = self._handles[path].get_tensor(key)
+            return self._handles[path].get_tensor(key)
         except SafetensorError as e:
             raise ConversionError(f"{path}: cannot read tensor {key!r} (truncated or corrupt?): {e}") from None
-        return require_finite(x, key, str(path))
 
 
-def require_finite(x, key: str, where: str) -> jax.Array:
-    x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.isfinite(x).all()):
-        raise ConversionError(f"{where}: tensor {key!r} contains NaN or Inf")
-    return x
+def _to_param(xp, layers: list, dtype, transpose: bool, stacked: bool):
+    """HF-layout tensors (one per layer) -> our param, cast (and transposed, and stacked when `stacked`), with
+    `[len(layers)]` flags: layer i is finite as stored, and after the cast. `xp`: numpy or jax.numpy."""
+    x = xp.stack(layers)
+    y = x.astype(dtype)
+    y = xp.swapaxes(y, -1, -2) if transpose else y
+    finite = lambda a: xp.isfinite(a).reshape(a.shape[0], -1).all(axis=1)  # noqa: E731
+    return (y if stacked else y[0]), finite(x), finite(y)
 
 
-def load_params(table: list[Entry], num_layers: int, read: Callable[[str], jax.Array], dtype,
-                progress: bool = True, desc: str = "converting") -> dict:
-    """Reads, transposes, stacks and casts every table entry into a nested param dict."""
+# On an accelerator the work runs there (an 8B model's transposes would take minutes in host numpy), one
+# compiled function per tensor shape; on a CPU backend numpy does the same work with nothing to compile.
+_to_param_on_device = jax.jit(functools.partial(_to_param, jnp), static_argnames=("dtype", "transpose", "stacked"))
+
+
+def _convert(layers: list[np.ndarray], dtype, transpose: bool, stacked: bool):
+    if jax.default_backend() != "cpu":
+        return _to_param_on_device(layers, dtype=dtype, transpose=transpose, stacked=stacked)
+    with np.errstate(over="ignore", invalid="ignore"):  # the flags report it, naming the tensor
+        value, finite_stored, finite_cast = _to_param(np, layers, dtype, transpose, stacked)
+    return jax.device_put(np.ascontiguousarray(value)), finite_stored, finite_cast
+
+
+def load_params(table: list[Entry], num_layers: int, read: Callable[[str], np.ndarray],
+                found: dict[str, TensorInfo], dtype, progress: bool = True, desc: str = "converting") -> dict:
+    """Reads, transposes, stacks and casts every table entry into a nested param dict.
+
+    Raises ConversionError naming the file and key of a tensor with NaN or Inf, or one that overflows `dtype`.
+    """
+    dtype = jnp.dtype(dtype)
     params: dict = {}
+    checks = []
     total = sum(num_layers if e.per_layer else 1 for e in table)
     with tqdm(total=total, desc=desc, unit="tensor", disable=not progress) as bar:
         for e in table:
-            def get(key):
-                x = read(key).astype(dtype)
+            keys = [e.hf_key.format(i=i) for i in range(num_layers)] if e.per_layer else [e.hf_key]
+            layers = []
+            for key in keys:
+                layers.append(read(key))
                 bar.update(1)
-                return x.T if e.transpose else x
-            value = jnp.stack([get(e.hf_key.format(i=i)) for i in range(num_layers)]) if e.per_layer else get(e.hf_key)
+            value, finite_stored, finite_cast = _convert(layers, dtype, e.transpose, e.per_layer)
+            checks.append((keys, finite_stored, finite_cast))
             node = params
             for name in e.path[:-1]:
                 node = node.setdefault(name, {})
             node[e.path[-1]] = value
+    for keys, finite_stored, finite_cast in checks:  # after the loop: no device sync per tensor
+        for key, stored_ok, cast_ok in zip(keys, np.asarray(finite_stored), np.asarray(finite_cast)):
+            if not stored_ok:
+                raise ConversionError(f"{found[key].file}: tensor {key!r} contains NaN or Inf")
+            if not cast_ok:
+                raise ConversionError(f"{found[key].file}: tensor {key!r} has values beyond the range of "
+                                      f"{dtype.name}; load it in a wider dtype")
     return params
 
 
@@ -250,7 +281,7 @@ def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool
     check_tensors(table, found, cfg.num_layers, f"a {cfg.arch} model with this config",
                   ignore=lambda k: tied_head and k == "lm_head.weight")
     with SafetensorsReader(found) as read:
-        return cfg, load_params(table, cfg.num_layers, read, dtype, progress)
+        return cfg, load_params(table, cfg.num_layers, read, found, dtype, progress)
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -284,8 +315,6 @@ def hf_config(cfg: ModelConfig) -> dict:
 
 def table_to_tensors(table: list[Entry], params: dict, num_layers: int) -> dict:
     """The inverse of `load_params`: HF key -> numpy array (torch layout) for every table entry."""
-    import numpy as np
-
     tensors = {}
     for e in table:
         node = params

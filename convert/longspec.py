@@ -128,5 +128,5 @@ def load_longspec(draft_dir: str | os.PathLike, target: ModelConfig, dtype="floa
     infos = scan_headers(files)
     check_tensors(table, infos, 1, "a LongSpec draft", ignore, source=str(source))
     with SafetensorsReader(infos) as read:
-        params = load_params(table, 1, read, dtype, progress, desc="converting draft")
+        params = load_params(table, 1, read, infos, dtype, progress, desc="converting draft")
     return cfg, params

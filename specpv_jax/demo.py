@@ -56,13 +56,18 @@ def demo_models(dtype: str = "float32") -> DemoModels:
 
 def demo_prompt(tokenizer, length: int) -> np.ndarray:
     """The first `length` tokens of the longest held-out standard-library document (never trained on)."""
-    from specpv_jax.train import corpus
-
-    _, heldout = corpus.split(corpus.documents())
-    ids = max(corpus.encode_documents(tokenizer, heldout), key=len)
+    ids = _longest_heldout_document(tokenizer)
     if ids.size < length:
         raise ValueError(f"the longest held-out document has {ids.size} tokens, fewer than {length}")
-    return ids[:length]
+    return ids[:length].copy()
+
+
+@functools.lru_cache(maxsize=2)
+def _longest_heldout_document(tokenizer) -> np.ndarray:
+    from specpv_jax.train import corpus
+
+    _, heldout = corpus.split(corpus.documents())  # reads the whole standard library: seconds
+    return max(corpus.encode_documents(tokenizer, heldout), key=len)
 
 
 DEMO_CONFIG = ModelConfig(arch="llama", vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=4,

@@ -47,9 +47,14 @@ def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress
     dtype: parameter and compute dtype ("float32", "bfloat16"); None keeps a
     checkpoint's stored dtype.
     """
+    cfg, params, tokenizer_dir = _load_decoder(pathlib.Path(path), dtype, progress)
+    return Model(cfg, params, _tokenizer(tokenizer_dir), str(path))
+
+
+def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool) -> tuple[ModelConfig, Params, Any]:
+    """(config, params, directory of its tokenizer files or None) of a target-layout model."""
     from convert.hf import load_hf_model  # convert -> params -> model: imported lazily
 
-    path = pathlib.Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if checkpoint.is_checkpoint(path):
@@ -57,10 +62,10 @@ def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress
         cfg = ModelConfig.from_dict(meta["model_config"])
         if dtype is not None:
             params = cast_params(params, dtype)
-        return Model(cfg, params, _tokenizer(checkpoint.tokenizer_dir(path)), str(path))
+        return cfg, params, checkpoint.tokenizer_dir(path)
     if (path / "config.json").is_file():
         cfg, params = load_hf_model(path, dtype or "float32", progress=progress)
-        return Model(cfg, params, _tokenizer(path), str(path))
+        return cfg, params, path
     raise FileNotFoundError(f"{path} is not a model directory: it has neither config.json (Hugging Face) "
                             f"nor {checkpoint.META_FILE} (specpv-jax orbax export)")
 
@@ -96,7 +101,7 @@ def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None)
     if checkpoint.is_checkpoint(path):
         kind = checkpoint.read_meta(path).get("kind")
         if kind == "target":
-            return _small_draft(load_target(path, dtype), target, path)
+            return _small_draft(path, dtype, target)
         if kind == "longspec":
             return _longspec_from_checkpoint(path, target, dtype)
         meta, tree = checkpoint.restore(path, "eagle3")
@@ -108,7 +113,7 @@ def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None)
             cfg, params = load_longspec(path, target.cfg, dtype)
             return LongSpecDraft(cfg, params, str(path))
         if not _is_eagle3_config(path / "config.json"):
-            return _small_draft(load_target(path, dtype), target, path)
+            return _small_draft(path, dtype, target)
         cfg, params, d2t = load_eagle3(path, target.cfg, dtype)
         return Eagle3(cfg, params, d2t, str(path))
     raise FileNotFoundError(f"{path} is not a draft directory: it has neither config.json (EAGLE-3 layout or a "
@@ -123,13 +128,14 @@ def _is_eagle3_config(config_json: pathlib.Path) -> bool:
     return "draft_vocab_size" in hf or any("eagle" in a for a in archs)
 
 
-def _small_draft(model: Model, target: Model, path: pathlib.Path) -> Any:
+def _small_draft(path: pathlib.Path, dtype, target: Model) -> Any:
     from specpv_jax.draft.small import SmallDraft, fit_problems
 
-    problems = fit_problems(model.cfg, target.cfg)
+    cfg, params, _ = _load_decoder(path, dtype, progress=False)  # it shares the target's tokenizer
+    problems = fit_problems(cfg, target.cfg)
     if problems:
         raise ValueError(f"{path}: this draft model does not fit the target: {'; '.join(problems)}")
-    return SmallDraft(model.cfg, model.params, str(path))
+    return SmallDraft(cfg, params, str(path))
 
 
 def _longspec_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:

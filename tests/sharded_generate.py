@@ -23,21 +23,25 @@ def main() -> None:
     one = make_mesh(devices=jax.devices()[:1])
     # every mode on every mesh with --every-mesh; else on 2x4 (data and model axes both split)
     meshes = ((1, 8), (2, 4), (8, 1)) if "--every-mesh" in sys.argv else ((2, 4),)
+    expected = {}
     for mode in ("ar", "eagle", "exact"):
         draft = None if mode == "ar" else head
-        expected = sj.generate(target, prompts, 24, draft=draft, mode=mode, spec=spec, mesh=one, eos_token_ids=(5,))
+        expected[mode] = sj.generate(target, prompts, 24, draft=draft, mode=mode, spec=spec, mesh=one,
+                                     eos_token_ids=(5,))
         for data, model in meshes:
             out = sj.generate(target, prompts, 24, draft=draft, mode=mode, spec=spec, mesh=make_mesh(data, model),
                               eos_token_ids=(5,))
-            np.testing.assert_array_equal(out.lengths, expected.lengths)
-            np.testing.assert_array_equal(out.tokens, expected.tokens)
+            np.testing.assert_array_equal(out.lengths, expected[mode].lengths)
+            np.testing.assert_array_equal(out.tokens, expected[mode].tokens)
             print(f"{mode} {data}x{model}: same tokens", flush=True)
-    default = sj.generate(target, prompts, 24, eos_token_ids=(5,))  # more than one device: sharded by default
-    np.testing.assert_array_equal(default.tokens, sj.generate(target, prompts, 24, mesh=one, eos_token_ids=(5,)).tokens)
+    # More than one device and no mesh: sharded by default (1 x 8); chunked prefill and host callbacks on it.
     streamed = []
-    out = sj.generate(target, prompts, 8, mesh=make_mesh(2, 4), prefill_chunk=64, progress=True,
-                      stream=streamed.append, eos_token_ids=())  # host callbacks on a mesh
-    np.testing.assert_array_equal(np.stack([np.concatenate([s[r] for s in streamed]) for r in range(8)]), out.tokens)
+    default = sj.generate(target, prompts, 24, prefill_chunk=64, progress=True, stream=streamed.append,
+                          eos_token_ids=(5,))
+    np.testing.assert_array_equal(default.lengths, expected["ar"].lengths)
+    np.testing.assert_array_equal(default.tokens, expected["ar"].tokens)
+    for r, n in enumerate(default.lengths):
+        np.testing.assert_array_equal(np.concatenate([s[r] for s in streamed]), default.tokens[r, :n])
     print("ok")
 
 

@@ -6,6 +6,7 @@ import json
 import pathlib
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -135,6 +136,35 @@ def test_nan_weights_are_reported(hf_copy):
         t["model.layers.1.mlp.up_proj.weight"][3, 4] = np.nan
     edit_weights(hf_copy, poison)
     assert "model.layers.1.mlp.up_proj.weight' contains NaN" in convert_error(hf_copy)
+
+
+def test_weights_that_overflow_the_requested_dtype_are_reported(hf_copy):
+    def enlarge(t):
+        t["model.layers.0.self_attn.k_proj.weight"][0, 1] = 1e6  # finite in float32, inf in float16
+    edit_weights(hf_copy, enlarge)
+    with pytest.raises(ConversionError, match=r"k_proj.weight' has values beyond the range of float16"):
+        sj.load_target(hf_copy, dtype="float16", progress=False)
+    assert sj.load_target(hf_copy, dtype="bfloat16", progress=False).dtype == jnp.bfloat16
+
+
+def test_accelerator_and_cpu_conversions_agree():
+    """The jitted conversion (GPU/TPU) and the numpy one (CPU backend) give the same params and flags."""
+    from convert.hf import _to_param, _to_param_on_device
+
+    rng = np.random.default_rng(0)
+    layers = [rng.standard_normal((6, 4)).astype(np.float32) for _ in range(3)]
+    layers[1][2, 3], layers[2][0, 0] = np.nan, 1e6  # not finite as stored; beyond float16
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        for transpose in (False, True):
+            for stacked in (False, True):
+                on_device = _to_param_on_device(layers, dtype=jnp.dtype(dtype), transpose=transpose, stacked=stacked)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    on_host = _to_param(np, layers, jnp.dtype(dtype), transpose, stacked)
+                for a, b in zip(on_device, on_host):
+                    np.testing.assert_array_equal(np.asarray(a), b)
+                assert on_host[0].shape == ((3,) if stacked else ()) + ((4, 6) if transpose else (6, 4))
+                assert on_host[1].tolist() == [True, False, True]
+                assert on_host[2].tolist() == [True, False, dtype != jnp.float16]
 
 
 def test_config_weights_mismatch(hf_copy):

@@ -91,13 +91,14 @@ def test_exact_equals_ar_on_the_demo_models_long(context):
     assert exact.stats["partial_verifications"] > 0
 
 
-def test_run_demo_prints_every_mode(capsys):
+def test_run_demo_prints_a_row_per_mode(capsys):
+    """A lossless mode and specpv after ar (the other modes on these models: the tests above)."""
     spec = sj.SpecConfig(tree_depth=4, tree_top_k=4, tree_nodes=12, retrieval_tokens=256, window_tokens=64)
-    rows = run_demo(context=600, new_tokens=24, spec=spec, progress=False)
+    rows = run_demo(context=600, new_tokens=24, modes=("ar", "eagle", "specpv"), spec=spec, progress=False)
     out = capsys.readouterr().out
-    assert [r["mode"] for r in rows] == ["ar", "eagle", "specpv", "exact", "specextend", "longspec"]
-    assert "speedup" in out and "wrote" in out
-    assert all(rows[i]["fidelity"] == 1.0 for i in (0, 1, 3, 4, 5))
+    assert [r["mode"] for r in rows] == ["ar", "eagle", "specpv"]
+    assert "speedup" in out and "ar wrote" in out and all(f"\n{m:>8} " in out for m in ("ar", "eagle", "specpv"))
+    assert rows[0]["fidelity"] == rows[1]["fidelity"] == 1.0 and rows[1]["mean_accept_len"] > 1
     assert rows[2]["partial"] > 0 and 0.0 <= rows[2]["fidelity"] <= 1.0
 
 

@@ -60,9 +60,10 @@ def test_tree_structure(shape, seed, tie_prob):
     rng = np.random.default_rng(seed)
     top_k, depth, n = shape
     tree, (tok, sc, par, root) = build(rng, top_k, depth, n, tie_prob=tie_prob)
+    tree = jax.tree.map(np.asarray, tree)  # checked in numpy: eager jax indexing would compile per shape
     for b in range(2):
-        parents, dep, mask = map(np.asarray, (tree.parents[b], tree.depth[b], tree.mask[b]))
-        tokens, children, retrieve = map(np.asarray, (tree.tokens[b], tree.children[b], tree.retrieve[b]))
+        parents, dep, mask = tree.parents[b], tree.depth[b], tree.mask[b]
+        tokens, children, retrieve = tree.tokens[b], tree.children[b], tree.retrieve[b]
         assert tokens[0] == root[b] and dep[0] == 0
         # The n best candidates (ties: lower index first) are the nodes, in candidate order.
         chosen = np.sort(np.argsort(-sc[b], kind="stable")[:n])
@@ -102,6 +103,7 @@ def reference_greedy(tokens, parents, pred):
 
 accept_greedy = jax.jit(verify.accept_greedy)
 accept_sampling = jax.jit(verify.accept_sampling)
+emitted = jax.jit(lambda acceptance, tree: acceptance.emitted(tree))
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
@@ -112,22 +114,24 @@ def test_greedy_acceptance_matches_walk(shape, seed):
     tree, _ = build(rng, top_k, depth, n, batch=3)
     vocab = 50
     # Target predictions that often agree with a child so paths of several nodes get accepted.
-    pred = np.asarray(tree.tokens).copy()
+    tree_tokens, tree_children = np.asarray(tree.tokens), np.asarray(tree.children)
+    pred = tree_tokens.copy()
     for b in range(3):
         for i in range(n + 1):
-            kids = [c for c in np.asarray(tree.children[b, i]) if c >= 0]
-            pred[b, i] = tree.tokens[b, kids[rng.integers(len(kids))]] if kids and rng.random() < 0.8 \
+            kids = [c for c in tree_children[b, i] if c >= 0]
+            pred[b, i] = tree_tokens[b, kids[rng.integers(len(kids))]] if kids and rng.random() < 0.8 \
                 else rng.integers(vocab)
     logits = jnp.asarray(np.eye(vocab, dtype=np.float32)[pred] * 5.0)
     acc = accept_greedy(tree, logits)
     sampled = accept_sampling(tree, Sampler(0.0).probs(logits), jax.random.key(seed))
+    tokens = emitted(acc, tree)
+    tree, acc, sampled, tokens = jax.tree.map(np.asarray, (tree, acc, sampled, tokens))
     for b in range(3):
-        path, bonus = reference_greedy(np.asarray(tree.tokens[b]), np.asarray(tree.parents[b]), pred[b])
+        path, bonus = reference_greedy(tree.tokens[b], tree.parents[b], pred[b])
         count = int(acc.count[b])
-        assert count == len(path) - 1 and np.asarray(acc.path[b, : count + 1]).tolist() == path
+        assert count == len(path) - 1 and acc.path[b, : count + 1].tolist() == path
         assert int(acc.bonus[b]) == bonus
-        emitted = np.asarray(acc.emitted(tree)[b, : count + 1]).tolist()
-        assert emitted == [int(tree.tokens[b, p]) for p in path[1:]] + [bonus]
+        assert tokens[b, : count + 1].tolist() == [int(tree.tokens[b, p]) for p in path[1:]] + [bonus]
         # One-hot "sampling" is greedy acceptance.
         assert int(sampled.count[b]) == count and int(sampled.bonus[b]) == bonus
-        assert np.asarray(sampled.path[b, : count + 1]).tolist() == path
+        assert sampled.path[b, : count + 1].tolist() == path
