@@ -41,6 +41,7 @@ from kernels import copy_bandwidth, median_time, random_tree_mask  # noqa: E402
 
 from specpv_jax import model as M  # noqa: E402
 from specpv_jax import offload, presets  # noqa: E402
+from specpv_jax.bench import hf_cache_keyword  # noqa: E402
 from specpv_jax.cache import BlockSummary, KVCache  # noqa: E402
 from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig  # noqa: E402
 from specpv_jax.generate import _ar_decode_fn, _plan  # noqa: E402
@@ -250,13 +251,14 @@ class TransformersPeer:
             cache.update(torch.randn(shape, dtype=torch.bfloat16, device=device),
                          torch.randn(shape, dtype=torch.bfloat16, device=device), layer)
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        cache_keyword = hf_cache_keyword(self.model)
 
         def decode(n):
             ids = torch.randint(0, self.config.vocab_size, (1, cache.get_seq_length() + 1), device=device)
             sync()
             start = time.perf_counter()
             with torch.no_grad():
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **{cache_keyword: cache},
                                           max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
                                           pad_token_id=0)
             sync()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import pathlib
 import tempfile
@@ -81,13 +82,20 @@ def hf_decode_tokens_per_s(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens:
         cache = copy.deepcopy(prefilled)
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+            model.generate(ids, attention_mask=torch.ones_like(ids), **{hf_cache_keyword(model): cache},
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
         return time.perf_counter() - start
 
     timed()  # warm-up
     return new_tokens / timed()
+
+
+def hf_cache_keyword(model) -> str:
+    """`generate`'s keyword for a prefilled cache: `cache` in newer `transformers` 5.x (which deprecates and
+    will remove `past_key_values`), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.prepare_inputs_for_generation).parameters \
+        else "past_key_values"
 
 
 def hf_assisted_tokens_per_s(hf_dir: pathlib.Path, assistant_dir: pathlib.Path, prompt: np.ndarray,
