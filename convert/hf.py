@@ -227,9 +227,10 @@ def _convert(layers: list[np.ndarray], dtype, transpose: bool, stacked: bool):
 
 def load_params(table: list[Entry], num_layers: int, read: Callable[[str], np.ndarray],
                 found: dict[str, TensorInfo], dtype, progress: bool = True, desc: str = "converting") -> dict:
-    """Reads, transposes, stacks and casts every table entry into a nested param dict.
+    """Reads (`read(key)`), transposes, stacks and casts every table entry into a nested param dict.
 
-    Raises ConversionError naming the file and key of a tensor with NaN or Inf, or one that overflows `dtype`.
+    Raises ConversionError naming the file (from `found`) and key of a tensor with NaN or Inf, or of one
+    with values beyond the range of `dtype`.
     """
     dtype = jnp.dtype(dtype)
     params: dict = {}

@@ -51,7 +51,8 @@ def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress
     return Model(cfg, params, _tokenizer(tokenizer_dir), str(path))
 
 
-def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool) -> tuple[ModelConfig, Params, Any]:
+def _load_decoder(path: pathlib.Path, dtype: str | None,
+                  progress: bool) -> tuple[ModelConfig, Params, pathlib.Path | None]:
     """(config, params, directory of its tokenizer files or None) of a target-layout model."""
     from convert.hf import load_hf_model  # convert -> params -> model: imported lazily
 
