@@ -28,10 +28,10 @@ def _sharded_generate(*args: str) -> str:
 
 
 def test_sharded_generate_matches_one_device():
-    """ar, eagle and exact on a 2x4 mesh; the default mesh; streaming on a mesh."""
+    """ar and exact on a 2x4 mesh; the default mesh with chunked prefill and streaming (eagle: the slow test)."""
     out = _sharded_generate()
     assert [line for line in out.splitlines() if "same tokens" in line] == [
-        f"{mode} 2x4: same tokens" for mode in ("ar", "eagle", "exact")]
+        f"{mode} 2x4: same tokens" for mode in ("ar", "exact")]
 
 
 @pytest.mark.slow
