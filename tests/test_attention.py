@@ -44,7 +44,7 @@ def test_pallas_dispatch_generates_the_same_tokens(monkeypatch):
     calls = []
     kernel = pallas_kernels.tree_attention
     monkeypatch.setattr(pallas_kernels, "tree_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    target = make_target(32, seed=7, layers=3, heads=2, head_dim=64)
+    target = make_target(32, seed=7, layers=7, heads=2, head_dim=64)
     head = make_head(target, seed=8)
     prompt = np.random.default_rng(3).integers(0, 32, 300)
     spec = sj.SpecConfig(tree_depth=2, tree_top_k=2, tree_nodes=3)
