@@ -3,8 +3,8 @@
 Llama-3.1-8B attention shapes (Hq 32, Hkv 8, D 128, B 1, bf16) at prefix
 4K/16K/64K x tree sizes T 1/16/60, next to the device's copy bandwidth.
 
-    python benchmarks/kernels.py [--out results.json]     # on a GPU
-    python benchmarks/kernels.py --quick                   # CPU smoke run (interpret mode)
+    python benchmarks/kernels.py [--out results.json]     # on a GPU or TPU
+    python benchmarks/kernels.py --quick [--platform tpu]  # CPU smoke run (interpret mode)
 
 Bandwidth = bytes of K/V the attention has to read (valid prefix only) / time.
 "xla" is the model's own XLA path (`specpv_jax.attention.attend`: blockwise
@@ -117,19 +117,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small prefixes and few runs (CPU smoke test)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
-    parser.add_argument("--block-k", type=int, default=64, help="kernel keys per inner step")
-    parser.add_argument("--num-splits", type=int, help="kernel prefix splits (default: chosen from the shapes)")
+    parser.add_argument("--block-k", type=int, help="kernel keys per inner step (default: the kernel's)")
+    parser.add_argument("--num-splits", type=int, help="GPU kernel prefix splits (default: chosen from the shapes)")
+    parser.add_argument("--platform", choices=("gpu", "tpu"),
+                        help="which kernel: Triton (gpu) or Mosaic (tpu); default: the backend's")
     args = parser.parse_args(argv)
     if args.quick:
         prefixes, timing, copy_bytes = (512, 1536), dict(warmup=1, trials=3, reps=1), 64 << 20
     else:
         prefixes, timing, copy_bytes = (4096, 16384, 65536), dict(warmup=3, trials=7, reps=20), 1 << 30
-    copy_bw, rows = run(prefixes, (1, 16, 60), timing, copy_bytes, block_k=args.block_k, num_splits=args.num_splits)
+    copy_bw, rows = run(prefixes, (1, 16, 60), timing, copy_bytes, block_k=args.block_k, num_splits=args.num_splits,
+                        platform=args.platform)
     print_table(copy_bw, rows)
     if args.out:
         meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
                     shapes=dict(B=B, Hq=HQ, Hkv=HKV, D=D, dtype=jnp.dtype(DTYPE).name), quick=args.quick,
-                    block_k=args.block_k, num_splits=args.num_splits)
+                    block_k=args.block_k, num_splits=args.num_splits, platform=args.platform)
         args.out.write_text(json.dumps(dict(meta=meta, copy_gbps=copy_bw / 1e9, rows=rows), indent=2))
         print(f"wrote {args.out}")
 

@@ -4,7 +4,8 @@ A verification step scores T tree nodes at once. Each node attends to the whole
 prefix cache (positions `< cache_len[b]`) and to the tree nodes its mask allows
 (its ancestors and itself). The prefix part is the expensive one and runs in a
 Pallas kernel; the T x T tree part is tiny and runs in jnp; the two are joined
-with an exact log-sum-exp merge.
+with an exact log-sum-exp merge. The prefix kernel below is the GPU (Triton)
+one; `prefix_tpu` holds the TPU (Mosaic) one, with the same packing and outputs.
 
 Kernel layout. For each (batch row, KV head) the G = Hq // Hkv query heads of
 the group and the T tree nodes are packed into G*T rows (padded to a power of
@@ -27,8 +28,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.prefix_tpu import ROW_ALIGN, prefix_attention_tpu
+
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+DEFAULT_BLOCK_K = {"gpu": 64, "tpu": 512}  # keys per inner step; each TPU grid step has a fixed cost (~0.35 us)
 _MAX_BLOCK_M = 128  # rows per program: larger tiles spill registers on Triton
 _TARGET_PROGRAMS = 256  # about two programs per SM on a 132-SM H100
 
@@ -252,9 +256,9 @@ def _tree_part(qg, k_tree, v_tree, tree_mask, scale):
     return _masked_attention(s * scale, tree_mask[:, None, None], v_tree.astype(jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "platform", "interpret"))
 def _tree_attention(q, k5, v5, cache_len, k_tree, v_tree, tree_mask, layer, *, scale, block_k, num_splits,
-                    interpret):
+                    platform, interpret):
     B, T, Hq, D = q.shape
     S, Hkv = k5.shape[3], k5.shape[2]
     G = Hq // Hkv
@@ -262,23 +266,40 @@ def _tree_attention(q, k5, v5, cache_len, k_tree, v_tree, tree_mask, layer, *, s
     out, lse = _tree_part(qg, k_tree, v_tree, tree_mask, scale)
     if S > 0:
         R = G * T
-        block_m = min(max(16, pl.next_power_of_2(R)), _MAX_BLOCK_M)
-        rows = pl.cdiv(R, block_m) * block_m
-        if num_splits is None:
-            num_splits = _default_num_splits(S, rows, B * Hkv * (rows // block_m), block_k)
-        qp = jnp.pad(qg.reshape(B, Hkv, R, D), ((0, 0), (0, 0), (0, rows - R), (0, 0)))
         lens = jnp.clip(cache_len.astype(jnp.int32), 0, S)
-        part_out, part_lse = _prefix_attention(qp, k5, v5, lens, layer, scale=scale, block_k=block_k,
-                                               block_m=block_m, num_splits=num_splits, interpret=interpret)
-        part_out = part_out[:, :, :, :R].reshape(B, Hkv, num_splits, G, T, D)
-        part_lse = part_lse[:, :, :, :R].reshape(B, Hkv, num_splits, G, T)
-        out, lse = _combine(jnp.concatenate([part_out, out[:, :, None]], axis=2),
-                            jnp.concatenate([part_lse, lse[:, :, None]], axis=2), axis=2)
+        if platform == "tpu":
+            rows = pl.cdiv(R, ROW_ALIGN) * ROW_ALIGN
+            part_out, part_lse = prefix_attention_tpu(_pad_rows(qg, rows), k5, v5, lens, layer, scale=scale,
+                                                      block_k=block_k, interpret=interpret)
+        else:
+            block_m = min(max(16, pl.next_power_of_2(R)), _MAX_BLOCK_M)
+            rows = pl.cdiv(R, block_m) * block_m
+            if num_splits is None:
+                num_splits = _default_num_splits(S, rows, B * Hkv * (rows // block_m), block_k)
+            part_out, part_lse = _prefix_attention(_pad_rows(qg, rows), k5, v5, lens, layer, scale=scale,
+                                                   block_k=block_k, block_m=block_m, num_splits=num_splits,
+                                                   interpret=interpret)
+        out, lse = _merge_splits(part_out, part_lse, out, lse, G, T)
     return _ungroup(out, lse, q.dtype)
 
 
+def _pad_rows(qg, rows):
+    """[B, Hkv, G, T, D] -> packed rows [B, Hkv, rows, D], zero-padded past G*T."""
+    B, Hkv, G, T, D = qg.shape
+    return jnp.pad(qg.reshape(B, Hkv, G * T, D), ((0, 0), (0, 0), (0, rows - G * T), (0, 0)))
+
+
+def _merge_splits(part_out, part_lse, tree_out, tree_lse, G, T):
+    """Prefix partials [B, Hkv, splits, rows(, D)] (padded rows) + tree part [B, Hkv, G, T(, D)] -> merged."""
+    B, Hkv, splits, _, D = part_out.shape
+    part_out = part_out[:, :, :, :G * T].reshape(B, Hkv, splits, G, T, D)
+    part_lse = part_lse[:, :, :, :G * T].reshape(B, Hkv, splits, G, T)
+    return _combine(jnp.concatenate([part_out, tree_out[:, :, None]], axis=2),
+                    jnp.concatenate([part_lse, tree_lse[:, :, None]], axis=2), axis=2)
+
+
 def tree_attention(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, *, layer=None, scale=None,
-                   block_k=64, num_splits=None, interpret=None):
+                   block_k=None, num_splits=None, platform=None, interpret=None):
     """Attention of T tree nodes over a prefix KV cache plus the tree itself.
 
     Args:
@@ -290,22 +311,33 @@ def tree_attention(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, *,
       tree_mask: [B, T, T] bool, True where node i may attend to node j (diagonal True).
       layer: integer scalar (may be traced) selecting the layer of a stacked cache.
       scale: softmax scale, default 1/sqrt(D).
-      block_k: keys per inner step, a power of two >= 16.
-      num_splits: prefix splits per (row, KV head); default picks one from the shapes.
-      interpret: Pallas interpret mode; default True on CPU, False elsewhere.
+      block_k: keys per inner step, a power of two (>= 16 on GPU, >= 128 on TPU);
+        default 64 on GPU, 512 on TPU.
+      num_splits: prefix splits per (row, KV head), GPU only; default picks one from the shapes.
+      platform: "gpu" (Triton kernel) or "tpu" (Mosaic kernel); default "tpu" on a TPU backend,
+        "gpu" elsewhere.
+      interpret: Pallas interpret mode (for the TPU kernel, the TPU interpreter); default True on
+        CPU, False elsewhere.
 
     Query head h reads KV head h // (Hq // Hkv). Returns out [B, T, Hq, D] in
     q's dtype and lse [B, T, Hq] float32 (natural-log softmax denominator,
     scale included).
     """
     D = _check_args(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, layer)[-1]
-    if block_k < 16 or block_k & (block_k - 1):
-        raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if platform is None:
+        platform = "tpu" if jax.default_backend() == "tpu" else "gpu"
+    if platform not in DEFAULT_BLOCK_K:
+        raise ValueError(f"platform must be one of {tuple(DEFAULT_BLOCK_K)}, got {platform!r}")
+    block_k = DEFAULT_BLOCK_K[platform] if block_k is None else block_k
+    smallest = 128 if platform == "tpu" else 16  # a TPU key block is the lane axis of the logits
+    if block_k < smallest or block_k & (block_k - 1):
+        raise ValueError(f"block_k must be a power of two >= {smallest} on {platform}, got {block_k}")
+    if num_splits is not None and (platform == "tpu" or num_splits < 1):
+        raise ValueError(f"num_splits must be >= 1 and applies to the GPU kernel only, got {num_splits} "
+                         f"on {platform}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     k5, v5, layer = _stack_layer(k_cache, v_cache, layer)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return _tree_attention(q, k5, v5, cache_len, k_tree, v_tree, tree_mask, layer, scale=scale, block_k=block_k,
-                           num_splits=num_splits, interpret=bool(interpret))
+                           num_splits=num_splits, platform=platform, interpret=bool(interpret))

@@ -24,7 +24,8 @@ KERNEL_HEAD_DIMS = (64, 128)
 
 
 def resolve_implementation(impl: str) -> str:
-    """"auto" -> the Pallas kernel on GPU, XLA elsewhere (CPU; TPU until its lowering is validated)."""
+    """"auto" -> the Pallas kernel on GPU, XLA elsewhere. On TPU "auto" stays on XLA until the Mosaic kernel
+    (`pallas_kernels.prefix_tpu`, tested in the TPU interpreter) has run on a TPU; "pallas" runs it there."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r} (choose from {', '.join(IMPLEMENTATIONS)})")
     if impl == "auto":

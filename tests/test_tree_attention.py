@@ -1,4 +1,8 @@
-"""Pallas tree attention (interpret mode on CPU) against its dense jnp reference."""
+"""Pallas tree attention (interpret mode on CPU) against its dense jnp reference.
+
+Both kernels run here: the GPU (Triton) one in Pallas interpret mode, the TPU
+(Mosaic) one in the TPU interpreter, selected with `platform=`.
+"""
 
 from __future__ import annotations
 
@@ -89,10 +93,19 @@ def cases(draw, itemsize):
     return Case(B, T, Hq, Hkv, D, tuple(draw(st.permutations(lens))), S, num_splits, draw(st.integers(0, 2**31)))
 
 
-def check(case: Case, dtype, atol_out, atol_lse, *, scale=None, block_k=BLOCK_K):
+# Both kernels by platform, with ids that are not the `gpu` marker's name (conftest skips by keyword).
+KERNELS = [pytest.param("gpu", id="triton"), pytest.param("tpu", id="mosaic")]
+
+
+def kernel_options(platform, num_splits=None, block_k=BLOCK_K):
+    """tree_attention keywords for `platform`; the TPU kernel has no splits."""
+    return dict(platform=platform, block_k=block_k, num_splits=num_splits if platform == "gpu" else None)
+
+
+def check(case: Case, dtype, atol_out, atol_lse, *, scale=None, block_k=BLOCK_K, platform="gpu"):
     """Kernel (interpret mode on CPU) vs reference on random inputs for `case`."""
     args = make_inputs(case, dtype)
-    out, lse = call(tree_attention, args, scale=scale, block_k=block_k, num_splits=case.num_splits)
+    out, lse = call(tree_attention, args, scale=scale, **kernel_options(platform, case.num_splits, block_k))
     ref_out, ref_lse = call(tree_attention_reference, args, scale=scale)
     assert out.dtype == args["q"].dtype and lse.dtype == jnp.float32
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
@@ -113,6 +126,19 @@ def test_matches_reference_bf16(case):
     check(case, jnp.bfloat16, 2e-2, 1e-3)
 
 
+@settings(max_examples=3, deadline=None, derandomize=True)
+@given(cases(itemsize=4))
+@example(Case(B=2, T=64, Hq=8, Hkv=2, D=128, lens=(4999, 1234), S=5060, num_splits=None, seed=7))
+def test_tpu_kernel_matches_reference_fp32(case):
+    check(case, jnp.float32, 2e-5, 2e-5, platform="tpu")
+
+
+@settings(max_examples=2, deadline=None, derandomize=True)
+@given(cases(itemsize=2))
+def test_tpu_kernel_matches_reference_bf16(case):
+    check(case, jnp.bfloat16, 2e-2, 1e-3, platform="tpu")
+
+
 def test_decode_single_node_with_default_splits():
     case = Case(B=2, T=1, Hq=8, Hkv=2, D=128, lens=(1000, 3), S=1030, num_splits=None, seed=1)
     check(case, jnp.float32, 2e-5, 2e-5, block_k=64)
@@ -123,26 +149,30 @@ def test_custom_scale_and_full_buffer():
     check(case, jnp.float32, 2e-5, 2e-5, scale=0.3)
 
 
-def test_no_prefix_at_all():
+@pytest.mark.parametrize("platform", KERNELS)
+def test_no_prefix_at_all(platform):
     """cache_len 0 everywhere, and a zero-length buffer: only the tree is attended."""
     for S in (0, 50):
         case = Case(B=2, T=5, Hq=4, Hkv=2, D=64, lens=(0, 0), S=S, num_splits=None, seed=3)
-        check(case, jnp.float32, 2e-5, 2e-5)
+        check(case, jnp.float32, 2e-5, 2e-5, platform=platform)
 
 
-def test_nan_past_cache_len_is_never_read():
+@pytest.mark.parametrize("platform", KERNELS)
+def test_nan_past_cache_len_is_never_used(platform):
+    """NaN / inf keys and values past cache_len change nothing (the TPU kernel reads whole blocks)."""
     case = Case(B=2, T=3, Hq=4, Hkv=2, D=64, lens=(130, 7), S=300, num_splits=2, seed=4)
     clean = make_inputs(case, jnp.float32, garbage=0.0)
     valid = (jnp.arange(case.S)[None, :] < clean["cache_len"][:, None])[:, None, :, None]
     poisoned = {**clean, "k_cache": jnp.where(valid, clean["k_cache"], jnp.nan),
                 "v_cache": jnp.where(valid, clean["v_cache"], jnp.inf)}
-    out, lse = call(tree_attention, poisoned, block_k=BLOCK_K)
+    out, lse = call(tree_attention, poisoned, **kernel_options(platform, case.num_splits))
     ref_out, ref_lse = call(tree_attention_reference, clean)
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=2e-5)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-6, atol=2e-5)
 
 
-def test_stacked_cache_with_traced_layer():
+@pytest.mark.parametrize("platform", KERNELS)
+def test_stacked_cache_with_traced_layer(platform):
     case = Case(B=2, T=4, Hq=4, Hkv=2, D=64, lens=(200, 61), S=260, num_splits=2, seed=5)
     layers = [make_inputs(dataclasses.replace(case, seed=case.seed + i), jnp.float32) for i in range(3)]
     args = {**layers[0], "k_cache": jnp.stack([a["k_cache"] for a in layers]),
@@ -150,7 +180,7 @@ def test_stacked_cache_with_traced_layer():
 
     @jax.jit
     def at_layer(layer):
-        return call(tree_attention, args, layer=layer, block_k=BLOCK_K, num_splits=2)
+        return call(tree_attention, args, layer=layer, **kernel_options(platform, case.num_splits))
 
     for layer in (2, 0):
         per_layer = {**args, "k_cache": layers[layer]["k_cache"], "v_cache": layers[layer]["v_cache"]}
@@ -263,16 +293,34 @@ def test_bad_options_name_the_problem():
         call(tree_attention, args, block_k=48)
     with pytest.raises(ValueError, match="num_splits must be >= 1"):
         call(tree_attention, args, num_splits=0)
+    with pytest.raises(ValueError, match="platform must be one of .*'cuda'"):
+        call(tree_attention, args, platform="cuda")
+    with pytest.raises(ValueError, match="block_k must be a power of two >= 128 on tpu, got 64"):
+        call(tree_attention, args, platform="tpu", block_k=64)
+    with pytest.raises(ValueError, match="applies to the GPU kernel only, got 2 on tpu"):
+        call(tree_attention, args, platform="tpu", num_splits=2)
 
 
 LLAMA8B = dict(Hq=32, Hkv=8, D=128)
 TRITON_DEPRECATION = "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"  # jax >= 0.11
 
 
+# Lowering for a platform that is not attached reads the target chip from an abstract mesh (jax >= 0.11 needs
+# it for GPU; the TPU lowering always does). The custom call each kernel must lower to, by platform:
+LOWERING_TARGETS = {
+    "gpu": ("cuda", jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"),
+            "__gpu$xla.gpu.triton"),
+    "tpu": ("tpu", jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu"),
+            "tpu_custom_call"),
+}
+
+
 @pytest.mark.filterwarnings(TRITON_DEPRECATION)
+@pytest.mark.parametrize("platform", KERNELS)
 @pytest.mark.parametrize("T, stacked", [(1, False), (16, True), (60, False)])
-def test_lowers_to_triton_for_gpu(T, stacked):
-    """No GPU needed: the compiled (non-interpret) kernel must lower to a Triton custom call."""
+def test_lowers_for_the_accelerator(T, stacked, platform):
+    """No accelerator needed: the compiled (non-interpret) kernel must lower to its custom call (Triton on GPU,
+    Mosaic on TPU). This checks the Pallas lowering rules, not the chip's own compiler."""
     B, S, dt = 1, 4096 + 17, jnp.bfloat16
     cache = (3, B, LLAMA8B["Hkv"], S, LLAMA8B["D"]) if stacked else (B, LLAMA8B["Hkv"], S, LLAMA8B["D"])
     sds = jax.ShapeDtypeStruct
@@ -281,13 +329,12 @@ def test_lowers_to_triton_for_gpu(T, stacked):
               sds((B, T, T), jnp.bool_))
 
     def fn(*a):
-        return tree_attention(*a, layer=jnp.int32(1) if stacked else None, interpret=False)
+        return tree_attention(*a, layer=jnp.int32(1) if stacked else None, platform=platform, interpret=False)
 
-    # jax >= 0.11 reads the target GPU from an abstract mesh when no GPU is attached.
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
-        text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-    assert "triton" in text and "tree_attention_prefix" in text
+    lowering_platform, device, custom_call = LOWERING_TARGETS[platform]
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=(lowering_platform,)).as_text()
+    assert custom_call in text and "tree_attention_prefix" in text
 
 
 @pytest.mark.gpu
