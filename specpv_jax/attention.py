@@ -13,6 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from specpv_jax import sharding
 
 NEG_INF = -1e30  # finite: a fully masked block gives exp(-huge) = 0, never NaN
 PREFIX_BLOCK = 256  # caches are allocated in multiples of this
@@ -70,8 +73,7 @@ def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, c
     b, t, hq, d = q.shape
     if (impl == "pallas" and not host_prefix and k_cache is not None and k_new.shape[2] == t
             and d in KERNEL_HEAD_DIMS):
-        from pallas_kernels import tree_attention  # kernels know nothing of models; imported on use
-        return tree_attention(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, layer=layer, scale=scale)[0]
+        return _tree_kernel(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale, layer)
     hkv = k_new.shape[1]
     group = hq // hkv
     qr = _group_rows(q, hkv)
@@ -85,6 +87,33 @@ def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, c
     if k_cache is not None:
         m, l, o = _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, (m, l, o), host_prefix)
     return _ungroup_rows(o / l[..., None], t).astype(q.dtype)
+
+
+def _tree_kernel(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale, layer):
+    """`pallas_kernels.tree_attention`'s output; under a context mesh (`jax.set_mesh`) it runs once per shard.
+
+    XLA cannot partition a kernel's custom call: on a sharded cache it would
+    gather every operand, the whole KV cache included, onto each device. Rows
+    split along "data" and KV heads (with their query heads) along "model"
+    where the mesh divides them, as `sharding.cache_sharding` places caches.
+    """
+    from pallas_kernels import tree_attention  # kernels know nothing of models; imported on use
+
+    stacked = layer is not None
+
+    def kernel(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, layer):
+        return tree_attention(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask,
+                              layer=layer if stacked else None, scale=scale)[0]
+
+    args = (q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, jnp.int32(0) if layer is None else layer)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(*args)
+    rows, heads = sharding.attention_axes(mesh, q.shape[0], k_new.shape[1])
+    cache = P(None, rows, heads) if stacked else P(rows, heads)
+    in_specs = (P(rows, None, heads), cache, cache, P(rows), P(rows, heads), P(rows, heads), P(rows), P())
+    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=P(rows, None, heads),
+                         check_vma=False)(*args)
 
 
 def attend_prefix(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cache_len: jax.Array, scale: float,

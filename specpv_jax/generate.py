@@ -179,7 +179,9 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         params, draft_params = sharding.shard_params(params, mesh), sharding.shard_params(draft_params, mesh)
         ids = jax.device_put(ids, sharding.batch_sharding(ids.shape, mesh))
         lengths = jax.device_put(lengths, sharding.batch_sharding(lengths.shape, mesh))
-    with prefill_progress(chunks) if progress else contextlib.nullcontext():
+    # The Pallas kernel reads the mesh from the context to run per shard (see `attention._tree_kernel`).
+    kernel_mesh = jax.set_mesh(mesh) if mesh is not None and run.attention == "pallas" else contextlib.nullcontext()
+    with prefill_progress(chunks) if progress else contextlib.nullcontext(), kernel_mesh:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
             run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
             jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32), mesh)

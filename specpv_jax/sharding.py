@@ -73,3 +73,12 @@ def cache_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
     spec = list(_split(shape, 1, "data", mesh))
     spec[2] = _split(shape, 2, "model", mesh)[2]
     return NamedSharding(mesh, P(*spec))
+
+
+def attention_axes(mesh: Any, batch: int, kv_heads: int) -> tuple[str | None, str | None]:
+    """The mesh axes an attention kernel's rows and KV heads split along (None: not split), by the rule
+    `cache_sharding` places caches with; a mesh without our axis names splits nothing."""
+    def axis(name: str, size: int) -> str | None:
+        return name if name in mesh.axis_names and size % mesh.shape[name] == 0 else None
+
+    return axis("data", batch), axis("model", kv_heads)

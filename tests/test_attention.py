@@ -53,3 +53,25 @@ def test_pallas_dispatch_generates_the_same_tokens(monkeypatch):
                          attention="pallas")
     np.testing.assert_array_equal(pallas.tokens, xla.tokens)
     assert calls  # prefill and verification went through the kernel
+
+
+def test_pallas_kernel_runs_per_shard_under_a_context_mesh():
+    """Under `jax.set_mesh` the kernel is wrapped in shard_map (XLA would gather a custom call's operands)."""
+    from specpv_jax.sharding import make_mesh
+
+    rng = np.random.default_rng(0)
+    b, t, hq, hkv, d, s = 2, 3, 4, 2, 64, 300
+    q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
+    kc, vc = (jnp.asarray(rng.standard_normal((2, b, hkv, s, d)), jnp.float32) for _ in range(2))
+    kn, vn = (jnp.asarray(rng.standard_normal((b, hkv, t, d)), jnp.float32) for _ in range(2))
+    lens, mask = jnp.asarray([290, 17], jnp.int32), causal_mask(b, t)
+
+    def fn(impl):
+        return lambda layer: attend(q, kc, vc, lens, kn, vn, mask, 0.125, layer=layer, impl=impl)
+
+    want = jax.jit(fn("xla"))(jnp.int32(1))
+    assert "shard_map" not in str(jax.make_jaxpr(fn("pallas"))(jnp.int32(1)))
+    with jax.set_mesh(make_mesh(devices=jax.devices()[:1])):
+        assert "shard_map" in str(jax.make_jaxpr(fn("pallas"))(jnp.int32(1)))
+        got = jax.jit(fn("pallas"))(jnp.int32(1))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
