@@ -278,6 +278,9 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
         tokens, lengths = fn(target.params, {"params": draft.params, "d2t": draft.d2t}, ids, jax.random.key(0))
         # several samples of one prompt at once:
         sample = jax.vmap(fn, in_axes=(None, None, None, 0))
+
+    On several devices with attention="pallas", call it under `with jax.set_mesh(mesh):`
+    (a `sharding.make_mesh` mesh) so the kernel runs per shard, as in `generate`.
     """
     if mode not in IMPLEMENTED:
         raise ValueError(f"make_generate_fn supports modes {', '.join(IMPLEMENTED)}; got {mode!r}")

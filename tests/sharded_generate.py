@@ -1,7 +1,7 @@
 """Run by tests/test_sharding.py in a subprocess with 8 fake CPU devices: sharded vs one-device tokens.
 
-`--every-mesh`: ar, eagle and exact on every mesh (the slow test); by default ar and exact on 2x4.
-Both: ar with the Pallas kernel on 2x4.
+`--every-mesh`: ar, eagle and exact on every mesh and ar with the Pallas kernel per shard on 2x4 (the slow
+test); by default ar and exact on 2x4.
 """
 
 import sys
@@ -13,6 +13,21 @@ from test_eagle import make_head, make_target
 import pallas_kernels
 import specpv_jax as sj
 from specpv_jax.sharding import make_mesh
+
+
+def pallas_per_shard(one) -> None:
+    """The Pallas kernel (interpret mode here) runs per shard on 2x4 (rows and heads split): XLA's tokens."""
+    rng = np.random.default_rng(1)
+    wide = make_target(32, layers=2, heads=8, head_dim=64)
+    short = [rng.integers(0, 32, n).tolist() for n in (40, 17)]
+    xla = sj.generate(wide, short, 8, mesh=one, eos_token_ids=(5,), attention="xla")
+    kernel, seen = pallas_kernels.tree_attention, set()
+    pallas_kernels.tree_attention = lambda q, *a, **k: seen.add(q.shape[::2]) or kernel(q, *a, **k)
+    pallas = sj.generate(wide, short, 8, mesh=make_mesh(2, 4), eos_token_ids=(5,), attention="pallas")
+    pallas_kernels.tree_attention = kernel
+    np.testing.assert_array_equal(pallas.tokens, xla.tokens)
+    assert seen == {(1, 2)}, seen  # (rows, query heads) of one shard: 2 rows / 2 data, 8 heads / 4 model
+    print("pallas 2x4: same tokens", flush=True)
 
 
 def main() -> None:
@@ -38,16 +53,8 @@ def main() -> None:
             np.testing.assert_array_equal(out.lengths, expected[mode].lengths)
             np.testing.assert_array_equal(out.tokens, expected[mode].tokens)
             print(f"{mode} {data}x{model}: same tokens", flush=True)
-    # The Pallas kernel (interpret mode here) runs per shard on 2x4, heads split; same tokens as XLA on one device.
-    wide, short = make_target(32, layers=2, heads=8, head_dim=64), [p[:40] for p in prompts[:2]]
-    xla = sj.generate(wide, short, 8, mesh=one, eos_token_ids=(5,), attention="xla")
-    kernel, seen = pallas_kernels.tree_attention, set()
-    pallas_kernels.tree_attention = lambda q, *a, **k: seen.add(q.shape[::2]) or kernel(q, *a, **k)
-    pallas = sj.generate(wide, short, 8, mesh=make_mesh(2, 4), eos_token_ids=(5,), attention="pallas")
-    pallas_kernels.tree_attention = kernel
-    np.testing.assert_array_equal(pallas.tokens, xla.tokens)
-    assert seen == {(1, 2)}, seen  # (rows, query heads) of one shard: 2 rows / 2 data, 8 heads / 4 model
-    print("pallas 2x4: same tokens", flush=True)
+    if every:
+        pallas_per_shard(one)
     # More than one device and no mesh: sharded by default (1 x 8); chunked prefill and host callbacks on it.
     streamed = []
     default = sj.generate(target, prompts, 24, prefill_chunk=64, progress=True, stream=streamed.append,

@@ -38,21 +38,29 @@ def test_implementation_names():
 
 
 def test_pallas_dispatch_generates_the_same_tokens(monkeypatch):
-    """generate(attention="pallas") runs the tree-attention kernel (interpret mode on CPU)."""
+    """generate(attention="pallas") runs the tree-attention kernel (interpret mode on CPU), given a mesh inside
+    shard_map: the kernel call sees the mesh in its context."""
     import pallas_kernels
+    from specpv_jax.sharding import make_mesh
 
-    calls = []
+    meshes_seen = []
     kernel = pallas_kernels.tree_attention
-    monkeypatch.setattr(pallas_kernels, "tree_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+
+    def recorded(*a, **k):
+        meshes_seen.append(jax.sharding.get_abstract_mesh().axis_names)
+        return kernel(*a, **k)
+
+    monkeypatch.setattr(pallas_kernels, "tree_attention", recorded)
     target = make_target(32, seed=7, layers=7, heads=2, head_dim=64)
     head = make_head(target, seed=8)
     prompt = np.random.default_rng(3).integers(0, 32, 300)
     spec = sj.SpecConfig(tree_depth=2, tree_top_k=2, tree_nodes=3)
     xla = sj.generate(target, prompt, 6, draft=head, mode="eagle", spec=spec, eos_token_ids=(), attention="xla")
     pallas = sj.generate(target, prompt, 6, draft=head, mode="eagle", spec=spec, eos_token_ids=(),
-                         attention="pallas")
+                         attention="pallas", mesh=make_mesh(devices=jax.devices()[:1]))
     np.testing.assert_array_equal(pallas.tokens, xla.tokens)
-    assert calls  # prefill and verification went through the kernel
+    # prefill, decode and verification went through the kernel, each per shard of the ("data", "model") mesh
+    assert meshes_seen and set(meshes_seen) == {("data", "model")}
 
 
 def test_pallas_kernel_runs_per_shard_under_a_context_mesh():

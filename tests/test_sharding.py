@@ -28,16 +28,16 @@ def _sharded_generate(*args: str) -> str:
 
 
 def test_sharded_generate_matches_one_device():
-    """ar and exact on a 2x4 mesh, ar with the Pallas kernel per shard; the default mesh with chunked prefill and
-    streaming (eagle: the slow test)."""
+    """ar and exact on a 2x4 mesh; the default mesh with chunked prefill and streaming (eagle and the Pallas
+    kernel per shard: the slow test)."""
     out = _sharded_generate()
     assert [line for line in out.splitlines() if "same tokens" in line] == [
-        f"{mode} 2x4: same tokens" for mode in ("ar", "exact", "pallas")]
+        f"{mode} 2x4: same tokens" for mode in ("ar", "exact")]
 
 
 @pytest.mark.slow
 def test_sharded_generate_matches_one_device_on_every_mesh():
-    """ar, eagle and exact on each of 1x8, 2x4 and 8x1."""
+    """ar, eagle and exact on each of 1x8, 2x4 and 8x1; ar with the Pallas kernel per shard on 2x4."""
     assert _sharded_generate("--every-mesh").count("same tokens") == 10
 
 
