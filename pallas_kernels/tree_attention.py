@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.prefix_tpu import ROW_ALIGN, prefix_attention_tpu
+from pallas_kernels.prefix_tpu import prefix_attention_tpu, row_blocks
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -268,9 +268,9 @@ def _tree_attention(q, k5, v5, cache_len, k_tree, v_tree, tree_mask, layer, *, s
         R = G * T
         lens = jnp.clip(cache_len.astype(jnp.int32), 0, S)
         if platform == "tpu":
-            rows = pl.cdiv(R, ROW_ALIGN) * ROW_ALIGN
+            rows, block_m = row_blocks(R)
             part_out, part_lse = prefix_attention_tpu(_pad_rows(qg, rows), k5, v5, lens, layer, scale=scale,
-                                                      block_k=block_k, interpret=interpret)
+                                                      block_k=block_k, block_m=block_m, interpret=interpret)
         else:
             block_m = min(max(16, pl.next_power_of_2(R)), _MAX_BLOCK_M)
             rows = pl.cdiv(R, block_m) * block_m

@@ -129,6 +129,7 @@ def test_matches_reference_bf16(case):
 @settings(max_examples=2, deadline=None, derandomize=True)
 @given(cases(itemsize=4))
 @example(Case(B=2, T=64, Hq=8, Hkv=2, D=128, lens=(4999, 1234), S=5060, num_splits=None, seed=7))
+@example(Case(B=1, T=40, Hq=8, Hkv=1, D=64, lens=(700,), S=800, num_splits=None, seed=9))  # 2 row blocks
 def test_tpu_kernel_matches_reference_fp32(case):
     check(case, jnp.float32, 2e-5, 2e-5, platform="tpu")
 
@@ -317,7 +318,7 @@ LOWERING_TARGETS = {
 
 @pytest.mark.filterwarnings(TRITON_DEPRECATION)
 @pytest.mark.parametrize("platform", KERNELS)
-@pytest.mark.parametrize("T, stacked", [(1, False), (16, True), (60, False)])
+@pytest.mark.parametrize("T, stacked", [(1, False), (16, True), (60, False), (512, True)])  # 512: a prefill chunk
 def test_lowers_for_the_accelerator(T, stacked, platform):
     """No accelerator needed: the compiled (non-interpret) kernel must lower to its custom call (Triton on GPU,
     Mosaic on TPU). This checks the Pallas lowering rules, not the chip's own compiler."""
