@@ -93,7 +93,7 @@ def cases(draw, itemsize):
     return Case(B, T, Hq, Hkv, D, tuple(draw(st.permutations(lens))), S, num_splits, draw(st.integers(0, 2**31)))
 
 
-# Both kernels by platform, with ids that are not the `gpu` marker's name (conftest skips by keyword).
+# Both kernels, by the platform that compiles them (ids name the kernel).
 KERNELS = [pytest.param("gpu", id="triton"), pytest.param("tpu", id="mosaic")]
 
 
