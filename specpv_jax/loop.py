@@ -190,6 +190,16 @@ class Output:
                             emitted=self.emitted + count.sum())
 
 
+def run_if(pred: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
+    """`fn(operand)` where the scalar bool `pred` holds, else `operand` (`fn` keeps its structure and types).
+
+    A `lax.cond` whose other side is the identity, written as a while loop of zero or one trips: XLA never lets
+    a conditional's result share its operand's buffers, so `lax.cond` copies every buffer a branch updates (in
+    the SpecPV loop: the whole KV cache, every step), while a loop updates its carry in place.
+    """
+    return lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), fn(c[1])), (pred, operand))[1]
+
+
 def decode_loop(run: Run, step: Callable, state: Any, out_of: Callable[[Any], Output] = lambda s: s.out) -> Any:
     """Runs `step` until every row is done.
 

@@ -33,13 +33,12 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from specpv_jax import model as M
 from specpv_jax import offload, retrieval, verify
 from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_tokens
 from specpv_jax.draft import eagle3
-from specpv_jax.loop import Run, decode_loop
+from specpv_jax.loop import Run, decode_loop, run_if
 from specpv_jax.sampling import sample_from
 from specpv_jax.speculative import EagleState, draft, flat_features, initial_state, tree_emission
 from specpv_jax.tree import Tree
@@ -96,7 +95,7 @@ def _live(st: SpecPVState) -> jax.Array:
     return ~st.eagle.out.done
 
 
-def bounded_draft(params, dparams, d2t, run: Run, st: SpecPVState) -> tuple[Tree, KVCache, KVCache]:
+def bounded_draft(params, dparams, d2t, run: Run, st: SpecPVState) -> tuple[Tree, SpecPVState]:
     """`draft` with the head attending to its bounded cache; the new pairs go into both of its caches."""
     s, dcfg = st.eagle, run.dcfg
     embed = eagle3.embed_table(dparams, params)
@@ -107,24 +106,26 @@ def bounded_draft(params, dparams, d2t, run: Run, st: SpecPVState) -> tuple[Tree
                                  v=write_tokens(s.draft_cache.v, 0, v, start), length=start + s.pair_count)
     tree, bounded = eagle3.draft_tree(dparams, dcfg, run.spec, embed, d2t, bounded, head_state, s.root,
                                       position=full.length)
-    return tree, full, bounded
+    return tree, st.replace(eagle=s.replace(draft_cache=full), draft_partial=bounded)
 
 
 def draft_step(params, dparams, d2t, run: Run, st: SpecPVState, partial: jax.Array) -> tuple[Tree, SpecPVState]:
     """The step's tree, drafted once before the verification branch, and the state with the head's caches
     after the pairs committed last step (finished rows keep their lengths). With `bounded_draft` a
     `partial` step's head attends to its bounded cache, a full step's to its full cache."""
-    def full_draft():
-        return *draft(params, dparams, d2t, run, st.eagle), st.draft_partial
+    def full_draft(st):
+        tree, draft_cache = draft(params, dparams, d2t, run, st.eagle)
+        return tree, st.replace(eagle=st.eagle.replace(draft_cache=draft_cache))
 
     if st.draft_partial is None:
-        tree, draft_cache, draft_partial = full_draft()
-    else:
-        tree, draft_cache, draft_partial = lax.cond(partial, lambda: bounded_draft(params, dparams, d2t, run, st),
-                                                    full_draft)
-    old = st.eagle.draft_cache
-    draft_cache = draft_cache.replace(length=jnp.where(_live(st), draft_cache.length, old.length))
-    return tree, st.replace(eagle=st.eagle.replace(draft_cache=draft_cache), draft_partial=draft_partial)
+        tree, new = full_draft(st)
+    else:  # the tree starts empty; exactly one of the two drafts runs and fills it
+        empty = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(full_draft, st)[0])
+        tree, new = run_if(partial, lambda c: bounded_draft(params, dparams, d2t, run, c[1]),
+                           run_if(~partial, lambda c: full_draft(c[1]), (empty, st)))
+    grown, old = new.eagle.draft_cache, st.eagle.draft_cache
+    draft_cache = grown.replace(length=jnp.where(_live(st), grown.length, old.length))
+    return tree, new.replace(eagle=new.eagle.replace(draft_cache=draft_cache))
 
 
 def partial_step(params, run: Run, eos, st: SpecPVState, tree: Tree) -> SpecPVState:
@@ -337,9 +338,11 @@ def specpv_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPVS
     # Every branch verifies the same draft: made once here, so the compiled loop holds one copy of the head.
     tree, st = draft_step(params, dparams, d2t, run, st, use_partial)
     args = (params, run, eos)
-    return lax.switch(branch, [functools.partial(partial_step, *args),
-                               functools.partial(full_step, *args, with_missing=False),
-                               functools.partial(full_step, *args, with_missing=True)], st, tree)
+    branches = [functools.partial(partial_step, *args), functools.partial(full_step, *args, with_missing=False),
+                functools.partial(full_step, *args, with_missing=True)]
+    for i, verify_step in enumerate(branches):  # exactly one runs; `run_if` keeps the caches in place
+        st = run_if(branch == i, lambda s, verify_step=verify_step: verify_step(s, tree), st)
+    return st
 
 
 @functools.lru_cache(maxsize=None)

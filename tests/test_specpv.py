@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,32 @@ def test_exact_greedy_equals_ar(models, length, spec):
         specpv = sj.generate(target, prompt, 64, draft=head, mode="specpv", spec=spec, eos_token_ids=())
         assert specpv.stats["partial_verifications"] > 0
         assert specpv.tokens.shape == ar.tokens.shape
+
+
+def copied_arrays(hlo: str) -> list[str]:
+    """Shapes of the rank-5 arrays (KV caches, partial caches, block summaries) that compiled HLO copies
+    outside its entry computation: inside the decode loop, once per step."""
+    copied, computation = [], ""
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():
+            computation = line
+        elif " copy(" in line and not computation.startswith(("ENTRY", "%fused", "%wrapped")):
+            copied += re.findall(r"= f32\[(\d+(?:,\d+){4})\]", line)
+    return copied
+
+
+@pytest.mark.parametrize("mode", ["specpv", "exact"])
+def test_decode_loop_updates_caches_in_place(models, mode):
+    """Choosing partial or full verification (and the bounded or full draft) must not copy a cache each step:
+    with `lax.cond`/`lax.switch` XLA copied the full cache, the partial cache and the summaries every step
+    (at Llama-3.1-8B shapes and 64K tokens, gigabytes per step and twice the cache's memory)."""
+    target, head = models
+    spec = small_spec(retrieval_tokens=256, window=64, bounded_draft=True)
+    fn = sj.make_generate_fn(target.cfg, spec, mode=mode, draft_cfg=head.cfg, max_new_tokens=16, eos_token_ids=())
+    ids = jnp.zeros((1, 600), jnp.int32)
+    hlo = jax.jit(fn).lower(target.params, {"params": head.params, "d2t": head.d2t}, ids,
+                            jax.random.key(0)).compile().as_text()
+    assert copied_arrays(hlo) == []
 
 
 def test_specpv_below_threshold_is_eagle(models):
