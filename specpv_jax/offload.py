@@ -12,7 +12,7 @@ Traffic (host <-> device) by step:
 
 - partial verification: none; it reads only the partial cache.
 - full verification: each layer's attention reads the valid prefix in
-  `attention.READ_BLOCK`-key blocks, the next block's copy overlapping the
+  `attention.read_block` blocks, the next block's copy overlapping the
   current block's math; `commit_and_refresh` then moves each whole layer to
   the device once more (the next layer prefetched) to rebuild the partial
   cache and the summary blocks the step touched, and writes back only the

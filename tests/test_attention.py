@@ -8,16 +8,23 @@ import numpy as np
 import pytest
 
 import specpv_jax as sj
+from specpv_jax import attention
 from specpv_jax.attention import attend, attend_dense, causal_mask, resolve_implementation
 from test_eagle import make_head, make_target
 
 
 @pytest.mark.parametrize("t, lens, stacked, s", [(1, (0, 700), False, 1024), (5, (256, 3), True, 1024),
                                                  (64, (513, 1000), True, 1024),
-                                                 (3, (1270, 1100), True, 1280)])  # last block overlaps the one before
-def test_blockwise_prefix_equals_dense(t, lens, stacked, s):
+                                                 (3, (1270, 1100), True, 1280)])
+@pytest.mark.parametrize("block", [None, 256, 512], ids=["one-block", "256-key-blocks", "512-key-blocks"])
+def test_blockwise_prefix_equals_dense(monkeypatch, t, lens, stacked, s, block):
+    """Also with the prefix read in several blocks (at s = 1280, 512-key blocks: the last one starts at 768 and
+    overlaps the one before)."""
     rng = np.random.default_rng(t)
     b, hq, hkv, d = 2, 4, 2, 16
+    if block is not None:
+        monkeypatch.setattr(attention, "SCORE_TILE", block * t * hq // hkv)
+        assert attention.read_block(s, t * hq // hkv) == block
     q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
     kc, vc = (jnp.asarray(rng.standard_normal((b, hkv, s, d)), jnp.float32) for _ in range(2))
     kn, vn = (jnp.asarray(rng.standard_normal((b, hkv, t, d)), jnp.float32) for _ in range(2))
@@ -29,6 +36,18 @@ def test_blockwise_prefix_equals_dense(t, lens, stacked, s):
     else:
         got = attend(q, kc, vc, lens, kn, vn, mask, 0.25)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+def test_read_block_fits_the_tile_in_equal_blocks():
+    tile, unit = attention.SCORE_TILE, attention.PREFIX_BLOCK
+    assert attention.read_block(16640, 4) == 16640  # decode: the whole buffer in one step
+    assert attention.read_block(16640, 2048) == 1024  # a 512-token prefill chunk x a GQA group of 4
+    for size, rows in [(16640, 244), (65792, 244), (4352, 28), (1280, 640), (300, 5000), (1000, 700)]:
+        block = attention.read_block(size, rows)
+        widest = max(unit, tile // rows // unit * unit)  # the most keys a step may score
+        steps = -(-size // block)
+        assert block <= widest and (block % unit == 0 or block == size)
+        assert (steps - 1) * widest < size  # no step more than the tile needs
 
 
 def test_implementation_names():

@@ -15,8 +15,8 @@ from test_eagle import make_head, make_target
 from test_specpv import random_cache, small_spec
 
 import specpv_jax as sj
-from specpv_jax import memory, offload, prompts, retrieval, specpv, speculative
-from specpv_jax.attention import READ_BLOCK, attend, causal_mask
+from specpv_jax import attention, memory, offload, prompts, retrieval, specpv, speculative
+from specpv_jax.attention import attend, causal_mask
 from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_all_layers
 from specpv_jax.draft import eagle3
 from specpv_jax.generate import _eos_ids, _plan
@@ -52,13 +52,15 @@ def test_write_rows_matches_the_device_write():
         offload.write_rows(in_host_memory(buf), jnp.zeros((3, 2, 2, 65, 4)), 0)
 
 
-def test_host_prefix_attention_matches_the_device_path():
+def test_host_prefix_attention_matches_the_device_path(monkeypatch):
     rng = np.random.default_rng(1)
-    size, t = 2 * READ_BLOCK + 256, 5  # several blocks, the last one clamped into the buffer
+    size, t = 2560, 5  # 1024-key blocks: three, the last one clamped into the buffer
+    monkeypatch.setattr(attention, "SCORE_TILE", 1024 * t * 2)
+    assert attention.read_block(size, t * 2) == 1024
     k_cache, v_cache = (jnp.asarray(rng.standard_normal((2, 2, 2, size, 8)), jnp.float32) for _ in range(2))
     q = jnp.asarray(rng.standard_normal((2, t, 4, 8)), jnp.float32)
     k_new, v_new = (jnp.asarray(rng.standard_normal((2, 2, t, 8)), jnp.float32) for _ in range(2))
-    lengths = jnp.array([size - 3, READ_BLOCK + 7], jnp.int32)
+    lengths = jnp.array([size - 3, 1024 + 7], jnp.int32)
 
     @jax.jit
     def both(k_host, v_host, layer):
