@@ -134,7 +134,9 @@ def commit_and_refresh(cache: KVCache, new_k: jax.Array, new_v: jax.Array, start
     (`retrieval.refresh`). Each layer is moved to the device whole (the next one
     prefetched) and updated there as `commit_path` would (writes past the end
     dropped); only its rows' windows `[min(start, S - W), + W)`, which hold every
-    written slot, and the summary blocks go back. (A finished row's `start` may
+    written slot, and the summary blocks go back, for every layer at once after
+    the loop: a loop that read one layer of a host buffer while writing another
+    made XLA copy the whole buffer every iteration. (A finished row's `start` may
     sit closer than W to the end: its window then starts earlier and carries
     its valid entries back unchanged, where a clamped write of `new` at `start`
     would overwrite them.)
@@ -148,24 +150,22 @@ def commit_and_refresh(cache: KVCache, new_k: jax.Array, new_v: jax.Array, start
     def window(buf):  # [B, Hkv, S, D] -> each row's [Hkv, W, D] from `back`
         return jax.vmap(lambda b, s: lax.dynamic_slice_in_dim(b, s, width, axis=1))(buf, back)
 
-    def body(carry, xs):
-        (k_h, v_h, kmax_h, kmin_h), (keys, values) = carry
+    def body(layer, xs):
         i, k_new, v_new, slot = xs
-        ahead = (layer_to_device(k_h, jnp.minimum(i + 1, n_layers - 1)),
-                 layer_to_device(v_h, jnp.minimum(i + 1, n_layers - 1)))  # issued before this layer's writes
-        keys = write_tokens(keys[None], 0, k_new, start)[0]
-        values = write_tokens(values[None], 0, v_new, start)[0]
+        ahead = (layer_to_device(cache.k, jnp.minimum(i + 1, n_layers - 1)),
+                 layer_to_device(cache.v, jnp.minimum(i + 1, n_layers - 1)))
+        keys = write_tokens(layer[0][None], 0, k_new, start)[0]
+        values = write_tokens(layer[1][None], 0, v_new, start)[0]
         kmax, kmin = summary.recompute(keys[None], sum_starts, cache.length, summary_blocks)
-        host = (write_rows(k_h, window(keys)[None], back, i), write_rows(v_h, window(values)[None], back, i),
-                write_rows(kmax_h, kmax, sum_starts // summary.block, i),
-                write_rows(kmin_h, kmin, sum_starts // summary.block, i))
-        gather = (jnp.take_along_axis(keys, slot[..., None], axis=2),
+        static = (jnp.take_along_axis(keys, slot[..., None], axis=2),
                   jnp.take_along_axis(values, slot[..., None], axis=2))
-        return (host, ahead), gather
+        return ahead, (window(keys), window(values), kmax[0], kmin[0], static)
 
     first = (layer_to_device(cache.k, 0), layer_to_device(cache.v, 0))
-    ((k, v, kmax, kmin), _), (static_k, static_v) = lax.scan(
-        body, ((cache.k, cache.v, summary.kmax, summary.kmin), first),
-        (jnp.arange(n_layers), new_k, new_v, slots))
-    return (cache.replace(k=k, v=v), summary.replace(kmax=kmax, kmin=kmin),
+    _, (k_back, v_back, kmax, kmin, (static_k, static_v)) = lax.scan(
+        body, first, (jnp.arange(n_layers), new_k, new_v, slots))
+    block_starts = sum_starts // summary.block
+    return (cache.replace(k=write_rows(cache.k, k_back, back), v=write_rows(cache.v, v_back, back)),
+            summary.replace(kmax=write_rows(summary.kmax, kmax, block_starts),
+                            kmin=write_rows(summary.kmin, kmin, block_starts)),
             retrieval.with_static(partial, static_k, static_v, spec))
