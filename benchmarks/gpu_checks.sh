@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The checks only a GPU can run. A session gets 15 minutes of device time in all, machine start-up included,
-# so the first call (at most 9.5 minutes) holds what the open issues need most; the second runs the rest
+# so the first call (at most 9 min 40 s) holds what the open issues need most; the second runs the rest
 # if time is left (see BENCHMARKS.md):
-#   bash benchmarks/gpu_checks.sh first "$OUT"   # install, pytest -m gpu, kernels.py, scale.py at 16K and 64K
+#   bash benchmarks/gpu_checks.sh first "$OUT"   # install, pytest -m gpu, kernels.py, scale.py at 16K and 64K,
+#                                                # hlo_audit.py (copies in the compiled decode loops)
 #   bash benchmarks/gpu_checks.sh more "$OUT"    # offload tests on the GPU, scale.py at 32K and 128K
 # Uses the machine's preinstalled jax, flax, orbax, transformers and torch (never reinstalls them).
 # Each step has its own time limit and log under OUT, so a failing step leaves the others' results.
@@ -17,14 +18,15 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a limit, output to O
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1
   echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$out/steps.txt"
 }
-step install 60 python3 -m pip install --no-deps --no-build-isolation -e .
-step env 30 python3 -c "import jax, flax, transformers, torch; print(jax.__version__, jax.devices(), flax.__version__, transformers.__version__, torch.__version__)"
+step install 50 python3 -m pip install --no-deps --no-build-isolation -e .
+step env 20 python3 -c "import jax, flax, transformers, torch; print(jax.__version__, jax.devices(), flax.__version__, transformers.__version__, torch.__version__)"
 case $stage in
   first)
     step pytest_gpu 90 python3 -m pytest -q -m gpu tests/test_tree_attention.py
     step kernels 120 python3 benchmarks/kernels.py --out "$out/kernels.json"
     step scale 270 python3 benchmarks/scale.py --contexts 16384 65536 --offload-contexts 65536 \
-      --out "$out/scale.json" ;;
+      --out "$out/scale.json"
+    step hlo_audit 30 python3 benchmarks/hlo_audit.py --modes ar specpv --out "$out/hlo_audit.json" ;;
   more)
     step pytest_offload 100 python3 -m pytest -q -x tests/test_offload.py
     step scale_more 400 python3 benchmarks/scale.py --contexts 32768 131072 --offload-contexts 131072 \

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 import specpv_jax as sj
 from sampling_stats import chi_square_pvalue, three_token_cells, three_token_law
 from specpv_jax import model as M
-from specpv_jax import retrieval
+from specpv_jax import hlo, retrieval
 from specpv_jax.cache import BlockSummary, KVCache
 from specpv_jax.sampling import Sampler
 from test_eagle import make_head, make_target
@@ -140,16 +138,10 @@ def test_exact_greedy_equals_ar(models, length, spec):
         assert specpv.tokens.shape == ar.tokens.shape
 
 
-def copied_arrays(hlo: str) -> list[str]:
-    """Shapes of the rank-5 arrays (KV caches, partial caches, block summaries) that compiled HLO copies
-    outside its entry computation: inside the decode loop, once per step."""
-    copied, computation = [], ""
-    for line in hlo.splitlines():
-        if line and not line[0].isspace():
-            computation = line
-        elif " copy(" in line and not computation.startswith(("ENTRY", "%fused", "%wrapped")):
-            copied += re.findall(r"= f32\[(\d+(?:,\d+){4})\]", line)
-    return copied
+def cache_copies(compiled_hlo: str) -> list[str]:
+    """Shapes of the rank-5 arrays (KV caches, partial caches, block summaries) that a compiled program
+    copies inside its loops, once per step."""
+    return [f.shape for f in hlo.loop_copies(compiled_hlo) if f.kind == "copy" and len(f.dims) == 5]
 
 
 @pytest.mark.parametrize("mode", ["specpv", "exact"])
@@ -161,9 +153,9 @@ def test_decode_loop_updates_caches_in_place(models, mode):
     spec = small_spec(retrieval_tokens=256, window=64, bounded_draft=True)
     fn = sj.make_generate_fn(target.cfg, spec, mode=mode, draft_cfg=head.cfg, max_new_tokens=16, eos_token_ids=())
     ids = jnp.zeros((1, 600), jnp.int32)
-    hlo = jax.jit(fn).lower(target.params, {"params": head.params, "d2t": head.d2t}, ids,
-                            jax.random.key(0)).compile().as_text()
-    assert copied_arrays(hlo) == []
+    compiled = jax.jit(fn).lower(target.params, {"params": head.params, "d2t": head.d2t}, ids,
+                                 jax.random.key(0)).compile().as_text()
+    assert cache_copies(compiled) == []
 
 
 def test_specpv_below_threshold_is_eagle(models):
