@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -27,16 +29,26 @@ def test_jitted_generate_fn_equals_generate(mode):
     np.testing.assert_array_equal(np.asarray(tokens), ref.tokens)
 
 
-def test_vmap_over_keys_draws_independent_samples():
+@pytest.mark.parametrize("mode", ["ar", "exact"])
+def test_vmap_over_keys_draws_independent_samples(mode):
+    """Each vmapped sample equals its own call; in exact mode the verification branches (`run_if`) then run
+    for every sample that needs them, with a batched condition."""
     target = make_target(64, seed=4, layers=2, sharpen=0.5)
-    ids = np.arange(10, dtype=np.int32)[None]
-    fn = sj.make_generate_fn(target.cfg, mode="ar", max_new_tokens=8, temperature=1.0, eos_token_ids=())
+    head = make_head(target, seed=3)
+    ids = np.random.default_rng(0).integers(0, 64, (1, 300 if mode == "exact" else 10)).astype(np.int32)
+    spec = dataclasses.replace(SPEC, bounded_draft=True)
+    fn = sj.make_generate_fn(target.cfg, spec, mode=mode, draft_cfg=head.cfg, max_new_tokens=16, temperature=1.0,
+                             eos_token_ids=())
+    draft = {"params": head.params, "d2t": head.d2t}
     keys = jax.random.split(jax.random.key(1), 3)
-    tokens, _ = jax.jit(jax.vmap(fn, in_axes=(None, None, None, 0)))(target.params, None, ids, keys)
+    tokens, _ = jax.jit(jax.vmap(fn, in_axes=(None, None, None, 0)))(target.params, draft, ids, keys)
     for i in range(3):
-        single, _ = fn(target.params, None, ids, keys[i])
+        single, _ = jax.jit(fn)(target.params, draft, ids, keys[i])
         np.testing.assert_array_equal(np.asarray(tokens[i]), np.asarray(single))
     assert len({tuple(np.asarray(t[0])) for t in tokens}) > 1
+    if mode == "exact":  # the run takes both kinds of step
+        stats = sj.generate(target, ids, 16, draft=head, mode=mode, spec=spec, temperature=1.0, eos_token_ids=()).stats
+        assert stats["partial_verifications"] > 0 and stats["full_verifications"] > 0
 
 
 def test_make_generate_fn_checks_its_settings():
