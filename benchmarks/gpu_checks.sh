@@ -26,7 +26,7 @@ case $stage in
     step kernels 120 python3 benchmarks/kernels.py --out "$out/kernels.json"
     step scale 270 python3 benchmarks/scale.py --contexts 16384 65536 --offload-contexts 65536 \
       --out "$out/scale.json"
-    step hlo_audit 30 python3 benchmarks/hlo_audit.py --modes ar specpv --out "$out/hlo_audit.json" ;;
+    step hlo_audit 30 python3 benchmarks/hlo_audit.py --modes specpv ar --out "$out/hlo_audit.json" ;;
   more)
     step pytest_offload 100 python3 -m pytest -q -x tests/test_offload.py
     step scale_more 400 python3 benchmarks/scale.py --contexts 32768 131072 --offload-contexts 131072 \
