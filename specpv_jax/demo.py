@@ -127,8 +127,9 @@ def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...]
     first = outputs[modes[0]]
     print(f"\n--- {modes[0]} wrote ({first.lengths[0]} tokens) ---\n"
           f"{models.tokenizer.decode(first.tokens[0, :first.lengths[0]])}\n---\n")
-    print(f"{'mode':>8} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'full':>5} {'partial':>8} {'fidelity':>9}")
+    width = max(8, *(len(m) for m in modes))
+    print(f"{'mode':>{width}} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'full':>5} {'partial':>8} {'fidelity':>9}")
     for r in rows:
-        print(f"{r['mode']:>8} {r['tokens_per_s']:>8.1f} {r['tokens_per_s'] / base:>7.2f}x "
+        print(f"{r['mode']:>{width}} {r['tokens_per_s']:>8.1f} {r['tokens_per_s'] / base:>7.2f}x "
               f"{r['mean_accept_len']:>7.2f} {r['full']:>5} {r['partial']:>8} {r['fidelity']:>9.3f}")
     return rows
