@@ -104,8 +104,14 @@ class BlockSummary:
 
     @classmethod
     def of(cls, cache: KVCache, block: int) -> "BlockSummary":
-        """Summaries of every block of `cache` (keys at or past `length` ignored)."""
-        kmax, kmin = summarize_blocks(cache.k, jnp.zeros_like(cache.length), cache.length, block)
+        """Summaries of every block of `cache` (keys at or past `length` ignored), a layer at a time: a backend
+        may hold the masked keys as a temporary as large as the keys summarized at once."""
+        start = jnp.zeros_like(cache.length)
+
+        def layer(keys):  # [B, Hkv, S, D] -> kmax, kmin [B, Hkv, S // block, D]
+            return tuple(x[0] for x in summarize_blocks(keys[None], start, cache.length, block))
+
+        kmax, kmin = lax.map(layer, cache.k)
         return cls(kmax=kmax, kmin=kmin, block=block)
 
     def update(self, cache: KVCache, old_length: jax.Array, blocks: int) -> "BlockSummary":
