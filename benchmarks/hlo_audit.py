@@ -25,9 +25,11 @@ import jax.numpy as jnp
 
 import specpv_jax as sj
 from specpv_jax import hlo, presets
+from specpv_jax.bench import budget_for
 from specpv_jax import model as M
 from specpv_jax.config import DraftConfig, ModelConfig
 from specpv_jax.draft import eagle3
+from specpv_jax.train.eagle import head_config
 
 MODES = ("ar", "eagle", "specpv", "exact")
 
@@ -47,10 +49,7 @@ def abstract_models(name: str, layers: int, dtype) -> tuple[ModelConfig, DraftCo
     hf = presets.hf_config(name)
     hf["num_hidden_layers"] = layers
     cfg = ModelConfig.from_hf(hf)
-    dcfg = DraftConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                       num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                       vocab_size=cfg.vocab_size, draft_vocab_size=32000, target_hidden_size=cfg.hidden_size,
-                       feature_layers=DraftConfig.default_feature_layers(cfg.num_layers), rope=cfg.rope)
+    dcfg = head_config(cfg, draft_vocab_size=32000)
     params = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0), dtype))
     dparams = jax.eval_shape(lambda: eagle3.init_params(dcfg, jax.random.key(1), dtype))
     d2t = jax.ShapeDtypeStruct((dcfg.draft_vocab_size,), jnp.int32)
@@ -68,7 +67,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     cfg, dcfg, params, draft = abstract_models(args.model, args.layers, jnp.bfloat16)
-    spec = sj.SpecConfig(retrieval_tokens=min(4096, args.context // 4), bounded_draft=True)
+    spec = budget_for(args.context, sj.SpecConfig(bounded_draft=True), 0.25)
     ids = jax.ShapeDtypeStruct((1, args.context), jnp.int32)
     print(f"{args.model} at {args.layers} layers, bf16, {args.context}-token prompt, backend "
           f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")

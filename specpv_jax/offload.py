@@ -150,12 +150,12 @@ def commit_and_refresh(cache: KVCache, new_k: jax.Array, new_v: jax.Array, start
     def window(buf):  # [B, Hkv, S, D] -> each row's [Hkv, W, D] from `back`
         return jax.vmap(lambda b, s: lax.dynamic_slice_in_dim(b, s, width, axis=1))(buf, back)
 
-    def body(layer, xs):
+    def body(on_device, xs):  # on_device: layer i's keys and values, moved to the device last iteration
         i, k_new, v_new, slot = xs
         ahead = (layer_to_device(cache.k, jnp.minimum(i + 1, n_layers - 1)),
                  layer_to_device(cache.v, jnp.minimum(i + 1, n_layers - 1)))
-        keys = write_tokens(layer[0][None], 0, k_new, start)[0]
-        values = write_tokens(layer[1][None], 0, v_new, start)[0]
+        keys = write_tokens(on_device[0][None], 0, k_new, start)[0]
+        values = write_tokens(on_device[1][None], 0, v_new, start)[0]
         kmax, kmin = summary.recompute(keys[None], sum_starts, cache.length, summary_blocks)
         static = (jnp.take_along_axis(keys, slot[..., None], axis=2),
                   jnp.take_along_axis(values, slot[..., None], axis=2))
