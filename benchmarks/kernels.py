@@ -1,7 +1,9 @@
 """Tree-attention kernel vs the XLA reference: time and achieved K/V bandwidth.
 
 Llama-3.1-8B attention shapes (Hq 32, Hkv 8, D 128, B 1, bf16) at prefix
-4K/16K/64K x tree sizes T 1/16/60, next to the device's copy bandwidth.
+4K/16K/64K x tree sizes T 1/16/60, next to the device's copy bandwidth. On a
+GPU both GPU kernels run side by side (Triton, and Mosaic GPU on Hopper); a
+kernel that fails to compile is reported and skipped.
 
     python benchmarks/kernels.py [--out results.json]     # on a GPU or TPU
     python benchmarks/kernels.py --quick [--platform tpu]  # CPU smoke run (interpret mode)
@@ -78,39 +80,62 @@ def inputs(prefix: int, T: int, seed: int = 0):
     )
 
 
-def run(prefixes, nodes, timing, copy_bytes, **kernel_options):
-    """Times kernel and reference for every (prefix, T); returns (copy bytes/s, result rows)."""
+def default_platforms() -> tuple[str, ...]:
+    """The kernels worth timing on this backend (`tree_attention`'s platform names)."""
+    if jax.default_backend() == "tpu":
+        return ("tpu",)
+    if getattr(jax.devices()[0], "compute_capability", None) == "9.0":
+        return ("gpu", "mosaic_gpu")  # the Mosaic GPU kernel needs Hopper (wgmma, TMA)
+    return ("gpu",)
+
+
+def run(prefixes, nodes, timing, copy_bytes, platforms, **kernel_options):
+    """Times each kernel, the XLA path and the reference for every (prefix, T).
+
+    Returns (copy bytes/s, result rows); a row's kernel times are None where the kernel failed.
+    """
     copy_bw = copy_bandwidth(copy_bytes, timing)
-    kernel = jax.jit(functools.partial(tree_attention, **kernel_options))
+    kernels = {p: jax.jit(functools.partial(tree_attention, platform=p, **kernel_options)) for p in platforms}
     xla = jax.jit(lambda q, kc, vc, n, kt, vt, m: attend(q, kc, vc, n, kt, vt, m, scale=D ** -0.5))
     reference = jax.jit(tree_attention_reference)
+    failed = {}
     rows = []
     for prefix in prefixes:
         for T in nodes:
             args = inputs(prefix, T)
             kv_bytes = 2 * B * HKV * prefix * D * jnp.dtype(DTYPE).itemsize
-            t_kernel = median_time(kernel, args, **timing)
-            t_xla = median_time(xla, args, **timing)
-            t_ref = median_time(reference, args, **timing)
-            rows.append(dict(prefix=prefix, T=T, kv_bytes=kv_bytes, kernel_s=t_kernel, xla_s=t_xla,
-                             reference_s=t_ref, kernel_gbps=kv_bytes / t_kernel / 1e9,
-                             xla_gbps=kv_bytes / t_xla / 1e9, kernel_over_copy=kv_bytes / t_kernel / copy_bw))
+            row = dict(prefix=prefix, T=T, kv_bytes=kv_bytes, xla_s=median_time(xla, args, **timing),
+                       reference_s=median_time(reference, args, **timing))
+            for platform, kernel in kernels.items():
+                t = None
+                if platform not in failed:
+                    try:
+                        t = median_time(kernel, args, **timing)
+                    except Exception as e:  # one kernel failing to compile must not lose the other's figures
+                        failed[platform] = f"{type(e).__name__}: {e}"
+                        print(f"{platform} kernel failed at prefix {prefix}, T {T}: {failed[platform][:2000]}")
+                row[f"{platform}_s"] = t
+            rows.append(row)
     return copy_bw, rows
 
 
-def print_table(copy_bw: float, rows) -> None:
+def print_table(copy_bw: float, rows, platforms) -> None:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"copy bandwidth (read+write): {copy_bw / 1e9:.1f} GB/s")
     print(f"shapes: B={B} Hq={HQ} Hkv={HKV} D={D} {jnp.dtype(DTYPE).name}; xla = the model's blockwise XLA "
-          "attention; dense = fp32 oracle")
-    header = f"{'prefix':>7} {'T':>3} {'kernel us':>10} {'xla us':>10} {'dense us':>10} {'xla/kernel':>10} " \
-             f"{'kernel GB/s':>12} {'xla GB/s':>10} {'kernel/copy':>12}"
+          "attention; dense = fp32 oracle; kernels by tree_attention platform (gpu = Triton)")
+    header = f"{'prefix':>7} {'T':>3} {'kernel':>10} {'kernel us':>10} {'xla us':>10} {'dense us':>10} " \
+             f"{'xla/kernel':>10} {'kernel GB/s':>12} {'xla GB/s':>10} {'kernel/copy':>12}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['prefix']:>7} {r['T']:>3} {r['kernel_s'] * 1e6:>10.1f} {r['xla_s'] * 1e6:>10.1f} "
-              f"{r['reference_s'] * 1e6:>10.1f} {r['xla_s'] / r['kernel_s']:>10.2f} {r['kernel_gbps']:>12.1f} "
-              f"{r['xla_gbps']:>10.1f} {r['kernel_over_copy']:>12.2f}")
+        for platform in platforms:
+            t = r[f"{platform}_s"]
+            kernel = "failed" if t is None else \
+                f"{t * 1e6:>10.1f} {r['xla_s'] * 1e6:>10.1f} {r['reference_s'] * 1e6:>10.1f} " \
+                f"{r['xla_s'] / t:>10.2f} {r['kv_bytes'] / t / 1e9:>12.1f} " \
+                f"{r['kv_bytes'] / r['xla_s'] / 1e9:>10.1f} {r['kv_bytes'] / t / copy_bw:>12.2f}"
+            print(f"{r['prefix']:>7} {r['T']:>3} {platform:>10} {kernel}")
 
 
 def main(argv=None):
@@ -119,20 +144,22 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--block-k", type=int, help="kernel keys per inner step (default: the kernel's)")
     parser.add_argument("--num-splits", type=int, help="GPU kernel prefix splits (default: chosen from the shapes)")
-    parser.add_argument("--platform", choices=("gpu", "tpu"),
-                        help="which kernel: Triton (gpu) or Mosaic (tpu); default: the backend's")
+    parser.add_argument("--platform", choices=("gpu", "mosaic_gpu", "tpu"),
+                        help="which kernel: Triton (gpu), Mosaic GPU (Hopper) or Mosaic (tpu); default: the "
+                             "backend's (on Hopper both GPU kernels)")
     args = parser.parse_args(argv)
     if args.quick:
         prefixes, timing, copy_bytes = (512, 1536), dict(warmup=1, trials=3, reps=1), 64 << 20
     else:
         prefixes, timing, copy_bytes = (4096, 16384, 65536), dict(warmup=3, trials=7, reps=20), 1 << 30
-    copy_bw, rows = run(prefixes, (1, 16, 60), timing, copy_bytes, block_k=args.block_k, num_splits=args.num_splits,
-                        platform=args.platform)
-    print_table(copy_bw, rows)
+    platforms = (args.platform,) if args.platform else default_platforms()
+    copy_bw, rows = run(prefixes, (1, 16, 60), timing, copy_bytes, platforms, block_k=args.block_k,
+                        num_splits=args.num_splits)
+    print_table(copy_bw, rows, platforms)
     if args.out:
         meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
                     shapes=dict(B=B, Hq=HQ, Hkv=HKV, D=D, dtype=jnp.dtype(DTYPE).name), quick=args.quick,
-                    block_k=args.block_k, num_splits=args.num_splits, platform=args.platform)
+                    block_k=args.block_k, num_splits=args.num_splits, platforms=platforms)
         args.out.write_text(json.dumps(dict(meta=meta, copy_gbps=copy_bw / 1e9, rows=rows), indent=2))
         print(f"wrote {args.out}")
 

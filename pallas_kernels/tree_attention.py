@@ -5,7 +5,8 @@ prefix cache (positions `< cache_len[b]`) and to the tree nodes its mask allows
 (its ancestors and itself). The prefix part is the expensive one and runs in a
 Pallas kernel; the T x T tree part is tiny and runs in jnp; the two are joined
 with an exact log-sum-exp merge. The prefix kernel below is the GPU (Triton)
-one; `prefix_tpu` holds the TPU (Mosaic) one, with the same packing and outputs.
+one; `prefix_tpu` holds the TPU (Mosaic) one and `prefix_mosaic_gpu` a Hopper
+(Mosaic GPU) one, Triton's successor, with the same packing and outputs.
 
 Kernel layout. For each (batch row, KV head) the G = Hq // Hkv query heads of
 the group and the T tree nodes are packed into G*T rows (padded to a power of
@@ -28,11 +29,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import prefix_mosaic_gpu
 from pallas_kernels.prefix_tpu import prefix_attention_tpu, row_blocks
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-DEFAULT_BLOCK_K = {"gpu": 64, "tpu": 512}  # keys per inner step; each TPU grid step has a fixed cost (~0.35 us)
+# Keys per inner step, by platform; each TPU grid step has a fixed cost (~0.35 us).
+DEFAULT_BLOCK_K = {"gpu": 64, "mosaic_gpu": 64, "tpu": 512}
 _MAX_BLOCK_M = 128  # rows per program: larger tiles spill registers on Triton
 _TARGET_PROGRAMS = 256  # about two programs per SM on a 132-SM H100
 
@@ -271,6 +274,13 @@ def _tree_attention(q, k5, v5, cache_len, k_tree, v_tree, tree_mask, layer, *, s
             rows, block_m = row_blocks(R)
             part_out, part_lse = prefix_attention_tpu(_pad_rows(qg, rows), k5, v5, lens, layer, scale=scale,
                                                       block_k=block_k, block_m=block_m, interpret=interpret)
+        elif platform == "mosaic_gpu":
+            block_m = prefix_mosaic_gpu.BLOCK_M
+            rows = pl.cdiv(R, block_m) * block_m
+            if num_splits is None:
+                num_splits = _default_num_splits(S, rows, B * Hkv * (rows // block_m), block_k)
+            part_out, part_lse = prefix_mosaic_gpu.prefix_attention_mosaic_gpu(
+                _pad_rows(qg, rows), k5, v5, lens, layer, scale=scale, block_k=block_k, num_splits=num_splits)
         else:
             block_m = min(max(16, pl.next_power_of_2(R)), _MAX_BLOCK_M)
             rows = pl.cdiv(R, block_m) * block_m
@@ -311,11 +321,11 @@ def tree_attention(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, *,
       tree_mask: [B, T, T] bool, True where node i may attend to node j (diagonal True).
       layer: integer scalar (may be traced) selecting the layer of a stacked cache.
       scale: softmax scale, default 1/sqrt(D).
-      block_k: keys per inner step, a power of two (>= 16 on GPU, >= 128 on TPU);
-        default 64 on GPU, 512 on TPU.
+      block_k: keys per inner step, a power of two (>= 16 on GPU, 64 or 128 with Mosaic GPU,
+        >= 128 on TPU); default 64 on GPU, 512 on TPU.
       num_splits: prefix splits per (row, KV head), GPU only; default picks one from the shapes.
-      platform: "gpu" (Triton kernel) or "tpu" (Mosaic kernel); default "tpu" on a TPU backend,
-        "gpu" elsewhere.
+      platform: "gpu" (Triton kernel), "mosaic_gpu" (Mosaic GPU kernel: Hopper, bf16/f16 only,
+        compiled only) or "tpu" (Mosaic kernel); default "tpu" on a TPU backend, "gpu" elsewhere.
       interpret: Pallas interpret mode (for the TPU kernel, the TPU interpreter); default True on
         CPU, False elsewhere.
 
@@ -329,14 +339,16 @@ def tree_attention(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, *,
     if platform not in DEFAULT_BLOCK_K:
         raise ValueError(f"platform must be one of {tuple(DEFAULT_BLOCK_K)}, got {platform!r}")
     block_k = DEFAULT_BLOCK_K[platform] if block_k is None else block_k
-    smallest = 128 if platform == "tpu" else 16  # a TPU key block is the lane axis of the logits
+    smallest = {"tpu": 128, "mosaic_gpu": 64}.get(platform, 16)  # a TPU key block is the logits' lane axis
     if block_k < smallest or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of two >= {smallest} on {platform}, got {block_k}")
     if num_splits is not None and (platform == "tpu" or num_splits < 1):
-        raise ValueError(f"num_splits must be >= 1 and applies to the GPU kernel only, got {num_splits} "
+        raise ValueError(f"num_splits must be >= 1 and applies to the GPU kernels only, got {num_splits} "
                          f"on {platform}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    if platform == "mosaic_gpu":
+        prefix_mosaic_gpu.check_args(k_cache, block_k, bool(interpret))
     k5, v5, layer = _stack_layer(k_cache, v_cache, layer)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return _tree_attention(q, k5, v5, cache_len, k_tree, v_tree, tree_mask, layer, scale=scale, block_k=block_k,

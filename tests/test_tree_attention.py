@@ -1,12 +1,16 @@
 """Pallas tree attention (interpret mode on CPU) against its dense jnp reference.
 
-Both kernels run here: the GPU (Triton) one in Pallas interpret mode, the TPU
-(Mosaic) one in the TPU interpreter, selected with `platform=`.
+All three kernels run here, selected with `platform=`: the GPU (Triton) one in
+Pallas interpret mode, the TPU (Mosaic) one in the TPU interpreter, and the
+Hopper (Mosaic GPU) one in JAX's Mosaic GPU interpreter (see
+mosaic_gpu_interpret.py). Each is also lowered for its chip; `pytest -m gpu`
+runs the GPU kernels compiled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +103,10 @@ KERNELS = [pytest.param("gpu", id="triton"), pytest.param("tpu", id="mosaic")]
 
 def kernel_options(platform, num_splits=None, block_k=BLOCK_K):
     """tree_attention keywords for `platform`; the TPU kernel has no splits."""
-    return dict(platform=platform, block_k=block_k, num_splits=num_splits if platform == "gpu" else None)
+    options = dict(platform=platform, block_k=block_k, num_splits=None if platform == "tpu" else num_splits)
+    if platform == "mosaic_gpu":  # it has no interpret mode of its own: see mosaic_gpu_interpret
+        options["interpret"] = False
+    return options
 
 
 def check(case: Case, dtype, atol_out, atol_lse, *, scale=None, block_k=BLOCK_K, platform="gpu"):
@@ -138,6 +145,31 @@ def test_tpu_kernel_matches_reference_fp32(case):
 @given(cases(itemsize=2))
 def test_tpu_kernel_matches_reference_bf16(case):
     check(case, jnp.bfloat16, 2e-2, 1e-3, platform="tpu")
+
+
+def mosaic_gpu_case(case: Case) -> Case:
+    """`case` with a buffer the Mosaic GPU kernel takes: whole 8-row TMA tiles, at least one key block."""
+    return dataclasses.replace(case, S=max(-(-case.S // 8) * 8, BLOCK_K))
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(cases(itemsize=2), st.sampled_from([64, 128]))
+@example(Case(B=1, T=5, Hq=4, Hkv=4, D=64, lens=(130,), S=136, num_splits=2, seed=11), 64)  # last block moved back
+@example(Case(B=3, T=1, Hq=32, Hkv=8, D=128, lens=(1600, 0, 77), S=1640, num_splits=None, seed=10), 128)  # decode
+@example(Case(B=1, T=40, Hq=8, Hkv=1, D=64, lens=(700,), S=704, num_splits=None, seed=9), 64)  # 5 row blocks
+def test_mosaic_gpu_kernel_matches_reference_bf16(case, block_k):
+    """The Hopper kernel in the Mosaic GPU interpreter (simulated TMA, barriers, wgmma, shared memory)."""
+    from mosaic_gpu_interpret import interpreted  # private JAX internals: imported here, not where GPU tests run
+
+    with interpreted():
+        check(mosaic_gpu_case(case), jnp.bfloat16, 2e-2, 1e-3, block_k=block_k, platform="mosaic_gpu")
+
+
+def test_mosaic_gpu_kernel_nan_past_cache_len_and_stacked_layer():
+    from mosaic_gpu_interpret import interpreted
+
+    with interpreted():
+        check_nan_past_cache_len_and_stacked_layer("mosaic_gpu")
 
 
 def test_decode_single_node_with_default_splits():
@@ -298,8 +330,24 @@ def test_bad_options_name_the_problem():
         call(tree_attention, args, platform="cuda")
     with pytest.raises(ValueError, match="block_k must be a power of two >= 128 on tpu, got 64"):
         call(tree_attention, args, platform="tpu", block_k=64)
-    with pytest.raises(ValueError, match="applies to the GPU kernel only, got 2 on tpu"):
+    with pytest.raises(ValueError, match="applies to the GPU kernels only, got 2 on tpu"):
         call(tree_attention, args, platform="tpu", num_splits=2)
+
+
+def test_bad_mosaic_gpu_options_name_the_problem():
+    args = {k: v.astype(jnp.bfloat16) if v.dtype == jnp.float32 else v
+            for k, v in make_inputs(dataclasses.replace(BASE, S=64), jnp.float32).items()}
+    with pytest.raises(ValueError, match="cannot interpret the Mosaic GPU kernel"):
+        call(tree_attention, args, platform="mosaic_gpu", interpret=True)
+    with pytest.raises(ValueError, match="takes bfloat16 or float16 caches, got float32"):
+        call(tree_attention, make_inputs(BASE, jnp.float32), platform="mosaic_gpu", interpret=False)
+    with pytest.raises(ValueError, match="block_k must be 64 or 128 .* got 256"):
+        call(tree_attention, args, platform="mosaic_gpu", block_k=256, interpret=False)
+    with pytest.raises(ValueError, match=r"multiple of 8 and >= block_k = 128, got S=64 \(k_cache \(2, 2, 64, 64\)"):
+        call(tree_attention, args, platform="mosaic_gpu", block_k=128, interpret=False)
+    short = {**args, "k_cache": args["k_cache"][:, :, :60], "v_cache": args["v_cache"][:, :, :60]}
+    with pytest.raises(ValueError, match="multiple of 8 .* got S=60"):
+        call(tree_attention, short, platform="mosaic_gpu", interpret=False)
 
 
 LLAMA8B = dict(Hq=32, Hkv=8, D=128)
@@ -314,15 +362,18 @@ LOWERING_TARGETS = {
     "tpu": ("tpu", jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu"),
             "tpu_custom_call"),
 }
+LOWERING_TARGETS["mosaic_gpu"] = (*LOWERING_TARGETS["gpu"][:2], "mosaic_gpu_v2")
 
 
 @pytest.mark.filterwarnings(TRITON_DEPRECATION)
-@pytest.mark.parametrize("platform", KERNELS)
+@pytest.mark.parametrize("platform", [*KERNELS, pytest.param("mosaic_gpu", id="mosaic_gpu")])
 @pytest.mark.parametrize("T, stacked", [(1, False), (16, True), (60, False), (512, True)])  # 512: a prefill chunk
 def test_lowers_for_the_accelerator(T, stacked, platform):
-    """No accelerator needed: the compiled (non-interpret) kernel must lower to its custom call (Triton on GPU,
-    Mosaic on TPU). This checks the Pallas lowering rules, not the chip's own compiler."""
-    B, S, dt = 1, 4096 + 17, jnp.bfloat16
+    """No accelerator needed: the compiled (non-interpret) kernel must lower to its custom call (Triton or
+    Mosaic GPU on GPU, Mosaic on TPU). This checks the Pallas lowering rules (for Mosaic GPU, which generates
+    the whole kernel in Python, also its layouts, TMA and wgmma shapes), not the chip's own compiler."""
+    B, dt = 1, jnp.bfloat16
+    S = 4096 + (24 if platform == "mosaic_gpu" else 17)  # Mosaic GPU's TMA reads the cache in tiles of 8 rows
     cache = (3, B, LLAMA8B["Hkv"], S, LLAMA8B["D"]) if stacked else (B, LLAMA8B["Hkv"], S, LLAMA8B["D"])
     sds = jax.ShapeDtypeStruct
     shapes = (sds((B, T, LLAMA8B["Hq"], LLAMA8B["D"]), dt), sds(cache, dt), sds(cache, dt), sds((B,), jnp.int32),
@@ -332,18 +383,63 @@ def test_lowers_for_the_accelerator(T, stacked, platform):
     def fn(*a):
         return tree_attention(*a, layer=jnp.int32(1) if stacked else None, platform=platform, interpret=False)
 
-    lowering_platform, device, custom_call = LOWERING_TARGETS[platform]
+    assert LOWERING_TARGETS[platform][2] in lower_for(platform, fn, shapes)
+
+
+def lower_for(platform, fn, shapes) -> str:
+    """StableHLO text of jit(fn) lowered for `platform`'s chip (which need not be attached)."""
+    lowering_platform, device, _ = LOWERING_TARGETS[platform]
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
-        text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=(lowering_platform,)).as_text()
-    assert custom_call in text and "tree_attention_prefix" in text
+        return jax.jit(fn).trace(*shapes).lower(lowering_platforms=(lowering_platform,)).as_text()
+
+
+@pytest.mark.parametrize("D, block_k, dtype", [(64, 64, jnp.float16), (64, 128, jnp.bfloat16),
+                                               (128, 128, jnp.float16)])
+def test_mosaic_gpu_lowers_for_each_head_dim_and_block(D, block_k, dtype):
+    B, T, Hq, Hkv, S = 2, 7, 12, 4, 1000
+    sds = jax.ShapeDtypeStruct
+    shapes = (sds((B, T, Hq, D), dtype), sds((B, Hkv, S, D), dtype), sds((B, Hkv, S, D), dtype),
+              sds((B,), jnp.int32), sds((B, Hkv, T, D), dtype), sds((B, Hkv, T, D), dtype), sds((B, T, T), jnp.bool_))
+    fn = functools.partial(tree_attention, platform="mosaic_gpu", block_k=block_k, num_splits=3, interpret=False)
+    assert "mosaic_gpu_v2" in lower_for("mosaic_gpu", fn, shapes)
+
+
+GPU_KERNELS = [pytest.param("gpu", id="triton"), pytest.param("mosaic_gpu", id="mosaic_gpu")]
+GPU_CASES = [  # S a multiple of 8 (Mosaic GPU's TMA tiles), lengths not multiples of either block size
+    Case(B=1, T=16, lens=(16 * 1024 - 37,), S=16 * 1024, num_splits=None, seed=6, **LLAMA8B),
+    Case(B=3, T=1, lens=(16000, 0, 77), S=16384, num_splits=None, seed=10, **LLAMA8B),  # decode, an empty row
+    Case(B=2, T=64, Hq=8, Hkv=2, D=128, lens=(4999, 1234), S=5064, num_splits=3, seed=7),
+    Case(B=1, T=40, Hq=8, Hkv=1, D=64, lens=(700,), S=704, num_splits=None, seed=9),  # 320 rows: 5 row blocks
+    Case(B=1, T=5, Hq=4, Hkv=4, D=64, lens=(130,), S=136, num_splits=2, seed=11),  # last block moved back
+]
 
 
 @pytest.mark.gpu
 @pytest.mark.filterwarnings(TRITON_DEPRECATION)
-def test_compiled_bf16_llama_shape():
-    case = Case(B=1, T=16, lens=(16 * 1024 - 37,), S=16 * 1024, num_splits=None, seed=6, **LLAMA8B)
-    args = make_inputs(case, jnp.bfloat16)
-    out, lse = call(tree_attention, args, interpret=False)
-    ref_out, ref_lse = call(tree_attention_reference, args)
+@pytest.mark.parametrize("platform", GPU_KERNELS)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"T{c.T}-S{c.S}-D{c.D}")
+def test_compiled_bf16(case, platform):
+    check(case, jnp.bfloat16, 2e-2, 1e-3, platform=platform)
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings(TRITON_DEPRECATION)
+@pytest.mark.parametrize("platform", GPU_KERNELS)
+def test_compiled_nan_past_cache_len_and_stacked_layer(platform):
+    check_nan_past_cache_len_and_stacked_layer(platform)
+
+
+def check_nan_past_cache_len_and_stacked_layer(platform):
+    """bf16, layer 1 of a stacked cache holding NaN keys and inf values past cache_len."""
+    case = Case(B=2, T=3, Hq=4, Hkv=2, D=64, lens=(130, 7), S=200, num_splits=2, seed=4)
+    layers = [make_inputs(dataclasses.replace(case, seed=case.seed + i), jnp.bfloat16, garbage=0.0)
+              for i in range(2)]
+    valid = (jnp.arange(case.S)[None, :] < layers[0]["cache_len"][:, None])[:, None, :, None]
+    poison = {"k_cache": jnp.nan, "v_cache": jnp.inf}
+    stacked = {**layers[0], **{name: jnp.stack([jnp.where(valid, a[name], poison[name]) for a in layers])
+                               for name in poison}}
+    out, lse = call(tree_attention, stacked, layer=jnp.int32(1), **kernel_options(platform, case.num_splits, 64))
+    ref_out, ref_lse = call(tree_attention_reference, {**layers[0], "k_cache": layers[1]["k_cache"],
+                                                       "v_cache": layers[1]["v_cache"]})
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), rtol=0, atol=2e-2)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-3)
