@@ -90,33 +90,34 @@ def default_platforms() -> tuple[str, ...]:
 
 
 def run(prefixes, nodes, timing, copy_bytes, platforms, **kernel_options):
-    """Times each kernel, the XLA path and the reference for every (prefix, T).
+    """Times the XLA path, the reference, then each kernel, at every (prefix, T).
 
-    Returns (copy bytes/s, result rows); a row's kernel times are None where the kernel failed.
+    One contender at a time over all points, each figure printed as it comes: a kernel that hangs or fails
+    leaves the figures before it. Returns (copy bytes/s, result rows); a kernel's time is None where it
+    failed.
     """
     copy_bw = copy_bandwidth(copy_bytes, timing)
-    kernels = {p: jax.jit(functools.partial(tree_attention, platform=p, **kernel_options)) for p in platforms}
-    xla = jax.jit(lambda q, kc, vc, n, kt, vt, m: attend(q, kc, vc, n, kt, vt, m, scale=D ** -0.5))
-    reference = jax.jit(tree_attention_reference)
-    failed = {}
-    rows = []
-    for prefix in prefixes:
-        for T in nodes:
-            args = inputs(prefix, T)
-            kv_bytes = 2 * B * HKV * prefix * D * jnp.dtype(DTYPE).itemsize
-            row = dict(prefix=prefix, T=T, kv_bytes=kv_bytes, xla_s=median_time(xla, args, **timing),
-                       reference_s=median_time(reference, args, **timing))
-            for platform, kernel in kernels.items():
-                t = None
-                if platform not in failed:
-                    try:
-                        t = median_time(kernel, args, **timing)
-                    except Exception as e:  # one kernel failing to compile must not lose the other's figures
-                        failed[platform] = f"{type(e).__name__}: {e}"
-                        print(f"{platform} kernel failed at prefix {prefix}, T {T}: {failed[platform][:2000]}")
-                row[f"{platform}_s"] = t
-            rows.append(row)
-    return copy_bw, rows
+    contenders = {"xla": jax.jit(lambda q, kc, vc, n, kt, vt, m: attend(q, kc, vc, n, kt, vt, m, scale=D ** -0.5)),
+                  "dense": jax.jit(tree_attention_reference)}
+    contenders.update({p: jax.jit(functools.partial(tree_attention, platform=p, **kernel_options))
+                       for p in platforms})
+    points = {(prefix, T): inputs(prefix, T) for prefix in prefixes for T in nodes}
+    rows = {point: dict(prefix=point[0], T=point[1], kv_bytes=2 * B * HKV * point[0] * D * jnp.dtype(DTYPE).itemsize)
+            for point in points}
+    for name, fn in contenders.items():
+        error = None
+        for (prefix, T), args in points.items():
+            t = None
+            if error is None:
+                try:
+                    t = median_time(fn, args, **timing)
+                except Exception as e:  # one kernel failing to compile must not lose the others' figures
+                    error = f"{type(e).__name__}: {e}"
+                    print(f"{name} failed at prefix {prefix}, T {T}: {error[:2000]}", flush=True)
+            rows[prefix, T][f"{name}_s"] = t
+            print(f"{name:>10} prefix {prefix:>6} T {T:>3}: " + ("-" if t is None else f"{t * 1e6:.1f} us"),
+                  flush=True)
+    return copy_bw, list(rows.values())
 
 
 def print_table(copy_bw: float, rows, platforms) -> None:
@@ -128,14 +129,18 @@ def print_table(copy_bw: float, rows, platforms) -> None:
              f"{'xla/kernel':>10} {'kernel GB/s':>12} {'xla GB/s':>10} {'kernel/copy':>12}"
     print(header)
     print("-" * len(header))
+    def us(t):
+        return "-" if t is None else f"{t * 1e6:.1f}"
+
+    def ratio(a, b):
+        return "-" if a is None or b is None else f"{a / b:.2f}"
+
     for r in rows:
         for platform in platforms:
-            t = r[f"{platform}_s"]
-            kernel = "failed" if t is None else \
-                f"{t * 1e6:>10.1f} {r['xla_s'] * 1e6:>10.1f} {r['reference_s'] * 1e6:>10.1f} " \
-                f"{r['xla_s'] / t:>10.2f} {r['kv_bytes'] / t / 1e9:>12.1f} " \
-                f"{r['kv_bytes'] / r['xla_s'] / 1e9:>10.1f} {r['kv_bytes'] / t / copy_bw:>12.2f}"
-            print(f"{r['prefix']:>7} {r['T']:>3} {platform:>10} {kernel}")
+            t, xla = r[f"{platform}_s"], r["xla_s"]
+            print(f"{r['prefix']:>7} {r['T']:>3} {platform:>10} {us(t):>10} {us(xla):>10} {us(r['dense_s']):>10} "
+                  f"{ratio(xla, t):>10} {ratio(r['kv_bytes'] / 1e9, t):>12} {ratio(r['kv_bytes'] / 1e9, xla):>10} "
+                  f"{ratio(r['kv_bytes'] / copy_bw, t):>12}")
 
 
 def main(argv=None):
