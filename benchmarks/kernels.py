@@ -80,17 +80,27 @@ def inputs(prefix: int, T: int, seed: int = 0):
     )
 
 
-def default_platforms() -> tuple[str, ...]:
-    """The kernels worth timing on this backend (`tree_attention`'s platform names)."""
+def kernel_variants(platform: str | None, block_k: int | None, num_splits: int | None) -> dict[str, dict]:
+    """Label -> `tree_attention` options of each kernel to time: `platform`'s, or all worth timing here.
+
+    On Hopper both GPU kernels, and the Mosaic GPU one also with 128-key blocks (fewer, larger steps but one
+    program per multiprocessor instead of two): its defaults are not tuned on hardware yet.
+    """
+    tuning = {k: v for k, v in dict(block_k=block_k, num_splits=num_splits).items() if v is not None}
+    if platform:
+        return {platform: dict(platform=platform, **tuning)}
     if jax.default_backend() == "tpu":
-        return ("tpu",)
-    if getattr(jax.devices()[0], "compute_capability", None) == "9.0":
-        return ("gpu", "mosaic_gpu")  # the Mosaic GPU kernel needs Hopper (wgmma, TMA)
-    return ("gpu",)
+        return {"tpu": dict(platform="tpu", **tuning)}
+    variants = {"triton": dict(platform="gpu", **tuning)}
+    if getattr(jax.devices()[0], "compute_capability", None) == "9.0":  # Mosaic GPU needs Hopper (wgmma, TMA)
+        variants["mosaic_gpu"] = dict(platform="mosaic_gpu", **tuning)
+        if block_k is None:
+            variants["mosaic_gpu/128"] = dict(platform="mosaic_gpu", block_k=128, **tuning)
+    return variants
 
 
-def run(prefixes, nodes, timing, copy_bytes, platforms, **kernel_options):
-    """Times the XLA path, the reference, then each kernel, at every (prefix, T).
+def run(prefixes, nodes, timing, copy_bytes, variants: dict[str, dict]):
+    """Times the XLA path, the reference, then each kernel variant, at every (prefix, T).
 
     One contender at a time over all points, each figure printed as it comes: a kernel that hangs or fails
     leaves the figures before it. Returns (copy bytes/s, result rows); a kernel's time is None where it
@@ -99,8 +109,8 @@ def run(prefixes, nodes, timing, copy_bytes, platforms, **kernel_options):
     copy_bw = copy_bandwidth(copy_bytes, timing)
     contenders = {"xla": jax.jit(lambda q, kc, vc, n, kt, vt, m: attend(q, kc, vc, n, kt, vt, m, scale=D ** -0.5)),
                   "dense": jax.jit(tree_attention_reference)}
-    contenders.update({p: jax.jit(functools.partial(tree_attention, platform=p, **kernel_options))
-                       for p in platforms})
+    contenders.update({label: jax.jit(functools.partial(tree_attention, **options))
+                       for label, options in variants.items()})
     points = {(prefix, T): inputs(prefix, T) for prefix in prefixes for T in nodes}
     rows = {point: dict(prefix=point[0], T=point[1], kv_bytes=2 * B * HKV * point[0] * D * jnp.dtype(DTYPE).itemsize)
             for point in points}
@@ -115,17 +125,17 @@ def run(prefixes, nodes, timing, copy_bytes, platforms, **kernel_options):
                     error = f"{type(e).__name__}: {e}"
                     print(f"{name} failed at prefix {prefix}, T {T}: {error[:2000]}", flush=True)
             rows[prefix, T][f"{name}_s"] = t
-            print(f"{name:>10} prefix {prefix:>6} T {T:>3}: " + ("-" if t is None else f"{t * 1e6:.1f} us"),
+            print(f"{name:>14} prefix {prefix:>6} T {T:>3}: " + ("-" if t is None else f"{t * 1e6:.1f} us"),
                   flush=True)
     return copy_bw, list(rows.values())
 
 
-def print_table(copy_bw: float, rows, platforms) -> None:
+def print_table(copy_bw: float, rows, labels) -> None:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"copy bandwidth (read+write): {copy_bw / 1e9:.1f} GB/s")
     print(f"shapes: B={B} Hq={HQ} Hkv={HKV} D={D} {jnp.dtype(DTYPE).name}; xla = the model's blockwise XLA "
-          "attention; dense = fp32 oracle; kernels by tree_attention platform (gpu = Triton)")
-    header = f"{'prefix':>7} {'T':>3} {'kernel':>10} {'kernel us':>10} {'xla us':>10} {'dense us':>10} " \
+          "attention; dense = fp32 oracle; mosaic_gpu/128: 128-key blocks")
+    header = f"{'prefix':>7} {'T':>3} {'kernel':>14} {'kernel us':>10} {'xla us':>10} {'dense us':>10} " \
              f"{'xla/kernel':>10} {'kernel GB/s':>12} {'xla GB/s':>10} {'kernel/copy':>12}"
     print(header)
     print("-" * len(header))
@@ -136,9 +146,9 @@ def print_table(copy_bw: float, rows, platforms) -> None:
         return "-" if a is None or b is None else f"{a / b:.2f}"
 
     for r in rows:
-        for platform in platforms:
-            t, xla = r[f"{platform}_s"], r["xla_s"]
-            print(f"{r['prefix']:>7} {r['T']:>3} {platform:>10} {us(t):>10} {us(xla):>10} {us(r['dense_s']):>10} "
+        for label in labels:
+            t, xla = r[f"{label}_s"], r["xla_s"]
+            print(f"{r['prefix']:>7} {r['T']:>3} {label:>14} {us(t):>10} {us(xla):>10} {us(r['dense_s']):>10} "
                   f"{ratio(xla, t):>10} {ratio(r['kv_bytes'] / 1e9, t):>12} {ratio(r['kv_bytes'] / 1e9, xla):>10} "
                   f"{ratio(r['kv_bytes'] / copy_bw, t):>12}")
 
@@ -151,20 +161,19 @@ def main(argv=None):
     parser.add_argument("--num-splits", type=int, help="GPU kernel prefix splits (default: chosen from the shapes)")
     parser.add_argument("--platform", choices=("gpu", "mosaic_gpu", "tpu"),
                         help="which kernel: Triton (gpu), Mosaic GPU (Hopper) or Mosaic (tpu); default: the "
-                             "backend's (on Hopper both GPU kernels)")
+                             "backend's (on Hopper both GPU kernels, Mosaic GPU also with 128-key blocks)")
     args = parser.parse_args(argv)
     if args.quick:
         prefixes, timing, copy_bytes = (512, 1536), dict(warmup=1, trials=3, reps=1), 64 << 20
     else:
         prefixes, timing, copy_bytes = (4096, 16384, 65536), dict(warmup=3, trials=7, reps=20), 1 << 30
-    platforms = (args.platform,) if args.platform else default_platforms()
-    copy_bw, rows = run(prefixes, (1, 16, 60), timing, copy_bytes, platforms, block_k=args.block_k,
-                        num_splits=args.num_splits)
-    print_table(copy_bw, rows, platforms)
+    variants = kernel_variants(args.platform, args.block_k, args.num_splits)
+    copy_bw, rows = run(prefixes, (1, 16, 60), timing, copy_bytes, variants)
+    print_table(copy_bw, rows, variants)
     if args.out:
         meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
                     shapes=dict(B=B, Hq=HQ, Hkv=HKV, D=D, dtype=jnp.dtype(DTYPE).name), quick=args.quick,
-                    block_k=args.block_k, num_splits=args.num_splits, platforms=platforms)
+                    kernels=variants)
         args.out.write_text(json.dumps(dict(meta=meta, copy_gbps=copy_bw / 1e9, rows=rows), indent=2))
         print(f"wrote {args.out}")
 
