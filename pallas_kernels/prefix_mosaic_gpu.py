@@ -69,7 +69,7 @@ def _prefix_kernel(len_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_sm
         plgpu.barrier_wait(k_bar.at[slot])
 
         def scores(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
             return acc_ref[...]
 
         s = pl.run_scoped(scores, plgpu.ACC((BLOCK_M, block_k), jnp.float32))

@@ -1,22 +1,24 @@
 """Runs the Mosaic GPU tree-attention kernel on CPU, in JAX's Mosaic GPU interpreter (tests only).
 
-JAX 0.10.2 ships an interpreter for Mosaic GPU kernels (`jax._src.pallas.mosaic_gpu.interpret`,
-private and new) that simulates shared memory, TMA copies, barriers and wgmma
-on the CPU, checking out-of-bounds reads and filling fresh shared memory with
-NaN. It lacks three things the kernel uses; `interpreted()` adds them:
+JAX (0.10.2 and 0.11) ships an interpreter for Mosaic GPU kernels
+(`jax._src.pallas.mosaic_gpu.interpret`, private and new) that simulates shared
+memory, TMA copies, barriers and wgmma on the CPU, checking out-of-bounds reads
+and filling fresh shared memory with NaN. It lacks what the kernel uses;
+`interpreted()` adds it:
 
-- wgmma with its A operand in registers (the kernel's probabilities) and with a
-  transposed B operand (K read as K^T);
+- wgmma with its A operand in registers (the kernel's probabilities), and, on
+  JAX 0.10.2, with a transposed B operand (K read as K^T);
 - a CPU rule for `layout_cast` (register layouts mean nothing to the interpreter).
 
-Everything here pokes at private JAX internals; if they move, fix it here, not
-in the kernel.
+Everything here pokes at private JAX internals, which differ between 0.10.2
+and 0.11; if they move again, fix it here, not in the kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 import jax
 import numpy as np
@@ -25,55 +27,85 @@ from jax._src.interpreters import mlir
 from jax._src.pallas.mosaic.interpret import utils as interpret_utils
 from jax._src.pallas.mosaic_gpu import core as mgpu_core
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+from jax._src.pallas.mosaic_gpu.interpret import shared_memory as interpret_memory
 from jax._src.pallas.mosaic_gpu.interpret.jaxpr_interpret import JaxprInterpreter
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from jax._src.state import types as state_types
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+# JAX 0.11 names a simulated thread by (mesh location, thread) and reads transposed views itself.
+_JAX_0_11 = "mesh_location" in inspect.signature(gpu_callbacks.wgmma).parameters
+_original_wgmma_rule = JaxprInterpreter._interpret_wgmma_ref_p
 
-def _read_operand(shared_memory, key, transforms, thread, info):
-    """An SMEM operand's value, with a (1, 0) TransposeTransform applied instead of refused."""
-    transforms = jax.tree.map(int, gpu_callbacks._remove_noop_transforms(transforms))
-    transposed = False
-    kept = []
-    for t in transforms:
-        if type(t).__name__ == "TransposeTransform":
-            assert tuple(t.permutation) == (1, 0), t
-            transposed = not transposed
+
+def _location(interpreter: JaxprInterpreter) -> dict:
+    """The simulated thread running `interpreter`, as this JAX version's callbacks take it."""
+    if _JAX_0_11:
+        return dict(mesh_location=interpreter.mesh_location, thread=interpreter.thread)
+    return dict(device_id=interpreter.device_info.device_id, grid_point_coords=interpreter.grid_point_coords,
+                thread_id=interpreter.thread_id)
+
+
+class _SharedMemory:
+    """One simulated thread's reads and writes of the interpreter's buffers, over either version's API."""
+
+    def __init__(self, location: dict):
+        self.memory = gpu_callbacks._get_shared_memory()
+        if _JAX_0_11:
+            self.thread = location["thread"]
+            self.info = interpret_memory.GPULoggingInfo(location["mesh_location"], self.thread, None)
         else:
-            kept.append(t)
-    value, _, _ = shared_memory.get_buffer_content(gpu_callbacks.HostAllocationKey.from_array(key),
-                                                   interpret_utils.to_range(kept), thread, logging_info=info)
-    return value.T if transposed else value
+            device, thread = int(location["device_id"]), int(location["thread_id"])
+            self.thread = self.memory.get_global_thread_id(device, thread)
+            self.info = interpret_utils.GPULoggingInfo(
+                device_id=device, thread_id=thread, source_info=None,
+                grid_point_coords=tuple(int(x) for x in location["grid_point_coords"]))
+
+    def _access(self, key, transforms):
+        """(where in the buffer, whether the view is transposed)."""
+        transforms = jax.tree.map(int, gpu_callbacks._remove_noop_transforms(transforms))
+        if _JAX_0_11:
+            return self.memory.access(key, transforms), False
+        kept = [t for t in transforms if type(t).__name__ != "TransposeTransform"]
+        assert all(tuple(t.permutation) == (1, 0) for t in transforms if t not in kept), transforms
+        return interpret_utils.to_range(kept), (len(transforms) - len(kept)) % 2 == 1
+
+    def read(self, key_array, transforms) -> np.ndarray:
+        key = gpu_callbacks.HostAllocationKey.from_array(key_array)
+        where, transposed = self._access(key, transforms)
+        value, _, _ = self.memory.get_buffer_content(key, where, self.thread, logging_info=self.info)
+        return value.T if transposed else value
+
+    def write(self, key_array, transforms, value) -> None:
+        key = gpu_callbacks.HostAllocationKey.from_array(key_array)
+        where, transposed = self._access(key, transforms)
+        assert not transposed
+        self.memory.store_buffer_content(key, where, value, self.thread, logging_info=self.info)
 
 
-def _wgmma(*, token, device_id, grid_point_coords, thread_id, acc, acc_transforms, a, a_transforms, b, b_transforms,
-           acc_dtype, a_in_registers):
-    shared_memory = gpu_callbacks._get_shared_memory()
-    thread = shared_memory.get_global_thread_id(int(device_id), int(thread_id))
-    info = interpret_utils.GPULoggingInfo(device_id=int(device_id), thread_id=int(thread_id), source_info=None,
-                                          grid_point_coords=tuple(int(x) for x in grid_point_coords))
-    a = np.asarray(a) if a_in_registers else _read_operand(shared_memory, a, a_transforms, thread, info)
-    b = _read_operand(shared_memory, b, b_transforms, thread, info)
-    acc_key = gpu_callbacks.HostAllocationKey.from_array(acc)
-    acc_range = interpret_utils.to_range(jax.tree.map(int, gpu_callbacks._remove_noop_transforms(acc_transforms)))
-    acc, _, _ = shared_memory.get_buffer_content(acc_key, acc_range, thread, logging_info=info)
-    result = acc + np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(acc_dtype)
-    shared_memory.store_buffer_content(acc_key, acc_range, result, thread, logging_info=info)
+def _wgmma(*, token, location, acc, acc_transforms, a, a_transforms, b, b_transforms, a_in_registers):
+    """acc += a @ b, with a read from shared memory or passed in (registers)."""
+    memory = _SharedMemory(location)
+    a = np.asarray(a) if a_in_registers else memory.read(a, a_transforms)
+    b = memory.read(b, b_transforms)
+    total = memory.read(acc, acc_transforms)
+    memory.write(acc, acc_transforms,
+                 total + np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(total.dtype))
     return token
 
 
 def _interpret_wgmma_ref_p(self, eqn, token, get_invals):
+    a_in_registers = not isinstance(eqn.invars[1].aval, state_types.AbstractRef)
+    if _JAX_0_11 and not a_in_registers:
+        return _original_wgmma_rule(self, eqn, token, get_invals)
     acc, a, b, *leaves = get_invals()
     empty = jax.tree.structure([])
     acc_t, a_t, b_t = jax.tree.unflatten(jax.tree_util.treedef_tuple(
         [eqn.params[f"{x}_transforms_tree"] or empty for x in ("acc", "a", "b")]), leaves)
-    a_in_registers = not isinstance(eqn.invars[1].aval, state_types.AbstractRef)
     return callback.io_callback(
-        functools.partial(_wgmma, acc_dtype=eqn.invars[0].aval.dtype, a_in_registers=a_in_registers),
-        gpu_callbacks.TOKEN_SHAPE_DTYPE, token=token, device_id=self.device_info.device_id,
-        grid_point_coords=self.grid_point_coords, thread_id=self.thread_id, acc=acc, acc_transforms=acc_t,
-        a=a, a_transforms=a_t, b=b, b_transforms=b_t, ordered=True), []
+        functools.partial(_wgmma, a_in_registers=a_in_registers), gpu_callbacks.TOKEN_SHAPE_DTYPE, token=token,
+        location=_location(self), acc=acc, acc_transforms=acc_t, a=a, a_transforms=a_t, b=b, b_transforms=b_t,
+        ordered=True), []
 
 
 @functools.cache
