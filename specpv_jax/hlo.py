@@ -3,9 +3,9 @@
 Decoding is bound by memory traffic, so a loop that copies a KV cache, or cuts a
 layer's weights out of the stacked parameters into a new buffer, pays for it at
 every step. XLA inserts such copies where it cannot update or read a buffer in
-place (a buffer written inside a `lax.cond` branch: XLA never lets a
-conditional's result share its operand's buffers); they show only in the
-compiled program, which differs by backend. Tests check the decode loops with
+place (a buffer written inside a `lax.cond` branch, on JAX 0.10.2's XLA; a
+loop carry swapped with another); they show only in the compiled program,
+which differs by backend and XLA version. Tests check the decode loops with
 `loop_copies`; `benchmarks/hlo_audit.py` reports them for a backend at real
 model shapes.
 """

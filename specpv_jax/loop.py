@@ -193,9 +193,10 @@ class Output:
 def run_if(pred: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
     """`fn(operand)` where the scalar bool `pred` holds, else `operand` (`fn` keeps its structure and types).
 
-    A `lax.cond` whose other side is the identity, written as a while loop of zero or one trips: XLA never lets
-    a conditional's result share its operand's buffers, so `lax.cond` copies every buffer a branch updates (in
-    the SpecPV loop: the whole KV cache, every step), while a loop updates its carry in place.
+    A `lax.cond` whose other side is the identity, written as a while loop of zero or one trips: the XLA of JAX
+    0.10.2 never lets a conditional's result share its operand's buffers, so `lax.cond` copies every buffer a
+    branch updates (in the SpecPV loop: the whole KV cache, every step), while a loop updates its carry in
+    place. (JAX 0.11's XLA elides such copies in simple cases; a loop needs no such luck.)
     """
     return lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), fn(c[1])), (pred, operand))[1]
 
