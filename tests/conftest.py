@@ -13,12 +13,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_collection_modifyitems(config, items):
-    if jax.default_backend() in ("gpu", "tpu"):
-        return
-    skip = pytest.mark.skip(reason="needs a GPU or TPU")
+    accelerator = jax.default_backend() in ("gpu", "tpu")
     for item in items:
-        if item.get_closest_marker("gpu"):  # the marker, not a keyword: a test id may say "gpu"
-            item.add_marker(skip)
+        if "hf_model" in item.fixturenames:  # builds its models with transformers' PyTorch classes
+            item.add_marker(pytest.mark.torch)
+        if not accelerator and item.get_closest_marker("gpu"):  # the marker, not a keyword: an id may say "gpu"
+            item.add_marker(pytest.mark.skip(reason="needs a GPU or TPU"))
 
 
 @dataclasses.dataclass(frozen=True)

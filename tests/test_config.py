@@ -72,6 +72,7 @@ def test_sliding_window_is_rejected():
         ModelConfig.from_hf({**hf_dict("qwen2-gqa2-tied"), "use_sliding_window": True})
 
 
+@pytest.mark.torch
 def test_rope_tables_match_transformers():
     import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

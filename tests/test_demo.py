@@ -28,6 +28,7 @@ def test_longspec_is_lossless_with_the_trained_draft():
     assert out.stats["mean_accept_len"] > 1.5  # a trained draft: most steps accept drafted tokens
 
 
+@pytest.mark.torch
 def test_bundled_target_matches_transformers_on_heldout_text():
     import torch
     import transformers
@@ -96,6 +97,7 @@ def test_run_demo_prints_a_row_per_mode(capsys):
     assert rows[2]["partial"] > 0 and 0.0 <= rows[2]["fidelity"] <= 1.0
 
 
+@pytest.mark.torch  # the bench's transformers peer
 def test_bench_writes_json_markdown_and_plot(tmp_path):
     import json
 

@@ -24,8 +24,16 @@ def test_the_four_notebooks_exist_with_stripped_outputs():
 SLOW_NOTEBOOKS = {"long_context_specpv", "train_draft_head"}
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_NOTEBOOKS else p
-                                  for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
+TORCH_NOTEBOOKS = {"convert_checkpoint"}  # saves a random model with transformers (PyTorch)
+
+
+def notebook_marks(stem: str) -> list:
+    return [mark for mark, stems in ((pytest.mark.slow, SLOW_NOTEBOOKS), (pytest.mark.torch, TORCH_NOTEBOOKS))
+            if stem in stems]
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=notebook_marks(p.stem)) for p in NOTEBOOKS],
+                         ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
     from nbclient import NotebookClient
 
