@@ -9,9 +9,10 @@ TEST_WORKERS ?= 2
 PYTEST_ENV := XLA_FLAGS="--xla_backend_optimization_level=0 $(XLA_FLAGS)"
 PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist worksteal
 PYTEST := $(PYTEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
-# `make test-next`: the suite on the newest JAX PyPI serves for Python >= 3.12 (0.11.x, what GPU machines and
-# Colab run), less the torch parity tests (no CPU torch for 3.12 on this machine's registries).
-NEXT_PYTHON ?= python3.12  # e.g. make test-next NEXT_PYTHON=~/.pyenv/versions/3.12.1/bin/python
+# `make test-next`: the suite on the newest JAX PyPI serves for Python >= 3.12 (0.11.x, as on our GPU machine),
+# less the torch parity tests (no CPU torch for 3.12 on this machine's registries). Another interpreter:
+# make test-next NEXT_PYTHON=~/.pyenv/versions/3.12.1/bin/python
+NEXT_PYTHON ?= python3.12
 NEXT := .venv-next
 
 .PHONY: install demo test test-slow test-next bench clean
