@@ -274,21 +274,17 @@ def _tree_attention(q, k5, v5, cache_len, k_tree, v_tree, tree_mask, layer, *, s
             rows, block_m = row_blocks(R)
             part_out, part_lse = prefix_attention_tpu(_pad_rows(qg, rows), k5, v5, lens, layer, scale=scale,
                                                       block_k=block_k, block_m=block_m, interpret=interpret)
-        elif platform == "mosaic_gpu":
-            block_m = prefix_mosaic_gpu.BLOCK_M
+        else:  # the GPU kernels, both split-K over the prefix
+            if platform == "mosaic_gpu":
+                block_m, kernel = prefix_mosaic_gpu.BLOCK_M, prefix_mosaic_gpu.prefix_attention_mosaic_gpu
+            else:
+                block_m = min(max(16, pl.next_power_of_2(R)), _MAX_BLOCK_M)
+                kernel = functools.partial(_prefix_attention, block_m=block_m, interpret=interpret)
             rows = pl.cdiv(R, block_m) * block_m
             if num_splits is None:
                 num_splits = _default_num_splits(S, rows, B * Hkv * (rows // block_m), block_k)
-            part_out, part_lse = prefix_mosaic_gpu.prefix_attention_mosaic_gpu(
-                _pad_rows(qg, rows), k5, v5, lens, layer, scale=scale, block_k=block_k, num_splits=num_splits)
-        else:
-            block_m = min(max(16, pl.next_power_of_2(R)), _MAX_BLOCK_M)
-            rows = pl.cdiv(R, block_m) * block_m
-            if num_splits is None:
-                num_splits = _default_num_splits(S, rows, B * Hkv * (rows // block_m), block_k)
-            part_out, part_lse = _prefix_attention(_pad_rows(qg, rows), k5, v5, lens, layer, scale=scale,
-                                                   block_k=block_k, block_m=block_m, num_splits=num_splits,
-                                                   interpret=interpret)
+            part_out, part_lse = kernel(_pad_rows(qg, rows), k5, v5, lens, layer, scale=scale, block_k=block_k,
+                                        num_splits=num_splits)
         out, lse = _merge_splits(part_out, part_lse, out, lse, G, T)
     return _ungroup(out, lse, q.dtype)
 

@@ -66,9 +66,10 @@ class _SharedMemory:
         transforms = jax.tree.map(int, gpu_callbacks._remove_noop_transforms(transforms))
         if _JAX_0_11:
             return self.memory.access(key, transforms), False
-        kept = [t for t in transforms if type(t).__name__ != "TransposeTransform"]
-        assert all(tuple(t.permutation) == (1, 0) for t in transforms if t not in kept), transforms
-        return interpret_utils.to_range(kept), (len(transforms) - len(kept)) % 2 == 1
+        transposes = [t for t in transforms if type(t).__name__ == "TransposeTransform"]
+        assert all(tuple(t.permutation) == (1, 0) for t in transposes), transforms
+        kept = [t for t in transforms if t not in transposes]
+        return interpret_utils.to_range(kept), len(transposes) % 2 == 1
 
     def read(self, key_array, transforms) -> np.ndarray:
         key = gpu_callbacks.HostAllocationKey.from_array(key_array)
