@@ -276,7 +276,8 @@ def _tree_attention(q, k5, v5, cache_len, k_tree, v_tree, tree_mask, layer, *, s
                                                       block_k=block_k, block_m=block_m, interpret=interpret)
         else:  # the GPU kernels, both split-K over the prefix
             if platform == "mosaic_gpu":
-                block_m, kernel = prefix_mosaic_gpu.BLOCK_M, prefix_mosaic_gpu.prefix_attention_mosaic_gpu
+                block_m = prefix_mosaic_gpu.rows_per_program(R)
+                kernel = prefix_mosaic_gpu.prefix_attention_mosaic_gpu
             else:
                 block_m = min(max(16, pl.next_power_of_2(R)), _MAX_BLOCK_M)
                 kernel = functools.partial(_prefix_attention, block_m=block_m, interpret=interpret)
