@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -32,10 +33,42 @@ def _model_config(path: str):
     return read_config(path)[0]
 
 
-def _cmd_plan(args) -> int:
-    from specpv_jax import memory
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_spec(assignments: list[str] | None):
+    """A `SpecConfig` from `--spec FIELD=VALUE` strings, each value read as its field's type.
+
+    `buffer_tokens=none` restores that field's automatic size; booleans take true/false (yes/no, on/off, 1/0).
+    """
     from specpv_jax.config import SpecConfig
 
+    defaults = {f.name: f.default for f in dataclasses.fields(SpecConfig)}
+    values = {}
+    for item in assignments or ():
+        name, sep, raw = item.partition("=")
+        name, raw = name.strip().replace("-", "_"), raw.strip()
+        if not sep or name not in defaults:
+            raise ValueError(f"--spec {item!r}: expected FIELD=VALUE, FIELD one of {', '.join(defaults)}")
+        default = defaults[name]
+        if isinstance(default, bool):
+            if raw.lower() not in _TRUE + _FALSE:
+                raise ValueError(f"--spec {item!r}: {name} takes true or false")
+            values[name] = raw.lower() in _TRUE
+            continue
+        kind = int if default is None else type(default)  # buffer_tokens: int or none
+        try:
+            values[name] = None if default is None and raw.lower() == "none" else kind(raw)
+        except ValueError:
+            raise ValueError(f"--spec {item!r}: {name} takes {'an integer' if kind is int else 'a number'}"
+                             f"{' or none' if default is None else ''}") from None
+    return SpecConfig(**values)
+
+
+def _cmd_plan(args) -> int:
+    from specpv_jax import memory
+
+    spec = parse_spec(args.spec)
     cfg = _model_config(args.model)
     draft = _model_config(args.small_draft) if args.small_draft else None
     limit = memory.device_bytes_limit()
@@ -47,12 +80,13 @@ def _cmd_plan(args) -> int:
     for mode in memory.MODES:
         if mode == "specextend" and draft is None:
             continue
-        est = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode, dtype=args.dtype, draft_cfg=draft)
+        est = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
+                              dataclasses.replace(spec, offload=False), args.dtype, draft)
         fits = "yes" if limit is None or est.total <= limit else "no"
         offload = ("-", "-")
-        if est.host:  # SpecConfig(offload=True): the full cache and summaries in host memory
-            off = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode, SpecConfig(offload=True),
-                                  args.dtype, draft)
+        if est.host:  # offload=True: the full cache and summaries in host memory
+            off = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
+                                  dataclasses.replace(spec, offload=True), args.dtype, draft)
             offload = (memory.gib(off.device), memory.gib(off.host))
             fits = "with offload" if fits == "no" and off.device <= limit else fits
         fits_any |= fits != "no"
@@ -65,13 +99,14 @@ def _cmd_generate(args) -> int:
     from specpv_jax.generate import generate
     from specpv_jax.loading import load_draft, load_target
 
+    spec = parse_spec(args.spec)  # before loading: a typo fails at once
     model = load_target(args.model, dtype=args.dtype)
     draft = load_draft(args.draft, model) if args.draft else None
     prompt = pathlib.Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     ids = text.encode_prompt(model.tokenizer, prompt, chat=not args.no_chat)
     stream = None if args.no_stream else text.TextStream(model.tokenizer)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, mode=args.mode, draft=draft,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=stream)
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, spec=spec, stream=stream)
     if stream is None:
         print(text.decode(model.tokenizer, out.tokens[0, : out.lengths[0]].tolist()))
     else:
@@ -131,6 +166,12 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _add_spec_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", action="append", metavar="FIELD=VALUE",
+                   help="a SpecConfig field (repeatable), e.g. --spec retrieval_tokens=2048 --spec offload=true "
+                        "--spec tree_nodes=30; see help(specpv_jax.SpecConfig)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specpv-jax", description="Long-context speculative decoding in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--stats", action="store_true", help="print counters and timings to stderr")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
+    _add_spec_argument(g)
     g.set_defaults(run=_cmd_generate)
 
     pl = sub.add_parser("plan", help="device and host memory of each mode, before loading anything")
@@ -169,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     pl.add_argument("--small-draft", help="small draft model directory (adds the specextend row)")
+    _add_spec_argument(pl)
     pl.set_defaults(run=_cmd_plan)
 
     d = sub.add_parser("demo", help="run the bundled demo")

@@ -88,3 +88,22 @@ def test_rope_tables_match_transformers():
 def test_rope_config_validation():
     with pytest.raises(ConfigError, match="needs original_max_position_embeddings"):
         RopeConfig(kind="yarn", factor=4.0)
+
+
+def test_cli_spec_assignments_take_each_field_type_and_name_mistakes():
+    from specpv_jax.cli import parse_spec
+    from specpv_jax.config import SpecConfig
+
+    assert parse_spec(None) == SpecConfig()
+    spec = parse_spec(["retrieval_tokens=2048", "offload=yes", "tree-threshold=0.25", "buffer_tokens=100",
+                       "bounded_draft=off"])
+    assert spec == SpecConfig(retrieval_tokens=2048, offload=True, tree_threshold=0.25, buffer_tokens=100)
+    assert parse_spec(["buffer_tokens=100", "buffer_tokens=none"]).buffer_tokens is None  # the last one wins
+    for bad, message in [("retrival_tokens=2048", "FIELD one of tree_depth, "), ("offload", "expected FIELD=VALUE"),
+                         ("offload=maybe", "offload takes true or false"),
+                         ("tree_nodes=6.5", "tree_nodes takes an integer"),
+                         ("tree_threshold=high", "tree_threshold takes a number"),
+                         ("buffer_tokens=lots", "buffer_tokens takes an integer or none"),
+                         ("sink_tokens=7", "sink_tokens=7 must be a non-negative multiple of block_size=16")]:
+        with pytest.raises(ValueError, match=message):
+            parse_spec([bad])

@@ -116,3 +116,25 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     table = (tmp_path / "bench.md").read_text().splitlines()
     assert table[2].startswith("| context | mode |") and len(table) == 4 + 5
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_generate_passes_spec_fields(monkeypatch, capsys):
+    import importlib
+
+    from specpv_jax.cli import main
+
+    generate_module = importlib.import_module("specpv_jax.generate")  # the package's `generate` is the function
+
+    specs = []
+    real_generate = generate_module.generate
+
+    def recording_generate(*args, spec, **kwargs):
+        specs.append(spec)
+        return real_generate(*args, spec=spec, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate", recording_generate)
+    assert main(["generate", str(ASSETS / "target"), "--draft", str(ASSETS / "eagle3"), "--mode", "eagle",
+                 "--prompt", "def add(a, b):", "--no-chat", "--no-stream", "--max-new-tokens", "6",
+                 "--spec", "tree_depth=3", "--spec", "tree_top_k=3", "--spec", "tree_nodes=8"]) == 0
+    assert specs == [sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=8)]
+    assert capsys.readouterr().out.strip()  # the generated text

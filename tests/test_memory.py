@@ -72,3 +72,18 @@ def test_plan_takes_a_preset_name(capsys):
     assert "qwen3, 36 layers x 4096, 8.19 B params" in capsys.readouterr().out
     assert main(["plan", "--model", "llama-8b", "--context", "1024"]) != 0
     assert "llama-8b is neither a model directory nor a preset (llama-3.1-8b, qwen3-8b)" in capsys.readouterr().err
+
+
+def test_plan_takes_spec_fields(capsys):
+    from specpv_jax.cli import main
+
+    def rows(*spec):
+        assert main(["plan", "--model", "llama-3.1-8b", "--context", "65536", *spec]) == 0
+        return {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+
+    default, small = rows(), rows("--spec", "retrieval_tokens=1024")
+    assert default["ar"] == small["ar"]  # no partial cache
+    assert float(small["specpv"][1]) < float(default["specpv"][1])  # a smaller partial cache, on the device
+    assert float(small["specpv"][3]) < float(default["specpv"][3])  # ... also with the full cache offloaded
+    assert main(["plan", "--model", "llama-3.1-8b", "--context", "1024", "--spec", "offload=perhaps"]) == 1
+    assert "offload takes true or false" in capsys.readouterr().err
