@@ -83,8 +83,8 @@ def inputs(prefix: int, T: int, seed: int = 0):
 def kernel_variants(platform: str | None, block_k: int | None, num_splits: int | None) -> dict[str, dict]:
     """Label -> `tree_attention` options of each kernel to time: `platform`'s, or all worth timing here.
 
-    On Hopper both GPU kernels, and the Mosaic GPU one also with 128-key blocks (fewer, larger steps but one
-    program per multiprocessor instead of two): its defaults are not tuned on hardware yet.
+    On Hopper both GPU kernels, and the Mosaic GPU one also with 128-key blocks (fewer, larger steps, but a ring
+    twice the size, so fewer programs fit on a multiprocessor): its defaults are not tuned on hardware yet.
     """
     tuning = {k: v for k, v in dict(block_k=block_k, num_splits=num_splits).items() if v is not None}
     if platform:
