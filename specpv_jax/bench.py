@@ -199,9 +199,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", choices=MODES, help=f"default: {' '.join(DEFAULT_MODES)}")
     p.add_argument("--tree", type=int, nargs=3, metavar=("DEPTH", "TOP_K", "NODES"),
                    help="tree shape (default: SpecConfig's)")
-    p.add_argument("--budget-fraction", type=float, default=0.25,
-                   help="retrieval budget as a fraction of the context (at most 4096 tokens)")
-    p.add_argument("--tune", action="store_true", help="pick tree and budget with SpecConfig.tuned")
+    p.add_argument("--budget-fraction", type=float,
+                   help="retrieval budget as a fraction of the context (at most 4096 tokens; default 0.25)")
+    p.add_argument("--tune", action="store_true",
+                   help="pick tree and budget with SpecConfig.tuned (instead of --tree and --budget-fraction)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     p.add_argument("--quick", action="store_true", help="1K and 2K contexts, 32 new tokens")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_results"))
@@ -215,6 +216,9 @@ def run(args) -> list[dict]:
     contexts = args.contexts or ([1024, 2048] if args.quick else [2048, 4096, 8192, 16384])
     new_tokens = args.new_tokens or (32 if args.quick else 64)
     modes = args.modes or list(DEFAULT_MODES)
+    if args.tune and (args.tree or args.budget_fraction is not None):
+        raise ValueError("--tune picks the tree and the retrieval budget itself: leave out --tree and "
+                         "--budget-fraction, or --tune")
     if args.target:
         target = sj.load_target(args.target)
         paths = {kind: getattr(args, option.lstrip("-").replace("-", "_")) for kind, option in DRAFT_OPTIONS.items()}
@@ -246,7 +250,7 @@ def run(args) -> list[dict]:
     rows = []
     prompts = prompts_for(target, contexts)
     for context in contexts:
-        spec = tuned or budget_for(context, base, args.budget_fraction)
+        spec = tuned or budget_for(context, base, 0.25 if args.budget_fraction is None else args.budget_fraction)
         prompt = prompts[context]
         hf = hf_decode_tokens_per_s(hf_dir, prompt, new_tokens) if hf_dir else None
         ar_speed = None

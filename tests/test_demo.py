@@ -118,6 +118,14 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_refuses_tune_with_a_tree_or_budget(capsys):
+    from specpv_jax.cli import main
+
+    for extra in (["--tree", "3", "3", "8"], ["--budget-fraction", "0.5"]):
+        assert main(["bench", "--tune", *extra, "--out", "unused"]) == 1
+        assert "--tune picks the tree and the retrieval budget itself" in capsys.readouterr().err
+
+
 def test_cli_generate_passes_spec_fields(monkeypatch, capsys):
     import importlib
 
