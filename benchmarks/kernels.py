@@ -141,6 +141,7 @@ def print_table(copy_bw: float, rows, labels) -> None:
              f"{'xla/kernel':>10} {'kernel GB/s':>12} {'xla GB/s':>10} {'kernel/copy':>12}"
     print(header)
     print("-" * len(header))
+
     def us(t):
         return "-" if t is None else f"{t * 1e6:.1f}"
 
