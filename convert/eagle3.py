@@ -76,6 +76,9 @@ def _read_torch_bin(path: pathlib.Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for damaged pickles
         raise ConversionError(f"{path}: cannot read the torch checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ConversionError(f"{path}: expected a flat state dict (tensor name -> tensor), as "
+                              f"torch.save(model.state_dict()) writes")
     out = {}
     for k, t in state.items():
         name = str(t.dtype).removeprefix("torch.")
@@ -102,6 +105,13 @@ def check_fits_target(cfg: DraftConfig, target: ModelConfig, where: str) -> None
         raise ConversionError(f"{where}: this EAGLE-3 head does not fit the target: " + "; ".join(problems))
 
 
+def check_embedding(cfg: DraftConfig, target: ModelConfig, own_embedding: bool, where: str) -> None:
+    """A head narrower or wider than its target must bring its own token embedding (it cannot use the target's)."""
+    if cfg.hidden_size != target.hidden_size and not own_embedding:
+        raise ConversionError(f"{where}: this EAGLE-3 head has hidden size {cfg.hidden_size}, the target "
+                              f"{target.hidden_size}, and it stores no embed_tokens of its own to embed tokens with")
+
+
 def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32",
                 progress: bool = False) -> tuple[DraftConfig, dict, jax.Array]:
     """Reads a public-layout EAGLE-3 head for `target`. Returns (config, params, d2t `[V_draft]` int32)."""
@@ -124,12 +134,13 @@ def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32
             f"{len(cfg.feature_layers) * target.hidden_size}")
     check_tensors(head_table(cfg), infos, 1, "an EAGLE-3 head", ignore=lambda k: k in extras,
                   source=f"{head_dir / 'config.json'}")
+    check_embedding(cfg, target, "embed_tokens.weight" in infos, str(head_dir))
     table = head_table(cfg)
     if "embed_tokens.weight" in tensors:
         shape = infos["embed_tokens.weight"].shape
-        if shape != (target.vocab_size, target.hidden_size):
+        if shape != (target.vocab_size, cfg.hidden_size):
             raise ConversionError(f"{head_dir}: embed_tokens.weight has shape {shape}, expected "
-                                  f"{(target.vocab_size, target.hidden_size)}")
+                                  f"{(target.vocab_size, cfg.hidden_size)}")
         table.append(Entry("embed_tokens.weight", shape, ("embed_tokens", "embedding")))
     params = load_params(table, 1, tensors.__getitem__, infos, dtype, progress, desc="converting head")
     return cfg, params, _d2t(tensors, cfg, head_dir)
@@ -141,12 +152,18 @@ def _d2t(tensors: dict, cfg: DraftConfig, head_dir: pathlib.Path) -> jax.Array:
             raise ConversionError(f"{head_dir}: draft_vocab_size={cfg.draft_vocab_size} differs from "
                                   f"vocab_size={cfg.vocab_size}, so the checkpoint needs a d2t tensor")
         return jax.device_put(np.zeros(cfg.draft_vocab_size, np.int32))
-    d2t = np.asarray(tensors["d2t"]).astype(np.int64)
+    return check_d2t(tensors["d2t"], cfg, str(head_dir))
+
+
+def check_d2t(d2t, cfg: DraftConfig, where: str) -> jax.Array:
+    """The draft-to-target offsets `d2t [V_draft]` as int32 on the device, once they map every draft id into
+    the target's vocabulary; raises naming `where` otherwise."""
+    d2t = np.asarray(d2t).astype(np.int64)
     if d2t.shape != (cfg.draft_vocab_size,):
-        raise ConversionError(f"{head_dir}: d2t has shape {d2t.shape}, expected ({cfg.draft_vocab_size},)")
+        raise ConversionError(f"{where}: d2t has shape {d2t.shape}, expected ({cfg.draft_vocab_size},)")
     target_ids = d2t + np.arange(d2t.size)
     if target_ids.min() < 0 or target_ids.max() >= cfg.vocab_size:
-        raise ConversionError(f"{head_dir}: d2t maps draft ids outside the target vocabulary [0, {cfg.vocab_size})")
+        raise ConversionError(f"{where}: d2t maps draft ids outside the target vocabulary [0, {cfg.vocab_size})")
     return jax.device_put(d2t.astype(np.int32))
 
 

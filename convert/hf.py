@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from specpv_jax.config import ARCHITECTURES, ConfigError, ModelConfig
 
 SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
+STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # Tensors some checkpoints carry that the model recomputes.
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -57,12 +58,18 @@ def read_config(model_dir: str | pathlib.Path) -> tuple[ModelConfig, dict]:
     hf = read_json(model_dir / "config.json")
     gen_path = model_dir / "generation_config.json"
     gen = read_json(gen_path) if gen_path.exists() else None
+    where = model_dir / "config.json"
+    if gen is not None:
+        where = f"{where} (with {gen_path.name})"
+    for name, d in (("config.json", hf), (gen_path.name, gen)):
+        if d is not None and not isinstance(d, dict):
+            raise ConversionError(f"{model_dir / name} must hold a JSON object, not a {type(d).__name__}")
     try:
         return ModelConfig.from_hf(hf, gen), hf
-    except (KeyError, TypeError) as e:
-        raise ConversionError(f"{model_dir / 'config.json'}: missing or malformed field {e}") from None
     except ConfigError as e:
-        raise ConversionError(f"{model_dir / 'config.json'}: {e}") from None
+        raise ConversionError(f"{where}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: missing or malformed field {e}") from None
 
 
 def param_table(cfg: ModelConfig) -> list[Entry]:
@@ -106,8 +113,12 @@ def safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index} has no weight_map")
+        bad = sorted({repr(f) for f in weight_map.values()
+                      if not isinstance(f, str) or pathlib.PurePath(f).name != f or not f})
+        if bad:
+            raise ConversionError(f"{index}: weight_map must name shard files in {model_dir}, got {', '.join(bad)}")
         files = sorted({model_dir / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.exists()]
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ConversionError(f"{index} lists shard files that do not exist: {missing}")
         return files
@@ -138,7 +149,7 @@ def scan_headers(files: Iterable[pathlib.Path]) -> dict[str, TensorInfo]:
                     if key in found:
                         raise ConversionError(f"tensor {key!r} appears twice: in {found[key].file.name} and {path.name}")
                     found[key] = info
-        except SafetensorError as e:
+        except (SafetensorError, OSError) as e:
             raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     return found
 
@@ -259,44 +270,59 @@ def load_params(table: list[Entry], num_layers: int, read: Callable[[str], np.nd
     return params
 
 
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
+                 "half": "float16"}
+
+
 def check_dtype(dtype) -> jnp.dtype:
-    dtype = jnp.dtype(dtype)
-    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise ConversionError(f"unsupported target dtype {dtype} (float32, bfloat16 or float16)")
-    return dtype
+    """`dtype` (a name such as "bfloat16" or "bf16", or a dtype) as a supported parameter dtype."""
+    try:
+        resolved = jnp.dtype(DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ConversionError(f"unsupported parameter dtype {str(dtype)!r}: use float32, bfloat16 or float16")
+    return resolved
 
 
 def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool = True) -> tuple[ModelConfig, dict]:
-    """Converts an HF model directory into `(ModelConfig, params)`.
+    """Converts an HF model directory into `(ModelConfig, params)`; dtype None keeps the embedding's stored one.
 
     Raises ConversionError naming the file and key for any mismatch, before
     reading tensor data.
     """
     model_dir = pathlib.Path(model_dir)
-    dtype = check_dtype(dtype)
+    if dtype is not None:
+        dtype = check_dtype(dtype)
     cfg, _ = read_config(model_dir)
     found = scan_headers(safetensors_files(model_dir))
+    if dtype is None:
+        stored = found.get("model.embed_tokens.weight")
+        dtype = check_dtype(STORED_DTYPES.get(stored.dtype) if stored else "float32")
     table = param_table(cfg)
     tied_head = cfg.tie_word_embeddings and "lm_head.weight" in found
-    # transformers ties lm_head to the embedding and ignores a stored copy; so do we.
+    # A tied model's stored copy of the embedding as lm_head is redundant; a different head is not.
     check_tensors(table, found, cfg.num_layers, f"a {cfg.arch} model with this config",
                   ignore=lambda k: tied_head and k == "lm_head.weight")
     with SafetensorsReader(found) as read:
+        if tied_head and not _same_tensor(read("lm_head.weight"), read("model.embed_tokens.weight")):
+            raise ConversionError(
+                f"{model_dir / 'config.json'} sets tie_word_embeddings=true, but {found['lm_head.weight'].file.name} "
+                f"holds an lm_head.weight that differs from model.embed_tokens.weight: set tie_word_embeddings "
+                f"to false to use the stored head, or remove it to use the embedding")
         return cfg, load_params(table, cfg.num_layers, read, found, dtype, progress)
+
+
+def _same_tensor(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.dtype == b.dtype:  # bitwise: no float32 copy of a vocabulary-sized matrix
+        return a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    return a.shape == b.shape and np.array_equal(a.astype(np.float32), b.astype(np.float32))
 
 
 def hf_config(cfg: ModelConfig) -> dict:
     """A transformers-readable config.json dict for `cfg` (the inverse of `ModelConfig.from_hf`)."""
     arch = {v: k for k, v in ARCHITECTURES.items()}[cfg.arch]
-    rope: dict = {"rope_type": cfg.rope.kind, "rope_theta": cfg.rope.theta}
-    if cfg.rope.kind != "default":
-        rope.update(factor=cfg.rope.factor, original_max_position_embeddings=cfg.rope.original_max_position_embeddings)
-    if cfg.rope.kind == "llama3":
-        rope.update(low_freq_factor=cfg.rope.low_freq_factor, high_freq_factor=cfg.rope.high_freq_factor)
-    if cfg.rope.kind == "yarn":
-        rope.update(beta_fast=cfg.rope.beta_fast, beta_slow=cfg.rope.beta_slow, truncate=cfg.rope.truncate)
-        if cfg.rope.attention_factor is not None:
-            rope["attention_factor"] = cfg.rope.attention_factor
+    rope = cfg.rope.to_hf()
     out = {
         "architectures": [arch], "model_type": cfg.arch, "hidden_act": "silu",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,

@@ -14,7 +14,7 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,6 +24,7 @@ FORMAT = "specpv-jax"
 FORMAT_VERSION = 1
 # Files that make a directory loadable by AutoTokenizer; the rest travel with them.
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+T = TypeVar("T")
 TOKENIZER_FILES = TOKENIZER_MARKERS + ("special_tokens_map.json", "merges.txt", "added_tokens.json",
                                        "chat_template.jinja", "chat_template.json", "generation_config.json")
 
@@ -42,17 +43,42 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
 
     Refuses a non-empty `out_dir` unless `overwrite`.
     """
-    out = pathlib.Path(out_dir).resolve()
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"{out} already exists and is not empty (pass overwrite=True / --force to replace it)")
+    out = check_destination(out_dir, overwrite)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {out}: {e.strerror or e}") from None
+    try:
         yield tmp
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,
+                      source: str | os.PathLike | None = None) -> pathlib.Path:
+    """`out_dir` resolved, once it is known that a checkpoint can be written there: not a file, empty
+    unless `overwrite`, inside a writable directory, and not the model directory `source` being
+    exported (unless that is a checkpoint of ours) or a directory holding it, which replacing would delete."""
+    out = pathlib.Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file, not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} already exists and is not empty (pass overwrite=True / --force to replace it)")
+    if source:
+        src = pathlib.Path(source).resolve()
+        if out == src and not is_checkpoint(src):
+            raise CheckpointError(f"{out} is the model directory being exported; replacing it would delete it: "
+                                  f"write to another directory")
+        if out in src.parents:
+            raise CheckpointError(f"{out} holds {src}, the model being exported; replacing it would delete it: "
+                                  f"write to another directory")
+    parent = next(p for p in out.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot create {out}: {parent} is not a writable directory")
+    return out
 
 
 def save(out_dir: str | os.PathLike, params: Any, meta: dict[str, Any],
@@ -87,7 +113,8 @@ def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:
             shutil.copy2(src / n, dst / n)
 
 
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+def read_meta(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """The checkpoint's `specpv_config.json`; with `kind`, raises unless it holds that kind of checkpoint."""
     meta_path = pathlib.Path(path) / META_FILE
     try:
         meta = json.loads(meta_path.read_text())
@@ -95,23 +122,84 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a specpv-jax checkpoint (no {META_FILE})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: unsupported format {meta.get('format')!r} "
-                              f"version {meta.get('format_version')!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        found = meta if not isinstance(meta, dict) else f"{meta.get('format')!r} version {meta.get('format_version')!r}"
+        raise CheckpointError(f"{meta_path}: unsupported format {found}")
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a {kind!r} one")
     return meta
 
 
-def restore(path: str | os.PathLike, kind: str) -> tuple[dict[str, Any], Any]:
-    """Returns `(meta, params)` of a checkpoint of `kind` ("target", "eagle3"), params on the default device."""
+def config_from_meta(path: str | os.PathLike, meta: dict[str, Any], field: str, from_dict: Callable[[Any], T]) -> T:
+    """`from_dict(meta[field])`, or an error naming the metadata file and the field."""
+    try:
+        return from_dict(meta[field])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{pathlib.Path(path) / META_FILE}: missing or malformed {field!r}: {e}") from None
+
+
+def key_name(path: tuple) -> str:
+    """A pytree key path as "a/b/c"."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """`{"a/b/c": shape}` for every leaf of a tree of arrays (or of anything with a `.shape`)."""
+    return {key_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
+            optional: dict[str, tuple[int, ...]] | None = None) -> Any:
+    """The checkpoint's parameter tree, on the default device.
+
+    expected: `flat_shapes` of the tree its configs imply (`optional`: leaves it may hold
+    too); any difference from the stored tree is an error naming the keys, raised
+    before anything is read, as is a damaged `params/` directory.
+    """
     path = pathlib.Path(path).resolve()
-    meta = read_meta(path)
-    if meta.get("kind") != kind:
-        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a {kind!r} one")
-    checkpointer = ocp.StandardCheckpointer()
-    tree = checkpointer.metadata(path / "params").item_metadata.tree
+    tree = _stored_tree(path)
+    _check_shapes(path, flat_shapes(tree), expected, optional or {})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    return meta, checkpointer.restore(path / "params", abstract)
+    try:
+        return ocp.StandardCheckpointer().restore(path / "params", abstract)
+    except Exception as e:  # orbax and TensorStore raise several types
+        raise CheckpointError(f"cannot read the parameters in {path / 'params'} (the checkpoint is damaged): "
+                              f"{_first_line(e)}") from None
+
+
+def stored_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """`flat_shapes` of the checkpoint's stored parameter tree (read from its metadata, not its data)."""
+    return flat_shapes(_stored_tree(pathlib.Path(path).resolve()))
+
+
+def _stored_tree(path: pathlib.Path) -> Any:
+    damaged = f"{path / 'params'} is missing or incomplete (the checkpoint is damaged)"
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(path / "params")
+    except Exception as e:  # orbax raises several types for a missing or damaged directory
+        raise CheckpointError(f"{damaged}: {_first_line(e)}") from None
+    tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)
+    if tree is None:
+        raise CheckpointError(damaged)
+    return tree
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message cut to its first sentence (TensorStore's run to a page) and its cause's."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
+    return text + (f" ({_first_line(e.__cause__)})" if e.__cause__ is not None else "")
+
+
+def _check_shapes(path: pathlib.Path, stored: dict, expected: dict, optional: dict) -> None:
+    allowed = {**optional, **expected}
+    problems = [f"missing {k} {shape}" for k, shape in expected.items() if k not in stored]
+    problems += [f"unexpected {k} {shape}" for k, shape in stored.items() if k not in allowed]
+    problems += [f"{k} has shape {stored[k]}, the configuration implies {shape}"
+                 for k, shape in allowed.items() if k in stored and stored[k] != shape]
+    if problems:
+        raise CheckpointError(f"{path}: the stored parameters do not match {META_FILE}: " + "; ".join(problems[:8])
+                              + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
 
 
 def tokenizer_dir(path: str | os.PathLike) -> pathlib.Path | None:

@@ -9,8 +9,10 @@ import sys
 
 
 def _cmd_convert(args) -> int:
+    from specpv_jax.checkpoint import check_destination
     from specpv_jax.loading import load_target, save_target
 
+    check_destination(args.out_dir, args.force, source=args.hf_dir)  # before the (long) load
     model = load_target(args.hf_dir, dtype=args.dtype)
     out = save_target(model, args.out_dir, overwrite=args.force)
     print(f"wrote {out} ({model.cfg.arch}, {model.cfg.num_layers} layers, {args.dtype})")
@@ -29,7 +31,7 @@ def _model_config(path: str):
         raise FileNotFoundError(f"{path} is neither a model directory nor a preset "
                                 f"({', '.join(presets.HF_CONFIGS)})")
     if checkpoint.is_checkpoint(path):
-        return ModelConfig.from_dict(checkpoint.read_meta(path)["model_config"])
+        return checkpoint.config_from_meta(path, checkpoint.read_meta(path), "model_config", ModelConfig.from_dict)
     return read_config(path)[0]
 
 
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, OSError, NotImplementedError) as e:
         print(f"specpv-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
 

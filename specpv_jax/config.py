@@ -52,6 +52,21 @@ class RopeConfig:
         if self.theta <= 0 or self.factor <= 0:
             raise ConfigError(f"RoPE theta and factor must be positive, got theta={self.theta}, factor={self.factor}")
 
+    def to_hf(self) -> dict[str, Any]:
+        """The `rope_parameters` / `rope_scaling` dict of a config.json (the inverse of reading one)."""
+        hf: dict[str, Any] = {"rope_type": self.kind, "rope_theta": self.theta}
+        if self.kind == "default":
+            return hf
+        hf.update(factor=self.factor, original_max_position_embeddings=self.original_max_position_embeddings)
+        if self.kind == "llama3":
+            hf.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor)
+        if self.kind == "yarn":
+            hf.update(beta_fast=self.beta_fast, beta_slow=self.beta_slow, truncate=self.truncate)
+            optional = {"attention_factor": self.attention_factor, "mscale": self.mscale,
+                        "mscale_all_dim": self.mscale_all_dim}
+            hf.update({k: v for k, v in optional.items() if v is not None})
+        return hf
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -106,9 +121,9 @@ class ModelConfig:
         """
         arch = _architecture(hf)
         _reject_unsupported(hf, arch)
-        num_heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        head_dim = hf.get("head_dim") or hidden // num_heads
+        num_heads = _positive_int(hf, "num_attention_heads")
+        hidden = _positive_int(hf, "hidden_size")
+        head_dim = _positive_int(hf, "head_dim") if hf.get("head_dim") else hidden // num_heads
         if arch == "qwen2":
             qkv_bias, o_bias = True, False
         else:
@@ -116,21 +131,21 @@ class ModelConfig:
         eos = (generation_config or {}).get("eos_token_id", hf.get("eos_token_id"))
         return cls(
             arch=arch,
-            vocab_size=int(hf["vocab_size"]),
+            vocab_size=_positive_int(hf, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
+            intermediate_size=_positive_int(hf, "intermediate_size"),
+            num_layers=_positive_int(hf, "num_hidden_layers"),
             num_heads=num_heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=int(head_dim),
-            max_position_embeddings=int(hf["max_position_embeddings"]),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if arch != "llama" else 1e-5)),
+            num_kv_heads=_positive_int(hf, "num_key_value_heads") if hf.get("num_key_value_heads") else num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=_positive_int(hf, "max_position_embeddings"),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),  # transformers' default for all three
             rope=_rope_from_hf(hf),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             qk_norm=arch == "qwen3",
-            bos_token_id=hf.get("bos_token_id"),
+            bos_token_id=_first(hf.get("bos_token_id")),
             eos_token_ids=_as_ids(eos),
             pad_token_id=_first(hf.get("pad_token_id")),
         )
@@ -211,6 +226,8 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
         raise ConfigError(f"unsupported rope_scaling type {kind!r} in config.json "
                           f"(supported: {', '.join(ROPE_KINDS)})")
     orig = r.get("original_max_position_embeddings")
+    if orig is None:
+        raise ConfigError(f"rope_scaling of type {kind!r} needs original_max_position_embeddings")
     if kind == "llama3":
         return RopeConfig(theta=theta, kind=kind, factor=float(r["factor"]),
                           original_max_position_embeddings=int(orig),
@@ -224,6 +241,16 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
         beta_fast=float(r.get("beta_fast") or 32.0), beta_slow=float(r.get("beta_slow") or 1.0),
         attention_factor=r.get("attention_factor"), mscale=r.get("mscale"),
         mscale_all_dim=r.get("mscale_all_dim"), truncate=bool(r.get("truncate", True)))
+
+
+def _positive_int(hf: Mapping[str, Any], name: str) -> int:
+    """Field `name` of a config.json: a positive integer (a whole-number float is accepted)."""
+    value = hf[name]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def _as_ids(x) -> tuple[int, ...]:
@@ -315,11 +342,7 @@ class DraftConfig:
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in self.feature_layers]},
         }
         if self.rope.kind != "default":
-            hf["rope_scaling"] = {"type": self.rope.kind, "rope_type": self.rope.kind, "factor": self.rope.factor,
-                                  "original_max_position_embeddings": self.rope.original_max_position_embeddings}
-            if self.rope.kind == "llama3":
-                hf["rope_scaling"].update(low_freq_factor=self.rope.low_freq_factor,
-                                          high_freq_factor=self.rope.high_freq_factor)
+            hf["rope_scaling"] = {"type": self.rope.kind, **self.rope.to_hf()}
         return hf
 
     def to_dict(self) -> dict[str, Any]:

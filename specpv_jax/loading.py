@@ -33,12 +33,26 @@ def _tokenizer(directory: pathlib.Path | None):
     if directory is None or not any((directory / n).is_file() for n in checkpoint.TOKENIZER_MARKERS):
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as e:  # transformers raises many types for damaged tokenizer files
+        raise ValueError(f"cannot load the tokenizer in {directory}: {type(e).__name__}: {e}") from e
 
 
-def cast_params(params: Params, dtype) -> Params:
-    dtype = jnp.dtype(dtype)
-    return jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), params)
+def cast_params(params: Params, dtype, where: str) -> Params:
+    """`params` (restored from the checkpoint at `where`) cast to `dtype`; raises naming the parameters
+    that are not finite after the cast (NaN stored, or values beyond a narrower dtype's range)."""
+    from convert.hf import check_dtype
+
+    dtype = check_dtype(dtype)
+    params = jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), params)
+    finite = jax.device_get(jax.tree.map(lambda x: jnp.isfinite(x).all(), params))
+    bad = [checkpoint.key_name(path) for path, ok in jax.tree_util.tree_leaves_with_path(finite) if not ok]
+    if bad:
+        raise checkpoint.CheckpointError(
+            f"{where}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or Inf as {dtype.name} "
+            f"(values beyond its range? load in a wider dtype)")
+    return params
 
 
 def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress: bool = True) -> Model:
@@ -56,19 +70,32 @@ def _load_decoder(path: pathlib.Path, dtype: str | None,
     """(config, params, directory of its tokenizer files or None) of a target-layout model."""
     from convert.hf import load_hf_model  # convert -> params -> model: imported lazily
 
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
+    _check_directory(path, "model")
     if checkpoint.is_checkpoint(path):
-        meta, params = checkpoint.restore(path, "target")
-        cfg = ModelConfig.from_dict(meta["model_config"])
+        meta = checkpoint.read_meta(path, "target")
+        cfg = checkpoint.config_from_meta(path, meta, "model_config", ModelConfig.from_dict)
+        from specpv_jax.model import init_params
+        params = checkpoint.restore(path, _shapes(init_params, cfg))
         if dtype is not None:
-            params = cast_params(params, dtype)
+            params = cast_params(params, dtype, str(path))
         return cfg, params, checkpoint.tokenizer_dir(path)
     if (path / "config.json").is_file():
-        cfg, params = load_hf_model(path, dtype or "float32", progress=progress)
+        cfg, params = load_hf_model(path, dtype, progress=progress)
         return cfg, params, path
     raise FileNotFoundError(f"{path} is not a model directory: it has neither config.json (Hugging Face) "
                             f"nor {checkpoint.META_FILE} (specpv-jax orbax export)")
+
+
+def _check_directory(path: pathlib.Path, what: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} directory {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; pass the {what} directory")
+
+
+def _shapes(init_params, cfg) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes `init_params(cfg, key)` makes, flattened as `checkpoint.restore` expects them."""
+    return checkpoint.flat_shapes(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
 
 
 def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
@@ -76,6 +103,7 @@ def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = Fals
     source = pathlib.Path(model.source) if model.source else None
     tok_dir = source if source is not None and (source / "config.json").is_file() else (
         checkpoint.tokenizer_dir(source) if source is not None else None)
+    checkpoint.check_destination(out_dir, overwrite, source=model.source)
     meta = {"kind": "target", "model_config": model.cfg.to_dict(), "dtype": str(model.dtype)}
     return checkpoint.save(out_dir, model.params, meta, tokenizer_dir=tok_dir, overwrite=overwrite)
 
@@ -89,26 +117,21 @@ def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None)
     Raises naming what does not fit the target (vocabulary, hidden size, layers).
     dtype: None uses the target's dtype.
     """
-    from convert.eagle3 import check_fits_target, load_eagle3
+    from convert.eagle3 import load_eagle3
     from convert.longspec import is_longspec_dir, load_longspec
     from specpv_jax.draft.longspec import LongSpecDraft
-    from specpv_jax.config import DraftConfig
     from specpv_jax.draft.eagle3 import Eagle3
 
     path = pathlib.Path(path)
     dtype = dtype or target.dtype
-    if not path.is_dir():
-        raise FileNotFoundError(f"draft directory {path} does not exist")
+    _check_directory(path, "draft")
     if checkpoint.is_checkpoint(path):
         kind = checkpoint.read_meta(path).get("kind")
         if kind == "target":
             return _small_draft(path, dtype, target)
         if kind == "longspec":
             return _longspec_from_checkpoint(path, target, dtype)
-        meta, tree = checkpoint.restore(path, "eagle3")
-        cfg = DraftConfig.from_dict(meta["draft_config"])
-        check_fits_target(cfg, target.cfg, str(path))
-        return Eagle3(cfg, cast_params(tree["params"], dtype), tree["d2t"].astype(jnp.int32), str(path))
+        return _eagle3_from_checkpoint(path, target, dtype)
     if (path / "config.json").is_file():
         if is_longspec_dir(path):
             cfg, params = load_longspec(path, target.cfg, dtype)
@@ -139,16 +162,34 @@ def _small_draft(path: pathlib.Path, dtype, target: Model) -> Any:
     return SmallDraft(cfg, params, str(path))
 
 
+def _eagle3_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
+    from convert.eagle3 import check_d2t, check_embedding, check_fits_target
+    from specpv_jax.config import DraftConfig
+    from specpv_jax.draft import eagle3
+
+    meta = checkpoint.read_meta(path, "eagle3")
+    cfg = checkpoint.config_from_meta(path, meta, "draft_config", DraftConfig.from_dict)
+    check_fits_target(cfg, target.cfg, str(path))
+    own_embedding = "params/embed_tokens/embedding"
+    check_embedding(cfg, target.cfg, own_embedding in checkpoint.stored_shapes(path), str(path))
+    expected = {f"params/{k}": v for k, v in _shapes(eagle3.init_params, cfg).items()}
+    expected["d2t"] = (cfg.draft_vocab_size,)
+    tree = checkpoint.restore(path, expected, {own_embedding: (cfg.vocab_size, cfg.hidden_size)})
+    return eagle3.Eagle3(cfg, cast_params(tree["params"], dtype, str(path)), check_d2t(tree["d2t"], cfg, str(path)),
+                         str(path))
+
+
 def _longspec_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
     from specpv_jax.config import LongSpecConfig
-    from specpv_jax.draft.longspec import LongSpecDraft
+    from specpv_jax.draft import longspec
 
-    meta, tree = checkpoint.restore(path, "longspec")
-    cfg = LongSpecConfig.from_dict(meta["longspec_config"])
+    meta = checkpoint.read_meta(path, "longspec")
+    cfg = checkpoint.config_from_meta(path, meta, "longspec_config", LongSpecConfig.from_dict)
     problems = cfg.fit_problems(target.cfg)
     if problems:
         raise ValueError(f"{path}: this LongSpec draft does not fit the target: {'; '.join(problems)}")
-    return LongSpecDraft(cfg, cast_params(tree["params"], dtype), str(path))
+    params = checkpoint.restore(path, {f"params/{k}": v for k, v in _shapes(longspec.init_params, cfg).items()})
+    return longspec.LongSpecDraft(cfg, cast_params(params["params"], dtype, str(path)), str(path))
 
 
 def save_draft(draft: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:

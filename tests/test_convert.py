@@ -12,9 +12,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import specpv_jax as sj
-from convert.hf import ConversionError
+from convert.hf import ConversionError, export_hf
 from specpv_jax import checkpoint, cli
 from specpv_jax.checkpoint import CheckpointError
+from specpv_jax.config import ModelConfig
 
 IDS = np.random.default_rng(0).integers(3, 160, (2, 40))
 
@@ -194,9 +195,111 @@ def test_not_a_model_directory(tmp_path):
         sj.load_target(tmp_path / "nope")
 
 
-def test_unsupported_target_dtype(hf_copy):
-    with pytest.raises(ConversionError, match="unsupported target dtype int32"):
-        sj.load_target(hf_copy, dtype="int32", progress=False)
+def test_dtype_names(hf_copy, tmp_path):
+    assert sj.load_target(hf_copy, dtype="bf16", progress=False).dtype == jnp.bfloat16
+    sj.save_target(sj.load_target(hf_copy, progress=False), tmp_path / "ckpt")
+    for path in (hf_copy, tmp_path / "ckpt"):
+        for bad in ("int32", "garbage", "float64"):
+            with pytest.raises(ConversionError, match=f"unsupported parameter dtype '{bad}'"):
+                sj.load_target(path, dtype=bad, progress=False)
+
+
+def test_dtype_none_keeps_the_stored_dtype(hf_model, tmp_path):
+    target = sj.load_target(hf_model("llama-mha")[0], dtype="bfloat16", progress=False)
+    export_hf(tmp_path / "bf16", target.cfg, target.params)
+    assert sj.load_target(tmp_path / "bf16", dtype=None, progress=False).dtype == jnp.bfloat16
+    assert sj.load_target(tmp_path / "bf16", progress=False).dtype == jnp.float32  # the default: float32
+
+
+def test_orbax_cast_beyond_the_dtype_range_is_refused(hf_copy, tmp_path):
+    edit_weights(hf_copy, lambda t: t["model.layers.0.mlp.down_proj.weight"].__setitem__((0, 0), 1e5))
+    with pytest.raises(ConversionError, match="down_proj.weight' has values beyond the range of float16"):
+        sj.load_target(hf_copy, dtype="float16", progress=False)
+    sj.save_target(sj.load_target(hf_copy, progress=False), tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="layers/mlp/down_proj/kernel hold NaN or Inf as float16"):
+        sj.load_target(tmp_path / "ckpt", dtype="float16")
+
+
+def edit_meta(ckpt: pathlib.Path, **changes):
+    meta = json.loads((ckpt / checkpoint.META_FILE).read_text())
+    meta["model_config"].update(changes)
+    (ckpt / checkpoint.META_FILE).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"vocab_size": 320}, r"embed_tokens/embedding has shape \(160, 64\), the configuration implies \(320, 64\)"),
+    ({"qk_norm": True}, r"missing layers/self_attn/k_norm/scale \(2, 16\)"),
+    ({"tie_word_embeddings": False}, r"missing lm_head/kernel \(64, 160\)"),
+    ({"num_layers": 1}, r"layers/mlp/up_proj/kernel has shape \(2, 64, 96\), the configuration implies \(1, 64, 96\)"),
+    ({"hidden_size": None}, "missing or malformed 'model_config'"),
+])
+def test_orbax_params_must_match_their_config(hf_copy, tmp_path, changes, message):
+    sj.save_target(sj.load_target(hf_copy, progress=False), tmp_path / "ckpt")
+    edit_meta(tmp_path / "ckpt", **changes)
+    with pytest.raises(CheckpointError, match=message):
+        sj.load_target(tmp_path / "ckpt")
+
+
+def test_damaged_orbax_checkpoint_is_named(hf_copy, tmp_path):
+    sj.save_target(sj.load_target(hf_copy, progress=False), tmp_path / "ckpt")
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "truncated")
+    data = max((p for p in (tmp_path / "truncated" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match="cannot read the parameters in .*truncated/params .*damaged"):
+        sj.load_target(tmp_path / "truncated")
+    shutil.rmtree(tmp_path / "ckpt" / "params")
+    with pytest.raises(CheckpointError, match="ckpt/params is missing or incomplete"):
+        sj.load_target(tmp_path / "ckpt")
+
+
+def test_tied_config_with_a_different_stored_head_is_refused(hf_copy):
+    tied = sj.forward_logits(sj.load_target(hf_copy, progress=False), IDS)
+    edit_weights(hf_copy, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    np.testing.assert_array_equal(sj.forward_logits(sj.load_target(hf_copy, progress=False), IDS), tied)
+    edit_weights(hf_copy, lambda t: t.update({"lm_head.weight": 2 * t["model.embed_tokens.weight"]}))
+    assert "tie_word_embeddings=true, but model.safetensors holds an lm_head.weight that differs" in convert_error(hf_copy)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_hidden_layers": 2.5}, "num_hidden_layers must be a positive integer, got 2.5"),
+    ({"hidden_size": "abc"}, "hidden_size must be a positive integer, got 'abc'"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None},
+     "rope_scaling of type 'yarn' needs original_max_position_embeddings"),
+])
+def test_malformed_config_fields_are_named(hf_copy, changes, message):
+    edit_config(hf_copy, **changes)
+    assert message in convert_error(hf_copy)
+
+
+def test_rms_norm_eps_defaults_as_in_transformers(hf_copy):
+    import transformers
+
+    cfg = json.loads((hf_copy / "config.json").read_text())
+    del cfg["rms_norm_eps"]
+    (hf_copy / "config.json").write_text(json.dumps(cfg))
+    assert sj.load_target(hf_copy, progress=False).cfg.rms_norm_eps == transformers.Qwen2Config().rms_norm_eps
+    for arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+        cfg["architectures"] = [arch]
+        default = getattr(transformers, arch.replace("ForCausalLM", "Config"))().rms_norm_eps
+        assert ModelConfig.from_hf(cfg).rms_norm_eps == default
+
+
+def test_index_must_name_shards_in_the_directory(hf_copy):
+    (hf_copy / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "../elsewhere/model.safetensors"}}))
+    assert "weight_map must name shard files in" in convert_error(hf_copy)
+
+
+def test_convert_refuses_to_replace_its_source(hf_copy, tmp_path, capsys):
+    before = sorted(p.name for p in hf_copy.iterdir())
+    for out in (hf_copy, tmp_path):
+        assert cli.main(["convert", str(hf_copy), str(out), "--force"]) == 1
+        assert "replacing it would delete it" in capsys.readouterr().err
+    assert sorted(p.name for p in hf_copy.iterdir()) == before
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["convert", str(hf_copy), str(tmp_path / "afile" / "sub")]) == 1
+    assert "cannot create" in capsys.readouterr().err
 
 
 def test_checkpoint_of_wrong_kind(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -14,9 +15,12 @@ from safetensors.torch import load_file
 
 import specpv_jax as sj
 from convert.eagle3 import export_eagle3
-from convert.hf import ConversionError
+from convert.hf import ConversionError, hf_config
 from specpv_jax.attention import causal_mask
+from specpv_jax.checkpoint import CheckpointError
+from specpv_jax.config import DraftConfig, ModelConfig, RopeConfig
 from specpv_jax.draft import eagle3
+from specpv_jax.train.eagle import head_config
 from test_eagle import make_target
 
 VOCAB, DRAFT_VOCAB, HIDDEN, HEADS, KV_HEADS, INTER = 64, 48, 64, 4, 2, 128
@@ -127,6 +131,41 @@ def test_mismatched_heads_are_named(target, tmp_path, config, state_edit, messag
     head_dir = write_head(tmp_path / "head", public_config(**config), state)
     with pytest.raises(ConversionError, match=message):
         sj.load_draft(head_dir, target)
+
+
+def test_orbax_head_must_match_its_config(target, tmp_path):
+    sj.save_draft(sj.load_draft(write_head(tmp_path / "head"), target), tmp_path / "orbax")
+    meta_path = tmp_path / "orbax" / "specpv_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["draft_config"]["draft_vocab_size"] = 40
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"params/lm_head/kernel has shape \(64, 48\), the configuration "
+                                              r"implies \(64, 40\); d2t has shape \(48,\), the configuration"):
+        sj.load_draft(tmp_path / "orbax", target)
+
+
+def test_head_of_another_width_needs_its_own_embedding(target, tmp_path):
+    cfg = dataclasses.replace(head_config(target.cfg, draft_vocab_size=DRAFT_VOCAB), hidden_size=96, head_dim=24)
+    params = eagle3.init_params(cfg, jax.random.key(0))
+    d2t = np.zeros(DRAFT_VOCAB, np.int32)
+    with pytest.raises(ConversionError, match="hidden size 96, the target 64, and it stores no embed_tokens"):
+        sj.load_draft(export_eagle3(tmp_path / "bare", cfg, params, d2t), target)
+    params["embed_tokens"] = {"embedding": jnp.zeros((VOCAB, 96))}
+    head = sj.load_draft(export_eagle3(tmp_path / "own", cfg, params, d2t), target)
+    sj.save_draft(head, tmp_path / "orbax")
+    assert sj.load_draft(tmp_path / "orbax", target).params["embed_tokens"]["embedding"].shape == (VOCAB, 96)
+    prompt = np.arange(3, 23)
+    np.testing.assert_array_equal(sj.generate(target, prompt, 8, draft=head, mode="eagle", eos_token_ids=()).tokens,
+                                  sj.generate(target, prompt, 8, eos_token_ids=()).tokens)
+
+
+def test_export_keeps_every_rope_field(target):
+    rope = RopeConfig(theta=5e5, kind="yarn", factor=8.0, original_max_position_embeddings=64, beta_fast=16.0,
+                      beta_slow=2.0, attention_factor=1.3, mscale=0.7, mscale_all_dim=1.0, truncate=False)
+    head = dataclasses.replace(head_config(target.cfg, draft_vocab_size=DRAFT_VOCAB), rope=rope)
+    assert DraftConfig.from_hf(head.to_hf(), target.cfg) == head
+    model = dataclasses.replace(target.cfg, rope=rope)
+    assert ModelConfig.from_hf(hf_config(model)) == model
 
 
 def test_not_a_draft_directory(target, tmp_path):

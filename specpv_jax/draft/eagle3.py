@@ -85,7 +85,7 @@ def head_forward(params: Params, cfg: DraftConfig, embed: jax.Array, tokens: jax
     `cache.length` (lengths unchanged); with `cache=None` the pairs attend only to
     `k_extra, v_extra` and each other (training). Returns (hidden out `[B, T, H]`, k, v `[B, Hkv, T, D]`, cache)."""
     dtype = _dtype(params)
-    if hidden.shape[-1] != cfg.hidden_size:
+    if hidden.shape[-1] != cfg.hidden_size:  # the EAGLE-3 reference's rule, kept for heads it trained
         hidden = hidden.astype(dtype) @ params["fc"]["kernel"]
     emb = jnp.take(embed, tokens, axis=0).astype(dtype)
     cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim),
