@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import numpy as np
+
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
@@ -425,6 +427,26 @@ class LongSpecConfig:
         return cls(**d)
 
 
+def _check_field_types(config) -> None:
+    """Raises naming a field whose value is not of its annotated type (`int`, `bool`, `float`, `int | None`);
+    numpy scalars become Python ones, so that equal configs hash equally under jit."""
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), field.type
+        if value is None and kind.endswith("| None"):
+            continue
+        kind = kind.removesuffix(" | None")
+        if kind == "bool" and isinstance(value, (bool, np.bool_)):
+            value = bool(value)
+        elif kind == "int" and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            value = int(value)
+        elif kind == "float" and isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            value = float(value)
+        elif kind in ("bool", "int", "float"):
+            raise ConfigError(f"{type(config).__name__}.{field.name} must be {'an' if kind == 'int' else 'a'} {kind}, "
+                              f"got {value!r}")
+        object.__setattr__(config, field.name, value)
+
+
 @dataclasses.dataclass(frozen=True)
 class SpecConfig:
     """Speculative decoding parameters (static under jit).
@@ -465,6 +487,7 @@ class SpecConfig:
     retrieve_every: int = 4
 
     def __post_init__(self):
+        _check_field_types(self)
         for name in ("tree_depth", "tree_top_k", "tree_nodes", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"SpecConfig.{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -20,14 +20,13 @@ from specpv_jax import model as M
 from specpv_jax import longspec, memory, offload, prompts, sharding, specextend, specpv, speculative
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
-from specpv_jax.config import ModelConfig, SpecConfig
+from specpv_jax.config import DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3, small
 from specpv_jax.loading import Model
 from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill, prefill_progress, timed_call
 from specpv_jax.sampling import Sampler
 
 MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
-IMPLEMENTED = MODES
 DEFAULT_PREFILL_CHUNK = 512
 PROGRESS_CHUNKS = 16  # prompts of this many prefill chunks (8K tokens by default) show a progress bar
 
@@ -85,20 +84,45 @@ def _ar_decode_fn(run: Run):
 # --------------------------------------------------------------------------- public API
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _positive_int(name: str, value) -> int:
+    if not _is_int(value) or value < 1:
+        raise prompts.PromptError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _eos_ids(cfg: ModelConfig, eos_token_ids) -> np.ndarray:
-    ids = cfg.eos_token_ids if eos_token_ids is None else tuple(
-        [eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
+    """`eos_token_ids` (None: the model's) checked against the vocabulary, as a non-empty int32 array."""
+    if eos_token_ids is None:
+        ids = cfg.eos_token_ids
+    else:
+        ids = (eos_token_ids,) if _is_int(eos_token_ids) else eos_token_ids
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, np.ndarray)) or not all(
+                _is_int(i) and 0 <= i < cfg.vocab_size for i in ids):
+            raise ValueError(f"eos_token_ids must be a token id or a sequence of them, each in "
+                             f"[0, {cfg.vocab_size}); got {eos_token_ids!r}")
     # An id no token can have keeps the array non-empty when nothing stops generation.
-    return np.array(ids or (-1,), np.int32)
+    return np.array(tuple(int(i) for i in ids) or (-1,), np.int32)
 
 
 DRAFT_KINDS = {"eagle": "eagle3", "specpv": "eagle3", "exact": "eagle3", "specextend": "small",
                "longspec": "longspec"}
 _DRAFT_NAMES = {"eagle3": "an EAGLE-3 head", "small": "a small draft model (a plain LLaMA/Qwen directory)",
                 "longspec": "a LongSpec draft"}
+_CONFIG_KINDS = {DraftConfig: "eagle3", ModelConfig: "small", LongSpecConfig: "longspec"}
 
 
-def _check_draft(target: Model, draft: Any, mode: str) -> None:
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+
+
+def _check_draft(draft: Any, mode: str) -> None:
+    """Raises unless `draft` (a loaded draft) is the kind `mode` needs (`_check_settings` checks its fit)."""
+    _check_mode(mode)
     if mode == "ar":
         return
     if draft is None:
@@ -108,16 +132,45 @@ def _check_draft(target: Model, draft: Any, mode: str) -> None:
         modes = ", ".join(m for m, k in DRAFT_KINDS.items() if k == kind) or "none"
         raise ValueError(f"mode {mode!r} needs {_DRAFT_NAMES[DRAFT_KINDS[mode]]}, got {type(draft).__name__} "
                          f"(modes for it: {modes})")
+
+
+def _check_draft_config(target_cfg: ModelConfig, dcfg: Any, mode: str, spec: SpecConfig) -> None:
+    """Raises unless the draft config `dcfg` is the kind `mode` needs, fits the target and its vocabulary
+    has `spec.tree_top_k` tokens to expand."""
+    kind = _CONFIG_KINDS.get(type(dcfg))
+    if kind != DRAFT_KINDS[mode]:
+        raise ValueError(f"mode {mode!r} needs the config of {_DRAFT_NAMES[DRAFT_KINDS[mode]]}, "
+                         f"got {type(dcfg).__name__}")
     if kind == "small":
-        problems = small.fit_problems(draft.cfg, target.cfg)
+        problems, vocab = small.fit_problems(dcfg, target_cfg), dcfg.vocab_size
     elif kind == "longspec":
-        problems = draft.cfg.fit_problems(target.cfg)
+        problems, vocab = dcfg.fit_problems(target_cfg), target_cfg.vocab_size
     else:
-        problems = [] if (draft.cfg.target_hidden_size == target.cfg.hidden_size
-                          and draft.cfg.vocab_size == target.cfg.vocab_size) else ["hidden size or vocabulary differ"]
+        problems = [] if (dcfg.target_hidden_size == target_cfg.hidden_size
+                          and dcfg.vocab_size == target_cfg.vocab_size) else ["hidden size or vocabulary differ"]
+        vocab = dcfg.draft_vocab_size
     if problems:
         raise ValueError(f"the draft does not fit this target: {'; '.join(problems)}; "
                          "load it with sj.load_draft(path, target)")
+    if spec.tree_top_k > vocab:
+        raise ValueError(f"SpecConfig.tree_top_k={spec.tree_top_k} exceeds the draft's vocabulary of {vocab} tokens")
+
+
+def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecConfig | None, max_new_tokens,
+                    temperature, top_p, prefill_chunk, attention: str) -> SpecConfig:
+    """Raises naming the first setting `generate` / `make_generate_fn` cannot run with; returns the SpecConfig."""
+    _check_mode(mode)
+    spec = SpecConfig() if spec is None else spec
+    if not isinstance(spec, SpecConfig):
+        raise TypeError(f"spec must be a SpecConfig, got {type(spec).__name__}")
+    _positive_int("max_new_tokens", max_new_tokens)
+    _positive_int("prefill_chunk", prefill_chunk)
+    Sampler(float(temperature), float(top_p))
+    resolve_implementation(attention)
+    _check_offload(spec, mode)
+    if mode != "ar":
+        _check_draft_config(target_cfg, dcfg, mode, spec)
+    return spec
 
 
 def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft: Any = None, mode: str = "ar",
@@ -144,17 +197,16 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     progress: a progress bar over prefill chunks (default: for prompts of
     `PROGRESS_CHUNKS` chunks or more). Returns `GenerateOutput(tokens [B, n_new], lengths [B], stats)`.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
-    if mode not in IMPLEMENTED:
-        raise NotImplementedError(f"mode {mode!r} is not implemented yet")
-    _check_draft(target, draft, mode)
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise prompts.PromptError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-    spec = spec or SpecConfig()
-    _check_offload(spec, mode)
+    if not isinstance(target, Model):
+        raise TypeError(f"target must be a model from sj.load_target, got {type(target).__name__}")
+    _check_draft(draft, mode)
+    draft = None if mode == "ar" else draft  # "ar" ignores a draft
+    spec = _check_settings(target.cfg, mode, getattr(draft, "cfg", None), spec, max_new_tokens, temperature, top_p,
+                           prefill_chunk, attention)
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if stream is not None and not callable(stream):
+        raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")
     if spec.offload and (mesh.size if mesh is not None else jax.device_count()) > 1:
         raise NotImplementedError("SpecConfig(offload=True) runs on one device; pass "
                                   "mesh=sharding.make_mesh(devices=jax.devices()[:1])")
@@ -282,14 +334,11 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
     On several devices with attention="pallas", call it under `with jax.set_mesh(mesh):`
     (a `sharding.make_mesh` mesh) so the kernel runs per shard, as in `generate`.
     """
-    if mode not in IMPLEMENTED:
-        raise ValueError(f"make_generate_fn supports modes {', '.join(IMPLEMENTED)}; got {mode!r}")
+    _check_mode(mode)
     if mode != "ar" and draft_cfg is None:
         raise ValueError(f"mode {mode!r} needs draft_cfg (the draft's config: draft.cfg)")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    spec = spec_cfg or SpecConfig()
-    _check_offload(spec, mode)
+    spec = _check_settings(target_cfg, mode, draft_cfg, spec_cfg, max_new_tokens, temperature, top_p, prefill_chunk,
+                           attention)
     if spec.offload:
         raise NotImplementedError("SpecConfig(offload=True) needs generate (it allocates the cache in host memory "
                                   "outside jit); make_generate_fn keeps the cache on the device")
@@ -299,9 +348,8 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
         return fn(*args), 0.0
 
     def generate_fn(params, draft_params, ids, key):
+        _check_call(target_cfg, mode, max_new_tokens, draft_params, ids, key)
         ids = jnp.asarray(ids, jnp.int32)
-        if ids.ndim != 2:
-            raise ValueError(f"ids must be [B, T], got shape {ids.shape}")
         b, t = ids.shape
         chunk = min(prefill_chunk, t)
         padded = jnp.pad(ids, ((0, 0), (0, -t % chunk)))
@@ -314,6 +362,28 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
         return out.tokens[:, :max_new_tokens], out.num_out
 
     return generate_fn
+
+
+def _check_call(cfg: ModelConfig, mode: str, max_new_tokens: int, draft_params, ids, key) -> None:
+    """A `make_generate_fn` function's arguments, checked while tracing (shapes, dtypes) or, for concrete
+    ids, by value too; traced ids must be in the vocabulary (the caller's part of the contract)."""
+    if mode != "ar" and (not isinstance(draft_params, dict) or draft_params.get("params") is None):
+        raise ValueError(f'mode {mode!r} needs draft_params={{"params": draft.params, "d2t": draft.d2t}}')
+    shape, dtype = np.shape(ids), ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype
+    if len(shape) != 2 or shape[1] == 0 or not jnp.issubdtype(dtype, jnp.integer):
+        raise prompts.PromptError(f"ids must be a non-empty integer array [B, T], got shape {shape}, dtype {dtype}")
+    if shape[1] + max_new_tokens > cfg.max_position_embeddings:
+        raise prompts.PromptError(f"{shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's "
+                                  f"max_position_embeddings={cfg.max_position_embeddings}")
+    try:
+        values = np.asarray(ids)
+    except jax.errors.TracerArrayConversionError:
+        values = None
+    if values is not None and ((values < 0) | (values >= cfg.vocab_size)).any():
+        raise prompts.PromptError(f"ids hold token ids outside the vocabulary [0, {cfg.vocab_size})")
+    if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                            or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,)))):
+        raise ValueError(f"key must be a PRNG key (jax.random.key(seed)), got {type(key).__name__}")
 
 
 def _step_stats(out: Output, counters, speculative_mode: bool) -> dict[str, Any]:
@@ -330,8 +400,9 @@ def _step_stats(out: Output, counters, speculative_mode: bool) -> dict[str, Any]
     def ratio(a, b):
         return a / b if b else 0.0
 
+    # Overall: tokens emitted (in exact mode, confirmed) per row verification; per kind: tokens each accepted.
     return {"steps": c.full + c.partial,
-            "mean_accept_len": ratio(c.full_accepted + c.partial_accepted, c.full_rows + c.partial_rows),
+            "mean_accept_len": ratio(int(out.emitted), c.full_rows + c.partial_rows),
             "mean_accept_len_full": ratio(c.full_accepted, c.full_rows),
             "mean_accept_len_partial": ratio(c.partial_accepted, c.partial_rows),
             "full_verifications": c.full, "partial_verifications": c.partial, "rollbacks": c.rollbacks}
@@ -378,6 +449,8 @@ def fidelity(target: Model, input_ids: Any, output: GenerateOutput, attention_ma
     one pass. 1.0 for any lossless greedy generation; `specpv` trades some for speed.
     """
     batch = prompts.prepare(input_ids, target.cfg, 0, chunk, attention_mask)
+    if batch.batch != output.tokens.shape[0]:
+        raise prompts.PromptError(f"{batch.batch} prompts for an output of {output.tokens.shape[0]} rows")
     matched = total = 0
     for b, n in enumerate(batch.lengths):
         generated = output.tokens[b, : output.lengths[b]]

@@ -45,7 +45,7 @@ def bucket_length(n: int, chunk: int) -> int:
 
 
 def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
-    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray)):
+    if isinstance(input_ids, (list, tuple)) and input_ids and np.ndim(input_ids[0]) >= 1:  # rows (lists, arrays)
         if attention_mask is not None:
             raise PromptError("attention_mask is only accepted with a rectangular input_ids array")
         rows = [np.asarray(r) for r in input_ids]
@@ -67,6 +67,8 @@ def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
         mask = mask[None]
     if mask.shape != ids.shape:
         raise PromptError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+    if not (mask.dtype == bool or np.issubdtype(mask.dtype, np.number)) or not np.isin(mask, (0, 1)).all():
+        raise PromptError("attention_mask must hold only 0 and 1 (or False and True)")
     rows = []
     for b, (r, m) in enumerate(zip(ids, mask.astype(bool))):
         idx = np.flatnonzero(m)

@@ -16,8 +16,8 @@ class Sampler:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -30,7 +30,10 @@ class Sampler:
         logits = logits.astype(jnp.float32)
         if self.greedy:
             return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
-        p = jax.nn.softmax(logits / self.temperature, axis=-1)
+        # Shifted before scaling, by at least float32's smallest normal number: a tiny temperature must not
+        # overflow (or, flushed to zero, divide by zero) into NaN probabilities; it samples the argmax.
+        temperature = max(self.temperature, float(jnp.finfo(jnp.float32).tiny))
+        p = jax.nn.softmax((logits - logits.max(-1, keepdims=True)) / temperature, axis=-1)
         if self.top_p < 1:
             p = _top_p_filter(p, self.top_p)
         return p

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import HF_SPECS
 from specpv_jax import rope
-from specpv_jax.config import ConfigError, ModelConfig, RopeConfig
+from specpv_jax.config import ConfigError, ModelConfig, RopeConfig, SpecConfig
 
 
 def hf_dict(name):
@@ -107,3 +107,22 @@ def test_cli_spec_assignments_take_each_field_type_and_name_mistakes():
                          ("sink_tokens=7", "sink_tokens=7 must be a non-negative multiple of block_size=16")]:
         with pytest.raises(ValueError, match=message):
             parse_spec([bad])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("retrieval_tokens", 256.0, "SpecConfig.retrieval_tokens must be an int, got 256.0"),
+    ("buffer_tokens", 30.5, "SpecConfig.buffer_tokens must be an int"),
+    ("bounded_draft", "no", "SpecConfig.bounded_draft must be a bool, got 'no'"),
+    ("offload", "false", "SpecConfig.offload must be a bool"),
+    ("tree_nodes", True, "SpecConfig.tree_nodes must be an int, got True"),
+])
+def test_spec_config_field_types(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        SpecConfig(**{field: value})
+
+
+def test_spec_config_takes_numpy_scalars_as_python_ones():
+    spec = SpecConfig(tree_nodes=np.int64(30), bounded_draft=np.bool_(True), tree_threshold=0)
+    plain = SpecConfig(tree_nodes=30, bounded_draft=True)
+    assert spec == plain and hash(spec) == hash(plain)
+    assert type(spec.tree_nodes) is int and type(spec.tree_threshold) is float

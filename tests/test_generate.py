@@ -29,6 +29,10 @@ def target(hf_model):
     (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 1]])}, r"attention_mask shape \(1, 2\) does not match"),
     ([5, 6], {"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
     ([5, 6], {"max_new_tokens": 2.5}, "max_new_tokens must be a positive integer"),
+    ([5, 6], {"max_new_tokens": True}, "max_new_tokens must be a positive integer"),
+    ([5, 6], {"prefill_chunk": 0}, "prefill_chunk must be a positive integer"),
+    (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 0.5, 1]])}, "attention_mask must hold only 0 and 1"),
+    (np.array([[5, 6, 7]]), {"attention_mask": np.array([[np.nan, 1, 1]])}, "attention_mask must hold only 0 and 1"),
 ])
 def test_bad_prompts_are_clear_errors(target, ids, kwargs, message):
     with pytest.raises(PromptError, match=message):
@@ -38,10 +42,50 @@ def test_bad_prompts_are_clear_errors(target, ids, kwargs, message):
 def test_bad_modes_and_sampling_parameters(target):
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         sj.generate(target, [5, 6], mode="fast")
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
         sj.generate(target, [5, 6], temperature=-1.0)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         sj.generate(target, [5, 6], temperature=1.0, top_p=0.0)
+
+
+@pytest.mark.parametrize("eos", ["</s>", 2 ** 40, -5, 160, True, 5.0, [3, "4"]])
+def test_bad_eos_ids_are_named(target, eos):
+    with pytest.raises(ValueError, match=r"eos_token_ids must be a token id or a sequence of them, each in \[0, 160\)"):
+        sj.generate(target, [5, 6], eos_token_ids=eos)
+
+
+def test_other_bad_arguments_are_named(target):
+    with pytest.raises(TypeError, match="target must be a model from sj.load_target, got str"):
+        sj.generate("path/to/model", [5, 6])
+    with pytest.raises(TypeError, match="stream must be a function"):
+        sj.generate(target, [5, 6], stream=[])
+    with pytest.raises(ValueError, match="seed must be an integer, got 1.5"):
+        sj.generate(target, [5, 6], seed=1.5)
+    with pytest.raises(TypeError, match="spec must be a SpecConfig, got dict"):
+        sj.generate(target, [5, 6], spec={"tree_nodes": 4})
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        sj.generate(target, [5, 6], temperature=float("inf"))
+    out = sj.generate(target, [[5, 6]], 4, eos_token_ids=np.int64(7))
+    with pytest.raises(PromptError, match="1 prompts for an output of 2 rows"):
+        sj.fidelity(target, [[5, 6]], sj.generate(target, [[5, 6], [5, 6]], 4))
+    assert out.tokens.shape[0] == 1
+
+
+def test_ragged_rows_of_any_array_type(target):
+    import jax.numpy as jnp
+
+    rows = [[5, 9, 11, 3], [7, 8]]
+    ref = sj.generate(target, rows, 6, eos_token_ids=())
+    for convert in (np.asarray, jnp.asarray, tuple):
+        np.testing.assert_array_equal(sj.generate(target, [convert(r) for r in rows], 6, eos_token_ids=()).tokens,
+                                      ref.tokens)
+
+
+def test_a_tiny_temperature_samples_the_argmax(target):
+    greedy = sj.generate(target, [5, 6, 7], 8, eos_token_ids=())
+    for temperature in (1e-40, 5e-324):  # logits / temperature overflowed float32: NaN probabilities, token 0
+        out = sj.generate(target, [5, 6, 7], 8, temperature=temperature, eos_token_ids=())
+        np.testing.assert_array_equal(out.tokens, greedy.tokens)
 
 
 def test_right_padding_mask_equals_ragged(target):

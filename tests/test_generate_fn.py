@@ -57,8 +57,27 @@ def test_make_generate_fn_checks_its_settings():
         sj.make_generate_fn(target.cfg, mode="eagle")
     with pytest.raises(ValueError, match="modes"):
         sj.make_generate_fn(target.cfg, mode="medusa")
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        sj.make_generate_fn(target.cfg, max_new_tokens=0)
+    for setting, message in [({"max_new_tokens": 0}, "max_new_tokens"), ({"prefill_chunk": 0}, "prefill_chunk"),
+                             ({"temperature": -1.0}, "temperature"), ({"attention": "bogus"}, "bogus"),
+                             ({"eos_token_ids": 64}, "eos_token_ids"),
+                             ({"mode": "eagle", "draft_cfg": target.cfg}, "needs the config of an EAGLE-3 head")]:
+        with pytest.raises(ValueError, match=message):  # when the function is made, not when it first runs
+            sj.make_generate_fn(target.cfg, **setting)
+
+
+def test_make_generate_fn_checks_its_arguments():
+    target = make_target(64, layers=2)
+    head = make_head(target, seed=3)
+    fn = sj.make_generate_fn(target.cfg, SPEC, mode="eagle", draft_cfg=head.cfg, max_new_tokens=8)
+    draft, key, ids = {"params": head.params, "d2t": head.d2t}, jax.random.key(0), np.full((1, 6), 5, np.int32)
+    for bad, message in [(ids.astype(np.float32), "integer array"), (ids[0], r"\[B, T\]"), (ids[:, :0], "non-empty"),
+                         (ids + 64, "outside the vocabulary"), (np.full((1, target.cfg.max_position_embeddings - 7), 5), "max_position_embeddings")]:
+        with pytest.raises(ValueError, match=message):
+            fn(target.params, draft, bad, key)
+    with pytest.raises(ValueError, match="needs draft_params"):
+        fn(target.params, None, ids, key)
+    with pytest.raises(ValueError, match="key must be a PRNG key"):
+        fn(target.params, draft, ids, 0)
 
 
 def _collect():
@@ -95,3 +114,8 @@ def test_exact_mode_streams_only_confirmed_tokens():
                       eos_token_ids=(), stream=stream)
     assert out.stats["rollbacks"] > 0
     assert got == [out.tokens[b, : out.lengths[b]].tolist() for b in range(4)]
+    # One row: tokens emitted (confirmed) per verification, not provisional tokens later rolled back.
+    one = sj.generate(target, [prompt], 40, draft=head, mode="exact", spec=spec, temperature=1.0, seed=1,
+                      eos_token_ids=()).stats
+    assert one["rollbacks"] > 0
+    assert one["mean_accept_len"] == pytest.approx((one["new_tokens"] - 1) / one["steps"])
