@@ -19,12 +19,13 @@ from typing import Any, Callable, Iterator, TypeVar
 import jax
 import orbax.checkpoint as ocp
 
+T = TypeVar("T")
+
 META_FILE = "specpv_config.json"
 FORMAT = "specpv-jax"
 FORMAT_VERSION = 1
 # Files that make a directory loadable by AutoTokenizer; the rest travel with them.
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-T = TypeVar("T")
 TOKENIZER_FILES = TOKENIZER_MARKERS + ("special_tokens_map.json", "merges.txt", "added_tokens.json",
                                        "chat_template.jinja", "chat_template.json", "generation_config.json")
 

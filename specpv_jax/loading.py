@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from specpv_jax import checkpoint
 from specpv_jax.config import ModelConfig
-from specpv_jax.model import Params
+from specpv_jax.model import Params, init_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,6 @@ def _load_decoder(path: pathlib.Path, dtype: str | None,
     if checkpoint.is_checkpoint(path):
         meta = checkpoint.read_meta(path, "target")
         cfg = checkpoint.config_from_meta(path, meta, "model_config", ModelConfig.from_dict)
-        from specpv_jax.model import init_params
         params = checkpoint.restore(path, _shapes(init_params, cfg))
         if dtype is not None:
             params = cast_params(params, dtype, str(path))
@@ -88,7 +87,9 @@ def _load_decoder(path: pathlib.Path, dtype: str | None,
 
 def _check_directory(path: pathlib.Path, what: str) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"{what} directory {path} does not exist")
+        old = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        hint = f" ({old[0]} holds the checkpoint an interrupted overwrite was replacing)" if old else ""
+        raise FileNotFoundError(f"{what} directory {path} does not exist{hint}")
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is a file; pass the {what} directory")
 

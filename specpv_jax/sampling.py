@@ -30,8 +30,8 @@ class Sampler:
         logits = logits.astype(jnp.float32)
         if self.greedy:
             return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
-        # Shifted before scaling, by at least float32's smallest normal number: a tiny temperature must not
-        # overflow (or, flushed to zero, divide by zero) into NaN probabilities; it samples the argmax.
+        # Shift by the max, then divide by at least float32's smallest normal number: a tiny temperature then
+        # samples the argmax instead of overflowing (or, flushed to zero, dividing by zero) into NaN.
         temperature = max(self.temperature, float(jnp.finfo(jnp.float32).tiny))
         p = jax.nn.softmax((logits - logits.max(-1, keepdims=True)) / temperature, axis=-1)
         if self.top_p < 1:

@@ -102,6 +102,23 @@ def test_interrupted_save_leaves_nothing(hf_model, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_interrupted_overwrite_is_pointed_out(hf_model, tmp_path, monkeypatch):
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    sj.save_target(target, tmp_path / "ckpt")
+    real_replace = checkpoint.os.replace
+
+    def killed_after_moving_the_old_one_aside(src, dst):
+        real_replace(src, dst)
+        if ".old-" in str(dst):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_after_moving_the_old_one_aside)
+    with pytest.raises(KeyboardInterrupt):
+        sj.save_target(target, tmp_path / "ckpt", overwrite=True)
+    with pytest.raises(FileNotFoundError, match=r"\.ckpt\.old-\w+ holds the checkpoint an interrupted overwrite"):
+        sj.load_target(tmp_path / "ckpt")
+
+
 def test_missing_tensor_is_named(hf_copy):
     edit_weights(hf_copy, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
     assert "missing tensors: model.layers.1.self_attn.k_proj.bias" in convert_error(hf_copy)
