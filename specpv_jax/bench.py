@@ -188,18 +188,30 @@ def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from specpv_jax.cli import at_least
+
     p.add_argument("--target", help="target model directory (default: the bundled demo models)")
     p.add_argument("--draft", help="EAGLE-3 head directory (with --target)")
     p.add_argument("--small-draft", help="small draft model directory for draft/specextend (with --target)")
     p.add_argument("--longspec-draft", help="LongSpec draft directory (with --target)")
     p.add_argument("--longspec-plain-draft", help="LongSpec ablation draft for longspec-plain (with --target)")
-    p.add_argument("--contexts", type=int, nargs="+", help="context lengths (default 2048 4096 8192 16384)")
-    p.add_argument("--new-tokens", type=int, help="new tokens per run (default 64; --quick 32)")
+    p.add_argument("--contexts", type=at_least(1), nargs="+", help="context lengths (default 2048 4096 8192 16384)")
+    p.add_argument("--new-tokens", type=at_least(1), help="new tokens per run (default 64; --quick 32)")
     p.add_argument("--modes", nargs="+", choices=MODES, help=f"default: {' '.join(DEFAULT_MODES)}")
     p.add_argument("--tree", type=int, nargs=3, metavar=("DEPTH", "TOP_K", "NODES"),
                    help="tree shape (default: SpecConfig's)")
-    p.add_argument("--budget-fraction", type=float,
+    p.add_argument("--budget-fraction", type=_fraction,
                    help="retrieval budget as a fraction of the context (at most 4096 tokens; default 0.25)")
     p.add_argument("--tune", action="store_true",
                    help="pick tree and budget with SpecConfig.tuned (instead of --tree and --budget-fraction)")
@@ -219,6 +231,11 @@ def run(args) -> list[dict]:
     if args.tune and (args.tree or args.budget_fraction is not None):
         raise ValueError("--tune picks the tree and the retrieval budget itself: leave out --tree and "
                          "--budget-fraction, or --tune")
+    given = [option for option in DRAFT_OPTIONS.values() if getattr(args, option.lstrip("-").replace("-", "_"))]
+    if given and not args.target:
+        raise ValueError(f"{', '.join(given)} need --target (without it the bench runs the bundled demo models)")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; results go into a directory")
     if args.target:
         target = sj.load_target(args.target)
         paths = {kind: getattr(args, option.lstrip("-").replace("-", "_")) for kind, option in DRAFT_OPTIONS.items()}

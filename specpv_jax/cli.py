@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import sys
+
+from specpv_jax.generate import MODES
 
 
 def _cmd_convert(args) -> int:
@@ -17,6 +20,20 @@ def _cmd_convert(args) -> int:
     out = save_target(model, args.out_dir, overwrite=args.force)
     print(f"wrote {out} ({model.cfg.arch}, {model.cfg.num_layers} layers, {args.dtype})")
     return 0
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= `minimum`."""
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _model_config(path: str):
@@ -70,9 +87,16 @@ def parse_spec(assignments: list[str] | None):
 def _cmd_plan(args) -> int:
     from specpv_jax import memory
 
+    from specpv_jax.draft.small import fit_problems
+
     spec = parse_spec(args.spec)
     cfg = _model_config(args.model)
+    if args.context + args.new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"--context {args.context} + --new-tokens {args.new_tokens} exceed the model's "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
     draft = _model_config(args.small_draft) if args.small_draft else None
+    if draft is not None and fit_problems(draft, cfg):
+        raise ValueError(f"--small-draft {args.small_draft} does not fit the model: {'; '.join(fit_problems(draft, cfg))}")
     limit = memory.device_bytes_limit()
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
           f"context {args.context}, {args.new_tokens} new tokens, batch {args.batch}, {args.dtype}; device limit "
@@ -93,6 +117,8 @@ def _cmd_plan(args) -> int:
             fits = "with offload" if fits == "no" and off.device <= limit else fits
         fits_any |= fits != "no"
         print(f"{mode:>10} {memory.gib(est.total):>11} {offload[0]:>21} {offload[1]:>10}  {fits}")
+    if not fits_any:
+        print("specpv-jax plan: error: no mode fits this device", file=sys.stderr)
     return 0 if fits_any else 1
 
 
@@ -101,10 +127,19 @@ def _cmd_generate(args) -> int:
     from specpv_jax.generate import generate
     from specpv_jax.loading import load_draft, load_target
 
-    spec = parse_spec(args.spec)  # before loading: a typo fails at once
+    spec = parse_spec(args.spec)  # everything that can be checked before the (long) loads is
+    if args.mode != "ar" and not args.draft:
+        raise ValueError(f"--mode {args.mode} needs --draft DIR")
+    if args.mode == "ar" and args.draft:
+        raise ValueError("--mode ar uses no draft: leave out --draft, or choose a speculative --mode")
+    for path in filter(None, (args.draft,)):
+        if not pathlib.Path(path).is_dir():
+            raise FileNotFoundError(f"draft directory {path} does not exist")
+    prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
     model = load_target(args.model, dtype=args.dtype)
     draft = load_draft(args.draft, model) if args.draft else None
-    prompt = pathlib.Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     ids = text.encode_prompt(model.tokenizer, prompt, chat=not args.no_chat)
     stream = None if args.no_stream else text.TextStream(model.tokenizer)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, mode=args.mode, draft=draft,
@@ -116,6 +151,13 @@ def _cmd_generate(args) -> int:
     if args.stats:
         print(stats_table(out.stats), file=sys.stderr)
     return 0
+
+
+def _read_prompt(path: str) -> str:
+    try:
+        return pathlib.Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
 
 
 def stats_table(stats: dict) -> str:
@@ -134,18 +176,25 @@ def _cmd_demo(args) -> int:
 
 def _cmd_train_draft(args) -> int:
     from convert.eagle3 import export_eagle3
+    from specpv_jax.checkpoint import check_destination
     from specpv_jax.loading import load_target
     from specpv_jax.train import corpus, eagle
     from specpv_jax.train.trainer import TrainConfig
 
+    check_destination(args.out, args.force)  # before hours of training, not after
+    if args.long_context is not None and args.long_context <= args.length:
+        raise ValueError(f"--long-context {args.long_context} must exceed --length {args.length} (the YaRN "
+                         f"fine-tune stretches RoPE beyond the trained length)")
     target = load_target(args.target, dtype="float32")
     if target.tokenizer is None:
         raise ValueError(f"{args.target} has no tokenizer files; train-draft tokenizes --data with it")
     files = [f for path in map(pathlib.Path, args.data)
              for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])]
     missing = [str(f) for f in files if not f.is_file()]
-    if missing or not files:
-        raise FileNotFoundError(f"--data: no such file(s): {', '.join(missing) or ' '.join(args.data)}")
+    if missing:
+        raise FileNotFoundError(f"--data: no such file(s): {', '.join(missing)}")
+    if not files:
+        raise FileNotFoundError(f"--data: no files in {' '.join(args.data)}")
     docs = [corpus.Document(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
     token_docs = corpus.encode_documents(target.tokenizer, docs)
     print(f"train-draft: {len(docs)} files, {sum(d.size for d in token_docs)} tokens", file=sys.stderr)
@@ -190,10 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
     src.add_argument("--prompt-file")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--mode", default="ar", help="ar | eagle | specpv | exact (with an EAGLE-3 --draft) | "
-                                               "specextend (with a small draft model --draft) | "
-                                               "longspec (with a LongSpec --draft)")
+    g.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    g.add_argument("--mode", default="ar", choices=MODES,
+                   help="ar; eagle, specpv, exact (with an EAGLE-3 --draft); specextend (with a small draft "
+                        "model --draft); longspec (with a LongSpec --draft)")
     g.add_argument("--draft", help="EAGLE-3 head, small draft model or LongSpec draft directory, or an orbax export")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--temperature", type=float, default=0.0)
@@ -208,31 +257,31 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="device and host memory of each mode, before loading anything")
     pl.add_argument("--model", required=True, help="HF directory or orbax checkpoint (only its config is read), "
                     "or a preset: llama-3.1-8b, qwen3-8b")
-    pl.add_argument("--context", type=int, required=True, help="prompt tokens")
-    pl.add_argument("--new-tokens", type=int, default=256)
-    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--context", type=at_least(1), required=True, help="prompt tokens")
+    pl.add_argument("--new-tokens", type=at_least(0), default=256)
+    pl.add_argument("--batch", type=at_least(1), default=1)
     pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     pl.add_argument("--small-draft", help="small draft model directory (adds the specextend row)")
     _add_spec_argument(pl)
     pl.set_defaults(run=_cmd_plan)
 
     d = sub.add_parser("demo", help="run the bundled demo")
-    d.add_argument("--context", type=int, default=16384, help="prompt tokens (a held-out module's source)")
-    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--context", type=at_least(1), default=16384, help="prompt tokens (a held-out module's source)")
+    d.add_argument("--max-new-tokens", type=at_least(1), default=128)
     d.set_defaults(run=_cmd_demo)
     t = sub.add_parser("train-draft", help="train an EAGLE-3 head for a target on text files")
     t.add_argument("--target", required=True, help="HF directory or orbax checkpoint (with tokenizer files)")
     t.add_argument("--data", nargs="+", required=True, help="text files or directories of them")
     t.add_argument("--out", required=True, help="output directory (public EAGLE-3 layout)")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--length", type=int, default=512, help="training sequence length")
+    t.add_argument("--steps", type=at_least(1), default=1000)
+    t.add_argument("--batch", type=at_least(1), default=8)
+    t.add_argument("--length", type=at_least(2), default=512, help="training sequence length")
     t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--unroll", type=int, default=5, help="training-time-test steps")
-    t.add_argument("--draft-vocab", type=int, default=32000, help="draft vocabulary size (capped at the target's)")
-    t.add_argument("--long-context", type=int, help="YaRN fine-tune stretching RoPE to this many positions")
-    t.add_argument("--long-steps", type=int, default=100)
-    t.add_argument("--long-length", type=int, default=2048)
+    t.add_argument("--unroll", type=at_least(1), default=5, help="training-time-test steps")
+    t.add_argument("--draft-vocab", type=at_least(1), default=32000, help="draft vocabulary size (capped at the target's)")
+    t.add_argument("--long-context", type=at_least(2), help="YaRN fine-tune stretching RoPE to this many positions")
+    t.add_argument("--long-steps", type=at_least(1), default=100)
+    t.add_argument("--long-length", type=at_least(2), default=2048)
     t.add_argument("--work", help="directory for resumable training checkpoints")
     t.add_argument("--force", action="store_true", help="replace OUT if it exists")
     t.set_defaults(run=_cmd_train_draft)
@@ -247,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:  # `specpv-jax generate ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, OSError, NotImplementedError) as e:
         print(f"specpv-jax {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -56,6 +56,8 @@ def demo_models(dtype: str = "float32") -> DemoModels:
 
 def demo_prompt(tokenizer, length: int) -> np.ndarray:
     """The first `length` tokens of the longest held-out standard-library document (never trained on)."""
+    if length < 1:
+        raise ValueError(f"a prompt needs at least one token, got length {length}")
     ids = _longest_heldout_document(tokenizer)
     if ids.size < length:
         raise ValueError(f"the longest held-out document has {ids.size} tokens, fewer than {length}")

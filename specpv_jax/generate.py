@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specpv_jax import model as M
-from specpv_jax import longspec, memory, offload, prompts, sharding, specextend, specpv, speculative
+from specpv_jax import longspec, loop, memory, offload, prompts, sharding, specextend, specpv, speculative
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
 from specpv_jax.config import DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
@@ -203,8 +203,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     draft = None if mode == "ar" else draft  # "ar" ignores a draft
     spec = _check_settings(target.cfg, mode, getattr(draft, "cfg", None), spec, max_new_tokens, temperature, top_p,
                            prefill_chunk, attention)
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not _is_int(seed) or not -2 ** 63 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be a 64-bit signed integer, got {seed!r}")
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")
     if spec.offload and (mesh.size if mesh is not None else jax.device_count()) > 1:
@@ -233,10 +233,13 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         lengths = jax.device_put(lengths, sharding.batch_sharding(lengths.shape, mesh))
     # The Pallas kernel reads the mesh from the context to run per shard (see `attention._tree_kernel`).
     kernel_mesh = jax.set_mesh(mesh) if mesh is not None and run.attention == "pallas" else contextlib.nullcontext()
+    errors = loop.stream_errors()
     with prefill_progress(chunks) if progress else contextlib.nullcontext(), kernel_mesh:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
             run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
             jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32), mesh)
+    if errors:  # the stream callback raised (and was not called again): its error, not the runtime's wrapper
+        raise errors[0]
     num_out = np.asarray(out.num_out)
     stats = {"mode": mode, "new_tokens": int(num_out.sum()), **_step_stats(out, counters, mode != "ar"),
              "prefill_s": prefill_s, "time_s": decode_s,

@@ -208,22 +208,39 @@ def decode_loop(run: Run, step: Callable, state: Any, out_of: Callable[[Any], Ou
     each step, a list with each row's newly emitted tokens (`np.ndarray`, possibly
     empty): only tokens in the output buffer, so exact mode streams confirmed tokens.
     """
+    # Ordered effects exist for one device only, and their token does not compile beside offload's host-memory
+    # outputs (JAX 0.10-0.11); unordered, each step's callback still runs after the previous step's.
+    ordered = jax.device_count() == 1 and not run.offload
+
     def reporting_step(s):
         before = out_of(s).num_out
         s = step(s)
-        _report(run.stream, out_of(s), before)
+        _report(run.stream, out_of(s), before, ordered)
         return s
 
     if run.stream is not None:
-        _report(run.stream, out_of(state), jnp.zeros_like(out_of(state).num_out))
+        _report(run.stream, out_of(state), jnp.zeros_like(out_of(state).num_out), ordered)
     return lax.while_loop(lambda s: ~jnp.all(out_of(s).done), step if run.stream is None else reporting_step, state)
 
 
-def _report(stream: Callable, out: Output, before: jax.Array) -> None:
-    # Ordered effects exist for one device only; with several, the loop's steps still run one after another.
-    jax.debug.callback(functools.partial(_deliver, stream), out.tokens, before, out.num_out,
-                       ordered=jax.device_count() == 1)
+def _report(stream: Callable, out: Output, before: jax.Array, ordered: bool) -> None:
+    jax.debug.callback(functools.partial(_deliver, stream), out.tokens, before, out.num_out, ordered=ordered)
+
+
+_STREAM_ERRORS: list[BaseException] = []
+
+
+def stream_errors() -> list[BaseException]:
+    """The (emptied) list that collects what the stream callback raises from now on (at most one exception:
+    after a failure it is not called again), for the caller to re-raise once the compiled loop has finished."""
+    _STREAM_ERRORS.clear()
+    return _STREAM_ERRORS
 
 
 def _deliver(stream: Callable, tokens, before, after) -> None:
-    stream([row[b:a] for row, b, a in zip(np.asarray(tokens), np.asarray(before), np.asarray(after))])
+    if _STREAM_ERRORS:
+        return
+    try:
+        stream([row[b:a] for row, b, a in zip(np.asarray(tokens), np.asarray(before), np.asarray(after))])
+    except Exception as e:  # raised through the runtime it would arrive as an opaque XLA error
+        _STREAM_ERRORS.append(e)

@@ -146,3 +146,60 @@ def test_cli_generate_passes_spec_fields(monkeypatch, capsys):
                  "--spec", "tree_depth=3", "--spec", "tree_top_k=3", "--spec", "tree_nodes=8"]) == 0
     assert specs == [sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=8)]
     assert capsys.readouterr().out.strip()  # the generated text
+
+
+def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, capsys):
+    from specpv_jax import loading
+    from specpv_jax.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(loading, "load_target", no_loading)
+    monkeypatch.setattr(sj, "load_target", no_loading)
+    monkeypatch.setattr(sj, "demo_models", no_loading)
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    target = str(ASSETS / "target")
+    for argv, message in [
+        (["generate", target, "--prompt", "x", "--mode", "eagle"], "--mode eagle needs --draft DIR"),
+        (["generate", target, "--prompt", "x", "--draft", str(ASSETS / "eagle3")], "--mode ar uses no draft"),
+        (["generate", target, "--prompt", "x", "--mode", "eagle", "--draft", str(tmp_path / "nope")], "does not exist"),
+        (["generate", target, "--prompt-file", str(tmp_path / "nope.txt")], "No such file"),
+        (["generate", target, "--prompt-file", str(tmp_path / "latin1.txt")], "latin1.txt is not UTF-8 text"),
+        (["generate", target, "--prompt", "  "], "the prompt is empty"),
+        (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "out")], "already exists"),
+        (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"),
+          "--long-context", "64", "--length", "64"], "--long-context 64 must exceed --length 64"),
+        (["plan", "--model", "llama-3.1-8b", "--context", "131072"], "exceed the model's max_position_embeddings"),
+        (["bench", "--draft", str(ASSETS / "eagle3")], "--draft need --target"),
+        (["bench", "--out", str(tmp_path / "afile")], "is a file"),
+    ]:
+        assert main(argv) == 1, argv
+        assert message in capsys.readouterr().err, argv
+    for argv in (["generate", target, "--prompt", "x", "--mode", "fast"], ["generate", target, "--prompt", "x",
+                 "--max-new-tokens", "0"], ["plan", "--model", "llama-3.1-8b", "--context", "0"],
+                 ["plan", "--model", "llama-3.1-8b", "--context", "9", "--batch", "0"],
+                 ["train-draft", "--target", target, "--data", "x", "--out", "y", "--unroll", "0"],
+                 ["bench", "--contexts", "-5"], ["bench", "--budget-fraction", "-1"], ["demo", "--context", "-3"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2, argv
+        assert "error: argument" in capsys.readouterr().err, argv
+
+
+def test_a_failing_stream_callback_raises_its_own_error():
+    models = sj.demo_models()
+    calls = []
+
+    def stream(new_per_row):
+        calls.append(new_per_row)
+        raise BrokenPipeError("the reader went away")
+
+    with pytest.raises(BrokenPipeError, match="the reader went away"):
+        sj.generate(models.target, [5, 6, 7], 8, stream=stream, eos_token_ids=())
+    assert len(calls) == 1  # not called again after it failed
+    with pytest.raises(ValueError, match="seed must be a 64-bit signed integer"):
+        sj.generate(models.target, [5, 6, 7], 8, seed=2 ** 64)

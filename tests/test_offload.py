@@ -153,8 +153,15 @@ def test_offloaded_generation_equals_the_device_cache(models, mode):
     rng = np.random.default_rng(3)
     rows = [rng.integers(0, 16, n) for n in (300, 230)]  # ragged, above the partial threshold
     offloaded = dataclasses.replace(SPEC, offload=True)
+    streamed = [[], []]
+
+    def stream(new_per_row):  # with offload the callback is unordered (an ordered one did not compile)
+        for acc, new in zip(streamed, new_per_row):
+            acc.extend(new.tolist())
+
     out = sj.generate(target, rows, NEW_TOKENS, draft=head, mode=mode, spec=offloaded, eos_token_ids=(),
-                      prefill_chunk=CHUNK)
+                      prefill_chunk=CHUNK, stream=stream)
+    assert streamed == [out.tokens[b, : out.lengths[b]].tolist() for b in range(2)]
     ref, _, ref_cache, _ = decode(target, head, rows, mode, SPEC)
     np.testing.assert_array_equal(out.tokens, np.asarray(ref.tokens)[:, : out.tokens.shape[1]])
     np.testing.assert_array_equal(out.lengths, np.asarray(ref.num_out))
