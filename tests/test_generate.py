@@ -59,7 +59,7 @@ def test_other_bad_arguments_are_named(target):
         sj.generate("path/to/model", [5, 6])
     with pytest.raises(TypeError, match="stream must be a function"):
         sj.generate(target, [5, 6], stream=[])
-    with pytest.raises(ValueError, match="seed must be an integer, got 1.5"):
+    with pytest.raises(ValueError, match="seed must be a 64-bit signed integer, got 1.5"):
         sj.generate(target, [5, 6], seed=1.5)
     with pytest.raises(TypeError, match="spec must be a SpecConfig, got dict"):
         sj.generate(target, [5, 6], spec={"tree_nodes": 4})
