@@ -233,7 +233,8 @@ def run(args) -> list[dict]:
                          "--budget-fraction, or --tune")
     given = [option for option in DRAFT_OPTIONS.values() if getattr(args, option.lstrip("-").replace("-", "_"))]
     if given and not args.target:
-        raise ValueError(f"{', '.join(given)} need --target (without it the bench runs the bundled demo models)")
+        raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --target (without it the "
+                         f"bench runs the bundled demo models)")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file; results go into a directory")
     if args.target:

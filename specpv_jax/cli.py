@@ -86,7 +86,6 @@ def parse_spec(assignments: list[str] | None):
 
 def _cmd_plan(args) -> int:
     from specpv_jax import memory
-
     from specpv_jax.draft.small import fit_problems
 
     spec = parse_spec(args.spec)
@@ -95,8 +94,9 @@ def _cmd_plan(args) -> int:
         raise ValueError(f"--context {args.context} + --new-tokens {args.new_tokens} exceed the model's "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
     draft = _model_config(args.small_draft) if args.small_draft else None
-    if draft is not None and fit_problems(draft, cfg):
-        raise ValueError(f"--small-draft {args.small_draft} does not fit the model: {'; '.join(fit_problems(draft, cfg))}")
+    problems = fit_problems(draft, cfg) if draft is not None else []
+    if problems:
+        raise ValueError(f"--small-draft {args.small_draft} does not fit the model: {'; '.join(problems)}")
     limit = memory.device_bytes_limit()
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
           f"context {args.context}, {args.new_tokens} new tokens, batch {args.batch}, {args.dtype}; device limit "
@@ -127,14 +127,13 @@ def _cmd_generate(args) -> int:
     from specpv_jax.generate import generate
     from specpv_jax.loading import load_draft, load_target
 
-    spec = parse_spec(args.spec)  # everything that can be checked before the (long) loads is
+    spec = parse_spec(args.spec)  # all that can be checked is checked before the (long) loads
     if args.mode != "ar" and not args.draft:
         raise ValueError(f"--mode {args.mode} needs --draft DIR")
     if args.mode == "ar" and args.draft:
         raise ValueError("--mode ar uses no draft: leave out --draft, or choose a speculative --mode")
-    for path in filter(None, (args.draft,)):
-        if not pathlib.Path(path).is_dir():
-            raise FileNotFoundError(f"draft directory {path} does not exist")
+    if args.draft and not pathlib.Path(args.draft).is_dir():
+        raise FileNotFoundError(f"draft directory {args.draft} does not exist")
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty")

@@ -174,7 +174,7 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"),
           "--long-context", "64", "--length", "64"], "--long-context 64 must exceed --length 64"),
         (["plan", "--model", "llama-3.1-8b", "--context", "131072"], "exceed the model's max_position_embeddings"),
-        (["bench", "--draft", str(ASSETS / "eagle3")], "--draft need --target"),
+        (["bench", "--draft", str(ASSETS / "eagle3")], "--draft needs --target"),
         (["bench", "--out", str(tmp_path / "afile")], "is a file"),
     ]:
         assert main(argv) == 1, argv
