@@ -292,13 +292,12 @@ def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool
     reading tensor data.
     """
     model_dir = pathlib.Path(model_dir)
-    if dtype is not None:
-        dtype = check_dtype(dtype)
     cfg, _ = read_config(model_dir)
     found = scan_headers(safetensors_files(model_dir))
     if dtype is None:
         stored = found.get("model.embed_tokens.weight")
-        dtype = check_dtype(STORED_DTYPES.get(stored.dtype) if stored else "float32")
+        dtype = STORED_DTYPES.get(stored.dtype) if stored else "float32"
+    dtype = check_dtype(dtype)
     table = param_table(cfg)
     tied_head = cfg.tie_word_embeddings and "lm_head.weight" in found
     # A tied model's stored copy of the embedding as lm_head is redundant; a different head is not.

@@ -169,11 +169,6 @@ def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
                               f"{_first_line(e)}") from None
 
 
-def stored_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """`flat_shapes` of the checkpoint's stored parameter tree (read from its metadata, not its data)."""
-    return flat_shapes(_stored_tree(pathlib.Path(path).resolve()))
-
-
 def _stored_tree(path: pathlib.Path) -> Any:
     damaged = f"{path / 'params'} is missing or incomplete (the checkpoint is damaged)"
     try:

@@ -171,11 +171,10 @@ def _eagle3_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
     meta = checkpoint.read_meta(path, "eagle3")
     cfg = checkpoint.config_from_meta(path, meta, "draft_config", DraftConfig.from_dict)
     check_fits_target(cfg, target.cfg, str(path))
-    own_embedding = "params/embed_tokens/embedding"
-    check_embedding(cfg, target.cfg, own_embedding in checkpoint.stored_shapes(path), str(path))
     expected = {f"params/{k}": v for k, v in _shapes(eagle3.init_params, cfg).items()}
     expected["d2t"] = (cfg.draft_vocab_size,)
-    tree = checkpoint.restore(path, expected, {own_embedding: (cfg.vocab_size, cfg.hidden_size)})
+    tree = checkpoint.restore(path, expected, {"params/embed_tokens/embedding": (cfg.vocab_size, cfg.hidden_size)})
+    check_embedding(cfg, target.cfg, "embed_tokens" in tree["params"], str(path))
     return eagle3.Eagle3(cfg, cast_params(tree["params"], dtype, str(path)), check_d2t(tree["d2t"], cfg, str(path)),
                          str(path))
 
