@@ -92,15 +92,7 @@ def _dtype_name(dtype) -> str:
 
 def check_fits_target(cfg: DraftConfig, target: ModelConfig, where: str) -> None:
     """Raises naming every way the head does not fit the target."""
-    problems = []
-    if cfg.vocab_size != target.vocab_size:
-        problems.append(f"vocab_size={cfg.vocab_size}, but the target's vocabulary has {target.vocab_size} tokens")
-    if cfg.target_hidden_size != target.hidden_size:
-        problems.append(f"the head takes target features of hidden size {cfg.target_hidden_size}, "
-                        f"but the target's hidden_size is {target.hidden_size}")
-    bad = [i for i in cfg.feature_layers if not 0 <= i < target.num_layers]
-    if bad:
-        problems.append(f"feature layers {bad} do not exist in a {target.num_layers}-layer target")
+    problems = cfg.fit_problems(target)
     if problems:
         raise ConversionError(f"{where}: this EAGLE-3 head does not fit the target: " + "; ".join(problems))
 

@@ -331,6 +331,19 @@ class DraftConfig:
             rope=_rope_from_hf(hf),  # RoPE base 10000 when unset, as in the EAGLE code
         )
 
+    def fit_problems(self, target: ModelConfig) -> list[str]:
+        """What keeps this head from drafting for `target` (empty when it fits)."""
+        problems = []
+        if self.vocab_size != target.vocab_size:
+            problems.append(f"vocab_size={self.vocab_size}, but the target's vocabulary has {target.vocab_size} tokens")
+        if self.target_hidden_size != target.hidden_size:
+            problems.append(f"the head takes target features of hidden size {self.target_hidden_size}, "
+                            f"but the target's hidden_size is {target.hidden_size}")
+        bad = [i for i in self.feature_layers if not 0 <= i < target.num_layers]
+        if bad:
+            problems.append(f"feature layers {bad} do not exist in a {target.num_layers}-layer target")
+        return problems
+
     def to_hf(self) -> dict[str, Any]:
         """config.json in the public EAGLE-3 layout (readable by the EAGLE reference code)."""
         hf = {

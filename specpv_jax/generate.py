@@ -146,9 +146,7 @@ def _check_draft_config(target_cfg: ModelConfig, dcfg: Any, mode: str, spec: Spe
     elif kind == "longspec":
         problems, vocab = dcfg.fit_problems(target_cfg), target_cfg.vocab_size
     else:
-        problems = [] if (dcfg.target_hidden_size == target_cfg.hidden_size
-                          and dcfg.vocab_size == target_cfg.vocab_size) else ["hidden size or vocabulary differ"]
-        vocab = dcfg.draft_vocab_size
+        problems, vocab = dcfg.fit_problems(target_cfg), dcfg.draft_vocab_size
     if problems:
         raise ValueError(f"the draft does not fit this target: {'; '.join(problems)}; "
                          "load it with sj.load_draft(path, target)")
@@ -233,13 +231,14 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         lengths = jax.device_put(lengths, sharding.batch_sharding(lengths.shape, mesh))
     # The Pallas kernel reads the mesh from the context to run per shard (see `attention._tree_kernel`).
     kernel_mesh = jax.set_mesh(mesh) if mesh is not None and run.attention == "pallas" else contextlib.nullcontext()
-    errors = loop.stream_errors()
+    loop.take_stream_error(stream)  # one left by an interrupted call
     with prefill_progress(chunks) if progress else contextlib.nullcontext(), kernel_mesh:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
             run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
             jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32), mesh)
-    if errors:  # the stream callback raised (and was not called again): its error, not the runtime's wrapper
-        raise errors[0]
+    error = loop.take_stream_error(stream)
+    if error is not None:  # the stream callback raised (and was not called again): its error, not the runtime's
+        raise error
     num_out = np.asarray(out.num_out)
     stats = {"mode": mode, "new_tokens": int(num_out.sum()), **_step_stats(out, counters, mode != "ar"),
              "prefill_s": prefill_s, "time_s": decode_s,

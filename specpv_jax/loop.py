@@ -227,20 +227,20 @@ def _report(stream: Callable, out: Output, before: jax.Array, ordered: bool) -> 
     jax.debug.callback(functools.partial(_deliver, stream), out.tokens, before, out.num_out, ordered=ordered)
 
 
-_STREAM_ERRORS: list[BaseException] = []
+# What a stream function raised, kept until the generate call that passed it takes it (`take_stream_error`).
+_STREAM_ERRORS: dict[Callable, BaseException] = {}
 
 
-def stream_errors() -> list[BaseException]:
-    """The (emptied) list that collects what the stream callback raises from now on (at most one exception:
-    after a failure it is not called again), for the caller to re-raise once the compiled loop has finished."""
-    _STREAM_ERRORS.clear()
-    return _STREAM_ERRORS
+def take_stream_error(stream: Callable | None) -> BaseException | None:
+    """Removes and returns what `stream` raised since it was last taken (after a failure it is not called again
+    until then), for the caller to re-raise once the compiled loop has finished."""
+    return _STREAM_ERRORS.pop(stream, None)
 
 
 def _deliver(stream: Callable, tokens, before, after) -> None:
-    if _STREAM_ERRORS:
+    if stream in _STREAM_ERRORS:
         return
     try:
         stream([row[b:a] for row, b, a in zip(np.asarray(tokens), np.asarray(before), np.asarray(after))])
     except Exception as e:  # raised through the runtime it would arrive as an opaque XLA error
-        _STREAM_ERRORS.append(e)
+        _STREAM_ERRORS.setdefault(stream, e)

@@ -53,6 +53,7 @@ def test_vmap_over_keys_draws_independent_samples(mode):
 
 def test_make_generate_fn_checks_its_settings():
     target = make_target(64, layers=2)
+    misfit = dataclasses.replace(make_head(target, seed=3).cfg, feature_layers=(0, 1, 5))
     with pytest.raises(ValueError, match="draft_cfg"):
         sj.make_generate_fn(target.cfg, mode="eagle")
     with pytest.raises(ValueError, match="modes"):
@@ -60,7 +61,8 @@ def test_make_generate_fn_checks_its_settings():
     for setting, message in [({"max_new_tokens": 0}, "max_new_tokens"), ({"prefill_chunk": 0}, "prefill_chunk"),
                              ({"temperature": -1.0}, "temperature"), ({"attention": "bogus"}, "bogus"),
                              ({"eos_token_ids": 64}, "eos_token_ids"),
-                             ({"mode": "eagle", "draft_cfg": target.cfg}, "needs the config of an EAGLE-3 head")]:
+                             ({"mode": "eagle", "draft_cfg": target.cfg}, "needs the config of an EAGLE-3 head"),
+                             ({"mode": "eagle", "draft_cfg": misfit}, r"feature layers \[5\] do not exist")]:
         with pytest.raises(ValueError, match=message):  # when the function is made, not when it first runs
             sj.make_generate_fn(target.cfg, **setting)
 
@@ -119,3 +121,21 @@ def test_exact_mode_streams_only_confirmed_tokens():
                       eos_token_ids=()).stats
     assert one["rollbacks"] > 0
     assert one["mean_accept_len"] == pytest.approx((one["new_tokens"] - 1) / one["steps"])
+
+
+def test_one_stream_failing_does_not_silence_another():
+    """Calls streaming at once (other threads) each get their own stream's error, or none."""
+    from specpv_jax import loop
+
+    got, good = _collect()
+
+    def bad(rows):
+        raise RuntimeError("bad stream")
+
+    tokens, before, after = np.arange(6).reshape(2, 3), np.zeros(2, np.int32), np.full(2, 2, np.int32)
+    loop._deliver(bad, tokens, before, after)
+    loop._deliver(good, tokens, before, after)
+    assert got == [[0, 1], [3, 4]]
+    assert loop.take_stream_error(good) is None
+    assert str(loop.take_stream_error(bad)) == "bad stream"
+    assert loop.take_stream_error(bad) is None
