@@ -14,6 +14,7 @@ import os
 import pathlib
 import shutil
 import uuid
+import warnings
 from typing import Any, Callable, Iterator, TypeVar
 
 import jax
@@ -45,6 +46,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     Refuses a non-empty `out_dir` unless `overwrite`.
     """
     out = check_destination(out_dir, overwrite)
+    _warn_leftovers(out)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
@@ -56,6 +58,16 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _warn_leftovers(out: pathlib.Path) -> None:
+    """Points out what a killed save to `out` left beside it (an error cleans up; a kill cannot). Not deleted
+    here: another save to `out` may be writing it now."""
+    leftovers = sorted(p.name for p in out.parent.glob(f".{out.name}.partial-*")) if out.parent.is_dir() else []
+    if leftovers:
+        warnings.warn(f"{out.parent} holds {', '.join(leftovers)}, left by an interrupted save to {out.name}; "
+                      f"delete {'it' if len(leftovers) == 1 else 'them'} unless another save to it is running",
+                      stacklevel=4)
 
 
 def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,

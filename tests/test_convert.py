@@ -102,6 +102,15 @@ def test_interrupted_save_leaves_nothing(hf_model, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_killed_saves_leftovers_are_pointed_out(hf_model, tmp_path):
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    (tmp_path / ".ckpt.partial-0123abcd" / "params").mkdir(parents=True)  # what a kill leaves
+    with pytest.warns(UserWarning, match=r"\.ckpt\.partial-0123abcd, left by an interrupted save to ckpt"):
+        sj.save_target(target, tmp_path / "ckpt")
+    assert sj.load_target(tmp_path / "ckpt").cfg == target.cfg
+    assert (tmp_path / ".ckpt.partial-0123abcd").is_dir()  # not ours to delete
+
+
 def test_an_interrupted_overwrite_is_pointed_out(hf_model, tmp_path, monkeypatch):
     target = sj.load_target(hf_model("llama-mha")[0], progress=False)
     sj.save_target(target, tmp_path / "ckpt")
