@@ -9,6 +9,7 @@ the draft vocabulary) and sometimes `embed_tokens.weight`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
@@ -117,6 +118,9 @@ def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32
         raise ConversionError(f"{head_dir / 'config.json'}: {e}") from None
     check_fits_target(cfg, target, str(head_dir))
     tensors, infos = read_state(head_dir)
+    q = infos.get("midlayer.self_attn.q_proj.weight")
+    if q is not None and len(q.shape) == 2 and q.shape[0] % cfg.num_heads == 0:
+        cfg = dataclasses.replace(cfg, head_dim=q.shape[0] // cfg.num_heads)  # whether config head_dim is used varies
     extras = {"d2t", "t2d", "embed_tokens.weight"}
     fc = infos.get("fc.weight")
     if fc is not None and len(fc.shape) == 2 and fc.shape[1] != len(cfg.feature_layers) * target.hidden_size:

@@ -180,10 +180,21 @@ def _cmd_train_draft(args) -> int:
     from specpv_jax.train import corpus, eagle
     from specpv_jax.train.trainer import TrainConfig
 
-    check_destination(args.out, args.force)  # before hours of training, not after
+    # Before hours of training, not after; --force must not replace the target or the data.
+    for source in (args.target, *args.data):
+        check_destination(args.out, args.force, source=source)
+    if pathlib.Path(args.out).resolve() == pathlib.Path(args.target).resolve():
+        raise ValueError(f"--out {args.out} is the target; writing the head there would delete it")
+    for name, length in [("--length", args.length)] + [("--long-length", args.long_length)] * bool(args.long_context):
+        if args.unroll >= length:
+            raise ValueError(f"--unroll {args.unroll} must be below {name} {length} (each training-time-test "
+                             f"step predicts one token further into the window)")
     if args.long_context is not None and args.long_context <= args.length:
         raise ValueError(f"--long-context {args.long_context} must exceed --length {args.length} (the YaRN "
                          f"fine-tune stretches RoPE beyond the trained length)")
+    if args.long_context is not None and args.long_length > args.long_context:
+        raise ValueError(f"--long-length {args.long_length} must not exceed --long-context {args.long_context} "
+                         f"(the positions the YaRN fine-tune stretches RoPE to)")
     target = load_target(args.target, dtype="float32")
     if target.tokenizer is None:
         raise ValueError(f"{args.target} has no tokenizer files; train-draft tokenizes --data with it")
@@ -204,7 +215,7 @@ def _cmd_train_draft(args) -> int:
                                        min(args.draft_vocab, target.cfg.vocab_size), short, long, args.long_context,
                                        args.unroll, args.work)
     out = export_eagle3(args.out, head.cfg, head.params, head.d2t, overwrite=args.force)
-    accuracy = " ".join(f"{metrics[k]:.2f}" for k in sorted(metrics) if k.startswith("acc"))
+    accuracy = " ".join(f"{metrics[f'acc{i}']:.2f}" for i in range(args.unroll))
     print(f"wrote {out} (last-step accuracy per TTT step: {accuracy})")
     return 0
 

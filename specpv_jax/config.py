@@ -321,7 +321,9 @@ class DraftConfig:
             intermediate_size=int(hf["intermediate_size"]),
             num_heads=num_heads,
             num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=hidden // num_heads,  # the EAGLE head ignores config head_dim
+            # SpecForge's heads (Qwen3-4B: 32 heads of 128 over hidden 2560) honour head_dim; the EAGLE
+            # reference ignores it, so `load_eagle3` takes the width its q_proj weight has.
+            head_dim=int(hf.get("head_dim") or hidden // num_heads),
             vocab_size=int(hf["vocab_size"]),
             draft_vocab_size=int(hf.get("draft_vocab_size") or hf["vocab_size"]),
             target_hidden_size=int(hf.get("target_hidden_size") or hidden),
@@ -350,7 +352,7 @@ class DraftConfig:
             "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_act": "silu",
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-            "num_hidden_layers": 1, "vocab_size": self.vocab_size, "draft_vocab_size": self.draft_vocab_size,
+            "head_dim": self.head_dim, "num_hidden_layers": 1, "vocab_size": self.vocab_size, "draft_vocab_size": self.draft_vocab_size,
             "target_hidden_size": self.target_hidden_size, "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_position_embeddings, "rope_theta": self.rope.theta,
             "tie_word_embeddings": False,

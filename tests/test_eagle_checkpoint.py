@@ -223,3 +223,21 @@ def test_head_matches_the_reference_structure(target, tmp_path):
                                           causal_mask(1, t))
     got = eagle3.head_logprobs(head.params, head.cfg, hidden)[0]
     np.testing.assert_allclose(np.asarray(got), expected.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("config_head_dim", ["written", None, 16])
+def test_heads_with_wider_attention_heads_load(target, tmp_path, config_head_dim):
+    """Qwen3-4B-style heads (head_dim * heads != hidden) as train-draft and SpecForge write them (head_dim in
+    config.json), as the EAGLE reference writes them (none), or with a config head_dim their weights ignore."""
+    cfg = dataclasses.replace(sj.load_draft(write_head(tmp_path / "head"), target).cfg, head_dim=32)
+    params = eagle3.init_params(cfg, jax.random.key(0))
+    d2t = jnp.zeros(cfg.draft_vocab_size, jnp.int32)
+    out = export_eagle3(tmp_path / "wide", cfg, params, d2t)
+    config = json.loads((out / "config.json").read_text())
+    assert config["head_dim"] == 32
+    if config_head_dim != "written":
+        config.pop("head_dim") if config_head_dim is None else config.update(head_dim=config_head_dim)
+        (out / "config.json").write_text(json.dumps(config))
+    head = sj.load_draft(out, target)
+    assert head.cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, head.params, params)

@@ -42,6 +42,17 @@ def test_corpus_documents_concatenate_packages_and_skip_tests(tmp_path):
         corpus.documents(tmp_path / "pkg" / "tests" / "none")
 
 
+def test_documents_encode_without_a_bos_token():
+    class QwenLike:  # Qwen tokenizers have no BOS
+        bos_token_id, eos_token_id = None, 7
+
+        def __call__(self, texts, add_special_tokens):
+            return {"input_ids": [[len(t), 3] for t in texts]}
+
+    docs = corpus.encode_documents(QwenLike(), [corpus.Document("a.txt", "abc")])
+    assert [d.tolist() for d in docs] == [[3, 3, 7]]
+
+
 def test_split_is_a_fixed_rule_on_names():
     docs = [corpus.Document(f"m{i}", "x") for i in range(200)]
     train, heldout = corpus.split(docs)
@@ -94,6 +105,28 @@ def test_lm_training_learns_a_pattern_and_resumes(tmp_path):
     _, more = lm.train_lm(params, TINY_CFG, _repeating_batches(4, 33), dataclasses.replace(tc, steps=45),
                           tmp_path / "ckpt", progress=False)
     assert len(more) == 5 and more[0]["loss"] < 0.5 * history[0]["loss"]
+
+
+def test_a_resumed_run_continues_the_batch_stream(tmp_path):
+    def loss(p, batch):
+        return jnp.sum((p["w"] - batch) ** 2), {}
+
+    def batches(stop_at=None):
+        for i in range(100):
+            if i == stop_at:
+                raise KeyboardInterrupt
+            yield np.full(3, float(i), np.float32)
+
+    tc = TrainConfig(10, 1, 1, lr=0.1, warmup=1, save_every=5)
+    straight, _ = fit(loss, {"w": jnp.zeros(3)}, batches(), tc, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed at step 8, saved at 5
+        fit(loss, {"w": jnp.zeros(3)}, batches(stop_at=8), tc, checkpoint_dir=tmp_path / "w", progress=False)
+    resumed, history = fit(loss, {"w": jnp.zeros(3)}, batches(), tc, checkpoint_dir=tmp_path / "w", progress=False)
+    assert len(history) == 5
+    np.testing.assert_allclose(resumed["w"], straight["w"], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"another training run \(its data, train differ"):
+        fit(loss, {"w": jnp.zeros(3)}, batches(), dataclasses.replace(tc, lr=0.2), checkpoint_dir=tmp_path / "w",
+            progress=False, run={"data": "other"})
 
 
 def test_fit_stops_on_a_non_finite_loss():

@@ -60,10 +60,11 @@ def split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
 
 
 def encode_documents(tokenizer, docs: list[Document]) -> list[np.ndarray]:
-    """Token ids of each document, `[n_i]` int32, starting with BOS and ending with EOS."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    """Token ids of each document, `[n_i]` int32: BOS (if the tokenizer has one, as LLaMA's; Qwen's has
+    none), the text, then EOS (if any)."""
+    ends = [[t] if t is not None else [] for t in (tokenizer.bos_token_id, tokenizer.eos_token_id)]
     encoded = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
-    return [np.asarray([bos, *ids, eos], np.int32) for ids in encoded]
+    return [np.asarray([*ends[0], *ids, *ends[1]], np.int32) for ids in encoded]
 
 
 def batches(token_docs: list[np.ndarray], batch: int, length: int, seed: int):

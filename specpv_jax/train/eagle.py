@@ -14,6 +14,7 @@ draft vocabulary, weighted 0.8^j (the EAGLE-3 recipe).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
 from typing import Iterator
 
@@ -106,14 +107,24 @@ def ttt_loss(head: Params, dcfg: DraftConfig, target: Params, tcfg: ModelConfig,
 
 def train_head(head: eagle3.Eagle3, target: Params, tcfg: ModelConfig, draft_ids: np.ndarray,
                batches: Iterator[np.ndarray], tc: TrainConfig, steps: int = 5, checkpoint_dir=None,
-               progress: bool = True, desc: str = "eagle3") -> tuple[eagle3.Eagle3, list[dict]]:
-    """Trains `head` on `[tc.batch, tc.length]` windows with TTT (`steps` unrolled); the target is frozen."""
+               progress: bool = True, desc: str = "eagle3", run: dict | None = None) -> tuple[eagle3.Eagle3, list[dict]]:
+    """Trains `head` on `[tc.batch, tc.length]` windows with TTT (`steps` unrolled); the target is frozen.
+    run: facts identifying the run beyond the head, its vocabulary and `tc` (see `trainer.fit`)."""
     draft_ids = jnp.asarray(draft_ids, jnp.int32)
     if draft_ids.shape != (head.cfg.draft_vocab_size,):
         raise ValueError(f"draft_ids has shape {draft_ids.shape}, expected ({head.cfg.draft_vocab_size},)")
     params, history = fit(lambda p, ids: ttt_loss(p, head.cfg, target, tcfg, draft_ids, ids, steps),
-                          head.params, batches, tc, desc, checkpoint_dir, progress)
+                          head.params, batches, tc, desc, checkpoint_dir, progress,
+                          run={"head": head.cfg.to_dict(), "draft_ids": _digest(np.asarray(draft_ids)), "unroll": steps,
+                               **(run or {})})
     return dataclasses.replace(head, params=params), history
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.int64(np.size(a)).tobytes() + np.ascontiguousarray(a, np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def yarn_config(dcfg: DraftConfig, trained_length: int, context: int) -> DraftConfig:
@@ -143,16 +154,17 @@ def train_eagle3(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarray]
     work: directory for resumable checkpoints (`eagle3/`, `eagle3_long/`). Returns (head, last metrics).
     """
     work = pathlib.Path(work) if work is not None else None
+    data = {"data": _digest(*token_docs)}
     draft_ids = draft_vocabulary(token_docs, tcfg.vocab_size, draft_vocab_size)
     head = new_head(tcfg, draft_ids, short.seed)
     head = dataclasses.replace(head, cfg=dataclasses.replace(head.cfg, rope=RopeConfig(theta=tcfg.rope.theta)))
     head, hist = train_head(head, target, tcfg, draft_ids,
                             corpus.batches(token_docs, short.batch, short.length, short.seed + 2), short, steps,
-                            work / "eagle3" if work else None, progress)
+                            work / "eagle3" if work else None, progress, run=data)
     if long is not None and context is not None:
         head = dataclasses.replace(head, cfg=yarn_config(head.cfg, short.length, context))
         head, more = train_head(head, target, tcfg, draft_ids,
                                 corpus.batches(token_docs, long.batch, long.length, long.seed + 3), long, steps,
-                                work / "eagle3_long" if work else None, progress, desc="eagle3-yarn")
+                                work / "eagle3_long" if work else None, progress, desc="eagle3-yarn", run=data)
         hist = hist + more
     return head, (hist[-1] if hist else {})

@@ -8,6 +8,7 @@ CPU run can be interrupted and continued with the same command.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 from typing import Any, Callable, Iterator
@@ -18,6 +19,9 @@ import numpy as np
 import optax
 
 LossFn = Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+RUN_FILE = "run.json"  # what identifies the run a checkpoint directory belongs to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,20 +55,31 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainConfig, desc: str = "train",
-        checkpoint_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[Any, list[dict]]:
+        checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
+        run: dict | None = None) -> tuple[Any, list[dict]]:
     """Minimises `loss_fn(params, batch) -> (loss, metrics)` for `tc.steps` steps (a batch: an array or a
     tuple of arrays).
 
     Returns the final params and the metrics history (one dict of floats per
-    step). Raises if the loss becomes non-finite, naming the step.
+    step). Raises if the loss becomes non-finite, naming the step. A resumed run
+    skips the batches its saved steps used (`batches` must repeat the same stream);
+    `checkpoint_dir` must hold this run's state: the same `tc` but for `steps` (a
+    run may be extended) and the same `run` (JSON-able facts that identify it, such
+    as a hash of the data), else it is refused.
     """
     from tqdm.auto import tqdm
 
     opt = optimizer(tc)
     state = {"params": params, "opt": opt.init(params), "step": jnp.zeros((), jnp.int32)}
     manager = _manager(checkpoint_dir, tc.save_every)
-    if manager is not None and manager.latest_step() is not None:
-        state = _restore(manager, state)
+    if manager is not None:
+        settings = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("steps", "save_every")}  # may grow
+        identity = json.loads(json.dumps({"train": settings, **(run or {})}))
+        _check_same_run(pathlib.Path(checkpoint_dir), identity, resuming=manager.latest_step() is not None)
+        if manager.latest_step() is not None:
+            state = _restore(manager, state)
+            for _ in range(int(state["step"])):
+                next(batches)
 
     @jax.jit
     def step(state, batch):
@@ -77,18 +92,35 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
     history: list[dict] = []
     start = int(state["step"])
     bar = tqdm(range(start, tc.steps), desc=desc, initial=start, total=tc.steps, disable=not progress)
-    for i in bar:
-        state, metrics = step(state, jax.tree.map(jnp.asarray, next(batches)))
-        metrics = {k: float(v) for k, v in metrics.items()}
-        if not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"{desc}: loss became {metrics['loss']} at step {i}; lower the learning rate")
-        history.append(metrics)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k != "grad_norm"}, refresh=False)
-        if manager is not None and ((i + 1) % tc.save_every == 0 or i + 1 == tc.steps):
-            manager.save(i + 1, args=_save_args(state))
-    if manager is not None:
-        manager.wait_until_finished()
+    try:
+        for i in bar:
+            state, metrics = step(state, jax.tree.map(jnp.asarray, next(batches)))
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if not np.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"{desc}: loss became {metrics['loss']} at step {i}; lower the learning rate")
+            history.append(metrics)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k != "grad_norm"}, refresh=False)
+            if manager is not None and ((i + 1) % tc.save_every == 0 or i + 1 == tc.steps):
+                manager.save(i + 1, args=_save_args(state))
+    finally:  # an interrupted run keeps the checkpoint being written
+        if manager is not None:
+            manager.wait_until_finished()
     return state["params"], history
+
+
+def _check_same_run(directory: pathlib.Path, identity: dict, resuming: bool) -> None:
+    """Records `identity` in `directory` for a new run; refuses to resume a different one."""
+    record = directory / RUN_FILE
+    if not resuming:
+        directory.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(identity, indent=1, sort_keys=True))
+        return
+    stored = json.loads(record.read_text()) if record.is_file() else {}
+    differ = sorted(k for k in identity.keys() | stored.keys() if identity.get(k) != stored.get(k))
+    if differ:
+        raise ValueError(f"{directory} holds the checkpoint of another training run (its {', '.join(differ)} "
+                         f"differ from this one's); resume with the same settings and data, or use an empty "
+                         f"work directory")
 
 
 def _manager(directory, save_every):
