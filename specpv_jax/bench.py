@@ -235,8 +235,9 @@ def run(args) -> list[dict]:
     if given and not args.target:
         raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --target (without it the "
                          f"bench runs the bundled demo models)")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file; results go into a directory")
+    blocking = next((p for p in (args.out, *args.out.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ValueError(f"--out {args.out}: {blocking} is a file; results go into a directory")
     if args.target:
         target = sj.load_target(args.target)
         paths = {kind: getattr(args, option.lstrip("-").replace("-", "_")) for kind, option in DRAFT_OPTIONS.items()}
@@ -248,6 +249,11 @@ def run(args) -> list[dict]:
                   "longspec_plain": models.longspec_plain}
     if args.target and not args.modes:
         modes = [m for m in modes if m == "ar" or draft_kind(m) in drafts]
+    modes = sorted(modes, key=lambda m: m != "ar")  # ar first: the others' speeds are ratios to it
+    too_long = [c for c in contexts if c + new_tokens > target.cfg.max_position_embeddings]
+    if too_long:
+        raise ValueError(f"--contexts {' '.join(map(str, too_long))} plus {new_tokens} new tokens exceed the "
+                         f"model's max_position_embeddings ({target.cfg.max_position_embeddings})")
     for m in modes:
         if m != "ar" and drafts.get(draft_kind(m)) is None:
             raise ValueError(f"mode {m} needs {DRAFT_OPTIONS[draft_kind(m)]}"
@@ -284,24 +290,32 @@ def run(args) -> list[dict]:
                        fidelity=sj.fidelity(target, prompt, out), retrieval_tokens=spec.retrieval_tokens,
                        tree=[spec.tree_depth, spec.tree_top_k, spec.tree_nodes])
             rows.append(row)
-            print(f"{context:>7} {mode:>10} {row['tokens_per_s']:>8.1f} tok/s  x{row['vs_ar'] or 0:.2f} vs ar  "
+            vs_ar = f"x{row['vs_ar']:.2f} vs ar  " if row["vs_ar"] is not None else ""
+            print(f"{context:>7} {mode:>10} {row['tokens_per_s']:>8.1f} tok/s  {vs_ar}"
                   f"accept {row['accept']:.2f}  fidelity {row['fidelity']:.3f}", flush=True)
         if hf:
             rows.append(dict(context=context, mode="transformers", tokens_per_s=hf,
                              vs_ar=hf / ar_speed if ar_speed else None))
+            print(f"{context:>7} {'hf':>10} {hf:>8.1f} tok/s  (transformers greedy)", flush=True)
         if assistant_dir:
             assisted = hf_assisted_tokens_per_s(hf_dir, assistant_dir, prompt, new_tokens)
             rows.append(dict(context=context, mode="transformers-assisted", tokens_per_s=assisted,
                              vs_ar=assisted / ar_speed if ar_speed else None, vs_hf=assisted / hf))
             print(f"{context:>7} {'hf-assisted':>10} {assisted:>8.1f} tok/s  x{assisted / hf:.2f} vs hf", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(
-        {"device": device, "title": title, "contexts": contexts, "new_tokens": new_tokens, "modes": modes,
-         "rows": rows}, indent=2))
-    write_markdown(rows, args.out / "bench.md", title)
-    plot(rows, args.out / "bench.png", title)
+        write_results(args.out, rows, title, device, contexts, new_tokens, modes)  # a later failure keeps these
     print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
     return rows
+
+
+def write_results(out: pathlib.Path, rows: list[dict], title: str, device: str, contexts: list[int],
+                  new_tokens: int, modes: list[str]) -> None:
+    """bench.json, bench.md and bench.png in `out` for the rows so far."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(
+        {"device": device, "title": title, "contexts": contexts, "new_tokens": new_tokens, "modes": modes,
+         "rows": rows}, indent=2))
+    write_markdown(rows, out / "bench.md", title)
+    plot(rows, out / "bench.png", title)
 
 
 def main(argv=None) -> int:

@@ -98,15 +98,17 @@ def test_run_demo_prints_a_row_per_mode(capsys):
 
 
 @pytest.mark.torch  # the bench's transformers peer
-def test_bench_writes_json_markdown_and_plot(tmp_path):
+def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     import json
 
     from specpv_jax.cli import main
 
-    assert main(["bench", "--contexts", "300", "--new-tokens", "8", "--modes", "ar", "eagle", "specextend",
+    assert main(["bench", "--contexts", "300", "--new-tokens", "8", "--modes", "eagle", "ar", "specextend",
                  "--tree", "3", "3", "8", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "x1.00 vs ar" in printed and "(transformers greedy)" in printed
     data = json.loads((tmp_path / "bench.json").read_text())
-    assert data["contexts"] == [300] and data["modes"] == ["ar", "eagle", "specextend"]
+    assert data["contexts"] == [300] and data["modes"] == ["ar", "eagle", "specextend"]  # ar first
     assert [(r["context"], r["mode"]) for r in data["rows"]] == [
         (300, m) for m in ("ar", "eagle", "specextend", "transformers", "transformers-assisted")]
     eagle, specextend, assisted = data["rows"][1], data["rows"][2], data["rows"][4]
@@ -116,6 +118,15 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     table = (tmp_path / "bench.md").read_text().splitlines()
     assert table[2].startswith("| context | mode |") and len(table) == 4 + 5
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_checks_contexts_against_the_model(tmp_path, capsys):
+    from specpv_jax.cli import main
+
+    assert main(["bench", "--contexts", "256", "40000", "--out", str(tmp_path / "out")]) == 1
+    assert "--contexts 40000 plus 64 new tokens exceed the model's max_position_embeddings (32768)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bench_refuses_tune_with_a_tree_or_budget(capsys):
@@ -183,6 +194,7 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
         (["plan", "--model", "llama-3.1-8b", "--context", "131072"], "exceed the model's max_position_embeddings"),
         (["bench", "--draft", str(ASSETS / "eagle3")], "--draft needs --target"),
         (["bench", "--out", str(tmp_path / "afile")], "is a file"),
+        (["bench", "--out", str(tmp_path / "afile" / "results")], "afile is a file"),
     ]:
         assert main(argv) == 1, argv
         assert message in capsys.readouterr().err, argv
