@@ -205,9 +205,11 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         raise ValueError(f"seed must be a 64-bit signed integer, got {seed!r}")
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")
-    if spec.offload and (mesh.size if mesh is not None else jax.device_count()) > 1:
+    if spec.offload and (getattr(mesh, "size", 1) if mesh is not None else jax.device_count()) > 1:
         raise NotImplementedError("SpecConfig(offload=True) runs on one device; pass "
                                   "mesh=sharding.make_mesh(devices=jax.devices()[:1])")
+    if mesh is not None:
+        sharding.check_mesh(mesh)
     cfg = target.cfg
     batch = prompts.prepare(input_ids, cfg, max_new_tokens, prefill_chunk, attention_mask)
     eos = _eos_ids(cfg, eos_token_ids)

@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from specpv_jax.attention import PREFIX_BLOCK
+from specpv_jax.attention import PREFIX_BLOCK, SCORE_TILE
 from specpv_jax.config import LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.loop import output_bucket
 
@@ -114,7 +114,15 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
         parts["draft weights"] = (attn + cross + 3 * d.hidden_size * d.intermediate_size + 4 * d.hidden_size) * size
         parts["draft cache"] = 2 * batch * d.num_kv_heads * d.window * d.head_dim * size
     rows = batch * max(tree, prefill_chunk)
-    parts["activations"] = max(batch * tree * v * 4, rows * (2 * h + 2 * cfg.intermediate_size) * 4)
+    # The XLA path's attention holds float32 scores and their exp: the new tokens' [B, Hq, T, T] and a prefix
+    # tile of up to SCORE_TILE rows x keys; the layer loop slices one layer's weights out of the stacked
+    # parameters into a buffer of their own.
+    scores = 2 * batch * (cfg.num_heads * max(tree, prefill_chunk) ** 2 + SCORE_TILE) * 4
+    from convert.hf import param_table
+
+    layer_weights = sum(int(np.prod(e.hf_shape)) for e in param_table(cfg) if e.per_layer) * size
+    parts["activations"] = max(batch * tree * v * 4, rows * (2 * h + 2 * cfg.intermediate_size) * 4) + scores \
+        + layer_weights
     return Estimate(mode, parts, ("full cache", "block summaries") if mode in ("specpv", "exact") else ())
 
 

@@ -40,6 +40,16 @@ def make_mesh(data: int = 1, model: int | None = None, devices: list | None = No
     return Mesh(np.array(devices).reshape(data, model), AXES)
 
 
+def check_mesh(mesh: Any) -> None:
+    """Raises unless `mesh` is a mesh `generate` can place arrays on: axes named `AXES`, of Auto type."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (sj.sharding.make_mesh), got {type(mesh).__name__}")
+    types = tuple(getattr(t, "name", str(t)) for t in getattr(mesh, "axis_types", ()))
+    if sorted(mesh.axis_names) != sorted(AXES) or any(t != "Auto" for t in types):
+        raise ValueError(f"mesh has axes {dict(mesh.shape)} of types {types}; generate needs axes {AXES} of "
+                         f"type Auto: sj.sharding.make_mesh(data, model, devices) makes one")
+
+
 def _split(shape: tuple[int, ...], axis: int | None, name: str, mesh: Mesh) -> P:
     spec = [None] * len(shape)
     if axis is not None and shape[axis] % mesh.shape[name] == 0:

@@ -53,3 +53,20 @@ def test_param_specs_split_heads_and_mlp_where_the_mesh_divides():
     assert specs["embed_tokens"]["embedding"] == P(None, None)
     with pytest.raises(ValueError, match="a 3 x 1 mesh needs 3 devices, 1 given"):
         make_mesh(3, 1, devices=jax.devices()[:1])
+
+
+def test_generate_names_a_mesh_it_cannot_use():
+    import numpy as np
+    from jax.sharding import Mesh
+
+    import specpv_jax as sj
+    from test_eagle import make_target
+
+    target = make_target(64, layers=2)
+    devices = np.array(jax.devices()[:1]).reshape(1, 1)
+    for mesh, message in [(jax.make_mesh((1, 1), ("data", "model")), r"of types \('Explicit', 'Explicit'\)"),
+                          (Mesh(devices, ("batch", "tp")), r"axes \{'batch': 1, 'tp': 1\}"), ("2x4", "must be a")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            sj.generate(target, [1, 2, 3], 4, mesh=mesh)
+    one = make_mesh(devices=jax.devices()[:1])
+    assert sj.generate(target, [1, 2, 3], 4, mesh=one, eos_token_ids=()).tokens.shape == (1, 4)
