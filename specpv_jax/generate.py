@@ -218,15 +218,17 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     progress = chunks >= PROGRESS_CHUNKS if progress is None else bool(progress)
     run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, temperature, top_p,
                          eos, batch.ids.shape[1], chunk, attention, stream, progress)
+    if mesh is None and jax.device_count() > 1:
+        mesh = sharding.make_mesh()
     limit = memory.device_bytes_limit()
     if limit is not None:  # refuse before allocating anything
         est = memory.estimate(cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
                               draft.cfg if mode == "specextend" else None, chunk)
-        memory.check_fits(est, limit * (mesh.size if mesh is not None else jax.device_count()), spec.offload)
+        if mesh is not None:
+            est = est.per_device(cfg, batch.batch, mesh.shape["data"], mesh.shape["model"])
+        memory.check_fits(est, limit, spec.offload)
     params, draft_params = target.params, draft.params if draft is not None else None
     ids, lengths = jnp.asarray(batch.ids), jnp.asarray(batch.lengths)
-    if mesh is None and jax.device_count() > 1:
-        mesh = sharding.make_mesh()
     if mesh is not None:
         params, draft_params = sharding.shard_params(params, mesh), sharding.shard_params(draft_params, mesh)
         ids = jax.device_put(ids, sharding.batch_sharding(ids.shape, mesh))

@@ -68,6 +68,23 @@ class Estimate:
         """Device bytes with offload (the parts not in host memory)."""
         return self.total - self.host
 
+    def per_device(self, cfg: ModelConfig, batch: int, data: int, model: int) -> "Estimate":
+        """The parts one device of a `data x model` mesh holds, as `sharding` places them: weights split
+        along "model" but the token embedding (replicated), caches along "model" where the KV heads divide
+        and along "data" where the rows divide, activations along "data" where the rows divide."""
+        rows = data if batch % data == 0 else 1
+        heads = model if cfg.num_kv_heads % model == 0 else 1
+        embedding = cfg.vocab_size * cfg.hidden_size * self.parts["weights"] // param_count(cfg)
+
+        def share(name: str, size: int) -> int:
+            if name == "weights":
+                return embedding + (size - embedding) // model
+            if name == "activations":
+                return size // rows
+            return size // (rows * heads) if "cache" in name or name == "block summaries" else size
+
+        return dataclasses.replace(self, parts={k: share(k, v) for k, v in self.parts.items()})
+
 
 def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int = 1, mode: str = "ar",
              spec: SpecConfig | None = None, dtype: str = "bfloat16", draft_cfg: ModelConfig | None = None,

@@ -53,6 +53,20 @@ def test_estimate_covers_what_the_compiled_stages_take():
         assert need <= est.total
 
 
+def test_per_device_parts_follow_the_sharding_rule():
+    cfg = ModelConfig.from_hf(LLAMA_31_8B)
+    est = memory.estimate(cfg, 65536, batch=8, mode="exact")
+    replicated = est.per_device(cfg, 8, data=8, model=1)  # rows split, weights on every device
+    assert replicated.parts["weights"] == est.parts["weights"]
+    assert replicated.parts["full cache"] == est.parts["full cache"] // 8
+    tensor = est.per_device(cfg, 8, data=1, model=8)  # 8 KV heads over 8 devices; the embedding replicated
+    embedding = cfg.vocab_size * cfg.hidden_size * 2
+    assert tensor.parts["weights"] == embedding + (est.parts["weights"] - embedding) // 8
+    assert tensor.parts["partial cache"] == est.parts["partial cache"] // 8
+    assert est.per_device(cfg, 8, data=1, model=16).parts["full cache"] == est.parts["full cache"]  # 8 KV heads
+    assert est.per_device(cfg, 3, data=2, model=1).parts["activations"] == est.parts["activations"]  # 3 rows
+
+
 def test_longspec_draft_cache_is_constant():
     cfg = ModelConfig.from_hf(LLAMA_31_8B)
     short, long = (memory.estimate(cfg, n, mode="longspec") for n in (1024, 131072))
