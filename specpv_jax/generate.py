@@ -189,7 +189,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     `eos_token_ids` (default: the model's EOS ids; `()` never stops).
     attention: "auto" (Pallas kernels on GPU, XLA elsewhere), "xla" or "pallas".
     stream: called on the host with each row's newly emitted tokens as
-    generation goes (exact mode: confirmed tokens only). mesh: a
+    generation goes (exact mode: confirmed tokens only; a new function needs no recompilation, and
+    streaming calls from several threads take turns). mesh: a
     `sharding.make_mesh` mesh to run on (tensor parallel over "model", rows over
     "data"); default: all devices along "model" when there is more than one.
     progress: a progress bar over prefill chunks (default: for prompts of
@@ -217,7 +218,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     chunks = batch.ids.shape[1] // chunk
     progress = chunks >= PROGRESS_CHUNKS if progress is None else bool(progress)
     run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, temperature, top_p,
-                         eos, batch.ids.shape[1], chunk, attention, stream, progress)
+                         eos, batch.ids.shape[1], chunk, attention, stream is not None, progress)
     if mesh is None and jax.device_count() > 1:
         mesh = sharding.make_mesh()
     limit = memory.device_bytes_limit()
@@ -235,12 +236,12 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         lengths = jax.device_put(lengths, sharding.batch_sharding(lengths.shape, mesh))
     # The Pallas kernel reads the mesh from the context to run per shard (see `attention._tree_kernel`).
     kernel_mesh = jax.set_mesh(mesh) if mesh is not None and run.attention == "pallas" else contextlib.nullcontext()
-    loop.take_stream_error(stream)  # one left by an interrupted call
-    with prefill_progress(chunks) if progress else contextlib.nullcontext(), kernel_mesh:
+    streaming = loop.streaming_to(stream) if stream is not None else contextlib.nullcontext(lambda: None)
+    with prefill_progress(chunks) if progress else contextlib.nullcontext(), kernel_mesh, streaming as stream_error:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
             run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
             jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32), mesh)
-    error = loop.take_stream_error(stream)
+        error = stream_error()
     if error is not None:  # the stream callback raised (and was not called again): its error, not the runtime's
         raise error
     num_out = np.asarray(out.num_out)
@@ -259,7 +260,7 @@ def _check_offload(spec: SpecConfig, mode: str) -> None:
 
 def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: int, temperature: float,
           top_p: float, eos: np.ndarray, prompt_len: int, chunk: int, attention: str,
-          stream=None, progress: bool = False) -> tuple[Run, int]:
+          stream: bool = False, progress: bool = False) -> tuple[Run, int]:
     """The static settings of a call and the cache length it needs."""
     speculative_mode = mode != "ar"
     run = Run(cfg=cfg, sampler=Sampler(float(temperature), float(top_p)), buffer=output_bucket(max_new_tokens),

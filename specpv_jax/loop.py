@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.struct
 import jax
@@ -28,7 +30,8 @@ class Run:
     up to a bucket, so nearby lengths share one compiled loop; the exact limit is
     a traced value); pad_id: filler after a row ends; chunk: prefill chunk;
     attention: "xla" or "pallas" (resolved); spec/dcfg: speculative modes only;
-    stream: a host function called with each row's newly emitted tokens (see `decode_loop`);
+    stream: the decode loop reports each row's newly emitted tokens to the host function
+    `streaming_to` registers (see `decode_loop`; one compiled loop serves every function);
     progress: prefill reports each chunk to the active progress bar (see `prefill_progress`);
     offload: the target's full cache lives in host memory (see `offload`).
     """
@@ -42,7 +45,7 @@ class Run:
     attention: str = "xla"
     spec: SpecConfig | None = None
     dcfg: DraftConfig | None = None
-    stream: Callable[[list], None] | None = None
+    stream: bool = False
     progress: bool = False
     offload: bool = False
 
@@ -204,8 +207,8 @@ def run_if(pred: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
 def decode_loop(run: Run, step: Callable, state: Any, out_of: Callable[[Any], Output] = lambda s: s.out) -> Any:
     """Runs `step` until every row is done.
 
-    With `run.stream`, the host function receives, after the first token and after
-    each step, a list with each row's newly emitted tokens (`np.ndarray`, possibly
+    With `run.stream`, the function `streaming_to` registered receives, after the first token and
+    after each step, a list with each row's newly emitted tokens (`np.ndarray`, possibly
     empty): only tokens in the output buffer, so exact mode streams confirmed tokens.
     """
     # Ordered effects exist for one device only, and their token does not compile beside offload's host-memory
@@ -215,32 +218,43 @@ def decode_loop(run: Run, step: Callable, state: Any, out_of: Callable[[Any], Ou
     def reporting_step(s):
         before = out_of(s).num_out
         s = step(s)
-        _report(run.stream, out_of(s), before, ordered)
+        _report(out_of(s), before, ordered)
         return s
 
-    if run.stream is not None:
-        _report(run.stream, out_of(state), jnp.zeros_like(out_of(state).num_out), ordered)
-    return lax.while_loop(lambda s: ~jnp.all(out_of(s).done), step if run.stream is None else reporting_step, state)
+    if run.stream:
+        _report(out_of(state), jnp.zeros_like(out_of(state).num_out), ordered)
+    return lax.while_loop(lambda s: ~jnp.all(out_of(s).done), reporting_step if run.stream else step, state)
 
 
-def _report(stream: Callable, out: Output, before: jax.Array, ordered: bool) -> None:
-    jax.debug.callback(functools.partial(_deliver, stream), out.tokens, before, out.num_out, ordered=ordered)
+def _report(out: Output, before: jax.Array, ordered: bool) -> None:
+    jax.debug.callback(_deliver, out.tokens, before, out.num_out, ordered=ordered)
 
 
-# What a stream function raised, kept until the generate call that passed it takes it (`take_stream_error`).
-_STREAM_ERRORS: dict[Callable, BaseException] = {}
+class _Stream:
+    """The function the running streaming call delivers to, and what it raised (then it is not called again)."""
+
+    lock = threading.Lock()  # streaming calls from several threads take turns
+    function: Callable | None = None
+    error: BaseException | None = None
 
 
-def take_stream_error(stream: Callable | None) -> BaseException | None:
-    """Removes and returns what `stream` raised since it was last taken (after a failure it is not called again
-    until then), for the caller to re-raise once the compiled loop has finished."""
-    return _STREAM_ERRORS.pop(stream, None)
+@contextlib.contextmanager
+def streaming_to(stream: Callable) -> Iterator[Callable[[], BaseException | None]]:
+    """Delivers the streaming decode loops run inside to `stream`; yields a function returning what `stream`
+    raised, if anything, for the caller to re-raise once the compiled loop has finished."""
+    with _Stream.lock:
+        _Stream.function, _Stream.error = stream, None
+        try:
+            yield lambda: _Stream.error
+        finally:
+            jax.effects_barrier()  # callbacks still queued deliver before the function is unregistered
+            _Stream.function, _Stream.error = None, None
 
 
-def _deliver(stream: Callable, tokens, before, after) -> None:
-    if stream in _STREAM_ERRORS:
+def _deliver(tokens, before, after) -> None:
+    if _Stream.function is None or _Stream.error is not None:
         return
     try:
-        stream([row[b:a] for row, b, a in zip(np.asarray(tokens), np.asarray(before), np.asarray(after))])
+        _Stream.function([row[b:a] for row, b, a in zip(np.asarray(tokens), np.asarray(before), np.asarray(after))])
     except Exception as e:  # raised through the runtime it would arrive as an opaque XLA error
-        _STREAM_ERRORS.setdefault(stream, e)
+        _Stream.error = e
