@@ -262,7 +262,9 @@ def run(args) -> list[dict]:
         else sj.SpecConfig()
     if args.tune and "eagle3" not in drafts:
         raise ValueError("--tune picks a tree for the EAGLE-3 modes: it needs --draft")
-    tuned = sj.SpecConfig.tuned(target, drafts["eagle3"], max(contexts), verbose=True) if args.tune else None
+    prompts = prompts_for(target, contexts)
+    # Tuned on the longest prompt benchmarked (random ids would draft and retrieve unlike real text).
+    tuned = sj.SpecConfig.tuned(target, drafts["eagle3"], prompts[max(contexts)], verbose=True) if args.tune else None
     hf_dir = None if args.no_hf else _hf_dir(target)
     assistant_dir = _hf_dir(drafts["small"]) if hf_dir and "small" in drafts and any(
         m in SMALL_DRAFT_MODES for m in modes) else None
@@ -272,7 +274,6 @@ def run(args) -> list[dict]:
              f"{new_tokens} new tokens")
     print(title)
     rows = []
-    prompts = prompts_for(target, contexts)
     for context in contexts:
         spec = tuned or budget_for(context, base, 0.25 if args.budget_fraction is None else args.budget_fraction)
         prompt = prompts[context]

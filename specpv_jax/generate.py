@@ -236,14 +236,13 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         lengths = jax.device_put(lengths, sharding.batch_sharding(lengths.shape, mesh))
     # The Pallas kernel reads the mesh from the context to run per shard (see `attention._tree_kernel`).
     kernel_mesh = jax.set_mesh(mesh) if mesh is not None and run.attention == "pallas" else contextlib.nullcontext()
-    streaming = loop.streaming_to(stream) if stream is not None else contextlib.nullcontext(lambda: None)
-    with prefill_progress(chunks) if progress else contextlib.nullcontext(), kernel_mesh, streaming as stream_error:
+    streaming = loop.streaming_to(stream) if stream is not None else contextlib.nullcontext(loop.StreamCall())
+    with prefill_progress(chunks) if progress else contextlib.nullcontext(), kernel_mesh, streaming as call:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
             run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
             jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32), mesh)
-        error = stream_error()
-    if error is not None:  # the stream callback raised (and was not called again): its error, not the runtime's
-        raise error
+    if call.error is not None:  # the stream callback raised (and was not called again): its error, not the runtime's
+        raise call.error
     num_out = np.asarray(out.num_out)
     stats = {"mode": mode, "new_tokens": int(num_out.sum()), **_step_stats(out, counters, mode != "ar"),
              "prefill_s": prefill_s, "time_s": decode_s,

@@ -237,16 +237,25 @@ class _Stream:
     error: BaseException | None = None
 
 
+@dataclasses.dataclass
+class StreamCall:
+    """What a streaming call's function raised, known once the call's `streaming_to` block has ended."""
+
+    error: BaseException | None = None
+
+
 @contextlib.contextmanager
-def streaming_to(stream: Callable) -> Iterator[Callable[[], BaseException | None]]:
-    """Delivers the streaming decode loops run inside to `stream`; yields a function returning what `stream`
-    raised, if anything, for the caller to re-raise once the compiled loop has finished."""
+def streaming_to(stream: Callable) -> Iterator[StreamCall]:
+    """Delivers the streaming decode loops run inside to `stream`. On leaving, every report has been
+    delivered and the yielded `StreamCall` holds what `stream` raised, for the caller to re-raise."""
+    call = StreamCall()
     with _Stream.lock:
         _Stream.function, _Stream.error = stream, None
         try:
-            yield lambda: _Stream.error
+            yield call
         finally:
-            jax.effects_barrier()  # callbacks still queued deliver before the function is unregistered
+            jax.effects_barrier()  # unordered callbacks may still be queued
+            call.error = _Stream.error
             _Stream.function, _Stream.error = None, None
 
 

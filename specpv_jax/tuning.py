@@ -77,5 +77,9 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
     if not usable:  # the context is below every budget's threshold: partial steps never start
         return best, trials
     budget_trials = [run(dataclasses.replace(best, retrieval_tokens=b), True) for b in usable]
-    good = [t for t in budget_trials if t.fidelity >= min_fidelity] or [max(budget_trials, key=lambda t: t.fidelity)]
+    good = [t for t in budget_trials if t.fidelity >= min_fidelity]
+    if not good:
+        good = [max(budget_trials, key=lambda t: t.fidelity)]
+        if verbose:
+            print(f"  no budget reaches fidelity {min_fidelity}; taking the most faithful, {good[0].fidelity:.3f}")
     return max(good, key=lambda t: t.tokens_per_s).spec, trials

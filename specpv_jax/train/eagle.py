@@ -107,7 +107,8 @@ def ttt_loss(head: Params, dcfg: DraftConfig, target: Params, tcfg: ModelConfig,
 
 def train_head(head: eagle3.Eagle3, target: Params, tcfg: ModelConfig, draft_ids: np.ndarray,
                batches: Iterator[np.ndarray], tc: TrainConfig, steps: int = 5, checkpoint_dir=None,
-               progress: bool = True, desc: str = "eagle3", run: dict | None = None) -> tuple[eagle3.Eagle3, list[dict]]:
+               progress: bool = True, desc: str = "eagle3",
+               run: dict | None = None) -> tuple[eagle3.Eagle3, list[dict]]:
     """Trains `head` on `[tc.batch, tc.length]` windows with TTT (`steps` unrolled); the target is frozen.
     run: facts identifying the run beyond the head, its vocabulary and `tc` (see `trainer.fit`)."""
     draft_ids = jnp.asarray(draft_ids, jnp.int32)
@@ -115,8 +116,8 @@ def train_head(head: eagle3.Eagle3, target: Params, tcfg: ModelConfig, draft_ids
         raise ValueError(f"draft_ids has shape {draft_ids.shape}, expected ({head.cfg.draft_vocab_size},)")
     params, history = fit(lambda p, ids: ttt_loss(p, head.cfg, target, tcfg, draft_ids, ids, steps),
                           head.params, batches, tc, desc, checkpoint_dir, progress,
-                          run={"head": head.cfg.to_dict(), "draft_ids": _digest(np.asarray(draft_ids)), "unroll": steps,
-                               **(run or {})})
+                          run={"head": head.cfg.to_dict(), "draft_ids": _digest(np.asarray(draft_ids)),
+                               "unroll": steps, **(run or {})})
     return dataclasses.replace(head, params=params), history
 
 

@@ -111,11 +111,11 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
 def _check_same_run(directory: pathlib.Path, identity: dict, resuming: bool) -> None:
     """Records `identity` in `directory` for a new run; refuses to resume a different one."""
     record = directory / RUN_FILE
-    if not resuming:
+    if not resuming or not record.is_file():  # (a directory from before run records resumes unchecked)
         directory.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(identity, indent=1, sort_keys=True))
         return
-    stored = json.loads(record.read_text()) if record.is_file() else {}
+    stored = json.loads(record.read_text())
     differ = sorted(k for k in identity.keys() | stored.keys() if identity.get(k) != stored.get(k))
     if differ:
         raise ValueError(f"{directory} holds the checkpoint of another training run (its {', '.join(differ)} "
