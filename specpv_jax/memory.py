@@ -26,9 +26,18 @@ MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
 
 def param_count(cfg: ModelConfig) -> int:
     """Parameters of a model of `cfg` (every tensor a checkpoint of it holds)."""
+    return sum(n * (cfg.num_layers if per_layer else 1) for n, per_layer in _tensor_sizes(cfg))
+
+
+def layer_param_count(cfg: ModelConfig) -> int:
+    """Parameters of one decoder layer of `cfg`."""
+    return sum(n for n, per_layer in _tensor_sizes(cfg) if per_layer)
+
+
+def _tensor_sizes(cfg: ModelConfig) -> list[tuple[int, bool]]:
     from convert.hf import param_table
 
-    return sum(int(np.prod(e.hf_shape)) * (cfg.num_layers if e.per_layer else 1) for e in param_table(cfg))
+    return [(int(np.prod(e.hf_shape)), e.per_layer) for e in param_table(cfg)]
 
 
 def cache_length(spec: SpecConfig, mode: str, prompt_len: int, max_new_tokens: int) -> int:
@@ -135,9 +144,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     # tile of up to SCORE_TILE rows x keys; the layer loop slices one layer's weights out of the stacked
     # parameters into a buffer of their own.
     scores = 2 * batch * (cfg.num_heads * max(tree, prefill_chunk) ** 2 + SCORE_TILE) * 4
-    from convert.hf import param_table
-
-    layer_weights = sum(int(np.prod(e.hf_shape)) for e in param_table(cfg) if e.per_layer) * size
+    layer_weights = layer_param_count(cfg) * size
     parts["activations"] = max(batch * tree * v * 4, rows * (2 * h + 2 * cfg.intermediate_size) * 4) + scores \
         + layer_weights
     return Estimate(mode, parts, ("full cache", "block summaries") if mode in ("specpv", "exact") else ())
