@@ -17,9 +17,11 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from specpv_jax import sharding
 from specpv_jax.config import ARCHITECTURES, ConfigError, ModelConfig
 
 SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
@@ -228,17 +230,23 @@ def _to_param(xp, layers: list, dtype, transpose: bool, stacked: bool):
 _to_param_on_device = jax.jit(functools.partial(_to_param, jnp), static_argnames=("dtype", "transpose", "stacked"))
 
 
-def _convert(layers: list[np.ndarray], dtype, transpose: bool, stacked: bool):
+def _convert(layers: list[np.ndarray], dtype, transpose: bool, stacked: bool, where):
+    """`_to_param`'s result with the param placed by `where` (a sharding, or None: the default device)."""
     if jax.default_backend() != "cpu":
-        return _to_param_on_device(layers, dtype=dtype, transpose=transpose, stacked=stacked)
+        value, finite_stored, finite_cast = _to_param_on_device(layers, dtype=dtype, transpose=transpose,
+                                                                stacked=stacked)
+        # Placed tensor by tensor: only one tensor at a time is whole on the default device.
+        return (value if where is None else jax.device_put(value, where)), finite_stored, finite_cast
     with np.errstate(over="ignore", invalid="ignore"):  # the flags report it, naming the tensor
         value, finite_stored, finite_cast = _to_param(np, layers, dtype, transpose, stacked)
-    return jax.device_put(np.ascontiguousarray(value)), finite_stored, finite_cast
+    return jax.device_put(np.ascontiguousarray(value), where), finite_stored, finite_cast
 
 
 def load_params(table: list[Entry], num_layers: int, read: Callable[[str], np.ndarray],
-                found: dict[str, TensorInfo], dtype, progress: bool = True, desc: str = "converting") -> dict:
-    """Reads (`read(key)`), transposes, stacks and casts every table entry into a nested param dict.
+                found: dict[str, TensorInfo], dtype, progress: bool = True, desc: str = "converting",
+                mesh: Mesh | None = None) -> dict:
+    """Reads (`read(key)`), transposes, stacks and casts every table entry into a nested param dict, placed
+    on `mesh` as `sharding.param_specs` splits it (None: on the default device).
 
     Raises ConversionError naming the file (from `found`) and key of a tensor with NaN or Inf, or of one
     with values beyond the range of `dtype`.
@@ -254,7 +262,10 @@ def load_params(table: list[Entry], num_layers: int, read: Callable[[str], np.nd
             for key in keys:
                 layers.append(read(key))
                 bar.update(1)
-            value, finite_stored, finite_cast = _convert(layers, dtype, e.transpose, e.per_layer)
+            shape = ((num_layers,) if e.per_layer else ()) + (
+                e.hf_shape[:-2] + e.hf_shape[:-3:-1] if e.transpose else e.hf_shape)
+            where = None if mesh is None else NamedSharding(mesh, sharding.param_spec(e.path, shape, mesh))
+            value, finite_stored, finite_cast = _convert(layers, dtype, e.transpose, e.per_layer, where)
             checks.append((keys, finite_stored, finite_cast))
             node = params
             for name in e.path[:-1]:
@@ -285,8 +296,10 @@ def check_dtype(dtype) -> jnp.dtype:
     return resolved
 
 
-def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool = True) -> tuple[ModelConfig, dict]:
-    """Converts an HF model directory into `(ModelConfig, params)`; dtype None keeps the embedding's stored one.
+def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool = True,
+                  mesh: Mesh | None = None) -> tuple[ModelConfig, dict]:
+    """Converts an HF model directory into `(ModelConfig, params)`; dtype None keeps the embedding's stored one;
+    params placed on `mesh` (`load_params`).
 
     Raises ConversionError naming the file and key for any mismatch, before
     reading tensor data.
@@ -309,7 +322,7 @@ def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool
                 f"{model_dir / 'config.json'} sets tie_word_embeddings=true, but {found['lm_head.weight'].file.name} "
                 f"holds an lm_head.weight that differs from model.embed_tokens.weight: set tie_word_embeddings "
                 f"to false to use the stored head, or remove it to use the embedding")
-        return cfg, load_params(table, cfg.num_layers, read, found, dtype, progress)
+        return cfg, load_params(table, cfg.num_layers, read, found, dtype, progress, mesh=mesh)
 
 
 def _same_tensor(a: np.ndarray, b: np.ndarray) -> bool:

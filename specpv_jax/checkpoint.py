@@ -9,16 +9,21 @@ checkpoint under the requested name.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import pathlib
 import shutil
+import sys
 import uuid
 import warnings
 from typing import Any, Callable, Iterator, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+
+from specpv_jax import sharding
 
 T = TypeVar("T")
 
@@ -162,8 +167,9 @@ def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
-            optional: dict[str, tuple[int, ...]] | None = None) -> Any:
-    """The checkpoint's parameter tree, on the default device.
+            optional: dict[str, tuple[int, ...]] | None = None, mesh: Mesh | None = None) -> Any:
+    """The checkpoint's parameter tree, on the default device, or read straight into its shards on `mesh`
+    (as `sharding.param_specs` splits it).
 
     expected: `flat_shapes` of the tree its configs imply (`optional`: leaves it may hold
     too); any difference from the stored tree is an error naming the keys, raised
@@ -173,12 +179,31 @@ def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
     tree = _stored_tree(path)
     _check_shapes(path, flat_shapes(tree), expected, optional or {})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+
+    def placed(key_path, m):
+        where = device if mesh is None else NamedSharding(
+            mesh, sharding.param_spec(tuple(getattr(k, "key", str(k)) for k in key_path), tuple(m.shape), mesh))
+        return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=where)
+
+    abstract = jax.tree_util.tree_map_with_path(placed, tree)
     try:
         return ocp.StandardCheckpointer().restore(path / "params", abstract)
     except Exception as e:  # orbax and TensorStore raise several types
-        raise CheckpointError(f"cannot read the parameters in {path / 'params'} (the checkpoint is damaged): "
-                              f"{_first_line(e)}") from None
+        error = CheckpointError(f"cannot read the parameters in {path / 'params'} (the checkpoint is damaged): "
+                                f"{_first_line(e)}")
+    _collect_failed_reads()
+    raise error
+
+
+def _collect_failed_reads() -> None:
+    """Collects, without their reports, the reads a failed orbax restore leaves behind (each would print its
+    own TensorStore error, a page long, when collected later or at exit; `restore`'s error names the problem)."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
 
 
 def _stored_tree(path: pathlib.Path) -> Any:

@@ -84,6 +84,14 @@ def parse_spec(assignments: list[str] | None):
     return SpecConfig(**values)
 
 
+def mesh_shape(raw: str) -> tuple[int, int]:
+    """An argparse type: a `DATAxMODEL` mesh shape such as 2x4."""
+    data, sep, model = raw.lower().partition("x")
+    if not (sep and data.isdigit() and model.isdigit() and int(data) >= 1 and int(model) >= 1):
+        raise argparse.ArgumentTypeError(f"expected DATAxMODEL such as 1x8 or 2x4, got {raw!r}")
+    return int(data), int(model)
+
+
 def _cmd_plan(args) -> int:
     from specpv_jax import memory
     from specpv_jax.draft.small import fit_problems
@@ -98,8 +106,10 @@ def _cmd_plan(args) -> int:
     if problems:
         raise ValueError(f"--small-draft {args.small_draft} does not fit the model: {'; '.join(problems)}")
     limit = memory.device_bytes_limit()
+    data, model = args.mesh or (1, _device_count())
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
-          f"context {args.context}, {args.new_tokens} new tokens, batch {args.batch}, {args.dtype}; device limit "
+          f"context {args.context}, {args.new_tokens} new tokens, batch {args.batch}, {args.dtype}; "
+          f"{f'per device of a {data}x{model} mesh; ' if data * model > 1 else ''}device limit "
           f"{memory.gib(limit) if limit else 'not reported by this backend'}")
     print(f"{'mode':>10} {'device':>11} {'with offload: device':>21} {'host':>10}  fits")
     fits_any = False
@@ -108,9 +118,10 @@ def _cmd_plan(args) -> int:
             continue
         est = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
                               dataclasses.replace(spec, offload=False), args.dtype, draft)
+        est = est.per_device(cfg, args.batch, data, model) if data * model > 1 else est
         fits = "yes" if limit is None or est.total <= limit else "no"
         offload = ("-", "-")
-        if est.host:  # offload=True: the full cache and summaries in host memory
+        if est.host and data * model == 1:  # offload=True (one device): the full cache and summaries in host memory
             off = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
                                   dataclasses.replace(spec, offload=True), args.dtype, draft)
             offload = (memory.gib(off.device), memory.gib(off.host))
@@ -123,9 +134,12 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    import jax
+
     from specpv_jax import text
     from specpv_jax.generate import generate
     from specpv_jax.loading import load_draft, load_target
+    from specpv_jax.sharding import make_mesh
 
     spec = parse_spec(args.spec)  # all that can be checked is checked before the (long) loads
     if args.mode != "ar" and not args.draft:
@@ -137,7 +151,8 @@ def _cmd_generate(args) -> int:
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty")
-    model = load_target(args.model, dtype=args.dtype)
+    mesh = make_mesh(*args.mesh, devices=jax.devices()[: args.mesh[0] * args.mesh[1]]) if args.mesh else None
+    model = load_target(args.model, dtype=args.dtype, mesh=mesh)  # generate runs where the model is
     draft = load_draft(args.draft, model) if args.draft else None
     ids = text.encode_prompt(model.tokenizer, prompt, chat=not args.no_chat)
     stream = None if args.no_stream else text.TextStream(model.tokenizer)
@@ -227,6 +242,18 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _device_count() -> int:
+    import jax
+
+    return jax.device_count()
+
+
+def _add_mesh_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--mesh", type=mesh_shape, metavar="DATAxMODEL",
+                   help=f"{what} (default: all devices along model; 1x1 with --spec offload=true on a host with "
+                        f"several devices)")
+
+
 def _add_spec_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", action="append", metavar="FIELD=VALUE",
                    help="a SpecConfig field (repeatable), e.g. --spec retrieval_tokens=2048 --spec offload=true "
@@ -261,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--stats", action="store_true", help="print counters and timings to stderr")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
+    _add_mesh_argument(g, "device mesh to load the model on and run on")
     _add_spec_argument(g)
     g.set_defaults(run=_cmd_generate)
 
@@ -272,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=at_least(1), default=1)
     pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     pl.add_argument("--small-draft", help="small draft model directory (adds the specextend row)")
+    _add_mesh_argument(pl, "device mesh to plan for, per device")
     _add_spec_argument(pl)
     pl.set_defaults(run=_cmd_plan)
 

@@ -192,7 +192,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     generation goes (exact mode: confirmed tokens only; a new function needs no recompilation, and
     streaming calls from several threads take turns). mesh: a
     `sharding.make_mesh` mesh to run on (tensor parallel over "model", rows over
-    "data"); default: all devices along "model" when there is more than one.
+    "data"); default: the mesh the target was loaded onto (`load_target(mesh=)`),
+    else all devices along "model" when there is more than one (`stats["mesh"]`: its (data, model) shape).
     progress: a progress bar over prefill chunks (default: for prompts of
     `PROGRESS_CHUNKS` chunks or more). Returns `GenerateOutput(tokens [B, n_new], lengths [B], stats)`.
     """
@@ -206,11 +207,13 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         raise ValueError(f"seed must be a 64-bit signed integer, got {seed!r}")
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")
-    if spec.offload and (getattr(mesh, "size", 1) if mesh is not None else jax.device_count()) > 1:
-        raise NotImplementedError("SpecConfig(offload=True) runs on one device; pass "
-                                  "mesh=sharding.make_mesh(devices=jax.devices()[:1])")
-    if mesh is not None:
+    if mesh is None:
+        mesh = sharding.mesh_of(target.params) or sharding.default_mesh()
+    else:
         sharding.check_mesh(mesh)
+    if spec.offload and mesh is not None and mesh.size > 1:
+        raise NotImplementedError("SpecConfig(offload=True) runs on one device: load the target with (or pass) "
+                                  "mesh=sharding.make_mesh(devices=jax.devices()[:1])")
     cfg = target.cfg
     batch = prompts.prepare(input_ids, cfg, max_new_tokens, prefill_chunk, attention_mask)
     eos = _eos_ids(cfg, eos_token_ids)
@@ -219,8 +222,6 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     progress = chunks >= PROGRESS_CHUNKS if progress is None else bool(progress)
     run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, temperature, top_p,
                          eos, batch.ids.shape[1], chunk, attention, stream is not None, progress)
-    if mesh is None and jax.device_count() > 1:
-        mesh = sharding.make_mesh()
     limit = memory.device_bytes_limit()
     if limit is not None:  # refuse before allocating anything
         est = memory.estimate(cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
@@ -234,17 +235,19 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         params, draft_params = sharding.shard_params(params, mesh), sharding.shard_params(draft_params, mesh)
         ids = jax.device_put(ids, sharding.batch_sharding(ids.shape, mesh))
         lengths = jax.device_put(lengths, sharding.batch_sharding(lengths.shape, mesh))
-    # The Pallas kernel reads the mesh from the context to run per shard (see `attention._tree_kernel`).
-    kernel_mesh = jax.set_mesh(mesh) if mesh is not None and run.attention == "pallas" else contextlib.nullcontext()
+    # The run's mesh in the context: the Pallas kernel reads it to run per shard (see `attention._tree_kernel`),
+    # and it replaces any mesh the caller set (whose axes our arrays do not use).
+    run_mesh = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     streaming = loop.streaming_to(stream) if stream is not None else contextlib.nullcontext(loop.StreamCall())
-    with prefill_progress(chunks) if progress else contextlib.nullcontext(), kernel_mesh, streaming as call:
+    with prefill_progress(chunks) if progress else contextlib.nullcontext(), run_mesh, streaming as call:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
             run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
             jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32), mesh)
     if call.error is not None:  # the stream callback raised (and was not called again): its error, not the runtime's
         raise call.error
     num_out = np.asarray(out.num_out)
-    stats = {"mode": mode, "new_tokens": int(num_out.sum()), **_step_stats(out, counters, mode != "ar"),
+    stats = {"mode": mode, "mesh": None if mesh is None else tuple(mesh.shape.values()),
+             "new_tokens": int(num_out.sum()), **_step_stats(out, counters, mode != "ar"),
              "prefill_s": prefill_s, "time_s": decode_s,
              # The first token of each row comes from prefill.
              "tokens_per_s": int(out.emitted) / decode_s if decode_s > 0 else 0.0}

@@ -9,8 +9,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from specpv_jax import checkpoint
+from specpv_jax import checkpoint, sharding
 from specpv_jax.config import ModelConfig
 from specpv_jax.model import Params, init_params
 
@@ -55,31 +56,39 @@ def cast_params(params: Params, dtype, where: str) -> Params:
     return params
 
 
-def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress: bool = True) -> Model:
+def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress: bool = True, *,
+                mesh: Mesh | None = None) -> Model:
     """Loads a target model from an HF directory (LLaMA/Qwen2/Qwen3) or an orbax export.
 
     dtype: parameter and compute dtype ("float32", "bfloat16"); None keeps a
-    checkpoint's stored dtype.
+    checkpoint's stored dtype. mesh: a `sharding.make_mesh` mesh to place the
+    parameters on, split as `generate` runs them there (which then needs no
+    `mesh=`); default: all devices along "model" when there is more than one,
+    so a model larger than one device's memory loads: each tensor is placed as
+    it is read (on an accelerator, converted whole on the first device first).
     """
-    cfg, params, tokenizer_dir = _load_decoder(pathlib.Path(path), dtype, progress)
+    mesh = sharding.default_mesh() if mesh is None else mesh
+    if mesh is not None:
+        sharding.check_mesh(mesh)
+    cfg, params, tokenizer_dir = _load_decoder(pathlib.Path(path), dtype, progress, mesh)
     return Model(cfg, params, _tokenizer(tokenizer_dir), str(path))
 
 
-def _load_decoder(path: pathlib.Path, dtype: str | None,
-                  progress: bool) -> tuple[ModelConfig, Params, pathlib.Path | None]:
-    """(config, params, directory of its tokenizer files or None) of a target-layout model."""
+def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
+                  mesh: Mesh | None) -> tuple[ModelConfig, Params, pathlib.Path | None]:
+    """(config, params placed on `mesh`, directory of its tokenizer files or None) of a target-layout model."""
     from convert.hf import load_hf_model  # convert -> params -> model: imported lazily
 
     _check_directory(path, "model")
     if checkpoint.is_checkpoint(path):
         meta = checkpoint.read_meta(path, "target")
         cfg = checkpoint.config_from_meta(path, meta, "model_config", ModelConfig.from_dict)
-        params = checkpoint.restore(path, _shapes(init_params, cfg))
+        params = checkpoint.restore(path, _shapes(init_params, cfg), mesh=mesh)
         if dtype is not None:
             params = cast_params(params, dtype, str(path))
         return cfg, params, checkpoint.tokenizer_dir(path)
     if (path / "config.json").is_file():
-        cfg, params = load_hf_model(path, dtype, progress=progress)
+        cfg, params = load_hf_model(path, dtype, progress=progress, mesh=mesh)
         return cfg, params, path
     raise FileNotFoundError(f"{path} is not a model directory: it has neither config.json (Hugging Face) "
                             f"nor {checkpoint.META_FILE} (specpv-jax orbax export)")
@@ -116,15 +125,20 @@ def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None)
     of any of them.
 
     Raises naming what does not fit the target (vocabulary, hidden size, layers).
-    dtype: None uses the target's dtype.
+    dtype: None uses the target's dtype. The draft's parameters go on the mesh the
+    target's are placed on (`load_target`), split the same way.
     """
+    draft = _read_draft(pathlib.Path(path), target, dtype or target.dtype)
+    mesh = sharding.mesh_of(target.params)
+    return draft if mesh is None else dataclasses.replace(draft, params=sharding.shard_params(draft.params, mesh))
+
+
+def _read_draft(path: pathlib.Path, target: Model, dtype) -> Any:
     from convert.eagle3 import load_eagle3
     from convert.longspec import is_longspec_dir, load_longspec
     from specpv_jax.draft.longspec import LongSpecDraft
     from specpv_jax.draft.eagle3 import Eagle3
 
-    path = pathlib.Path(path)
-    dtype = dtype or target.dtype
     _check_directory(path, "draft")
     if checkpoint.is_checkpoint(path):
         kind = checkpoint.read_meta(path).get("kind")
@@ -156,7 +170,7 @@ def _is_eagle3_config(config_json: pathlib.Path) -> bool:
 def _small_draft(path: pathlib.Path, dtype, target: Model) -> Any:
     from specpv_jax.draft.small import SmallDraft, fit_problems
 
-    cfg, params, _ = _load_decoder(path, dtype, progress=False)  # it shares the target's tokenizer
+    cfg, params, _ = _load_decoder(path, dtype, False, None)  # it shares the target's tokenizer
     problems = fit_problems(cfg, target.cfg)
     if problems:
         raise ValueError(f"{path}: this draft model does not fit the target: {'; '.join(problems)}")

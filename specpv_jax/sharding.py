@@ -40,6 +40,21 @@ def make_mesh(data: int = 1, model: int | None = None, devices: list | None = No
     return Mesh(np.array(devices).reshape(data, model), AXES)
 
 
+def default_mesh() -> Mesh | None:
+    """All devices along "model" when there is more than one (where `load_target` places and `generate` runs
+    by default), else None (one device, nothing to split)."""
+    return make_mesh() if jax.device_count() > 1 else None
+
+
+def mesh_of(params: Any) -> Mesh | None:
+    """The mesh every leaf of `params` is placed on with our axes (`shard_params`, `load_target(mesh=)`), or
+    None when they are not all placed so."""
+    meshes = {getattr(x.sharding, "mesh", None) if isinstance(x, jax.Array) else None
+              for x in jax.tree.leaves(params)}
+    mesh = meshes.pop() if len(meshes) == 1 else None
+    return mesh if isinstance(mesh, Mesh) and tuple(mesh.axis_names) == AXES else None
+
+
 def check_mesh(mesh: Any) -> None:
     """Raises unless `mesh` is a mesh `generate` can place arrays on: axes named `AXES`, of Auto type."""
     if not isinstance(mesh, Mesh):
@@ -57,14 +72,15 @@ def _split(shape: tuple[int, ...], axis: int | None, name: str, mesh: Mesh) -> P
     return P(*spec)
 
 
+def param_spec(names: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The PartitionSpec of the parameter at key path `names` (e.g. ("layers", "mlp", "up_proj", "kernel"))."""
+    return _split(shape, _MODEL_AXIS.get(tuple(names[-2:])), "model", mesh)
+
+
 def param_specs(params: Any, mesh: Mesh) -> Any:
     """A PartitionSpec per parameter leaf (same tree as `params`)."""
-    def spec(path, leaf):
-        names = [getattr(k, "key", str(k)) for k in path]
-        axis = _MODEL_AXIS.get(tuple(names[-2:]))
-        return _split(leaf.shape, axis, "model", mesh)
-
-    return jax.tree_util.tree_map_with_path(spec, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: param_spec(tuple(getattr(k, "key", str(k)) for k in path), leaf.shape, mesh), params)
 
 
 def shard_params(params: Any, mesh: Mesh) -> Any:

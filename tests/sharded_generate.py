@@ -4,14 +4,19 @@
 test); by default ar and exact on 2x4.
 """
 
+import pathlib
 import sys
+import tempfile
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from test_eagle import make_head, make_target
 
 import pallas_kernels
 import specpv_jax as sj
+from convert.hf import export_hf
+from specpv_jax import sharding
 from specpv_jax.sharding import make_mesh
 
 
@@ -28,6 +33,29 @@ def pallas_per_shard(one) -> None:
     np.testing.assert_array_equal(pallas.tokens, xla.tokens)
     assert seen == {(1, 2)}, seen  # (rows, query heads) of one shard: 2 rows / 2 data, 8 heads / 4 model
     print("pallas 2x4: same tokens", flush=True)
+
+
+def loaded_on_mesh(target, head, prompts, spec, expected) -> None:
+    """load_target places each tensor on a mesh as it reads it (HF and orbax), load_draft follows the target's
+    mesh, and generate runs where the target is, with the one-device tokens."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, orbax, head_dir = (pathlib.Path(tmp, n) for n in ("hf", "orbax", "head"))
+        export_hf(hf, target.cfg, target.params)
+        sj.save_target(target, orbax)
+        sj.save_draft(head, head_dir)
+        by_default = sj.load_target(hf)
+        assert sharding.mesh_of(by_default.params) == make_mesh(1, 8), "several devices: all along model"
+        for source in (hf, orbax):
+            loaded = sj.load_target(source, mesh=make_mesh(2, 4))
+            q = loaded.params["layers"]["self_attn"]["q_proj"]["kernel"]  # [L, H, Hq*D]: 4 column blocks
+            assert q.sharding.spec == P(None, None, "model") and q.addressable_shards[0].data.shape[-1] * 4 == \
+                q.shape[-1], q.sharding
+            draft = sj.load_draft(head_dir, loaded)
+            assert sharding.mesh_of(draft.params) == make_mesh(2, 4)
+            out = sj.generate(loaded, prompts, 24, draft=draft, mode="exact", spec=spec, eos_token_ids=(5,))
+            assert out.stats["mesh"] == (2, 4), out.stats["mesh"]
+            np.testing.assert_array_equal(out.tokens, expected.tokens)
+    print("loaded on 2x4: same tokens", flush=True)
 
 
 def main() -> None:
@@ -55,10 +83,15 @@ def main() -> None:
             print(f"{mode} {data}x{model}: same tokens", flush=True)
     if every:
         pallas_per_shard(one)
-    # More than one device and no mesh: sharded by default (1 x 8); chunked prefill and host callbacks on it.
+    loaded_on_mesh(target, head, prompts, spec, expected["exact"])
+    # More than one device and no mesh: sharded by default (1 x 8); chunked prefill and host callbacks on it; the
+    # caller's own mesh in the context (other axes, Explicit) does not get in the way.
     streamed = []
-    default = sj.generate(target, prompts, 24, prefill_chunk=64, progress=True, stream=streamed.append,
-                          eos_token_ids=(5,))
+    theirs = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(theirs):
+        default = sj.generate(target, prompts, 24, prefill_chunk=64, progress=True, stream=streamed.append,
+                              eos_token_ids=(5,))
+    assert default.stats["mesh"] == (1, 8)
     np.testing.assert_array_equal(default.lengths, expected["ar"].lengths)
     np.testing.assert_array_equal(default.tokens, expected["ar"].tokens)
     for r, n in enumerate(default.lengths):

@@ -192,6 +192,7 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"),
           "--length", "64", "--long-context", "512", "--long-length", "1024"], "--long-length 1024 must not exceed"),
         (["plan", "--model", "llama-3.1-8b", "--context", "131072"], "exceed the model's max_position_embeddings"),
+        (["generate", target, "--prompt", "x", "--mesh", "2x4"], "a 2 x 4 mesh needs 8 devices, 1 given"),
         (["bench", "--draft", str(ASSETS / "eagle3")], "--draft needs --target"),
         (["bench", "--out", str(tmp_path / "afile")], "is a file"),
         (["bench", "--out", str(tmp_path / "afile" / "results")], "afile is a file"),
@@ -201,6 +202,8 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
     for argv in (["generate", target, "--prompt", "x", "--mode", "fast"], ["generate", target, "--prompt", "x",
                  "--max-new-tokens", "0"], ["plan", "--model", "llama-3.1-8b", "--context", "0"],
                  ["plan", "--model", "llama-3.1-8b", "--context", "9", "--batch", "0"],
+                 ["plan", "--model", "llama-3.1-8b", "--context", "9", "--mesh", "2by4"],
+                 ["generate", target, "--prompt", "x", "--mesh", "0x8"],
                  ["train-draft", "--target", target, "--data", "x", "--out", "y", "--unroll", "0"],
                  ["bench", "--contexts", "-5"], ["bench", "--budget-fraction", "-1"], ["demo", "--context", "-3"]):
         with pytest.raises(SystemExit) as exit_:

@@ -95,6 +95,21 @@ def test_plan_prints_every_mode_for_llama_8b_shapes(tmp_path, capsys):
     assert 23.4 < float(rows["ar"][1]) < 23.7
 
 
+def test_plan_per_device_of_a_mesh(capsys):
+    from specpv_jax.cli import main
+
+    def rows(*mesh):
+        assert main(["plan", "--model", "llama-3.1-8b", "--context", "65536", *mesh]) == 0
+        out = capsys.readouterr().out
+        return out.splitlines()[0], {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+
+    (head_one, one), (head_tp, tp) = rows(), rows("--mesh", "1x8")
+    assert "per device of a 1x8 mesh" in head_tp and "per device" not in head_one
+    # weights split 8 ways but the replicated embedding (0.98 GiB), the cache's 8 KV heads one per device
+    assert float(one["ar"][1]) / 8 < float(tp["ar"][1]) < float(one["ar"][1]) / 4
+    assert tp["specpv"][3:5] == ["-", "-"]  # offload runs on one device
+
+
 def test_plan_takes_a_preset_name(capsys):
     from specpv_jax.cli import main
 

@@ -32,13 +32,13 @@ def test_sharded_generate_matches_one_device():
     kernel per shard: the slow test)."""
     out = _sharded_generate()
     assert [line for line in out.splitlines() if "same tokens" in line] == [
-        f"{mode} 2x4: same tokens" for mode in ("ar", "exact")]
+        f"{mode} 2x4: same tokens" for mode in ("ar", "exact")] + ["loaded on 2x4: same tokens"]
 
 
 @pytest.mark.slow
 def test_sharded_generate_matches_one_device_on_every_mesh():
     """ar, eagle and exact on each of 1x8, 2x4 and 8x1; ar with the Pallas kernel per shard on 2x4."""
-    assert _sharded_generate("--every-mesh").count("same tokens") == 10
+    assert _sharded_generate("--every-mesh").count("same tokens") == 11
 
 
 def test_param_specs_split_heads_and_mlp_where_the_mesh_divides():
