@@ -44,6 +44,10 @@ from specpv_jax.speculative import EagleState, draft, flat_features, initial_sta
 from specpv_jax.tree import Tree
 
 
+# The most full steps exact mode waits before trying partial verification again (see `next_provisional_cap`).
+MAX_BACKOFF = 64
+
+
 @flax.struct.dataclass
 class Counters:
     """Per-kind step counts; `*_rows` count live rows verified, `*_accepted` the tokens they accepted
@@ -76,7 +80,11 @@ class SpecPVState:
     (`spec.bounded_draft` only, else None), length = static part + pairs since;
     provisional_cap: `[B]` exact mode's limit on provisional tokens before a full
     step (doubled after a full step confirms all, set to twice the confirmed run
-    after a rollback, so a partial cache that disagrees often costs little).
+    after a rollback); below 0 a row takes full steps only, -cap more of them,
+    after a rollback that emitted fewer tokens than its full step's tree alone
+    would have; backoff: `[B]` how many full steps the next such pause lasts
+    (doubling while they repeat, up to `MAX_BACKOFF`), so a partial cache that
+    keeps disagreeing costs about what `eagle` mode does (`next_provisional_cap`).
     """
 
     eagle: EagleState
@@ -88,6 +96,7 @@ class SpecPVState:
     missing_q: jax.Array | None
     draft_partial: KVCache | None
     provisional_cap: jax.Array
+    backoff: jax.Array
     counters: Counters
 
 
@@ -243,7 +252,7 @@ def full_step(params, run: Run, eos, st: SpecPVState, tree: Tree, with_missing: 
 
     # Exact mode: the tokens after missing[0] (and the root) were only partially verified.
     rejected = jnp.zeros_like(live)
-    n_prov = jnp.zeros_like(n_missing)
+    first = n_prov = jnp.zeros_like(n_missing)
     provisional = None
     if run.mode == "exact" and with_missing:
         slot = jnp.arange(m)[None, :]
@@ -286,12 +295,10 @@ def full_step(params, run: Run, eos, st: SpecPVState, tree: Tree, with_missing: 
         head = jnp.arange(draft_heads) * target_heads // draft_heads
         draft_partial = retrieval.refresh(draft_partial, draft_cache, blocks[-1:, :, head], spec)
 
-    cap = st.provisional_cap
+    cap, backoff = st.provisional_cap, st.backoff
     if run.mode == "exact":
         out_tokens, out_count = _exact_emission(provisional, n_prov, emitted, count)
-        if with_missing:
-            grown = jnp.where(n_missing > 0, jnp.minimum(2 * jnp.maximum(cap, 1), spec.max_missing), cap)
-            cap = jnp.where(rejected, jnp.maximum(2 * first, 1), grown)
+        cap, backoff = next_provisional_cap(cap, backoff, n_missing, rejected, first, acc.count + 1, spec.max_missing)
     else:
         out_tokens, out_count = emitted, count
     root = jnp.where(rejected, emitted[:, 0], acc.bonus)
@@ -300,10 +307,28 @@ def full_step(params, run: Run, eos, st: SpecPVState, tree: Tree, with_missing: 
         eagle=EagleState(cache=cache, draft_cache=draft_cache, pair_feats=pair_feats, pair_tokens=emitted,
                          pair_count=count, root=root, out=s.out.append(out_tokens, out_count, eos), key=key),
         partial=partial, summary=summary, ready=cache.length > spec.partial_threshold, draft_partial=draft_partial,
-        n_missing=jnp.where(live, 0, st.n_missing), provisional_cap=cap,
+        n_missing=jnp.where(live, 0, st.n_missing), provisional_cap=cap, backoff=backoff,
         counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
                            full_accepted=c.full_accepted + jnp.where(live & ~rejected, acc.count + 1, 0).sum(),
                            rollbacks=c.rollbacks + rejected.sum()))
+
+
+def next_provisional_cap(cap, backoff, n_missing, rejected, first, tree_count, max_missing: int):
+    """Exact mode's `(provisional_cap, backoff)` `[B]` after a full step that checked `n_missing` provisional
+    tokens and accepted `tree_count` of its tree's (bonus included): all confirmed, the cap doubles; the first
+    `first` confirmed, twice that, unless the `first + 1` tokens emitted are fewer than `tree_count`: then
+    partial steps pause for `backoff` full steps, and the next such pause doubles. A row with nothing to check
+    counts a pause down, then tries one partial step (cap 1)."""
+    checked = n_missing > 0
+    # A rollback that emits fewer tokens than its full step's tree would have alone: a loss whatever a partial
+    # step costs (and the tree's acceptance is the best estimate at hand of what eagle mode would emit).
+    wasted = checked & rejected & (first + 1 < tree_count)
+    paused = jnp.where(cap < 0, cap + 1, cap)
+    cap = jnp.where(~checked, jnp.where(paused == 0, 1, paused),
+                    jnp.where(~rejected, jnp.minimum(2 * jnp.maximum(cap, 1), max_missing),
+                              jnp.where(wasted, -backoff, jnp.maximum(2 * first, 1))))
+    backoff = jnp.where(wasted, jnp.minimum(2 * backoff, MAX_BACKOFF), jnp.where(checked, 1, backoff))
+    return cap, backoff
 
 
 def _exact_emission(provisional, n_prov, emitted, count):
@@ -364,7 +389,8 @@ def specpv_decode_fn(run: Run):
             # The head's buffer also holds the last full step's pairs: room for one more path.
             draft_partial=retrieval.empty_partial(draft_cache, spec, extra=spec.tree_depth + 1)
             if spec.bounded_draft else None,
-            provisional_cap=jnp.full((b,), m, jnp.int32), counters=Counters.zeros())
+            provisional_cap=jnp.full((b,), m, jnp.int32), backoff=jnp.ones((b,), jnp.int32),
+            counters=Counters.zeros())
         step = functools.partial(specpv_step, params, dparams, d2t, run, eos)
         st = decode_loop(run, step, st, lambda s: s.eagle.out)
         if run.offload:  # returned so that the donated buffer holds it

@@ -4,6 +4,7 @@
 test); by default ar and exact on 2x4.
 """
 
+import dataclasses
 import pathlib
 import sys
 import tempfile
@@ -54,7 +55,17 @@ def loaded_on_mesh(target, head, prompts, spec, expected) -> None:
             assert sharding.mesh_of(draft.params) == make_mesh(2, 4)
             out = sj.generate(loaded, prompts, 24, draft=draft, mode="exact", spec=spec, eos_token_ids=(5,))
             assert out.stats["mesh"] == (2, 4), out.stats["mesh"]
+            try:
+                sj.generate(loaded, prompts, 24, draft=draft, mode="exact",
+                            spec=dataclasses.replace(spec, offload=True))
+                raise AssertionError("offload ran on 8 devices")
+            except NotImplementedError as e:
+                assert "runs on one device" in str(e), e
             np.testing.assert_array_equal(out.tokens, expected.tokens)
+        sj.save_target(loaded, pathlib.Path(tmp, "resaved"))  # from shards
+        one = sj.load_target(pathlib.Path(tmp, "resaved"), mesh=make_mesh(devices=jax.devices()[:1]))
+        assert sharding.mesh_of(one.params).size == 1
+        jax.tree.map(np.testing.assert_array_equal, one.params, target.params)
     print("loaded on 2x4: same tokens", flush=True)
 
 

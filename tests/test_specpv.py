@@ -12,7 +12,9 @@ from sampling_stats import chi_square_pvalue, three_token_cells, three_token_law
 from specpv_jax import model as M
 from specpv_jax import hlo, retrieval
 from specpv_jax.cache import BlockSummary, KVCache
+from specpv_jax.demo import demo_prompt
 from specpv_jax.sampling import Sampler
+from specpv_jax.specpv import MAX_BACKOFF, next_provisional_cap
 from test_eagle import make_head, make_target
 
 BLOCK = 16
@@ -219,6 +221,32 @@ def test_exact_sampling_follows_the_full_context_target():
     assert out.stats["partial_verifications"] > 0 and out.stats["rollbacks"] > 0
     law = three_token_law(target, prompt, Sampler(1.0))
     assert chi_square_pvalue(three_token_cells(out.tokens, vocab), law) > 1e-3
+
+
+def test_provisional_cap_pauses_partial_steps_after_a_losing_rollback():
+    """Rows: all 4 confirmed; 3 of 8 confirmed (4 emitted, the tree would give 3); none of 5 confirmed while
+    the tree gives 3 (a loss: pause, for 2 full steps); the same at the backoff limit; a pause counted down;
+    its last full step, after which one partial step is tried."""
+    i32 = lambda *x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    cap, backoff = next_provisional_cap(
+        cap=i32(4, 8, 5, 5, -2, -1), backoff=i32(1, 4, 2, MAX_BACKOFF, 2, 2), n_missing=i32(4, 8, 5, 5, 0, 0),
+        rejected=jnp.asarray([False, True, True, True, False, False]), first=i32(0, 3, 0, 0, 0, 0),
+        tree_count=i32(3, 3, 3, 3, 3, 3), max_missing=16)
+    assert cap.tolist() == [8, 6, -2, -MAX_BACKOFF, -1, 1]
+    assert backoff.tolist() == [1, 1, 4, MAX_BACKOFF, 2, 2]
+
+
+def test_exact_with_a_partial_cache_that_disagrees_costs_no_more_full_steps_than_eagle():
+    """With no retrieval budget the partial cache (a 16-token window) often disagrees with the full context:
+    rollbacks that lose pause partial verification, so exact mode does not pay a full step per partial one."""
+    models = sj.demo_models()
+    spec = sj.SpecConfig(sink_tokens=0, retrieval_tokens=0, window_tokens=16)
+    ids = demo_prompt(models.tokenizer, 2048)
+    eagle = sj.generate(models.target, ids, 64, draft=models.eagle3, mode="eagle", spec=spec, eos_token_ids=())
+    exact = sj.generate(models.target, ids, 64, draft=models.eagle3, mode="exact", spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(exact.tokens, eagle.tokens)
+    assert exact.stats["rollbacks"] > 0 and exact.stats["partial_verifications"] > 0
+    assert exact.stats["full_verifications"] <= eagle.stats["full_verifications"]  # 35 without the pauses
 
 
 def test_tuned_picks_a_timed_candidate(models):
