@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable
 
 import flax.struct
@@ -207,10 +208,15 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         raise ValueError(f"seed must be a 64-bit signed integer, got {seed!r}")
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")
+    placed = sharding.mesh_of(target.params)
     if mesh is None:
-        mesh = sharding.mesh_of(target.params) or sharding.default_mesh()
+        mesh = placed or sharding.default_mesh()
     else:
         sharding.check_mesh(mesh)
+        if placed is not None and placed != mesh:
+            warnings.warn(f"the target's weights are on a {_named(placed)} mesh and generate(mesh=) asks for "
+                          f"{_named(mesh)}: they are copied there on every call; load the target with "
+                          f"sj.load_target(..., mesh=mesh) to place them once", stacklevel=2)
     if spec.offload and mesh is not None and mesh.size > 1:
         raise NotImplementedError("SpecConfig(offload=True) runs on one device: load the target with (or pass) "
                                   "mesh=sharding.make_mesh(devices=jax.devices()[:1])")
@@ -252,6 +258,11 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
              # The first token of each row comes from prefill.
              "tokens_per_s": int(out.emitted) / decode_s if decode_s > 0 else 0.0}
     return GenerateOutput(tokens=np.asarray(out.tokens)[:, : int(num_out.max())], lengths=num_out, stats=stats)
+
+
+def _named(mesh) -> str:
+    """A mesh's sizes as DATAxMODEL."""
+    return "x".join(str(n) for n in mesh.shape.values())
 
 
 def _check_offload(spec: SpecConfig, mode: str) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import pathlib
 import sys
 import tempfile
+import warnings
 
 import jax
 import numpy as np
@@ -62,6 +63,10 @@ def loaded_on_mesh(target, head, prompts, spec, expected) -> None:
             except NotImplementedError as e:
                 assert "runs on one device" in str(e), e
             np.testing.assert_array_equal(out.tokens, expected.tokens)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sj.generate(loaded, prompts[:1], 2, mesh=make_mesh(1, 8))
+        assert any("weights are on a 2x4 mesh and generate(mesh=) asks for 1x8" in str(w.message) for w in caught)
         sj.save_target(loaded, pathlib.Path(tmp, "resaved"))  # from shards
         one = sj.load_target(pathlib.Path(tmp, "resaved"), mesh=make_mesh(devices=jax.devices()[:1]))
         assert sharding.mesh_of(one.params).size == 1
