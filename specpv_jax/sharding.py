@@ -6,6 +6,9 @@ vocabulary; prompts and caches are split over rows along "data" and over KV
 heads along "model". An axis is split only where the mesh divides it; other
 arrays are replicated. XLA's SPMD partitioner then runs the same jitted loop
 on every device, so sharded generation gives the same tokens as one device.
+`load_target` places each parameter by `param_spec` as it reads it (by default
+on `default_mesh()`), and `generate` runs on the mesh the weights are on
+(`mesh_of`).
 
 Multi-host (e.g. a TPU pod slice): call `jax.distributed.initialize()` on
 every host first; `jax.devices()` then lists all hosts' devices and
