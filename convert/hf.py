@@ -225,18 +225,20 @@ def _to_param(xp, layers: list, dtype, transpose: bool, stacked: bool):
     return (y if stacked else y[0]), finite(x), finite(y)
 
 
-# On an accelerator the work runs there (an 8B model's transposes would take minutes in host numpy), one
-# compiled function per tensor shape; on a CPU backend numpy does the same work with nothing to compile.
-_to_param_on_device = jax.jit(functools.partial(_to_param, jnp), static_argnames=("dtype", "transpose", "stacked"))
+@functools.lru_cache(maxsize=None)
+def _to_param_on_device(where: NamedSharding | None):
+    """`_to_param` jitted with its param placed by `where` (None: the default device). On an accelerator the
+    work runs there (an 8B model's transposes would take minutes in host numpy), one compiled function per
+    tensor shape; on a mesh XLA splits the inputs as the param, so no device ever holds a whole tensor."""
+    return jax.jit(functools.partial(_to_param, jnp), static_argnames=("dtype", "transpose", "stacked"),
+                   out_shardings=None if where is None else (where, None, None))
 
 
 def _convert(layers: list[np.ndarray], dtype, transpose: bool, stacked: bool, where):
     """`_to_param`'s result with the param placed by `where` (a sharding, or None: the default device)."""
     if jax.default_backend() != "cpu":
-        value, finite_stored, finite_cast = _to_param_on_device(layers, dtype=dtype, transpose=transpose,
-                                                                stacked=stacked)
-        # Placed tensor by tensor: only one tensor at a time is whole on the default device.
-        return (value if where is None else jax.device_put(value, where)), finite_stored, finite_cast
+        return _to_param_on_device(where)(layers, dtype=dtype, transpose=transpose, stacked=stacked)
+    # On a CPU backend numpy does the same work with nothing to compile.
     with np.errstate(over="ignore", invalid="ignore"):  # the flags report it, naming the tensor
         value, finite_stored, finite_cast = _to_param(np, layers, dtype, transpose, stacked)
     return jax.device_put(np.ascontiguousarray(value), where), finite_stored, finite_cast

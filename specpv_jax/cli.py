@@ -151,6 +151,9 @@ def _cmd_generate(args) -> int:
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty")
+    devices = args.mesh[0] * args.mesh[1] if args.mesh else jax.device_count()
+    if spec.offload and devices > 1:
+        raise ValueError(f"--spec offload=true runs on one device, not {devices}: add --mesh 1x1")
     mesh = make_mesh(*args.mesh, devices=jax.devices()[: args.mesh[0] * args.mesh[1]]) if args.mesh else None
     model = load_target(args.model, dtype=args.dtype, mesh=mesh)  # generate runs where the model is
     draft = load_draft(args.draft, model) if args.draft else None

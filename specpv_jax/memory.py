@@ -17,6 +17,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from specpv_jax import sharding
 from specpv_jax.attention import PREFIX_BLOCK, SCORE_TILE
 from specpv_jax.config import LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.loop import output_bucket
@@ -24,9 +25,10 @@ from specpv_jax.loop import output_bucket
 MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
 
 
-def param_count(cfg: ModelConfig) -> int:
-    """Parameters of a model of `cfg` (every tensor a checkpoint of it holds)."""
-    return sum(n * (cfg.num_layers if per_layer else 1) for n, per_layer in _tensor_sizes(cfg))
+def param_count(cfg: ModelConfig, model: int = 1) -> int:
+    """Parameters of a model of `cfg` (every tensor a checkpoint of it holds) that one device holds when
+    `model` devices along "model" split them (`sharding.param_spec`: only where `model` divides)."""
+    return sum(n * (cfg.num_layers if per_layer else 1) for n, per_layer in _tensor_sizes(cfg, model))
 
 
 def layer_param_count(cfg: ModelConfig) -> int:
@@ -34,10 +36,16 @@ def layer_param_count(cfg: ModelConfig) -> int:
     return sum(n for n, per_layer in _tensor_sizes(cfg) if per_layer)
 
 
-def _tensor_sizes(cfg: ModelConfig) -> list[tuple[int, bool]]:
+def _tensor_sizes(cfg: ModelConfig, model: int = 1) -> list[tuple[int, bool]]:
+    """(elements on one device of `model` along "model", per layer) of each tensor of `cfg`."""
     from convert.hf import param_table
 
-    return [(int(np.prod(e.hf_shape)), e.per_layer) for e in param_table(cfg)]
+    sizes = []
+    for e in param_table(cfg):
+        shape = e.hf_shape[::-1] if e.transpose else e.hf_shape  # ours: HF's [out, in] kernels transposed
+        n = int(np.prod(shape))
+        sizes.append((n // model if model > 1 and sharding.model_splits(e.path, shape, model) else n, e.per_layer))
+    return sizes
 
 
 def cache_length(spec: SpecConfig, mode: str, prompt_len: int, max_new_tokens: int) -> int:
@@ -79,15 +87,14 @@ class Estimate:
 
     def per_device(self, cfg: ModelConfig, batch: int, data: int, model: int) -> "Estimate":
         """The parts one device of a `data x model` mesh holds, as `sharding` places them: weights split
-        along "model" but the token embedding (replicated), caches along "model" where the KV heads divide
-        and along "data" where the rows divide, activations along "data" where the rows divide."""
+        along "model" where it divides them (not the token embedding), caches along "model" where the KV
+        heads divide and along "data" where the rows divide, activations along "data" where the rows divide."""
         rows = data if batch % data == 0 else 1
         heads = model if cfg.num_kv_heads % model == 0 else 1
-        embedding = cfg.vocab_size * cfg.hidden_size * self.parts["weights"] // param_count(cfg)
 
         def share(name: str, size: int) -> int:
             if name == "weights":
-                return embedding + (size - embedding) // model
+                return size * param_count(cfg, model) // param_count(cfg)
             if name == "activations":
                 return size // rows
             return size // (rows * heads) if "cache" in name or name == "block summaries" else size

@@ -75,9 +75,19 @@ def _split(shape: tuple[int, ...], axis: int | None, name: str, mesh: Mesh) -> P
     return P(*spec)
 
 
+def model_splits(names: tuple[str, ...], shape: tuple[int, ...], model: int) -> bool:
+    """Whether the parameter at key path `names` (e.g. ("layers", "mlp", "up_proj", "kernel")) is split over
+    `model` devices along "model": it has a model axis and `model` divides it."""
+    axis = _MODEL_AXIS.get(tuple(names[-2:]))
+    return axis is not None and shape[axis] % model == 0
+
+
 def param_spec(names: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """The PartitionSpec of the parameter at key path `names` (e.g. ("layers", "mlp", "up_proj", "kernel"))."""
-    return _split(shape, _MODEL_AXIS.get(tuple(names[-2:])), "model", mesh)
+    """The PartitionSpec of the parameter at key path `names`."""
+    spec = [None] * len(shape)
+    if model_splits(names, shape, mesh.shape["model"]):
+        spec[_MODEL_AXIS[tuple(names[-2:])]] = "model"
+    return P(*spec)
 
 
 def param_specs(params: Any, mesh: Mesh) -> Any:

@@ -11,13 +11,14 @@ import tempfile
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from test_eagle import make_head, make_target
 
 import pallas_kernels
 import specpv_jax as sj
-from convert.hf import export_hf
+from convert.hf import _to_param_on_device, export_hf
 from specpv_jax import sharding
 from specpv_jax.sharding import make_mesh
 
@@ -74,6 +75,19 @@ def loaded_on_mesh(target, head, prompts, spec, expected) -> None:
     print("loaded on 2x4: same tokens", flush=True)
 
 
+def accelerator_conversion_on_mesh() -> None:
+    """The jitted conversion (GPU/TPU loading) places a param by its sharding and splits its inputs the same
+    way: no device holds a whole tensor."""
+    where = NamedSharding(make_mesh(2, 4), P(None, None, "model"))
+    layers = [np.random.default_rng(i).standard_normal((64, 32)).astype(np.float32) for i in range(3)]
+    convert = _to_param_on_device(where)
+    value, _, _ = convert(layers, dtype=jnp.bfloat16, transpose=True, stacked=True)
+    assert value.sharding == where, value.sharding
+    np.testing.assert_array_equal(np.asarray(value), np.swapaxes(np.stack(layers), 1, 2).astype(jnp.bfloat16))
+    inputs = convert.lower(layers, dtype=jnp.bfloat16, transpose=True, stacked=True).compile().input_shardings
+    assert not any(s.is_fully_replicated for s in inputs[0][0]), inputs
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     target = make_target(32, layers=3, heads=8)
@@ -100,6 +114,7 @@ def main() -> None:
     if every:
         pallas_per_shard(one)
     loaded_on_mesh(target, head, prompts, spec, expected["exact"])
+    accelerator_conversion_on_mesh()
     # More than one device and no mesh: sharded by default (1 x 8); chunked prefill and host callbacks on it; the
     # caller's own mesh in the context (other axes, Explicit) does not get in the way.
     streamed = []

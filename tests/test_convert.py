@@ -186,7 +186,8 @@ def test_accelerator_and_cpu_conversions_agree():
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         for transpose in (False, True):
             for stacked in (False, True):
-                on_device = _to_param_on_device(layers, dtype=jnp.dtype(dtype), transpose=transpose, stacked=stacked)
+                on_device = _to_param_on_device(None)(layers, dtype=jnp.dtype(dtype), transpose=transpose,
+                                                      stacked=stacked)
                 with np.errstate(over="ignore", invalid="ignore"):
                     on_host = _to_param(np, layers, jnp.dtype(dtype), transpose, stacked)
                 for a, b in zip(on_device, on_host):

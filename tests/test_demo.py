@@ -193,6 +193,8 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
           "--length", "64", "--long-context", "512", "--long-length", "1024"], "--long-length 1024 must not exceed"),
         (["plan", "--model", "llama-3.1-8b", "--context", "131072"], "exceed the model's max_position_embeddings"),
         (["generate", target, "--prompt", "x", "--mesh", "2x4"], "a 2 x 4 mesh needs 8 devices, 1 given"),
+        (["generate", target, "--prompt", "x", "--mesh", "1x2", "--mode", "exact", "--draft", str(ASSETS / "eagle3"),
+          "--spec", "offload=true"], "--spec offload=true runs on one device, not 2: add --mesh 1x1"),
         (["bench", "--draft", str(ASSETS / "eagle3")], "--draft needs --target"),
         (["bench", "--out", str(tmp_path / "afile")], "is a file"),
         (["bench", "--out", str(tmp_path / "afile" / "results")], "afile is a file"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -59,9 +60,7 @@ def test_per_device_parts_follow_the_sharding_rule():
     replicated = est.per_device(cfg, 8, data=8, model=1)  # rows split, weights on every device
     assert replicated.parts["weights"] == est.parts["weights"]
     assert replicated.parts["full cache"] == est.parts["full cache"] // 8
-    tensor = est.per_device(cfg, 8, data=1, model=8)  # 8 KV heads over 8 devices; the embedding replicated
-    embedding = cfg.vocab_size * cfg.hidden_size * 2
-    assert tensor.parts["weights"] == embedding + (est.parts["weights"] - embedding) // 8
+    tensor = est.per_device(cfg, 8, data=1, model=8)  # 8 KV heads over 8 devices (weights: the next test)
     assert tensor.parts["partial cache"] == est.parts["partial cache"] // 8
     assert est.per_device(cfg, 8, data=1, model=16).parts["full cache"] == est.parts["full cache"]  # 8 KV heads
     assert est.per_device(cfg, 3, data=2, model=1).parts["activations"] == est.parts["activations"]  # 3 rows
@@ -93,6 +92,23 @@ def test_plan_prints_every_mode_for_llama_8b_shapes(tmp_path, capsys):
     # bf16 weights 14.96 GiB + a 64K cache of 32 layers x 8 KV heads x 128 dims (8.0 GiB + the new tokens' slots)
     # + one layer's weights sliced out by the layer loop (0.44 GiB) and the activations
     assert 23.4 < float(rows["ar"][1]) < 23.7
+
+
+@pytest.mark.parametrize("name, model", [("llama-3.1-8b", 3), ("llama-3.1-8b", 8), ("qwen3-8b", 6)])
+def test_weights_per_device_follow_their_placement(name, model):
+    """A model axis that does not divide a weight leaves it whole on every device: Llama-3.1-8B over 3 devices
+    splits only its LM head (vocabulary 128256), 14.31 of 14.96 GiB stay on each."""
+    from jax.sharding import PartitionSpec as P
+
+    from specpv_jax import sharding
+
+    cfg = presets.model_config(name)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    specs = sharding.param_specs(shapes, SimpleNamespace(shape={"model": model}))  # only its size is read
+    specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
+    placed = sum(x.size // (model if "model" in spec else 1) for x, spec in zip(jax.tree.leaves(shapes), specs))
+    est = memory.estimate(cfg, 1024, mode="ar", dtype="bfloat16").per_device(cfg, 1, 1, model)
+    assert est.parts["weights"] == 2 * placed
 
 
 def test_plan_per_device_of_a_mesh(capsys):
