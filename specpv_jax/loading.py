@@ -64,8 +64,8 @@ def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress
     checkpoint's stored dtype. mesh: a `sharding.make_mesh` mesh to place the
     parameters on, split as `generate` runs them there (which then needs no
     `mesh=`); default: all devices along "model" when there is more than one,
-    so a model larger than one device's memory loads: each tensor is placed as
-    it is read (on an accelerator, converted whole on the first device first).
+    so a model larger than one device's memory loads: each tensor goes into its
+    shards as it is read.
     """
     mesh = sharding.default_mesh() if mesh is None else mesh
     if mesh is not None:
