@@ -93,6 +93,8 @@ def mesh_shape(raw: str) -> tuple[int, int]:
 
 
 def _cmd_plan(args) -> int:
+    import jax
+
     from specpv_jax import memory
     from specpv_jax.draft.small import fit_problems
 
@@ -106,7 +108,7 @@ def _cmd_plan(args) -> int:
     if problems:
         raise ValueError(f"--small-draft {args.small_draft} does not fit the model: {'; '.join(problems)}")
     limit = memory.device_bytes_limit()
-    data, model = args.mesh or (1, _device_count())
+    data, model = args.mesh or (1, jax.device_count())
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
           f"context {args.context}, {args.new_tokens} new tokens, batch {args.batch}, {args.dtype}; "
           f"{f'per device of a {data}x{model} mesh; ' if data * model > 1 else ''}device limit "
@@ -154,7 +156,7 @@ def _cmd_generate(args) -> int:
     devices = args.mesh[0] * args.mesh[1] if args.mesh else jax.device_count()
     if spec.offload and devices > 1:
         raise ValueError(f"--spec offload=true runs on one device, not {devices}: add --mesh 1x1")
-    mesh = make_mesh(*args.mesh, devices=jax.devices()[: args.mesh[0] * args.mesh[1]]) if args.mesh else None
+    mesh = make_mesh(*args.mesh, devices=jax.devices()[:devices]) if args.mesh else None
     model = load_target(args.model, dtype=args.dtype, mesh=mesh)  # generate runs where the model is
     draft = load_draft(args.draft, model) if args.draft else None
     ids = text.encode_prompt(model.tokenizer, prompt, chat=not args.no_chat)
@@ -243,12 +245,6 @@ def _cmd_bench(args) -> int:
 
     run(args)
     return 0
-
-
-def _device_count() -> int:
-    import jax
-
-    return jax.device_count()
 
 
 def _add_mesh_argument(p: argparse.ArgumentParser, what: str) -> None:

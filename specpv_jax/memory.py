@@ -44,7 +44,7 @@ def _tensor_sizes(cfg: ModelConfig, model: int = 1) -> list[tuple[int, bool]]:
     for e in param_table(cfg):
         shape = e.hf_shape[::-1] if e.transpose else e.hf_shape  # ours: HF's [out, in] kernels transposed
         n = int(np.prod(shape))
-        sizes.append((n // model if model > 1 and sharding.model_splits(e.path, shape, model) else n, e.per_layer))
+        sizes.append((n // model if sharding.model_splits(e.path, shape, model) else n, e.per_layer))
     return sizes
 
 
