@@ -96,6 +96,7 @@ def _cmd_plan(args) -> int:
     import jax
 
     from specpv_jax import memory
+    from specpv_jax.sharding import default_shape
     from specpv_jax.draft.small import fit_problems
 
     spec = parse_spec(args.spec)
@@ -108,7 +109,7 @@ def _cmd_plan(args) -> int:
     if problems:
         raise ValueError(f"--small-draft {args.small_draft} does not fit the model: {'; '.join(problems)}")
     limit = memory.device_bytes_limit()
-    data, model = args.mesh or (1, jax.device_count())
+    data, model = args.mesh or default_shape(jax.device_count(), cfg)
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
           f"context {args.context}, {args.new_tokens} new tokens, batch {args.batch}, {args.dtype}; "
           f"{f'per device of a {data}x{model} mesh; ' if data * model > 1 else ''}device limit "
@@ -249,8 +250,8 @@ def _cmd_bench(args) -> int:
 
 def _add_mesh_argument(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--mesh", type=mesh_shape, metavar="DATAxMODEL",
-                   help=f"{what} (default: all devices along model; 1x1 with --spec offload=true on a host with "
-                        f"several devices)")
+                   help=f"{what} (default: all devices, along model as many as divide the heads; 1x1 with --spec "
+                        f"offload=true on a host with several devices)")
 
 
 def _add_spec_argument(p: argparse.ArgumentParser) -> None:

@@ -194,7 +194,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     streaming calls from several threads take turns). mesh: a
     `sharding.make_mesh` mesh to run on (tensor parallel over "model", rows over
     "data"); default: the mesh the target was loaded onto (`load_target(mesh=)`),
-    else all devices along "model" when there is more than one (`stats["mesh"]`: its (data, model) shape).
+    else `sharding.default_mesh` when there is more than one device (`stats["mesh"]`: its (data, model) shape).
     progress: a progress bar over prefill chunks (default: for prompts of
     `PROGRESS_CHUNKS` chunks or more). Returns `GenerateOutput(tokens [B, n_new], lengths [B], stats)`.
     """
@@ -210,7 +210,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")
     placed = sharding.mesh_of(target.params)
     if mesh is None:
-        mesh = placed or sharding.default_mesh()
+        mesh = placed or sharding.default_mesh(target.cfg)
     else:
         sharding.check_mesh(mesh)
         if placed is not None and placed != mesh:

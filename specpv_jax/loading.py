@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,32 +63,34 @@ def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress
     dtype: parameter and compute dtype ("float32", "bfloat16"); None keeps a
     checkpoint's stored dtype. mesh: a `sharding.make_mesh` mesh to place the
     parameters on, split as `generate` runs them there (which then needs no
-    `mesh=`); default: all devices along "model" when there is more than one,
+    `mesh=`); default, when there is more than one device: all of them,
+    tensor parallel over as many as divide the heads (`sharding.default_mesh`),
     so a model larger than one device's memory loads: each tensor goes into its
     shards as it is read.
     """
-    mesh = sharding.default_mesh() if mesh is None else mesh
     if mesh is not None:
         sharding.check_mesh(mesh)
-    cfg, params, tokenizer_dir = _load_decoder(pathlib.Path(path), dtype, progress, mesh)
+    place = (lambda cfg: mesh) if mesh is not None else sharding.default_mesh
+    cfg, params, tokenizer_dir = _load_decoder(pathlib.Path(path), dtype, progress, place)
     return Model(cfg, params, _tokenizer(tokenizer_dir), str(path))
 
 
 def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
-                  mesh: Mesh | None) -> tuple[ModelConfig, Params, pathlib.Path | None]:
-    """(config, params placed on `mesh`, directory of its tokenizer files or None) of a target-layout model."""
-    from convert.hf import load_hf_model  # convert -> params -> model: imported lazily
+                  place: Callable[[ModelConfig], Mesh | None]) -> tuple[ModelConfig, Params, pathlib.Path | None]:
+    """(config, params placed on the mesh `place(config)` (None: the default device), directory of its
+    tokenizer files or None) of a target-layout model."""
+    from convert.hf import load_hf_model, read_config  # convert -> params -> model: imported lazily
 
     _check_directory(path, "model")
     if checkpoint.is_checkpoint(path):
         meta = checkpoint.read_meta(path, "target")
         cfg = checkpoint.config_from_meta(path, meta, "model_config", ModelConfig.from_dict)
-        params = checkpoint.restore(path, _shapes(init_params, cfg), mesh=mesh)
+        params = checkpoint.restore(path, _shapes(init_params, cfg), mesh=place(cfg))
         if dtype is not None:
             params = cast_params(params, dtype, str(path))
         return cfg, params, checkpoint.tokenizer_dir(path)
     if (path / "config.json").is_file():
-        cfg, params = load_hf_model(path, dtype, progress=progress, mesh=mesh)
+        cfg, params = load_hf_model(path, dtype, progress=progress, mesh=place(read_config(path)[0]))
         return cfg, params, path
     raise FileNotFoundError(f"{path} is not a model directory: it has neither config.json (Hugging Face) "
                             f"nor {checkpoint.META_FILE} (specpv-jax orbax export)")
@@ -170,7 +172,7 @@ def _is_eagle3_config(config_json: pathlib.Path) -> bool:
 def _small_draft(path: pathlib.Path, dtype, target: Model) -> Any:
     from specpv_jax.draft.small import SmallDraft, fit_problems
 
-    cfg, params, _ = _load_decoder(path, dtype, False, None)  # it shares the target's tokenizer
+    cfg, params, _ = _load_decoder(path, dtype, False, lambda cfg: None)  # it shares the target's tokenizer
     problems = fit_problems(cfg, target.cfg)
     if problems:
         raise ValueError(f"{path}: this draft model does not fit the target: {'; '.join(problems)}")

@@ -7,8 +7,8 @@ heads along "model". An axis is split only where the mesh divides it; other
 arrays are replicated. XLA's SPMD partitioner then runs the same jitted loop
 on every device, so sharded generation gives the same tokens as one device.
 `load_target` places each parameter by `param_spec` as it reads it (by default
-on `default_mesh()`), and `generate` runs on the mesh the weights are on
-(`mesh_of`).
+on `default_mesh(cfg)`: tensor parallel over whole heads, the rest data
+parallel), and `generate` runs on the mesh the weights are on (`mesh_of`).
 
 Multi-host (e.g. a TPU pod slice): call `jax.distributed.initialize()` on
 every host first; `jax.devices()` then lists all hosts' devices and
@@ -43,10 +43,19 @@ def make_mesh(data: int = 1, model: int | None = None, devices: list | None = No
     return Mesh(np.array(devices).reshape(data, model), AXES)
 
 
-def default_mesh() -> Mesh | None:
-    """All devices along "model" when there is more than one (where `load_target` places and `generate` runs
-    by default), else None (one device, nothing to split)."""
-    return make_mesh() if jax.device_count() > 1 else None
+def default_shape(devices: int, cfg: Any = None) -> tuple[int, int]:
+    """(data, model) of the default mesh over `devices`: along "model" the most devices that divide the
+    query and KV heads of `cfg` (a ModelConfig; all devices without one), so that tensor parallelism splits
+    whole heads (Llama-3.1-8B's 8 KV heads: 1 x 8 on eight devices, 3 x 2 on six); the rest along "data"."""
+    heads = (cfg.num_heads, cfg.num_kv_heads) if cfg is not None else ()
+    model = max(m for m in range(1, devices + 1) if devices % m == 0 and all(h % m == 0 for h in heads))
+    return devices // model, model
+
+
+def default_mesh(cfg: Any = None) -> Mesh | None:
+    """Where `load_target` places a model of `cfg` and `generate` runs it by default: `default_shape` over
+    all devices, or None on one device (nothing to split)."""
+    return make_mesh(*default_shape(jax.device_count(), cfg)) if jax.device_count() > 1 else None
 
 
 def mesh_of(params: Any) -> Mesh | None:

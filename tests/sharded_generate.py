@@ -47,7 +47,7 @@ def loaded_on_mesh(target, head, prompts, spec, expected) -> None:
         sj.save_target(target, orbax)
         sj.save_draft(head, head_dir)
         by_default = sj.load_target(hf)
-        assert sharding.mesh_of(by_default.params) == make_mesh(1, 8), "several devices: all along model"
+        assert sharding.mesh_of(by_default.params) == make_mesh(2, 4), "model: the most devices dividing 4 KV heads"
         for source in (hf, orbax):
             loaded = sj.load_target(source, mesh=make_mesh(2, 4))
             q = loaded.params["layers"]["self_attn"]["q_proj"]["kernel"]  # [L, H, Hq*D]: 4 column blocks
@@ -115,14 +115,14 @@ def main() -> None:
         pallas_per_shard(one)
     loaded_on_mesh(target, head, prompts, spec, expected["exact"])
     accelerator_conversion_on_mesh()
-    # More than one device and no mesh: sharded by default (1 x 8); chunked prefill and host callbacks on it; the
-    # caller's own mesh in the context (other axes, Explicit) does not get in the way.
+    # More than one device and no mesh: sharded by default (2 x 4: 4 KV heads); chunked prefill and host callbacks
+    # on it; the caller's own mesh in the context (other axes, Explicit) does not get in the way.
     streamed = []
     theirs = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
     with jax.set_mesh(theirs):
         default = sj.generate(target, prompts, 24, prefill_chunk=64, progress=True, stream=streamed.append,
                               eos_token_ids=(5,))
-    assert default.stats["mesh"] == (1, 8)
+    assert default.stats["mesh"] == (2, 4)
     np.testing.assert_array_equal(default.lengths, expected["ar"].lengths)
     np.testing.assert_array_equal(default.tokens, expected["ar"].tokens)
     for r, n in enumerate(default.lengths):

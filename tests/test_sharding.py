@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from specpv_jax.sharding import make_mesh, param_specs
+from test_eagle import make_target
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -42,8 +43,6 @@ def test_sharded_generate_matches_one_device_on_every_mesh():
 
 
 def test_param_specs_split_heads_and_mlp_where_the_mesh_divides():
-    from test_eagle import make_target
-
     params = make_target(16, layers=2).params
     mesh = make_mesh(devices=jax.devices()[:1])
     specs = param_specs(params, mesh)
@@ -55,12 +54,21 @@ def test_param_specs_split_heads_and_mlp_where_the_mesh_divides():
         make_mesh(3, 1, devices=jax.devices()[:1])
 
 
+def test_default_mesh_splits_whole_heads():
+    from specpv_jax import presets
+    from specpv_jax.sharding import default_shape
+
+    llama = presets.model_config("llama-3.1-8b")  # 32 query heads, 8 KV heads
+    assert [default_shape(n, llama) for n in (1, 2, 4, 6, 8, 16)] == [(1, 1), (1, 2), (1, 4), (3, 2), (1, 8), (2, 8)]
+    small = make_target(16, heads=14, head_dim=8).cfg  # 14 query heads, 7 KV heads
+    assert default_shape(8, small) == (8, 1) and default_shape(7, small) == (1, 7) and default_shape(8) == (1, 8)
+
+
 def test_generate_names_a_mesh_it_cannot_use():
     import numpy as np
     from jax.sharding import Mesh
 
     import specpv_jax as sj
-    from test_eagle import make_target
 
     target = make_target(64, layers=2)
     devices = np.array(jax.devices()[:1]).reshape(1, 1)
