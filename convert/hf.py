@@ -44,6 +44,11 @@ class Entry:
     transpose: bool = False
     per_layer: bool = False
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Our shape of one layer's tensor: HF's `[out, in]` kernels transposed."""
+        return self.hf_shape[::-1] if self.transpose else self.hf_shape
+
 
 def read_json(path: pathlib.Path) -> dict:
     try:
@@ -264,8 +269,7 @@ def load_params(table: list[Entry], num_layers: int, read: Callable[[str], np.nd
             for key in keys:
                 layers.append(read(key))
                 bar.update(1)
-            shape = ((num_layers,) if e.per_layer else ()) + (
-                e.hf_shape[:-2] + e.hf_shape[:-3:-1] if e.transpose else e.hf_shape)
+            shape = ((num_layers,) if e.per_layer else ()) + e.shape
             where = None if mesh is None else NamedSharding(mesh, sharding.param_spec(e.path, shape, mesh))
             value, finite_stored, finite_cast = _convert(layers, dtype, e.transpose, e.per_layer, where)
             checks.append((keys, finite_stored, finite_cast))

@@ -179,23 +179,19 @@ def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
     tree = _stored_tree(path)
     _check_shapes(path, flat_shapes(tree), expected, optional or {})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    def placed(key_path, m):
-        where = device if mesh is None else NamedSharding(
-            mesh, sharding.param_spec(tuple(getattr(k, "key", str(k)) for k in key_path), tuple(m.shape), mesh))
-        return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=where)
-
-    abstract = jax.tree_util.tree_map_with_path(placed, tree)
+    where = (jax.tree.map(lambda m: device, tree) if mesh is None else
+             jax.tree.map(lambda m, spec: NamedSharding(mesh, spec), tree, sharding.param_specs(tree, mesh)))
+    abstract = jax.tree.map(lambda m, w: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=w), tree, where)
     try:
         return ocp.StandardCheckpointer().restore(path / "params", abstract)
     except Exception as e:  # orbax and TensorStore raise several types
         error = CheckpointError(f"cannot read the parameters in {path / 'params'} (the checkpoint is damaged): "
                                 f"{_first_line(e)}")
-    _collect_failed_reads()
+    _quiet_failed_reads()
     raise error
 
 
-def _collect_failed_reads() -> None:
+def _quiet_failed_reads() -> None:
     """Quiets the reads a failed orbax restore leaves behind: each reports its own TensorStore error, a page
     long, when collected, and those still in flight report that orbax's event loop is closed when they finish
     (`restore`'s error names the problem). From here on the process's unraisable-exception hook drops those

@@ -96,8 +96,8 @@ def _cmd_plan(args) -> int:
     import jax
 
     from specpv_jax import memory
-    from specpv_jax.sharding import default_shape
     from specpv_jax.draft.small import fit_problems
+    from specpv_jax.sharding import default_shape
 
     spec = parse_spec(args.spec)
     cfg = _model_config(args.model)

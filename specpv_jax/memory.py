@@ -40,12 +40,8 @@ def _tensor_sizes(cfg: ModelConfig, model: int = 1) -> list[tuple[int, bool]]:
     """(elements on one device of `model` along "model", per layer) of each tensor of `cfg`."""
     from convert.hf import param_table
 
-    sizes = []
-    for e in param_table(cfg):
-        shape = e.hf_shape[::-1] if e.transpose else e.hf_shape  # ours: HF's [out, in] kernels transposed
-        n = int(np.prod(shape))
-        sizes.append((n // model if sharding.model_splits(e.path, shape, model) else n, e.per_layer))
-    return sizes
+    return [(int(np.prod(e.shape)) // (model if sharding.model_splits(e.path, e.shape, model) else 1), e.per_layer)
+            for e in param_table(cfg)]
 
 
 def cache_length(spec: SpecConfig, mode: str, prompt_len: int, max_new_tokens: int) -> int:
