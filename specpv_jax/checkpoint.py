@@ -72,7 +72,20 @@ def _warn_leftovers(out: pathlib.Path) -> None:
     if leftovers:
         warnings.warn(f"{out.parent} holds {', '.join(leftovers)}, left by an interrupted save to {out.name}; "
                       f"delete {'it' if len(leftovers) == 1 else 'them'} unless another save to it is running",
-                      stacklevel=4)
+                      stacklevel=_callers_level())
+
+
+_LIBRARY_DIRS = tuple(str(pathlib.Path(__file__).parents[1] / d) + os.sep for d in ("specpv_jax", "convert"))
+
+
+def _callers_level() -> int:
+    """`warnings.warn`'s stacklevel, for the function calling this one, that names the first line outside this
+    library (and contextlib): the user's call, whichever of our functions led to the warning."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and (frame.f_code.co_filename.startswith(_LIBRARY_DIRS)
+                                        or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,

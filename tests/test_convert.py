@@ -107,8 +107,9 @@ def test_interrupted_save_leaves_nothing(hf_model, tmp_path, monkeypatch):
 def test_a_killed_saves_leftovers_are_pointed_out(hf_model, tmp_path):
     target = sj.load_target(hf_model("llama-mha")[0], progress=False)
     (tmp_path / ".ckpt.partial-0123abcd" / "params").mkdir(parents=True)  # what a kill leaves
-    with pytest.warns(UserWarning, match=r"\.ckpt\.partial-0123abcd, left by an interrupted save to ckpt"):
+    with pytest.warns(UserWarning, match=r"\.ckpt\.partial-0123abcd, left by an interrupted save to ckpt") as seen:
         sj.save_target(target, tmp_path / "ckpt")
+    assert seen[0].filename == __file__  # the user's line, not the library's
     assert sj.load_target(tmp_path / "ckpt").cfg == target.cfg
     assert (tmp_path / ".ckpt.partial-0123abcd").is_dir()  # not ours to delete
 
