@@ -261,6 +261,33 @@ def test_tuned_picks_a_timed_candidate(models):
     assert spec in [t.spec for t in trials[2:]]
 
 
+@pytest.mark.parametrize("speeds, picked", [  # tokens/s of trees of 5 and 3 nodes, then of budgets 32 and 64
+    ((102.0, 100.0, 99.0, 100.0), (3, 64)),  # near ties: the smaller tree, the larger budget
+    ((110.0, 100.0, 110.0, 100.0), (5, 32)),  # clear winners
+])
+def test_tune_breaks_near_ties_toward_the_smaller_tree_and_larger_budget(monkeypatch, speeds, picked):
+    import importlib
+    import types
+
+    from specpv_jax.tuning import tune
+
+    generate_module = importlib.import_module("specpv_jax.generate")  # the package's `generate` is the function
+
+    calls = []
+
+    def timed(*args, **kwargs):  # each trial generates twice
+        calls.append(kwargs["spec"])
+        return types.SimpleNamespace(stats={"tokens_per_s": speeds[(len(calls) - 1) // 2], "mean_accept_len": 2.0})
+
+    monkeypatch.setattr(generate_module, "generate", timed)
+    monkeypatch.setattr(generate_module, "fidelity", lambda *a: 1.0)
+    target = types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=16))
+    spec, trials = tune(target, None, 300, trees=((3, 2, 5), (2, 2, 3)), budgets=(32, 64),
+                        base=small_spec(retrieval_tokens=64, window=16, sink=16))
+    assert [t.tokens_per_s for t in trials] == list(speeds)
+    assert (spec.tree_nodes, spec.retrieval_tokens) == picked
+
+
 @pytest.mark.slow
 def test_exact_greedy_equals_ar_at_20k(models):
     """The long end of the range (run with `make test-slow`)."""
