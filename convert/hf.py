@@ -246,7 +246,10 @@ def _convert(layers: list[np.ndarray], dtype, transpose: bool, stacked: bool, wh
     # On a CPU backend numpy does the same work with nothing to compile.
     with np.errstate(over="ignore", invalid="ignore"):  # the flags report it, naming the tensor
         value, finite_stored, finite_cast = _to_param(np, layers, dtype, transpose, stacked)
-    return jax.device_put(np.ascontiguousarray(value), where), finite_stored, finite_cast
+    value = np.ascontiguousarray(value)
+    if where is not None and not where.is_fully_addressable:  # multi-host: each process fills its own shards
+        return jax.make_array_from_callback(value.shape, where, lambda index: value[index]), finite_stored, finite_cast
+    return jax.device_put(value, where), finite_stored, finite_cast
 
 
 def load_params(table: list[Entry], num_layers: int, read: Callable[[str], np.ndarray],

@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Callable, Iterator, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 
@@ -48,21 +49,40 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
     """Yields a hidden sibling directory to fill; on success it replaces `out_dir`, on any error it vanishes.
 
-    Refuses a non-empty `out_dir` unless `overwrite`.
+    Refuses a non-empty `out_dir` unless `overwrite`. Multi-host (`jax.process_count() > 1`, a filesystem
+    all processes share, as orbax needs): every process calls this and gets the same directory; process 0
+    alone creates and renames it, after all have written their part.
     """
     out = check_destination(out_dir, overwrite)
-    _warn_leftovers(out)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot create {out}: {e.strerror or e}") from None
+    primary = jax.process_index() == 0
+    if primary:
+        _warn_leftovers(out)
+    suffix = _shared_suffix()  # multi-host: a collective, so no process has created anything yet
+    tmp = out.parent / f".{out.name}.partial-{suffix}"
+    if primary:
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create {out}: {e.strerror or e}") from None
+    ocp.multihost.sync_global_processes(f"specpv_mkdir_{suffix}")  # no-op in one process
     try:
         yield tmp
-        _replace_dir(tmp, out)
+        ocp.multihost.sync_global_processes(f"specpv_written_{suffix}")
+        if primary:
+            _replace_dir(tmp, out)
+        ocp.multihost.sync_global_processes(f"specpv_replaced_{suffix}")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _shared_suffix() -> str:
+    """A random name suffix, the same in every process (process 0's)."""
+    n = uuid.uuid4().int & 0x7FFFFFFF
+    if jax.process_count() > 1:
+        n = int(ocp.multihost.broadcast_one_to_all(np.int32(n)))
+    return f"{n:08x}"
 
 
 def _warn_leftovers(out: pathlib.Path) -> None:
@@ -119,10 +139,11 @@ def save(out_dir: str | os.PathLike, params: Any, meta: dict[str, Any],
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", params)
         checkpointer.wait_until_finished()
-        if tokenizer_dir is not None:
-            _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp / "tokenizer")
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if jax.process_index() == 0:  # multi-host: every process wrote its shards above, one writes the rest
+            if tokenizer_dir is not None:
+                _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp / "tokenizer")
+            meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return pathlib.Path(out_dir).resolve()
 
 
@@ -191,7 +212,7 @@ def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
     path = pathlib.Path(path).resolve()
     tree = _stored_tree(path)
     _check_shapes(path, flat_shapes(tree), expected, optional or {})
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # multi-host: this process's own
     where = (jax.tree.map(lambda m: device, tree) if mesh is None else
              jax.tree.map(lambda m, spec: NamedSharding(mesh, spec), tree, sharding.param_specs(tree, mesh)))
     abstract = jax.tree.map(lambda m, w: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=w), tree, where)

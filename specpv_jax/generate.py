@@ -219,7 +219,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
                           f"sj.load_target(..., mesh=mesh) to place them once", stacklevel=2)
     if spec.offload and mesh is not None and mesh.size > 1:
         raise NotImplementedError("SpecConfig(offload=True) runs on one device: load the target with (or pass) "
-                                  "mesh=sharding.make_mesh(devices=jax.devices()[:1])")
+                                  "mesh=sharding.make_mesh(devices=jax.local_devices()[:1])")
     cfg = target.cfg
     batch = prompts.prepare(input_ids, cfg, max_new_tokens, prefill_chunk, attention_mask)
     eos = _eos_ids(cfg, eos_token_ids)
@@ -251,6 +251,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
             jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32), mesh)
     if call.error is not None:  # the stream callback raised (and was not called again): its error, not the runtime's
         raise call.error
+    out = _readable(out)
     num_out = np.asarray(out.num_out)
     stats = {"mode": mode, "mesh": None if mesh is None else tuple(mesh.shape.values()),
              "new_tokens": int(num_out.sum()), **_step_stats(out, counters, mode != "ar"),
@@ -258,6 +259,17 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
              # The first token of each row comes from prefill.
              "tokens_per_s": int(out.emitted) / decode_s if decode_s > 0 else 0.0}
     return GenerateOutput(tokens=np.asarray(out.tokens)[:, : int(num_out.max())], lengths=num_out, stats=stats)
+
+
+def _readable(tree: Any) -> Any:
+    """`tree` with each array split over several processes' devices (multi-host: rows along "data") gathered
+    into every process, so that numpy can read it; unchanged in one process."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: x if x.is_fully_addressable or x.is_fully_replicated
+                        else multihost_utils.process_allgather(x, tiled=True), tree)
 
 
 def _named(mesh) -> str:

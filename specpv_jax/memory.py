@@ -155,7 +155,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
 
 def device_bytes_limit(device=None) -> int | None:
     """The device's memory limit in bytes, where the backend reports one (GPU, TPU; not CPU)."""
-    stats = (device or jax.devices()[0]).memory_stats() or {}
+    stats = (device or jax.local_devices()[0]).memory_stats() or {}  # multi-host: one this process can ask
     return stats.get("bytes_limit")
 
 

@@ -11,8 +11,10 @@ on `default_mesh(cfg)`: tensor parallel over whole heads, the rest data
 parallel), and `generate` runs on the mesh the weights are on (`mesh_of`).
 
 Multi-host (e.g. a TPU pod slice): call `jax.distributed.initialize()` on
-every host first; `jax.devices()` then lists all hosts' devices and
-`make_mesh` spans them.
+every host first; `jax.devices()` then lists all hosts' devices (host by
+host), `make_mesh` spans them and the default mesh keeps "model" within a host.
+Every process runs the same calls; each reads the model files (a shared or
+copied directory) and fills its own devices' shards.
 """
 
 from __future__ import annotations
@@ -43,19 +45,24 @@ def make_mesh(data: int = 1, model: int | None = None, devices: list | None = No
     return Mesh(np.array(devices).reshape(data, model), AXES)
 
 
-def default_shape(devices: int, cfg: Any = None) -> tuple[int, int]:
+def default_shape(devices: int, cfg: Any = None, per_host: int | None = None) -> tuple[int, int]:
     """(data, model) of the default mesh over `devices`: along "model" the most devices that divide the
     query and KV heads of `cfg` (a ModelConfig; all devices without one), so that tensor parallelism splits
-    whole heads (Llama-3.1-8B's 8 KV heads: 1 x 8 on eight devices, 3 x 2 on six); the rest along "data"."""
+    whole heads (Llama-3.1-8B's 8 KV heads: 1 x 8 on eight devices, 3 x 2 on six); the rest along "data".
+    per_host: devices per host when there are several hosts; "model" then stays within one (its all-reduces
+    every layer would otherwise cross the network), dividing `per_host`."""
     heads = (cfg.num_heads, cfg.num_kv_heads) if cfg is not None else ()
-    model = max(m for m in range(1, devices + 1) if devices % m == 0 and all(h % m == 0 for h in heads))
+    limit = per_host or devices
+    model = max(m for m in range(1, limit + 1)
+                if devices % m == 0 and limit % m == 0 and all(h % m == 0 for h in heads))
     return devices // model, model
 
 
 def default_mesh(cfg: Any = None) -> Mesh | None:
     """Where `load_target` places a model of `cfg` and `generate` runs it by default: `default_shape` over
     all devices, or None on one device (nothing to split)."""
-    return make_mesh(*default_shape(jax.device_count(), cfg)) if jax.device_count() > 1 else None
+    per_host = jax.local_device_count() if jax.process_count() > 1 else None
+    return make_mesh(*default_shape(jax.device_count(), cfg, per_host)) if jax.device_count() > 1 else None
 
 
 def mesh_of(params: Any) -> Mesh | None:
@@ -108,7 +115,15 @@ def param_specs(params: Any, mesh: Mesh) -> Any:
 def shard_params(params: Any, mesh: Mesh) -> Any:
     """`params` placed on `mesh` (a no-op for arrays already placed so)."""
     specs = param_specs(params, mesh)
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+    return jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), params, specs)
+
+
+def _place(x: Any, where: NamedSharding) -> Any:
+    """`x` placed by `where`. Multi-host: a whole array on this process's devices (e.g. restored by orbax onto
+    one device; every process holds the same) goes into this process's shards from its own copy."""
+    if where.is_fully_addressable or not isinstance(x, jax.Array) or not x.is_fully_addressable:
+        return jax.device_put(x, where)
+    return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
 
 def batch_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:

@@ -8,11 +8,13 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import specpv_jax as sj
 from specpv_jax.sharding import make_mesh, param_specs
-from test_eagle import make_target
+from test_eagle import make_head, make_target
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -42,6 +44,52 @@ def test_sharded_generate_matches_one_device_on_every_mesh():
     assert _sharded_generate("--every-mesh").count("same tokens") == 11
 
 
+def test_two_processes_load_generate_and_save_as_one(tmp_path):
+    """A multi-controller job (`jax.distributed`, two processes of 4 CPU devices: two hosts' worth): HF load
+    onto the default mesh (model within a host), an orbax draft, generate ar and exact with the one-process
+    tokens, and one checkpoint saved by both that restores here equal."""
+    import json
+    import socket
+
+    from convert.hf import export_hf
+
+    target = make_target(32, layers=2, heads=8)  # 4 KV heads: 4 devices per host along model
+    head = make_head(target)
+    export_hf(tmp_path / "hf", target.cfg, target.params)
+    sj.save_draft(head, tmp_path / "head")
+    spec = dict(tree_depth=3, tree_top_k=3, tree_nodes=8, retrieval_tokens=64, window_tokens=32)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 32, n).tolist() for n in (200, 41, 150, 77)]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    for mode in ("ar", "exact"):
+        out = sj.generate(target, prompts, 16, draft=head, mode=mode, spec=sj.SpecConfig(**spec), eos_token_ids=(5,))
+        np.save(tmp_path / f"tokens_{mode}.npy", out.tokens)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(HERE))
+    logs = [tmp_path / f"process{i}.log" for i in (0, 1)]
+    with logs[0].open("w") as out0, logs[1].open("w") as out1:
+        procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(i), port, str(tmp_path)],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT) for i, out in enumerate((out0, out1))]
+        try:
+            procs[0].wait(timeout=240)  # ~35 s; a process waiting on another's collective would wait forever
+            procs[1].wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        for p in procs:
+            p.kill()
+            p.wait()
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        text = log.read_text()
+        assert p.returncode == 0 and text.rstrip().endswith("ok"), f"process {i} ({p.returncode}):\n{text[-3000:]}"
+    saved = sj.load_target(tmp_path / "saved")
+    jax.tree.map(np.testing.assert_array_equal, saved.params, target.params)
+    assert not list(tmp_path.glob(".saved*"))  # no partial directory left
+
+
 def test_param_specs_split_heads_and_mlp_where_the_mesh_divides():
     params = make_target(16, layers=2).params
     mesh = make_mesh(devices=jax.devices()[:1])
@@ -62,6 +110,7 @@ def test_default_mesh_splits_whole_heads():
     assert [default_shape(n, llama) for n in (1, 2, 4, 6, 8, 16)] == [(1, 1), (1, 2), (1, 4), (3, 2), (1, 8), (2, 8)]
     small = make_target(16, heads=14, head_dim=8).cfg  # 14 query heads, 7 KV heads
     assert default_shape(8, small) == (8, 1) and default_shape(7, small) == (1, 7) and default_shape(8) == (1, 8)
+    assert default_shape(16, llama, per_host=4) == (4, 4) and default_shape(12, llama, per_host=6) == (6, 2)
 
 
 def test_generate_names_a_mesh_it_cannot_use():
