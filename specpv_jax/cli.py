@@ -167,6 +167,7 @@ def _cmd_generate(args) -> int:
     if stream is None:
         print(text.decode(model.tokenizer, out.tokens[0, : out.lengths[0]].tolist()))
     else:
+        stream.flush()
         print()
     if args.stats:
         print(stats_table(out.stats), file=sys.stderr)
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `specpv-jax generate ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (ValueError, OSError, NotImplementedError) as e:
+    except (ValueError, OSError, NotImplementedError, MemoryError, FloatingPointError) as e:
         print(f"specpv-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
 

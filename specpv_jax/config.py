@@ -507,6 +507,11 @@ class SpecConfig:
         for name in ("tree_depth", "tree_top_k", "tree_nodes", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"SpecConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        from specpv_jax.attention import PREFIX_BLOCK
+
+        if PREFIX_BLOCK % self.block_size:  # block summaries tile the caches, allocated in PREFIX_BLOCK multiples
+            raise ConfigError(f"SpecConfig.block_size={self.block_size} must divide {PREFIX_BLOCK} "
+                              f"(e.g. 8, 16, 32, 64)")
         if self.tree_nodes > self.max_tree_nodes:
             raise ConfigError(
                 f"SpecConfig.tree_nodes={self.tree_nodes} exceeds the {self.max_tree_nodes} candidates a tree of "

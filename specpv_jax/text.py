@@ -24,7 +24,8 @@ class TextStream:
     """A `generate(stream=...)` callback that prints row 0's tokens as text as they arrive.
 
     Decodes everything received so far and prints the new suffix, holding back a
-    trailing incomplete UTF-8 character until its other bytes arrive.
+    trailing incomplete UTF-8 character until its other bytes arrive; `flush()`
+    prints what is held back once generation ends.
     """
 
     def __init__(self, tokenizer: Any, file=None):
@@ -33,11 +34,15 @@ class TextStream:
         self.printed = 0
 
     def __call__(self, rows) -> None:
+        self.ids.extend(int(i) for i in rows[0])
+        self._print(decode(self.tokenizer, self.ids).rstrip("\ufffd"))
+
+    def flush(self) -> None:
+        """Prints the rest, an incomplete last character included (as U+FFFD)."""
+        self._print(decode(self.tokenizer, self.ids))
+
+    def _print(self, text: str) -> None:
         import sys
 
-        self.ids.extend(int(i) for i in rows[0])
-        text = decode(self.tokenizer, self.ids)
-        if text.endswith("\ufffd"):
-            return
         print(text[self.printed:], end="", flush=True, file=self.file or sys.stdout)
-        self.printed = len(text)
+        self.printed = max(self.printed, len(text))

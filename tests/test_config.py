@@ -121,6 +121,14 @@ def test_spec_config_field_types(field, value, message):
         SpecConfig(**{field: value})
 
 
+def test_spec_config_block_size_divides_the_cache_blocks():
+    """Block summaries tile caches allocated in 256-token blocks: 48 ran on a 400-token prompt and failed with
+    a reshape error naming neither setting on a 700-token one."""
+    with pytest.raises(ConfigError, match="block_size=48 must divide 256"):
+        SpecConfig(block_size=48, sink_tokens=48, retrieval_tokens=480, window_tokens=96)
+    assert SpecConfig(block_size=64, sink_tokens=64, retrieval_tokens=512, window_tokens=64).block_size == 64
+
+
 def test_spec_config_takes_numpy_scalars_as_python_ones():
     spec = SpecConfig(tree_nodes=np.int64(30), bounded_draft=np.bool_(True), tree_threshold=0)
     plain = SpecConfig(tree_nodes=30, bounded_draft=True)

@@ -227,3 +227,13 @@ def test_a_failing_stream_callback_raises_its_own_error():
     assert len(calls) == 1  # not called again after it failed
     with pytest.raises(ValueError, match="seed must be a 64-bit signed integer"):
         sj.generate(models.target, [5, 6, 7], 8, seed=2 ** 64)
+
+
+def test_cli_reports_a_run_that_cannot_fit_as_an_error(monkeypatch, capsys):
+    from specpv_jax import memory
+    from specpv_jax.cli import main
+
+    monkeypatch.setattr(memory, "device_bytes_limit", lambda device=None: 10_000)  # a tiny device
+    assert main(["generate", str(ASSETS / "target"), "--prompt", "def add(a, b):", "--no-chat", "--no-stream",
+                 "--max-new-tokens", "4"]) == 1
+    assert "specpv-jax generate: error: mode 'ar' needs about" in capsys.readouterr().err

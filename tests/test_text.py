@@ -63,6 +63,10 @@ def test_text_stream_holds_back_incomplete_characters(capsys):
         if chunk == [0xC3]:
             assert capsys.readouterr().out == "hi "
     assert capsys.readouterr().out == "é!"
+    stream([[33, 0xC3]])  # text, then a character cut off by the end of generation: the text is not held back
+    assert capsys.readouterr().out == "!"
+    stream.flush()
+    assert capsys.readouterr().out == "\ufffd"
 
 
 def test_tokenizer_travels_with_orbax_export(model_dir, tmp_path):
