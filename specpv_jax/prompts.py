@@ -112,9 +112,3 @@ def prepare(input_ids: Any, cfg: ModelConfig, max_new_tokens: int, chunk: int,
     for b, r in enumerate(rows):
         ids[b, : r.size] = r
     return PromptBatch(ids=ids, lengths=lengths)
-
-
-def as_token_rows(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
-    """Per-row generated ids without padding."""
-    return [list(map(int, t[:n])) for t, n in zip(tokens, lengths)]
-

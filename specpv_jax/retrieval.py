@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from specpv_jax.cache import BlockSummary, KVCache
+from specpv_jax.cache import KVCache
 from specpv_jax.config import SpecConfig
 
 
@@ -84,7 +84,3 @@ def empty_partial(full: KVCache, spec: SpecConfig, extra: int = 0) -> KVCache:
     """A partial cache shaped for `full` (static part + buffer + `extra` slots), not yet filled."""
     layers, batch, heads, _, dim = full.k.shape
     return KVCache.empty(layers, batch, heads, spec.static_tokens + spec.buffer_size + extra, dim, full.k.dtype)
-
-
-def empty_summary(full: KVCache, spec: SpecConfig) -> BlockSummary:
-    return BlockSummary.of(full.replace(length=jnp.zeros_like(full.length)), spec.block_size)
