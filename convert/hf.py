@@ -247,9 +247,7 @@ def _convert(layers: list[np.ndarray], dtype, transpose: bool, stacked: bool, wh
     with np.errstate(over="ignore", invalid="ignore"):  # the flags report it, naming the tensor
         value, finite_stored, finite_cast = _to_param(np, layers, dtype, transpose, stacked)
     value = np.ascontiguousarray(value)
-    if where is not None and not where.is_fully_addressable:  # multi-host: each process fills its own shards
-        return jax.make_array_from_callback(value.shape, where, lambda index: value[index]), finite_stored, finite_cast
-    return jax.device_put(value, where), finite_stored, finite_cast
+    return (jax.device_put(value) if where is None else sharding.place(value, where)), finite_stored, finite_cast
 
 
 def load_params(table: list[Entry], num_layers: int, read: Callable[[str], np.ndarray],

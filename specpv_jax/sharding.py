@@ -115,13 +115,14 @@ def param_specs(params: Any, mesh: Mesh) -> Any:
 def shard_params(params: Any, mesh: Mesh) -> Any:
     """`params` placed on `mesh` (a no-op for arrays already placed so)."""
     specs = param_specs(params, mesh)
-    return jax.tree.map(lambda x, s: _place(x, NamedSharding(mesh, s)), params, specs)
+    return jax.tree.map(lambda x, s: place(x, NamedSharding(mesh, s)), params, specs)
 
 
-def _place(x: Any, where: NamedSharding) -> Any:
-    """`x` placed by `where`. Multi-host: a whole array on this process's devices (e.g. restored by orbax onto
-    one device; every process holds the same) goes into this process's shards from its own copy."""
-    if where.is_fully_addressable or not isinstance(x, jax.Array) or not x.is_fully_addressable:
+def place(x: Any, where: NamedSharding) -> Any:
+    """`x` (a numpy or jax array) placed by `where`. Multi-host: a whole array in this process (read from a
+    file, or restored onto one device; every process holds the same) goes into this process's shards from
+    its own copy, with no transfer between processes."""
+    if where.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
         return jax.device_put(x, where)
     return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
