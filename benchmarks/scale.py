@@ -46,6 +46,7 @@ from specpv_jax.cache import BlockSummary, KVCache  # noqa: E402
 from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig  # noqa: E402
 from specpv_jax.generate import _ar_decode_fn, _plan  # noqa: E402
 from specpv_jax.loop import timed_call  # noqa: E402
+from specpv_jax.sampling import Sampler  # noqa: E402
 
 DTYPE = jnp.bfloat16
 BASE_CONTEXT = 1024  # the AR step partial verification is compared with
@@ -127,14 +128,13 @@ def time_donating(step, cache, settings: Settings) -> float:
 def ar_step_seconds(params, cfg: ModelConfig, cache: KVCache, impl: str, settings: Settings) -> float:
     """Seconds per token of our AR decode loop from `cache` (median over `settings.trials` calls)."""
     n = settings.ar_tokens
-    run, _ = _plan(cfg, SpecConfig(), "ar", None, n, 0.0, 1.0, np.array([-1], np.int32), int(cache.length[0]),
-                   512, impl)
+    run, _ = _plan(cfg, SpecConfig(), "ar", None, n, int(cache.length[0]), 512, impl)
     fn = _ar_decode_fn(run)
     logits = jnp.zeros((1, cfg.vocab_size), jnp.float32)
-    eos, limit = jnp.array([-1], jnp.int32), jnp.asarray(n, jnp.int32)
+    sampler, eos, limit = Sampler.create(), jnp.array([-1], jnp.int32), jnp.asarray(n, jnp.int32)
     per_token = []
     for trial in range(settings.trials + 1):  # the first call warms up
-        (out, cache), seconds = timed_call(fn, params, cache, logits, jax.random.key(trial), eos, limit)
+        (out, cache), seconds = timed_call(fn, params, cache, logits, jax.random.key(trial), sampler, eos, limit)
         if trial:
             per_token.append(seconds / int(out.steps))
     return statistics.median(per_token)

@@ -67,7 +67,7 @@ def profile_step(target: sj.Model, head: eagle3.Eagle3, spec: sj.SpecConfig, con
     def check(params, cache):
         out = M.forward(params, cfg, tree.tokens, cache.length[:, None] + tree.depth, cache, tree.mask,
                         dcfg.feature_layers)
-        return verify.accept(tree, M.logits(params, cfg, out.hidden), Sampler(), None).count
+        return verify.accept(tree, M.logits(params, cfg, out.hidden), Sampler.create(), None).count
 
     return {"ar_step_s": median_seconds(ar, target.params, cache),
             "draft_s": median_seconds(draft, head.params, dcache),

@@ -29,8 +29,10 @@ import time
 
 import numpy as np
 
+from specpv_jax import config
+
 MODES = ("ar", "eagle", "specpv", "specpv-bd", "exact", "draft", "specextend", "longspec", "longspec-plain")
-DEFAULT_MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
+DEFAULT_MODES = config.MODES  # generate's
 SMALL_DRAFT_MODES = ("draft", "specextend")
 DRAFT_OPTIONS = {"eagle3": "--draft", "small": "--small-draft", "longspec": "--longspec-draft",
                  "longspec_plain": "--longspec-plain-draft"}

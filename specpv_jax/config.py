@@ -18,6 +18,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 ROPE_KINDS = ("default", "llama3", "yarn")
+MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")  # generate's modes
 
 
 class ConfigError(ValueError):

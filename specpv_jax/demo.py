@@ -16,13 +16,13 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from specpv_jax.config import DraftConfig, ModelConfig, RopeConfig, SpecConfig
+from specpv_jax.config import MODES, DraftConfig, ModelConfig, RopeConfig, SpecConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.loading import Model, load_draft, load_target
 from specpv_jax.model import init_params
 
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets" / "demo"
-DEMO_MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
+DEMO_MODES = MODES
 # A small tree: on a 2-core CPU and this small target, the default 7/10/60 tree costs more per step than the
 # tokens it saves (BENCHMARKS.md, "Demo models"). Pass spec=SpecConfig() for the paper's tree.
 DEMO_SPEC = SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=6)

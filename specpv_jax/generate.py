@@ -21,14 +21,14 @@ from specpv_jax import model as M
 from specpv_jax import longspec, loop, memory, offload, prompts, sharding, specextend, specpv, speculative
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
-from specpv_jax.config import DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
+from specpv_jax.config import MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3, small
 from specpv_jax.loading import Model
 from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill, prefill_progress, timed_call
 from specpv_jax.sampling import Sampler
 
-MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
 DEFAULT_PREFILL_CHUNK = 512
+EOS_SLOTS = 8  # EOS ids fill a list of this length (or a power of two above), so its length never recompiles
 PROGRESS_CHUNKS = 16  # prompts of this many prefill chunks (8K tokens by default) show a progress bar
 
 
@@ -60,11 +60,11 @@ class ARState:
     key: jax.Array
 
 
-def ar_step(params: M.Params, run: Run, eos: jax.Array, s: ARState) -> ARState:
+def ar_step(params: M.Params, run: Run, sampler: Sampler, eos: jax.Array, s: ARState) -> ARState:
     """One target forward over each row's last token; finished rows keep their cache length."""
     out = M.forward(params, run.cfg, s.last[:, None], s.cache.length[:, None], s.cache, attention=run.attention)
     key, sub = jax.random.split(s.key)
-    nxt = run.sampler.sample(M.logits(params, run.cfg, out.hidden[:, 0]), sub)
+    nxt = sampler.sample(M.logits(params, run.cfg, out.hidden[:, 0]), sub)
     live = ~s.out.done
     return ARState(cache=out.cache.replace(length=s.cache.length + live),
                    out=s.out.append(nxt[:, None], jnp.ones_like(nxt), eos),
@@ -73,11 +73,11 @@ def ar_step(params: M.Params, run: Run, eos: jax.Array, s: ARState) -> ARState:
 
 @functools.lru_cache(maxsize=None)
 def _ar_decode_fn(run: Run):
-    def fn(params, cache, logits, key, eos, limit):
+    def fn(params, cache, logits, key, sampler, eos, limit):
         key, sub = jax.random.split(key)
-        first = run.sampler.sample(logits, sub)
-        state = ARState(cache=cache, out=Output.start(first, eos, run.buffer, run.pad_id, limit), last=first, key=key)
-        state = decode_loop(run, functools.partial(ar_step, params, run, eos), state)
+        first = sampler.sample(logits, sub)
+        state = ARState(cache=cache, out=Output.start(run, first, eos, limit), last=first, key=key)
+        state = decode_loop(run, functools.partial(ar_step, params, run, sampler, eos), state)
         return state.out, state.cache  # returning the cache lets it be donated
     return jax.jit(fn, donate_argnums=(1,))
 
@@ -96,7 +96,8 @@ def _positive_int(name: str, value) -> int:
 
 
 def _eos_ids(cfg: ModelConfig, eos_token_ids) -> np.ndarray:
-    """`eos_token_ids` (None: the model's) checked against the vocabulary, as a non-empty int32 array."""
+    """`eos_token_ids` (None: the model's) checked against the vocabulary, as an int32 array padded with -1
+    (an id no token has) to `EOS_SLOTS` or the next power of two: a compiled loop serves every list that fits."""
     if eos_token_ids is None:
         ids = cfg.eos_token_ids
     else:
@@ -105,8 +106,8 @@ def _eos_ids(cfg: ModelConfig, eos_token_ids) -> np.ndarray:
                 _is_int(i) and 0 <= i < cfg.vocab_size for i in ids):
             raise ValueError(f"eos_token_ids must be a token id or a sequence of them, each in "
                              f"[0, {cfg.vocab_size}); got {eos_token_ids!r}")
-    # An id no token can have keeps the array non-empty when nothing stops generation.
-    return np.array(tuple(int(i) for i in ids) or (-1,), np.int32)
+    ids = [int(i) for i in ids]
+    return np.array(ids + [-1] * (max(EOS_SLOTS, 1 << (len(ids) - 1).bit_length()) - len(ids)), np.int32)
 
 
 DRAFT_KINDS = {"eagle": "eagle3", "specpv": "eagle3", "exact": "eagle3", "specextend": "small",
@@ -164,7 +165,7 @@ def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecCon
         raise TypeError(f"spec must be a SpecConfig, got {type(spec).__name__}")
     _positive_int("max_new_tokens", max_new_tokens)
     _positive_int("prefill_chunk", prefill_chunk)
-    Sampler(float(temperature), float(top_p))
+    Sampler.create(temperature, top_p)
     resolve_implementation(attention)
     _check_offload(spec, mode)
     if mode != "ar":
@@ -226,8 +227,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     chunk = min(prefill_chunk, batch.ids.shape[1])
     chunks = batch.ids.shape[1] // chunk
     progress = chunks >= PROGRESS_CHUNKS if progress is None else bool(progress)
-    run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, temperature, top_p,
-                         eos, batch.ids.shape[1], chunk, attention, stream is not None, progress)
+    run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, batch.ids.shape[1],
+                         chunk, attention, stream is not None, progress)
     limit = memory.device_bytes_limit()
     if limit is not None:  # refuse before allocating anything
         est = memory.estimate(cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
@@ -248,9 +249,11 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     with prefill_progress(chunks) if progress else contextlib.nullcontext(), run_mesh, streaming as call:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
             run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
-            jax.random.key(seed), jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32), mesh)
-    if call.error is not None:  # the stream callback raised (and was not called again): its error, not the runtime's
-        raise call.error
+            jax.random.key(seed), Sampler.create(temperature, top_p), jnp.asarray(eos),
+            jnp.asarray(max_new_tokens, jnp.int32), mesh)
+    if stream is not None and _stream_failed(call.error):
+        # The stream function raised (and was not called again): its error, not the runtime's.
+        raise call.error or RuntimeError("generate's stream function raised in process 0 (see its error there)")
     out = _readable(out)
     num_out = np.asarray(out.num_out)
     stats = {"mode": mode, "mesh": None if mesh is None else tuple(mesh.shape.values()),
@@ -259,6 +262,16 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
              # The first token of each row comes from prefill.
              "tokens_per_s": int(out.emitted) / decode_s if decode_s > 0 else 0.0}
     return GenerateOutput(tokens=np.asarray(out.tokens)[:, : int(num_out.max())], lengths=num_out, stats=stats)
+
+
+def _stream_failed(error: BaseException | None) -> bool:
+    """Whether the stream function raised `error`. Multi-host: as process 0, where its calls run, saw it, so
+    that every process raises instead of the others going on to wait for process 0 in the next collective."""
+    if jax.process_count() == 1:
+        return error is not None
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(error is not None)))
 
 
 def _readable(tree: Any) -> Any:
@@ -283,58 +296,60 @@ def _check_offload(spec: SpecConfig, mode: str) -> None:
                          f"on the device), not {mode!r}")
 
 
-def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: int, temperature: float,
-          top_p: float, eos: np.ndarray, prompt_len: int, chunk: int, attention: str,
-          stream: bool = False, progress: bool = False) -> tuple[Run, int]:
+def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: int, prompt_len: int, chunk: int,
+          attention: str, stream: bool = False, progress: bool = False) -> tuple[Run, int]:
     """The static settings of a call and the cache length it needs."""
     speculative_mode = mode != "ar"
-    run = Run(cfg=cfg, sampler=Sampler(float(temperature), float(top_p)), buffer=output_bucket(max_new_tokens),
-              pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else int(max(int(eos[0]), 0)),
-              chunk=chunk, mode=mode, attention=resolve_implementation(attention),
+    run = Run(cfg=cfg, buffer=output_bucket(max_new_tokens), chunk=chunk, mode=mode,
+              attention=resolve_implementation(attention),
               spec=spec if speculative_mode else None, dcfg=dcfg if speculative_mode else None, stream=stream,
               progress=progress, offload=spec.offload and mode in offload.MODES)
     return run, memory.cache_length(spec, mode, prompt_len, max_new_tokens)
 
 
-def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t, ids, lengths, key, eos, limit,
-                        mesh=None):
+def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t, ids, lengths, key, sampler, eos,
+                        limit, mesh=None):
     """Prefill then the decode loop; `call(fn, *args) -> (result, seconds)` runs each jitted stage.
     Caches are placed on `mesh` when given. Returns (Output, SpecPV counters or None, prefill seconds,
     decode seconds)."""
     b = ids.shape[0]
 
-    def placed(cache: KVCache) -> KVCache:
+    def empty(make: Callable[[], KVCache]) -> KVCache:
+        """`make()`'s empty cache; on `mesh`, its K/V created in their shards."""
         if mesh is None:
-            return cache
-        where = sharding.cache_sharding(cache.k.shape, mesh)
-        return cache.replace(k=jax.device_put(cache.k, where), v=jax.device_put(cache.v, where))
+            return make()
+        shapes = jax.eval_shape(make)
+        where = sharding.cache_sharding(shapes.k.shape, mesh)
+        return KVCache(k=sharding.zeros(shapes.k.shape, shapes.k.dtype, where),
+                       v=sharding.zeros(shapes.v.shape, shapes.v.dtype, where),
+                       length=jnp.zeros(shapes.length.shape, shapes.length.dtype))
 
     if run.offload:
         cache = offload.empty_cache(run.cfg, b, max_len, M.param_dtype(params), mesh)
     else:
-        cache = placed(KVCache.zeros(run.cfg, b, max_len, M.param_dtype(params)))
+        cache = empty(lambda: KVCache.zeros(run.cfg, b, max_len, M.param_dtype(params)))
     if run.mode == "ar":
         (cache, logits), prefill_s = call(_prefill_fn(run.prefill_key), params, ids, lengths, cache)
-        (out, _), decode_s = call(_ar_decode_fn(run), params, cache, logits, key, eos, limit)
+        (out, _), decode_s = call(_ar_decode_fn(run), params, cache, logits, key, sampler, eos, limit)
         return out, None, prefill_s, decode_s
     if run.mode == "specextend":
-        draft_cache = placed(KVCache.zeros(run.dcfg, b, max_len, M.param_dtype(draft_params)))
+        draft_cache = empty(lambda: KVCache.zeros(run.dcfg, b, max_len, M.param_dtype(draft_params)))
         prefill_fn = specextend.specextend_prefill_fn(run.prefill_key, run.spec)
         (cache, draft_state, logits), prefill_s = call(prefill_fn, params, draft_params, ids, lengths, cache,
                                                        draft_cache)
         (out, _, _), decode_s = call(specextend.specextend_decode_fn(run), params, draft_params, cache, draft_state,
-                                     logits, key, eos, limit)
+                                     logits, key, sampler, eos, limit)
         return out, None, prefill_s, decode_s
     if run.mode == "longspec":
         (cache, ring, logits), prefill_s = call(longspec.longspec_prefill_fn(run.prefill_key), params, draft_params,
                                                 ids, lengths, cache)
         (out, _, _), decode_s = call(longspec.longspec_decode_fn(run), params, draft_params, cache, ring, logits, key,
-                                     eos, limit)
+                                     sampler, eos, limit)
         return out, None, prefill_s, decode_s
-    draft_cache = placed(eagle3.empty_cache(run.dcfg, b, max_len, draft_params))
+    draft_cache = empty(lambda: eagle3.empty_cache(run.dcfg, b, max_len, draft_params))
     (cache, draft_cache, logits, feats), prefill_s = call(
         speculative.eagle_prefill_fn(run.prefill_key), params, draft_params, ids, lengths, cache, draft_cache)
-    args = (params, draft_params, d2t, cache, draft_cache, logits, feats, key, eos, limit)
+    args = (params, draft_params, d2t, cache, draft_cache, logits, feats, key, sampler, eos, limit)
     if run.mode == "eagle":
         (out, _, _), decode_s = call(speculative.eagle_decode_fn(run), *args)
         return out, None, prefill_s, decode_s
@@ -375,6 +390,7 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
         raise NotImplementedError("SpecConfig(offload=True) needs generate (it allocates the cache in host memory "
                                   "outside jit); make_generate_fn keeps the cache on the device")
     eos = _eos_ids(target_cfg, eos_token_ids)
+    sampler = Sampler.create(temperature, top_p)
 
     def untimed(fn, *args):
         return fn(*args), 0.0
@@ -385,11 +401,10 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
         b, t = ids.shape
         chunk = min(prefill_chunk, t)
         padded = jnp.pad(ids, ((0, 0), (0, -t % chunk)))
-        run, max_len = _plan(target_cfg, spec, mode, draft_cfg, max_new_tokens, temperature, top_p, eos,
-                             padded.shape[1], chunk, attention)
+        run, max_len = _plan(target_cfg, spec, mode, draft_cfg, max_new_tokens, padded.shape[1], chunk, attention)
         draft_params = draft_params or {"params": None, "d2t": None}
         out, _, _, _ = _prefill_and_decode(run, max_len, untimed, params, draft_params["params"], draft_params["d2t"],
-                                           padded, jnp.full((b,), t, jnp.int32), key, jnp.asarray(eos),
+                                           padded, jnp.full((b,), t, jnp.int32), key, sampler, jnp.asarray(eos),
                                            jnp.asarray(max_new_tokens, jnp.int32))
         return out.tokens[:, :max_new_tokens], out.num_out
 
@@ -460,10 +475,14 @@ def _full_context_pass(target: Model, input_ids: Any, chunk: int, attention: str
     chunk = min(chunk, batch.ids.shape[1])
     cache = KVCache.zeros(target.cfg, batch.batch, batch.ids.shape[1], target.dtype)
     fn = _chunk_fn(target.cfg, resolve_implementation(attention), argmax)
-    out = []
+    out, pending = [], None  # each chunk's result is read while the next runs; logits leave the device as they come
     for start in range(0, t, chunk):
         cache, part = fn(target.params, jnp.asarray(batch.ids[:, start:start + chunk]), start, cache)
-        out.append(np.asarray(part))
+        part.copy_to_host_async()
+        if pending is not None:
+            out.append(np.asarray(pending))
+        pending = part
+    out.append(np.asarray(pending))
     return np.concatenate(out, axis=1)[:, :t]
 
 

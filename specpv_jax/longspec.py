@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 
 from specpv_jax import model as M
-from specpv_jax import verify
-from specpv_jax.cache import KVCache, commit_path
+from specpv_jax.cache import KVCache
 from specpv_jax.config import SpecConfig
 from specpv_jax.draft import longspec
 from specpv_jax.loop import Output, Run, decode_loop, prefill
+from specpv_jax.sampling import Sampler
+from specpv_jax.speculative import verify_tree
 
 LONGSPEC_TREE = SpecConfig(tree_top_k=4, tree_depth=5, tree_nodes=68)
 
@@ -39,22 +40,17 @@ class LongSpecState:
     key: jax.Array
 
 
-def longspec_step(params, dparams, run: Run, eos: jax.Array, s: LongSpecState) -> LongSpecState:
+def longspec_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array, s: LongSpecState) -> LongSpecState:
     cfg, dcfg = run.cfg, run.dcfg
     tree = longspec.draft_tree(dparams, dcfg, run.spec, params, cfg, s.ring, s.cache, s.root)
-    out = M.forward(params, cfg, tree.tokens, s.cache.length[:, None] + tree.depth, s.cache, tree.mask,
-                    attention=run.attention)
-    key, sub = jax.random.split(s.key)
-    acc = verify.accept(tree, M.logits(params, cfg, out.hidden), run.sampler, sub)
     live = ~s.out.done
+    acc, cache, _, key = verify_tree(params, run, sampler, tree, s.cache, live, s.key)
     count = jnp.where(live, acc.count + 1, 0)
-    cache = commit_path(out.cache, acc.path, acc.count)
     path_tokens = jnp.take_along_axis(tree.tokens, acc.path, axis=1)  # root first
     ring = longspec.commit(dparams, dcfg, params["embed_tokens"]["embedding"], s.ring, path_tokens, count)
     emitted = acc.emitted(tree)
-    return LongSpecState(cache=cache.replace(length=jnp.where(live, cache.length, s.cache.length)), ring=ring,
-                         root=jnp.where(live, acc.bonus, s.root), out=s.out.append(emitted, acc.count + 1, eos),
-                         key=key)
+    return LongSpecState(cache=cache, ring=ring, root=jnp.where(live, acc.bonus, s.root),
+                         out=s.out.append(emitted, acc.count + 1, eos), key=key)
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,12 +66,11 @@ def longspec_prefill_fn(run: Run):
 
 @functools.lru_cache(maxsize=None)
 def longspec_decode_fn(run: Run):
-    def fn(params, dparams, cache, ring, logits, key, eos, limit):
+    def fn(params, dparams, cache, ring, logits, key, sampler, eos, limit):
         key, sub = jax.random.split(key)
-        first = run.sampler.sample(logits, sub)
-        state = LongSpecState(cache=cache, ring=ring, root=first,
-                              out=Output.start(first, eos, run.buffer, run.pad_id, limit), key=key)
-        state = decode_loop(run, functools.partial(longspec_step, params, dparams, run, eos), state)
+        first = sampler.sample(logits, sub)
+        state = LongSpecState(cache=cache, ring=ring, root=first, out=Output.start(run, first, eos, limit), key=key)
+        state = decode_loop(run, functools.partial(longspec_step, params, dparams, run, sampler, eos), state)
         return state.out, state.cache, state.ring
 
     return jax.jit(fn, donate_argnums=(2, 3))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import threading
@@ -18,16 +19,18 @@ from specpv_jax import model as M
 from specpv_jax import offload
 from specpv_jax.cache import KVCache
 from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig
-from specpv_jax.sampling import Sampler
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     """The static settings of one generate call; hashable, so it keys the compiled loop.
 
+    Per-call values are arguments of the compiled functions instead: the `Sampler`'s temperature and top_p,
+    the EOS ids (a bucketed length) and the row limit.
+
     mode: the generate mode; buffer: output slots per row (max_new_tokens rounded
     up to a bucket, so nearby lengths share one compiled loop; the exact limit is
-    a traced value); pad_id: filler after a row ends; chunk: prefill chunk;
+    a traced value); chunk: prefill chunk;
     attention: "xla" or "pallas" (resolved); spec/dcfg: speculative modes only;
     stream: the decode loop reports each row's newly emitted tokens to the host function
     `streaming_to` registers (see `decode_loop`; one compiled loop serves every function);
@@ -36,9 +39,7 @@ class Run:
     """
 
     cfg: ModelConfig
-    sampler: Sampler
     buffer: int
-    pad_id: int
     chunk: int
     mode: str = "ar"
     attention: str = "xla"
@@ -51,8 +52,8 @@ class Run:
     @property
     def prefill_key(self) -> "Run":
         """The settings prefill depends on (so other changes do not recompile it)."""
-        return Run(cfg=self.cfg, sampler=Sampler(), buffer=0, pad_id=0, chunk=self.chunk, attention=self.attention,
-                   dcfg=self.dcfg, progress=self.progress, offload=self.offload)
+        return Run(cfg=self.cfg, buffer=0, chunk=self.chunk, attention=self.attention, dcfg=self.dcfg,
+                   progress=self.progress, offload=self.offload)
 
 
 def output_bucket(max_new: int) -> int:
@@ -60,16 +61,34 @@ def output_bucket(max_new: int) -> int:
     return max(16, 1 << (int(max_new) - 1).bit_length())
 
 
-_EXECUTABLES: dict[Any, Any] = {}
+_EXECUTABLES: collections.OrderedDict[Any, Any] = collections.OrderedDict()  # the most recently used last
+MAX_EXECUTABLES = 32
+
+
+def _trace_context() -> Any:
+    """The settings besides the arguments that change what jit compiles (jax's own cache uses them): config
+    such as `jax.default_matmul_precision`, the mesh context."""
+    try:
+        from jax._src.config import trace_context
+    except ImportError:  # a jax without it: the public settings that matter most
+        return jax.config.jax_default_matmul_precision, jax.config.jax_enable_x64, jax.sharding.get_abstract_mesh()
+    return trace_context()
 
 
 def timed_call(fn: Callable, *args) -> tuple[Any, float]:
-    """Runs a jitted `fn`, compiling ahead of time so the returned seconds exclude compilation."""
+    """Runs a jitted `fn`, compiling ahead of time so the returned seconds exclude compilation.
+
+    Keeps the last `MAX_EXECUTABLES` compiled functions, by argument shapes, dtypes and shardings (and the
+    trace context), as jit does.
+    """
     leaves, treedef = jax.tree.flatten(args)
-    key = (fn, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+    key = (fn, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves), _trace_context())
     exe = _EXECUTABLES.get(key)
     if exe is None:
         exe = _EXECUTABLES[key] = fn.lower(*args).compile()
+        while len(_EXECUTABLES) > MAX_EXECUTABLES:
+            _EXECUTABLES.popitem(last=False)
+    _EXECUTABLES.move_to_end(key)
     start = time.perf_counter()
     out = jax.block_until_ready(exe(*args))
     return out, time.perf_counter() - start
@@ -166,11 +185,13 @@ class Output:
     emitted: jax.Array
 
     @classmethod
-    def start(cls, first: jax.Array, eos: jax.Array, buffer: int, pad_id: int, limit: jax.Array) -> "Output":
-        """The buffer after each row's first token `[B]` (sampled from the prefill logits)."""
+    def start(cls, run: Run, first: jax.Array, eos: jax.Array, limit: jax.Array) -> "Output":
+        """The buffer after each row's first token `[B]` (sampled from the prefill logits); slots after a row's
+        end hold the model's pad id, else the first EOS id (0 if none)."""
         b = first.shape[0]
         zero = jnp.zeros((), jnp.int32)
-        return cls(tokens=jnp.full((b, buffer), pad_id, jnp.int32).at[:, 0].set(first),
+        pad = run.cfg.pad_token_id if run.cfg.pad_token_id is not None else jnp.maximum(eos[0], 0)
+        return cls(tokens=jnp.full((b, run.buffer), pad, jnp.int32).at[:, 0].set(first),
                    num_out=jnp.ones((b,), jnp.int32), done=jnp.isin(first, eos) | (limit <= 1),
                    limit=jnp.asarray(limit, jnp.int32), steps=zero, row_steps=zero, emitted=zero)
 

@@ -19,10 +19,9 @@ import numpy as np
 
 from specpv_jax import sharding
 from specpv_jax.attention import PREFIX_BLOCK, SCORE_TILE
-from specpv_jax.config import LongSpecConfig, ModelConfig, SpecConfig
+from specpv_jax.config import MODES, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.loop import output_bucket
 
-MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")
 
 
 def param_count(cfg: ModelConfig, model: int = 1) -> int:

@@ -3,38 +3,50 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["temperature", "top_p"],
+                   meta_fields=["greedy", "nucleus"])
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """temperature 0 means greedy (argmax); otherwise sample from `probs(logits)`."""
+    """How tokens are chosen: the argmax when `greedy`, else a draw at `temperature` from the smallest set of
+    most likely tokens whose mass reaches `top_p` (only when `nucleus`).
 
-    temperature: float = 0.0
-    top_p: float = 1.0
+    A pytree: temperature and top_p are float32 leaves, so a jitted loop taking a Sampler compiles once for
+    every value; greedy and nucleus are static. Build one with `Sampler.create`.
+    """
 
-    def __post_init__(self):
-        if not 0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    temperature: Any
+    top_p: Any
+    greedy: bool
+    nucleus: bool
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+    @classmethod
+    def create(cls, temperature: float = 0.0, top_p: float = 1.0) -> "Sampler":
+        """Checks the settings; temperature 0 means greedy."""
+        temperature, top_p = float(temperature), float(top_p)
+        if not 0 <= temperature < float("inf"):
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        # At least float32's smallest normal number: a tiny temperature then samples the argmax instead of
+        # overflowing (or, flushed to zero, dividing by zero) into NaN.
+        return cls(np.float32(max(temperature, float(np.finfo(np.float32).tiny))), np.float32(top_p),
+                   greedy=temperature == 0, nucleus=top_p < 1)
 
     def probs(self, logits: jax.Array) -> jax.Array:
         """The distribution tokens are drawn from, `[..., V]` float32 (one-hot at argmax when greedy)."""
         logits = logits.astype(jnp.float32)
         if self.greedy:
             return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
-        # Shift by the max, then divide by at least float32's smallest normal number: a tiny temperature then
-        # samples the argmax instead of overflowing (or, flushed to zero, dividing by zero) into NaN.
-        temperature = max(self.temperature, float(jnp.finfo(jnp.float32).tiny))
-        p = jax.nn.softmax((logits - logits.max(-1, keepdims=True)) / temperature, axis=-1)
-        if self.top_p < 1:
+        p = jax.nn.softmax((logits - logits.max(-1, keepdims=True)) / self.temperature, axis=-1)
+        if self.nucleus:
             p = _top_p_filter(p, self.top_p)
         return p
 

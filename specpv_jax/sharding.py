@@ -19,9 +19,11 @@ copied directory) and fills its own devices' shards.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -125,6 +127,13 @@ def place(x: Any, where: NamedSharding) -> Any:
     if where.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
         return jax.device_put(x, where)
     return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def zeros(shape: tuple[int, ...], dtype: Any, where: NamedSharding) -> jax.Array:
+    """Zeros placed by `where`, each shard created on its device (`jnp.zeros(device=)` fills one device and
+    copies: a whole KV cache would have to fit on one device first)."""
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), where)
 
 
 def batch_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from specpv_jax import model as M
-from specpv_jax import verify
-from specpv_jax.cache import KVCache, commit_path
+from specpv_jax.cache import KVCache
 from specpv_jax.config import SpecConfig
 from specpv_jax.draft import small
 from specpv_jax.loop import Output, Run, decode_loop, prefill
+from specpv_jax.sampling import Sampler
+from specpv_jax.speculative import verify_tree
 
 
 @flax.struct.dataclass
@@ -44,18 +45,16 @@ def _keep(live: jax.Array, new: KVCache | None, old: KVCache | None):
     return None if new is None else new.replace(length=jnp.where(live, new.length, old.length))
 
 
-def specextend_step(params, dparams, run: Run, eos: jax.Array, s: SpecExtendState) -> SpecExtendState:
+def specextend_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array,
+                    s: SpecExtendState) -> SpecExtendState:
     cfg, dcfg, spec = run.cfg, run.dcfg, run.spec
     draft, logprobs = small.advance(dparams, dcfg, s.draft, s.pending, s.pending_count, run.attention)
     root = jnp.take_along_axis(s.pending, (s.pending_count - 1)[:, None], axis=1)[:, 0]
     tree = small.draft_tree(dparams, dcfg, spec, draft.work, logprobs, root, run.attention)
     last_layer = cfg.num_layers - 1
-    out = M.forward(params, cfg, tree.tokens, s.cache.length[:, None] + tree.depth, s.cache, tree.mask,
-                    (last_layer,) if draft.store is not None else (), run.attention)
-    key, sub = jax.random.split(s.key)
-    acc = verify.accept(tree, M.logits(params, cfg, out.hidden), run.sampler, sub)
     live = ~s.out.done
-    cache = commit_path(out.cache, acc.path, acc.count)
+    acc, cache, out, key = verify_tree(params, run, sampler, tree, s.cache, live, s.key,
+                                       (last_layer,) if draft.store is not None else ())
     draft = small.DraftState(work=_keep(live, draft.work, s.draft.work), store=_keep(live, draft.store, s.draft.store))
 
     if draft.store is not None:
@@ -68,9 +67,8 @@ def specextend_step(params, dparams, run: Run, eos: jax.Array, s: SpecExtendStat
         draft = lax.cond((s.out.steps + 1) % spec.retrieve_every == 0, retrieve, lambda d: d, draft)
 
     emitted = acc.emitted(tree)
-    return SpecExtendState(cache=cache.replace(length=jnp.where(live, cache.length, s.cache.length)), draft=draft,
-                           pending=emitted, pending_count=acc.count + 1, out=s.out.append(emitted, acc.count + 1, eos),
-                           key=key)
+    return SpecExtendState(cache=cache, draft=draft, pending=emitted, pending_count=acc.count + 1,
+                           out=s.out.append(emitted, acc.count + 1, eos), key=key)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,8 +76,7 @@ def specextend_prefill_fn(run: Run, spec: SpecConfig):
     """Prefills the target and the draft over the prompts; returns (cache, draft state, last logits `[B, V]`)."""
     def fn(params, dparams, ids, lengths, cache, draft_cache):
         cache, last, _, _ = prefill(params, run, ids, lengths, cache)
-        draft_run = Run(cfg=run.dcfg, sampler=run.sampler, buffer=0, pad_id=0, chunk=run.chunk,
-                        attention=run.attention)
+        draft_run = Run(cfg=run.dcfg, buffer=0, chunk=run.chunk, attention=run.attention)
         draft_cache, _, _, _ = prefill(dparams, draft_run, ids, lengths, draft_cache)
         return cache, small.start(run.dcfg, spec, draft_cache), M.logits(params, run.cfg, last)
 
@@ -88,14 +85,14 @@ def specextend_prefill_fn(run: Run, spec: SpecConfig):
 
 @functools.lru_cache(maxsize=None)
 def specextend_decode_fn(run: Run):
-    def fn(params, dparams, cache, draft_state, logits, key, eos, limit):
+    def fn(params, dparams, cache, draft_state, logits, key, sampler, eos, limit):
         key, sub = jax.random.split(key)
-        first = run.sampler.sample(logits, sub)
+        first = sampler.sample(logits, sub)
         b = first.shape[0]
         pending = jnp.zeros((b, run.spec.tree_depth + 1), jnp.int32).at[:, 0].set(first)
         state = SpecExtendState(cache=cache, draft=draft_state, pending=pending, pending_count=jnp.ones((b,), jnp.int32),
-                                out=Output.start(first, eos, run.buffer, run.pad_id, limit), key=key)
-        state = decode_loop(run, functools.partial(specextend_step, params, dparams, run, eos), state)
+                                out=Output.start(run, first, eos, limit), key=key)
+        state = decode_loop(run, functools.partial(specextend_step, params, dparams, run, sampler, eos), state)
         return state.out, state.cache, state.draft
 
     return jax.jit(fn, donate_argnums=(2, 3))

@@ -37,9 +37,10 @@ import jax.numpy as jnp
 from specpv_jax import model as M
 from specpv_jax import offload, retrieval, verify
 from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_tokens
+from specpv_jax.config import SpecConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.loop import Run, decode_loop, run_if
-from specpv_jax.sampling import sample_from
+from specpv_jax.sampling import Sampler, sample_from
 from specpv_jax.speculative import EagleState, draft, flat_features, initial_state, tree_emission
 from specpv_jax.tree import Tree
 
@@ -137,7 +138,7 @@ def draft_step(params, dparams, d2t, run: Run, st: SpecPVState, partial: jax.Arr
     return tree, new.replace(eagle=new.eagle.replace(draft_cache=draft_cache))
 
 
-def partial_step(params, run: Run, eos, st: SpecPVState, tree: Tree) -> SpecPVState:
+def partial_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tree) -> SpecPVState:
     """Verify `tree` against the partial cache; accepted tokens go to its buffer, not the full cache."""
     s, cfg = st.eagle, run.cfg
     root_pos = s.cache.length + st.n_missing
@@ -145,7 +146,7 @@ def partial_step(params, run: Run, eos, st: SpecPVState, tree: Tree) -> SpecPVSt
                     run.dcfg.feature_layers, run.attention)
     logits = M.logits(params, cfg, out.hidden)
     key, sub = jax.random.split(s.key)
-    acc = verify.accept(tree, logits, run.sampler, sub)
+    acc = verify.accept(tree, logits, sampler, sub)
     live = _live(st)
     count = acc.count + 1
     partial = commit_path(out.cache, acc.path, acc.count)
@@ -159,7 +160,7 @@ def partial_step(params, run: Run, eos, st: SpecPVState, tree: Tree) -> SpecPVSt
     missing = st.missing.at[rows, dest].set(jnp.take_along_axis(tree.tokens, acc.path, axis=1), mode="drop")
     missing_q = st.missing_q
     if missing_q is not None:
-        q = run.sampler.probs(jnp.take_along_axis(logits, acc.path[:, :, None], axis=1))
+        q = sampler.probs(jnp.take_along_axis(logits, acc.path[:, :, None], axis=1))
         missing_q = missing_q.at[rows, dest].set(q, mode="drop")
 
     emitted, feats = tree_emission(acc, tree, flat_features(out.features))
@@ -195,8 +196,8 @@ def _full_inputs(tree: Tree, missing: jax.Array, n_missing: jax.Array, full_leng
     return jnp.concatenate([missing, tree.tokens], axis=1), positions, mask, score_mask
 
 
-def check_provisional(run: Run, logits: jax.Array, provisional: jax.Array, n: jax.Array, q: jax.Array | None,
-                      key: jax.Array):
+def check_provisional(sampler: Sampler, logits: jax.Array, provisional: jax.Array, n: jax.Array,
+                      q: jax.Array | None, key: jax.Array):
     """Re-checks provisional tokens against full-context logits (exact mode).
 
     logits: `[B, M, V]`, slot j predicting `provisional[:, j]`; the first `n [B]`
@@ -206,11 +207,11 @@ def check_provisional(run: Run, logits: jax.Array, provisional: jax.Array, n: ja
     index of the first rejected token `[B]`, the token to emit in its place `[B]`).
     """
     real = jnp.arange(provisional.shape[1])[None, :] < n[:, None]
-    if run.sampler.greedy:
+    if sampler.greedy:
         target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         ok = target == provisional
     else:
-        p = run.sampler.probs(logits)
+        p = sampler.probs(logits)
         px = jnp.take_along_axis(p, provisional[..., None], axis=2)[..., 0]
         qx = jnp.take_along_axis(q, provisional[..., None], axis=2)[..., 0]
         k_accept, k_resample = jax.random.split(key)
@@ -218,7 +219,7 @@ def check_provisional(run: Run, logits: jax.Array, provisional: jax.Array, n: ja
     bad = real & ~ok
     rejected = bad.any(axis=1)
     first = jnp.argmax(bad, axis=1)
-    if run.sampler.greedy:
+    if sampler.greedy:
         token = jnp.take_along_axis(target, first[:, None], axis=1)[:, 0]
     else:
         pick = lambda x: jnp.take_along_axis(x, first[:, None, None], axis=1)[:, 0]  # noqa: E731
@@ -228,7 +229,8 @@ def check_provisional(run: Run, logits: jax.Array, provisional: jax.Array, n: ja
     return rejected, first, token
 
 
-def full_step(params, run: Run, eos, st: SpecPVState, tree: Tree, with_missing: bool) -> SpecPVState:
+def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tree,
+              with_missing: bool) -> SpecPVState:
     """Verify `tree` against the full cache (re-feeding missing tokens when `with_missing`), then refresh."""
     s, cfg, spec = st.eagle, run.cfg, run.spec
     live = _live(st)
@@ -245,7 +247,7 @@ def full_step(params, run: Run, eos, st: SpecPVState, tree: Tree, with_missing: 
                     st.summary, score_mask, offloaded=run.offload)
     logits = M.logits(params, cfg, out.hidden)
     key, k_tree, k_check = jax.random.split(s.key, 3)
-    acc = verify.accept(tree, logits[:, m:], run.sampler, k_tree)
+    acc = verify.accept(tree, logits[:, m:], sampler, k_tree)
     features = flat_features(out.features)
     emitted, pair_feats = tree_emission(acc, tree, features[:, m:])
     count = acc.count + 1
@@ -258,8 +260,8 @@ def full_step(params, run: Run, eos, st: SpecPVState, tree: Tree, with_missing: 
         slot = jnp.arange(m)[None, :]
         provisional = jnp.where(slot + 1 < n_missing[:, None], jnp.roll(st.missing, -1, axis=1), tree.tokens[:, :1])
         n_prov = n_missing
-        rejected, first, correction = check_provisional(run, logits[:, :m], provisional, n_missing, st.missing_q,
-                                                        k_check)
+        rejected, first, correction = check_provisional(sampler, logits[:, :m], provisional, n_missing,
+                                                        st.missing_q, k_check)
         rejected = rejected & live
         kept = first + 1  # missing[0..first] stay; the token after them is replaced
         n_prov = jnp.where(rejected, first, n_prov)
@@ -290,10 +292,8 @@ def full_step(params, run: Run, eos, st: SpecPVState, tree: Tree, with_missing: 
         summary = st.summary.update(cache, full_len, summary_blocks)
         partial = retrieval.refresh(st.partial, cache, blocks, spec)
     draft_partial = st.draft_partial
-    if draft_partial is not None:  # the head reuses the target's last-layer choice, mapped onto its own heads
-        target_heads, draft_heads = blocks.shape[2], draft_cache.k.shape[2]
-        head = jnp.arange(draft_heads) * target_heads // draft_heads
-        draft_partial = retrieval.refresh(draft_partial, draft_cache, blocks[-1:, :, head], spec)
+    if draft_partial is not None:
+        draft_partial = refresh_head_partial(draft_partial, draft_cache, out.block_scores, spec)
 
     cap, backoff = st.provisional_cap, st.backoff
     if run.mode == "exact":
@@ -311,6 +311,20 @@ def full_step(params, run: Run, eos, st: SpecPVState, tree: Tree, with_missing: 
         counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
                            full_accepted=c.full_accepted + jnp.where(live & ~rejected, acc.count + 1, 0).sum(),
                            rollbacks=c.rollbacks + rejected.sum()))
+
+
+def refresh_head_partial(head_partial: KVCache, head_cache: KVCache, block_scores: jax.Array,
+                         spec: SpecConfig) -> KVCache:
+    """The head's bounded cache rebuilt from its full cache: sink + the blocks the target's last layer scored
+    best (`block_scores [L, B, Hkv, NB]`, mapped onto the head's KV heads) + the head's recent window.
+
+    The blocks are chosen before the head's own window, which ends at its cache length: that lags the
+    target's by the tokens the head has not seen yet, so the target's blocks could overlap it.
+    """
+    target_heads, head_heads = block_scores.shape[2], head_cache.k.shape[2]
+    head = jnp.arange(head_heads) * target_heads // head_heads
+    blocks = retrieval.select_blocks(block_scores[-1:, :, head], head_cache.length, spec)
+    return retrieval.refresh(head_partial, head_cache, blocks, spec)
 
 
 def next_provisional_cap(cap, backoff, n_missing, rejected, first, tree_count, max_missing: int):
@@ -342,7 +356,7 @@ def _exact_emission(provisional, n_prov, emitted, count):
     return jnp.where(slot < n_prov[:, None], from_prov, from_tree), n_prov + count
 
 
-def must_confirm(run: Run, eos, st: SpecPVState) -> jax.Array:
+def must_confirm(eos, st: SpecPVState) -> jax.Array:
     """Exact mode: rows whose provisional tokens could end generation, or reached their cap, need a full step."""
     out = st.eagle.out
     slot = jnp.arange(st.missing.shape[1])[None, :]
@@ -350,19 +364,19 @@ def must_confirm(run: Run, eos, st: SpecPVState) -> jax.Array:
     return has_eos | (out.num_out + st.n_missing >= out.limit) | (st.n_missing >= st.provisional_cap)
 
 
-def specpv_step(params, dparams, d2t, run: Run, eos, st: SpecPVState) -> SpecPVState:
+def specpv_step(params, dparams, d2t, run: Run, sampler: Sampler, eos, st: SpecPVState) -> SpecPVState:
     """Picks partial or full verification for the whole batch and runs it."""
     live = _live(st)
     room = st.n_missing + run.spec.tree_nodes + 1 <= run.spec.buffer_size
     can_partial = st.ready & room
     if run.mode == "exact":
-        can_partial &= ~must_confirm(run, eos, st)
+        can_partial &= ~must_confirm(eos, st)
     use_partial = jnp.all(can_partial | ~live)
     any_missing = jnp.any(live & (st.n_missing > 0))
     branch = jnp.where(use_partial, 0, jnp.where(any_missing, 2, 1))
     # Every branch verifies the same draft: made once here, so the compiled loop holds one copy of the head.
     tree, st = draft_step(params, dparams, d2t, run, st, use_partial)
-    args = (params, run, eos)
+    args = (params, run, sampler, eos)
     branches = [functools.partial(partial_step, *args), functools.partial(full_step, *args, with_missing=False),
                 functools.partial(full_step, *args, with_missing=True)]
     for i, verify_step in enumerate(branches):  # exactly one runs; `run_if` keeps the caches in place
@@ -375,13 +389,13 @@ def specpv_decode_fn(run: Run):
     """The jitted decode loop: (out, counters, full cache, draft cache). With `run.offload`, `cache` is in host
     memory and a last argument, `summary` (`offload.empty_summary`, host memory), receives its block
     summaries, returned last."""
-    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos, limit, summary=None):
+    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, sampler, eos, limit, summary=None):
         spec = run.spec
         b = cache.length.shape[0]
         m = spec.max_missing
-        store_q = run.mode == "exact" and not run.sampler.greedy
+        store_q = run.mode == "exact" and not sampler.greedy
         st = SpecPVState(
-            eagle=initial_state(run, cache, draft_cache, logits, last_feats, key, eos, limit),
+            eagle=initial_state(run, cache, draft_cache, logits, last_feats, key, sampler, eos, limit),
             partial=retrieval.empty_partial(cache, spec),
             summary=offload.summarize(cache, summary) if run.offload else BlockSummary.of(cache, spec.block_size),
             ready=jnp.zeros((b,), bool), missing=jnp.zeros((b, m), jnp.int32), n_missing=jnp.zeros((b,), jnp.int32),
@@ -391,10 +405,10 @@ def specpv_decode_fn(run: Run):
             if spec.bounded_draft else None,
             provisional_cap=jnp.full((b,), m, jnp.int32), backoff=jnp.ones((b,), jnp.int32),
             counters=Counters.zeros())
-        step = functools.partial(specpv_step, params, dparams, d2t, run, eos)
+        step = functools.partial(specpv_step, params, dparams, d2t, run, sampler, eos)
         st = decode_loop(run, step, st, lambda s: s.eagle.out)
         if run.offload:  # returned so that the donated buffer holds it
             return st.eagle.out, st.counters, st.eagle.cache, st.eagle.draft_cache, st.summary
         return st.eagle.out, st.counters, st.eagle.cache, st.eagle.draft_cache
 
-    return jax.jit(fn, donate_argnums=(3, 4, 10) if run.offload else (3, 4))
+    return jax.jit(fn, donate_argnums=(3, 4, 11) if run.offload else (3, 4))

@@ -20,6 +20,7 @@ from specpv_jax.cache import KVCache, commit_path
 from specpv_jax.config import DraftConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.loop import Output, Run, decode_loop, prefill
+from specpv_jax.sampling import Sampler
 from specpv_jax.tree import Tree
 
 
@@ -72,19 +73,25 @@ def draft(params, dparams, d2t, run: Run, s: EagleState) -> tuple[Tree, KVCache]
     return eagle3.draft_tree(dparams, run.dcfg, run.spec, embed, d2t, draft_cache, head_state, s.root)
 
 
-def eagle_step(params, dparams, d2t, run: Run, eos: jax.Array, s: EagleState) -> EagleState:
+def verify_tree(params, run: Run, sampler: Sampler, tree: Tree, cache: KVCache, live: jax.Array, key: jax.Array,
+                capture_layers: tuple[int, ...] = ()) -> tuple[verify.Acceptance, KVCache, M.ForwardOut, jax.Array]:
+    """Verifies `tree` against the full `cache` and commits each row's accepted path; rows not `live [B]` keep
+    their length. Returns (acceptance, cache, the target's forward output, the next key)."""
+    out = M.forward(params, run.cfg, tree.tokens, cache.length[:, None] + tree.depth, cache, tree.mask,
+                    capture_layers, run.attention)
+    key, sub = jax.random.split(key)
+    acc = verify.accept(tree, M.logits(params, run.cfg, out.hidden), sampler, sub)
+    committed = commit_path(out.cache, acc.path, acc.count)
+    return acc, committed.replace(length=jnp.where(live, committed.length, cache.length)), out, key
+
+
+def eagle_step(params, dparams, d2t, run: Run, sampler: Sampler, eos: jax.Array, s: EagleState) -> EagleState:
     """Draft a tree from the head, verify it against the full cache, commit the accepted path."""
-    cfg, dcfg = run.cfg, run.dcfg
     tree, draft_cache = draft(params, dparams, d2t, run, s)
-    out = M.forward(params, cfg, tree.tokens, s.cache.length[:, None] + tree.depth, s.cache, tree.mask,
-                    dcfg.feature_layers, run.attention)
-    key, sub = jax.random.split(s.key)
-    acc = verify.accept(tree, M.logits(params, cfg, out.hidden), run.sampler, sub)
     live = ~s.out.done
-    cache = commit_path(out.cache, acc.path, acc.count)
+    acc, cache, out, key = verify_tree(params, run, sampler, tree, s.cache, live, s.key, run.dcfg.feature_layers)
     emitted, feats = tree_emission(acc, tree, flat_features(out.features))
-    return EagleState(cache=cache.replace(length=jnp.where(live, cache.length, s.cache.length)),
-                      draft_cache=draft_cache.replace(length=jnp.where(live, draft_cache.length,
+    return EagleState(cache=cache, draft_cache=draft_cache.replace(length=jnp.where(live, draft_cache.length,
                                                                        s.draft_cache.length)),
                       pair_feats=feats, pair_tokens=emitted, pair_count=acc.count + 1, root=acc.bonus,
                       out=s.out.append(emitted, acc.count + 1, eos), key=key)
@@ -104,13 +111,13 @@ def eagle_prefill_fn(run: Run):
 
 
 def initial_state(run: Run, cache: KVCache, draft_cache: KVCache, logits: jax.Array, last_feats: jax.Array,
-                  key: jax.Array, eos: jax.Array, limit: jax.Array) -> EagleState:
+                  key: jax.Array, sampler: Sampler, eos: jax.Array, limit: jax.Array) -> EagleState:
     """The loop carry after sampling each row's first token from the prefill `logits [B, V]`.
 
     The head still owes the pair (last prompt feature, first token).
     """
     key, sub = jax.random.split(key)
-    first = run.sampler.sample(logits, sub)
+    first = sampler.sample(logits, sub)
     b = first.shape[0]
     p = run.spec.tree_depth + 1
     feats = jnp.zeros((b, p, last_feats.shape[0] * run.cfg.hidden_size), last_feats.dtype)
@@ -118,14 +125,14 @@ def initial_state(run: Run, cache: KVCache, draft_cache: KVCache, logits: jax.Ar
     return EagleState(cache=cache, draft_cache=draft_cache, pair_feats=feats,
                       pair_tokens=jnp.zeros((b, p), jnp.int32).at[:, 0].set(first),
                       pair_count=jnp.ones((b,), jnp.int32), root=first,
-                      out=Output.start(first, eos, run.buffer, run.pad_id, limit), key=key)
+                      out=Output.start(run, first, eos, limit), key=key)
 
 
 @functools.lru_cache(maxsize=None)
 def eagle_decode_fn(run: Run):
-    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, eos, limit):
-        state = initial_state(run, cache, draft_cache, logits, last_feats, key, eos, limit)
-        step = functools.partial(eagle_step, params, dparams, d2t, run, eos)
+    def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, sampler, eos, limit):
+        state = initial_state(run, cache, draft_cache, logits, last_feats, key, sampler, eos, limit)
+        step = functools.partial(eagle_step, params, dparams, d2t, run, sampler, eos)
         state = decode_loop(run, step, state)
         return state.out, state.cache, state.draft_cache
 

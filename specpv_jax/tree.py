@@ -26,16 +26,16 @@ class Tree:
 
     tokens: `[B, N]` int32; parents: `[B, N]` (the root is its own parent);
     depth: `[B, N]` (root 0); mask: `[B, N, N]` bool, row i = i and its ancestors;
-    retrieve: `[B, N, max_depth + 1]` root-to-leaf node paths, leaves first, rows
-    and tails padded with -1; children: `[B, N, top_k]` child nodes in index order, -1 padded.
+    children: `[B, N, top_k]` child nodes in index order, -1 padded; max_depth: the deepest a node can be
+    (static).
     """
 
     tokens: jax.Array
     parents: jax.Array
     depth: jax.Array
     mask: jax.Array
-    retrieve: jax.Array
     children: jax.Array
+    max_depth: int = flax.struct.field(pytree_node=False)
 
     @property
     def size(self) -> int:
@@ -54,17 +54,6 @@ def ancestor_mask(parents: jax.Array, max_depth: int) -> jax.Array:
     """`[N, N]` bool: row i marks i and all its ancestors (parents `[N]`, root its own parent)."""
     eye = jnp.eye(parents.shape[0], dtype=bool)
     return lax.fori_loop(0, max_depth, lambda _, m: eye | m[parents], eye)
-
-
-def root_to_leaf_paths(parents: jax.Array, depth: jax.Array, mask: jax.Array, max_depth: int) -> jax.Array:
-    """`[N, max_depth + 1]` node ids along each root-to-leaf path (leaves first, -1 padded)."""
-    n = parents.shape[0]
-    is_parent = jnp.zeros(n, bool).at[parents[1:]].set(True)
-    leaf = ~is_parent
-    hit = mask[:, :, None] & (depth[None, :, None] == jnp.arange(max_depth + 1)[None, None, :])
-    path = jnp.where(hit.any(1), jnp.argmax(hit, axis=1), -1)
-    order = jnp.argsort(~leaf, stable=True)
-    return jnp.where(leaf[order][:, None], path[order], -1)
 
 
 def child_lists(parents: jax.Array, width: int) -> jax.Array:
@@ -91,10 +80,9 @@ def select_tree(root: jax.Array, cand_tokens: jax.Array, cand_scores: jax.Array,
         p = parent[chosen]
         parents = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.where(p < 0, 0, node_of[jnp.maximum(p, 0)])])
         depth = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.asarray(cand_depth)[chosen]])
-        mask = ancestor_mask(parents, max_depth)
         return Tree(tokens=jnp.concatenate([root[None], tokens[chosen]]).astype(jnp.int32), parents=parents,
-                    depth=depth, mask=mask, retrieve=root_to_leaf_paths(parents, depth, mask, max_depth),
-                    children=child_lists(parents, top_k))
+                    depth=depth, mask=ancestor_mask(parents, max_depth), children=child_lists(parents, top_k),
+                    max_depth=max_depth)
 
     return jax.vmap(one)(root, cand_tokens, cand_scores, cand_parent)
 

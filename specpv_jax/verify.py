@@ -47,12 +47,8 @@ def accept(tree: Tree, logits: jax.Array, sampler: Sampler, key: jax.Array) -> A
     return accept_sampling(tree, sampler.probs(logits), key)
 
 
-def _max_depth(tree: Tree) -> int:
-    return tree.retrieve.shape[-1] - 1
-
-
 def accept_greedy(tree: Tree, logits: jax.Array) -> Acceptance:
-    max_depth = _max_depth(tree)
+    max_depth = tree.max_depth
     pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     match = tree.tokens == jnp.take_along_axis(pred, tree.parents, axis=1)
     match = match.at[:, 0].set(True)
@@ -66,7 +62,7 @@ def accept_greedy(tree: Tree, logits: jax.Array) -> Acceptance:
 
 def accept_sampling(tree: Tree, probs: jax.Array, key: jax.Array) -> Acceptance:
     """Recursive rejection over siblings; `probs [B, N, V]` are the target's sampling distributions."""
-    max_depth = _max_depth(tree)
+    max_depth = tree.max_depth
     width = tree.children.shape[-1]
 
     def one(tokens, children, probs, key):

@@ -32,6 +32,14 @@ def main(process_id: int, port: str, work: pathlib.Path) -> None:
     for mode in ("ar", "exact"):
         out = sj.generate(target, prompts, 16, draft=draft, mode=mode, spec=spec, eos_token_ids=(5,))
         np.testing.assert_array_equal(out.tokens, np.load(work / f"tokens_{mode}.npy"))
+    def failing(tokens):
+        raise KeyError("from the stream")
+
+    try:  # the stream runs in process 0; every process raises (none waits for the others)
+        sj.generate(target, prompts, 4, stream=failing)
+        raise AssertionError("the stream's error was lost")
+    except (KeyError, RuntimeError) as e:
+        assert "from the stream" in str(e) if jax.process_index() == 0 else "raised in process 0" in str(e), e
     sj.save_target(target, work / "saved")  # orbax writes each process's shards into one directory
     print("ok", flush=True)
 

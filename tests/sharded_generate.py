@@ -88,6 +88,17 @@ def accelerator_conversion_on_mesh() -> None:
     assert not any(s.is_fully_replicated for s in inputs[0][0]), inputs
 
 
+def caches_created_in_shards() -> None:
+    """`sharding.zeros` (generate's empty caches) allocates only each device's shard: on a mesh of small devices
+    a whole cache need not fit on one first."""
+    shape = (3, 4, 8, 512, 16)  # [L, B, Hkv, S, D]: rows split in 2, heads in 4
+    where = sharding.cache_sharding(shape, make_mesh(2, 4))
+    cache = sharding.zeros(shape, jnp.bfloat16, where)
+    assert cache.sharding.is_equivalent_to(where, len(shape)) and not np.asarray(cache).any()
+    memory = sharding.zeros.lower(shape, jnp.bfloat16, where).compile().memory_analysis()
+    assert memory.output_size_in_bytes == cache.nbytes // 8, memory
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     target = make_target(32, layers=3, heads=8)
@@ -115,6 +126,7 @@ def main() -> None:
         pallas_per_shard(one)
     loaded_on_mesh(target, head, prompts, spec, expected["exact"])
     accelerator_conversion_on_mesh()
+    caches_created_in_shards()
     # More than one device and no mesh: sharded by default (2 x 4: 4 KV heads); chunked prefill and host callbacks
     # on it; the caller's own mesh in the context (other axes, Explicit) does not get in the way.
     streamed = []

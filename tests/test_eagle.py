@@ -128,6 +128,6 @@ def test_sampling_is_lossless(temperature, top_p):
                       top_p=top_p, seed=11, eos_token_ids=())
     assert out.stats["mean_accept_len"] > 1.3  # drafted tokens are being accepted, so rejection is exercised
     cells = three_token_cells(out.tokens, vocab)
-    assert chi_square_pvalue(cells, three_token_law(target, prompt, Sampler(temperature, top_p))) > 1e-3
+    assert chi_square_pvalue(cells, three_token_law(target, prompt, Sampler.create(temperature, top_p))) > 1e-3
     # The same test has power: the law at another temperature is rejected.
-    assert chi_square_pvalue(cells, three_token_law(target, prompt, Sampler(temperature * 1.5, top_p))) < 1e-3
+    assert chi_square_pvalue(cells, three_token_law(target, prompt, Sampler.create(temperature * 1.5, top_p))) < 1e-3

@@ -120,12 +120,31 @@ def test_sampled_first_token_follows_the_model(target, temperature, top_p):
     prompt = [5, 9, 11, 3, 17]
     n = 2048
     out = sj.generate(target, [prompt] * n, max_new_tokens=1, temperature=temperature, top_p=top_p, seed=3)
-    probs = np.asarray(Sampler(temperature, top_p).probs(sj.forward_logits(target, [prompt])[0, -1]))
+    probs = np.asarray(Sampler.create(temperature, top_p).probs(sj.forward_logits(target, [prompt])[0, -1]))
     assert chi_square_pvalue(out.tokens[:, 0], probs) > 1e-3
 
 
+def test_new_sampling_values_and_eos_ids_compile_nothing(target):
+    """Temperature, top_p and the EOS ids are arguments of the compiled loop, not part of its key: a research
+    sweep over them compiles once (at 8B, a compile takes minutes). Only greedy vs sampling and top_p < 1 vs 1
+    are static."""
+    from specpv_jax import loop
+
+    rows = [[5, 9, 11, 3, 17]] * 64
+
+    def first_tokens(temperature, top_p=0.9, eos=(3,)):
+        return sj.generate(target, rows, 4, temperature=temperature, top_p=top_p, seed=0, eos_token_ids=eos).tokens
+
+    first_tokens(0.7)
+    compiled = set(loop._EXECUTABLES)
+    cold, hot = first_tokens(1e-3, 0.8, (4, 9)), first_tokens(50.0, 0.99, (2, 9, 11, 12, 13, 14, 15))
+    assert set(loop._EXECUTABLES) == compiled
+    # The values are used, not frozen at the first call's: near 0 every row takes the argmax, at 50 they spread.
+    assert len(set(cold[:, 0])) == 1 and len(set(hot[:, 0])) > 10
+
+
 def test_top_p_keeps_smallest_nucleus():
-    p = Sampler(1.0, 0.6).probs(np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32)))
+    p = Sampler.create(1.0, 0.6).probs(np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32)))
     np.testing.assert_allclose(np.asarray(p), [0.625, 0.375, 0, 0], atol=1e-6)
 
 
@@ -151,9 +170,9 @@ def test_nearby_lengths_share_compiled_loops(target):
     from specpv_jax import loop
 
     sj.generate(target, [5, 6, 7], max_new_tokens=20, eos_token_ids=())
-    compiled = len(loop._EXECUTABLES)
+    compiled = set(loop._EXECUTABLES)
     out = sj.generate(target, [5, 6, 8, 9, 10], max_new_tokens=27, eos_token_ids=())
-    assert len(loop._EXECUTABLES) == compiled
+    assert set(loop._EXECUTABLES) == compiled
     assert out.tokens.shape == (1, 27) and out.stats["new_tokens"] == 27
 
 
@@ -169,3 +188,23 @@ def test_long_prefill_shows_a_progress_bar_per_chunk(monkeypatch):
     sj.generate(target, prompt, 4, prefill_chunk=64, progress=True)
     sj.generate(target, prompt, 4, prefill_chunk=64)  # 5 chunks: below the default threshold, no bar
     assert counts == [5]
+
+
+def test_compiled_code_follows_the_trace_context(target, monkeypatch):
+    """A call under another matmul precision compiles again instead of reusing the suite's executable;
+    at most `loop.MAX_EXECUTABLES` are kept, the most recently used."""
+    import jax
+
+    from specpv_jax import loop
+
+    sj.generate(target, [5, 6, 7], 4, eos_token_ids=())
+    compiled = set(loop._EXECUTABLES)
+    with jax.default_matmul_precision("bfloat16"):  # the suite runs at "highest" (conftest)
+        sj.generate(target, [5, 6, 7], 4, eos_token_ids=())
+    assert set(loop._EXECUTABLES) > compiled
+    monkeypatch.setattr(loop, "MAX_EXECUTABLES", 3)
+    sj.generate(target, [5, 6, 7], 40, eos_token_ids=())  # another output bucket: a new loop
+    assert len(loop._EXECUTABLES) == 3
+    kept = set(loop._EXECUTABLES)
+    sj.generate(target, [5, 6, 7], 40, eos_token_ids=())
+    assert set(loop._EXECUTABLES) == kept

@@ -134,7 +134,7 @@ def test_sampling_is_lossless():
     out = sj.generate(target, [prompt] * 4096, 3, draft=draft, mode="longspec", spec=spec, temperature=1.0,
                       seed=11, eos_token_ids=())
     assert out.stats["mean_accept_len"] > 1.2  # drafted tokens are accepted, so rejection is exercised
-    law = three_token_law(target, prompt, Sampler(1.0))
+    law = three_token_law(target, prompt, Sampler.create(1.0))
     assert chi_square_pvalue(three_token_cells(out.tokens, vocab), law) > 1e-3
 
 
@@ -145,7 +145,7 @@ def test_draft_memory_does_not_grow_with_context(pair):
     target, draft = pair
     shapes = []
     for n in (64, 4096):
-        run, max_len = _plan(target.cfg, TREE, "longspec", draft.cfg, 8, 0.0, 1.0, np.array([-1]), n, 64, "xla")
+        run, max_len = _plan(target.cfg, TREE, "longspec", draft.cfg, 8, n, 64, "xla")
         fn = longspec_prefill_fn(run.prefill_key)
         ids = jax.ShapeDtypeStruct((2, n), jnp.int32)
         lengths = jax.ShapeDtypeStruct((2,), jnp.int32)

@@ -20,6 +20,7 @@ from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_all_layer
 from specpv_jax.draft import eagle3
 from specpv_jax.generate import _eos_ids, _plan
 from specpv_jax.loop import timed_call
+from specpv_jax.sampling import Sampler
 
 SPEC = small_spec()  # partial threshold 128 tokens: partial steps at once, full steps every ~20 tokens
 NEW_TOKENS, CHUNK = 48, 128
@@ -131,7 +132,7 @@ def decode(target, head, rows, mode, spec):
     """What `generate` runs, returning the decode loop's outputs (with the caches); shares its compiled code."""
     batch = prompts.prepare(rows, target.cfg, NEW_TOKENS, CHUNK)
     eos = _eos_ids(target.cfg, ())
-    run, max_len = _plan(target.cfg, spec, mode, head.cfg, NEW_TOKENS, 0.0, 1.0, eos, batch.ids.shape[1],
+    run, max_len = _plan(target.cfg, spec, mode, head.cfg, NEW_TOKENS, batch.ids.shape[1],
                          min(CHUNK, batch.ids.shape[1]), "xla")
     b = batch.batch
     cache = (offload.empty_cache(target.cfg, b, max_len, jnp.float32) if run.offload
@@ -140,7 +141,7 @@ def decode(target, head, rows, mode, spec):
         speculative.eagle_prefill_fn(run.prefill_key), target.params, head.params, jnp.asarray(batch.ids),
         jnp.asarray(batch.lengths), cache, eagle3.empty_cache(head.cfg, b, max_len, head.params))
     args = (target.params, head.params, head.d2t, cache, draft_cache, logits, feats, jax.random.key(0),
-            jnp.asarray(eos), jnp.asarray(NEW_TOKENS, jnp.int32))
+            Sampler.create(), jnp.asarray(eos), jnp.asarray(NEW_TOKENS, jnp.int32))
     if run.offload:
         args += (offload.empty_summary(cache, spec.block_size),)
     return timed_call(specpv.specpv_decode_fn(run), *args)[0]
@@ -211,8 +212,7 @@ def test_offloaded_code_only_slices_updates_and_moves_host_arrays(models):
     batch = prompts.prepare([[1] * 300, [2] * 230], target.cfg, NEW_TOKENS, CHUNK)
     eos = _eos_ids(target.cfg, ())
     spec = dataclasses.replace(SPEC, offload=True)
-    run, max_len = _plan(target.cfg, spec, "exact", head.cfg, NEW_TOKENS, 0.0, 1.0, eos, batch.ids.shape[1],
-                         CHUNK, "xla")
+    run, max_len = _plan(target.cfg, spec, "exact", head.cfg, NEW_TOKENS, batch.ids.shape[1], CHUNK, "xla")
     cache = offload.empty_cache(target.cfg, 2, max_len, jnp.float32)
     draft_cache = eagle3.empty_cache(head.cfg, 2, max_len, head.params)
     prefill = jax.make_jaxpr(speculative.eagle_prefill_fn(run.prefill_key))(
@@ -220,7 +220,7 @@ def test_offloaded_code_only_slices_updates_and_moves_host_arrays(models):
     n_feats = len(head.cfg.feature_layers)
     decode = jax.make_jaxpr(specpv.specpv_decode_fn(run))(
         target.params, head.params, head.d2t, cache, draft_cache, jnp.zeros((2, target.cfg.vocab_size)),
-        jnp.zeros((n_feats, 2, target.cfg.hidden_size)), jax.random.key(0), jnp.asarray(eos),
+        jnp.zeros((n_feats, 2, target.cfg.hidden_size)), jax.random.key(0), Sampler.create(), jnp.asarray(eos),
         jnp.asarray(NEW_TOKENS, jnp.int32), offload.empty_summary(cache, spec.block_size))
     for jaxpr in (prefill.jaxpr, decode.jaxpr):
         used = host_primitives(jaxpr)

@@ -146,7 +146,7 @@ def test_sampling_is_lossless():
     out = sj.generate(target, [prompt] * 4096, 3, draft=draft, mode="specextend", spec=spec, temperature=1.0,
                       seed=11, eos_token_ids=())
     assert out.stats["mean_accept_len"] > 1.2  # drafted tokens are accepted, so rejection is exercised
-    law = three_token_law(target, prompt, Sampler(1.0))
+    law = three_token_law(target, prompt, Sampler.create(1.0))
     assert chi_square_pvalue(three_token_cells(out.tokens, vocab), law) > 1e-3
 
 

@@ -113,6 +113,22 @@ def test_partial_cache_holding_every_token_reproduces_full_attention():
     np.testing.assert_allclose(np.asarray(part.hidden), np.asarray(full.hidden), atol=2e-5)
 
 
+def test_head_partial_cache_holds_each_token_once():
+    """`bounded_draft`: the head's cache lags the target's (here by 40 tokens), so the target's best blocks,
+    just before the target's window, lie in the head's window; the head takes its blocks before that instead."""
+    from specpv_jax.specpv import refresh_head_partial
+
+    spec = small_spec()  # sink 32 + 4 blocks of 16 + window 32
+    head = KVCache.empty(1, 1, 2, 512, 4, jnp.float32)
+    head = head.replace(k=head.k.at[..., 0].set(jnp.arange(512, dtype=jnp.float32)), length=jnp.array([260]))
+    scores = jnp.broadcast_to(jnp.arange(32, dtype=jnp.float32), (2, 1, 4, 32))  # later blocks score higher
+    assert (np.asarray(retrieval.select_blocks(scores, jnp.array([300]), spec))[-1] == [12, 13, 14, 15]).all()
+    partial = refresh_head_partial(retrieval.empty_partial(head, spec), head, scores, spec)
+    positions = np.asarray(partial.k[0, 0, :, :spec.static_tokens, 0])  # [head KV heads, static]
+    expected = np.concatenate([np.arange(32), np.arange(10 * 16, 14 * 16), np.arange(260 - 32, 260)])
+    np.testing.assert_array_equal(positions, np.broadcast_to(expected, positions.shape))
+
+
 @pytest.fixture(scope="module")
 def models():
     target = make_target(16)
@@ -187,19 +203,17 @@ def test_exact_batch_with_eos_equals_ar(models):
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_provisional_check_restores_the_target_law(temperature, top_p):
     """Tokens drawn from a partial distribution q and re-checked against p come out distributed as p."""
-    from specpv_jax.loop import Run
     from specpv_jax.specpv import check_provisional
 
     rng = np.random.default_rng(7)
     vocab, rows = 12, 20000
-    sampler = Sampler(temperature, top_p)
+    sampler = Sampler.create(temperature, top_p)
     p_logits = rng.standard_normal(vocab).astype(np.float32) * 2
     q_logits = p_logits + rng.standard_normal(vocab).astype(np.float32) * 2  # a quite different partial view
     p, q = (np.asarray(sampler.probs(jnp.asarray(x)), np.float64) for x in (p_logits, q_logits))
     drawn = rng.choice(vocab, rows, p=q / q.sum()).astype(np.int32)[:, None]
-    run = Run(cfg=None, sampler=sampler, buffer=1, pad_id=0, chunk=1, mode="exact")
     rejected, first, token = check_provisional(
-        run, jnp.broadcast_to(jnp.asarray(p_logits), (rows, 1, vocab)), jnp.asarray(drawn),
+        sampler, jnp.broadcast_to(jnp.asarray(p_logits), (rows, 1, vocab)), jnp.asarray(drawn),
         jnp.ones((rows,), jnp.int32), jnp.broadcast_to(jnp.asarray(q, jnp.float32), (rows, 1, vocab)),
         jax.random.key(0))
     out = np.where(np.asarray(rejected), np.asarray(token), drawn[:, 0])
@@ -219,7 +233,7 @@ def test_exact_sampling_follows_the_full_context_target():
     out = sj.generate(target, [prompt] * 2048, 3, draft=head, mode="exact", spec=spec, temperature=1.0, seed=1,
                       eos_token_ids=())
     assert out.stats["partial_verifications"] > 0 and out.stats["rollbacks"] > 0
-    law = three_token_law(target, prompt, Sampler(1.0))
+    law = three_token_law(target, prompt, Sampler.create(1.0))
     assert chi_square_pvalue(three_token_cells(out.tokens, vocab), law) > 1e-3
 
 

@@ -135,6 +135,20 @@ def test_fit_stops_on_a_non_finite_loss():
 
     with pytest.raises(FloatingPointError, match="step 0"):
         fit(loss, {"w": jnp.ones(3)}, iter([np.zeros(1)] * 3), TrainConfig(3, 1, 1), progress=False)
+
+
+def test_a_non_finite_loss_at_a_save_step_is_not_saved(tmp_path):
+    """Metrics are read a step late (no wait per step), except before a save."""
+    import orbax.checkpoint as ocp
+
+    def loss(p, batch):
+        return jnp.sum(p["w"] * batch[0]), {}
+
+    batches = iter([np.ones(1), np.ones(1), np.full(1, np.nan), np.ones(1)])
+    with pytest.raises(FloatingPointError, match="step 2"):
+        fit(loss, {"w": jnp.ones(3)}, batches, TrainConfig(4, 1, 1, save_every=3), checkpoint_dir=tmp_path,
+            progress=False)
+    assert ocp.CheckpointManager(tmp_path).latest_step() is None
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(0, 1, 1)
 

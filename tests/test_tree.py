@@ -63,7 +63,7 @@ def test_tree_structure(shape, seed, tie_prob):
     tree = jax.tree.map(np.asarray, tree)  # checked in numpy: eager jax indexing would compile per shape
     for b in range(2):
         parents, dep, mask = tree.parents[b], tree.depth[b], tree.mask[b]
-        tokens, children, retrieve = tree.tokens[b], tree.children[b], tree.retrieve[b]
+        tokens, children = tree.tokens[b], tree.children[b]
         assert tokens[0] == root[b] and dep[0] == 0
         # The n best candidates (ties: lower index first) are the nodes, in candidate order.
         chosen = np.sort(np.argsort(-sc[b], kind="stable")[:n])
@@ -81,13 +81,6 @@ def test_tree_structure(shape, seed, tie_prob):
         for i in range(n + 1):
             kids = [c for c in children[i].tolist() if c >= 0]
             assert kids == [c for c in range(1, n + 1) if parents[c] == i]
-        # Retrieve rows: root-to-leaf paths covering every node; each leaf once.
-        leaves = [i for i in range(n + 1) if i not in set(parents[1:].tolist())]
-        rows = [r[r >= 0] for r in retrieve if r[0] >= 0]
-        assert len(rows) == len(leaves) and sorted(r[-1] for r in rows) == sorted(leaves)
-        for r in rows:
-            assert r[0] == 0 and all(parents[r[k]] == r[k - 1] for k in range(1, len(r)))
-        assert set(np.concatenate(rows).tolist()) == set(range(n + 1))
 
 
 def reference_greedy(tokens, parents, pred):
@@ -123,7 +116,7 @@ def test_greedy_acceptance_matches_walk(shape, seed):
                 else rng.integers(vocab)
     logits = jnp.asarray(np.eye(vocab, dtype=np.float32)[pred] * 5.0)
     acc = accept_greedy(tree, logits)
-    sampled = accept_sampling(tree, Sampler(0.0).probs(logits), jax.random.key(seed))
+    sampled = accept_sampling(tree, Sampler.create(0.0).probs(logits), jax.random.key(seed))
     tokens = emitted(acc, tree)
     tree, acc, sampled, tokens = jax.tree.map(np.asarray, (tree, acc, sampled, tokens))
     for b in range(3):

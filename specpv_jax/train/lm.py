@@ -60,8 +60,8 @@ def token_losses(params: Params, cfg: ModelConfig, ids: np.ndarray, chunk: int =
     for s in range(0, padded, chunk):
         ce, cache = _chunk_losses(params, cfg, cache, jnp.asarray(inputs[None, s:s + chunk]),
                                   jnp.asarray(targets[None, s:s + chunk]))
-        losses.append(np.asarray(ce[0]))
-    return np.concatenate(losses)[:n]
+        losses.append(ce[0])  # read once at the end: no wait per chunk
+    return np.asarray(jnp.concatenate(losses))[:n]
 
 
 def context_gain(params: Params, cfg: ModelConfig, docs: list[np.ndarray], length: int, short: int = 1024,

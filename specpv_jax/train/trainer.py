@@ -71,7 +71,7 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
 
     opt = optimizer(tc)
     state = {"params": params, "opt": opt.init(params), "step": jnp.zeros((), jnp.int32)}
-    manager = _manager(checkpoint_dir, tc.save_every)
+    manager = _manager(checkpoint_dir)
     if manager is not None:
         settings = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("steps", "save_every")}  # may grow
         identity = json.loads(json.dumps({"train": settings, **(run or {})}))
@@ -90,18 +90,29 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
                 "step": state["step"] + 1}, metrics
 
     history: list[dict] = []
+
+    def record(i: int, metrics: dict) -> None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not np.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"{desc}: loss became {metrics['loss']} at step {i}; lower the learning rate")
+        history.append(metrics)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k != "grad_norm"}, refresh=False)
+
     start = int(state["step"])
     bar = tqdm(range(start, tc.steps), desc=desc, initial=start, total=tc.steps, disable=not progress)
+    pending = None  # the last step's (index, metrics), read once the next step is queued: no wait per step
     try:
         for i in bar:
             state, metrics = step(state, jax.tree.map(jnp.asarray, next(batches)))
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"{desc}: loss became {metrics['loss']} at step {i}; lower the learning rate")
-            history.append(metrics)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k != "grad_norm"}, refresh=False)
+            if pending is not None:
+                record(*pending)
+            pending = (i, metrics)
             if manager is not None and ((i + 1) % tc.save_every == 0 or i + 1 == tc.steps):
+                record(*pending)  # a checkpoint never holds the update of a non-finite loss
+                pending = None
                 manager.save(i + 1, args=_save_args(state))
+        if pending is not None:
+            record(*pending)
     finally:  # an interrupted run keeps the checkpoint being written
         if manager is not None:
             manager.wait_until_finished()
@@ -123,7 +134,7 @@ def _check_same_run(directory: pathlib.Path, identity: dict, resuming: bool) -> 
                          f"work directory")
 
 
-def _manager(directory, save_every):
+def _manager(directory):
     if directory is None:
         return None
     import orbax.checkpoint as ocp
