@@ -117,7 +117,8 @@ def safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
     """The checkpoint's shard files (from the index when there is one)."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index} has no weight_map")
         bad = sorted({repr(f) for f in weight_map.values()

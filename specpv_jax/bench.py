@@ -124,14 +124,14 @@ def hf_assisted_tokens_per_s(hf_dir: pathlib.Path, assistant_dir: pathlib.Path, 
     return (new_tokens - 1) / max(timed(new_tokens) - timed(1), 1e-9)
 
 
-def _hf_dir(model) -> pathlib.Path:
-    """The model's Hugging Face directory, exported to a temporary one if it came from elsewhere."""
+def _hf_dir(model, scratch: pathlib.Path) -> pathlib.Path:
+    """The model's Hugging Face directory, exported to `scratch` if it came from elsewhere."""
     source = pathlib.Path(model.source) if model.source else None
     if source is not None and (source / "config.json").is_file():
         return source
     from convert.hf import export_hf
 
-    return export_hf(pathlib.Path(tempfile.mkdtemp()) / "model", model.cfg, model.params)
+    return export_hf(scratch, model.cfg, model.params)
 
 
 def budget_for(context: int, base, fraction: float):
@@ -223,6 +223,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> list[dict]:
+    """Runs the benchmark `args` describe (see `add_arguments`); returns its rows, also written to `args.out`."""
+    with tempfile.TemporaryDirectory(prefix="specpv-bench-") as scratch:  # transformers' copies of our models
+        return _run(args, pathlib.Path(scratch))
+
+
+def _run(args, scratch: pathlib.Path) -> list[dict]:
     import jax
 
     import specpv_jax as sj
@@ -267,8 +273,8 @@ def run(args) -> list[dict]:
     prompts = prompts_for(target, contexts)
     # Tuned on the longest prompt benchmarked (random ids would draft and retrieve unlike real text).
     tuned = sj.SpecConfig.tuned(target, drafts["eagle3"], prompts[max(contexts)], verbose=True) if args.tune else None
-    hf_dir = None if args.no_hf else _hf_dir(target)
-    assistant_dir = _hf_dir(drafts["small"]) if hf_dir and "small" in drafts and any(
+    hf_dir = None if args.no_hf else _hf_dir(target, scratch / "target")
+    assistant_dir = _hf_dir(drafts["small"], scratch / "small_draft") if hf_dir and "small" in drafts and any(
         m in SMALL_DRAFT_MODES for m in modes) else None
 
     device = jax.devices()[0].device_kind

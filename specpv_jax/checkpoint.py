@@ -45,20 +45,28 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (pathlib.Path(path) / META_FILE).is_file()
 
 
+def holds_model(path: pathlib.Path) -> bool:
+    """Whether `path` is a model directory (a checkpoint of ours or a `config.json` model): what overwriting may
+    replace, so that a directory of other things (a parent of models, a home directory) is never deleted."""
+    return is_checkpoint(path) or (path / "config.json").is_file()
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
+                     replaceable: Callable[[pathlib.Path], bool] = holds_model) -> Iterator[pathlib.Path]:
     """Yields a hidden sibling directory to fill; on success it replaces `out_dir`, on any error it vanishes.
 
-    Refuses a non-empty `out_dir` unless `overwrite`. Multi-host (`jax.process_count() > 1`, a filesystem
-    all processes share, as orbax needs): every process calls this and gets the same directory; process 0
-    alone creates and renames it, after all have written their part.
+    Refuses a non-empty `out_dir` unless `overwrite` and `replaceable(out_dir)`. Multi-host
+    (`jax.process_count() > 1`, a filesystem all processes share, as orbax needs): every process calls this
+    and gets the same directory; process 0 alone creates and renames it, after all have written their part.
     """
-    out = check_destination(out_dir, overwrite)
+    out = check_destination(out_dir, overwrite, replaceable=replaceable)
     primary = jax.process_index() == 0
     if primary:
         _warn_leftovers(out)
     suffix = _shared_suffix()  # multi-host: a collective, so no process has created anything yet
     tmp = out.parent / f".{out.name}.partial-{suffix}"
+    created = [p for p in out.parents if not p.exists()]  # deepest first: removed again if the save fails
     if primary:
         try:
             tmp.mkdir(parents=True)
@@ -74,6 +82,9 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     except BaseException:
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
+            for parent in created:
+                with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                    parent.rmdir()
         raise
 
 
@@ -109,14 +120,17 @@ def _callers_level() -> int:
 
 
 def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,
-                      source: str | os.PathLike | None = None) -> pathlib.Path:
+                      source: str | os.PathLike | None = None,
+                      replaceable: Callable[[pathlib.Path], bool] = holds_model) -> pathlib.Path:
     """`out_dir` resolved, once it is known that a checkpoint can be written there: not a file, empty
-    unless `overwrite`, inside a writable directory, and not the model directory `source` being
-    exported (unless that is a checkpoint of ours) or a directory holding it, which replacing would delete."""
+    unless `overwrite` and it is `replaceable` (a model directory), inside a writable directory, and not the
+    model directory `source` being exported (unless that is a checkpoint of ours) or a directory holding it,
+    which replacing would delete."""
     out = pathlib.Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file, not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    occupied = out.exists() and any(out.iterdir())
+    if occupied and not overwrite:
         raise CheckpointError(f"{out} already exists and is not empty (pass overwrite=True / --force to replace it)")
     if source:
         src = pathlib.Path(source).resolve()
@@ -126,6 +140,12 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,
         if out in src.parents:
             raise CheckpointError(f"{out} holds {src}, the model being exported; replacing it would delete it: "
                                   f"write to another directory")
+    if occupied and not replaceable(out):
+        held = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
+        raise CheckpointError(
+            f"{out} is not a model directory (no {META_FILE} or config.json; it holds "
+            f"{', '.join(held[:5])}{', ...' if len(held) > 5 else ''}): overwrite/--force replaces only a "
+            f"model directory, never a directory of other things; write to a new directory inside it")
     parent = next(p for p in out.parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot create {out}: {parent} is not a writable directory")

@@ -99,7 +99,10 @@ def _cmd_plan(args) -> int:
     from specpv_jax.draft.small import fit_problems
     from specpv_jax.sharding import default_shape
 
+    from specpv_jax.sampling import Sampler
+
     spec = parse_spec(args.spec)
+    Sampler.create(args.temperature, args.top_p)  # checks them
     cfg = _model_config(args.model)
     if args.context + args.new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"--context {args.context} + --new-tokens {args.new_tokens} exceed the model's "
@@ -119,14 +122,16 @@ def _cmd_plan(args) -> int:
     for mode in memory.MODES:
         if mode == "specextend" and draft is None:
             continue
+        sizes = dict(draft_cfg=draft if mode == "specextend" else None, temperature=args.temperature,
+                     top_p=args.top_p)
         est = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
-                              dataclasses.replace(spec, offload=False), args.dtype, draft)
+                              dataclasses.replace(spec, offload=False), args.dtype, **sizes)
         est = est.per_device(cfg, args.batch, data, model) if data * model > 1 else est
         fits = "yes" if limit is None or est.total <= limit else "no"
         offload = ("-", "-")
         if est.host and data * model == 1:  # offload=True (one device): the full cache and summaries in host memory
             off = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
-                                  dataclasses.replace(spec, offload=True), args.dtype, draft)
+                                  dataclasses.replace(spec, offload=True), args.dtype, **sizes)
             offload = (memory.gib(off.device), memory.gib(off.host))
             fits = "with offload" if fits == "no" and off.device <= limit else fits
         fits_any |= fits != "no"
@@ -301,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=at_least(1), default=1)
     pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     pl.add_argument("--small-draft", help="small draft model directory (adds the specextend row)")
+    pl.add_argument("--temperature", type=float, default=0.0, help="sampling holds more per step than greedy")
+    pl.add_argument("--top-p", type=float, default=1.0)
     _add_mesh_argument(pl, "device mesh to plan for, per device")
     _add_spec_argument(pl)
     pl.set_defaults(run=_cmd_plan)

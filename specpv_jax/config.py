@@ -171,6 +171,8 @@ class ModelConfig:
 
 def _architecture(hf: Mapping[str, Any]) -> str:
     names = hf.get("architectures") or []
+    if not isinstance(names, list):
+        raise ConfigError(f"architectures in config.json must be a list of names, got {names!r}")
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
@@ -193,9 +195,12 @@ def _reject_unsupported(hf: Mapping[str, Any], arch: str) -> None:
         problems.append(f"hidden_act={act!r} (only 'silu')")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=true")
-    if hf.get("use_sliding_window"):
-        problems.append("use_sliding_window=true (sliding-window attention)")
     layer_types = hf.get("layer_types") or []
+    # As transformers reads Qwen configs: without layer_types, layers from max_window_layers on slide.
+    if not layer_types and hf.get("use_sliding_window") and hf.get("sliding_window") is not None and \
+            hf.get("max_window_layers", 28) < hf.get("num_hidden_layers", 0):
+        problems.append(f"use_sliding_window=true with max_window_layers={hf.get('max_window_layers', 28)} "
+                        f"(sliding-window attention in layers {hf.get('max_window_layers', 28)} and up)")
     if any(t != "full_attention" for t in layer_types):
         problems.append(f"layer_types={sorted(set(layer_types))} (only full_attention)")
     rope = _rope_dict(hf)
@@ -214,7 +219,10 @@ def _rope_dict(hf: Mapping[str, Any]) -> dict[str, Any]:
         params = params["full_attention"]
     if params:
         return dict(params)
-    scaling = dict(hf.get("rope_scaling") or {})
+    scaling = hf.get("rope_scaling") or {}
+    if not isinstance(scaling, Mapping):
+        raise ConfigError(f"rope_scaling in config.json must be a mapping (rope_type, factor, ...), got {scaling!r}")
+    scaling = dict(scaling)
     scaling.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     return scaling
 
@@ -257,11 +265,12 @@ def _positive_int(hf: Mapping[str, Any], name: str) -> int:
 
 
 def _as_ids(x) -> tuple[int, ...]:
-    if x is None:
-        return ()
-    if isinstance(x, int):
-        return (x,)
-    return tuple(int(t) for t in x)
+    """eos_token_id: an id, a list of them, or null."""
+    ids = [] if x is None else x if isinstance(x, list) else [x]
+    if not all(isinstance(t, int) and not isinstance(t, bool) or isinstance(t, float) and t.is_integer()
+               for t in ids):
+        raise ConfigError(f"eos_token_id must be a token id or a list of them, got {x!r}")
+    return tuple(int(t) for t in ids)
 
 
 def _first(x):

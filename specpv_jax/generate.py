@@ -232,7 +232,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     limit = memory.device_bytes_limit()
     if limit is not None:  # refuse before allocating anything
         est = memory.estimate(cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
-                              draft.cfg if mode == "specextend" else None, chunk)
+                              draft.cfg if mode in ("specextend", "longspec") else None, chunk, temperature, top_p)
         if mesh is not None:
             est = est.per_device(cfg, batch.batch, mesh.shape["data"], mesh.shape["model"])
         memory.check_fits(est, limit, spec.offload)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from specpv_jax import sharding
-from specpv_jax.attention import PREFIX_BLOCK, SCORE_TILE
+from specpv_jax.attention import PREFIX_BLOCK, read_block
 from specpv_jax.config import MODES, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.loop import output_bucket
 
@@ -98,19 +98,23 @@ class Estimate:
 
 
 def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int = 1, mode: str = "ar",
-             spec: SpecConfig | None = None, dtype: str = "bfloat16", draft_cfg: ModelConfig | None = None,
-             prefill_chunk: int = 512) -> Estimate:
+             spec: SpecConfig | None = None, dtype: str = "bfloat16",
+             draft_cfg: ModelConfig | LongSpecConfig | None = None, prefill_chunk: int = 512,
+             temperature: float = 0.0, top_p: float = 1.0) -> Estimate:
     """Memory a `generate` call of `batch` prompts of `context` tokens needs, by part.
 
     The EAGLE-3 head is counted as one decoder layer of the target's shape (plus
-    `fc` and a full-vocabulary head); `draft_cfg` is the small draft for "specextend".
+    `fc` and a full-vocabulary head); `draft_cfg` is the small draft for "specextend", the LongSpec draft's
+    config for "longspec" (default: `LongSpecConfig.for_target`). Sampling (`temperature` > 0) holds
+    probabilities beside the logits, `top_p` < 1 also their sorted copy and order.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
     spec = spec or SpecConfig()
     size = np.dtype(jax.numpy.dtype(dtype)).itemsize
     h, v = cfg.hidden_size, cfg.vocab_size
-    tree = 1 if mode == "ar" else spec.tree_nodes + 1
+    tree = 1 if mode == "ar" else spec.tree_nodes + 1  # tokens a step verifies; SpecPV full steps re-feed more
+    tree += spec.max_missing if mode in ("specpv", "exact") else 0
     slots = cache_length(spec, mode, context, new_tokens)
     kv = dict(batch=batch, itemsize=size)
     parts = {"weights": param_count(cfg) * size,
@@ -136,19 +140,25 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
         parts["draft cache"] = kv_bytes(d.num_layers, slots=slots, **dkv) + (
             kv_bytes(d.num_layers, slots=spec.draft_working_tokens, **dkv) if spec.draft_chunks else 0)
     if mode == "longspec":  # one layer plus a cross-attention's q/o; a cache of `window` slots at any context
-        d = LongSpecConfig.for_target(cfg)
+        d = draft_cfg or LongSpecConfig.for_target(cfg)
         attn = d.hidden_size * (d.num_heads + d.num_kv_heads) * d.head_dim * 2
         cross = d.hidden_size * d.cross_heads * d.target_head_dim * 2
         parts["draft weights"] = (attn + cross + 3 * d.hidden_size * d.intermediate_size + 4 * d.hidden_size) * size
         parts["draft cache"] = 2 * batch * d.num_kv_heads * d.window * d.head_dim * size
-    rows = batch * max(tree, prefill_chunk)
-    # The XLA path's attention holds float32 scores and their exp: the new tokens' [B, Hq, T, T] and a prefix
-    # tile of up to SCORE_TILE rows x keys; the layer loop slices one layer's weights out of the stacked
-    # parameters into a buffer of their own.
-    scores = 2 * batch * (cfg.num_heads * max(tree, prefill_chunk) ** 2 + SCORE_TILE) * 4
-    layer_weights = layer_param_count(cfg) * size
-    parts["activations"] = max(batch * tree * v * 4, rows * (2 * h + 2 * cfg.intermediate_size) * 4) + scores \
-        + layer_weights
+    if mode == "exact" and temperature > 0:  # each provisional token's partial distribution, for its re-check
+        parts["provisional distributions"] = batch * spec.max_missing * v * 4
+    t = max(tree, prefill_chunk)
+    # The XLA path's attention holds float32 scores and their exp: the new tokens' [B, Hq, T, T] and, per row
+    # and KV head, a prefix tile of the group's query rows x a block of keys (`attention.read_block`); the
+    # layer loop slices one layer's weights out of the stacked parameters into a buffer of their own.
+    group_rows = cfg.num_heads // cfg.num_kv_heads * t
+    prefix_tile = cfg.num_kv_heads * group_rows * read_block(-(-slots // PREFIX_BLOCK) * PREFIX_BLOCK, group_rows)
+    scores = 2 * batch * (cfg.num_heads * t ** 2 + prefix_tile) * 4
+    attention_io = 4 * batch * t * cfg.num_heads * cfg.head_dim * 4  # queries, grouped copy, float32 output sums
+    logit_buffers = 1 if temperature == 0 else 5 if top_p < 1 else 3  # measured: 1, 2.1 and 4.2 (XLA CPU)
+    activations = max(logit_buffers * batch * tree * v * 4, batch * t * (2 * h + 2 * cfg.intermediate_size) * 4) \
+        + scores + attention_io + layer_param_count(cfg) * size
+    parts["activations"] = activations * 11 // 10  # 10% to spare: how XLA assigns buffers varies (CPU: 3-5% more)
     return Estimate(mode, parts, ("full cache", "block summaries") if mode in ("specpv", "exact") else ())
 
 

@@ -61,15 +61,26 @@ def test_dict_round_trip():
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "partial_rotary_factor"),
     ({"eos_token_id": 999}, "eos_token_id 999 is outside the vocabulary"),
+    ({"eos_token_id": "12"}, "eos_token_id must be a token id or a list of them, got '12'"),
+    ({"eos_token_id": 2.5}, "eos_token_id must be a token id or a list of them, got 2.5"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures in config.json must be a list of names"),
+    ({"rope_parameters": None, "rope_scaling": "yarn"}, "rope_scaling in config.json must be a mapping"),
 ])
 def test_unsupported_fields_are_named(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ModelConfig.from_hf({**hf_dict("llama-mha"), **change})
 
 
-def test_sliding_window_is_rejected():
-    with pytest.raises(ConfigError, match="use_sliding_window"):
-        ModelConfig.from_hf({**hf_dict("qwen2-gqa2-tied"), "use_sliding_window": True})
+def test_sliding_window_is_rejected_where_a_layer_slides():
+    hf = {k: v for k, v in hf_dict("qwen2-gqa2-tied").items() if k != "layer_types"}
+    sliding = {"use_sliding_window": True, "sliding_window": 64}
+    with pytest.raises(ConfigError, match="use_sliding_window=true with max_window_layers=1"):
+        ModelConfig.from_hf({**hf, **sliding, "max_window_layers": 1})
+    # As transformers reads it: layers below max_window_layers attend to everything, so here none slides.
+    assert ModelConfig.from_hf({**hf, **sliding, "max_window_layers": hf["num_hidden_layers"]}).num_layers == \
+        hf["num_hidden_layers"]
+    with pytest.raises(ConfigError, match="layer_types"):
+        ModelConfig.from_hf({**hf, "layer_types": ["sliding_attention"] * hf["num_hidden_layers"]})
 
 
 @pytest.mark.torch

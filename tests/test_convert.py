@@ -102,6 +102,9 @@ def test_interrupted_save_leaves_nothing(hf_model, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         sj.save_target(target, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError, match="disk full"):  # nor the directories made to hold it
+        sj.save_target(target, tmp_path / "runs" / "today" / "ckpt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_killed_saves_leftovers_are_pointed_out(hf_model, tmp_path):
@@ -129,6 +132,26 @@ def test_an_interrupted_overwrite_is_pointed_out(hf_model, tmp_path, monkeypatch
         sj.save_target(target, tmp_path / "ckpt", overwrite=True)
     with pytest.raises(FileNotFoundError, match=r"\.ckpt\.old-\w+ holds the checkpoint an interrupted overwrite"):
         sj.load_target(tmp_path / "ckpt")
+
+
+def test_force_replaces_only_a_model_directory(hf_copy, tmp_path, capsys):
+    """--force / overwrite=True replace a checkpoint or model directory, never a directory of other things
+    (`convert SRC ~/models --force` meant "put it in there")."""
+    models = tmp_path / "models"
+    (models / "other_model").mkdir(parents=True)
+    (models / "other_model" / "model.safetensors").write_bytes(b"weights")
+    (models / "notes.txt").write_text("notes")
+    assert cli.main(["convert", str(hf_copy), str(models), "--force"]) == 1
+    assert "is not a model directory" in capsys.readouterr().err
+    target = sj.load_target(hf_copy, progress=False)
+    with pytest.raises(CheckpointError, match=r"it holds notes.txt, other_model/\)"):
+        export_hf(models, target.cfg, target.params, overwrite=True)
+    assert (models / "notes.txt").read_text() == "notes" and (models / "other_model" / "model.safetensors").exists()
+    export_hf(tmp_path / "exported", target.cfg, target.params)
+    export_hf(tmp_path / "exported", target.cfg, target.params, overwrite=True)
+    sj.save_target(target, tmp_path / "ckpt")
+    sj.save_target(target, tmp_path / "ckpt", overwrite=True)
+    assert checkpoint.is_checkpoint(tmp_path / "ckpt") and (tmp_path / "exported" / "config.json").is_file()
 
 
 def test_missing_tensor_is_named(hf_copy):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+
+from test_eagle import make_target
 
 import specpv_jax as sj
 from specpv_jax.demo import ASSETS, demo_prompt, run_demo
@@ -99,8 +103,6 @@ def test_run_demo_prints_a_row_per_mode(capsys):
 
 @pytest.mark.torch  # the bench's transformers peer
 def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
-    import json
-
     from specpv_jax.cli import main
 
     assert main(["bench", "--contexts", "300", "--new-tokens", "8", "--modes", "eagle", "ar", "specextend",
@@ -118,6 +120,24 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     table = (tmp_path / "bench.md").read_text().splitlines()
     assert table[2].startswith("| context | mode |") and len(table) == 4 + 5
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_of_an_orbax_target_deletes_its_transformers_copy(tmp_path, monkeypatch):
+    """transformers' side of the bench needs an HF directory: one exported for the run, deleted after it (an 8B
+    model's copy is 16 GB)."""
+    import tempfile
+
+    from specpv_jax.cli import main
+
+    target = make_target(64, layers=2)
+    sj.save_target(target, tmp_path / "ckpt")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert main(["bench", "--target", str(tmp_path / "ckpt"), "--contexts", "64", "--new-tokens", "4",
+                 "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["ar", "transformers"]
+    assert not list((tmp_path / "tmp").rglob("*.safetensors"))
 
 
 def test_bench_checks_contexts_against_the_model(tmp_path, capsys):
@@ -186,7 +206,7 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
           "--long-context", "64", "--length", "64"], "--long-context 64 must exceed --length 64"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", target, "--force"], "delete it"),
         (["train-draft", "--target", target, "--data", str(tmp_path / "out" / "keep.txt"), "--out", str(tmp_path),
-          "--force"], "would delete it"),
+          "--force"], "is not a model directory"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--length", "4",
           "--unroll", "4"], "--unroll 4 must be below --length 4"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"),

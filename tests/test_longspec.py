@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -214,6 +216,21 @@ def test_training_steps_lower_the_loss(pair):
                                       window=8, progress=False)
     assert history[-1]["loss"] < history[0]["loss"]
     assert draft.cfg.window == 8
+
+
+def test_training_resumes_only_its_own_run(pair, tmp_path):
+    """A work directory holds one run: the same call resumes it; other data or another window is refused."""
+    target, _ = pair
+    docs = [np.tile(np.arange(16), 40)]
+    tc = TrainConfig(2, 1, 32, save_every=2)
+    T.train_longspec(target.params, target.cfg, docs, tc, window=8, work=tmp_path, progress=False)
+    _, history = T.train_longspec(target.params, target.cfg, docs, dataclasses.replace(tc, steps=3), window=8,
+                                  work=tmp_path, progress=False)
+    assert len(history) == 1  # steps 0 and 1 restored
+    for other in ({"token_docs": [np.full(640, 5)]}, {"window": 16}):
+        with pytest.raises(ValueError, match="another training run"):
+            T.train_longspec(target.params, target.cfg, **{"token_docs": docs, "window": 8, **other},
+                             tc=dataclasses.replace(tc, steps=4), work=tmp_path, progress=False)
 
 
 # --------------------------------------------------------------------------- released checkpoints

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
-from test_eagle import make_target
+from test_eagle import make_head, make_target
 
 import specpv_jax as sj
 from specpv_jax import memory, presets
@@ -54,6 +54,29 @@ def test_estimate_covers_what_the_compiled_stages_take():
         assert need <= est.total
 
 
+@pytest.mark.parametrize("mode, heads, vocab, temperature, top_p", [
+    ("ar", 16, 64, 0.0, 1.0),  # 8 KV heads: each holds its own prefix score tile
+    # top-p sampling holds probabilities, their sorted copy and order beside the logits; exact mode's full
+    # steps verify the provisional tokens too, and keep their partial distributions
+    ("exact", 4, 32768, 1.0, 0.9),
+])
+def test_estimate_covers_kv_heads_and_sampling(mode, heads, vocab, temperature, top_p):
+    from specpv_jax import loop
+
+    target = make_target(vocab, layers=2, heads=heads)
+    draft = make_head(target) if mode != "ar" else None
+    rows, n, chunk = (2, 2000, 256) if mode == "ar" else (2, 100, 16)
+    loop._EXECUTABLES.clear()
+    sj.generate(target, np.zeros((rows, n), np.int32), 4, draft=draft, mode=mode, temperature=temperature,
+                top_p=top_p, prefill_chunk=chunk, eos_token_ids=(), attention="xla", progress=False)
+    est = memory.estimate(target.cfg, n, 4, rows, mode, dtype="float32", prefill_chunk=chunk,
+                          temperature=temperature, top_p=top_p)
+    for exe in loop._EXECUTABLES.values():
+        m = exe.memory_analysis()
+        need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        assert need <= est.total, (need, est.parts)
+
+
 def test_per_device_parts_follow_the_sharding_rule():
     cfg = ModelConfig.from_hf(LLAMA_31_8B)
     est = memory.estimate(cfg, 65536, batch=8, mode="exact")
@@ -90,8 +113,9 @@ def test_plan_prints_every_mode_for_llama_8b_shapes(tmp_path, capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
     assert list(rows) == ["ar", "eagle", "specpv", "exact", "longspec"]
     # bf16 weights 14.96 GiB + a 64K cache of 32 layers x 8 KV heads x 128 dims (8.0 GiB + the new tokens' slots)
-    # + one layer's weights sliced out by the layer loop (0.44 GiB) and the activations
-    assert 23.4 < float(rows["ar"][1]) < 23.7
+    # + activations 0.77 GiB: one layer's weights sliced out by the layer loop (0.44 GiB), a 512-token prefill
+    # chunk's attention score tiles (0.13 GiB: 8 KV heads x 2048 query rows x 1024 keys, float32, twice), 10% spare
+    assert 23.7 < float(rows["ar"][1]) < 23.9
 
 
 @pytest.mark.parametrize("name, model", [("llama-3.1-8b", 3), ("llama-3.1-8b", 8), ("qwen3-8b", 6)])

@@ -216,6 +216,15 @@ def test_head_training_raises_accuracy():
         eagle.train_head(head, params, TINY_CFG, np.arange(5), _repeating_batches(4, 32), TrainConfig(1, 4, 32))
 
 
+def test_a_corpus_too_short_for_the_long_phase_fails_before_any_training(monkeypatch):
+    monkeypatch.setattr(eagle, "train_head", lambda *a, **k: pytest.fail("trained before checking the data"))
+    docs = [np.arange(300, dtype=np.int32) % TINY_CFG.vocab_size]
+    params = model.init_params(TINY_CFG, jax.random.key(0))
+    with pytest.raises(ValueError, match="corpus has 300 tokens, fewer than one sequence of 400"):
+        eagle.train_eagle3(params, TINY_CFG, docs, 48, TrainConfig(5, 2, 32), TrainConfig(5, 1, 400), 1024,
+                           progress=False)
+
+
 def test_yarn_config_stretches_the_head():
     head = eagle.new_head(TINY_CFG, np.arange(48, dtype=np.int32))
     cfg = eagle.yarn_config(head.cfg, 128, 1024)

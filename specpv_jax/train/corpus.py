@@ -13,6 +13,7 @@ import dataclasses
 import pathlib
 import sysconfig
 import zlib
+from typing import Iterator
 
 import numpy as np
 
@@ -67,12 +68,17 @@ def encode_documents(tokenizer, docs: list[Document]) -> list[np.ndarray]:
     return [np.asarray([*ends[0], *ids, *ends[1]], np.int32) for ids in encoded]
 
 
-def batches(token_docs: list[np.ndarray], batch: int, length: int, seed: int):
+def batches(token_docs: list[np.ndarray], batch: int, length: int, seed: int) -> Iterator[np.ndarray]:
     """Endless `[batch, length]` int32 windows: each row a random window of a random document,
-    documents drawn in proportion to their length (short ones are packed end to end)."""
+    documents drawn in proportion to their length (short ones are packed end to end). Raises at once (not at
+    the first window) when the corpus is shorter than one window."""
     stream = np.concatenate(token_docs)
     if stream.size < length:
         raise ValueError(f"corpus has {stream.size} tokens, fewer than one sequence of {length}")
+    return _windows(stream, batch, length, seed)
+
+
+def _windows(stream: np.ndarray, batch: int, length: int, seed: int) -> Iterator[np.ndarray]:
     rng = np.random.default_rng(seed)
     while True:
         starts = rng.integers(0, stream.size - length + 1, batch)

@@ -195,11 +195,16 @@ def train_demo_models(out: str | pathlib.Path = ASSETS, work: str | pathlib.Path
             if (tok_dir / file).is_file():
                 shutil.copy2(tok_dir / file, staging / name / file)
     (staging / "report.json").write_text(json.dumps(report, indent=2))
-    with checkpoint.atomic_directory(out, overwrite=True) as tmp:
+    with checkpoint.atomic_directory(out, overwrite=True, replaceable=_is_bundle) as tmp:
         for item in staging.iterdir():
             shutil.move(str(item), tmp / item.name)
     _log(f"wrote {out}")
     return report
+
+
+def _is_bundle(path: pathlib.Path) -> bool:
+    """Whether `path` holds a bundle of demo models (which `train_demo_models` may replace)."""
+    return (path / "report.json").is_file()
 
 
 def train_small_draft(train_ids: list[np.ndarray], r: Recipe, work: pathlib.Path, progress: bool = True):

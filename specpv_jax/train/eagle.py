@@ -14,7 +14,6 @@ draft vocabulary, weighted 0.8^j (the EAGLE-3 recipe).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import pathlib
 from typing import Iterator
 
@@ -29,7 +28,7 @@ from specpv_jax.model import Params
 from specpv_jax.speculative import flat_features
 from specpv_jax.train import corpus
 from specpv_jax.train.lm import positions_for
-from specpv_jax.train.trainer import TrainConfig, fit
+from specpv_jax.train.trainer import TrainConfig, digest, fit
 
 STEP_WEIGHT = 0.8
 
@@ -116,16 +115,9 @@ def train_head(head: eagle3.Eagle3, target: Params, tcfg: ModelConfig, draft_ids
         raise ValueError(f"draft_ids has shape {draft_ids.shape}, expected ({head.cfg.draft_vocab_size},)")
     params, history = fit(lambda p, ids: ttt_loss(p, head.cfg, target, tcfg, draft_ids, ids, steps),
                           head.params, batches, tc, desc, checkpoint_dir, progress,
-                          run={"head": head.cfg.to_dict(), "draft_ids": _digest(np.asarray(draft_ids)),
+                          run={"head": head.cfg.to_dict(), "draft_ids": digest(np.asarray(draft_ids)),
                                "unroll": steps, **(run or {})})
     return dataclasses.replace(head, params=params), history
-
-
-def _digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.int64(np.size(a)).tobytes() + np.ascontiguousarray(a, np.int64).tobytes())
-    return h.hexdigest()[:16]
 
 
 def yarn_config(dcfg: DraftConfig, trained_length: int, context: int) -> DraftConfig:
@@ -155,17 +147,18 @@ def train_eagle3(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarray]
     work: directory for resumable checkpoints (`eagle3/`, `eagle3_long/`). Returns (head, last metrics).
     """
     work = pathlib.Path(work) if work is not None else None
-    data = {"data": _digest(*token_docs)}
+    data = {"data": digest(*token_docs)}
     draft_ids = draft_vocabulary(token_docs, tcfg.vocab_size, draft_vocab_size)
     head = new_head(tcfg, draft_ids, short.seed)
     head = dataclasses.replace(head, cfg=dataclasses.replace(head.cfg, rope=RopeConfig(theta=tcfg.rope.theta)))
-    head, hist = train_head(head, target, tcfg, draft_ids,
-                            corpus.batches(token_docs, short.batch, short.length, short.seed + 2), short, steps,
+    stretch = long is not None and context is not None
+    short_batches = corpus.batches(token_docs, short.batch, short.length, short.seed + 2)
+    long_batches = corpus.batches(token_docs, long.batch, long.length, long.seed + 3) if stretch else None
+    head, hist = train_head(head, target, tcfg, draft_ids, short_batches, short, steps,
                             work / "eagle3" if work else None, progress, run=data)
-    if long is not None and context is not None:
+    if stretch:
         head = dataclasses.replace(head, cfg=yarn_config(head.cfg, short.length, context))
-        head, more = train_head(head, target, tcfg, draft_ids,
-                                corpus.batches(token_docs, long.batch, long.length, long.seed + 3), long, steps,
+        head, more = train_head(head, target, tcfg, draft_ids, long_batches, long, steps,
                                 work / "eagle3_long" if work else None, progress, desc="eagle3-yarn", run=data)
         hist = hist + more
     return head, (hist[-1] if hist else {})

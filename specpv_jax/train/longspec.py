@@ -24,7 +24,7 @@ from specpv_jax.config import LongSpecConfig, ModelConfig
 from specpv_jax.draft import longspec
 from specpv_jax.model import Params
 from specpv_jax.train import corpus
-from specpv_jax.train.trainer import TrainConfig, fit
+from specpv_jax.train.trainer import TrainConfig, digest, fit
 
 MAX_SINK = 4
 MAX_OFFSET = 30000
@@ -58,7 +58,7 @@ def batches(token_docs: list[np.ndarray], batch: int, length: int, max_len: int,
 def loss(params: Params, cfg: LongSpecConfig, target: Params, tcfg: ModelConfig, ids: jax.Array,
          positions: jax.Array, lag: jax.Array) -> tuple[jax.Array, dict]:
     """Cross-entropy of the draft against the target's next-token distribution; metric `acc`
-    (draft argmax == target argmax). Tokens that see no target key (i < lag) and the last are left out."""
+    (draft argmax == target argmax). Tokens that see no target key (i < lag) are left out."""
     b, t = ids.shape
     out = model.forward(target, tcfg, ids, positions, None, collect_kv=True)
     target_k, target_v = (jax.lax.stop_gradient(x[-1]) for x in out.new_kv)
@@ -82,6 +82,7 @@ def train_longspec(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarra
     cfg = LongSpecConfig.for_target(tcfg, window)
     params = longspec.init_params(cfg, jax.random.key(tc.seed))
     data = batches(token_docs, tc.batch, tc.length, tcfg.max_position_embeddings, tc.seed + 5, anchor_offset)
+    run = {"draft": cfg.to_dict(), "anchor_offset": anchor_offset, "data": digest(*token_docs)}
     params, history = fit(lambda p, batch: loss(p, cfg, target, tcfg, *batch), params, data, tc, desc, work,
-                          progress)
+                          progress, run=run)
     return longspec.LongSpecDraft(cfg, params, source="trained"), history

@@ -8,6 +8,7 @@ CPU run can be interrupted and continued with the same command.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -64,8 +65,9 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
     step). Raises if the loss becomes non-finite, naming the step. A resumed run
     skips the batches its saved steps used (`batches` must repeat the same stream);
     `checkpoint_dir` must hold this run's state: the same `tc` but for `steps` (a
-    run may be extended) and the same `run` (JSON-able facts that identify it, such
-    as a hash of the data), else it is refused.
+    run may be extended; its learning rate then follows the longer schedule from the
+    resumed step, a jump back up the cosine) and the same `run` (JSON-able facts that
+    identify it, such as a hash of the data), else it is refused.
     """
     from tqdm.auto import tqdm
 
@@ -117,6 +119,14 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
         if manager is not None:
             manager.wait_until_finished()
     return state["params"], history
+
+
+def digest(*arrays: np.ndarray) -> str:
+    """A short hash of integer arrays (token ids): part of a run's identity in `fit(run=)`."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.int64(np.size(a)).tobytes() + np.ascontiguousarray(a, np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _check_same_run(directory: pathlib.Path, identity: dict, resuming: bool) -> None:
