@@ -98,6 +98,10 @@ def _positive_int(name: str, value) -> int:
 def _eos_ids(cfg: ModelConfig, eos_token_ids) -> np.ndarray:
     """`eos_token_ids` (None: the model's) checked against the vocabulary, as an int32 array padded with -1
     (an id no token has) to `EOS_SLOTS` or the next power of two: a compiled loop serves every list that fits."""
+    if isinstance(eos_token_ids, jax.Array):
+        eos_token_ids = np.asarray(eos_token_ids)
+    if isinstance(eos_token_ids, np.ndarray) and eos_token_ids.ndim == 0:
+        eos_token_ids = eos_token_ids[()]
     if eos_token_ids is None:
         ids = cfg.eos_token_ids
     else:
@@ -249,7 +253,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     with prefill_progress(chunks) if progress else contextlib.nullcontext(), run_mesh, streaming as call:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
             run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
-            jax.random.key(seed), Sampler.create(temperature, top_p), jnp.asarray(eos),
+            _prng_key(seed), Sampler.create(temperature, top_p), jnp.asarray(eos),
             jnp.asarray(max_new_tokens, jnp.int32), mesh)
     if stream is not None and _stream_failed(call.error):
         # The stream function raised (and was not called again): its error, not the runtime's.
@@ -272,6 +276,13 @@ def _stream_failed(error: BaseException | None) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.bool_(error is not None)))
+
+
+def _prng_key(seed: int) -> jax.Array:
+    """The key of a 64-bit `seed`. `jax.random.key` keeps 32 bits of it (without x64: 2**32 + 5 would sample as
+    5), so a seed outside [0, 2**32) folds in its high half; one inside has the key it always had."""
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    return key if 0 <= seed < 2 ** 32 else jax.random.fold_in(key, (seed >> 32) & 0xFFFFFFFF)
 
 
 def _readable(tree: Any) -> Any:

@@ -62,6 +62,7 @@ def output_bucket(max_new: int) -> int:
 
 
 _EXECUTABLES: collections.OrderedDict[Any, Any] = collections.OrderedDict()  # the most recently used last
+_EXECUTABLES_LOCK = threading.Lock()  # generate calls from several threads share it
 MAX_EXECUTABLES = 32
 
 
@@ -83,12 +84,15 @@ def timed_call(fn: Callable, *args) -> tuple[Any, float]:
     """
     leaves, treedef = jax.tree.flatten(args)
     key = (fn, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves), _trace_context())
-    exe = _EXECUTABLES.get(key)
+    with _EXECUTABLES_LOCK:
+        exe = _EXECUTABLES.get(key)
     if exe is None:
-        exe = _EXECUTABLES[key] = fn.lower(*args).compile()
+        exe = fn.lower(*args).compile()  # outside the lock: another thread may compile the same (rare, harmless)
+    with _EXECUTABLES_LOCK:
+        _EXECUTABLES[key] = exe
+        _EXECUTABLES.move_to_end(key)
         while len(_EXECUTABLES) > MAX_EXECUTABLES:
             _EXECUTABLES.popitem(last=False)
-    _EXECUTABLES.move_to_end(key)
     start = time.perf_counter()
     out = jax.block_until_ready(exe(*args))
     return out, time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -112,6 +113,26 @@ def test_sampling_is_seeded(target):
     c = sj.generate(target, [5, 6, 7], max_new_tokens=16, temperature=1.0, seed=2, eos_token_ids=())
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert (a.tokens != c.tokens).any()
+
+
+def test_every_64_bit_seed_samples_its_own_tokens(target):
+    """jax.random.key keeps 32 bits of a seed: 2**32 + 5 sampled as 5, -1 as 2**32 - 1."""
+    seeds = (5, 2 ** 32 + 5, 2 ** 62 + 5, 2 ** 32 - 1, -1, -2 ** 63)
+    rows = {s: tuple(sj.generate(target, [5, 6, 7], 24, temperature=1.0, seed=s, eos_token_ids=()).tokens[0])
+            for s in seeds}
+    assert len(set(rows.values())) == len(seeds)
+    import importlib
+
+    g = importlib.import_module("specpv_jax.generate")  # the package's `generate` is the function
+    assert (jax.random.key_data(g._prng_key(5)) == jax.random.key_data(jax.random.key(5))).all()  # as before
+
+
+def test_eos_ids_may_be_arrays(target):
+    import jax.numpy as jnp
+
+    ref = sj.generate(target, [5, 6, 7], 12, eos_token_ids=(48,))
+    for eos in (jnp.array([48]), jnp.array(48), np.array([48, 48]), np.int64(48)):
+        np.testing.assert_array_equal(sj.generate(target, [5, 6, 7], 12, eos_token_ids=eos).tokens, ref.tokens)
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
