@@ -32,9 +32,8 @@ class KVCache:
 
     @classmethod
     def empty(cls, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype) -> "KVCache":
-        """An empty cache holding at least `max_len` positions (rounded up to whole attention blocks)."""
-        max_len = -(-max_len // PREFIX_BLOCK) * PREFIX_BLOCK
-        shape = (layers, batch, kv_heads, max_len, head_dim)
+        """An empty cache holding at least `max_len` positions (`allocated_slots`)."""
+        shape = (layers, batch, kv_heads, allocated_slots(max_len), head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32))
 
     @classmethod
@@ -45,6 +44,11 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
+
+
+def allocated_slots(max_len: int) -> int:
+    """The slots a cache of `max_len` positions gets: rounded up to whole attention blocks."""
+    return -(-max_len // PREFIX_BLOCK) * PREFIX_BLOCK
 
 
 def write_tokens(buf: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:

@@ -66,14 +66,12 @@ _EXECUTABLES_LOCK = threading.Lock()  # generate calls from several threads shar
 MAX_EXECUTABLES = 32
 
 
-def _trace_context() -> Any:
-    """The settings besides the arguments that change what jit compiles (jax's own cache uses them): config
-    such as `jax.default_matmul_precision`, the mesh context."""
-    try:
-        from jax._src.config import trace_context
-    except ImportError:  # a jax without it: the public settings that matter most
+try:  # the settings besides the arguments that change what jit compiles (jax's own cache keys on them):
+    # config such as `jax.default_matmul_precision`, the mesh context
+    from jax._src.config import trace_context as _trace_context
+except ImportError:  # a jax without it: the public settings that matter most
+    def _trace_context() -> Any:
         return jax.config.jax_default_matmul_precision, jax.config.jax_enable_x64, jax.sharding.get_abstract_mesh()
-    return trace_context()
 
 
 def timed_call(fn: Callable, *args) -> tuple[Any, float]:

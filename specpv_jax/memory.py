@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from specpv_jax import sharding
-from specpv_jax.attention import PREFIX_BLOCK, read_block
+from specpv_jax.attention import read_block
+from specpv_jax.cache import allocated_slots
 from specpv_jax.config import MODES, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.loop import output_bucket
 
@@ -43,20 +44,24 @@ def _tensor_sizes(cfg: ModelConfig, model: int = 1) -> list[tuple[int, bool]]:
             for e in param_table(cfg)]
 
 
+def step_tokens(spec: SpecConfig, mode: str) -> int:
+    """Tokens one verification feeds the target at most: the tree (root included), and in the
+    partial-verification modes the re-fed tokens of a full step before it."""
+    tree = 1 if mode == "ar" else spec.tree_nodes + 1
+    return tree + (spec.max_missing if mode in ("specpv", "exact") else 0)
+
+
 def cache_length(spec: SpecConfig, mode: str, prompt_len: int, max_new_tokens: int) -> int:
     """Positions the target's cache needs: the prompt (bucket), the output bucket, and the scratch of
-    one verification beyond them (with re-fed tokens in the partial-verification modes)."""
-    tree = 1 if mode == "ar" else spec.tree_nodes + 1
-    partial = mode in ("specpv", "exact")
-    length = prompt_len + output_bucket(max_new_tokens) + tree + (spec.max_missing if partial else 0)
-    if partial:  # block retrieval needs at least a partial cache's worth of blocks
+    one verification beyond them."""
+    length = prompt_len + output_bucket(max_new_tokens) + step_tokens(spec, mode)
+    if mode in ("specpv", "exact"):  # block retrieval needs at least a partial cache's worth of blocks
         length = max(length, spec.static_tokens + spec.block_size)
     return length
 
 
 def kv_bytes(layers: int, batch: int, kv_heads: int, slots: int, head_dim: int, itemsize: int) -> int:
-    slots = -(-slots // PREFIX_BLOCK) * PREFIX_BLOCK
-    return 2 * layers * batch * kv_heads * slots * head_dim * itemsize
+    return 2 * layers * batch * kv_heads * allocated_slots(slots) * head_dim * itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +118,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     spec = spec or SpecConfig()
     size = np.dtype(jax.numpy.dtype(dtype)).itemsize
     h, v = cfg.hidden_size, cfg.vocab_size
-    tree = 1 if mode == "ar" else spec.tree_nodes + 1  # tokens a step verifies; SpecPV full steps re-feed more
-    tree += spec.max_missing if mode in ("specpv", "exact") else 0
+    tree = step_tokens(spec, mode)
     slots = cache_length(spec, mode, context, new_tokens)
     kv = dict(batch=batch, itemsize=size)
     parts = {"weights": param_count(cfg) * size,
@@ -152,7 +156,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     # and KV head, a prefix tile of the group's query rows x a block of keys (`attention.read_block`); the
     # layer loop slices one layer's weights out of the stacked parameters into a buffer of their own.
     group_rows = cfg.num_heads // cfg.num_kv_heads * t
-    prefix_tile = cfg.num_kv_heads * group_rows * read_block(-(-slots // PREFIX_BLOCK) * PREFIX_BLOCK, group_rows)
+    prefix_tile = cfg.num_kv_heads * group_rows * read_block(allocated_slots(slots), group_rows)
     scores = 2 * batch * (cfg.num_heads * t ** 2 + prefix_tile) * 4
     attention_io = 4 * batch * t * cfg.num_heads * cfg.head_dim * 4  # queries, grouped copy, float32 output sums
     logit_buffers = 1 if temperature == 0 else 5 if top_p < 1 else 3  # measured: 1, 2.1 and 4.2 (XLA CPU)
