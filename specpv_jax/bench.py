@@ -124,6 +124,16 @@ def hf_assisted_tokens_per_s(hf_dir: pathlib.Path, assistant_dir: pathlib.Path, 
     return (new_tokens - 1) / max(timed(new_tokens) - timed(1), 1e-9)
 
 
+def _torch_installed() -> bool:
+    """Whether the `transformers` peer can run; says so when it cannot (torch is an optional dependency)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        print("transformers rows skipped: torch is not installed (pip install torch, or pass --no-hf)", flush=True)
+        return False
+    return True
+
+
 def _hf_dir(model, scratch: pathlib.Path) -> pathlib.Path:
     """The model's Hugging Face directory, exported to `scratch` if it came from elsewhere."""
     source = pathlib.Path(model.source) if model.source else None
@@ -273,7 +283,7 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
     prompts = prompts_for(target, contexts)
     # Tuned on the longest prompt benchmarked (random ids would draft and retrieve unlike real text).
     tuned = sj.SpecConfig.tuned(target, drafts["eagle3"], prompts[max(contexts)], verbose=True) if args.tune else None
-    hf_dir = None if args.no_hf else _hf_dir(target, scratch / "target")
+    hf_dir = None if args.no_hf or not _torch_installed() else _hf_dir(target, scratch / "target")
     assistant_dir = _hf_dir(drafts["small"], scratch / "small_draft") if hf_dir and "small" in drafts and any(
         m in SMALL_DRAFT_MODES for m in modes) else None
 

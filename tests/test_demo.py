@@ -122,6 +122,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.torch
 def test_bench_of_an_orbax_target_deletes_its_transformers_copy(tmp_path, monkeypatch):
     """transformers' side of the bench needs an HF directory: one exported for the run, deleted after it (an 8B
     model's copy is 16 GB)."""
@@ -138,6 +139,22 @@ def test_bench_of_an_orbax_target_deletes_its_transformers_copy(tmp_path, monkey
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["ar", "transformers"]
     assert not list((tmp_path / "tmp").rglob("*.safetensors"))
+
+
+def test_bench_without_torch_skips_the_transformers_rows(tmp_path, monkeypatch, capsys):
+    """torch is optional: without it the bench runs our modes and says why the transformers rows are missing."""
+    import sys
+
+    from specpv_jax.cli import main
+
+    target = make_target(64, layers=2)
+    sj.save_target(target, tmp_path / "ckpt")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if not installed: find_spec gives None, import fails
+    assert main(["bench", "--target", str(tmp_path / "ckpt"), "--contexts", "64", "--new-tokens", "4",
+                 "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["ar"] and rows[0]["vs_hf"] is None
+    assert "transformers rows skipped: torch is not installed" in capsys.readouterr().out
 
 
 def test_bench_checks_contexts_against_the_model(tmp_path, capsys):
