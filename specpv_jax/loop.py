@@ -96,30 +96,48 @@ def timed_call(fn: Callable, *args) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-_PREFILL_BARS: list = []  # the progress bar of the prefill running now (host side)
+class _PrefillBar:
+    """The one progress bar of the prefills running now. Their ticks arrive on a runtime thread, with nothing
+    saying which call they belong to, so concurrent calls (threads) share a bar counting all their chunks."""
+
+    lock = threading.Lock()
+    bar: Any = None
+    calls = 0
 
 
 class prefill_progress:
     """`with prefill_progress(chunks, desc):` shows a progress bar that prefills compiled with
-    `run.progress` advance, one chunk at a time (from inside the jitted loop)."""
+    `run.progress` advance, one chunk at a time (from inside the jitted loop). Calls running at the same
+    time add their chunks to one bar."""
 
     def __init__(self, chunks: int, desc: str = "prefill"):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=chunks, desc=desc, unit="chunk", leave=False)
+        self.chunks, self.desc = chunks, desc
+        self.bar = None
 
     def __enter__(self):
-        _PREFILL_BARS.append(self.bar)
+        from tqdm.auto import tqdm
+
+        with _PrefillBar.lock:
+            if _PrefillBar.bar is None:
+                _PrefillBar.bar = tqdm(total=0, desc=self.desc, unit="chunk", leave=False)
+            self.bar = _PrefillBar.bar
+            self.bar.total += self.chunks
+            self.bar.refresh()
+            _PrefillBar.calls += 1
         return self.bar
 
     def __exit__(self, *exc):
-        _PREFILL_BARS.remove(self.bar)
-        self.bar.close()
+        with _PrefillBar.lock:
+            _PrefillBar.calls -= 1
+            if _PrefillBar.calls == 0:
+                _PrefillBar.bar.close()
+                _PrefillBar.bar = None
 
 
 def _tick(_) -> None:
-    if _PREFILL_BARS:
-        _PREFILL_BARS[-1].update(1)
+    with _PrefillBar.lock:
+        if _PrefillBar.bar is not None:
+            _PrefillBar.bar.update(1)
 
 
 def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cache: KVCache,

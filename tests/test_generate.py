@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import numpy as np
 import pytest
@@ -209,6 +211,41 @@ def test_long_prefill_shows_a_progress_bar_per_chunk(monkeypatch):
     sj.generate(target, prompt, 4, prefill_chunk=64, progress=True)
     sj.generate(target, prompt, 4, prefill_chunk=64)  # 5 chunks: below the default threshold, no bar
     assert counts == [5]
+
+
+def test_concurrent_prefills_share_one_progress_bar(monkeypatch):
+    """A prefill's ticks arrive with nothing naming its call: calls in several threads count into one bar
+    (before, a call's chunks advanced whichever bar was entered last)."""
+    import threading
+
+    import specpv_jax.loop as loop
+    from test_eagle import make_target
+
+    gen = importlib.import_module("specpv_jax.generate")
+    target = make_target(16, layers=2)
+    in_bar, other_entered = threading.Event(), threading.Event()
+    original = gen._prefill_and_decode
+
+    def after_the_other_enters(*args, **kwargs):  # this call's bar is open; its prefill waits for the other's
+        in_bar.set()
+        assert other_entered.wait(60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "_prefill_and_decode", after_the_other_enters)
+    closes = []
+    close = loop.prefill_progress.__exit__
+    monkeypatch.setattr(loop.prefill_progress, "__exit__",
+                        lambda self, *e: (closes.append((self.bar, self.bar.n, self.bar.total)), close(self, *e)))
+    worker = threading.Thread(target=sj.generate, args=(target, np.arange(300) % 16, 4),
+                              kwargs=dict(prefill_chunk=64, progress=True))
+    worker.start()
+    assert in_bar.wait(60)
+    with loop.prefill_progress(3):  # entered second; its 3 chunks tick after the worker's 5
+        other_entered.set()
+        worker.join()
+        for c in range(3):
+            loop._tick(c)
+    assert closes[-1][1:] == (8, 8) and len({id(bar) for bar, _, _ in closes}) == 1
 
 
 def test_compiled_code_follows_the_trace_context(target, monkeypatch):
