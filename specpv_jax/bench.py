@@ -229,7 +229,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pick tree and budget with SpecConfig.tuned (instead of --tree and --budget-fraction)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     p.add_argument("--quick", action="store_true", help="1K and 2K contexts, 32 new tokens")
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_results"))
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_results"),
+                   help="directory for bench.json, bench.md and bench.png")
 
 
 def run(args) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import pathlib
 import sys
@@ -42,6 +43,8 @@ def _model_config(path: str):
     from specpv_jax import checkpoint, presets
     from specpv_jax.config import ModelConfig
 
+    if pathlib.Path(path).is_file():
+        raise NotADirectoryError(f"{path} is a file; pass the model directory")
     if not pathlib.Path(path).exists():
         if path in presets.HF_CONFIGS:
             return presets.model_config(path)
@@ -112,7 +115,7 @@ def _cmd_plan(args) -> int:
     if problems:
         raise ValueError(f"--small-draft {args.small_draft} does not fit the model: {'; '.join(problems)}")
     limit = memory.device_bytes_limit()
-    data, model = args.mesh or default_shape(jax.device_count(), cfg)
+    data, model = _mesh_shape(args, spec) or default_shape(jax.device_count(), cfg)
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
           f"context {args.context}, {args.new_tokens} new tokens, batch {args.batch}, {args.dtype}; "
           f"{f'per device of a {data}x{model} mesh; ' if data * model > 1 else ''}device limit "
@@ -144,7 +147,8 @@ def _cmd_plan(args) -> int:
 def _cmd_generate(args) -> int:
     import jax
 
-    from specpv_jax import text
+    from specpv_jax import loading, text
+    from specpv_jax.checkpoint import TOKENIZER_MARKERS
     from specpv_jax.generate import generate
     from specpv_jax.loading import load_draft, load_target
     from specpv_jax.sharding import make_mesh
@@ -159,10 +163,11 @@ def _cmd_generate(args) -> int:
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty")
-    devices = args.mesh[0] * args.mesh[1] if args.mesh else jax.device_count()
-    if spec.offload and devices > 1:
-        raise ValueError(f"--spec offload=true runs on one device, not {devices}: add --mesh 1x1")
-    mesh = make_mesh(*args.mesh, devices=jax.devices()[:devices]) if args.mesh else None
+    shape = _mesh_shape(args, spec)
+    if pathlib.Path(args.model).is_dir() and loading.tokenizer_directory(args.model) is None:
+        raise ValueError(f"{args.model} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)}); generate "
+                         f"encodes the prompt with them: copy them in from the model's Hugging Face directory")
+    mesh = make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]]) if shape else None
     model = load_target(args.model, dtype=args.dtype, mesh=mesh)  # generate runs where the model is
     draft = load_draft(args.draft, model) if args.draft else None
     ids = text.encode_prompt(model.tokenizer, prompt, chat=not args.no_chat)
@@ -179,11 +184,23 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _mesh_shape(args, spec) -> tuple[int, int] | None:
+    """--mesh as (data, model); 1x1 with --spec offload=true (which runs on one device); None: the default."""
+    if not spec.offload:
+        return args.mesh
+    if args.mesh and args.mesh != (1, 1):
+        raise ValueError(f"--spec offload=true runs on one device, not a {args.mesh[0]}x{args.mesh[1]} mesh: "
+                         f"leave out --mesh")
+    return 1, 1
+
+
 def _read_prompt(path: str) -> str:
     try:
         return pathlib.Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompt-file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except OSError as e:
+        raise OSError(f"--prompt-file {path}: {e.strerror}") from None
 
 
 def stats_table(stats: dict) -> str:
@@ -203,7 +220,7 @@ def _cmd_demo(args) -> int:
 def _cmd_train_draft(args) -> int:
     from convert.eagle3 import export_eagle3
     from specpv_jax.checkpoint import check_destination
-    from specpv_jax.loading import load_target
+    from specpv_jax.loading import load_target, tokenizer_directory
     from specpv_jax.train import corpus, eagle
     from specpv_jax.train.trainer import TrainConfig
 
@@ -222,9 +239,12 @@ def _cmd_train_draft(args) -> int:
     if args.long_context is not None and args.long_length > args.long_context:
         raise ValueError(f"--long-length {args.long_length} must not exceed --long-context {args.long_context} "
                          f"(the positions the YaRN fine-tune stretches RoPE to)")
+    short = TrainConfig(args.steps, args.batch, args.length, lr=args.lr)  # checks them
+    long = (TrainConfig(args.long_steps, max(1, args.batch // 4), args.long_length, lr=args.lr / 10, warmup=5)
+            if args.long_context else None)
+    if pathlib.Path(args.target).is_dir() and tokenizer_directory(args.target) is None:
+        raise ValueError(f"{args.target} has no tokenizer files; train-draft tokenizes --data with them")
     target = load_target(args.target, dtype="float32")
-    if target.tokenizer is None:
-        raise ValueError(f"{args.target} has no tokenizer files; train-draft tokenizes --data with it")
     files = [f for path in map(pathlib.Path, args.data)
              for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])]
     missing = [str(f) for f in files if not f.is_file()]
@@ -235,9 +255,6 @@ def _cmd_train_draft(args) -> int:
     docs = [corpus.Document(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
     token_docs = corpus.encode_documents(target.tokenizer, docs)
     print(f"train-draft: {len(docs)} files, {sum(d.size for d in token_docs)} tokens", file=sys.stderr)
-    short = TrainConfig(args.steps, args.batch, args.length, lr=args.lr)
-    long = (TrainConfig(args.long_steps, max(1, args.batch // 4), args.long_length, lr=args.lr / 10, warmup=5)
-            if args.long_context else None)
     head, metrics = eagle.train_eagle3(target.params, target.cfg, token_docs,
                                        min(args.draft_vocab, target.cfg.vocab_size), short, long, args.long_context,
                                        args.unroll, args.work)
@@ -257,7 +274,7 @@ def _cmd_bench(args) -> int:
 def _add_mesh_argument(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--mesh", type=mesh_shape, metavar="DATAxMODEL",
                    help=f"{what} (default: all devices, along model as many as divide the heads; 1x1 with --spec "
-                        f"offload=true on a host with several devices)")
+                        f"offload=true)")
 
 
 def _add_spec_argument(p: argparse.ArgumentParser) -> None:
@@ -266,31 +283,45 @@ def _add_spec_argument(p: argparse.ArgumentParser) -> None:
                         "--spec tree_nodes=30; see help(specpv_jax.SpecConfig)")
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help that states each option's default, where it has one (argparse's own prints "default: None")."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS)) \
+                and "default" not in help:
+            help += " (default: %(default)s)"
+        return help
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specpv-jax", description="Long-context speculative decoding in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpWithDefaults)
 
     c = sub.add_parser("convert", help="convert a Hugging Face LLaMA/Qwen directory to an orbax checkpoint")
     c.add_argument("hf_dir")
     c.add_argument("out_dir")
-    c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the weights are stored in")
     c.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     c.set_defaults(run=_cmd_convert)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("model", help="HF directory or orbax checkpoint")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt")
-    src.add_argument("--prompt-file")
-    g.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="a UTF-8 file holding the prompt text")
+    g.add_argument("--max-new-tokens", type=at_least(1), default=256, help="tokens to generate at most")
     g.add_argument("--mode", default="ar", choices=MODES,
                    help="ar; eagle, specpv, exact (with an EAGLE-3 --draft); specextend (with a small draft "
                         "model --draft); longspec (with a LongSpec --draft)")
     g.add_argument("--draft", help="EAGLE-3 head, small draft model or LongSpec draft directory, or an orbax export")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the weights and caches are loaded in")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--stats", action="store_true", help="print counters and timings to stderr")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
@@ -302,33 +333,35 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True, help="HF directory or orbax checkpoint (only its config is read), "
                     "or a preset: llama-3.1-8b, qwen3-8b")
     pl.add_argument("--context", type=at_least(1), required=True, help="prompt tokens")
-    pl.add_argument("--new-tokens", type=at_least(0), default=256)
-    pl.add_argument("--batch", type=at_least(1), default=1)
-    pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    pl.add_argument("--new-tokens", type=at_least(0), default=256, help="tokens to generate")
+    pl.add_argument("--batch", type=at_least(1), default=1, help="prompts per call")
+    pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the weights and caches")
     pl.add_argument("--small-draft", help="small draft model directory (adds the specextend row)")
     pl.add_argument("--temperature", type=float, default=0.0, help="sampling holds more per step than greedy")
-    pl.add_argument("--top-p", type=float, default=1.0)
+    pl.add_argument("--top-p", type=float, default=1.0, help="below 1, nucleus sampling's buffers")
     _add_mesh_argument(pl, "device mesh to plan for, per device")
     _add_spec_argument(pl)
     pl.set_defaults(run=_cmd_plan)
 
     d = sub.add_parser("demo", help="run the bundled demo")
     d.add_argument("--context", type=at_least(1), default=16384, help="prompt tokens (a held-out module's source)")
-    d.add_argument("--max-new-tokens", type=at_least(1), default=128)
+    d.add_argument("--max-new-tokens", type=at_least(1), default=128, help="tokens each mode generates")
     d.set_defaults(run=_cmd_demo)
     t = sub.add_parser("train-draft", help="train an EAGLE-3 head for a target on text files")
     t.add_argument("--target", required=True, help="HF directory or orbax checkpoint (with tokenizer files)")
     t.add_argument("--data", nargs="+", required=True, help="text files or directories of them")
     t.add_argument("--out", required=True, help="output directory (public EAGLE-3 layout)")
-    t.add_argument("--steps", type=at_least(1), default=1000)
-    t.add_argument("--batch", type=at_least(1), default=8)
+    t.add_argument("--steps", type=at_least(1), default=1000, help="training steps")
+    t.add_argument("--batch", type=at_least(1), default=8, help="sequences per step")
     t.add_argument("--length", type=at_least(2), default=512, help="training sequence length")
-    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule)")
     t.add_argument("--unroll", type=at_least(1), default=5, help="training-time-test steps")
     t.add_argument("--draft-vocab", type=at_least(1), default=32000, help="draft vocabulary size (capped at the target's)")
     t.add_argument("--long-context", type=at_least(2), help="YaRN fine-tune stretching RoPE to this many positions")
-    t.add_argument("--long-steps", type=at_least(1), default=100)
-    t.add_argument("--long-length", type=at_least(2), default=2048)
+    t.add_argument("--long-steps", type=at_least(1), default=100, help="steps of the --long-context fine-tune")
+    t.add_argument("--long-length", type=at_least(2), default=2048,
+                   help="sequence length of the --long-context fine-tune (batch: --batch / 4)")
     t.add_argument("--work", help="directory for resumable training checkpoints")
     t.add_argument("--force", action="store_true", help="replace OUT if it exists")
     t.set_defaults(run=_cmd_train_draft)

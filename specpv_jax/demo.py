@@ -3,7 +3,7 @@
 `demo_models()` loads the small target, its EAGLE-3 head, small draft model and LongSpec drafts shipped in
 `specpv_jax/assets/demo` (trained on the Python standard library's source by
 `python -m specpv_jax.train.demo_models`). The demo continues a held-out
-standard-library document at several context lengths with every mode and
+standard-library document (16K tokens by default) with every mode and
 prints speed, acceptance and fidelity side by side.
 """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import warnings
 from typing import Any, Callable
 
@@ -133,6 +134,8 @@ def _check_draft(draft: Any, mode: str) -> None:
         return
     if draft is None:
         raise ValueError(f"mode {mode!r} needs a draft: pass draft=sj.load_draft(path, target)")
+    if isinstance(draft, (str, os.PathLike)):
+        raise ValueError(f"draft is a path ({draft}); load it first: draft=sj.load_draft(path, target)")
     kind = getattr(draft, "kind", None)
     if kind != DRAFT_KINDS[mode]:
         modes = ", ".join(m for m, k in DRAFT_KINDS.items() if k == kind) or "none"
@@ -169,7 +172,8 @@ def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecCon
         raise TypeError(f"spec must be a SpecConfig, got {type(spec).__name__}")
     _positive_int("max_new_tokens", max_new_tokens)
     _positive_int("prefill_chunk", prefill_chunk)
-    Sampler.create(temperature, top_p)
+    if Sampler.create(temperature, top_p).greedy and top_p < 1:
+        warnings.warn(f"top_p={top_p} has no effect with temperature=0 (greedy decoding)", stacklevel=3)
     resolve_implementation(attention)
     _check_offload(spec, mode)
     if mode != "ar":

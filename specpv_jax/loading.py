@@ -21,8 +21,8 @@ class Model:
     """A loaded decoder: config (static), params (pytree) and optional tokenizer."""
 
     cfg: ModelConfig
-    params: Params
-    tokenizer: Any = None
+    params: Params = dataclasses.field(repr=False)  # a repr of the weights would be megabytes of text
+    tokenizer: Any = dataclasses.field(default=None, repr=False)
     source: str = ""
 
     @property
@@ -30,8 +30,17 @@ class Model:
         return self.params["embed_tokens"]["embedding"].dtype
 
 
-def _tokenizer(directory: pathlib.Path | None):
+def tokenizer_directory(path: str | os.PathLike) -> pathlib.Path | None:
+    """Where a model directory (Hugging Face, or an orbax export) keeps its tokenizer files; None without any."""
+    path = pathlib.Path(path)
+    directory = checkpoint.tokenizer_dir(path) if checkpoint.is_checkpoint(path) else path
     if directory is None or not any((directory / n).is_file() for n in checkpoint.TOKENIZER_MARKERS):
+        return None
+    return directory
+
+
+def _tokenizer(directory: pathlib.Path | None):
+    if directory is None:
         return None
     from transformers import AutoTokenizer
     try:
@@ -71,14 +80,14 @@ def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress
     if mesh is not None:
         sharding.check_mesh(mesh)
     place = (lambda cfg: mesh) if mesh is not None else sharding.default_mesh
-    cfg, params, tokenizer_dir = _load_decoder(pathlib.Path(path), dtype, progress, place)
-    return Model(cfg, params, _tokenizer(tokenizer_dir), str(path))
+    cfg, params = _load_decoder(pathlib.Path(path), dtype, progress, place)
+    return Model(cfg, params, _tokenizer(tokenizer_directory(path)), str(path))
 
 
 def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
-                  place: Callable[[ModelConfig], Mesh | None]) -> tuple[ModelConfig, Params, pathlib.Path | None]:
-    """(config, params placed on the mesh `place(config)` (None: the default device), directory of its
-    tokenizer files or None) of a target-layout model."""
+                  place: Callable[[ModelConfig], Mesh | None]) -> tuple[ModelConfig, Params]:
+    """(config, params placed on the mesh `place(config)` (None: the default device)) of a target-layout
+    model."""
     from convert.hf import load_hf_model, read_config  # convert -> params -> model: imported lazily
 
     _check_directory(path, "model")
@@ -88,10 +97,10 @@ def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
         params = checkpoint.restore(path, _shapes(init_params, cfg), mesh=place(cfg))
         if dtype is not None:
             params = cast_params(params, dtype, str(path))
-        return cfg, params, checkpoint.tokenizer_dir(path)
+        return cfg, params
     if (path / "config.json").is_file():
         cfg, params = load_hf_model(path, dtype, progress=progress, mesh=place(read_config(path)[0]))
-        return cfg, params, path
+        return cfg, params
     raise FileNotFoundError(f"{path} is not a model directory: it has neither config.json (Hugging Face) "
                             f"nor {checkpoint.META_FILE} (specpv-jax orbax export)")
 
@@ -113,8 +122,7 @@ def _shapes(init_params, cfg) -> dict[str, tuple[int, ...]]:
 def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
     """Exports a target model as an orbax checkpoint that restores without HF files or torch."""
     source = pathlib.Path(model.source) if model.source else None
-    tok_dir = source if source is not None and (source / "config.json").is_file() else (
-        checkpoint.tokenizer_dir(source) if source is not None else None)
+    tok_dir = tokenizer_directory(source) if source is not None else None
     checkpoint.check_destination(out_dir, overwrite, source=model.source)
     meta = {"kind": "target", "model_config": model.cfg.to_dict(), "dtype": str(model.dtype)}
     return checkpoint.save(out_dir, model.params, meta, tokenizer_dir=tok_dir, overwrite=overwrite)
@@ -172,7 +180,7 @@ def _is_eagle3_config(config_json: pathlib.Path) -> bool:
 def _small_draft(path: pathlib.Path, dtype, target: Model) -> Any:
     from specpv_jax.draft.small import SmallDraft, fit_problems
 
-    cfg, params, _ = _load_decoder(path, dtype, False, lambda cfg: None)  # it shares the target's tokenizer
+    cfg, params = _load_decoder(path, dtype, False, lambda cfg: None)  # it shares the target's tokenizer
     problems = fit_problems(cfg, target.cfg)
     if problems:
         raise ValueError(f"{path}: this draft model does not fit the target: {'; '.join(problems)}")

@@ -45,6 +45,10 @@ def bucket_length(n: int, chunk: int) -> int:
 
 
 def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
+    if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
+                                      and isinstance(input_ids[0], str)):
+        raise PromptError("input_ids is text: encode it into token ids first, e.g. "
+                          "target.tokenizer(text)['input_ids']")
     if isinstance(input_ids, (list, tuple)) and input_ids and np.ndim(input_ids[0]) >= 1:  # rows (lists, arrays)
         if attention_mask is not None:
             raise PromptError("attention_mask is only accepted with a rectangular input_ids array")
@@ -103,10 +107,10 @@ def prepare(input_ids: Any, cfg: ModelConfig, max_new_tokens: int, chunk: int,
         if bad.size:
             raise PromptError(f"prompt {b} has token id {int(bad[0])} outside the vocabulary [0, {cfg.vocab_size})")
         if r.size + max_new_tokens > cfg.max_position_embeddings:
-            raise PromptError(
-                f"prompt {b} has {r.size} tokens; with max_new_tokens={max_new_tokens} that is "
-                f"{r.size + max_new_tokens} positions, over the model's max_position_embeddings="
-                f"{cfg.max_position_embeddings}")
+            new = f"; with max_new_tokens={max_new_tokens} that is {r.size + max_new_tokens} positions" \
+                if max_new_tokens else ""
+            raise PromptError(f"prompt {b} has {r.size} tokens{new}, over the model's max_position_embeddings="
+                              f"{cfg.max_position_embeddings}")
     lengths = np.array([r.size for r in rows], np.int32)
     ids = np.zeros((len(rows), bucket_length(int(lengths.max()), chunk)), np.int32)
     for b, r in enumerate(rows):

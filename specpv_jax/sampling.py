@@ -38,7 +38,7 @@ class Sampler:
         # At least float32's smallest normal number: a tiny temperature then samples the argmax instead of
         # overflowing (or, flushed to zero, dividing by zero) into NaN.
         return cls(np.float32(max(temperature, float(np.finfo(np.float32).tiny))), np.float32(top_p),
-                   greedy=temperature == 0, nucleus=top_p < 1)
+                   greedy=temperature == 0, nucleus=top_p < 1 and temperature > 0)
 
     def probs(self, logits: jax.Array) -> jax.Array:
         """The distribution tokens are drawn from, `[..., V]` float32 (one-hot at argmax when greedy)."""

@@ -210,12 +210,21 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "untokenized").mkdir()
+    (tmp_path / "untokenized" / "config.json").write_text("{}")
     target = str(ASSETS / "target")
     for argv, message in [
         (["generate", target, "--prompt", "x", "--mode", "eagle"], "--mode eagle needs --draft DIR"),
         (["generate", target, "--prompt", "x", "--draft", str(ASSETS / "eagle3")], "--mode ar uses no draft"),
         (["generate", target, "--prompt", "x", "--mode", "eagle", "--draft", str(tmp_path / "nope")], "does not exist"),
-        (["generate", target, "--prompt-file", str(tmp_path / "nope.txt")], "No such file"),
+        (["generate", target, "--prompt-file", str(tmp_path / "nope.txt")], "--prompt-file " + str(tmp_path / "nope.txt") + ": No such file"),
+        (["generate", target, "--prompt-file", str(tmp_path)], ": Is a directory"),
+        (["generate", str(tmp_path / "untokenized"), "--prompt", "x"], "untokenized has no tokenizer files"),
+        (["train-draft", "--target", str(tmp_path / "untokenized"), "--data", "x.txt", "--out", str(tmp_path / "new")],
+         "untokenized has no tokenizer files"),
+        (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--lr", "nan"],
+         "lr must be finite and > 0, got nan"),
+        (["plan", "--model", str(tmp_path / "afile"), "--context", "9"], "afile is a file; pass the model directory"),
         (["generate", target, "--prompt-file", str(tmp_path / "latin1.txt")], "latin1.txt is not UTF-8 text"),
         (["generate", target, "--prompt", "  "], "the prompt is empty"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "out")], "already exists"),
@@ -231,7 +240,7 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
         (["plan", "--model", "llama-3.1-8b", "--context", "131072"], "exceed the model's max_position_embeddings"),
         (["generate", target, "--prompt", "x", "--mesh", "2x4"], "a 2 x 4 mesh needs 8 devices, 1 given"),
         (["generate", target, "--prompt", "x", "--mesh", "1x2", "--mode", "exact", "--draft", str(ASSETS / "eagle3"),
-          "--spec", "offload=true"], "--spec offload=true runs on one device, not 2: add --mesh 1x1"),
+          "--spec", "offload=true"], "--spec offload=true runs on one device, not a 1x2 mesh: leave out --mesh"),
         (["bench", "--draft", str(ASSETS / "eagle3")], "--draft needs --target"),
         (["bench", "--out", str(tmp_path / "afile")], "is a file"),
         (["bench", "--out", str(tmp_path / "afile" / "results")], "afile is a file"),

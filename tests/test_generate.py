@@ -27,6 +27,8 @@ def target(hf_model):
     (np.zeros((0, 4), np.int32), {}, "input_ids is empty"),
     ([[5, 6], []], {}, "prompt 1 is empty"),
     (np.array([5.0, 6.0]), {}, "input_ids must be integer token ids, got dtype float64"),
+    ("def add(a, b):", {}, "input_ids is text: encode it into token ids first"),
+    (["def", "add"], {}, "input_ids is text"),
     (np.zeros((1, 2, 3), np.int32), {}, r"input_ids must have shape \[T\] or \[B, T\], got \(1, 2, 3\)"),
     (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 0, 1]])}, "not one contiguous run of ones"),
     (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 1]])}, r"attention_mask shape \(1, 2\) does not match"),
@@ -68,6 +70,10 @@ def test_other_bad_arguments_are_named(target):
         sj.generate(target, [5, 6], spec={"tree_nodes": 4})
     with pytest.raises(ValueError, match="temperature must be finite"):
         sj.generate(target, [5, 6], temperature=float("inf"))
+    with pytest.raises(ValueError, match=r"draft is a path \(heads/eagle3\); load it first"):
+        sj.generate(target, [5, 6], mode="eagle", draft="heads/eagle3")
+    with pytest.raises(PromptError, match="prompt 0 has 2049 tokens, over the model's max_position_embeddings=2048"):
+        sj.forward_logits(target, np.arange(2049) % 150)
     out = sj.generate(target, [[5, 6]], 4, eos_token_ids=np.int64(7))
     with pytest.raises(PromptError, match="1 prompts for an output of 2 rows"):
         sj.fidelity(target, [[5, 6]], sj.generate(target, [[5, 6], [5, 6]], 4))
@@ -82,6 +88,20 @@ def test_ragged_rows_of_any_array_type(target):
     for convert in (np.asarray, jnp.asarray, tuple):
         np.testing.assert_array_equal(sj.generate(target, [convert(r) for r in rows], 6, eos_token_ids=()).tokens,
                                       ref.tokens)
+
+
+def test_top_p_without_sampling_is_a_warning_and_greedy(target):
+    greedy = sj.generate(target, [5, 6, 7], 6, eos_token_ids=())
+    with pytest.warns(UserWarning, match="top_p=0.5 has no effect with temperature=0"):
+        out = sj.generate(target, [5, 6, 7], 6, top_p=0.5, eos_token_ids=())
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+
+
+def test_models_print_without_their_weights(target):
+    models = sj.demo_models()
+    for model in (target, models.eagle3, models.small_draft, models.longspec):
+        text = repr(model)
+        assert "Config(" in text and "Array" not in text and len(text) < 2000, text[:200]
 
 
 def test_a_tiny_temperature_samples_the_argmax(target):

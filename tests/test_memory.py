@@ -150,6 +150,23 @@ def test_plan_per_device_of_a_mesh(capsys):
     assert tp["specpv"][3:5] == ["-", "-"]  # offload runs on one device
 
 
+def test_plan_with_offload_plans_one_device(capsys, monkeypatch):
+    """--spec offload=true runs on one device, so plans it (before: the default mesh's per-device figures and
+    no offload column, on a host with several devices)."""
+    import jax
+
+    from specpv_jax.cli import main
+
+    monkeypatch.setattr(jax, "device_count", lambda *a: 8)
+    assert main(["plan", "--model", "llama-3.1-8b", "--context", "65536", "--spec", "offload=true"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert "per device" not in out.splitlines()[0] and rows["specpv"][3] != "-"
+    assert main(["plan", "--model", "llama-3.1-8b", "--context", "65536", "--spec", "offload=true",
+                 "--mesh", "1x8"]) == 1
+    assert "--spec offload=true runs on one device, not a 1x8 mesh" in capsys.readouterr().err
+
+
 def test_plan_takes_a_preset_name(capsys):
     from specpv_jax.cli import main
 

@@ -61,8 +61,8 @@ class Eagle3:
     """A loaded EAGLE-3 head: config, params and the draft-to-target vocabulary offsets `d2t [V_draft]`."""
 
     cfg: DraftConfig
-    params: Params
-    d2t: jax.Array
+    params: Params = dataclasses.field(repr=False)
+    d2t: jax.Array = dataclasses.field(repr=False)
     source: str = ""
 
     kind = "eagle3"

@@ -52,7 +52,7 @@ class LongSpecDraft:
     """A loaded LongSpec draft: config and params (embedding and LM head come from the target)."""
 
     cfg: LongSpecConfig
-    params: Params
+    params: Params = dataclasses.field(repr=False)
     source: str = ""
 
     kind = "longspec"

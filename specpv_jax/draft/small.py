@@ -38,7 +38,7 @@ class SmallDraft:
     """A loaded small draft model: a decoder's config and params (its own embeddings and LM head)."""
 
     cfg: ModelConfig
-    params: M.Params
+    params: M.Params = dataclasses.field(repr=False)
     source: str = ""
 
     kind = "small"

@@ -43,8 +43,8 @@ class TrainConfig:
         for name in ("steps", "batch", "length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"TrainConfig.lr must be finite and > 0, got {self.lr}")
 
 
 def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
