@@ -13,11 +13,29 @@ def chi_square_pvalue(samples: np.ndarray, probs: np.ndarray, min_expected: floa
     Draws of a zero-probability token give p = 0.
     """
     probs = np.asarray(probs, np.float64)
-    probs = probs / probs.sum()
     counts = np.bincount(np.asarray(samples).ravel(), minlength=probs.size).astype(np.float64)
-    if counts[probs == 0].sum() > 0:
+    return _chi_square(counts, probs / probs.sum() * counts.sum(), min_expected)
+
+
+def teacher_forced_pvalues(target, prompt, tokens: np.ndarray, sampler) -> np.ndarray:
+    """p-values `[k]` of chi-square tests that each position j of the rows `tokens [N, k]` sampled after
+    `prompt` was drawn from the full-context target's `sampler` distribution given that row's tokens before j
+    (expected counts: the sum of those distributions over the rows)."""
+    import specpv_jax as sj
+
+    n, k = tokens.shape
+    seqs = np.concatenate([np.tile(np.asarray(prompt, np.int32), (n, 1)), tokens.astype(np.int32)], 1)
+    logits = sj.forward_logits(target, seqs)[:, len(prompt) - 1: len(prompt) - 1 + k]
+    probs = np.asarray(sampler.probs(logits), np.float64)
+    probs /= probs.sum(-1, keepdims=True)
+    vocab = probs.shape[-1]
+    return np.array([_chi_square(np.bincount(tokens[:, j], minlength=vocab).astype(np.float64), probs[:, j].sum(0))
+                     for j in range(k)])
+
+
+def _chi_square(counts: np.ndarray, expected: np.ndarray, min_expected: float = 5.0) -> float:
+    if counts[expected == 0].sum() > 0:
         return 0.0
-    expected = probs * counts.sum()
     big = expected >= min_expected
     obs = np.append(counts[big], counts[~big].sum())
     exp = np.append(expected[big], expected[~big].sum())

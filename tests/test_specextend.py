@@ -135,7 +135,7 @@ def test_target_as_its_own_draft_accepts_every_token(pair):
 
 
 def test_sampling_is_lossless():
-    """The joint law of the first three new tokens under `specextend` equals the target's."""
+    """The joint law of the first three new tokens (temperature 0.7, top_p 0.8) under `specextend` equals the target's."""
     vocab = 8
     target = make_target(vocab, seed=3, layers=2, sharpen=1.0)
     d = make_target(vocab, seed=4, layers=2, sharpen=1.0)
@@ -143,10 +143,10 @@ def test_sampling_is_lossless():
     prompt = [1, 5, 2, 7, 3]
     # A working cache of a few 4-token chunks, re-chosen every step: retrieval runs, and stays cheap at 4096 rows.
     spec = sj.SpecConfig(tree_depth=2, tree_top_k=5, tree_nodes=10, chunk_tokens=4, draft_chunks=2, retrieve_every=1)
-    out = sj.generate(target, [prompt] * 4096, 3, draft=draft, mode="specextend", spec=spec, temperature=1.0,
-                      seed=11, eos_token_ids=())
+    out = sj.generate(target, [prompt] * 4096, 3, draft=draft, mode="specextend", spec=spec, temperature=0.7,
+                      top_p=0.8, seed=11, eos_token_ids=())
     assert out.stats["mean_accept_len"] > 1.2  # drafted tokens are accepted, so rejection is exercised
-    law = three_token_law(target, prompt, Sampler.create(1.0))
+    law = three_token_law(target, prompt, Sampler.create(0.7, 0.8))
     assert chi_square_pvalue(three_token_cells(out.tokens, vocab), law) > 1e-3
 
 

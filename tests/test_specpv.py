@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import specpv_jax as sj
-from sampling_stats import chi_square_pvalue, three_token_cells, three_token_law
+from sampling_stats import chi_square_pvalue, teacher_forced_pvalues
 from specpv_jax import model as M
 from specpv_jax import hlo, retrieval
 from specpv_jax.cache import BlockSummary, KVCache
@@ -222,19 +222,37 @@ def test_provisional_check_restores_the_target_law(temperature, top_p):
     assert chi_square_pvalue(drawn[:, 0], p) < 1e-6  # the test can tell q from p
 
 
-def test_exact_sampling_follows_the_full_context_target():
-    """Sampled `exact` generation, with partial steps and rollbacks, keeps the full-context target's joint law
-    of the first three tokens."""
+def sampled_per_key(mode: str, samples: int, new_tokens: int):
+    """`samples` generations of one prompt at temperature 0.7, top_p 0.8, each its own batch (`make_generate_fn`
+    vmapped over keys: each takes its own partial/full steps, where a batch's rows would share them), with a
+    partial cache (a 16-token window) that often disagrees with the full context. Returns (target, prompt,
+    sampler, tokens [samples, new_tokens])."""
     vocab = 8
     target = make_target(vocab, seed=3, layers=3, sharpen=1.0)
     head = make_head(target, draft_vocab=6, seed=4)
-    spec = small_spec(retrieval_tokens=16, window=16, sink=16, tree_depth=2, tree_top_k=5, tree_nodes=10)
-    prompt = list(np.random.default_rng(6).integers(0, vocab, 64))
-    out = sj.generate(target, [prompt] * 2048, 3, draft=head, mode="exact", spec=spec, temperature=1.0, seed=1,
-                      eos_token_ids=())
-    assert out.stats["partial_verifications"] > 0 and out.stats["rollbacks"] > 0
-    law = three_token_law(target, prompt, Sampler.create(1.0))
-    assert chi_square_pvalue(three_token_cells(out.tokens, vocab), law) > 1e-3
+    spec = small_spec(retrieval_tokens=0, window=16, sink=0, tree_depth=2, tree_top_k=5, tree_nodes=10)
+    prompt = np.random.default_rng(6).integers(0, vocab, 64).astype(np.int32)
+    fn = sj.make_generate_fn(target.cfg, spec, mode=mode, draft_cfg=head.cfg, max_new_tokens=new_tokens,
+                             temperature=0.7, top_p=0.8, eos_token_ids=())
+    keys = jax.random.split(jax.random.key(1), samples)
+    tokens, lengths = jax.jit(jax.vmap(fn, in_axes=(None, None, None, 0)))(
+        target.params, {"params": head.params, "d2t": head.d2t}, jnp.asarray(prompt[None]), keys)
+    assert (np.asarray(lengths) == new_tokens).all()
+    return target, prompt, Sampler.create(0.7, 0.8), np.asarray(tokens)[:, 0]
+
+
+def test_exact_sampling_follows_the_full_context_target():
+    """Sampled `exact` generation, with partial steps and rollbacks, draws each of its first 6 tokens from the
+    full-context target's distribution given the tokens before it."""
+    target, prompt, sampler, tokens = sampled_per_key("exact", 1024, 6)
+    assert teacher_forced_pvalues(target, prompt, tokens, sampler).min() > 1e-3
+
+
+@pytest.mark.slow
+def test_the_exact_sampling_check_tells_specpv_apart():
+    """The check above has the power to see a partial cache's drift: `specpv` fails it."""
+    target, prompt, sampler, tokens = sampled_per_key("specpv", 1024, 6)
+    assert teacher_forced_pvalues(target, prompt, tokens, sampler).min() < 1e-6
 
 
 def test_provisional_cap_pauses_partial_steps_after_a_losing_rollback():
