@@ -135,7 +135,8 @@ def test_target_as_its_own_draft_accepts_every_token(pair):
 
 
 def test_sampling_is_lossless():
-    """The joint law of the first three new tokens (temperature 0.7, top_p 0.8) under `specextend` equals the target's."""
+    """The joint law of the first three new tokens under `specextend` (temperature 0.7, top_p 0.8) is the
+    target's."""
     vocab = 8
     target = make_target(vocab, seed=3, layers=2, sharpen=1.0)
     d = make_target(vocab, seed=4, layers=2, sharpen=1.0)
