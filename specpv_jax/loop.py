@@ -119,10 +119,11 @@ class prefill_progress:
 
         with _PrefillBar.lock:
             if _PrefillBar.bar is None:
-                _PrefillBar.bar = tqdm(total=0, desc=self.desc, unit="chunk", leave=False)
+                _PrefillBar.bar = tqdm(total=self.chunks, desc=self.desc, unit="chunk", leave=False)
+            else:
+                _PrefillBar.bar.total += self.chunks
+                _PrefillBar.bar.refresh()
             self.bar = _PrefillBar.bar
-            self.bar.total += self.chunks
-            self.bar.refresh()
             _PrefillBar.calls += 1
         return self.bar
 
