@@ -141,6 +141,20 @@ def test_bench_of_an_orbax_target_deletes_its_transformers_copy(tmp_path, monkey
     assert not list((tmp_path / "tmp").rglob("*.safetensors"))
 
 
+def test_bench_takes_each_modes_fastest_timed_run_in_turns(monkeypatch):
+    """Modes take turns (a slow spell of the machine spreads over them); the warm-up round is not reported."""
+    from types import SimpleNamespace
+
+    from specpv_jax import bench
+
+    calls, speeds = [], iter([900, 900, 10, 20, 30, 5])  # warm-up ar, eagle; round 1; round 2
+    monkeypatch.setattr(bench, "run_mode", lambda *args: calls.append(args[4]) or SimpleNamespace(
+        stats={"tokens_per_s": next(speeds)}))
+    best = bench.fastest_runs(None, {}, None, 4, ["ar", "eagle"], None)
+    assert calls == ["ar", "eagle"] * 3
+    assert {mode: out.stats["tokens_per_s"] for mode, out in best.items()} == {"ar": 30, "eagle": 20}
+
+
 def test_bench_without_torch_skips_the_transformers_rows(tmp_path, monkeypatch, capsys):
     """torch is optional: without it the bench runs our modes and says why the transformers rows are missing."""
     import sys
