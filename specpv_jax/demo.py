@@ -134,4 +134,14 @@ def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...]
     for r in rows:
         print(f"{r['mode']:>{width}} {r['tokens_per_s']:>8.1f} {r['tokens_per_s'] / base:>7.2f}x "
               f"{r['mean_accept_len']:>7.2f} {r['full']:>5} {r['partial']:>8} {r['fidelity']:>9.3f}")
+    if jax.default_backend() == "cpu":
+        print(CPU_NOTE)
     return rows
+
+
+CPU_NOTE = """
+On a CPU, verifying a tree of drafted tokens costs compute in proportion to its
+tokens, so speculation gains little or nothing over `ar` (on some CPUs it is
+slower); on a GPU with a large model, verifying 60 tokens costs about one `ar`
+step (the regime the papers report). One run per
+mode: speeds on a shared machine vary; `specpv-jax bench` repeats them."""
