@@ -147,7 +147,7 @@ def _cmd_plan(args) -> int:
 def _cmd_generate(args) -> int:
     import jax
 
-    from specpv_jax import loading, text
+    from specpv_jax import checkpoint, loading, text
     from specpv_jax.checkpoint import TOKENIZER_MARKERS
     from specpv_jax.generate import generate
     from specpv_jax.loading import load_draft, load_target
@@ -165,8 +165,10 @@ def _cmd_generate(args) -> int:
         raise ValueError("the prompt is empty")
     shape = _mesh_shape(args, spec)
     if pathlib.Path(args.model).is_dir() and loading.tokenizer_directory(args.model) is None:
+        where = pathlib.Path(args.model) / "tokenizer" if checkpoint.is_checkpoint(args.model) else args.model
         raise ValueError(f"{args.model} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)}); generate "
-                         f"encodes the prompt with them: copy them in from the model's Hugging Face directory")
+                         f"encodes the prompt with them: copy them from the model's Hugging Face directory "
+                         f"into {where}")
     mesh = make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]]) if shape else None
     model = load_target(args.model, dtype=args.dtype, mesh=mesh)  # generate runs where the model is
     draft = load_draft(args.draft, model) if args.draft else None

@@ -45,10 +45,6 @@ def bucket_length(n: int, chunk: int) -> int:
 
 
 def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
-    if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
-                                      and isinstance(input_ids[0], str)):
-        raise PromptError("input_ids is text: encode it into token ids first, e.g. "
-                          "target.tokenizer(text)['input_ids']")
     if isinstance(input_ids, (list, tuple)) and input_ids and np.ndim(input_ids[0]) >= 1:  # rows (lists, arrays)
         if attention_mask is not None:
             raise PromptError("attention_mask is only accepted with a rectangular input_ids array")
@@ -84,6 +80,9 @@ def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
 
 
 def _check_dtype(a: np.ndarray) -> None:
+    if a.dtype.kind in "US":
+        raise PromptError("input_ids is text: encode it into token ids first, e.g. "
+                          "target.tokenizer(text)['input_ids']")
     if a.size and not np.issubdtype(a.dtype, np.integer):
         raise PromptError(f"input_ids must be integer token ids, got dtype {a.dtype}")
 

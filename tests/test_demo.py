@@ -214,6 +214,7 @@ def test_cli_generate_passes_spec_fields(monkeypatch, capsys):
 
 def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, capsys):
     from specpv_jax import loading
+    from specpv_jax.checkpoint import META_FILE
     from specpv_jax.cli import main
 
     def no_loading(*args, **kwargs):
@@ -228,6 +229,8 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
     (tmp_path / "afile").write_text("x")
     (tmp_path / "untokenized").mkdir()
     (tmp_path / "untokenized" / "config.json").write_text("{}")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / META_FILE).write_text("{}")
     target = str(ASSETS / "target")
     for argv, message in [
         (["generate", target, "--prompt", "x", "--mode", "eagle"], "--mode eagle needs --draft DIR"),
@@ -236,6 +239,7 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
         (["generate", target, "--prompt-file", str(tmp_path / "nope.txt")], "--prompt-file " + str(tmp_path / "nope.txt") + ": No such file"),
         (["generate", target, "--prompt-file", str(tmp_path)], ": Is a directory"),
         (["generate", str(tmp_path / "untokenized"), "--prompt", "x"], "untokenized has no tokenizer files"),
+        (["generate", str(tmp_path / "export"), "--prompt", "x"], "directory into " + str(tmp_path / "export" / "tokenizer")),
         (["train-draft", "--target", str(tmp_path / "untokenized"), "--data", "x.txt", "--out", str(tmp_path / "new")],
          "untokenized has no tokenizer files"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--lr", "nan"],

@@ -29,6 +29,8 @@ def target(hf_model):
     (np.array([5.0, 6.0]), {}, "input_ids must be integer token ids, got dtype float64"),
     ("def add(a, b):", {}, "input_ids is text: encode it into token ids first"),
     (["def", "add"], {}, "input_ids is text"),
+    ([["def"], ["add", "(a)"]], {}, "input_ids is text"),
+    (np.array([b"def", b"add"]), {}, "input_ids is text"),
     (np.zeros((1, 2, 3), np.int32), {}, r"input_ids must have shape \[T\] or \[B, T\], got \(1, 2, 3\)"),
     (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 0, 1]])}, "not one contiguous run of ones"),
     (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 1]])}, r"attention_mask shape \(1, 2\) does not match"),

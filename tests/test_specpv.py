@@ -222,16 +222,24 @@ def test_provisional_check_restores_the_target_law(temperature, top_p):
     assert chi_square_pvalue(drawn[:, 0], p) < 1e-6  # the test can tell q from p
 
 
-def sampled_per_key(mode: str, samples: int, new_tokens: int):
-    """`samples` generations of one prompt at temperature 0.7, top_p 0.8, each its own batch (`make_generate_fn`
-    vmapped over keys: each takes its own partial/full steps, where a batch's rows would share them), with a
-    partial cache (a 16-token window) that often disagrees with the full context. Returns (target, prompt,
-    sampler, tokens [samples, new_tokens])."""
+SEED_WITH_A_ROLLBACK = 1  # of 6 seeds tried, all take partial steps and 5 roll back
+
+
+def sampling_setup():
+    """A target, its head, a spec whose partial cache (a 16-token window) often disagrees with the full context,
+    and a prompt."""
     vocab = 8
     target = make_target(vocab, seed=3, layers=3, sharpen=1.0)
     head = make_head(target, draft_vocab=6, seed=4)
     spec = small_spec(retrieval_tokens=0, window=16, sink=0, tree_depth=2, tree_top_k=5, tree_nodes=10)
-    prompt = np.random.default_rng(6).integers(0, vocab, 64).astype(np.int32)
+    return target, head, spec, np.random.default_rng(6).integers(0, vocab, 64).astype(np.int32)
+
+
+def sampled_per_key(mode: str, samples: int, new_tokens: int):
+    """`samples` generations (`sampling_setup`) at temperature 0.7, top_p 0.8, each its own batch
+    (`make_generate_fn` vmapped over keys: each takes its own partial/full steps, where a batch's rows would
+    share them). Returns (target, prompt, sampler, tokens [samples, new_tokens])."""
+    target, head, spec, prompt = sampling_setup()
     fn = sj.make_generate_fn(target.cfg, spec, mode=mode, draft_cfg=head.cfg, max_new_tokens=new_tokens,
                              temperature=0.7, top_p=0.8, eos_token_ids=())
     keys = jax.random.split(jax.random.key(1), samples)
@@ -244,6 +252,10 @@ def sampled_per_key(mode: str, samples: int, new_tokens: int):
 def test_exact_sampling_follows_the_full_context_target():
     """Sampled `exact` generation, with partial steps and rollbacks, draws each of its first 6 tokens from the
     full-context target's distribution given the tokens before it."""
+    target, head, spec, prompt = sampling_setup()
+    stats = sj.generate(target, prompt, 6, draft=head, mode="exact", spec=spec, temperature=0.7, top_p=0.8,
+                        seed=SEED_WITH_A_ROLLBACK, eos_token_ids=()).stats
+    assert stats["partial_verifications"] > 0 and stats["rollbacks"] > 0  # what the samples below go through
     target, prompt, sampler, tokens = sampled_per_key("exact", 1024, 6)
     assert teacher_forced_pvalues(target, prompt, tokens, sampler).min() > 1e-3
 
