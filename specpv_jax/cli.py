@@ -147,8 +147,7 @@ def _cmd_plan(args) -> int:
 def _cmd_generate(args) -> int:
     import jax
 
-    from specpv_jax import checkpoint, loading, text
-    from specpv_jax.checkpoint import TOKENIZER_MARKERS
+    from specpv_jax import text
     from specpv_jax.generate import generate
     from specpv_jax.loading import load_draft, load_target
     from specpv_jax.sharding import make_mesh
@@ -164,11 +163,7 @@ def _cmd_generate(args) -> int:
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     shape = _mesh_shape(args, spec)
-    if pathlib.Path(args.model).is_dir() and loading.tokenizer_directory(args.model) is None:
-        where = pathlib.Path(args.model) / "tokenizer" if checkpoint.is_checkpoint(args.model) else args.model
-        raise ValueError(f"{args.model} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)}); generate "
-                         f"encodes the prompt with them: copy them from the model's Hugging Face directory "
-                         f"into {where}")
+    _require_tokenizer(args.model, "generate encodes the prompt with them")
     mesh = make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]]) if shape else None
     model = load_target(args.model, dtype=args.dtype, mesh=mesh)  # generate runs where the model is
     draft = load_draft(args.draft, model) if args.draft else None
@@ -184,6 +179,16 @@ def _cmd_generate(args) -> int:
     if args.stats:
         print(stats_table(out.stats), file=sys.stderr)
     return 0
+
+
+def _require_tokenizer(model: str, why: str) -> None:
+    """Raises, before any loading, when the model directory `model` has no tokenizer files."""
+    from specpv_jax import checkpoint, loading
+
+    if pathlib.Path(model).is_dir() and loading.tokenizer_directory(model) is None:
+        where = pathlib.Path(model) / "tokenizer" if checkpoint.is_checkpoint(model) else model
+        raise ValueError(f"{model} has no tokenizer files ({', '.join(checkpoint.TOKENIZER_MARKERS)}); {why}: "
+                         f"copy them from the model's Hugging Face directory into {where}")
 
 
 def _mesh_shape(args, spec) -> tuple[int, int] | None:
@@ -222,7 +227,7 @@ def _cmd_demo(args) -> int:
 def _cmd_train_draft(args) -> int:
     from convert.eagle3 import export_eagle3
     from specpv_jax.checkpoint import check_destination
-    from specpv_jax.loading import load_target, tokenizer_directory
+    from specpv_jax.loading import load_target
     from specpv_jax.train import corpus, eagle
     from specpv_jax.train.trainer import TrainConfig
 
@@ -244,8 +249,7 @@ def _cmd_train_draft(args) -> int:
     short = TrainConfig(args.steps, args.batch, args.length, lr=args.lr)  # checks them
     long = (TrainConfig(args.long_steps, max(1, args.batch // 4), args.long_length, lr=args.lr / 10, warmup=5)
             if args.long_context else None)
-    if pathlib.Path(args.target).is_dir() and tokenizer_directory(args.target) is None:
-        raise ValueError(f"{args.target} has no tokenizer files; train-draft tokenizes --data with them")
+    _require_tokenizer(args.target, "train-draft tokenizes --data with them")
     target = load_target(args.target, dtype="float32")
     files = [f for path in map(pathlib.Path, args.data)
              for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])]

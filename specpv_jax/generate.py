@@ -164,21 +164,23 @@ def _check_draft_config(target_cfg: ModelConfig, dcfg: Any, mode: str, spec: Spe
 
 
 def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecConfig | None, max_new_tokens,
-                    temperature, top_p, prefill_chunk, attention: str) -> SpecConfig:
-    """Raises naming the first setting `generate` / `make_generate_fn` cannot run with; returns the SpecConfig."""
+                    temperature, top_p, prefill_chunk, attention: str) -> tuple[SpecConfig, Sampler]:
+    """Raises naming the first setting `generate` / `make_generate_fn` cannot run with; returns the SpecConfig
+    and the Sampler."""
     _check_mode(mode)
     spec = SpecConfig() if spec is None else spec
     if not isinstance(spec, SpecConfig):
         raise TypeError(f"spec must be a SpecConfig, got {type(spec).__name__}")
     _positive_int("max_new_tokens", max_new_tokens)
     _positive_int("prefill_chunk", prefill_chunk)
-    if Sampler.create(temperature, top_p).greedy and top_p < 1:
+    sampler = Sampler.create(temperature, top_p)
+    if sampler.greedy and top_p < 1:
         warnings.warn(f"top_p={top_p} has no effect with temperature=0 (greedy decoding)", stacklevel=3)
     resolve_implementation(attention)
     _check_offload(spec, mode)
     if mode != "ar":
         _check_draft_config(target_cfg, dcfg, mode, spec)
-    return spec
+    return spec, sampler
 
 
 def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft: Any = None, mode: str = "ar",
@@ -211,8 +213,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         raise TypeError(f"target must be a model from sj.load_target, got {type(target).__name__}")
     _check_draft(draft, mode)
     draft = None if mode == "ar" else draft  # "ar" ignores a draft
-    spec = _check_settings(target.cfg, mode, getattr(draft, "cfg", None), spec, max_new_tokens, temperature, top_p,
-                           prefill_chunk, attention)
+    spec, sampler = _check_settings(target.cfg, mode, getattr(draft, "cfg", None), spec, max_new_tokens,
+                                    temperature, top_p, prefill_chunk, attention)
     if not _is_int(seed) or not -2 ** 63 <= seed < 2 ** 63:
         raise ValueError(f"seed must be a 64-bit signed integer, got {seed!r}")
     if stream is not None and not callable(stream):
@@ -257,7 +259,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     with prefill_progress(chunks) if progress else contextlib.nullcontext(), run_mesh, streaming as call:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
             run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
-            _prng_key(seed), Sampler.create(temperature, top_p), jnp.asarray(eos),
+            _prng_key(seed), sampler, jnp.asarray(eos),
             jnp.asarray(max_new_tokens, jnp.int32), mesh)
     if stream is not None and _stream_failed(call.error):
         # The stream function raised (and was not called again): its error, not the runtime's.
@@ -399,13 +401,12 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
     _check_mode(mode)
     if mode != "ar" and draft_cfg is None:
         raise ValueError(f"mode {mode!r} needs draft_cfg (the draft's config: draft.cfg)")
-    spec = _check_settings(target_cfg, mode, draft_cfg, spec_cfg, max_new_tokens, temperature, top_p, prefill_chunk,
-                           attention)
+    spec, sampler = _check_settings(target_cfg, mode, draft_cfg, spec_cfg, max_new_tokens, temperature, top_p,
+                                    prefill_chunk, attention)
     if spec.offload:
         raise NotImplementedError("SpecConfig(offload=True) needs generate (it allocates the cache in host memory "
                                   "outside jit); make_generate_fn keeps the cache on the device")
     eos = _eos_ids(target_cfg, eos_token_ids)
-    sampler = Sampler.create(temperature, top_p)
 
     def untimed(fn, *args):
         return fn(*args), 0.0
