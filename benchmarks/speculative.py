@@ -59,7 +59,7 @@ def profile_step(target: sj.Model, head: eagle3.Eagle3, spec: sj.SpecConfig, con
     @jax.jit
     def draft(params, dcache):
         dcache, state, _, _ = eagle3.advance(params, dcfg, embed, dcache, feats, tokens, jnp.array([p]))
-        return eagle3.draft_tree(params, dcfg, spec, embed, head.d2t, dcache, state, tokens[:, 0])[0]
+        return eagle3.draft_tree(params, dcfg, spec, embed, head.d2t, dcache, state, tokens[:, 0])
 
     tree = draft(head.params, dcache)
 

@@ -25,7 +25,6 @@ PREFIX_BLOCK = 256  # caches are allocated in multiples of this
 # 24 -> 15 ms, 31 tokens 61 -> 49 ms); a prefill chunk (512 tokens x a GQA group of 4) reads 1024 keys a step.
 SCORE_TILE = 1 << 21
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
-KERNEL_HEAD_DIMS = (64, 128)
 
 
 def resolve_implementation(impl: str) -> str:
@@ -74,7 +73,7 @@ def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, c
     """
     b, t, hq, d = q.shape
     if (impl == "pallas" and not host_prefix and k_cache is not None and k_new.shape[2] == t
-            and d in KERNEL_HEAD_DIMS):
+            and d in _kernel_head_dims()):
         return _tree_kernel(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale, layer)
     hkv = k_new.shape[1]
     group = hq // hkv
@@ -89,6 +88,12 @@ def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, c
     if k_cache is not None:
         m, l, o = _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, (m, l, o), host_prefix)
     return _ungroup_rows(o / l[..., None], t).astype(q.dtype)
+
+
+def _kernel_head_dims() -> tuple[int, ...]:
+    from pallas_kernels.tree_attention import SUPPORTED_HEAD_DIMS  # imported only when the kernel is asked for
+
+    return SUPPORTED_HEAD_DIMS
 
 
 def _tree_kernel(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale, layer):

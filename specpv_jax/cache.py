@@ -43,7 +43,13 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
+        """The slots allocated per row (`allocated_slots` of the length asked for)."""
         return self.k.shape[3]
+
+    def keep_finished(self, live: jax.Array, old: "KVCache") -> "KVCache":
+        """This cache with the rows not `live [B]` (finished) keeping `old`'s lengths: what a step wrote for
+        them stays scratch."""
+        return self.replace(length=jnp.where(live, self.length, old.length))
 
 
 def allocated_slots(max_len: int) -> int:

@@ -199,6 +199,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     "specextend" (Cross-model Retrieval, lossless); with a LongSpec draft: "longspec"
     (constant-memory draft, lossless; `longspec.LONGSPEC_TREE` is the paper's tree). Rows stop at any of
     `eos_token_ids` (default: the model's EOS ids; `()` never stops).
+    temperature: 0 for greedy decoding, else sampling (top_p < 1: nucleus) with PRNG `seed`.
+    spec: the tree and partial-cache settings of the speculative modes (default `SpecConfig()`).
     attention: "auto" (Pallas kernels on GPU, XLA elsewhere), "xla" or "pallas".
     stream: called on the host with each row's newly emitted tokens as
     generation goes (exact mode: confirmed tokens only; a new function needs no recompilation, and
@@ -317,10 +319,10 @@ def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: i
           attention: str, stream: bool = False, progress: bool = False) -> tuple[Run, int]:
     """The static settings of a call and the cache length it needs."""
     speculative_mode = mode != "ar"
-    run = Run(cfg=cfg, buffer=output_bucket(max_new_tokens), chunk=chunk, mode=mode,
+    run = Run(cfg=cfg, out_slots=output_bucket(max_new_tokens), chunk=chunk, mode=mode,
               attention=resolve_implementation(attention),
               spec=spec if speculative_mode else None, dcfg=dcfg if speculative_mode else None, stream=stream,
-              progress=progress, offload=spec.offload and mode in offload.MODES)
+              progress=progress, offload=spec.offload)  # `_check_offload`: only offload.MODES
     return run, memory.cache_length(spec, mode, prompt_len, max_new_tokens)
 
 

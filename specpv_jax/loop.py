@@ -18,7 +18,7 @@ from jax import lax
 from specpv_jax import model as M
 from specpv_jax import offload
 from specpv_jax.cache import KVCache
-from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig
+from specpv_jax.config import DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Run:
     Per-call values are arguments of the compiled functions instead: the `Sampler`'s temperature and top_p,
     the EOS ids (a bucketed length) and the row limit.
 
-    mode: the generate mode; buffer: output slots per row (max_new_tokens rounded
+    mode: the generate mode; out_slots: output slots per row (max_new_tokens rounded
     up to a bucket, so nearby lengths share one compiled loop; the exact limit is
     a traced value); chunk: prefill chunk;
     attention: "xla" or "pallas" (resolved); spec/dcfg: speculative modes only;
@@ -39,12 +39,12 @@ class Run:
     """
 
     cfg: ModelConfig
-    buffer: int
+    out_slots: int
     chunk: int
     mode: str = "ar"
     attention: str = "xla"
     spec: SpecConfig | None = None
-    dcfg: DraftConfig | None = None
+    dcfg: DraftConfig | ModelConfig | LongSpecConfig | None = None
     stream: bool = False
     progress: bool = False
     offload: bool = False
@@ -52,7 +52,7 @@ class Run:
     @property
     def prefill_key(self) -> "Run":
         """The settings prefill depends on (so other changes do not recompile it)."""
-        return Run(cfg=self.cfg, buffer=0, chunk=self.chunk, attention=self.attention, dcfg=self.dcfg,
+        return Run(cfg=self.cfg, out_slots=0, chunk=self.chunk, attention=self.attention, dcfg=self.dcfg,
                    progress=self.progress, offload=self.offload)
 
 
@@ -106,12 +106,12 @@ class _PrefillBar:
 
 
 class prefill_progress:
-    """`with prefill_progress(chunks, desc):` shows a progress bar that prefills compiled with
+    """`with prefill_progress(chunks):` shows a progress bar that prefills compiled with
     `run.progress` advance, one chunk at a time (from inside the jitted loop). Calls running at the same
     time add their chunks to one bar."""
 
-    def __init__(self, chunks: int, desc: str = "prefill"):
-        self.chunks, self.desc = chunks, desc
+    def __init__(self, chunks: int):
+        self.chunks = chunks
         self.bar = None
 
     def __enter__(self):
@@ -119,9 +119,12 @@ class prefill_progress:
 
         with _PrefillBar.lock:
             if _PrefillBar.bar is None:
-                _PrefillBar.bar = tqdm(total=self.chunks, desc=self.desc, unit="chunk", leave=False)
+                _PrefillBar.bar = tqdm(total=self.chunks, desc="prefill", unit="chunk", leave=False)
             else:
                 _PrefillBar.bar.total += self.chunks
+                widget = getattr(_PrefillBar.bar, "container", None)
+                if widget is not None:  # tqdm.notebook's bar widget keeps the total it was created with
+                    widget.children[1].max = _PrefillBar.bar.total
                 _PrefillBar.bar.refresh()
             self.bar = _PrefillBar.bar
             _PrefillBar.calls += 1
@@ -194,8 +197,9 @@ def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cach
 @flax.struct.dataclass
 class Output:
     """The part of the loop carry that collects results. tokens: `[B, N]`; num_out, done: `[B]`;
-    limit: tokens wanted per row (traced, <= N); steps: loop iterations; row_steps: verifications
-    of live rows; emitted: tokens they emitted."""
+    limit: tokens wanted per row (traced, <= N); steps: `append` calls (the loop's iterations, except in
+    exact mode, whose partial steps hold tokens back: `specpv.Counters` counts its steps); row_steps: the
+    appends' live rows; emitted: tokens they emitted."""
 
     tokens: jax.Array
     num_out: jax.Array
@@ -212,12 +216,12 @@ class Output:
         b = first.shape[0]
         zero = jnp.zeros((), jnp.int32)
         pad = run.cfg.pad_token_id if run.cfg.pad_token_id is not None else jnp.maximum(eos[0], 0)
-        return cls(tokens=jnp.full((b, run.buffer), pad, jnp.int32).at[:, 0].set(first),
+        return cls(tokens=jnp.full((b, run.out_slots), pad, jnp.int32).at[:, 0].set(first),
                    num_out=jnp.ones((b,), jnp.int32), done=jnp.isin(first, eos) | (limit <= 1),
                    limit=jnp.asarray(limit, jnp.int32), steps=zero, row_steps=zero, emitted=zero)
 
     def append(self, new: jax.Array, count: jax.Array, eos: jax.Array) -> "Output":
-        """Appends `new [B, P]` (first `count [B]` valid) to live rows, stopping at EOS and at the buffer's end."""
+        """Appends `new [B, P]` (first `count [B]` valid) to live rows, stopping at EOS and at `limit`."""
         b, p = new.shape
         live = ~self.done
         slot = jnp.arange(p)[None, :]

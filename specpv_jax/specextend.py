@@ -40,11 +40,6 @@ class SpecExtendState:
     key: jax.Array
 
 
-def _keep(live: jax.Array, new: KVCache | None, old: KVCache | None):
-    """Finished rows keep their old length."""
-    return None if new is None else new.replace(length=jnp.where(live, new.length, old.length))
-
-
 def specextend_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array,
                     s: SpecExtendState) -> SpecExtendState:
     cfg, dcfg, spec = run.cfg, run.dcfg, run.spec
@@ -55,7 +50,8 @@ def specextend_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array,
     live = ~s.out.done
     acc, cache, out, key = verify_tree(params, run, sampler, tree, s.cache, live, s.key,
                                        (last_layer,) if draft.store is not None else ())
-    draft = small.DraftState(work=_keep(live, draft.work, s.draft.work), store=_keep(live, draft.store, s.draft.store))
+    draft = small.DraftState(work=draft.work.keep_finished(live, s.draft.work),
+                             store=None if draft.store is None else draft.store.keep_finished(live, s.draft.store))
 
     if draft.store is not None:
         def retrieve(d):
@@ -76,7 +72,7 @@ def specextend_prefill_fn(run: Run, spec: SpecConfig):
     """Prefills the target and the draft over the prompts; returns (cache, draft state, last logits `[B, V]`)."""
     def fn(params, dparams, ids, lengths, cache, draft_cache):
         cache, last, _, _ = prefill(params, run, ids, lengths, cache)
-        draft_run = Run(cfg=run.dcfg, buffer=0, chunk=run.chunk, attention=run.attention)
+        draft_run = Run(cfg=run.dcfg, out_slots=0, chunk=run.chunk, attention=run.attention)
         draft_cache, _, _, _ = prefill(dparams, draft_run, ids, lengths, draft_cache)
         return cache, small.start(run.dcfg, spec, draft_cache), M.logits(params, run.cfg, last)
 

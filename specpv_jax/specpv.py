@@ -41,7 +41,7 @@ from specpv_jax.config import SpecConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.loop import Run, decode_loop, run_if
 from specpv_jax.sampling import Sampler, sample_from
-from specpv_jax.speculative import EagleState, draft, flat_features, initial_state, tree_emission
+from specpv_jax.speculative import EagleState, draft, flat_features, initial_state
 from specpv_jax.tree import Tree
 
 
@@ -114,15 +114,15 @@ def bounded_draft(params, dparams, d2t, run: Run, st: SpecPVState) -> tuple[Tree
                                                s.pair_count, position=start)
     full = s.draft_cache.replace(k=write_tokens(s.draft_cache.k, 0, k, start),
                                  v=write_tokens(s.draft_cache.v, 0, v, start), length=start + s.pair_count)
-    tree, bounded = eagle3.draft_tree(dparams, dcfg, run.spec, embed, d2t, bounded, head_state, s.root,
-                                      position=full.length)
+    tree = eagle3.draft_tree(dparams, dcfg, run.spec, embed, d2t, bounded, head_state, s.root,
+                             position=full.length)
     return tree, st.replace(eagle=s.replace(draft_cache=full), draft_partial=bounded)
 
 
-def draft_step(params, dparams, d2t, run: Run, st: SpecPVState, partial: jax.Array) -> tuple[Tree, SpecPVState]:
+def draft_step(params, dparams, d2t, run: Run, st: SpecPVState, use_partial: jax.Array) -> tuple[Tree, SpecPVState]:
     """The step's tree, drafted once before the verification branch, and the state with the head's caches
-    after the pairs committed last step (finished rows keep their lengths). With `bounded_draft` a
-    `partial` step's head attends to its bounded cache, a full step's to its full cache."""
+    after the pairs committed last step (finished rows keep their lengths). With `bounded_draft`, when
+    `use_partial` (a scalar bool: this step verifies against the partial cache) the head attends to its bounded cache, a full step's to its full cache."""
     def full_draft(st):
         tree, draft_cache = draft(params, dparams, d2t, run, st.eagle)
         return tree, st.replace(eagle=st.eagle.replace(draft_cache=draft_cache))
@@ -131,10 +131,9 @@ def draft_step(params, dparams, d2t, run: Run, st: SpecPVState, partial: jax.Arr
         tree, new = full_draft(st)
     else:  # the tree starts empty; exactly one of the two drafts runs and fills it
         empty = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(full_draft, st)[0])
-        tree, new = run_if(partial, lambda c: bounded_draft(params, dparams, d2t, run, c[1]),
-                           run_if(~partial, lambda c: full_draft(c[1]), (empty, st)))
-    grown, old = new.eagle.draft_cache, st.eagle.draft_cache
-    draft_cache = grown.replace(length=jnp.where(_live(st), grown.length, old.length))
+        tree, new = run_if(use_partial, lambda c: bounded_draft(params, dparams, d2t, run, c[1]),
+                           run_if(~use_partial, lambda c: full_draft(c[1]), (empty, st)))
+    draft_cache = new.eagle.draft_cache.keep_finished(_live(st), st.eagle.draft_cache)
     return tree, new.replace(eagle=new.eagle.replace(draft_cache=draft_cache))
 
 
@@ -143,14 +142,14 @@ def partial_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree:
     s, cfg = st.eagle, run.cfg
     root_pos = s.cache.length + st.n_missing
     out = M.forward(params, cfg, tree.tokens, root_pos[:, None] + tree.depth, st.partial, tree.mask,
-                    run.dcfg.feature_layers, run.attention)
+                    capture_layers=run.dcfg.feature_layers, attention=run.attention)
     logits = M.logits(params, cfg, out.hidden)
     key, sub = jax.random.split(s.key)
     acc = verify.accept(tree, logits, sampler, sub)
     live = _live(st)
     count = acc.count + 1
     partial = commit_path(out.cache, acc.path, acc.count)
-    partial = partial.replace(length=jnp.where(live, partial.length, st.partial.length))
+    partial = partial.keep_finished(live, st.partial)
 
     # Record root + accepted tokens as missing from the full cache (and, for exact sampling,
     # the partial distribution at each of them, which produced the token after it).
@@ -163,7 +162,7 @@ def partial_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree:
         q = sampler.probs(jnp.take_along_axis(logits, acc.path[:, :, None], axis=1))
         missing_q = missing_q.at[rows, dest].set(q, mode="drop")
 
-    emitted, feats = tree_emission(acc, tree, flat_features(out.features))
+    emitted, feats = acc.emitted(tree), acc.along_path(flat_features(out.features))
     out_buf = s.out.append(emitted, count, eos) if run.mode == "specpv" else s.out
     c = st.counters
     return st.replace(
@@ -242,14 +241,14 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     else:
         tokens, positions, mask = tree.tokens, full_len[:, None] + tree.depth, tree.mask
         score_mask = jnp.ones(tokens.shape, bool)
-    m = tokens.shape[1] - tree.size
-    out = M.forward(params, cfg, tokens, positions, s.cache, mask, run.dcfg.feature_layers, run.attention,
-                    st.summary, score_mask, offloaded=run.offload)
+    m = st.missing.shape[1] if with_missing else 0
+    out = M.forward(params, cfg, tokens, positions, s.cache, mask, capture_layers=run.dcfg.feature_layers,
+                    attention=run.attention, summary=st.summary, score_mask=score_mask, offloaded=run.offload)
     logits = M.logits(params, cfg, out.hidden)
     key, k_tree, k_check = jax.random.split(s.key, 3)
     acc = verify.accept(tree, logits[:, m:], sampler, k_tree)
     features = flat_features(out.features)
-    emitted, pair_feats = tree_emission(acc, tree, features[:, m:])
+    emitted, pair_feats = acc.emitted(tree), acc.along_path(features[:, m:])
     count = acc.count + 1
 
     # Exact mode: the tokens after missing[0] (and the root) were only partially verified.
@@ -282,6 +281,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     if run.mode == "exact" and with_missing:
         cache = cache.replace(length=jnp.where(rejected, full_len + first + 1, cache.length))
     cache = cache.replace(length=jnp.where(live, cache.length, full_len))
+    # Blocks the step wrote, [full_len, full_len + m + N): a span that may start mid-block touches at most this many.
     summary_blocks = (m + tree.size) // spec.block_size + 2
     blocks = retrieval.select_blocks(out.block_scores, cache.length, spec)
     if run.offload:
@@ -293,7 +293,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
         partial = retrieval.refresh(st.partial, cache, blocks, spec)
     draft_partial = st.draft_partial
     if draft_partial is not None:
-        draft_partial = refresh_head_partial(draft_partial, draft_cache, out.block_scores, spec)
+        draft_partial = refresh_draft_partial(draft_partial, draft_cache, out.block_scores, spec)
 
     cap, backoff = st.provisional_cap, st.backoff
     if run.mode == "exact":
@@ -313,18 +313,18 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
                            rollbacks=c.rollbacks + rejected.sum()))
 
 
-def refresh_head_partial(head_partial: KVCache, head_cache: KVCache, block_scores: jax.Array,
-                         spec: SpecConfig) -> KVCache:
+def refresh_draft_partial(draft_partial: KVCache, draft_cache: KVCache, block_scores: jax.Array,
+                          spec: SpecConfig) -> KVCache:
     """The head's bounded cache rebuilt from its full cache: sink + the blocks the target's last layer scored
     best (`block_scores [L, B, Hkv, NB]`, mapped onto the head's KV heads) + the head's recent window.
 
     The blocks are chosen before the head's own window, which ends at its cache length: that lags the
     target's by the tokens the head has not seen yet, so the target's blocks could overlap it.
     """
-    target_heads, head_heads = block_scores.shape[2], head_cache.k.shape[2]
-    head = jnp.arange(head_heads) * target_heads // head_heads
-    blocks = retrieval.select_blocks(block_scores[-1:, :, head], head_cache.length, spec)
-    return retrieval.refresh(head_partial, head_cache, blocks, spec)
+    target_kv_heads, draft_kv_heads = block_scores.shape[2], draft_cache.k.shape[2]
+    kv_map = jnp.arange(draft_kv_heads) * target_kv_heads // draft_kv_heads  # the head's KV heads -> the target's
+    blocks = retrieval.select_blocks(block_scores[-1:, :, kv_map], draft_cache.length, spec)
+    return retrieval.refresh(draft_partial, draft_cache, blocks, spec)
 
 
 def next_provisional_cap(cap, backoff, n_missing, rejected, first, tree_count, max_missing: int):

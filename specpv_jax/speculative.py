@@ -1,4 +1,4 @@
-"""The speculative loop: draft a tree, verify it with the target, commit, repeat.
+"""The `eagle` mode's loop: the EAGLE-3 head drafts a tree, the target verifies it, commit, repeat.
 
 Everything between prefill and the final tokens runs inside one jitted
 `lax.while_loop`; rows of a batch accept different numbers of tokens and
@@ -50,7 +50,10 @@ def flat_features(features: jax.Array) -> jax.Array:
 
 
 def draft_prefill_chunk(dparams, dcfg: DraftConfig, embed, draft_cache: KVCache, start, next_ids, features):
-    """The head's prefill for one target chunk: pairs (feature t, token t + 1) at positions `start + [0, C)`."""
+    """The head's prefill for one target chunk: pairs (feature t, token t + 1) at positions `start + [0, C)`.
+
+    next_ids `[B, C]`: token t + 1; features `[n, B, C, H]`: the target's captured layers at token t.
+    """
     b, c = next_ids.shape
     positions = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
     cache = draft_cache.replace(length=jnp.full((b,), start, jnp.int32))
@@ -59,18 +62,12 @@ def draft_prefill_chunk(dparams, dcfg: DraftConfig, embed, draft_cache: KVCache,
     return cache
 
 
-def tree_emission(acc: verify.Acceptance, tree: Tree, tree_features: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Tokens a verified tree emits `[B, D + 1]` and the head's next pairs' features (at the accepted path)."""
-    feats = jnp.take_along_axis(tree_features, acc.path[:, :, None], axis=1)
-    return acc.emitted(tree), feats
-
-
 def draft(params, dparams, d2t, run: Run, s: EagleState) -> tuple[Tree, KVCache]:
     """The head sees the pairs committed last step, then grows the next tree below `s.root`."""
     embed = eagle3.embed_table(dparams, params)
     draft_cache, head_state, _, _ = eagle3.advance(dparams, run.dcfg, embed, s.draft_cache, s.pair_feats,
                                                    s.pair_tokens, s.pair_count)
-    return eagle3.draft_tree(dparams, run.dcfg, run.spec, embed, d2t, draft_cache, head_state, s.root)
+    return eagle3.draft_tree(dparams, run.dcfg, run.spec, embed, d2t, draft_cache, head_state, s.root), draft_cache
 
 
 def verify_tree(params, run: Run, sampler: Sampler, tree: Tree, cache: KVCache, live: jax.Array, key: jax.Array,
@@ -78,11 +75,11 @@ def verify_tree(params, run: Run, sampler: Sampler, tree: Tree, cache: KVCache, 
     """Verifies `tree` against the full `cache` and commits each row's accepted path; rows not `live [B]` keep
     their length. Returns (acceptance, cache, the target's forward output, the next key)."""
     out = M.forward(params, run.cfg, tree.tokens, cache.length[:, None] + tree.depth, cache, tree.mask,
-                    capture_layers, run.attention)
+                    capture_layers=capture_layers, attention=run.attention)
     key, sub = jax.random.split(key)
     acc = verify.accept(tree, M.logits(params, run.cfg, out.hidden), sampler, sub)
     committed = commit_path(out.cache, acc.path, acc.count)
-    return acc, committed.replace(length=jnp.where(live, committed.length, cache.length)), out, key
+    return acc, committed.keep_finished(live, cache), out, key
 
 
 def eagle_step(params, dparams, d2t, run: Run, sampler: Sampler, eos: jax.Array, s: EagleState) -> EagleState:
@@ -90,15 +87,16 @@ def eagle_step(params, dparams, d2t, run: Run, sampler: Sampler, eos: jax.Array,
     tree, draft_cache = draft(params, dparams, d2t, run, s)
     live = ~s.out.done
     acc, cache, out, key = verify_tree(params, run, sampler, tree, s.cache, live, s.key, run.dcfg.feature_layers)
-    emitted, feats = tree_emission(acc, tree, flat_features(out.features))
-    return EagleState(cache=cache, draft_cache=draft_cache.replace(length=jnp.where(live, draft_cache.length,
-                                                                       s.draft_cache.length)),
+    emitted, feats = acc.emitted(tree), acc.along_path(flat_features(out.features))
+    return EagleState(cache=cache, draft_cache=draft_cache.keep_finished(live, s.draft_cache),
                       pair_feats=feats, pair_tokens=emitted, pair_count=acc.count + 1, root=acc.bonus,
                       out=s.out.append(emitted, acc.count + 1, eos), key=key)
 
 
 @functools.lru_cache(maxsize=None)
 def eagle_prefill_fn(run: Run):
+    """Jitted `fn(params, dparams, ids [B, T], lengths [B], cache, draft_cache) -> (cache, draft_cache,
+    logits [B, V], last_feats [n, B, H])`: the target's prefill, the head's cache filled chunk by chunk beside it."""
     def fn(params, dparams, ids, lengths, cache, draft_cache):
         embed = eagle3.embed_table(dparams, params)
         consume = functools.partial(draft_prefill_chunk, dparams, run.dcfg, embed)
@@ -130,6 +128,8 @@ def initial_state(run: Run, cache: KVCache, draft_cache: KVCache, logits: jax.Ar
 
 @functools.lru_cache(maxsize=None)
 def eagle_decode_fn(run: Run):
+    """Jitted `fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, sampler, eos, limit) ->
+    (Output, cache, draft_cache)`: the `eagle` loop from `eagle_prefill_fn`'s results (caches donated)."""
     def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, sampler, eos, limit):
         state = initial_state(run, cache, draft_cache, logits, last_feats, key, sampler, eos, limit)
         step = functools.partial(eagle_step, params, dparams, d2t, run, sampler, eos)

@@ -10,6 +10,7 @@ parents precede children.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -39,6 +40,7 @@ class Tree:
 
     @property
     def size(self) -> int:
+        """N, the nodes per tree (root included)."""
         return self.tokens.shape[-1]
 
 
@@ -127,11 +129,12 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
     nothing = jnp.full((b, k, first_logprobs.shape[-1]), -jnp.inf, first_logprobs.dtype)
     for level in range(1, depth):
         mask = jnp.concatenate([ancestors, eye], axis=-1)
-        run = lambda c, level=level, tokens=tokens, parent=parent, mask=mask: expand(level, tokens, parent, mask, c)  # noqa: E731
+        expand_level = functools.partial(expand, level, tokens, parent, mask)
         if threshold > 0:
-            logprobs, carry = lax.cond(jnp.any(scores >= math.log(threshold)), run, lambda c: (nothing, c), carry)
+            logprobs, carry = lax.cond(jnp.any(scores >= math.log(threshold)), expand_level,
+                                       lambda c: (nothing, c), carry)
         else:
-            logprobs, carry = run(carry)
+            logprobs, carry = expand_level(carry)
         child_scores, child_ids = lax.top_k(logprobs, k)  # [B, k, k]
         flat_scores = (scores[:, :, None] + child_scores).reshape(b, k * k)
         flat_tokens = to_target(child_ids).reshape(b, k * k)

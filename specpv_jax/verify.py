@@ -39,6 +39,10 @@ class Acceptance:
         slot = jnp.arange(tokens.shape[1])[None]
         return jnp.where(slot == self.count[:, None], self.bonus[:, None], shifted)
 
+    def along_path(self, x: jax.Array) -> jax.Array:
+        """Per-node values `x [B, N, ...]` at the path's nodes: `[B, D + 1, ...]`."""
+        return jnp.take_along_axis(x, self.path.reshape(self.path.shape + (1,) * (x.ndim - 2)), axis=1)
+
 
 def accept(tree: Tree, logits: jax.Array, sampler: Sampler, key: jax.Array) -> Acceptance:
     """Acceptance for target `logits [B, N, V]` at every tree node."""
@@ -48,6 +52,7 @@ def accept(tree: Tree, logits: jax.Array, sampler: Sampler, key: jax.Array) -> A
 
 
 def accept_greedy(tree: Tree, logits: jax.Array) -> Acceptance:
+    """Acceptance for target `logits [B, N, V]` under greedy decoding (siblings are distinct: one path matches)."""
     max_depth = tree.max_depth
     pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     match = tree.tokens == jnp.take_along_axis(pred, tree.parents, axis=1)

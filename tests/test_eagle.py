@@ -97,7 +97,7 @@ def oracle_tree(sequences: jax.Array):
                 parents.append(jnp.broadcast_to(jnp.repeat(starts[level - 1] + jnp.arange(k), k), (b, k * k)))
         tree = select_tree(root, jnp.concatenate(tokens, 1), jnp.concatenate(scores, 1),
                            jnp.concatenate(parents, 1), spec.tree_nodes, k, depth)
-        return tree, cache
+        return tree
     return draft_tree
 
 

@@ -270,6 +270,26 @@ def test_concurrent_prefills_share_one_progress_bar(monkeypatch):
     assert closes[-1][1:] == (8, 8) and len({id(bar) for bar, _, _ in closes}) == 1
 
 
+def test_a_notebook_prefill_bar_grows_with_the_calls_that_join_it(monkeypatch):
+    """In Jupyter the shared bar is a widget whose length was set when it was drawn: a call joining it
+    lengthens the widget too."""
+    import types
+
+    import tqdm
+    import tqdm.auto
+
+    from specpv_jax import loop
+
+    class WidgetBar(tqdm.tqdm):  # tqdm.notebook's layout: (label, bar, text) widgets in `container`
+        def __init__(self, *args, total, **kwargs):
+            super().__init__(*args, total=total, disable=True, **kwargs)
+            self.container = types.SimpleNamespace(children=[None, types.SimpleNamespace(max=total), None])
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", WidgetBar)
+    with loop.prefill_progress(5) as bar, loop.prefill_progress(3):
+        assert (bar.total, bar.container.children[1].max) == (8, 8)
+
+
 def test_compiled_code_follows_the_trace_context(target, monkeypatch):
     """A call under another matmul precision compiles again instead of reusing the suite's executable;
     at most `loop.MAX_EXECUTABLES` are kept, the most recently used."""

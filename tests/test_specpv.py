@@ -113,17 +113,17 @@ def test_partial_cache_holding_every_token_reproduces_full_attention():
     np.testing.assert_allclose(np.asarray(part.hidden), np.asarray(full.hidden), atol=2e-5)
 
 
-def test_head_partial_cache_holds_each_token_once():
+def test_draft_partial_cache_holds_each_token_once():
     """`bounded_draft`: the head's cache lags the target's (here by 40 tokens), so the target's best blocks,
     just before the target's window, lie in the head's window; the head takes its blocks before that instead."""
-    from specpv_jax.specpv import refresh_head_partial
+    from specpv_jax.specpv import refresh_draft_partial
 
     spec = small_spec()  # sink 32 + 4 blocks of 16 + window 32
     head = KVCache.empty(1, 1, 2, 512, 4, jnp.float32)
     head = head.replace(k=head.k.at[..., 0].set(jnp.arange(512, dtype=jnp.float32)), length=jnp.array([260]))
     scores = jnp.broadcast_to(jnp.arange(32, dtype=jnp.float32), (2, 1, 4, 32))  # later blocks score higher
     assert (np.asarray(retrieval.select_blocks(scores, jnp.array([300]), spec))[-1] == [12, 13, 14, 15]).all()
-    partial = refresh_head_partial(retrieval.empty_partial(head, spec), head, scores, spec)
+    partial = refresh_draft_partial(retrieval.empty_partial(head, spec), head, scores, spec)
     positions = np.asarray(partial.k[0, 0, :, :spec.static_tokens, 0])  # [head KV heads, static]
     expected = np.concatenate([np.arange(32), np.arange(10 * 16, 14 * 16), np.arange(260 - 32, 260)])
     np.testing.assert_array_equal(positions, np.broadcast_to(expected, positions.shape))

@@ -122,13 +122,13 @@ def advance(params: Params, cfg: DraftConfig, embed: jax.Array, cache: KVCache, 
 
 def draft_tree(params: Params, cfg: DraftConfig, spec: SpecConfig, embed: jax.Array, d2t: jax.Array,
                cache: KVCache, last_hidden: jax.Array, root: jax.Array,
-               position: jax.Array | None = None) -> tuple[Tree, KVCache]:
+               position: jax.Array | None = None) -> Tree:
     """Grows a top-k tree (`tree.grow_tree`) from the head state `last_hidden [B, H]` below `root [B]`.
 
     Each level runs the head on the frontier nodes, fed their parents' head
     outputs, attending to the committed cache, their frontier ancestors and
-    themselves. Level-1 nodes sit at `position [B]` (default: the cache length).
-    Returns the tree and the (unchanged) cache, threaded through for the caller.
+    themselves (the cache is read, not written). Level-1 nodes sit at `position [B]` (default: the cache
+    length).
     """
     k, depth = spec.tree_top_k, spec.tree_depth
     b = root.shape[0]
@@ -147,9 +147,8 @@ def draft_tree(params: Params, cfg: DraftConfig, spec: SpecConfig, embed: jax.Ar
 
     buf = jnp.zeros((b, cfg.num_kv_heads, slots, cfg.head_dim), _dtype(params))
     carry = (jnp.broadcast_to(last_hidden[:, None], (b, k, last_hidden.shape[-1])), buf, buf)
-    tree = grow_tree(root, head_logprobs(params, cfg, last_hidden), expand, carry, k, depth, spec.tree_nodes,
+    return grow_tree(root, head_logprobs(params, cfg, last_hidden), expand, carry, k, depth, spec.tree_nodes,
                      spec.tree_threshold, lambda ids: ids + d2t[ids])
-    return tree, cache
 
 
 def empty_cache(cfg: DraftConfig, batch: int, max_len: int, params: Params) -> KVCache:
