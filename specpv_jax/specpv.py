@@ -121,8 +121,9 @@ def bounded_draft(params, dparams, d2t, run: Run, st: SpecPVState) -> tuple[Tree
 
 def draft_step(params, dparams, d2t, run: Run, st: SpecPVState, use_partial: jax.Array) -> tuple[Tree, SpecPVState]:
     """The step's tree, drafted once before the verification branch, and the state with the head's caches
-    after the pairs committed last step (finished rows keep their lengths). With `bounded_draft`, when
-    `use_partial` (a scalar bool: this step verifies against the partial cache) the head attends to its bounded cache, a full step's to its full cache."""
+    after the pairs committed last step (finished rows keep their lengths). With `bounded_draft` the head
+    attends to its bounded cache when `use_partial` (a scalar bool: this step verifies against the partial
+    cache), else to its full cache."""
     def full_draft(st):
         tree, draft_cache = draft(params, dparams, d2t, run, st.eagle)
         return tree, st.replace(eagle=st.eagle.replace(draft_cache=draft_cache))
