@@ -65,10 +65,11 @@ def ar_step(params: M.Params, run: Run, sampler: Sampler, eos: jax.Array, s: ARS
     """One target forward over each row's last token; finished rows keep their cache length."""
     out = M.forward(params, run.cfg, s.last[:, None], s.cache.length[:, None], s.cache, attention=run.attention)
     key, sub = jax.random.split(s.key)
-    nxt = sampler.sample(M.logits(params, run.cfg, out.hidden[:, 0]), sub)
+    logits = M.logits(params, run.cfg, out.hidden[:, 0])
+    nxt = sampler.sample(logits, sub)
     live = ~s.out.done
     return ARState(cache=out.cache.replace(length=s.cache.length + live),
-                   out=s.out.append(nxt[:, None], jnp.ones_like(nxt), eos),
+                   out=s.out.append(nxt[:, None], jnp.ones_like(nxt), eos, jnp.isfinite(logits).all()),
                    last=jnp.where(live, nxt, s.last), key=key)
 
 
@@ -77,7 +78,7 @@ def _ar_decode_fn(run: Run):
     def fn(params, cache, logits, key, sampler, eos, limit):
         key, sub = jax.random.split(key)
         first = sampler.sample(logits, sub)
-        state = ARState(cache=cache, out=Output.start(run, first, eos, limit), last=first, key=key)
+        state = ARState(cache=cache, out=Output.start(run, first, eos, limit, logits), last=first, key=key)
         state = decode_loop(run, functools.partial(ar_step, params, run, sampler, eos), state)
         return state.out, state.cache  # returning the cache lets it be donated
     return jax.jit(fn, donate_argnums=(1,))
@@ -267,6 +268,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         # The stream function raised (and was not called again): its error, not the runtime's.
         raise call.error or RuntimeError("generate's stream function raised in process 0 (see its error there)")
     out = _readable(out)
+    if not bool(out.finite):
+        raise _nonfinite_logits(target)
     num_out = np.asarray(out.num_out)
     stats = {"mode": mode, "mesh": None if mesh is None else tuple(mesh.shape.values()),
              "new_tokens": int(num_out.sum()), **_step_stats(out, counters, mode != "ar"),
@@ -274,6 +277,16 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
              # The first token of each row comes from prefill.
              "tokens_per_s": int(out.emitted) / decode_s if decode_s > 0 else 0.0}
     return GenerateOutput(tokens=np.asarray(out.tokens)[:, : int(num_out.max())], lengths=num_out, stats=stats)
+
+
+def _nonfinite_logits(target: Model) -> FloatingPointError:
+    """The error for a target whose logits came out NaN or infinite (tokens chosen from them would be
+    meaningless: NaN's argmax is token 0)."""
+    hint = ("; float16's range is too narrow for many models' activations: load it with dtype=\"bfloat16\" or "
+            "\"float32\"" if target.dtype == jnp.float16 else "; its weights or activations overflow")
+    where = f", from {target.source}" if target.source else ""
+    return FloatingPointError(f"the target's logits are NaN or infinite ({target.cfg.arch} in {target.dtype}{where})"
+                              f"{hint}")
 
 
 def _stream_failed(error: BaseException | None) -> bool:
@@ -389,7 +402,8 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
     "d2t": draft.d2t}` for the speculative modes (ignored by "ar"; d2t None for a small
     draft); key: a PRNG key.
     Settings are static and fixed here; output equals `generate` with the same
-    settings. Example::
+    settings (which also raises where the target's logits are NaN or infinite; a traced function cannot,
+    so check `sj.forward_logits` on a sample prompt once when using a new checkpoint or dtype). Example::
 
         fn = jax.jit(sj.make_generate_fn(target.cfg, sj.SpecConfig(), mode="eagle", draft_cfg=draft.cfg,
                                          max_new_tokens=64))
@@ -481,11 +495,13 @@ def _chunk_fn(cfg: ModelConfig, attention: str, argmax: bool):
         out = M.forward(params, cfg, ids, pos, cache.replace(length=jnp.full((b,), start, jnp.int32)),
                         attention=attention)
         logits = M.logits(params, cfg, out.hidden)
-        return out.cache, jnp.argmax(logits, -1).astype(jnp.int32) if argmax else logits
+        return out.cache, jnp.argmax(logits, -1).astype(jnp.int32) if argmax else logits, jnp.isfinite(logits).all()
     return jax.jit(fn, donate_argnums=(3,))
 
 
 def _full_context_pass(target: Model, input_ids: Any, chunk: int, attention: str, argmax: bool) -> np.ndarray:
+    """The target's logits (or their argmax) at every prompt position; raises where they are not finite."""
+    _positive_int("chunk", chunk)
     batch = prompts.prepare(input_ids, target.cfg, 0, chunk)
     if len(set(batch.lengths.tolist())) != 1:
         raise prompts.PromptError("all prompts must have the same length here")
@@ -493,14 +509,17 @@ def _full_context_pass(target: Model, input_ids: Any, chunk: int, attention: str
     chunk = min(chunk, batch.ids.shape[1])
     cache = KVCache.zeros(target.cfg, batch.batch, batch.ids.shape[1], target.dtype)
     fn = _chunk_fn(target.cfg, resolve_implementation(attention), argmax)
-    out, pending = [], None  # each chunk's result is read while the next runs; logits leave the device as they come
+    out, finite, pending = [], [], None  # each chunk's result is read while the next runs
     for start in range(0, t, chunk):
-        cache, part = fn(target.params, jnp.asarray(batch.ids[:, start:start + chunk]), start, cache)
+        cache, part, part_finite = fn(target.params, jnp.asarray(batch.ids[:, start:start + chunk]), start, cache)
         part.copy_to_host_async()
+        finite.append(part_finite)
         if pending is not None:
             out.append(np.asarray(pending))
         pending = part
     out.append(np.asarray(pending))
+    if not all(bool(f) for f in finite):
+        raise _nonfinite_logits(target)
     return np.concatenate(out, axis=1)[:, :t]
 
 
@@ -517,6 +536,7 @@ def fidelity(target: Model, input_ids: Any, output: GenerateOutput, attention_ma
     Teacher-forced: each row's prompt + generated tokens go through the target in
     one pass. 1.0 for any lossless greedy generation; `specpv` trades some for speed.
     """
+    _positive_int("chunk", chunk)
     batch = prompts.prepare(input_ids, target.cfg, 0, chunk, attention_mask)
     if batch.batch != output.tokens.shape[0]:
         raise prompts.PromptError(f"{batch.batch} prompts for an output of {output.tokens.shape[0]} rows")

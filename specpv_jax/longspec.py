@@ -50,7 +50,7 @@ def longspec_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array, s
     ring = longspec.commit(dparams, dcfg, params["embed_tokens"]["embedding"], s.ring, path_tokens, count)
     emitted = acc.emitted(tree)
     return LongSpecState(cache=cache, ring=ring, root=jnp.where(live, acc.bonus, s.root),
-                         out=s.out.append(emitted, acc.count + 1, eos), key=key)
+                         out=s.out.append(emitted, acc.count + 1, eos, acc.finite), key=key)
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +69,8 @@ def longspec_decode_fn(run: Run):
     def fn(params, dparams, cache, ring, logits, key, sampler, eos, limit):
         key, sub = jax.random.split(key)
         first = sampler.sample(logits, sub)
-        state = LongSpecState(cache=cache, ring=ring, root=first, out=Output.start(run, first, eos, limit), key=key)
+        state = LongSpecState(cache=cache, ring=ring, root=first, out=Output.start(run, first, eos, limit, logits),
+                              key=key)
         state = decode_loop(run, functools.partial(longspec_step, params, dparams, run, sampler, eos), state)
         return state.out, state.cache, state.ring
 

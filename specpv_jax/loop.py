@@ -199,7 +199,8 @@ class Output:
     """The part of the loop carry that collects results. tokens: `[B, N]`; num_out, done: `[B]`;
     limit: tokens wanted per row (traced, <= N); steps: `append` calls (the loop's iterations, except in
     exact mode, whose partial steps hold tokens back: `specpv.Counters` counts its steps); row_steps: the
-    appends' live rows; emitted: tokens they emitted."""
+    appends' live rows; emitted: tokens they emitted; finite: whether every target logit that chose a token
+    was finite (a model overflowing its dtype gives NaN, whose argmax is token 0)."""
 
     tokens: jax.Array
     num_out: jax.Array
@@ -208,20 +209,23 @@ class Output:
     steps: jax.Array
     row_steps: jax.Array
     emitted: jax.Array
+    finite: jax.Array
 
     @classmethod
-    def start(cls, run: Run, first: jax.Array, eos: jax.Array, limit: jax.Array) -> "Output":
-        """The buffer after each row's first token `[B]` (sampled from the prefill logits); slots after a row's
-        end hold the model's pad id, else the first EOS id (0 if none)."""
+    def start(cls, run: Run, first: jax.Array, eos: jax.Array, limit: jax.Array, logits: jax.Array) -> "Output":
+        """The buffer after each row's first token `[B]` (sampled from the prefill `logits [B, V]`); slots after
+        a row's end hold the model's pad id, else the first EOS id (0 if none)."""
         b = first.shape[0]
         zero = jnp.zeros((), jnp.int32)
         pad = run.cfg.pad_token_id if run.cfg.pad_token_id is not None else jnp.maximum(eos[0], 0)
         return cls(tokens=jnp.full((b, run.out_slots), pad, jnp.int32).at[:, 0].set(first),
                    num_out=jnp.ones((b,), jnp.int32), done=jnp.isin(first, eos) | (limit <= 1),
-                   limit=jnp.asarray(limit, jnp.int32), steps=zero, row_steps=zero, emitted=zero)
+                   limit=jnp.asarray(limit, jnp.int32), steps=zero, row_steps=zero, emitted=zero,
+                   finite=jnp.isfinite(logits).all())
 
-    def append(self, new: jax.Array, count: jax.Array, eos: jax.Array) -> "Output":
-        """Appends `new [B, P]` (first `count [B]` valid) to live rows, stopping at EOS and at `limit`."""
+    def append(self, new: jax.Array, count: jax.Array, eos: jax.Array, finite: jax.Array) -> "Output":
+        """Appends `new [B, P]` (first `count [B]` valid) to live rows, stopping at EOS and at `limit`; `finite`:
+        whether the target's logits that chose them were all finite."""
         b, p = new.shape
         live = ~self.done
         slot = jnp.arange(p)[None, :]
@@ -235,7 +239,7 @@ class Output:
         return self.replace(tokens=tokens, num_out=num_out,
                             done=self.done | (live & (hit_eos | (num_out >= self.limit))),
                             steps=self.steps + 1, row_steps=self.row_steps + live.sum(),
-                            emitted=self.emitted + count.sum())
+                            emitted=self.emitted + count.sum(), finite=self.finite & finite)
 
 
 def run_if(pred: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:

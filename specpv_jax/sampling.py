@@ -30,6 +30,9 @@ class Sampler:
     @classmethod
     def create(cls, temperature: float = 0.0, top_p: float = 1.0) -> "Sampler":
         """Checks the settings; temperature 0 means greedy."""
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            if np.ndim(value) != 0 or np.asarray(value).dtype.kind not in "iuf":  # not str, bool, None
+                raise TypeError(f"{name} must be a number, got {value!r}")
         temperature, top_p = float(temperature), float(top_p)
         if not 0 <= temperature < float("inf"):
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
@@ -67,7 +70,7 @@ def _top_p_filter(p: jax.Array, top_p: float) -> jax.Array:
     order = jnp.argsort(-p, axis=-1)
     sorted_p = jnp.take_along_axis(p, order, axis=-1)
     mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
-    keep_sorted = mass_before < top_p  # the first token always stays
+    keep_sorted = (mass_before < top_p).at[..., 0].set(True)  # the likeliest stays (a tiny top_p is 0 in float32)
     keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
     p = jnp.where(keep, p, 0.0)
     return p / p.sum(-1, keepdims=True)

@@ -64,7 +64,7 @@ def specextend_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array,
 
     emitted = acc.emitted(tree)
     return SpecExtendState(cache=cache, draft=draft, pending=emitted, pending_count=acc.count + 1,
-                           out=s.out.append(emitted, acc.count + 1, eos), key=key)
+                           out=s.out.append(emitted, acc.count + 1, eos, acc.finite), key=key)
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,7 +87,7 @@ def specextend_decode_fn(run: Run):
         b = first.shape[0]
         pending = jnp.zeros((b, run.spec.tree_depth + 1), jnp.int32).at[:, 0].set(first)
         state = SpecExtendState(cache=cache, draft=draft_state, pending=pending, pending_count=jnp.ones((b,), jnp.int32),
-                                out=Output.start(run, first, eos, limit), key=key)
+                                out=Output.start(run, first, eos, limit, logits), key=key)
         state = decode_loop(run, functools.partial(specextend_step, params, dparams, run, sampler, eos), state)
         return state.out, state.cache, state.draft
 

@@ -164,7 +164,7 @@ def partial_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree:
         missing_q = missing_q.at[rows, dest].set(q, mode="drop")
 
     emitted, feats = acc.emitted(tree), acc.along_path(flat_features(out.features))
-    out_buf = s.out.append(emitted, count, eos) if run.mode == "specpv" else s.out
+    out_buf = s.out.append(emitted, count, eos, acc.finite) if run.mode == "specpv" else s.out
     c = st.counters
     return st.replace(
         eagle=s.replace(pair_feats=feats, pair_tokens=emitted, pair_count=count, root=acc.bonus, out=out_buf,
@@ -248,6 +248,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     logits = M.logits(params, cfg, out.hidden)
     key, k_tree, k_check = jax.random.split(s.key, 3)
     acc = verify.accept(tree, logits[:, m:], sampler, k_tree)
+    finite = jnp.isfinite(logits).all()  # the missing tokens' logits decide exact mode's rollbacks
     features = flat_features(out.features)
     emitted, pair_feats = acc.emitted(tree), acc.along_path(features[:, m:])
     count = acc.count + 1
@@ -306,7 +307,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     c = st.counters
     return st.replace(
         eagle=EagleState(cache=cache, draft_cache=draft_cache, pair_feats=pair_feats, pair_tokens=emitted,
-                         pair_count=count, root=root, out=s.out.append(out_tokens, out_count, eos), key=key),
+                         pair_count=count, root=root, out=s.out.append(out_tokens, out_count, eos, finite), key=key),
         partial=partial, summary=summary, ready=cache.length > spec.partial_threshold, draft_partial=draft_partial,
         n_missing=jnp.where(live, 0, st.n_missing), provisional_cap=cap, backoff=backoff,
         counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),

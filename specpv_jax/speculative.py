@@ -90,7 +90,7 @@ def eagle_step(params, dparams, d2t, run: Run, sampler: Sampler, eos: jax.Array,
     emitted, feats = acc.emitted(tree), acc.along_path(flat_features(out.features))
     return EagleState(cache=cache, draft_cache=draft_cache.keep_finished(live, s.draft_cache),
                       pair_feats=feats, pair_tokens=emitted, pair_count=acc.count + 1, root=acc.bonus,
-                      out=s.out.append(emitted, acc.count + 1, eos), key=key)
+                      out=s.out.append(emitted, acc.count + 1, eos, acc.finite), key=key)
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,7 +123,7 @@ def initial_state(run: Run, cache: KVCache, draft_cache: KVCache, logits: jax.Ar
     return EagleState(cache=cache, draft_cache=draft_cache, pair_feats=feats,
                       pair_tokens=jnp.zeros((b, p), jnp.int32).at[:, 0].set(first),
                       pair_count=jnp.ones((b,), jnp.int32), root=first,
-                      out=Output.start(run, first, eos, limit), key=key)
+                      out=Output.start(run, first, eos, limit, logits), key=key)
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,6 +14,8 @@ rest; if every child is rejected the bonus token is drawn from the residual p.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -26,11 +28,13 @@ from specpv_jax.tree import Tree, path_nodes
 @flax.struct.dataclass
 class Acceptance:
     """path: `[B, D + 1]` node ids from the root, valid for `count + 1` entries;
-    count: `[B]` accepted draft nodes (beyond the root); bonus: `[B]` the target's next token."""
+    count: `[B]` accepted draft nodes (beyond the root); bonus: `[B]` the target's next token;
+    finite: whether the logits it was decided on were all finite (scalar bool; see `Output.finite`)."""
 
     path: jax.Array
     count: jax.Array
     bonus: jax.Array
+    finite: Any = True
 
     def emitted(self, tree: Tree) -> jax.Array:
         """Tokens this step emits, `[B, D + 1]`: accepted draft tokens then the bonus token (valid `count + 1`)."""
@@ -46,9 +50,8 @@ class Acceptance:
 
 def accept(tree: Tree, logits: jax.Array, sampler: Sampler, key: jax.Array) -> Acceptance:
     """Acceptance for target `logits [B, N, V]` at every tree node."""
-    if sampler.greedy:
-        return accept_greedy(tree, logits)
-    return accept_sampling(tree, sampler.probs(logits), key)
+    acc = accept_greedy(tree, logits) if sampler.greedy else accept_sampling(tree, sampler.probs(logits), key)
+    return acc.replace(finite=jnp.isfinite(logits).all())
 
 
 def accept_greedy(tree: Tree, logits: jax.Array) -> Acceptance:

@@ -53,6 +53,11 @@ def test_bad_modes_and_sampling_parameters(target):
         sj.generate(target, [5, 6], temperature=-1.0)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         sj.generate(target, [5, 6], temperature=1.0, top_p=0.0)
+    for bad in ("0.5", True, None):
+        with pytest.raises(TypeError, match="temperature must be a number"):
+            sj.generate(target, [5, 6], temperature=bad)
+    with pytest.raises(TypeError, match="top_p must be a number"):
+        sj.generate(target, [5, 6], temperature=1.0, top_p="0.9")
 
 
 @pytest.mark.parametrize("eos", ["</s>", 2 ** 40, -5, 160, True, 5.0, [3, "4"]])
@@ -111,6 +116,50 @@ def test_a_tiny_temperature_samples_the_argmax(target):
     for temperature in (1e-40, 5e-324):  # logits / temperature overflowed float32: NaN probabilities, token 0
         out = sj.generate(target, [5, 6, 7], 8, temperature=temperature, eos_token_ids=())
         np.testing.assert_array_equal(out.tokens, greedy.tokens)
+
+
+def test_a_top_p_below_float32s_range_keeps_the_likeliest_token(target):
+    """1e-46 is 0.0 as the sampler's float32: the nucleus once kept nothing (0/0 probabilities, token 0)."""
+    greedy = sj.generate(target, [5, 6, 7], 8, eos_token_ids=())
+    out = sj.generate(target, [5, 6, 7], 8, temperature=1.0, top_p=1e-46, eos_token_ids=())
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+
+
+def test_nan_logits_raise_instead_of_returning_token_0(target):
+    """A target whose activations overflow (float16) gives NaN logits, whose argmax is token 0: every mode
+    raises, whether the NaN shows in prefill or first in a decode step, and so does forward_logits."""
+    from specpv_jax.demo import random_head
+    from specpv_jax.loading import Model
+
+    prompt = np.arange(100) % 40 + 3  # tokens 3..42
+    free = sj.generate(target, prompt, 8, eos_token_ids=())
+    fresh = [t for t in free.tokens[0, 1:] if not 3 <= t <= 42]
+    assert fresh, free.tokens  # a token the prompt lacks, emitted after the first: its step meets the NaN
+    params = jax.tree.map(lambda x: x, target.params)
+    params["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"].at[fresh[0]].set(np.nan)
+    broken = Model(target.cfg, params, source="test")
+    spec = sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=6, sink_tokens=16, retrieval_tokens=32,
+                         window_tokens=16)  # partial steps start above 64 tokens
+    head = random_head(target)
+    for mode in ("ar", "eagle", "specpv", "exact"):  # greedy: each emits fresh[0], then meets the NaN
+        with pytest.raises(FloatingPointError, match=r"the target's logits are NaN or infinite \(llama in float32"):
+            sj.generate(broken, prompt, 8, draft=head if mode != "ar" else None, mode=mode, spec=spec,
+                        eos_token_ids=())
+    for mode in ("ar", "eagle"):  # in prefill, sampling
+        with pytest.raises(FloatingPointError, match="NaN or infinite"):
+            sj.generate(broken, np.append(prompt, fresh[0]), 4, draft=head if mode != "ar" else None, mode=mode,
+                        temperature=1.0)
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        sj.forward_logits(broken, np.append(prompt, fresh[0]))
+    np.testing.assert_array_equal(sj.generate(broken, prompt, 1).tokens, free.tokens[:, :1])  # no NaN met yet
+
+
+def test_forward_logits_checks_its_chunk(target):
+    for chunk in (0, -1, 2.5):
+        with pytest.raises(PromptError, match="chunk must be a positive integer"):
+            sj.forward_logits(target, [5, 6, 7], chunk=chunk)
+    with pytest.raises(PromptError, match="chunk must be a positive integer"):
+        sj.fidelity(target, [5, 6, 7], sj.generate(target, [5, 6, 7], 2), chunk=0)
 
 
 def test_right_padding_mask_equals_ragged(target):
