@@ -206,7 +206,8 @@ def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
         ax.set_xlabel("context tokens")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # a bench of `ar` alone has no accepted lengths to plot
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
