@@ -204,29 +204,28 @@ def check_provisional(sampler: Sampler, logits: jax.Array, provisional: jax.Arra
     are real. Greedy: keep while they equal the argmax. Sampling: speculative
     sampling with `q [B, M, V]` as the draft distribution (accept with
     min(1, p/q), else draw from norm(max(p - q, 0))). Returns (rejected `[B]`,
-    index of the first rejected token `[B]`, the token to emit in its place `[B]`).
+    index of the first rejected token `[B]`, the token to emit in its place `[B]`); the last two mean
+    something only where rejected.
     """
     real = jnp.arange(provisional.shape[1])[None, :] < n[:, None]
     if sampler.greedy:
         target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        ok = target == provisional
-    else:
-        p = sampler.probs(logits)
-        px = jnp.take_along_axis(p, provisional[..., None], axis=2)[..., 0]
-        qx = jnp.take_along_axis(q, provisional[..., None], axis=2)[..., 0]
-        k_accept, k_resample = jax.random.split(key)
-        ok = jax.random.uniform(k_accept, px.shape) * qx < px
-    bad = real & ~ok
-    rejected = bad.any(axis=1)
-    first = jnp.argmax(bad, axis=1)
-    if sampler.greedy:
-        token = jnp.take_along_axis(target, first[:, None], axis=1)[:, 0]
-    else:
-        pick = lambda x: jnp.take_along_axis(x, first[:, None, None], axis=1)[:, 0]  # noqa: E731
-        residual = jnp.maximum(pick(p) - pick(q), 0.0)
-        residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, pick(p))
-        token = sample_from(residual, k_resample)
-    return rejected, first, token
+        rejected, first = _first_bad(real & (target != provisional))
+        return rejected, first, jnp.take_along_axis(target, first[:, None], axis=1)[:, 0]
+    p = sampler.probs(logits)
+    px = jnp.take_along_axis(p, provisional[..., None], axis=2)[..., 0]
+    qx = jnp.take_along_axis(q, provisional[..., None], axis=2)[..., 0]
+    k_accept, k_resample = jax.random.split(key)
+    rejected, first = _first_bad(real & ~(jax.random.uniform(k_accept, px.shape) * qx < px))
+    p_first, q_first = (jnp.take_along_axis(x, first[:, None, None], axis=1)[:, 0] for x in (p, q))
+    residual = jnp.maximum(p_first - q_first, 0.0)
+    residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_first)
+    return rejected, first, sample_from(residual, k_resample)
+
+
+def _first_bad(bad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`bad [B, M]` -> (any bad `[B]`, index of the first `[B]`)."""
+    return bad.any(axis=1), jnp.argmax(bad, axis=1)
 
 
 def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tree,
