@@ -213,18 +213,22 @@ def _reject_unsupported(hf: Mapping[str, Any], arch: str) -> None:
 
 
 def _rope_dict(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """rope_parameters (transformers 5) or rope_scaling + rope_theta (hub checkpoints)."""
+    """The RoPE settings as transformers reads them: rope_scaling (hub checkpoints; a model card's YaRN
+    block added to a transformers-5 config) over rope_parameters (transformers 5), with rope_theta and
+    a top-level original_max_position_embeddings (Phi-3 style) beside them."""
+    scaling = hf.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, Mapping):
+        raise ConfigError(f"rope_scaling in config.json must be a mapping (rope_type, factor, ...), got {scaling!r}")
     params = hf.get("rope_parameters")
     if isinstance(params, Mapping) and "full_attention" in params:  # per-layer-type form
         params = params["full_attention"]
-    if params:
-        return dict(params)
-    scaling = hf.get("rope_scaling") or {}
-    if not isinstance(scaling, Mapping):
-        raise ConfigError(f"rope_scaling in config.json must be a mapping (rope_type, factor, ...), got {scaling!r}")
-    scaling = dict(scaling)
-    scaling.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    return scaling
+    rope = dict(scaling or params or {})
+    saved_theta = params.get("rope_theta") if isinstance(params, Mapping) else None
+    rope.setdefault("rope_theta", hf.get("rope_theta", saved_theta if saved_theta is not None else 10000.0))
+    if (rope.get("rope_type", rope.get("type")) in ("llama3", "yarn", "longrope")
+            and hf.get("original_max_position_embeddings") is not None):
+        rope["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    return rope
 
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:

@@ -40,6 +40,25 @@ def test_hub_rope_scaling_layout_equals_transformers5_layout():
     assert ModelConfig.from_hf(qwen).rope == ModelConfig.from_hf(hf_dict("qwen2-gqa4-yarn")).rope
 
 
+def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
+    """A model card's YaRN block added to a transformers-5 config (which holds rope_parameters): transformers
+    uses rope_scaling, and so do we (it was ignored: logits 4.9 apart); a top-level
+    original_max_position_embeddings (Phi-3 style) wins over the dict's, as there."""
+    import transformers
+
+    cfg = hf_dict("qwen3-gqa4-headdim")
+    assert cfg["rope_parameters"]["rope_type"] == "default"
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    ours = ModelConfig.from_hf(cfg).rope
+    theirs = transformers.Qwen3Config.from_dict(cfg).rope_parameters
+    assert (ours.kind, ours.factor, ours.original_max_position_embeddings, ours.theta) == (
+        theirs["rope_type"], theirs["factor"], theirs["original_max_position_embeddings"], theirs["rope_theta"])
+    llama = hf_dict("llama-gqa2-tied-llama3")
+    llama["original_max_position_embeddings"] = 256
+    # (transformers' from_pretrained on such a config.json: logits within 1e-5 of ours; 1.65 apart before)
+    assert ModelConfig.from_hf(llama).rope.original_max_position_embeddings == 256
+
+
 def test_generation_config_eos_wins():
     cfg = ModelConfig.from_hf(hf_dict("llama-mha"), {"eos_token_id": [2, 7]})
     assert cfg.eos_token_ids == (2, 7)
