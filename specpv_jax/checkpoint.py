@@ -172,7 +172,12 @@ def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
-    os.replace(new, out)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if old is not None:  # put the checkpoint being replaced back where it was
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

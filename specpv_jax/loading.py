@@ -80,8 +80,15 @@ def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress
     if mesh is not None:
         sharding.check_mesh(mesh)
     place = (lambda cfg: mesh) if mesh is not None else sharding.default_mesh
-    cfg, params = _load_decoder(pathlib.Path(path), dtype, progress, place)
+    path = _absolute(path)
+    cfg, params = _load_decoder(path, dtype, progress, place)
     return Model(cfg, params, _tokenizer(tokenizer_directory(path)), str(path))
+
+
+def _absolute(path: str | os.PathLike) -> pathlib.Path:
+    """`path` made absolute (not resolved: a symlink keeps its name), so that a model's `source` still names
+    its directory after the working directory changes (`save_target` refuses to replace it)."""
+    return pathlib.Path(os.path.abspath(path))
 
 
 def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
@@ -138,7 +145,7 @@ def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None)
     dtype: None uses the target's dtype. The draft's parameters go on the mesh the
     target's are placed on (`load_target`), split the same way.
     """
-    draft = _read_draft(pathlib.Path(path), target, dtype or target.dtype)
+    draft = _read_draft(_absolute(path), target, dtype or target.dtype)
     mesh = sharding.mesh_of(target.params)
     return draft if mesh is None else dataclasses.replace(draft, params=sharding.shard_params(draft.params, mesh))
 
@@ -220,6 +227,7 @@ def save_draft(draft: Any, out_dir: str | os.PathLike, overwrite: bool = False) 
     """Exports a draft as an orbax checkpoint (`export_eagle3` writes the public layout instead)."""
     if draft.kind == "small":
         return save_target(Model(draft.cfg, draft.params, source=draft.source), out_dir, overwrite)
+    checkpoint.check_destination(out_dir, overwrite, source=draft.source)
     if draft.kind == "longspec":
         meta = {"kind": "longspec", "longspec_config": draft.cfg.to_dict()}
         return checkpoint.save(out_dir, {"params": draft.params}, meta, overwrite=overwrite)

@@ -134,6 +134,35 @@ def test_an_interrupted_overwrite_is_pointed_out(hf_model, tmp_path, monkeypatch
         sj.load_target(tmp_path / "ckpt")
 
 
+def test_an_overwrite_whose_last_rename_fails_puts_the_old_checkpoint_back(hf_model, tmp_path, monkeypatch):
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    sj.save_target(target, tmp_path / "ckpt")
+    real_replace = checkpoint.os.replace
+
+    def fails_to_move_the_new_one_in(src, dst):
+        if ".partial-" in str(src):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", fails_to_move_the_new_one_in)
+    with pytest.raises(OSError, match="disk full"):
+        sj.save_target(target, tmp_path / "ckpt", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sj.load_target(tmp_path / "ckpt", progress=False).cfg == target.cfg
+
+
+def test_a_relative_source_is_still_protected_after_a_chdir(hf_copy, tmp_path, monkeypatch):
+    """`source` was stored as given: after the working directory changed, the guard against replacing the
+    exported model's own directory resolved it elsewhere and let the HF checkpoint be deleted."""
+    monkeypatch.chdir(hf_copy.parent)
+    target = sj.load_target(hf_copy.name, progress=False)
+    monkeypatch.chdir(tmp_path.parent)
+    before = sorted(p.name for p in hf_copy.iterdir())
+    with pytest.raises(CheckpointError, match="replacing it would delete it"):
+        sj.save_target(target, hf_copy, overwrite=True)
+    assert sorted(p.name for p in hf_copy.iterdir()) == before and target.source == str(hf_copy)
+
+
 def test_force_replaces_only_a_model_directory(hf_copy, tmp_path, capsys):
     """--force / overwrite=True replace a checkpoint or model directory, never a directory of other things
     (`convert SRC ~/models --force` meant "put it in there")."""

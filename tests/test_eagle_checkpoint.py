@@ -96,6 +96,16 @@ def test_public_bin_head_loads_and_speculates(target, tmp_path):
     np.testing.assert_array_equal(eg.tokens, ar.tokens)
 
 
+def test_save_draft_never_replaces_the_directory_it_came_from(target, tmp_path):
+    head_dir = write_head(tmp_path / "models" / "head")
+    head = sj.load_draft(head_dir, target)
+    before = sorted(p.name for p in head_dir.iterdir())
+    for out in (head_dir, tmp_path / "models"):
+        with pytest.raises(CheckpointError, match="replacing it would delete it"):
+            sj.save_draft(head, out, overwrite=True)
+    assert sorted(p.name for p in head_dir.iterdir()) == before
+
+
 def test_export_and_orbax_round_trips(target, tmp_path):
     head = sj.load_draft(write_head(tmp_path / "head", fmt="safetensors"), target)
     again = sj.load_draft(export_eagle3(tmp_path / "exported", head.cfg, head.params, head.d2t), target)
