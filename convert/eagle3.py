@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from convert.hf import (ConversionError, Entry, TensorInfo, check_dtype, check_tensors, load_params, read_json,
-                        table_to_tensors, write_safetensors_dir)
+                        scan_headers, table_to_tensors, write_safetensors_dir)
 from specpv_jax.config import ConfigError, DraftConfig, ModelConfig
 
 TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
@@ -52,6 +52,8 @@ def read_state(head_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str,
     """All tensors of a head checkpoint (it is small) and their header facts."""
     files = sorted(head_dir.glob("*.safetensors"))
     if files:
+        for key, info in scan_headers(files).items():  # a key in two files, an unreadable file: named here
+            _check_readable(key, info.dtype, info.file)
         tensors = {}
         for path in files:
             try:
@@ -83,8 +85,16 @@ def _read_torch_bin(path: pathlib.Path) -> dict:
     out = {}
     for k, t in state.items():
         name = str(t.dtype).removeprefix("torch.")
+        _check_readable(k, TORCH_DTYPES.get(name, name), path)
         out[k] = (t.float().numpy().astype(jnp.bfloat16) if name == "bfloat16" else t.numpy(), path)
     return out
+
+
+def _check_readable(key: str, dtype: str, path: pathlib.Path) -> None:
+    """Raises naming a tensor stored in a dtype a head cannot hold (fp8, say), before it is read."""
+    if dtype not in TORCH_DTYPES.values():
+        raise ConversionError(f"{path}: tensor {key!r} has dtype {dtype}, which an EAGLE-3 head cannot be read "
+                              f"from (supported: {', '.join(sorted(TORCH_DTYPES.values()))})")
 
 
 def _dtype_name(dtype) -> str:

@@ -96,6 +96,21 @@ def test_public_bin_head_loads_and_speculates(target, tmp_path):
     np.testing.assert_array_equal(eg.tokens, ar.tokens)
 
 
+def test_unreadable_dtypes_and_a_key_in_two_files_are_named(target, tmp_path):
+    """An fp8 tensor once failed deep in numpy/torch (a traceback from the CLI); a stray second safetensors
+    file holding a key silently replaced the first's."""
+    from safetensors.torch import save_file
+
+    fp8 = {**public_state(), "fc.weight": public_state()["fc.weight"].to(torch.float8_e4m3fn)}
+    for fmt, dtype in (("safetensors", "F8_E4M3"), ("bin", "float8_e4m3fn")):
+        with pytest.raises(ConversionError, match=f"tensor 'fc.weight' has dtype {dtype}, which an EAGLE-3 head"):
+            sj.load_draft(write_head(tmp_path / fmt, state=fp8, fmt=fmt), target)
+    head = write_head(tmp_path / "two", fmt="safetensors")
+    save_file({"norm.weight": torch.zeros(HIDDEN)}, str(head / "zz-backup.safetensors"))
+    with pytest.raises(ConversionError, match="tensor 'norm.weight' appears twice: in model.safetensors and zz-backup"):
+        sj.load_draft(head, target)
+
+
 def test_save_draft_never_replaces_the_directory_it_came_from(target, tmp_path):
     head_dir = write_head(tmp_path / "models" / "head")
     head = sj.load_draft(head_dir, target)
