@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import tempfile
 from typing import Any, Callable
 
 import jax
@@ -132,7 +133,11 @@ def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = Fals
     tok_dir = tokenizer_directory(source) if source is not None else None
     checkpoint.check_destination(out_dir, overwrite, source=model.source)
     meta = {"kind": "target", "model_config": model.cfg.to_dict(), "dtype": str(model.dtype)}
-    return checkpoint.save(out_dir, model.params, meta, tokenizer_dir=tok_dir, overwrite=overwrite)
+    if tok_dir is not None or model.tokenizer is None:
+        return checkpoint.save(out_dir, model.params, meta, tokenizer_dir=tok_dir, overwrite=overwrite)
+    with tempfile.TemporaryDirectory() as saved:  # the source's files moved, or a model built in code
+        model.tokenizer.save_pretrained(saved)
+        return checkpoint.save(out_dir, model.params, meta, tokenizer_dir=saved, overwrite=overwrite)
 
 
 def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None) -> Any:

@@ -74,3 +74,13 @@ def test_tokenizer_travels_with_orbax_export(model_dir, tmp_path):
     restored = sj.load_target(tmp_path / "ck")
     assert restored.tokenizer is not None
     assert text.encode_prompt(restored.tokenizer, "w7 w8") == [3, 7, 8, 4]
+
+
+def test_a_moved_sources_tokenizer_is_saved_from_memory(model_dir, tmp_path):
+    """The export copies the source's tokenizer files; when they are gone (the directory moved after loading),
+    it writes the loaded tokenizer instead of silently exporting none."""
+    model = sj.load_target(model_dir, progress=False)
+    model_dir.rename(tmp_path / "moved")
+    sj.save_target(model, tmp_path / "ck")
+    restored = sj.load_target(tmp_path / "ck")
+    assert text.encode_prompt(restored.tokenizer, "w7 w8") == [3, 7, 8, 4]
