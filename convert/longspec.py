@@ -32,7 +32,7 @@ import re
 
 from convert.hf import (ConversionError, Entry, SafetensorsReader, check_dtype, check_tensors, load_params, read_json,
                         scan_headers, table_to_tensors, write_safetensors_dir)
-from specpv_jax.config import ConfigError, LongSpecConfig, ModelConfig
+from specpv_jax.config import ConfigError, LongSpecConfig, ModelConfig, RopeConfig, rope_from_hf
 from specpv_jax.draft.longspec import BIASED, NORMS
 
 ARCHITECTURE = "LongSpecDraft"
@@ -72,11 +72,22 @@ def glide_config(hf: dict, target: ModelConfig, source: str = "config.json") -> 
                               num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, cross_heads=heads,
                               target_kv_heads=kv_heads, target_head_dim=head_dim, vocab_size=int(hf["vocab_size"]),
                               window=GLIDE_WINDOW, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                              rope=target.rope, attention_bias=True, final_norm=False)
+                              rope=_glide_rope(hf, target), attention_bias=True, final_norm=False)
     except KeyError as e:
         raise ConversionError(f"{source}: missing field {e}") from None
     except (ConfigError, TypeError, ValueError) as e:
         raise ConversionError(f"{source}: {e}") from None
+
+
+def _glide_rope(hf: dict, target: ModelConfig) -> RopeConfig:
+    """The RoPE a released draft's config.json states, for `fit_problems` to compare with the target's (its
+    config is the target's, re-labelled): all of it where it has a rope_scaling/rope_parameters block, else
+    its rope_theta over the target's scaling; the target's where it states nothing."""
+    if hf.get("rope_scaling") or hf.get("rope_parameters"):
+        return rope_from_hf(hf)
+    if hf.get("rope_theta") is not None:
+        return dataclasses.replace(target.rope, theta=float(hf["rope_theta"]))
+    return target.rope
 
 
 def _architectures(path: pathlib.Path) -> list[str]:

@@ -143,7 +143,7 @@ class ModelConfig:
             head_dim=head_dim,
             max_position_embeddings=_positive_int(hf, "max_position_embeddings"),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),  # transformers' default for all three
-            rope=_rope_from_hf(hf),
+            rope=rope_from_hf(hf),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
@@ -231,7 +231,8 @@ def _rope_dict(hf: Mapping[str, Any]) -> dict[str, Any]:
     return rope
 
 
-def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
+def rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
+    """The RoPE of an HF config.json dict (`_rope_dict`'s settings, checked)."""
     r = _rope_dict(hf)
     kind = r.get("rope_type", r.get("type", "default")) or "default"
     theta = float(r.get("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -344,7 +345,7 @@ class DraftConfig:
             feature_layers=layers,
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            rope=_rope_from_hf(hf),  # RoPE base 10000 when unset, as in the EAGLE code
+            rope=rope_from_hf(hf),  # RoPE base 10000 when unset, as in the EAGLE code
         )
 
     def fit_problems(self, target: ModelConfig) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -356,6 +357,11 @@ def test_released_checkpoint_errors_name_the_problem(tmp_path, pair):
     path, sd = _released_checkpoint(tmp_path / "released", target)
     with pytest.raises(ConversionError, match="vocab_size 16 != the target's 32"):
         sj.load_draft(path, make_target(32))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "rope_theta": 2 * config["rope_theta"]}))
+    with pytest.raises(ConversionError, match=r"rope RopeConfig\(theta=20000.0, .* != the target's RopeConfig\(theta="):
+        sj.load_draft(path, target)
+    (path / "config.json").write_text(json.dumps(config))
     from safetensors.numpy import save_file
 
     del sd["self_attn.k_proj.bias"]
