@@ -164,12 +164,17 @@ def _d2t(tensors: dict, cfg: DraftConfig, head_dir: pathlib.Path) -> jax.Array:
 def check_d2t(d2t, cfg: DraftConfig, where: str) -> jax.Array:
     """The draft-to-target offsets `d2t [V_draft]` as int32 on the device, once they map every draft id into
     the target's vocabulary; raises naming `where` otherwise."""
-    d2t = np.asarray(d2t).astype(np.int64)
+    d2t = np.asarray(d2t)
+    if d2t.dtype.kind not in "iu":
+        raise ConversionError(f"{where}: d2t must hold integer offsets, got dtype {d2t.dtype}")
+    d2t = d2t.astype(np.int64)
     if d2t.shape != (cfg.draft_vocab_size,):
         raise ConversionError(f"{where}: d2t has shape {d2t.shape}, expected ({cfg.draft_vocab_size},)")
     target_ids = d2t + np.arange(d2t.size)
     if target_ids.min() < 0 or target_ids.max() >= cfg.vocab_size:
         raise ConversionError(f"{where}: d2t maps draft ids outside the target vocabulary [0, {cfg.vocab_size})")
+    if np.unique(target_ids).size != target_ids.size:  # the tree's siblings would repeat a token
+        raise ConversionError(f"{where}: d2t maps two draft ids to one target id")
     return jax.device_put(d2t.astype(np.int32))
 
 

@@ -51,12 +51,16 @@ class Entry:
 
 
 def read_json(path: pathlib.Path) -> dict:
+    """The JSON object in `path`; raises naming the file when it is missing, not JSON, or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConversionError(f"{path} not found") from None
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} must hold a JSON object (field: value, ...), got a {type(data).__name__}")
+    return data
 
 
 def read_config(model_dir: str | pathlib.Path) -> tuple[ModelConfig, dict]:

@@ -326,6 +326,8 @@ class DraftConfig:
         Optional `eagle_config.eagle_aux_hidden_state_layer_ids` name the target layers
         whose outputs are captured (as SGLang and SpecForge write them).
         """
+        if hf.get("hidden_act", "silu") != "silu":  # the head's MLP is SiLU-gated, as in the EAGLE code
+            raise ConfigError(f"hidden_act={hf['hidden_act']!r} (an EAGLE-3 head here is SiLU-gated only)")
         num_heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         aux = (hf.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")

@@ -182,9 +182,9 @@ def _read_draft(path: pathlib.Path, target: Model, dtype) -> Any:
 
 
 def _is_eagle3_config(config_json: pathlib.Path) -> bool:
-    import json
+    from convert.hf import read_json
 
-    hf = json.loads(config_json.read_text())
+    hf = read_json(config_json)
     archs = [str(a).lower() for a in hf.get("architectures") or []]
     return "draft_vocab_size" in hf or any("eagle" in a for a in archs)
 

@@ -96,6 +96,13 @@ def test_public_bin_head_loads_and_speculates(target, tmp_path):
     np.testing.assert_array_equal(eg.tokens, ar.tokens)
 
 
+def test_a_config_that_is_not_a_json_object_is_named(target, tmp_path):
+    head = write_head(tmp_path / "head")
+    (head / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConversionError, match="config.json must hold a JSON object .*, got a list"):
+        sj.load_draft(head, target)
+
+
 def test_unreadable_dtypes_and_a_key_in_two_files_are_named(target, tmp_path):
     """An fp8 tensor once failed deep in numpy/torch (a traceback from the CLI); a stray second safetensors
     file holding a key silently replaced the first's."""
@@ -148,6 +155,9 @@ def test_export_and_orbax_round_trips(target, tmp_path):
     ({}, lambda s: s.update({"d2t": s["d2t"] + 100}), "d2t maps draft ids outside the target vocabulary"),
     ({}, lambda s: s.pop("d2t"), "needs a d2t tensor"),
     ({}, lambda s: s.update({"extra.weight": torch.zeros(3)}), "unexpected tensors .*extra.weight"),
+    ({}, lambda s: s.update({"d2t": s["d2t"] + 0.5}), "d2t must hold integer offsets, got dtype float32"),
+    ({}, lambda s: s["d2t"].__setitem__(1, s["d2t"][0] - 1), "d2t maps two draft ids to one target id"),
+    ({"hidden_act": "gelu"}, None, r"hidden_act='gelu' \(an EAGLE-3 head here is SiLU-gated only\)"),
 ])
 def test_mismatched_heads_are_named(target, tmp_path, config, state_edit, message):
     state = public_state()
