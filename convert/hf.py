@@ -72,9 +72,6 @@ def read_config(model_dir: str | pathlib.Path) -> tuple[ModelConfig, dict]:
     where = model_dir / "config.json"
     if gen is not None:
         where = f"{where} (with {gen_path.name})"
-    for name, d in (("config.json", hf), (gen_path.name, gen)):
-        if d is not None and not isinstance(d, dict):
-            raise ConversionError(f"{model_dir / name} must hold a JSON object, not a {type(d).__name__}")
     try:
         return ModelConfig.from_hf(hf, gen), hf
     except ConfigError as e:
