@@ -235,7 +235,7 @@ def rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     """The RoPE of an HF config.json dict (`_rope_dict`'s settings, checked)."""
     r = _rope_dict(hf)
     kind = r.get("rope_type", r.get("type", "default")) or "default"
-    theta = float(r.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(r["rope_theta"])  # `_rope_dict` always sets it
     if kind == "default":
         return RopeConfig(theta=theta)
     if kind not in ROPE_KINDS:
