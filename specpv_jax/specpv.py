@@ -81,11 +81,12 @@ class SpecPVState:
     (`spec.bounded_draft` only, else None), length = static part + pairs since;
     provisional_cap: `[B]` exact mode's limit on provisional tokens before a full
     step (doubled after a full step confirms all, set to twice the confirmed run
-    after a rollback); below 0 a row takes full steps only, -cap more of them,
-    after a rollback that emitted fewer tokens than its full step's tree alone
-    would have; backoff: `[B]` how many full steps the next such pause lasts
-    (doubling while they repeat, up to `MAX_BACKOFF`), so a partial cache that
-    keeps disagreeing costs about what `eagle` mode does (`next_provisional_cap`).
+    after a rollback, to 1 after a pause); pause: `[B]` full steps a row still
+    takes before partial verification again, set to `backoff` after a rollback
+    that emitted fewer tokens than its full step's tree alone would have;
+    backoff: `[B]` how long the next such pause lasts (doubling while they
+    repeat, up to `MAX_BACKOFF`), so a partial cache that keeps disagreeing costs
+    about what `eagle` mode does (`next_provisional_cap`).
     """
 
     eagle: EagleState
@@ -97,6 +98,7 @@ class SpecPVState:
     missing_q: jax.Array | None
     draft_partial: KVCache | None
     provisional_cap: jax.Array
+    pause: jax.Array
     backoff: jax.Array
     counters: Counters
 
@@ -231,62 +233,76 @@ def _first_bad(bad: jax.Array) -> tuple[jax.Array, jax.Array]:
 def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tree,
               with_missing: bool) -> SpecPVState:
     """Verify `tree` against the full cache (re-feeding missing tokens when `with_missing`), then refresh."""
-    s, cfg, spec = st.eagle, run.cfg, run.spec
+    s, spec = st.eagle, run.spec
     live = _live(st)
-    draft_cache = s.draft_cache
     full_len = s.cache.length
+    missing = st.missing if with_missing else st.missing[:, :0]
     n_missing = st.n_missing if with_missing else jnp.zeros_like(st.n_missing)
-    if with_missing:
-        tokens, positions, mask, score_mask = _full_inputs(tree, st.missing, n_missing, full_len)
-    else:
-        tokens, positions, mask = tree.tokens, full_len[:, None] + tree.depth, tree.mask
-        score_mask = jnp.ones(tokens.shape, bool)
-    m = st.missing.shape[1] if with_missing else 0
-    out = M.forward(params, cfg, tokens, positions, s.cache, mask, capture_layers=run.dcfg.feature_layers,
+    m = missing.shape[1]
+    tokens, positions, mask, score_mask = _full_inputs(tree, missing, n_missing, full_len)
+    out = M.forward(params, run.cfg, tokens, positions, s.cache, mask, capture_layers=run.dcfg.feature_layers,
                     attention=run.attention, summary=st.summary, score_mask=score_mask, offloaded=run.offload)
-    logits = M.logits(params, cfg, out.hidden)
+    logits = M.logits(params, run.cfg, out.hidden)
     key, k_tree, k_check = jax.random.split(s.key, 3)
     acc = verify.accept(tree, logits[:, m:], sampler, k_tree)
-    finite = jnp.isfinite(logits).all()  # the missing tokens' logits decide exact mode's rollbacks
     features = flat_features(out.features)
-    emitted, pair_feats = acc.emitted(tree), acc.along_path(features[:, m:])
-    count = acc.count + 1
+    emitted, pair_feats, count, root = acc.emitted(tree), acc.along_path(features[:, m:]), acc.count + 1, acc.bonus
+    cache_len, draft_len = full_len + n_missing + count, s.draft_cache.length
+    out_tokens, out_count = emitted, count
+    rejected, first = jnp.zeros_like(live), jnp.zeros_like(n_missing)
 
-    # Exact mode: the tokens after missing[0] (and the root) were only partially verified.
-    rejected = jnp.zeros_like(live)
-    first = n_prov = jnp.zeros_like(n_missing)
-    provisional = None
-    if run.mode == "exact" and with_missing:
-        slot = jnp.arange(m)[None, :]
-        provisional = jnp.where(slot + 1 < n_missing[:, None], jnp.roll(st.missing, -1, axis=1), tree.tokens[:, :1])
-        n_prov = n_missing
+    if run.mode == "exact" and with_missing:  # the tokens after missing[0] (and the root) were partially verified
+        provisional = jnp.where(jnp.arange(m)[None, :] + 1 < n_missing[:, None], jnp.roll(missing, -1, axis=1),
+                                tree.tokens[:, :1])
         rejected, first, correction = check_provisional(sampler, logits[:, :m], provisional, n_missing,
                                                         st.missing_q, k_check)
-        rejected = rejected & live
-        kept = first + 1  # missing[0..first] stay; the token after them is replaced
-        n_prov = jnp.where(rejected, first, n_prov)
-        feats_kept = jnp.take_along_axis(features[:, :m], first[:, None, None], axis=1)
-        pair_feats = jnp.where(rejected[:, None, None], jnp.zeros_like(pair_feats).at[:, 0].set(feats_kept[:, 0]),
-                               pair_feats)
+        rejected &= live
+        root = jnp.where(rejected, correction, root)
+        # A rollback keeps missing[0..first] and emits the target's token after them instead of the rest.
         emitted = jnp.where(rejected[:, None], jnp.zeros_like(emitted).at[:, 0].set(correction), emitted)
+        first_feats = jnp.take_along_axis(features, first[:, None, None], axis=1)
+        pair_feats = jnp.where(rejected[:, None, None], jnp.zeros_like(pair_feats).at[:, :1].set(first_feats),
+                               pair_feats)
         count = jnp.where(rejected, 1, count)
-        draft_cache = draft_cache.replace(length=jnp.where(rejected, full_len + kept - 1, draft_cache.length))
+        cache_len = jnp.where(rejected, full_len + first + 1, cache_len)
+        draft_len = jnp.where(rejected, full_len + first, draft_len)
+        out_tokens, out_count = _exact_emission(provisional, jnp.where(rejected, first, n_missing), emitted, count)
 
-    # Commit: missing tokens already sit at full_len + [0, n_missing); the tree path follows them.
-    # (Offloaded: nothing was written yet; the lengths are set here, the K/V written by `commit_and_refresh`.)
-    if run.offload:
-        cache = s.cache.replace(length=full_len + n_missing + jnp.where(rejected, -1, acc.count) + 1)
-    else:
-        cache = commit_path(out.cache, acc.path, jnp.where(rejected, -1, acc.count), src=full_len + m,
-                            dst=full_len + n_missing)
-    if run.mode == "exact" and with_missing:
-        cache = cache.replace(length=jnp.where(rejected, full_len + first + 1, cache.length))
-    cache = cache.replace(length=jnp.where(live, cache.length, full_len))
+    # Missing tokens already sit at full_len + [0, n_missing); the tree path follows them. (Offloaded: nothing
+    # was written yet; `_refresh` writes the K/V.)
+    cache = s.cache if run.offload else commit_path(out.cache, acc.path, jnp.where(rejected, -1, acc.count),
+                                                    src=full_len + m, dst=full_len + n_missing)
+    cache = cache.replace(length=jnp.where(live, cache_len, full_len))
+    draft_cache = s.draft_cache.replace(length=draft_len)
+    cache, summary, partial, draft_partial = _refresh(run, st, out, acc.path, cache, draft_cache, n_missing, m,
+                                                      tree.size)
+    cap, pause, backoff = st.provisional_cap, st.pause, st.backoff
+    if run.mode == "exact":
+        cap, pause, backoff = next_provisional_cap(cap, pause, backoff, n_missing, rejected, first, acc.count + 1,
+                                                   spec.max_missing)
+    c = st.counters
+    return st.replace(
+        eagle=EagleState(cache=cache, draft_cache=draft_cache, pair_feats=pair_feats, pair_tokens=emitted,
+                         pair_count=count, root=root, out=s.out.append(out_tokens, out_count, eos,
+                                                                       jnp.isfinite(logits).all()), key=key),
+        partial=partial, summary=summary, ready=cache.length > spec.partial_threshold, draft_partial=draft_partial,
+        n_missing=jnp.where(live, 0, st.n_missing), provisional_cap=cap, pause=pause, backoff=backoff,
+        counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
+                           full_accepted=c.full_accepted + jnp.where(live & ~rejected, acc.count + 1, 0).sum(),
+                           rollbacks=c.rollbacks + rejected.sum()))
+
+
+def _refresh(run: Run, st: SpecPVState, out: M.ForwardOut, path: jax.Array, cache: KVCache,
+             draft_cache: KVCache, n_missing: jax.Array, m: int, tree_size: int):
+    """After a full step committed (`cache`, lengths final): the block summaries of the span it wrote, the
+    partial cache rebuilt from its block scores, and the head's bounded cache. Offloaded, this also writes
+    the committed K/V (the re-fed tokens, then the accepted `path`) to the host cache."""
+    spec, full_len = run.spec, st.eagle.cache.length
     # Blocks the step wrote, [full_len, full_len + m + N): a span that may start mid-block touches at most this many.
-    summary_blocks = (m + tree.size) // spec.block_size + 2
+    summary_blocks = (m + tree_size) // spec.block_size + 2
     blocks = retrieval.select_blocks(out.block_scores, cache.length, spec)
     if run.offload:
-        new_k, new_v = (offload.committed(x, acc.path, n_missing, m) for x in out.new_kv)
+        new_k, new_v = (offload.committed(x, path, n_missing, m) for x in out.new_kv)
         cache, summary, partial = offload.commit_and_refresh(cache, new_k, new_v, full_len, st.summary,
                                                              summary_blocks, st.partial, blocks, spec)
     else:
@@ -295,23 +311,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     draft_partial = st.draft_partial
     if draft_partial is not None:
         draft_partial = refresh_draft_partial(draft_partial, draft_cache, out.block_scores, spec)
-
-    cap, backoff = st.provisional_cap, st.backoff
-    if run.mode == "exact":
-        out_tokens, out_count = _exact_emission(provisional, n_prov, emitted, count)
-        cap, backoff = next_provisional_cap(cap, backoff, n_missing, rejected, first, acc.count + 1, spec.max_missing)
-    else:
-        out_tokens, out_count = emitted, count
-    root = jnp.where(rejected, emitted[:, 0], acc.bonus)
-    c = st.counters
-    return st.replace(
-        eagle=EagleState(cache=cache, draft_cache=draft_cache, pair_feats=pair_feats, pair_tokens=emitted,
-                         pair_count=count, root=root, out=s.out.append(out_tokens, out_count, eos, finite), key=key),
-        partial=partial, summary=summary, ready=cache.length > spec.partial_threshold, draft_partial=draft_partial,
-        n_missing=jnp.where(live, 0, st.n_missing), provisional_cap=cap, backoff=backoff,
-        counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
-                           full_accepted=c.full_accepted + jnp.where(live & ~rejected, acc.count + 1, 0).sum(),
-                           rollbacks=c.rollbacks + rejected.sum()))
+    return cache, summary, partial, draft_partial
 
 
 def refresh_draft_partial(draft_partial: KVCache, draft_cache: KVCache, block_scores: jax.Array,
@@ -328,28 +328,25 @@ def refresh_draft_partial(draft_partial: KVCache, draft_cache: KVCache, block_sc
     return retrieval.refresh(draft_partial, draft_cache, blocks, spec)
 
 
-def next_provisional_cap(cap, backoff, n_missing, rejected, first, tree_count, max_missing: int):
-    """Exact mode's `(provisional_cap, backoff)` `[B]` after a full step that checked `n_missing` provisional
-    tokens and accepted `tree_count` of its tree's (bonus included): all confirmed, the cap doubles; the first
-    `first` confirmed, twice that, unless the `first + 1` tokens emitted are fewer than `tree_count`: then
-    partial steps pause for `backoff` full steps, and the next such pause doubles. A row with nothing to check
-    counts a pause down, then tries one partial step (cap 1)."""
+def next_provisional_cap(cap, pause, backoff, n_missing, rejected, first, tree_count, max_missing: int):
+    """Exact mode's `(provisional_cap, pause, backoff)` `[B]` after a full step that checked `n_missing`
+    provisional tokens and accepted `tree_count` of its tree's (bonus included): all confirmed, the cap doubles;
+    the first `first` confirmed, twice that, unless the `first + 1` tokens emitted are fewer than `tree_count`:
+    then partial steps pause for `backoff` full steps (after which one partial step is tried: cap 1), and the
+    next such pause doubles. A row with nothing to check counts its pause down."""
     checked = n_missing > 0
     # A rollback that emits fewer tokens than its full step's tree would have alone: a loss whatever a partial
     # step costs (and the tree's acceptance is the best estimate at hand of what eagle mode would emit).
     wasted = checked & rejected & (first + 1 < tree_count)
-    paused = jnp.where(cap < 0, cap + 1, cap)
-    cap = jnp.where(~checked, jnp.where(paused == 0, 1, paused),
-                    jnp.where(~rejected, jnp.minimum(2 * jnp.maximum(cap, 1), max_missing),
-                              jnp.where(wasted, -backoff, jnp.maximum(2 * first, 1))))
+    cap = jnp.where(~checked, cap, jnp.where(~rejected, jnp.minimum(2 * cap, max_missing),
+                                             jnp.where(wasted, 1, jnp.maximum(2 * first, 1))))
+    pause = jnp.where(wasted, backoff, jnp.maximum(pause - 1, 0))
     backoff = jnp.where(wasted, jnp.minimum(2 * backoff, MAX_BACKOFF), jnp.where(checked, 1, backoff))
-    return cap, backoff
+    return cap, pause, backoff
 
 
 def _exact_emission(provisional, n_prov, emitted, count):
     """Confirmed provisional tokens followed by this step's tokens, per row: `[B, M + D + 1]`, counts."""
-    if provisional is None:
-        return emitted, count
     b, m = provisional.shape
     slot = jnp.arange(m + emitted.shape[1])[None, :]
     from_tree = jnp.take_along_axis(emitted, jnp.clip(slot - n_prov[:, None], 0, emitted.shape[1] - 1), axis=1)
@@ -358,11 +355,13 @@ def _exact_emission(provisional, n_prov, emitted, count):
 
 
 def must_confirm(eos, st: SpecPVState) -> jax.Array:
-    """Exact mode: rows whose provisional tokens could end generation, or reached their cap, need a full step."""
+    """Exact mode: rows whose provisional tokens could end generation, or reached their cap, and paused rows
+    need a full step."""
     out = st.eagle.out
     slot = jnp.arange(st.missing.shape[1])[None, :]
     has_eos = (jnp.isin(st.missing, eos) & (slot < st.n_missing[:, None])).any(1) | jnp.isin(st.eagle.root, eos)
-    return has_eos | (out.num_out + st.n_missing >= out.limit) | (st.n_missing >= st.provisional_cap)
+    at_cap = st.n_missing >= st.provisional_cap
+    return has_eos | (out.num_out + st.n_missing >= out.limit) | at_cap | (st.pause > 0)
 
 
 def specpv_step(params, dparams, d2t, run: Run, sampler: Sampler, eos, st: SpecPVState) -> SpecPVState:
@@ -404,7 +403,8 @@ def specpv_decode_fn(run: Run):
             # The head's buffer also holds the last full step's pairs: room for one more path.
             draft_partial=retrieval.empty_partial(draft_cache, spec, extra=spec.tree_depth + 1)
             if spec.bounded_draft else None,
-            provisional_cap=jnp.full((b,), m, jnp.int32), backoff=jnp.ones((b,), jnp.int32),
+            provisional_cap=jnp.full((b,), m, jnp.int32), pause=jnp.zeros((b,), jnp.int32),
+            backoff=jnp.ones((b,), jnp.int32),
             counters=Counters.zeros())
         step = functools.partial(specpv_step, params, dparams, d2t, run, sampler, eos)
         st = decode_loop(run, step, st, lambda s: s.eagle.out)

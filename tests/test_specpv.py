@@ -269,14 +269,15 @@ def test_the_exact_sampling_check_tells_specpv_apart():
 
 def test_provisional_cap_pauses_partial_steps_after_a_losing_rollback():
     """Rows: all 4 confirmed; 3 of 8 confirmed (4 emitted, the tree would give 3); none of 5 confirmed while
-    the tree gives 3 (a loss: pause, for 2 full steps); the same at the backoff limit; a pause counted down;
-    its last full step, after which one partial step is tried."""
+    the tree gives 3 (a loss: pause, for 2 full steps, then cap 1); the same at the backoff limit; a pause
+    counted down; its last full step."""
     i32 = lambda *x: jnp.asarray(x, jnp.int32)  # noqa: E731
-    cap, backoff = next_provisional_cap(
-        cap=i32(4, 8, 5, 5, -2, -1), backoff=i32(1, 4, 2, MAX_BACKOFF, 2, 2), n_missing=i32(4, 8, 5, 5, 0, 0),
-        rejected=jnp.asarray([False, True, True, True, False, False]), first=i32(0, 3, 0, 0, 0, 0),
-        tree_count=i32(3, 3, 3, 3, 3, 3), max_missing=16)
-    assert cap.tolist() == [8, 6, -2, -MAX_BACKOFF, -1, 1]
+    cap, pause, backoff = next_provisional_cap(
+        cap=i32(4, 8, 5, 5, 1, 1), pause=i32(0, 0, 0, 0, 2, 1), backoff=i32(1, 4, 2, MAX_BACKOFF, 2, 2),
+        n_missing=i32(4, 8, 5, 5, 0, 0), rejected=jnp.asarray([False, True, True, True, False, False]),
+        first=i32(0, 3, 0, 0, 0, 0), tree_count=i32(3, 3, 3, 3, 3, 3), max_missing=16)
+    assert cap.tolist() == [8, 6, 1, 1, 1, 1]
+    assert pause.tolist() == [0, 0, 2, MAX_BACKOFF, 1, 0]
     assert backoff.tolist() == [1, 1, 4, MAX_BACKOFF, 2, 2]
 
 
