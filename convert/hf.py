@@ -70,8 +70,8 @@ def read_config(model_dir: str | pathlib.Path) -> tuple[ModelConfig, dict]:
     gen_path = model_dir / "generation_config.json"
     gen = read_json(gen_path) if gen_path.exists() else None
     where = model_dir / "config.json"
-    if gen is not None:
-        where = f"{where} (with {gen_path.name})"
+    if gen is not None and "eos_token_id" in gen:  # it overrides config.json's
+        where = f"{where} (eos_token_id from {gen_path.name})"
     try:
         return ModelConfig.from_hf(hf, gen), hf
     except ConfigError as e:

@@ -360,7 +360,10 @@ class DraftConfig:
                             f"but the target's hidden_size is {target.hidden_size}")
         bad = [i for i in self.feature_layers if not 0 <= i < target.num_layers]
         if bad:
-            problems.append(f"feature layers {bad} do not exist in a {target.num_layers}-layer target")
+            n = target.num_layers
+            problems.append(f"feature layers {bad} are outside the target's {n} layers (a feature layer is a layer's "
+                            f"input, 0..{n - 1}; an EAGLE-3 config.json's eagle_aux_hidden_state_layer_ids name "
+                            f"outputs, -1..{n - 2}: {[i - 1 for i in bad]} there)")
         return problems
 
     def to_hf(self) -> dict[str, Any]:

@@ -164,3 +164,21 @@ def test_spec_config_takes_numpy_scalars_as_python_ones():
     plain = SpecConfig(tree_nodes=30, bounded_draft=True)
     assert spec == plain and hash(spec) == hash(plain)
     assert type(spec.tree_nodes) is int and type(spec.tree_threshold) is float
+
+
+def test_config_errors_name_generation_config_only_for_its_eos(tmp_path):
+    """generation_config.json's eos_token_id overrides config.json's; an error names it only when it is in play."""
+    import json
+
+    from convert.hf import ConversionError, read_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**hf_dict("llama-mha"), "num_key_value_heads": 3}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    with pytest.raises(ConversionError, match=r"config\.json: .*num_key_value_heads") as e:
+        read_config(tmp_path)
+    assert "generation_config" not in str(e.value)
+    (tmp_path / "config.json").write_text(json.dumps(hf_dict("llama-mha")))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 999}))
+    with pytest.raises(ConversionError, match=r"config\.json \(eos_token_id from generation_config\.json\): "
+                                              r"eos_token_id 999 is outside the vocabulary"):
+        read_config(tmp_path)

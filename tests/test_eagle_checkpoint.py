@@ -146,7 +146,7 @@ def test_export_and_orbax_round_trips(target, tmp_path):
     ({"vocab_size": 100}, None, "vocab_size=100, but the target's vocabulary has 64 tokens"),
     ({"target_hidden_size": 32}, None, "target features of hidden size 32, but the target's hidden_size is 64"),
     ({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 3, 11]}}, None,
-     r"feature layers \[12\] do not exist in a 8-layer target"),
+     r"feature layers \[12\] are outside the target's 8 layers .*0..7.*-1..6: \[11\] there"),
     ({}, lambda s: s.pop("midlayer.hidden_norm.weight"), "missing tensors: midlayer.hidden_norm.weight"),
     ({}, lambda s: s.update({"fc.weight": torch.zeros(HIDDEN, 2 * HIDDEN)}),
      r"fc.weight \(64, 128\) takes 128 feature values, but 3 feature layers"),
