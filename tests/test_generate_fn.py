@@ -62,7 +62,8 @@ def test_make_generate_fn_checks_its_settings():
                              ({"temperature": -1.0}, "temperature"), ({"attention": "bogus"}, "bogus"),
                              ({"eos_token_ids": 64}, "eos_token_ids"),
                              ({"mode": "eagle", "draft_cfg": target.cfg}, "needs the config of an EAGLE-3 head"),
-                             ({"mode": "eagle", "draft_cfg": misfit}, r"feature layers \[5\] do not exist")]:
+                             ({"mode": "eagle", "draft_cfg": misfit},
+                              r"feature layers \[5\] are outside the target's 2 layers")]:
         with pytest.raises(ValueError, match=message):  # when the function is made, not when it first runs
             sj.make_generate_fn(target.cfg, **setting)
 
@@ -125,7 +126,7 @@ def test_exact_mode_streams_only_confirmed_tokens():
 
 def test_a_new_stream_function_reuses_the_compiled_loop():
     """A server passes a new callback per request; one compiled loop serves them all."""
-    from specpv_jax import loop
+    from specpv_jax import host
 
     target = make_target(96, seed=2, layers=2)
     outputs = []
@@ -133,8 +134,8 @@ def test_a_new_stream_function_reuses_the_compiled_loop():
         got, stream = _collect()
         out = sj.generate(target, [[5, 6, 7]], 9, eos_token_ids=(), stream=stream)
         outputs.append(got)
-        compiled = set(loop._EXECUTABLES)
+        compiled = set(host._EXECUTABLES)
     assert outputs[0] == outputs[1] == [out.tokens[0].tolist()]
     got, stream = _collect()
     sj.generate(target, [[5, 6, 7]], 9, eos_token_ids=(), stream=stream)
-    assert set(loop._EXECUTABLES) == compiled
+    assert set(host._EXECUTABLES) == compiled
