@@ -45,7 +45,7 @@ from specpv_jax.bench import hf_cache_keyword  # noqa: E402
 from specpv_jax.cache import BlockSummary, KVCache  # noqa: E402
 from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig  # noqa: E402
 from specpv_jax.generate import _ar_decode_fn, _plan  # noqa: E402
-from specpv_jax.loop import timed_call  # noqa: E402
+from specpv_jax.host import timed_call  # noqa: E402
 from specpv_jax.sampling import Sampler  # noqa: E402
 
 DTYPE = jnp.bfloat16

@@ -19,13 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from specpv_jax import model as M
-from specpv_jax import longspec, loop, memory, offload, prompts, sharding, specextend, specpv, speculative
+from specpv_jax import host, longspec, memory, offload, prompts, sharding, specextend, specpv, speculative
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
 from specpv_jax.config import MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3, small
 from specpv_jax.loading import Model
-from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill, prefill_progress, timed_call
+from specpv_jax.host import prefill_progress, timed_call
+from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill
 from specpv_jax.sampling import Sampler
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -258,7 +259,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     # The run's mesh in the context: the Pallas kernel reads it to run per shard (see `attention._tree_kernel`),
     # and it replaces any mesh the caller set (whose axes our arrays do not use).
     run_mesh = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-    streaming = loop.streaming_to(stream) if stream is not None else contextlib.nullcontext(loop.StreamCall())
+    streaming = host.streaming_to(stream) if stream is not None else contextlib.nullcontext(host.StreamCall())
     with prefill_progress(chunks) if progress else contextlib.nullcontext(), run_mesh, streaming as call:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
             run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,

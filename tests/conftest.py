@@ -99,7 +99,7 @@ def _release_compiled_code():
     """Drops compiled executables after each test module, so one long pytest process does not accumulate
     every module's programs (memory grows by gigabytes over the suite otherwise)."""
     yield
-    from specpv_jax import loop
+    from specpv_jax import host
 
-    loop._EXECUTABLES.clear()
+    host._EXECUTABLES.clear()
     jax.clear_caches()

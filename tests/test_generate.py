@@ -222,7 +222,7 @@ def test_new_sampling_values_and_eos_ids_compile_nothing(target):
     """Temperature, top_p and the EOS ids are arguments of the compiled loop, not part of its key: a research
     sweep over them compiles once (at 8B, a compile takes minutes). Only greedy vs sampling and top_p < 1 vs 1
     are static."""
-    from specpv_jax import loop
+    from specpv_jax import host
 
     rows = [[5, 9, 11, 3, 17]] * 64
 
@@ -230,9 +230,9 @@ def test_new_sampling_values_and_eos_ids_compile_nothing(target):
         return sj.generate(target, rows, 4, temperature=temperature, top_p=top_p, seed=0, eos_token_ids=eos).tokens
 
     first_tokens(0.7)
-    compiled = set(loop._EXECUTABLES)
+    compiled = set(host._EXECUTABLES)
     cold, hot = first_tokens(1e-3, 0.8, (4, 9)), first_tokens(50.0, 0.99, (2, 9, 11, 12, 13, 14, 15))
-    assert set(loop._EXECUTABLES) == compiled
+    assert set(host._EXECUTABLES) == compiled
     # The values are used, not frozen at the first call's: near 0 every row takes the argmax, at 50 they spread.
     assert len(set(cold[:, 0])) == 1 and len(set(hot[:, 0])) > 10
 
@@ -261,23 +261,23 @@ def test_fidelity(target):
 
 def test_nearby_lengths_share_compiled_loops(target):
     """Prompt lengths and max_new_tokens are bucketed: a new value inside the buckets compiles nothing."""
-    from specpv_jax import loop
+    from specpv_jax import host
 
     sj.generate(target, [5, 6, 7], max_new_tokens=20, eos_token_ids=())
-    compiled = set(loop._EXECUTABLES)
+    compiled = set(host._EXECUTABLES)
     out = sj.generate(target, [5, 6, 8, 9, 10], max_new_tokens=27, eos_token_ids=())
-    assert set(loop._EXECUTABLES) == compiled
+    assert set(host._EXECUTABLES) == compiled
     assert out.tokens.shape == (1, 27) and out.stats["new_tokens"] == 27
 
 
 def test_long_prefill_shows_a_progress_bar_per_chunk(monkeypatch):
-    import specpv_jax.loop as loop
+    import specpv_jax.host as host
     from test_eagle import make_target
 
     target = make_target(16, layers=2)
     counts = []
-    close = loop.prefill_progress.__exit__
-    monkeypatch.setattr(loop.prefill_progress, "__exit__", lambda self, *e: (counts.append(self.bar.n), close(self, *e)))
+    close = host.prefill_progress.__exit__
+    monkeypatch.setattr(host.prefill_progress, "__exit__", lambda self, *e: (counts.append(self.bar.n), close(self, *e)))
     prompt = np.arange(300) % 16
     sj.generate(target, prompt, 4, prefill_chunk=64, progress=True)
     sj.generate(target, prompt, 4, prefill_chunk=64)  # 5 chunks: below the default threshold, no bar
@@ -289,7 +289,7 @@ def test_concurrent_prefills_share_one_progress_bar(monkeypatch):
     (before, a call's chunks advanced whichever bar was entered last)."""
     import threading
 
-    import specpv_jax.loop as loop
+    import specpv_jax.host as host
     from test_eagle import make_target
 
     gen = importlib.import_module("specpv_jax.generate")
@@ -304,18 +304,18 @@ def test_concurrent_prefills_share_one_progress_bar(monkeypatch):
 
     monkeypatch.setattr(gen, "_prefill_and_decode", after_the_other_enters)
     closes = []
-    close = loop.prefill_progress.__exit__
-    monkeypatch.setattr(loop.prefill_progress, "__exit__",
+    close = host.prefill_progress.__exit__
+    monkeypatch.setattr(host.prefill_progress, "__exit__",
                         lambda self, *e: (closes.append((self.bar, self.bar.n, self.bar.total)), close(self, *e)))
     worker = threading.Thread(target=sj.generate, args=(target, np.arange(300) % 16, 4),
                               kwargs=dict(prefill_chunk=64, progress=True))
     worker.start()
     assert in_bar.wait(60)
-    with loop.prefill_progress(3):  # entered second; its 3 chunks tick after the worker's 5
+    with host.prefill_progress(3):  # entered second; its 3 chunks tick after the worker's 5
         other_entered.set()
         worker.join()
         for c in range(3):
-            loop._tick(c)
+            host.tick(c)
     assert closes[-1][1:] == (8, 8) and len({id(bar) for bar, _, _ in closes}) == 1
 
 
@@ -327,7 +327,7 @@ def test_a_notebook_prefill_bar_grows_with_the_calls_that_join_it(monkeypatch):
     import tqdm
     import tqdm.auto
 
-    from specpv_jax import loop
+    from specpv_jax import host
 
     class WidgetBar(tqdm.tqdm):  # tqdm.notebook's layout: (label, bar, text) widgets in `container`
         def __init__(self, *args, total, **kwargs):
@@ -335,25 +335,25 @@ def test_a_notebook_prefill_bar_grows_with_the_calls_that_join_it(monkeypatch):
             self.container = types.SimpleNamespace(children=[None, types.SimpleNamespace(max=total), None])
 
     monkeypatch.setattr(tqdm.auto, "tqdm", WidgetBar)
-    with loop.prefill_progress(5) as bar, loop.prefill_progress(3):
+    with host.prefill_progress(5) as bar, host.prefill_progress(3):
         assert (bar.total, bar.container.children[1].max) == (8, 8)
 
 
 def test_compiled_code_follows_the_trace_context(target, monkeypatch):
     """A call under another matmul precision compiles again instead of reusing the suite's executable;
-    at most `loop.MAX_EXECUTABLES` are kept, the most recently used."""
+    at most `host.MAX_EXECUTABLES` are kept, the most recently used."""
     import jax
 
-    from specpv_jax import loop
+    from specpv_jax import host
 
     sj.generate(target, [5, 6, 7], 4, eos_token_ids=())
-    compiled = set(loop._EXECUTABLES)
+    compiled = set(host._EXECUTABLES)
     with jax.default_matmul_precision("bfloat16"):  # the suite runs at "highest" (conftest)
         sj.generate(target, [5, 6, 7], 4, eos_token_ids=())
-    assert set(loop._EXECUTABLES) > compiled
-    monkeypatch.setattr(loop, "MAX_EXECUTABLES", 3)
+    assert set(host._EXECUTABLES) > compiled
+    monkeypatch.setattr(host, "MAX_EXECUTABLES", 3)
     sj.generate(target, [5, 6, 7], 40, eos_token_ids=())  # another output bucket: a new loop
-    assert len(loop._EXECUTABLES) == 3
-    kept = set(loop._EXECUTABLES)
+    assert len(host._EXECUTABLES) == 3
+    kept = set(host._EXECUTABLES)
     sj.generate(target, [5, 6, 7], 40, eos_token_ids=())
-    assert set(loop._EXECUTABLES) == kept
+    assert set(host._EXECUTABLES) == kept

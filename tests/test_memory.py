@@ -41,14 +41,14 @@ def test_full_cache_estimate_is_what_generate_allocates():
 
 def test_estimate_covers_what_the_compiled_stages_take():
     """A long prefill chunk's attention scores grow with its square (the XLA path); the estimate counts them."""
-    from specpv_jax import loop
+    from specpv_jax import host
 
     target = make_target(16, layers=2)
     ids = np.arange(1024) % 16
-    loop._EXECUTABLES.clear()
+    host._EXECUTABLES.clear()
     sj.generate(target, ids, 8, prefill_chunk=1024, eos_token_ids=(), attention="xla")
     est = memory.estimate(target.cfg, 1024, 8, mode="ar", dtype="float32", prefill_chunk=1024)
-    for exe in loop._EXECUTABLES.values():
+    for exe in host._EXECUTABLES.values():
         m = exe.memory_analysis()
         need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
         assert need <= est.total
@@ -61,17 +61,17 @@ def test_estimate_covers_what_the_compiled_stages_take():
     ("exact", 4, 32768, 1.0, 0.9),
 ])
 def test_estimate_covers_kv_heads_and_sampling(mode, heads, vocab, temperature, top_p):
-    from specpv_jax import loop
+    from specpv_jax import host
 
     target = make_target(vocab, layers=2, heads=heads)
     draft = make_head(target) if mode != "ar" else None
     rows, n, chunk = (2, 2000, 256) if mode == "ar" else (2, 100, 16)
-    loop._EXECUTABLES.clear()
+    host._EXECUTABLES.clear()
     sj.generate(target, np.zeros((rows, n), np.int32), 4, draft=draft, mode=mode, temperature=temperature,
                 top_p=top_p, prefill_chunk=chunk, eos_token_ids=(), attention="xla", progress=False)
     est = memory.estimate(target.cfg, n, 4, rows, mode, dtype="float32", prefill_chunk=chunk,
                           temperature=temperature, top_p=top_p)
-    for exe in loop._EXECUTABLES.values():
+    for exe in host._EXECUTABLES.values():
         m = exe.memory_analysis()
         need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
         assert need <= est.total, (need, est.parts)

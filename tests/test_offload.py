@@ -19,7 +19,7 @@ from specpv_jax.attention import attend, causal_mask
 from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_all_layers
 from specpv_jax.draft import eagle3
 from specpv_jax.generate import _eos_ids, _plan
-from specpv_jax.loop import timed_call
+from specpv_jax.host import timed_call
 from specpv_jax.sampling import Sampler
 
 SPEC = small_spec()  # partial threshold 128 tokens: partial steps at once, full steps every ~20 tokens
