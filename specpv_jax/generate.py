@@ -194,7 +194,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     """Generates up to `max_new_tokens` tokens after each prompt.
 
     input_ids: a list of ids, a ragged list of lists, or an int array `[T]` / `[B, T]`
-    (with an optional 0/1 `attention_mask` for left- or right-padded rows).
+    (with an optional 0/1 `attention_mask` for left- or right-padded rows; equal-length lists too).
     mode: "ar" (one target step per token); with an EAGLE-3 `draft`: "eagle"
     (tree speculation, lossless), "specpv" (partial verification, the paper),
     "exact" (partial verification, lossless); with a small draft model:

@@ -46,14 +46,17 @@ def bucket_length(n: int, chunk: int) -> int:
 
 def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
     if isinstance(input_ids, (list, tuple)) and input_ids and np.ndim(input_ids[0]) >= 1:  # rows (lists, arrays)
-        if attention_mask is not None:
-            raise PromptError("attention_mask is only accepted with a rectangular input_ids array")
         rows = [np.asarray(r) for r in input_ids]
         for r in rows:
             _check_dtype(r)
             if r.ndim != 1:
                 raise PromptError(f"each prompt must be a 1-D list of token ids, got shape {r.shape}")
-        return rows
+        if attention_mask is None:
+            return rows
+        if len({r.size for r in rows}) > 1:
+            raise PromptError(f"attention_mask needs padded rows of one length, got rows of {[r.size for r in rows]} "
+                              "tokens (give ragged rows without a mask)")
+        input_ids = np.stack(rows)  # a tokenizer's padded lists (padding=True without return_tensors)
     ids = np.asarray(input_ids)
     _check_dtype(ids)
     if ids.ndim == 1:
@@ -92,7 +95,7 @@ def prepare(input_ids: Any, cfg: ModelConfig, max_new_tokens: int, chunk: int,
     """Validates prompts and packs them right-padded into a bucketed `[B, T]` array.
 
     Accepts a list of ids, a ragged list of lists, or an integer array `[T]` /
-    `[B, T]` with an optional 0/1 `attention_mask` (left or right padding).
+    `[B, T]` (or equal-length lists) with an optional 0/1 `attention_mask` (left or right padding).
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise PromptError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")

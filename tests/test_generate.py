@@ -34,6 +34,7 @@ def target(hf_model):
     (np.zeros((1, 2, 3), np.int32), {}, r"input_ids must have shape \[T\] or \[B, T\], got \(1, 2, 3\)"),
     (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 0, 1]])}, "not one contiguous run of ones"),
     (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 1]])}, r"attention_mask shape \(1, 2\) does not match"),
+    ([[5, 6, 7], [5, 6]], {"attention_mask": [[1, 1, 1], [1, 1]]}, r"padded rows of one length, got rows of \[3, 2\]"),
     ([5, 6], {"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
     ([5, 6], {"max_new_tokens": 2.5}, "max_new_tokens must be a positive integer"),
     ([5, 6], {"max_new_tokens": True}, "max_new_tokens must be a positive integer"),
@@ -170,6 +171,9 @@ def test_right_padding_mask_equals_ragged(target):
     b = sj.generate(target, ids, max_new_tokens=12, eos_token_ids=(), attention_mask=mask)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert a.tokens.shape == (2, 12) and (a.lengths == 12).all()
+    # A tokenizer's padding=True without return_tensors gives the same as lists of lists.
+    c = sj.generate(target, ids.tolist(), max_new_tokens=12, eos_token_ids=(), attention_mask=mask.tolist())
+    np.testing.assert_array_equal(c.tokens, a.tokens)
 
 
 def test_stats(target):
