@@ -73,7 +73,7 @@ def _random_layers(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def random_cache(cfg: ModelConfig, length: int, slots: int, seed: int = 0) -> KVCache:
     """A one-row cache of `slots` random positions (K/V), the first `length` of them valid."""
-    shape = jax.eval_shape(lambda: KVCache.zeros(cfg, 1, slots, DTYPE)).k.shape
+    shape = jax.eval_shape(lambda: KVCache.for_model(cfg, 1, slots, DTYPE)).k.shape
     kk, kv = jax.random.split(jax.random.key(seed))
     return KVCache(k=_random_layers(kk, shape), v=_random_layers(kv, shape),
                    length=jnp.full((1,), length, jnp.int32))

@@ -42,7 +42,7 @@ def profile_step(target: sj.Model, head: eagle3.Eagle3, spec: sj.SpecConfig, con
     """Seconds for one AR step, one draft (head catch-up + tree) and one verification, at `context`."""
     cfg, dcfg = target.cfg, head.cfg
     rng = np.random.default_rng(0)
-    cache = KVCache.zeros(cfg, 1, context + spec.tree_nodes + 1, target.dtype)
+    cache = KVCache.for_model(cfg, 1, context + spec.tree_nodes + 1, target.dtype)
     cache = cache.replace(k=jnp.asarray(rng.standard_normal(cache.k.shape), target.dtype),
                           v=jnp.asarray(rng.standard_normal(cache.v.shape), target.dtype),
                           length=jnp.array([context], jnp.int32))

@@ -37,8 +37,8 @@ class KVCache:
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32))
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        """The target's empty cache."""
+    def for_model(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        """An empty cache for the decoder `cfg` (the target's; a small draft model's)."""
         return cls.empty(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim, dtype)
 
     @property

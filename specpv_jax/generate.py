@@ -360,13 +360,13 @@ def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t,
     if run.offload:
         cache = offload.empty_cache(run.cfg, b, max_len, M.param_dtype(params), mesh)
     else:
-        cache = empty(lambda: KVCache.zeros(run.cfg, b, max_len, M.param_dtype(params)))
+        cache = empty(lambda: KVCache.for_model(run.cfg, b, max_len, M.param_dtype(params)))
     if run.mode == "ar":
         (cache, logits), prefill_s = call(_prefill_fn(run.prefill_key), params, ids, lengths, cache)
         (out, _), decode_s = call(_ar_decode_fn(run), params, cache, logits, key, sampler, eos, limit)
         return out, None, prefill_s, decode_s
     if run.mode == "specextend":
-        draft_cache = empty(lambda: KVCache.zeros(run.dcfg, b, max_len, M.param_dtype(draft_params)))
+        draft_cache = empty(lambda: KVCache.for_model(run.dcfg, b, max_len, M.param_dtype(draft_params)))
         prefill_fn = specextend.specextend_prefill_fn(run.prefill_key, run.spec)
         (cache, draft_state, logits), prefill_s = call(prefill_fn, params, draft_params, ids, lengths, cache,
                                                        draft_cache)
@@ -508,7 +508,7 @@ def _full_context_pass(target: Model, input_ids: Any, chunk: int, attention: str
         raise prompts.PromptError("all prompts must have the same length here")
     t = int(batch.lengths[0])
     chunk = min(chunk, batch.ids.shape[1])
-    cache = KVCache.zeros(target.cfg, batch.batch, batch.ids.shape[1], target.dtype)
+    cache = KVCache.for_model(target.cfg, batch.batch, batch.ids.shape[1], target.dtype)
     fn = _chunk_fn(target.cfg, resolve_implementation(attention), argmax)
     out, finite, pending = [], [], None  # each chunk's result is read while the next runs
     for start in range(0, t, chunk):

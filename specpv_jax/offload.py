@@ -55,8 +55,8 @@ def host_zeros(shape: tuple[int, ...], dtype, where: Sharding) -> jax.Array:
 
 
 def empty_cache(cfg: ModelConfig, batch: int, max_len: int, dtype, mesh=None) -> KVCache:
-    """`KVCache.zeros` with k, v in host memory (lengths on the device); `mesh`: a one-device mesh to follow."""
-    shapes = jax.eval_shape(lambda: KVCache.zeros(cfg, batch, max_len, dtype))
+    """`KVCache.for_model` with k, v in host memory (lengths on the device); `mesh`: a one-device mesh to follow."""
+    shapes = jax.eval_shape(lambda: KVCache.for_model(cfg, batch, max_len, dtype))
     device = SingleDeviceSharding(jax.devices()[0]) if mesh is None else NamedSharding(mesh, PartitionSpec())
     return KVCache(k=host_zeros(shapes.k.shape, dtype, device), v=host_zeros(shapes.v.shape, dtype, device),
                    length=jax.device_put(jnp.zeros((batch,), jnp.int32), device))

@@ -75,7 +75,7 @@ def test_drafting_computes_what_training_does(pair):
                              out.new_kv[0][-1], out.new_kv[1][-1], jnp.ones((2,), jnp.int32))
     expected = L.logprobs(draft.params, cfg, target.params, tcfg, hidden[:, -1])
 
-    cache = KVCache.zeros(tcfg, 2, 256)
+    cache = KVCache.for_model(tcfg, 2, 256)
     cache = M.forward(target.params, tcfg, ids[:, :-1], positions[:, :-1], cache).cache.replace(
         length=jnp.full((2,), n - 1, jnp.int32))
     ring = L.start(draft.params, cfg, target.params["embed_tokens"]["embedding"], ids[:, :-1],
@@ -152,7 +152,7 @@ def test_draft_memory_does_not_grow_with_context(pair):
         fn = longspec_prefill_fn(run.prefill_key)
         ids = jax.ShapeDtypeStruct((2, n), jnp.int32)
         lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
-        cache = jax.eval_shape(lambda: KVCache.zeros(target.cfg, 2, max_len))
+        cache = jax.eval_shape(lambda: KVCache.for_model(target.cfg, 2, max_len))
         _, ring, _ = jax.eval_shape(fn, target.params, draft.params, ids, lengths, cache)
         shapes.append(jax.tree.map(lambda x: x.shape, ring))
     assert shapes[0] == shapes[1]

@@ -32,7 +32,7 @@ def test_param_count_matches_the_model(qwen3_like):
 def test_full_cache_estimate_is_what_generate_allocates():
     cfg = make_target(16, layers=2).cfg
     est = memory.estimate(cfg, 1000, 64, batch=2, mode="ar", dtype="float32")
-    cache = KVCache.zeros(cfg, 2, 1000 + 64 + 1)
+    cache = KVCache.for_model(cfg, 2, 1000 + 64 + 1)
     assert est.parts["full cache"] == cache.k.nbytes + cache.v.nbytes
     specpv = memory.estimate(cfg, 1000, 64, batch=2, mode="exact", dtype="float32")
     assert specpv.host == specpv.parts["full cache"] + specpv.parts["block summaries"] < specpv.total

@@ -136,7 +136,7 @@ def decode(target, head, rows, mode, spec):
                          min(CHUNK, batch.ids.shape[1]), "xla")
     b = batch.batch
     cache = (offload.empty_cache(target.cfg, b, max_len, jnp.float32) if run.offload
-             else KVCache.zeros(target.cfg, b, max_len))
+             else KVCache.for_model(target.cfg, b, max_len))
     (cache, draft_cache, logits, feats), _ = timed_call(
         speculative.eagle_prefill_fn(run.prefill_key), target.params, head.params, jnp.asarray(batch.ids),
         jnp.asarray(batch.lengths), cache, eagle3.empty_cache(head.cfg, b, max_len, head.params))

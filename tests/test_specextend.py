@@ -189,7 +189,7 @@ def test_draft_memory_does_not_grow_with_context(pair):
     spec = sj.SpecConfig(**TREE, chunk_tokens=16, draft_chunks=4)
     sizes = []
     for n in (300, 3000):
-        cache = KVCache.zeros(draft.cfg, 1, n + 64)
+        cache = KVCache.for_model(draft.cfg, 1, n + 64)
         state = small.start(draft.cfg, spec, cache.replace(length=jnp.asarray([n])))
         sizes.append(state.work.k.shape)
         assert int(state.work.length[0]) < spec.draft_working_tokens

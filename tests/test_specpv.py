@@ -99,7 +99,7 @@ def test_partial_cache_holding_every_token_reproduces_full_attention():
     spec = small_spec()
     length = spec.static_tokens  # every block between sink and window gets retrieved
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 16, (1, length + 4)), jnp.int32)
-    cache = KVCache.zeros(target.cfg, 1, 512)
+    cache = KVCache.for_model(target.cfg, 1, 512)
     pos = jnp.arange(length)[None]
     cache = M.forward(target.params, target.cfg, ids[:, :length], pos, cache).cache.replace(
         length=jnp.array([length]))
