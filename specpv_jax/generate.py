@@ -223,18 +223,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         raise ValueError(f"seed must be a 64-bit signed integer, got {seed!r}")
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")
-    placed = sharding.mesh_of(target.params)
-    if mesh is None:
-        mesh = placed or sharding.default_mesh(target.cfg)
-    else:
-        sharding.check_mesh(mesh)
-        if placed is not None and placed != mesh:
-            warnings.warn(f"the target's weights are on a {_named(placed)} mesh and generate(mesh=) asks for "
-                          f"{_named(mesh)}: they are copied there on every call; load the target with "
-                          f"sj.load_target(..., mesh=mesh) to place them once", stacklevel=2)
-    if spec.offload and mesh is not None and mesh.size > 1:
-        raise NotImplementedError("SpecConfig(offload=True) runs on one device: load the target with (or pass) "
-                                  "mesh=sharding.make_mesh(devices=jax.local_devices()[:1])")
+    mesh = _call_mesh(target, mesh, spec)
     cfg = target.cfg
     batch = prompts.prepare(input_ids, cfg, max_new_tokens, prefill_chunk, attention_mask)
     eos = _eos_ids(cfg, eos_token_ids)
@@ -243,13 +232,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     progress = chunks >= PROGRESS_CHUNKS if progress is None else bool(progress)
     run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, batch.ids.shape[1],
                          chunk, attention, stream is not None, progress)
-    limit = memory.device_bytes_limit()
-    if limit is not None:  # refuse before allocating anything
-        est = memory.estimate(cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
-                              draft.cfg if mode in ("specextend", "longspec") else None, chunk, temperature, top_p)
-        if mesh is not None:
-            est = est.per_device(cfg, batch.batch, mesh.shape["data"], mesh.shape["model"])
-        memory.check_fits(est, limit, spec.offload)
+    _check_memory(target, draft, batch, max_new_tokens, mode, spec, chunk, temperature, top_p, mesh)
     params, draft_params = target.params, draft.params if draft is not None else None
     ids, lengths = jnp.asarray(batch.ids), jnp.asarray(batch.lengths)
     if mesh is not None:
@@ -278,6 +261,38 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
              # The first token of each row comes from prefill.
              "tokens_per_s": int(out.emitted) / decode_s if decode_s > 0 else 0.0}
     return GenerateOutput(tokens=np.asarray(out.tokens)[:, : int(num_out.max())], lengths=num_out, stats=stats)
+
+
+def _call_mesh(target: Model, mesh: Any, spec: SpecConfig) -> Any:
+    """The mesh a generate call runs on (None: one device): `mesh`, else the target's, else the default."""
+    placed = sharding.mesh_of(target.params)
+    if mesh is None:
+        mesh = placed or sharding.default_mesh(target.cfg)
+    else:
+        sharding.check_mesh(mesh)
+        if placed is not None and placed != mesh:
+            warnings.warn(f"the target's weights are on a {_named(placed)} mesh and generate(mesh=) asks for "
+                          f"{_named(mesh)}: they are copied there on every call; load the target with "
+                          f"sj.load_target(..., mesh=mesh) to place them once", stacklevel=3)
+    if spec.offload and mesh is not None and mesh.size > 1:
+        raise NotImplementedError("SpecConfig(offload=True) runs on one device: load the target with (or pass) "
+                                  "mesh=sharding.make_mesh(devices=jax.local_devices()[:1])")
+    return mesh
+
+
+def _check_memory(target: Model, draft: Any, batch: prompts.PromptBatch, max_new_tokens: int, mode: str,
+                  spec: SpecConfig, chunk: int, temperature: float, top_p: float, mesh: Any) -> None:
+    """Refuses a call whose estimated peak does not fit one device's memory, before allocating anything
+    (nothing to check where the backend reports no limit)."""
+    limit = memory.device_bytes_limit()
+    if limit is None:
+        return
+    cfg = target.cfg
+    est = memory.estimate(cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
+                          draft.cfg if mode in ("specextend", "longspec") else None, chunk, temperature, top_p)
+    if mesh is not None:
+        est = est.per_device(cfg, batch.batch, mesh.shape["data"], mesh.shape["model"])
+    memory.check_fits(est, limit, spec.offload)
 
 
 def _nonfinite_logits(target: Model) -> FloatingPointError:
