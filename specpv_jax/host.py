@@ -132,7 +132,9 @@ def deliver(tokens, before, after) -> None:
     """Hands each row's `tokens[before:after]` to the streaming call's function (a `jax.debug.callback` target)."""
     if _Stream.function is None or _Stream.error is not None:
         return
+    # Whatever it raises (KeyboardInterrupt too) is kept for `generate` to re-raise after the loop: raised through
+    # the runtime it would arrive as an opaque XLA error.
     try:
         _Stream.function([row[b:a] for row, b, a in zip(np.asarray(tokens), np.asarray(before), np.asarray(after))])
-    except Exception as e:  # raised through the runtime it would arrive as an opaque XLA error
+    except BaseException as e:
         _Stream.error = e

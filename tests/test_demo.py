@@ -295,6 +295,18 @@ def test_a_failing_stream_callback_raises_its_own_error():
         sj.generate(models.target, [5, 6, 7], 8, seed=2 ** 64)
 
 
+def test_a_stream_callback_interrupted_raises_keyboard_interrupt():
+    """Not an opaque runtime error: a stream function that stops the program (Ctrl-C while printing) does."""
+    models = sj.demo_models()
+
+    def stream(new_per_row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sj.generate(models.target, [5, 6, 7], 8, stream=stream, eos_token_ids=())
+    assert sj.generate(models.target, [5, 6, 7], 8, eos_token_ids=()).tokens.shape == (1, 8)
+
+
 def test_cli_reports_a_run_that_cannot_fit_as_an_error(monkeypatch, capsys):
     from specpv_jax import memory
     from specpv_jax.cli import main
