@@ -24,8 +24,8 @@ from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
 from specpv_jax.config import MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3, small
-from specpv_jax.loading import Model
 from specpv_jax.host import prefill_progress, timed_call
+from specpv_jax.loading import Model
 from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill
 from specpv_jax.sampling import Sampler
 

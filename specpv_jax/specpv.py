@@ -280,11 +280,11 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     if run.mode == "exact":
         cap, pause, backoff = next_provisional_cap(cap, pause, backoff, n_missing, rejected, first, acc.count + 1,
                                                    spec.max_missing)
+    finite = jnp.isfinite(logits).all()  # all of them: the missing tokens' logits decide exact mode's rollbacks
     c = st.counters
     return st.replace(
         eagle=EagleState(cache=cache, draft_cache=draft_cache, pair_feats=pair_feats, pair_tokens=emitted,
-                         pair_count=count, root=root, out=s.out.append(out_tokens, out_count, eos,
-                                                                       jnp.isfinite(logits).all()), key=key),
+                         pair_count=count, root=root, out=s.out.append(out_tokens, out_count, eos, finite), key=key),
         partial=partial, summary=summary, ready=cache.length > spec.partial_threshold, draft_partial=draft_partial,
         n_missing=jnp.where(live, 0, st.n_missing), provisional_cap=cap, pause=pause, backoff=backoff,
         counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
