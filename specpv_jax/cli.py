@@ -234,8 +234,14 @@ def _cmd_train_draft(args) -> int:
     # Before hours of training, not after; --force must not replace the target or the data.
     for source in (args.target, *args.data):
         check_destination(args.out, args.force, source=source)
-    if pathlib.Path(args.out).resolve() == pathlib.Path(args.target).resolve():
+    out_dir = pathlib.Path(args.out).resolve()
+    if out_dir == pathlib.Path(args.target).resolve():
         raise ValueError(f"--out {args.out} is the target; writing the head there would delete it")
+    if args.work is not None:
+        work_dir = pathlib.Path(args.work).resolve()
+        if work_dir == out_dir or out_dir in work_dir.parents or work_dir in out_dir.parents:
+            raise ValueError(f"--work {args.work} and --out {args.out} must be separate directories (writing the "
+                             f"head replaces --out whole)")
     for name, length in [("--length", args.length)] + [("--long-length", args.long_length)] * bool(args.long_context):
         if args.unroll >= length:
             raise ValueError(f"--unroll {args.unroll} must be below {name} {length} (each training-time-test "
@@ -265,8 +271,11 @@ def _cmd_train_draft(args) -> int:
                                        min(args.draft_vocab, target.cfg.vocab_size), short, long, args.long_context,
                                        args.unroll, args.work)
     out = export_eagle3(args.out, head.cfg, head.params, head.d2t, overwrite=args.force)
-    accuracy = " ".join(f"{metrics[f'acc{i}']:.2f}" for i in range(args.unroll))
-    print(f"wrote {out} (last-step accuracy per TTT step: {accuracy})")
+    if metrics:
+        accuracy = " ".join(f"{metrics[f'acc{i}']:.2f}" for i in range(args.unroll))
+        print(f"wrote {out} (last-step accuracy per TTT step: {accuracy})")
+    else:
+        print(f"wrote {out} (--work {args.work} held the finished run: no new steps)")
     return 0
 
 

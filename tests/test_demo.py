@@ -251,6 +251,8 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"),
           "--long-context", "64", "--length", "64"], "--long-context 64 must exceed --length 64"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", target, "--force"], "delete it"),
+        (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--work",
+          str(tmp_path / "new" / "ckpt")], "must be separate directories"),
         (["train-draft", "--target", target, "--data", str(tmp_path / "out" / "keep.txt"), "--out", str(tmp_path),
           "--force"], "is not a model directory"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--length", "4",

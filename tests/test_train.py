@@ -124,6 +124,11 @@ def test_a_resumed_run_continues_the_batch_stream(tmp_path):
     resumed, history = fit(loss, {"w": jnp.zeros(3)}, batches(), tc, checkpoint_dir=tmp_path / "w", progress=False)
     assert len(history) == 5
     np.testing.assert_allclose(resumed["w"], straight["w"], rtol=1e-6)
+    again, history = fit(loss, {"w": jnp.zeros(3)}, batches(), tc, checkpoint_dir=tmp_path / "w", progress=False)
+    assert history == [] and np.array_equal(again["w"], resumed["w"])  # a finished run: nothing to do
+    with pytest.raises(ValueError, match="holds step 10, beyond the 8 steps asked for"):  # not a silent 10
+        fit(loss, {"w": jnp.zeros(3)}, batches(), dataclasses.replace(tc, steps=8), checkpoint_dir=tmp_path / "w",
+            progress=False)
     with pytest.raises(ValueError, match=r"another training run \(its data, train differ"):
         fit(loss, {"w": jnp.zeros(3)}, batches(), dataclasses.replace(tc, lr=0.2), checkpoint_dir=tmp_path / "w",
             progress=False, run={"data": "other"})
@@ -277,3 +282,9 @@ def test_cli_train_draft(tiny_assets, tmp_path, capsys):
                         "64"]) == 0
     head = sj.load_draft(tmp_path / "head", sj.load_target(out / "target"))
     assert head.cfg.draft_vocab_size == 100 and head.cfg.rope.kind == "yarn" and head.cfg.rope.factor == 128
+    # Run again over a finished run's --work: the head is written again, no new steps (a KeyError before).
+    work = ["--data", str(data), "--work", str(tmp_path / "work"), "--force"]
+    assert main(args + work) == 0
+    capsys.readouterr()
+    assert main(args + work) == 0
+    assert "held the finished run: no new steps" in capsys.readouterr().out

@@ -80,6 +80,9 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
         _check_same_run(pathlib.Path(checkpoint_dir), identity, resuming=manager.latest_step() is not None)
         if manager.latest_step() is not None:
             state = _restore(manager, state)
+            if int(state["step"]) > tc.steps:
+                raise ValueError(f"{desc}: {checkpoint_dir} holds step {int(state['step'])}, beyond the {tc.steps} "
+                                 "steps asked for (ask for at least as many, or use another checkpoint directory)")
             for _ in range(int(state["step"])):
                 next(batches)
 
