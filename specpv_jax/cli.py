@@ -100,9 +100,8 @@ def _cmd_plan(args) -> int:
 
     from specpv_jax import memory
     from specpv_jax.draft.small import fit_problems
-    from specpv_jax.sharding import default_shape
-
     from specpv_jax.sampling import Sampler
+    from specpv_jax.sharding import default_shape
 
     spec = parse_spec(args.spec)
     Sampler.create(args.temperature, args.top_p)  # checks them
