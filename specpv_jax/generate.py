@@ -152,17 +152,20 @@ def _check_draft_config(target_cfg: ModelConfig, dcfg: Any, mode: str, spec: Spe
     if kind != DRAFT_KINDS[mode]:
         raise ValueError(f"mode {mode!r} needs the config of {_DRAFT_NAMES[DRAFT_KINDS[mode]]}, "
                          f"got {type(dcfg).__name__}")
-    if kind == "small":
-        problems, vocab = small.fit_problems(dcfg, target_cfg), dcfg.vocab_size
-    elif kind == "longspec":
-        problems, vocab = dcfg.fit_problems(target_cfg), target_cfg.vocab_size
-    else:
-        problems, vocab = dcfg.fit_problems(target_cfg), dcfg.draft_vocab_size
+    problems = small.fit_problems(dcfg, target_cfg) if kind == "small" else dcfg.fit_problems(target_cfg)
     if problems:
         raise ValueError(f"the draft does not fit this target: {'; '.join(problems)}; "
                          "load it with sj.load_draft(path, target)")
+    vocab = draft_vocab_size(target_cfg, dcfg)
     if spec.tree_top_k > vocab:
         raise ValueError(f"SpecConfig.tree_top_k={spec.tree_top_k} exceeds the draft's vocabulary of {vocab} tokens")
+
+
+def draft_vocab_size(target_cfg: ModelConfig, dcfg: Any) -> int:
+    """The tokens a draft proposes from: a tree's `tree_top_k` is at most this many."""
+    if isinstance(dcfg, DraftConfig):
+        return dcfg.draft_vocab_size
+    return dcfg.vocab_size if isinstance(dcfg, ModelConfig) else target_cfg.vocab_size  # LongSpec: the target's
 
 
 def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecConfig | None, max_new_tokens,

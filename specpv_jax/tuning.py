@@ -49,7 +49,7 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
     context: a prompt (token ids) or a length, for which random ids are used.
     trees: (depth, top_k, nodes) candidates (default: SpecPV's set on GPU/TPU, small trees on CPU).
     """
-    from specpv_jax.generate import fidelity, generate
+    from specpv_jax.generate import draft_vocab_size, fidelity, generate
 
     if isinstance(context, (int, np.integer)):
         prompt = np.random.default_rng(0).integers(0, target.cfg.vocab_size, int(context))
@@ -74,6 +74,13 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
 
     usable = [b for b in budgets if _budget(base, b, prompt.size) is not None]
     default_budget = max(usable) if usable else base.retrieval_tokens
+    vocab = draft_vocab_size(target.cfg, draft.cfg)
+    # Trees the draft can fill (top-k within its vocabulary) and `base`'s buffer can hold.
+    trees = [(d, k, n) for d, k, n in trees
+             if k <= vocab and (base.buffer_tokens is None or base.buffer_tokens >= n + 1)]
+    if not trees:
+        raise ValueError(f"no candidate tree fits: each needs tree_top_k <= the draft's {vocab} tokens"
+                         + (f" and tree_nodes < buffer_tokens={base.buffer_tokens}" if base.buffer_tokens else ""))
     tree_trials = [run(dataclasses.replace(base, tree_depth=d, tree_top_k=k, tree_nodes=n,
                                            retrieval_tokens=default_budget), False) for d, k, n in trees]
     best = _fastest(sorted(tree_trials, key=lambda t: t.spec.tree_nodes)).spec

@@ -275,7 +275,8 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
                  ["plan", "--model", "llama-3.1-8b", "--context", "9", "--mesh", "2by4"],
                  ["generate", target, "--prompt", "x", "--mesh", "0x8"],
                  ["train-draft", "--target", target, "--data", "x", "--out", "y", "--unroll", "0"],
-                 ["bench", "--contexts", "-5"], ["bench", "--budget-fraction", "-1"], ["demo", "--context", "-3"]):
+                 ["bench", "--contexts", "-5"], ["bench", "--new-tokens", "1"],
+                 ["bench", "--budget-fraction", "-1"], ["demo", "--context", "-3"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2, argv

@@ -306,6 +306,18 @@ def test_tuned_picks_a_timed_candidate(models):
     assert spec in [t.spec for t in trials[2:]]
 
 
+def test_tuning_skips_trees_wider_than_the_draft_vocabulary():
+    """A head proposing from 6 tokens: a top-8 tree is not a candidate (it raised part-way through)."""
+    from specpv_jax.tuning import tune
+
+    target = make_target(16)
+    head = make_head(target, draft_vocab=6)
+    spec, trials = tune(target, head, 40, trees=((2, 8, 8), (2, 4, 4)), budgets=(), new_tokens=4)
+    assert [t.spec.tree_top_k for t in trials] == [4] and spec.tree_top_k == 4
+    with pytest.raises(ValueError, match="no candidate tree fits: each needs tree_top_k <= the draft's 6 tokens"):
+        tune(target, head, 40, trees=((2, 8, 8),), budgets=(), new_tokens=4)
+
+
 @pytest.mark.parametrize("speeds, picked", [  # tokens/s of trees of 5 and 3 nodes, then of budgets 32 and 64
     ((102.0, 100.0, 99.0, 100.0), (3, 64)),  # near ties: the smaller tree, the larger budget
     ((110.0, 100.0, 110.0, 100.0), (5, 32)),  # clear winners
