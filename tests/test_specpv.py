@@ -339,7 +339,8 @@ def test_tune_breaks_near_ties_toward_the_smaller_tree_and_larger_budget(monkeyp
     monkeypatch.setattr(generate_module, "generate", timed)
     monkeypatch.setattr(generate_module, "fidelity", lambda *a: 1.0)
     target = types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=16))
-    spec, trials = tune(target, None, 300, trees=((3, 2, 5), (2, 2, 3)), budgets=(32, 64),
+    draft = types.SimpleNamespace(cfg=None)  # proposing from the target's vocabulary
+    spec, trials = tune(target, draft, 300, trees=((3, 2, 5), (2, 2, 3)), budgets=(32, 64),
                         base=small_spec(retrieval_tokens=64, window=16, sink=16))
     assert [t.tokens_per_s for t in trials] == list(speeds)
     assert (spec.tree_nodes, spec.retrieval_tokens) == picked
