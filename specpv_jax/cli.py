@@ -100,8 +100,6 @@ def _cmd_plan(args) -> int:
 
     from specpv_jax import memory
     from specpv_jax.draft.small import fit_problems
-    from specpv_jax.generate import DEFAULT_PREFILL_CHUNK
-    from specpv_jax.prompts import bucket_length
     from specpv_jax.sampling import Sampler
     from specpv_jax.sharding import default_shape
 
@@ -117,7 +115,6 @@ def _cmd_plan(args) -> int:
         raise ValueError(f"--small-draft {args.small_draft} does not fit the model: {'; '.join(problems)}")
     limit = memory.device_bytes_limit()
     data, model = _mesh_shape(args, spec) or default_shape(jax.device_count(), cfg)
-    padded = bucket_length(args.context, DEFAULT_PREFILL_CHUNK)  # the prompt length generate allocates for
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
           f"context {args.context}, {args.new_tokens} new tokens, batch {args.batch}, {args.dtype}; "
           f"{f'per device of a {data}x{model} mesh; ' if data * model > 1 else ''}device limit "
@@ -129,13 +126,13 @@ def _cmd_plan(args) -> int:
             continue
         sizes = dict(draft_cfg=draft if mode == "specextend" else None, temperature=args.temperature,
                      top_p=args.top_p)
-        est = memory.estimate(cfg, padded, args.new_tokens, args.batch, mode,
+        est = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
                               dataclasses.replace(spec, offload=False), args.dtype, **sizes)
         est = est.per_device(cfg, args.batch, data, model) if data * model > 1 else est
         fits = "yes" if limit is None or est.total <= limit else "no"
         offload = ("-", "-")
         if est.host and data * model == 1:  # offload=True (one device): the full cache and summaries in host memory
-            off = memory.estimate(cfg, padded, args.new_tokens, args.batch, mode,
+            off = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
                                   dataclasses.replace(spec, offload=True), args.dtype, **sizes)
             offload = (memory.gib(off.device), memory.gib(off.host))
             fits = "with offload" if fits == "no" and off.device <= limit else fits

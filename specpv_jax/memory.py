@@ -22,6 +22,7 @@ from specpv_jax.attention import read_block
 from specpv_jax.cache import allocated_slots
 from specpv_jax.config import MODES, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.loop import output_bucket
+from specpv_jax.prompts import bucket_length
 
 
 
@@ -116,6 +117,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
     spec = spec or SpecConfig()
+    context = bucket_length(context, prefill_chunk)  # generate pads each prompt to its bucket and sizes for that
     size = np.dtype(jax.numpy.dtype(dtype)).itemsize
     h, v = cfg.hidden_size, cfg.vocab_size
     tree = step_tokens(spec, mode)

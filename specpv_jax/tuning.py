@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from specpv_jax.config import SpecConfig
+from specpv_jax.config import ConfigError, SpecConfig
 
 # (tree_depth, tree_top_k, tree_nodes). A 2-core CPU is compute-bound in verification: small trees win there.
 GPU_TREES = ((7, 10, 40), (7, 10, 48), (7, 10, 50), (7, 10, 56), (7, 10, 60))
@@ -75,14 +75,22 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
     usable = [b for b in budgets if _budget(base, b, prompt.size) is not None]
     default_budget = max(usable) if usable else base.retrieval_tokens
     vocab = draft_vocab_size(target.cfg, draft.cfg)
-    # Trees the draft can fill (top-k within its vocabulary) and `base`'s buffer can hold.
-    trees = [(d, k, n) for d, k, n in trees
-             if k <= vocab and (base.buffer_tokens is None or base.buffer_tokens >= n + 1)]
-    if not trees:
+
+    def candidate(depth: int, top_k: int, nodes: int) -> SpecConfig | None:
+        """`base` with this tree, where it is a valid SpecConfig (its buffer holds the tree) that the draft can
+        fill (top-k within its vocabulary)."""
+        try:
+            spec = dataclasses.replace(base, tree_depth=depth, tree_top_k=top_k, tree_nodes=nodes,
+                                       retrieval_tokens=default_budget)
+        except ConfigError:
+            return None
+        return spec if top_k <= vocab else None
+
+    candidates = [spec for spec in (candidate(*tree) for tree in trees) if spec is not None]
+    if not candidates:
         raise ValueError(f"no candidate tree fits: each needs tree_top_k <= the draft's {vocab} tokens"
                          + (f" and tree_nodes < buffer_tokens={base.buffer_tokens}" if base.buffer_tokens else ""))
-    tree_trials = [run(dataclasses.replace(base, tree_depth=d, tree_top_k=k, tree_nodes=n,
-                                           retrieval_tokens=default_budget), False) for d, k, n in trees]
+    tree_trials = [run(spec, False) for spec in candidates]
     best = _fastest(sorted(tree_trials, key=lambda t: t.spec.tree_nodes)).spec
     if not usable:  # the context is below every budget's threshold: partial steps never start
         return best, trials
