@@ -90,14 +90,15 @@ def hf_decode_tokens_per_s(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = torch.tensor(prompt[None], dtype=torch.long)
+    keyword = hf_cache_keyword(model)
     with torch.no_grad():
-        prefilled = model(ids[:, :-1], use_cache=True).past_key_values
+        prefilled = getattr(model(ids[:, :-1], use_cache=True), keyword)
 
     def timed():
         cache = copy.deepcopy(prefilled)
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), **{hf_cache_keyword(model): cache},
+            model.generate(ids, attention_mask=torch.ones_like(ids), **{keyword: cache},
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
         return time.perf_counter() - start
@@ -107,8 +108,8 @@ def hf_decode_tokens_per_s(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens:
 
 
 def hf_cache_keyword(model) -> str:
-    """`generate`'s keyword for a prefilled cache: `cache` in newer `transformers` 5.x (which deprecates and
-    will remove `past_key_values`), `past_key_values` before."""
+    """The name of a prefilled cache, as `generate`'s keyword and as the model output's attribute: `cache` in
+    newer `transformers` 5.x (which deprecates and will remove `past_key_values`), `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.prepare_inputs_for_generation).parameters \
         else "past_key_values"
 
@@ -246,7 +247,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-fraction", type=_fraction,
                    help="retrieval budget as a fraction of the context (at most 4096 tokens; default 0.25)")
     p.add_argument("--tune", action="store_true",
-                   help="pick tree and budget with SpecConfig.tuned (instead of --tree and --budget-fraction)")
+                   help="pick tree and budget at each context with SpecConfig.tuned (instead of --tree and "
+                   "--budget-fraction)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     p.add_argument("--quick", action="store_true", help="1K and 2K contexts, 32 new tokens")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_results"),
@@ -302,8 +304,6 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
     if args.tune and "eagle3" not in drafts:
         raise ValueError("--tune picks a tree for the EAGLE-3 modes: it needs --draft")
     prompts = prompts_for(target, contexts)
-    # Tuned on the longest prompt benchmarked (random ids would draft and retrieve unlike real text).
-    tuned = sj.SpecConfig.tuned(target, drafts["eagle3"], prompts[max(contexts)], verbose=True) if args.tune else None
     hf_dir = None if args.no_hf or not _torch_installed() else _hf_dir(target, scratch / "target")
     assistant_dir = _hf_dir(drafts["small"], scratch / "small_draft") if hf_dir and "small" in drafts and any(
         m in SMALL_DRAFT_MODES for m in modes) else None
@@ -313,8 +313,13 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
              f"{new_tokens} new tokens")
     print(title)
     rows = []
+    write_results(args.out, rows, title, device, contexts, new_tokens, modes)  # no stale results if the first fails
     for context in contexts:
-        spec = tuned or budget_for(context, base, 0.25 if args.budget_fraction is None else args.budget_fraction)
+        if args.tune:  # on the bench's own prompt: random ids would draft and retrieve unlike real text
+            print(f"tuning at context {context}")
+            spec = sj.SpecConfig.tuned(target, drafts["eagle3"], prompts[context], verbose=True)
+        else:
+            spec = budget_for(context, base, 0.25 if args.budget_fraction is None else args.budget_fraction)
         prompt = prompts[context]
         hf = hf_decode_tokens_per_s(hf_dir, prompt, new_tokens) if hf_dir else None
         ar_speed = None
@@ -326,7 +331,8 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
             row = dict(context=context, mode=mode, tokens_per_s=s["tokens_per_s"],
                        vs_ar=s["tokens_per_s"] / ar_speed if ar_speed else None,
                        vs_hf=s["tokens_per_s"] / hf if hf else None, accept=s["mean_accept_len"],
-                       accept_full=s["mean_accept_len_full"], accept_partial=s["mean_accept_len_partial"],
+                       accept_full=s["mean_accept_len_full"] if s["full_verifications"] else None,
+                       accept_partial=s["mean_accept_len_partial"] if s["partial_verifications"] else None,
                        full=s["full_verifications"], partial=s["partial_verifications"],
                        fidelity=sj.fidelity(target, prompt, out), retrieval_tokens=spec.retrieval_tokens,
                        tree=[spec.tree_depth, spec.tree_top_k, spec.tree_nodes])
@@ -350,11 +356,13 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
 
 def write_results(out: pathlib.Path, rows: list[dict], title: str, device: str, contexts: list[int],
                   new_tokens: int, modes: list[str]) -> None:
-    """bench.json, bench.md and bench.png in `out` for the rows so far."""
+    """bench.json, bench.md and bench.png in `out` for the rows so far; bench.json's "contexts" are those
+    measured, "pending" the rest (empty when the bench finished)."""
     out.mkdir(parents=True, exist_ok=True)
+    done = list(dict.fromkeys(r["context"] for r in rows))
     (out / "bench.json").write_text(json.dumps(
-        {"device": device, "title": title, "contexts": contexts, "new_tokens": new_tokens, "modes": modes,
-         "rows": rows}, indent=2))
+        {"device": device, "title": title, "contexts": done, "pending": [c for c in contexts if c not in done],
+         "new_tokens": new_tokens, "modes": modes, "rows": rows}, indent=2))
     write_markdown(rows, out / "bench.md", title)
     plot(rows, out / "bench.png", title)
 

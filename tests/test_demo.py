@@ -112,15 +112,18 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "x1.00 vs ar" in printed and "(transformers greedy)" in printed
     data = json.loads((tmp_path / "bench.json").read_text())
-    assert data["contexts"] == [300] and data["modes"] == ["ar", "eagle", "specextend"]  # ar first
+    assert data["contexts"] == [300] and data["pending"] == [] and data["modes"] == ["ar", "eagle", "specextend"]
     assert [(r["context"], r["mode"]) for r in data["rows"]] == [
         (300, m) for m in ("ar", "eagle", "specextend", "transformers", "transformers-assisted")]
     eagle, specextend, assisted = data["rows"][1], data["rows"][2], data["rows"][4]
     assert eagle["tokens_per_s"] > 0 and eagle["accept"] >= 1 and eagle["fidelity"] == 1.0
     assert specextend["accept"] >= 1 and specextend["fidelity"] == 1.0
     assert data["rows"][0]["vs_ar"] == 1.0 and eagle["vs_hf"] > 0 and assisted["tokens_per_s"] > 0
+    # A mean over no verifications of a kind is missing, not 0.
+    assert eagle["accept_full"] >= 1 and eagle["accept_partial"] is None and data["rows"][0]["accept_full"] is None
     table = (tmp_path / "bench.md").read_text().splitlines()
     assert table[2].startswith("| context | mode |") and len(table) == 4 + 5
+    assert table[5].split("|")[7:9] == [f" {eagle['accept_full']:.2f} ", " - "]  # eagle's accept full/partial
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -173,6 +176,38 @@ def test_bench_without_torch_skips_the_transformers_rows(tmp_path, monkeypatch, 
     assert "transformers rows skipped: torch is not installed" in capsys.readouterr().out
 
 
+def test_bench_results_say_which_contexts_ran(tmp_path, monkeypatch):
+    """Results are written after each context: a bench failing part-way leaves the contexts measured and those
+    pending, and one failing at its first context leaves no earlier bench's rows looking fresh."""
+    from specpv_jax import bench
+    from specpv_jax.cli import main
+
+    target = make_target(64, layers=2)
+    sj.save_target(target, tmp_path / "ckpt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bench.json").write_text(json.dumps({"contexts": [4096], "rows": [{"context": 4096, "mode": "ar"}]}))
+    measure = bench.fastest_runs
+
+    def fails_at(context):
+        def fastest_runs(target, drafts, prompt, *args):
+            if prompt.size == context:
+                raise RuntimeError("out of memory")
+            return measure(target, drafts, prompt, *args)
+        return fastest_runs
+
+    argv = ["bench", "--target", str(tmp_path / "ckpt"), "--contexts", "40", "48", "--new-tokens", "4", "--no-hf",
+            "--out", str(out)]
+    for context, done in ((40, []), (48, [40])):
+        monkeypatch.setattr(bench, "fastest_runs", fails_at(context))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            main(argv)
+        data = json.loads((out / "bench.json").read_text())
+        assert data["contexts"] == done and data["pending"] == [c for c in (40, 48) if c not in done]
+        assert [(r["context"], r["mode"]) for r in data["rows"]] == [(c, "ar") for c in done]
+        assert len((out / "bench.md").read_text().splitlines()) == 4 + len(done)
+
+
 def test_bench_checks_contexts_against_the_model(tmp_path, capsys):
     from specpv_jax.cli import main
 
@@ -188,6 +223,27 @@ def test_bench_refuses_tune_with_a_tree_or_budget(capsys):
     for extra in (["--tree", "3", "3", "8"], ["--budget-fraction", "0.5"]):
         assert main(["bench", "--tune", *extra, "--out", "unused"]) == 1
         assert "--tune picks the tree and the retrieval budget itself" in capsys.readouterr().err
+
+
+def test_bench_tunes_at_each_context(tmp_path, monkeypatch):
+    """A budget tuned at the longest context could leave a short one without partial steps: each context gets
+    the config tuned on its own prompt, and its rows record it."""
+    from test_eagle import make_head
+
+    from specpv_jax.cli import main
+
+    target = make_target(64, layers=2)
+    sj.save_target(target, tmp_path / "target")
+    sj.save_draft(make_head(target), tmp_path / "draft")
+    tuned_for = {40: sj.SpecConfig(tree_depth=2, tree_top_k=2, tree_nodes=3, retrieval_tokens=16),
+                 48: sj.SpecConfig(tree_depth=3, tree_top_k=2, tree_nodes=5, retrieval_tokens=32)}
+    monkeypatch.setattr(sj.SpecConfig, "tuned", classmethod(lambda cls, t, d, prompt, **_: tuned_for[len(prompt)]))
+    assert main(["bench", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--tune",
+                 "--contexts", "40", "48", "--new-tokens", "4", "--modes", "ar", "specpv", "--no-hf",
+                 "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [(r["context"], r["tree"], r["retrieval_tokens"]) for r in rows if r["mode"] == "specpv"] == [
+        (40, [2, 2, 3], 16), (48, [3, 2, 5], 32)]
 
 
 def test_cli_generate_passes_spec_fields(monkeypatch, capsys):
