@@ -2,8 +2,8 @@
 
 Counts the arrays the engine allocates: weights, the target's full KV cache
 (rounded up to whole attention blocks), SpecPV's partial cache and block
-summaries, the drafts' caches, and the largest transient (verification logits,
-a prefill chunk's activations). "host" is what SpecPV's offload
+summaries, the drafts' caches (the EAGLE-3 head's bounded one too), and the
+largest transient (verification logits, a prefill chunk's activations). "host" is what SpecPV's offload
 (`SpecConfig(offload=True)`, see `offload`) moves to host memory: the full
 cache and its block summaries, in the partial-verification modes; with it the
 device holds `Estimate.device` (plus "offload staging": two layers of the full
@@ -23,7 +23,6 @@ from specpv_jax.cache import allocated_slots
 from specpv_jax.config import MODES, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.loop import output_bucket
 from specpv_jax.prompts import bucket_length
-
 
 
 def param_count(cfg: ModelConfig, model: int = 1) -> int:
@@ -135,6 +134,10 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
                                           slots=spec.static_tokens + spec.buffer_size, head_dim=cfg.head_dim, **kv)
         parts["block summaries"] = kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads,
                                             slots=slots // spec.block_size, head_dim=cfg.head_dim, **kv)
+        if spec.bounded_draft:  # the head's partial view: the partial cache's slots and one more path (`specpv`)
+            parts["bounded draft cache"] = kv_bytes(1, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                                                    slots=spec.static_tokens + spec.buffer_size + spec.tree_depth + 1,
+                                                    **kv)
         if spec.offload:  # a full step's layer on the device and the next one prefetched
             parts["offload staging"] = kv_bytes(2, kv_heads=cfg.num_kv_heads, slots=slots, head_dim=cfg.head_dim, **kv)
     if mode == "specextend":

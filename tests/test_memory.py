@@ -39,6 +39,21 @@ def test_full_cache_estimate_is_what_generate_allocates():
     assert est.host == 0  # offload is a SpecPV option
 
 
+def test_bounded_draft_cache_estimate_is_what_specpv_allocates():
+    from specpv_jax import retrieval
+
+    cfg = make_target(16, layers=2).cfg
+    spec = sj.SpecConfig(tree_depth=4, tree_top_k=4, tree_nodes=12, retrieval_tokens=256, bounded_draft=True)
+    est = memory.estimate(cfg, 1000, 64, batch=2, mode="specpv", spec=spec, dtype="float32")
+    head_cache = KVCache.empty(1, 2, cfg.num_kv_heads, 1000, cfg.head_dim, np.float32)
+    bounded = retrieval.empty_partial(head_cache, spec, extra=spec.tree_depth + 1)  # as specpv builds it
+    assert est.parts["bounded draft cache"] == bounded.k.nbytes + bounded.v.nbytes
+    unbounded = memory.estimate(cfg, 1000, 64, batch=2, mode="specpv", spec=dataclasses.replace(
+        spec, bounded_draft=False), dtype="float32")
+    assert est.total - unbounded.total == est.parts["bounded draft cache"]
+    assert est.host == unbounded.host  # on the device with offload too
+
+
 def test_estimate_covers_what_the_compiled_stages_take():
     """A long prefill chunk's attention scores grow with its square (the XLA path); the estimate counts them."""
     from specpv_jax import host
