@@ -19,6 +19,8 @@ ARCHITECTURES = {
 }
 ROPE_KINDS = ("default", "llama3", "yarn")
 MODES = ("ar", "eagle", "specpv", "exact", "specextend", "longspec")  # generate's modes
+PARTIAL_MODES = ("specpv", "exact")  # verifying against a partial cache between full steps
+EAGLE3_MODES = ("eagle", *PARTIAL_MODES)  # drafting with an EAGLE-3 head
 
 
 class ConfigError(ValueError):

@@ -22,7 +22,7 @@ from specpv_jax import model as M
 from specpv_jax import host, longspec, memory, offload, prompts, sharding, specextend, specpv, speculative
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
-from specpv_jax.config import MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
+from specpv_jax.config import MODES, PARTIAL_MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3, small
 from specpv_jax.host import prefill_progress, timed_call
 from specpv_jax.loading import Model
@@ -342,8 +342,8 @@ def _named(mesh) -> str:
 
 
 def _check_offload(spec: SpecConfig, mode: str) -> None:
-    if spec.offload and mode not in offload.MODES:
-        raise ValueError(f"SpecConfig(offload=True) works with modes {' and '.join(offload.MODES)} (a partial cache "
+    if spec.offload and mode not in PARTIAL_MODES:
+        raise ValueError(f"SpecConfig(offload=True) works with modes {' and '.join(PARTIAL_MODES)} (a partial cache "
                          f"on the device), not {mode!r}")
 
 
@@ -354,7 +354,7 @@ def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: i
     run = Run(cfg=cfg, out_slots=output_bucket(max_new_tokens), chunk=chunk, mode=mode,
               attention=resolve_implementation(attention),
               spec=spec if speculative_mode else None, dcfg=dcfg if speculative_mode else None, stream=stream,
-              progress=progress, offload=spec.offload)  # `_check_offload`: only offload.MODES
+              progress=progress, offload=spec.offload)  # `_check_offload`: only PARTIAL_MODES
     return run, memory.cache_length(spec, mode, prompt_len, max_new_tokens)
 
 

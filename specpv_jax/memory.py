@@ -20,7 +20,7 @@ import numpy as np
 from specpv_jax import sharding
 from specpv_jax.attention import read_block
 from specpv_jax.cache import allocated_slots
-from specpv_jax.config import MODES, LongSpecConfig, ModelConfig, SpecConfig
+from specpv_jax.config import EAGLE3_MODES, MODES, PARTIAL_MODES, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.loop import output_bucket
 from specpv_jax.prompts import bucket_length
 
@@ -48,14 +48,14 @@ def step_tokens(spec: SpecConfig, mode: str) -> int:
     """Tokens one verification feeds the target at most: the tree (root included), and in the
     partial-verification modes the re-fed tokens of a full step before it."""
     tree = 1 if mode == "ar" else spec.tree_nodes + 1
-    return tree + (spec.max_missing if mode in ("specpv", "exact") else 0)
+    return tree + (spec.max_missing if mode in PARTIAL_MODES else 0)
 
 
 def cache_length(spec: SpecConfig, mode: str, prompt_len: int, max_new_tokens: int) -> int:
     """Positions the target's cache needs: the prompt (bucket), the output bucket, and the scratch of
     one verification beyond them."""
     length = prompt_len + output_bucket(max_new_tokens) + step_tokens(spec, mode)
-    if mode in ("specpv", "exact"):  # block retrieval needs at least a partial cache's worth of blocks
+    if mode in PARTIAL_MODES:  # block retrieval needs at least a partial cache's worth of blocks
         length = max(length, spec.static_tokens + spec.block_size)
     return length
 
@@ -125,11 +125,11 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     parts = {"weights": param_count(cfg) * size,
              "full cache": kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads, slots=slots, head_dim=cfg.head_dim,
                                     **kv)}
-    if mode in ("eagle", "specpv", "exact"):
+    if mode in EAGLE3_MODES:
         head = dataclasses.replace(cfg, num_layers=1, tie_word_embeddings=False)
         parts["draft weights"] = (param_count(head) - v * h + 3 * h * h) * size
         parts["draft cache"] = kv_bytes(1, kv_heads=cfg.num_kv_heads, slots=slots, head_dim=cfg.head_dim, **kv)
-    if mode in ("specpv", "exact"):
+    if mode in PARTIAL_MODES:
         parts["partial cache"] = kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads,
                                           slots=spec.static_tokens + spec.buffer_size, head_dim=cfg.head_dim, **kv)
         parts["block summaries"] = kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads,
@@ -168,7 +168,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     activations = max(logit_buffers * batch * tree * v * 4, batch * t * (2 * h + 2 * cfg.intermediate_size) * 4) \
         + scores + attention_io + layer_param_count(cfg) * size
     parts["activations"] = activations * 11 // 10  # 10% to spare: how XLA assigns buffers varies (CPU: 3-5% more)
-    return Estimate(mode, parts, ("full cache", "block summaries") if mode in ("specpv", "exact") else ())
+    return Estimate(mode, parts, ("full cache", "block summaries") if mode in PARTIAL_MODES else ())
 
 
 def device_bytes_limit(device=None) -> int | None:

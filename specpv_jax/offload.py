@@ -36,7 +36,6 @@ from specpv_jax.cache import BlockSummary, KVCache, summarize_blocks, write_toke
 from specpv_jax.config import ModelConfig, SpecConfig
 
 HOST = "pinned_host"
-MODES = ("specpv", "exact")  # the modes with a partial cache, whose full steps are rare
 
 
 def to_device(x: jax.Array) -> jax.Array:
