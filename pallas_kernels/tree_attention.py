@@ -49,7 +49,9 @@ def _combine(outs: jax.Array, lses: jax.Array, axis: int) -> tuple[jax.Array, ja
     lse_max = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
     weights = jnp.exp(lses - lse_max)  # 0 for empty parts
     total = jnp.sum(weights, axis=axis)
-    out = jnp.sum(weights[..., None] * outs, axis=axis) / jnp.where(total > 0, total, 1.0)[..., None]
+    # An empty part's output is not read at all (0 * NaN would be NaN).
+    weighted = jnp.where(weights[..., None] > 0, weights[..., None] * outs, 0.0)
+    out = jnp.sum(weighted, axis=axis) / jnp.where(total > 0, total, 1.0)[..., None]
     return out, jnp.squeeze(lse_max, axis) + jnp.log(total)
 
 
@@ -60,6 +62,9 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     `out` is returned in `out_a`'s dtype, `lse` in float32. A side with no keys
     (lse = -inf) contributes nothing; both empty gives out = 0, lse = -inf.
     """
+    if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape or out_a.shape[:-1] != lse_a.shape:
+        raise ValueError(f"merge_attention needs out_a, out_b [..., D] and lse_a, lse_b [...] of one shape, got "
+                         f"out_a {out_a.shape}, lse_a {lse_a.shape}, out_b {out_b.shape}, lse_b {lse_b.shape}")
     out, lse = _combine(jnp.stack([out_a.astype(jnp.float32), out_b.astype(jnp.float32)]),
                         jnp.stack([lse_a.astype(jnp.float32), lse_b.astype(jnp.float32)]), axis=0)
     return out.astype(out_a.dtype), lse
@@ -98,6 +103,9 @@ def _check_args(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, layer
         raise ValueError(f"layer= needs a stacked k_cache [L, B, Hkv, S, D], got shape {k_cache.shape}")
     if layer is not None and (jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer)):
         raise ValueError(f"layer must be an integer scalar, got {layer!r}")
+    if layer is not None and (index := _concrete(layer)) is not None and not 0 <= index < k_cache.shape[0]:
+        raise ValueError(f"layer {index} is outside the stacked cache's {k_cache.shape[0]} layers "
+                         f"(k_cache {k_cache.shape})")
     cb, Hkv, S, cd = k_cache.shape[-4:]
     if cb != B or cd != D:
         raise ValueError(f"k_cache {k_cache.shape} does not match q {q.shape}: need batch {B} and head dim {D}")
@@ -123,11 +131,20 @@ def _check_args(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, layer
     return B, T, Hq, Hkv, S, D
 
 
+def _concrete(x) -> int | None:
+    """The value of an integer scalar, or None when it is traced."""
+    try:
+        return int(x)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
 def _stack_layer(k_cache, v_cache, layer):
-    """Views a single-layer cache as a 1-layer stack; returns (k [L,B,Hkv,S,D], v, layer int32)."""
+    """Views a single-layer cache as a 1-layer stack; returns (k [L,B,Hkv,S,D], v, layer int32), a traced
+    layer clamped to 0..L-1 (a kernel's block index past the stack would read outside it)."""
     if layer is None:
         return k_cache[None], v_cache[None], jnp.zeros((), jnp.int32)
-    return k_cache, v_cache, jnp.asarray(layer, jnp.int32)
+    return k_cache, v_cache, jnp.clip(jnp.asarray(layer, jnp.int32), 0, k_cache.shape[0] - 1)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -316,8 +333,9 @@ def tree_attention(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, *,
       cache_len: [B] integer, valid prefix length per row (0..S).
       k_tree, v_tree: [B, Hkv, T, D] keys and values of the tree nodes.
       tree_mask: [B, T, T] bool, True where node i may attend to node j (diagonal True).
-      layer: integer scalar (may be traced) selecting the layer of a stacked cache.
-      scale: softmax scale, default 1/sqrt(D).
+      layer: integer scalar selecting the layer of a stacked cache: 0..L-1 (checked when concrete; a traced one
+        is clamped to that range).
+      scale: softmax scale (a Python float: compiled in), default 1/sqrt(D).
       block_k: keys per inner step, a power of two (>= 16 on GPU, 64 or 128 with Mosaic GPU,
         >= 128 on TPU); default 64 on GPU, 512 on TPU.
       num_splits: prefix splits per (row, KV head), GPU only; default picks one from the shapes.
@@ -337,9 +355,9 @@ def tree_attention(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, *,
         raise ValueError(f"platform must be one of {tuple(DEFAULT_BLOCK_K)}, got {platform!r}")
     block_k = DEFAULT_BLOCK_K[platform] if block_k is None else block_k
     smallest = {"tpu": 128, "mosaic_gpu": 64}.get(platform, 16)  # a TPU key block is the logits' lane axis
-    if block_k < smallest or block_k & (block_k - 1):
+    if not isinstance(block_k, int) or block_k < smallest or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of two >= {smallest} on {platform}, got {block_k}")
-    if num_splits is not None and (platform == "tpu" or num_splits < 1):
+    if num_splits is not None and (platform == "tpu" or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be >= 1 and applies to the GPU kernels only, got {num_splits} "
                          f"on {platform}")
     if interpret is None:

@@ -144,6 +144,8 @@ def read_block(size: int, rows: int) -> int:
     """Keys per step of the prefix loop over a `size`-slot buffer for `rows` query rows: the fewest steps that
     keep rows x keys within `SCORE_TILE`, as equal blocks rounded up to a multiple of `PREFIX_BLOCK` (the last
     block ends at the buffer's end and overlaps the one before; keys read twice are counted once)."""
+    if size == 0:
+        return 0
     steps = -(-size // max(PREFIX_BLOCK, SCORE_TILE // rows // PREFIX_BLOCK * PREFIX_BLOCK))
     even = -(-size // steps)
     return min(size, -(-even // PREFIX_BLOCK) * PREFIX_BLOCK)
@@ -158,6 +160,8 @@ def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, 
     the next block's copy issued before the current block's math so they overlap.
     """
     size = k_cache.shape[-2]
+    if size == 0:
+        return init
     block = read_block(size, qr.shape[2])
     stacked = layer is not None
 
@@ -177,6 +181,7 @@ def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, 
         pos = start + jnp.arange(block)
         valid = (pos >= j * block)[None, :] & (pos[None, :] < cache_len[:, None])
         s = jnp.where(valid[:, None, None, :], s, NEG_INF)
+        values = jnp.where(valid[:, None, :, None], values, 0)  # stale slots: even NaN there must not count
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)

@@ -38,6 +38,27 @@ def test_blockwise_prefix_equals_dense(monkeypatch, t, lens, stacked, s, block):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_stale_slots_past_cache_len_are_never_used(impl):
+    """NaN / inf past a row's length (a rolled-back step's scratch) change nothing, also in a row with no prefix
+    at all; and a zero-length buffer is plain attention over the new tokens."""
+    rng = np.random.default_rng(0)
+    b, t, hq, hkv, d, s = 2, 3, 4, 2, 64, 300
+    q, kc, vc = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in
+                 ((b, t, hq, d), (b, hkv, s, d), (b, hkv, s, d)))
+    kn, vn = (jnp.asarray(rng.standard_normal((b, hkv, t, d)), jnp.float32) for _ in range(2))
+    lens, mask = jnp.asarray([0, 130], jnp.int32), causal_mask(b, t)
+    valid = (jnp.arange(s)[None, :] < lens[:, None])[:, None, :, None]
+    want = attend_dense(q, kc, vc, lens, kn, vn, mask, 0.125)
+    got = attend(q, jnp.where(valid, kc, jnp.nan), jnp.where(valid, vc, jnp.inf), lens, kn, vn, mask, 0.125,
+                 impl=impl)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    empty = jnp.zeros((b, hkv, 0, d))
+    got = attend(q, empty, empty, jnp.zeros((b,), jnp.int32), kn, vn, mask, 0.125, impl=impl)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(attend(q, None, None, None, kn, vn, mask, 0.125)),
+                               atol=2e-5)
+
+
 def test_read_block_fits_the_tile_in_equal_blocks():
     tile, unit = attention.SCORE_TILE, attention.PREFIX_BLOCK
     assert attention.read_block(16640, 4) == 16640  # decode: the whole buffer in one step

@@ -288,6 +288,19 @@ def test_merge_attention_empty_side_ignores_its_output():
     out, lse = merge_attention(out_a, jnp.full((3,), -jnp.inf), out_a, jnp.full((3,), -jnp.inf))
     np.testing.assert_array_equal(out, 0)
     np.testing.assert_array_equal(lse, -np.inf)
+    for garbage in (jnp.nan, jnp.inf):  # an empty side's output is never read, whatever it holds
+        out, _ = merge_attention(out_a, lse_a, jnp.full((3, 8), garbage, jnp.bfloat16), jnp.full((3,), -jnp.inf))
+        np.testing.assert_array_equal(out, out_a)
+        nothing = jnp.full((3, 8), garbage, jnp.bfloat16)
+        out, _ = merge_attention(nothing, jnp.full((3,), -jnp.inf), nothing, jnp.full((3,), -jnp.inf))
+        np.testing.assert_array_equal(out, 0)
+
+
+def test_merge_attention_names_mismatched_shapes():
+    out, lse = jnp.ones((3, 8)), jnp.zeros((3,))
+    for args in ((out, lse, out[:2], lse), (out, lse, out, lse[:2]), (out, lse[:2], out, lse[:2])):
+        with pytest.raises(ValueError, match=r"out_a, out_b \[\.\.\., D\] and lse_a, lse_b \[\.\.\.\] of one shape"):
+            merge_attention(*args)
 
 
 # ----------------------------------------------------------------------------- errors and lowering
@@ -341,6 +354,28 @@ def test_bad_options_name_the_problem():
         call(tree_attention, args, platform="tpu", block_k=64)
     with pytest.raises(ValueError, match="applies to the GPU kernels only, got 2 on tpu"):
         call(tree_attention, args, platform="tpu", num_splits=2)
+    with pytest.raises(ValueError, match="block_k must be a power of two >= 16 on gpu, got 64.0"):
+        call(tree_attention, args, block_k=64.0)
+    stacked = {**args, "k_cache": jnp.stack([args["k_cache"]] * 3), "v_cache": jnp.stack([args["v_cache"]] * 3)}
+    for layer in (3, -1, jnp.int32(3)):
+        for fn in (tree_attention, tree_attention_reference):
+            with pytest.raises(ValueError, match=r"layer (3|-1) is outside the stacked cache's 3 layers"):
+                call(fn, stacked, layer=layer)
+
+
+@pytest.mark.parametrize("platform", KERNELS)
+def test_traced_layer_out_of_range_is_clamped(platform):
+    """A traced layer cannot be checked: past the stack it reads the last layer, below it the first, in the
+    kernels and the reference alike (never outside the stack)."""
+    case = dataclasses.replace(BASE, S=260, lens=(200, 61))
+    layers = [make_inputs(dataclasses.replace(case, seed=i), jnp.float32) for i in range(3)]
+    args = {**layers[0], "k_cache": jnp.stack([a["k_cache"] for a in layers]),
+            "v_cache": jnp.stack([a["v_cache"] for a in layers])}
+    for traced, nearest in ((5, 2), (-1, 0)):
+        want = call(tree_attention_reference, args, layer=nearest)[0]
+        for fn, options in ((tree_attention, kernel_options(platform)), (tree_attention_reference, {})):
+            out = jax.jit(lambda layer: call(fn, args, layer=layer, **options)[0])(jnp.int32(traced))
+            np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)
 
 
 def test_bad_mosaic_gpu_options_name_the_problem():
