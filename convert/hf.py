@@ -69,15 +69,14 @@ def read_config(model_dir: str | pathlib.Path) -> tuple[ModelConfig, dict]:
     hf = read_json(model_dir / "config.json")
     gen_path = model_dir / "generation_config.json"
     gen = read_json(gen_path) if gen_path.exists() else None
-    where = model_dir / "config.json"
-    if gen is not None and "eos_token_id" in gen:  # it overrides config.json's
-        where = f"{where} (eos_token_id from {gen_path.name})"
     try:
         return ModelConfig.from_hf(hf, gen), hf
-    except ConfigError as e:
-        raise ConversionError(f"{where}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
-        raise ConversionError(f"{where}: missing or malformed field {e}") from None
+        problem = str(e) if isinstance(e, ConfigError) else f"missing or malformed field {e}"
+        where = model_dir / "config.json"
+        if gen is not None and "eos_token_id" in gen and "eos_token_id" in problem:  # it overrides config.json's
+            where = f"{where} (eos_token_id from {gen_path.name})"
+        raise ConversionError(f"{where}: {problem}") from None
 
 
 def param_table(cfg: ModelConfig) -> list[Entry]:

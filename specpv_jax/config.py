@@ -128,7 +128,9 @@ class ModelConfig:
         _reject_unsupported(hf, arch)
         num_heads = _positive_int(hf, "num_attention_heads")
         hidden = _positive_int(hf, "hidden_size")
-        head_dim = _positive_int(hf, "head_dim") if hf.get("head_dim") else hidden // num_heads
+        # As transformers' configs default it: Qwen3Config's head_dim is 128, the others' hidden / heads.
+        head_dim = _positive_int(hf, "head_dim") if hf.get("head_dim") is not None else \
+            128 if arch == "qwen3" else hidden // num_heads
         if arch == "qwen2":
             qkv_bias, o_bias = True, False
         else:
@@ -141,10 +143,11 @@ class ModelConfig:
             intermediate_size=_positive_int(hf, "intermediate_size"),
             num_layers=_positive_int(hf, "num_hidden_layers"),
             num_heads=num_heads,
-            num_kv_heads=_positive_int(hf, "num_key_value_heads") if hf.get("num_key_value_heads") else num_heads,
+            num_kv_heads=_positive_int(hf, "num_key_value_heads") if hf.get("num_key_value_heads") is not None
+            else num_heads,
             head_dim=head_dim,
             max_position_embeddings=_positive_int(hf, "max_position_embeddings"),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),  # transformers' default for all three
+            rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6),  # transformers' default for all three
             rope=rope_from_hf(hf),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
@@ -205,9 +208,6 @@ def _reject_unsupported(hf: Mapping[str, Any], arch: str) -> None:
                         f"(sliding-window attention in layers {hf.get('max_window_layers', 28)} and up)")
     if any(t != "full_attention" for t in layer_types):
         problems.append(f"layer_types={sorted(set(layer_types))} (only full_attention)")
-    rope = _rope_dict(hf)
-    if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
-        problems.append("partial_rotary_factor != 1")
     if hf.get("pretraining_tp", 1) not in (1, None):
         problems.append(f"pretraining_tp={hf['pretraining_tp']}")
     if problems:
@@ -218,14 +218,19 @@ def _rope_dict(hf: Mapping[str, Any]) -> dict[str, Any]:
     """The RoPE settings as transformers reads them: rope_scaling (hub checkpoints; a model card's YaRN
     block added to a transformers-5 config) over rope_parameters (transformers 5), with rope_theta and
     a top-level original_max_position_embeddings (Phi-3 style) beside them."""
-    scaling = hf.get("rope_scaling")
-    if scaling is not None and not isinstance(scaling, Mapping):
-        raise ConfigError(f"rope_scaling in config.json must be a mapping (rope_type, factor, ...), got {scaling!r}")
-    params = hf.get("rope_parameters")
-    if isinstance(params, Mapping) and "full_attention" in params:  # per-layer-type form
+    scaling, params = hf.get("rope_scaling"), hf.get("rope_parameters")
+    for name, value in (("rope_scaling", scaling), ("rope_parameters", params)):
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"{name} in config.json must be a mapping (rope_type, factor, ...), got {value!r}")
+    if params and "full_attention" in params:  # per-layer-type form
         params = params["full_attention"]
     rope = dict(scaling or params or {})
-    saved_theta = params.get("rope_theta") if isinstance(params, Mapping) else None
+    saved_theta = (params or {}).get("rope_theta")
+    if scaling and "rope_theta" not in scaling and "rope_theta" not in hf and saved_theta not in (None, 10000.0):
+        # transformers takes rope_scaling whole and its theta default, 10000: surely not what was meant.
+        raise ConfigError(f"rope_scaling in config.json has no rope_theta, and rope_parameters says "
+                          f"rope_theta={saved_theta}: transformers would use 10000 (rope_scaling replaces "
+                          f"rope_parameters); set rope_theta in rope_scaling to say which")
     rope.setdefault("rope_theta", hf.get("rope_theta", saved_theta if saved_theta is not None else 10000.0))
     if (rope.get("rope_type", rope.get("type")) in ("llama3", "yarn", "longrope")
             and hf.get("original_max_position_embeddings") is not None):
@@ -236,6 +241,17 @@ def _rope_dict(hf: Mapping[str, Any]) -> dict[str, Any]:
 def rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     """The RoPE of an HF config.json dict (`_rope_dict`'s settings, checked)."""
     r = _rope_dict(hf)
+    try:
+        return _rope_config(hf, r)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"malformed RoPE settings in config.json {r}: {e}") from None
+
+
+def _rope_config(hf: Mapping[str, Any], r: Mapping[str, Any]) -> RopeConfig:
+    if float(r.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise ConfigError("unsupported config.json field: partial_rotary_factor != 1 (rotary on every dimension only)")
     kind = r.get("rope_type", r.get("type", "default")) or "default"
     theta = float(r["rope_theta"])  # `_rope_dict` always sets it
     if kind == "default":
@@ -269,6 +285,14 @@ def _positive_int(hf: Mapping[str, Any], name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def _positive_float(hf: Mapping[str, Any], name: str, default: float) -> float:
+    """Field `name` of a config.json: a positive number (`default` when absent)."""
+    value = hf.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _as_ids(x) -> tuple[int, ...]:
@@ -330,6 +354,8 @@ class DraftConfig:
         """
         if hf.get("hidden_act", "silu") != "silu":  # the head's MLP is SiLU-gated, as in the EAGLE code
             raise ConfigError(f"hidden_act={hf['hidden_act']!r} (an EAGLE-3 head here is SiLU-gated only)")
+        if hf.get("mlp_bias"):
+            raise ConfigError("mlp_bias=true (an EAGLE-3 head's MLP has no biases)")
         num_heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         aux = (hf.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")

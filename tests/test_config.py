@@ -59,6 +59,30 @@ def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
     assert ModelConfig.from_hf(llama).rope.original_max_position_embeddings == 256
 
 
+def test_rope_scaling_without_theta_beside_another_saved_theta_is_refused():
+    """transformers takes rope_scaling whole, so a YaRN block without rope_theta added to a transformers-5 config
+    saved with theta 1e6 runs at theta 10000 there (logits 0.19 apart from ours, which kept 1e6): refused,
+    naming both; stating the theta in rope_scaling settles it."""
+    cfg = hf_dict("qwen3-gqa4-headdim")
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    with pytest.raises(ConfigError, match=r"rope_scaling .* has no rope_theta, and rope_parameters says "
+                                          r"rope_theta=1000000.0: transformers would use 10000"):
+        ModelConfig.from_hf(cfg)
+    cfg["rope_scaling"]["rope_theta"] = 1e6
+    assert ModelConfig.from_hf(cfg).rope.theta == 1e6
+
+
+def test_qwen3_head_dim_defaults_as_in_transformers():
+    """Qwen3Config's head_dim defaults to 128, not hidden / heads (its checkpoint was refused as misshapen)."""
+    import transformers
+
+    cfg = {k: v for k, v in hf_dict("qwen3-gqa4-headdim").items() if k != "head_dim"}
+    assert ModelConfig.from_hf(cfg).head_dim == transformers.Qwen3Config.from_dict(cfg).head_dim == 128
+    llama = {k: v for k, v in hf_dict("llama-mha").items() if k != "head_dim"}
+    assert ModelConfig.from_hf(llama).head_dim == llama["hidden_size"] // llama["num_attention_heads"]
+
+
 def test_generation_config_eos_wins():
     cfg = ModelConfig.from_hf(hf_dict("llama-mha"), {"eos_token_id": [2, 7]})
     assert cfg.eos_token_ids == (2, 7)
@@ -84,6 +108,12 @@ def test_dict_round_trip():
     ({"eos_token_id": 2.5}, "eos_token_id must be a token id or a list of them, got 2.5"),
     ({"architectures": "LlamaForCausalLM"}, "architectures in config.json must be a list of names"),
     ({"rope_parameters": None, "rope_scaling": "yarn"}, "rope_scaling in config.json must be a mapping"),
+    ({"rope_parameters": "yarn"}, "rope_parameters in config.json must be a mapping"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": None, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 64}}, "malformed RoPE settings in config.json"),
+    ({"rms_norm_eps": "1e-5x"}, "rms_norm_eps must be a positive number, got '1e-5x'"),
+    ({"head_dim": 0}, "head_dim must be a positive integer, got 0"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
 ])
 def test_unsupported_fields_are_named(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -174,6 +204,10 @@ def test_config_errors_name_generation_config_only_for_its_eos(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({**hf_dict("llama-mha"), "num_key_value_heads": 3}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    with pytest.raises(ConversionError, match=r"config\.json: .*num_key_value_heads") as e:
+        read_config(tmp_path)
+    assert "generation_config" not in str(e.value)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))  # not in play for this error
     with pytest.raises(ConversionError, match=r"config\.json: .*num_key_value_heads") as e:
         read_config(tmp_path)
     assert "generation_config" not in str(e.value)

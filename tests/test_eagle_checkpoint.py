@@ -158,6 +158,8 @@ def test_export_and_orbax_round_trips(target, tmp_path):
     ({}, lambda s: s.update({"d2t": s["d2t"] + 0.5}), "d2t must hold integer offsets, got dtype float32"),
     ({}, lambda s: s["d2t"].__setitem__(1, s["d2t"][0] - 1), "d2t maps two draft ids to one target id"),
     ({"hidden_act": "gelu"}, None, r"hidden_act='gelu' \(an EAGLE-3 head here is SiLU-gated only\)"),
+    ({"partial_rotary_factor": 0.5}, None, "partial_rotary_factor != 1"),  # loaded and drafted wrongly before
+    ({"mlp_bias": True}, None, "mlp_bias=true"),
 ])
 def test_mismatched_heads_are_named(target, tmp_path, config, state_edit, message):
     state = public_state()
