@@ -243,9 +243,9 @@ def rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     r = _rope_dict(hf)
     try:
         return _rope_config(hf, r)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # float(None), int("x"), ...
         raise ConfigError(f"malformed RoPE settings in config.json {r}: {e}") from None
 
 
