@@ -5,10 +5,10 @@ Counts the arrays the engine allocates: weights, the target's full KV cache
 summaries, the drafts' caches (the EAGLE-3 head's bounded one too), and the
 largest transient (verification logits, a prefill chunk's activations).
 "host" is what SpecPV's offload (`SpecConfig(offload=True)`, see `offload`)
-moves to host memory: the full
-cache and its block summaries, in the partial-verification modes; with it the
-device holds `Estimate.device` (plus "offload staging": two layers of the full
-cache, moved in during full verification).
+moves to host memory: the full cache and its block summaries, in the
+partial-verification modes; with it the device holds `Estimate.device` (plus
+"offload staging": two layers of the full cache, moved in during full
+verification).
 """
 
 from __future__ import annotations
