@@ -221,6 +221,24 @@ def test_head_training_raises_accuracy():
         eagle.train_head(head, params, TINY_CFG, np.arange(5), _repeating_batches(4, 32), TrainConfig(1, 4, 32))
 
 
+def test_positions_the_draft_vocabulary_cannot_hit_count_as_misses_and_train_nothing():
+    """Where the target's argmax lies outside the draft vocabulary no draft token can be accepted: accuracy
+    counts a miss there (it scored the argmax within the draft vocabulary: 0.73 with 2 draft tokens on a random
+    target), and the loss leaves the position out (as EAGLE-3 does)."""
+    params = model.init_params(TINY_CFG, jax.random.key(6))
+    head = eagle.new_head(TINY_CFG, np.arange(TINY_CFG.vocab_size, dtype=np.int32), seed=7)
+    ids = jnp.asarray(next(_repeating_batches(4, 32)))
+    out = model.forward(params, TINY_CFG, ids, jnp.broadcast_to(jnp.arange(32), ids.shape), None)
+    tops = set(np.asarray(jnp.argmax(model.logits(params, TINY_CFG, out.hidden), -1)).ravel().tolist())
+    never = jnp.asarray([i for i in range(TINY_CFG.vocab_size) if i not in tops][:2], jnp.int32)
+    small = eagle.new_head(TINY_CFG, np.asarray(never), seed=7)
+    loss, metrics = eagle.ttt_loss(small.params, small.cfg, params, TINY_CFG, never, ids, 3)
+    assert float(loss) == 0.0 and all(float(metrics[f"acc{j}"]) == 0.0 for j in range(3))
+    # With every id in the draft vocabulary, a hit is the draft's token mapped back equal to the target's.
+    _, metrics = eagle.ttt_loss(head.params, head.cfg, params, TINY_CFG, jnp.arange(TINY_CFG.vocab_size), ids, 3)
+    assert 0.0 <= float(metrics["acc0"]) <= 1.0
+
+
 def test_a_corpus_too_short_for_the_long_phase_fails_before_any_training(monkeypatch):
     monkeypatch.setattr(eagle, "train_head", lambda *a, **k: pytest.fail("trained before checking the data"))
     docs = [np.arange(300, dtype=np.int32) % TINY_CFG.vocab_size]

@@ -8,7 +8,8 @@ i + j + 2. It attends to the step-0 keys of slots <= i (the committed context)
 and to its own slot's keys of steps 1..j (its drafted ancestors), exactly the
 attention a tree node gets at inference. The loss at step j is the
 cross-entropy against the target's next-token distribution restricted to the
-draft vocabulary, weighted 0.8^j (the EAGLE-3 recipe).
+draft vocabulary, at the positions whose target argmax the draft vocabulary
+holds, weighted 0.8^j (the EAGLE-3 recipe).
 """
 
 from __future__ import annotations
@@ -84,22 +85,28 @@ def unroll(head: Params, dcfg: DraftConfig, embed: jax.Array, features: jax.Arra
 
 def ttt_loss(head: Params, dcfg: DraftConfig, target: Params, tcfg: ModelConfig, draft_ids: jax.Array,
              ids: jax.Array, steps: int) -> tuple[jax.Array, dict]:
-    """Weighted TTT loss over `ids [B, T]`; metrics `acc{j}` (draft argmax == target argmax, step j)."""
+    """Weighted TTT loss over `ids [B, T]`; metrics `acc{j}`: the share of step j's positions where the
+    draft's argmax is the target's (over the whole vocabulary: one outside the draft's is a miss).
+
+    Positions whose target argmax lies outside the draft vocabulary are left out of the loss (as in EAGLE-3:
+    no draft token could be accepted there)."""
     b, t = ids.shape
     out = model.forward(target, tcfg, ids, positions_for(ids), None, capture_layers=dcfg.feature_layers)
     features = jax.lax.stop_gradient(flat_features(out.features))
-    target_logits = jax.lax.stop_gradient(model.logits(target, tcfg, out.hidden)[..., draft_ids])
-    target_p = jax.nn.softmax(target_logits, axis=-1)  # [B, T, Vd]: distribution of token pos + 1
-    target_top = jnp.argmax(target_logits, axis=-1)
+    full_logits = jax.lax.stop_gradient(model.logits(target, tcfg, out.hidden))
+    target_p = jax.nn.softmax(full_logits[..., draft_ids], axis=-1)  # [B, T, Vd]: distribution of token pos + 1
+    target_top = jnp.argmax(full_logits, axis=-1)  # [B, T], a target id
+    in_draft = jnp.zeros((tcfg.vocab_size,), bool).at[draft_ids].set(True)[target_top]
     outputs = unroll(head, dcfg, target["embed_tokens"]["embedding"], features, ids, steps)
     total, weights, metrics = 0.0, 0.0, {}
     for j, hidden in enumerate(outputs):
         logp = eagle3.head_logprobs(head, dcfg, hidden)
         valid = jnp.broadcast_to((jnp.arange(t) + j + 1 < t).astype(jnp.float32), (b, t))  # predicted token exists
+        counted = valid * _shift(in_draft, j + 1)
         ce = -(_shift(target_p, j + 1) * logp).sum(-1)
-        hit = (jnp.argmax(logp, -1) == _shift(target_top, j + 1)).astype(jnp.float32)
+        hit = (draft_ids[jnp.argmax(logp, -1)] == _shift(target_top, j + 1)).astype(jnp.float32)
         metrics[f"acc{j}"] = (hit * valid).sum() / valid.sum()
-        total += STEP_WEIGHT ** j * (ce * valid).sum() / valid.sum()
+        total += STEP_WEIGHT ** j * (ce * counted).sum() / valid.sum()
         weights += STEP_WEIGHT ** j
     return total / weights, metrics
 
