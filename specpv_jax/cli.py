@@ -37,6 +37,17 @@ def at_least(minimum: int):
     return parse
 
 
+def positive_number(raw: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {raw}")
+    return value
+
+
 def _model_config(path: str):
     """The config of an HF directory, an orbax checkpoint or a preset name (`presets.HF_CONFIGS`)."""
     from convert.hf import read_config
@@ -223,6 +234,9 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+LONG_STEPS, LONG_LENGTH = 100, 2048  # train-draft's --long-context fine-tune
+
+
 def _cmd_train_draft(args) -> int:
     from convert.eagle3 import export_eagle3
     from specpv_jax.checkpoint import check_destination
@@ -241,6 +255,11 @@ def _cmd_train_draft(args) -> int:
         if work_dir == out_dir or out_dir in work_dir.parents or work_dir in out_dir.parents:
             raise ValueError(f"--work {args.work} and --out {args.out} must be separate directories (writing the "
                              f"head replaces --out whole)")
+    if args.long_context is None:
+        given = [name for name in ("--long-steps", "--long-length") if getattr(args, name[2:].replace("-", "_"))]
+        if given:
+            raise ValueError(f"{' and '.join(given)} set the --long-context fine-tune: add --long-context")
+    args.long_steps, args.long_length = args.long_steps or LONG_STEPS, args.long_length or LONG_LENGTH
     for name, length in [("--length", args.length)] + [("--long-length", args.long_length)] * bool(args.long_context):
         if args.unroll >= length:
             raise ValueError(f"--unroll {args.unroll} must be below {name} {length} (each training-time-test "
@@ -255,17 +274,23 @@ def _cmd_train_draft(args) -> int:
     long = (TrainConfig(args.long_steps, max(1, args.batch // 4), args.long_length, lr=args.lr / 10, warmup=5)
             if args.long_context else None)
     _require_tokenizer(args.target, "train-draft tokenizes --data with them")
+    positions = _model_config(args.target).max_position_embeddings
+    longest = max(args.length, args.long_context or 0)
+    if longest > positions:
+        raise ValueError(f"{'--long-context' if args.long_context else '--length'} {longest} exceeds the target's "
+                         f"max_position_embeddings ({positions}): the head drafts within the target's positions")
     target = load_target(args.target, dtype="float32")
-    files = [f for path in map(pathlib.Path, args.data)
-             for f in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"--data: no such file(s): {', '.join(missing)}")
-    if not files:
-        raise FileNotFoundError(f"--data: no files in {' '.join(args.data)}")
-    docs = [corpus.Document(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
-    token_docs = corpus.encode_documents(target.tokenizer, docs)
-    print(f"train-draft: {len(docs)} files, {sum(d.size for d in token_docs)} tokens", file=sys.stderr)
+    data = corpus.read_text_files(args.data, exclude=tuple(d for d in (args.out, args.work) if d is not None))
+    for what, names in (("not UTF-8 text", data.not_text), ("empty", data.empty)):
+        if names:
+            print(f"train-draft: skipped {len(names)} {what} file(s): {_listed(names)}", file=sys.stderr)
+    token_docs = corpus.encode_documents(target.tokenizer, data.docs)
+    outside = [(d.name, int(ids.max())) for d, ids in zip(data.docs, token_docs) if ids.max() >= target.cfg.vocab_size]
+    if outside:
+        raise ValueError(f"the tokenizer in {args.target} gives token ids the model does not have (up to "
+                         f"{max(i for _, i in outside)} in {outside[0][0]}; vocab_size {target.cfg.vocab_size}): "
+                         f"the tokenizer does not belong to this model")
+    print(f"train-draft: {len(data.docs)} files, {sum(d.size for d in token_docs)} tokens", file=sys.stderr)
     head, metrics = eagle.train_eagle3(target.params, target.cfg, token_docs,
                                        min(args.draft_vocab, target.cfg.vocab_size), short, long, args.long_context,
                                        args.unroll, args.work)
@@ -276,6 +301,10 @@ def _cmd_train_draft(args) -> int:
     else:
         print(f"wrote {out} (--work {args.work} held the finished run: no new steps)")
     return 0
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _cmd_bench(args) -> int:
@@ -369,13 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=at_least(1), default=1000, help="training steps")
     t.add_argument("--batch", type=at_least(1), default=8, help="sequences per step")
     t.add_argument("--length", type=at_least(2), default=512, help="training sequence length")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule)")
+    t.add_argument("--lr", type=positive_number, default=2e-3, help="peak learning rate (cosine schedule)")
     t.add_argument("--unroll", type=at_least(1), default=5, help="training-time-test steps")
     t.add_argument("--draft-vocab", type=at_least(1), default=32000, help="draft vocabulary size (capped at the target's)")
     t.add_argument("--long-context", type=at_least(2), help="YaRN fine-tune stretching RoPE to this many positions")
-    t.add_argument("--long-steps", type=at_least(1), default=100, help="steps of the --long-context fine-tune")
-    t.add_argument("--long-length", type=at_least(2), default=2048,
-                   help="sequence length of the --long-context fine-tune (batch: --batch / 4)")
+    t.add_argument("--long-steps", type=at_least(1), help=f"steps of the --long-context fine-tune (default "
+                   f"{LONG_STEPS})")
+    t.add_argument("--long-length", type=at_least(2), help=f"sequence length of the --long-context fine-tune "
+                   f"(default {LONG_LENGTH}; batch: --batch / 4)")
     t.add_argument("--work", help="directory for resumable training checkpoints")
     t.add_argument("--force", action="store_true", help="replace OUT if it exists")
     t.set_defaults(run=_cmd_train_draft)

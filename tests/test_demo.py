@@ -298,8 +298,10 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
         (["generate", str(tmp_path / "export"), "--prompt", "x"], "directory into " + str(tmp_path / "export" / "tokenizer")),
         (["train-draft", "--target", str(tmp_path / "untokenized"), "--data", "x.txt", "--out", str(tmp_path / "new")],
          "untokenized has no tokenizer files"),
-        (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--lr", "nan"],
-         "lr must be finite and > 0, got nan"),
+        (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--long-steps", "5"],
+         "--long-steps set the --long-context fine-tune: add --long-context"),
+        (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--long-context",
+          "65536"], "--long-context 65536 exceeds the target's max_position_embeddings (32768)"),
         (["plan", "--model", str(tmp_path / "afile"), "--context", "9"], "afile is a file; pass the model directory"),
         (["generate", target, "--prompt-file", str(tmp_path / "latin1.txt")], "latin1.txt is not UTF-8 text"),
         (["generate", target, "--prompt", "  "], "the prompt is empty"),
@@ -331,6 +333,7 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
                  ["plan", "--model", "llama-3.1-8b", "--context", "9", "--mesh", "2by4"],
                  ["generate", target, "--prompt", "x", "--mesh", "0x8"],
                  ["train-draft", "--target", target, "--data", "x", "--out", "y", "--unroll", "0"],
+                 ["train-draft", "--target", target, "--data", "x", "--out", "y", "--lr", "nan"],
                  ["bench", "--contexts", "-5"], ["bench", "--new-tokens", "1"],
                  ["bench", "--budget-fraction", "-1"], ["demo", "--context", "-3"]):
         with pytest.raises(SystemExit) as exit_:

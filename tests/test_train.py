@@ -88,6 +88,48 @@ def test_tokenizer_round_trips_and_loads_with_autotokenizer(tmp_path):
         tokenizer.train_tokenizer(texts, 100)
 
 
+def test_read_text_files_takes_text_and_says_what_it_skipped(tmp_path):
+    """A directory's hidden files (.git), the run's own output, binary or non-UTF-8 files and empty ones are not
+    trained on (they were: U+FFFD for every undecodable byte); a named file that is not text is an error."""
+    data = tmp_path / "data"
+    (data / ".git" / "objects").mkdir(parents=True)
+    (data / ".git" / "objects" / "pack").write_bytes(b"\x00\xff" * 50)
+    (data / "work").mkdir()
+    (data / "work" / "step.json").write_text("{}")
+    (data / "a.py").write_text("x = 1\n")
+    (data / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    (data / "empty.txt").write_text("  \n")
+    files = corpus.read_text_files([data, data / "a.py"], exclude=(data / "work",))
+    assert [d.name for d in files.docs] == [str((data / "a.py").resolve())]  # once, though named twice
+    assert files.not_text == [str((data / "image.png").resolve())]
+    assert files.empty == [str((data / "empty.txt").resolve())]
+    with pytest.raises(ValueError, match=r"image\.png is not UTF-8 text \(byte 0\)"):
+        corpus.read_text_files([data / "image.png"])
+    with pytest.raises(ValueError, match=r"no text to train on \(1 files: 1 empty, 0 not UTF-8 text\)"):
+        corpus.read_text_files([data / "empty.txt"])
+    with pytest.raises(FileNotFoundError, match="no such file or directory: .*missing.txt"):
+        corpus.read_text_files([data / "missing.txt"])
+
+
+def test_train_draft_refuses_a_tokenizer_the_model_is_too_small_for(tmp_path, capsys):
+    """Token ids at or past the model's vocabulary ended in "loss became nan ... lower the learning rate"."""
+    import transformers
+    from test_eagle import make_target
+
+    import specpv_jax as sj
+    from specpv_jax.cli import main
+    from specpv_jax.demo import ASSETS
+
+    target = make_target(64, layers=2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ASSETS / "target")
+    sj.save_target(dataclasses.replace(target, tokenizer=tokenizer), tmp_path / "target")
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1\n" * 20)
+    assert main(["train-draft", "--target", str(tmp_path / "target"), "--data", str(tmp_path / "a.txt"),
+                 "--out", str(tmp_path / "head"), "--steps", "1", "--length", "16"]) == 1
+    assert "gives token ids the model does not have" in capsys.readouterr().err
+    assert not (tmp_path / "head").exists()
+
+
 def _repeating_batches(batch, length):
     pattern = np.array([5, 9, 2, 7, 7, 3, 11, 4], np.int32)
     rng = np.random.default_rng(0)
@@ -132,6 +174,17 @@ def test_a_resumed_run_continues_the_batch_stream(tmp_path):
     with pytest.raises(ValueError, match=r"another training run \(its data, train differ"):
         fit(loss, {"w": jnp.zeros(3)}, batches(), dataclasses.replace(tc, lr=0.2), checkpoint_dir=tmp_path / "w",
             progress=False, run={"data": "other"})
+
+
+def test_fit_progress_bar_ends_on_the_last_steps_metrics(capsys):
+    """Metrics are read a step late; the last step's reach the bar before it closes (it showed the one before)."""
+    def loss(p, batch):
+        return jnp.sum((p["w"] - batch) ** 2), {}
+
+    _, history = fit(loss, {"w": jnp.zeros(3)}, iter([np.ones(3)] * 4), TrainConfig(4, 1, 1, lr=0.1, warmup=1),
+                     desc="quadratic")
+    last_line = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "4/4" in last_line and f"loss={history[-1]['loss']:.3f}" in last_line, last_line
 
 
 def test_fit_stops_on_a_non_finite_loss():
@@ -296,10 +349,10 @@ def test_cli_train_draft(tiny_assets, tmp_path, capsys):
             "--batch", "2", "--length", "32", "--unroll", "2", "--draft-vocab", "100"]
     assert main(args + ["--data", str(data / "missing.txt")]) == 1
     assert "missing.txt" in capsys.readouterr().err
-    assert main(args + ["--data", str(data), "--long-context", "4096", "--long-steps", "2", "--long-length",
+    assert main(args + ["--data", str(data), "--long-context", "1024", "--long-steps", "2", "--long-length",
                         "64"]) == 0
     head = sj.load_draft(tmp_path / "head", sj.load_target(out / "target"))
-    assert head.cfg.draft_vocab_size == 100 and head.cfg.rope.kind == "yarn" and head.cfg.rope.factor == 128
+    assert head.cfg.draft_vocab_size == 100 and head.cfg.rope.kind == "yarn" and head.cfg.rope.factor == 32
     # Run again over a finished run's --work: the head is written again, no new steps (a KeyError before).
     work = ["--data", str(data), "--work", str(tmp_path / "work"), "--force"]
     assert main(args + work) == 0

@@ -55,6 +55,52 @@ def documents(root: str | pathlib.Path | None = None) -> list[Document]:
     return docs
 
 
+@dataclasses.dataclass(frozen=True)
+class TextFiles:
+    """Documents read from `--data` paths, and the files found in their directories that were skipped."""
+
+    docs: list[Document]
+    not_text: list[str]  # not UTF-8 (binary files, other encodings)
+    empty: list[str]
+
+
+def read_text_files(paths: list[str | pathlib.Path], exclude: tuple[pathlib.Path, ...] = ()) -> TextFiles:
+    """One document per file: each file named, and every file under each directory named, except hidden
+    ones (a name starting with "."), those under `exclude` (the run's own output) and repeats. A named file
+    that is not UTF-8 text raises, naming it; one found in a directory is skipped, as is an empty file."""
+    exclude = tuple(pathlib.Path(e).resolve() for e in exclude)
+    chosen: dict[pathlib.Path, bool] = {}  # resolved path -> named (not found in a directory)
+    for path in map(pathlib.Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"--data: no such file or directory: {path}")
+        if not path.is_dir():
+            chosen[path.resolve()] = True
+            continue
+        for f in sorted(path.rglob("*")):
+            hidden = any(part.startswith(".") for part in f.relative_to(path).parts)
+            resolved = f.resolve()
+            if f.is_file() and not hidden and not any(e == resolved or e in resolved.parents for e in exclude):
+                chosen.setdefault(resolved, False)
+    docs, not_text, empty = [], [], []
+    for f, named in chosen.items():
+        try:
+            text = f.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            if named:
+                raise ValueError(f"--data: {f} is not UTF-8 text (byte {e.start}); convert it or leave it out") \
+                    from None
+            not_text.append(str(f))
+            continue
+        if text.strip():
+            docs.append(Document(str(f), text))
+        else:
+            empty.append(str(f))
+    if not docs:
+        raise ValueError(f"--data {' '.join(map(str, paths))}: no text to train on ({len(chosen)} files: "
+                         f"{len(empty)} empty, {len(not_text)} not UTF-8 text)")
+    return TextFiles(docs, not_text, empty)
+
+
 def split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
     """(train, held-out) by the fixed name rule."""
     return [d for d in docs if not d.heldout], [d for d in docs if d.heldout]

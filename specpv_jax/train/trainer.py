@@ -104,20 +104,21 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
         bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k != "grad_norm"}, refresh=False)
 
     start = int(state["step"])
-    bar = tqdm(range(start, tc.steps), desc=desc, initial=start, total=tc.steps, disable=not progress)
     pending = None  # the last step's (index, metrics), read once the next step is queued: no wait per step
     try:
-        for i in bar:
-            state, metrics = step(state, jax.tree.map(jnp.asarray, next(batches)))
+        with tqdm(desc=desc, initial=start, total=tc.steps, disable=not progress) as bar:
+            for i in range(start, tc.steps):
+                state, metrics = step(state, jax.tree.map(jnp.asarray, next(batches)))
+                if pending is not None:
+                    record(*pending)
+                pending = (i, metrics)
+                if manager is not None and ((i + 1) % tc.save_every == 0 or i + 1 == tc.steps):
+                    record(*pending)  # a checkpoint never holds the update of a non-finite loss
+                    pending = None
+                    manager.save(i + 1, args=_save_args(state))
+                bar.update()
             if pending is not None:
-                record(*pending)
-            pending = (i, metrics)
-            if manager is not None and ((i + 1) % tc.save_every == 0 or i + 1 == tc.steps):
-                record(*pending)  # a checkpoint never holds the update of a non-finite loss
-                pending = None
-                manager.save(i + 1, args=_save_args(state))
-        if pending is not None:
-            record(*pending)
+                record(*pending)  # before the bar closes, so that its last line shows the last step
     finally:  # an interrupted run keeps the checkpoint being written
         if manager is not None:
             manager.wait_until_finished()
