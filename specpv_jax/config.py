@@ -516,7 +516,9 @@ class SpecConfig:
     """Speculative decoding parameters (static under jit).
 
     Tree (EAGLE-3 style): `tree_depth` draft levels, `tree_top_k` expansions per
-    frontier node, `tree_nodes` best nodes verified (plus the root).
+    frontier node, `tree_nodes` best nodes verified (plus the root). The EAGLE-3
+    code's `depth=7, total_token=60` counts differently: 8 levels and 59 nodes
+    plus the root, `SpecConfig(tree_depth=8, tree_top_k=10, tree_nodes=59)`.
     Partial verification (SpecPV): the partial cache holds `sink_tokens` +
     `retrieval_tokens` (in `block_size` blocks) + `window_tokens` + a buffer of
     `buffer_tokens` (None: 20 + tree_nodes + 1) for tokens accepted in partial mode.
