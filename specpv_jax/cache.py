@@ -153,6 +153,32 @@ class BlockSummary:
         return summarize_blocks(window(keys), starts, length, self.block)
 
 
+def fold_keys(kmax: jax.Array, kmin: jax.Array, keys: jax.Array, start: jax.Array, count: jax.Array,
+              block: int) -> tuple[jax.Array, jax.Array]:
+    """One layer's block summaries `kmax, kmin [B, Hkv, NB, D]`, complete below position `start [B]`, with
+    the first `count [B]` of `keys [B, Hkv, W, D]` (at positions `start + [0, W)`) folded in: what they
+    would be with those keys in the cache. Only the blocks the W slots can reach change."""
+    b, _, w, _ = keys.shape
+    n = w // block + 2  # a span starting mid-block
+    first = start // block
+    rel = (start[:, None] + jnp.arange(w)[None, :]) // block - first[:, None]  # [B, W]: block within the span
+    member = (rel[:, :, None] == jnp.arange(n)) & (jnp.arange(w)[None, :, None] < count[:, None, None])  # [B, W, n]
+    big = jnp.asarray(jnp.finfo(keys.dtype).max, keys.dtype)
+    inside, expanded = member[:, None, :, :, None], keys[:, :, :, None, :]  # [B, 1, W, n, 1], [B, Hkv, W, 1, D]
+    new_max = jnp.where(inside, expanded, -big).max(axis=2).transpose(0, 2, 1, 3)  # [B, n, Hkv, D]
+    new_min = jnp.where(inside, expanded, big).min(axis=2).transpose(0, 2, 1, 3)
+    blocks = first[:, None] + jnp.arange(n)  # [B, n]
+    gets_keys, had_keys = member.any(axis=1), blocks * block < start[:, None]  # [B, n]
+    rows = jnp.arange(b)[:, None]
+
+    def fold(summary, new, combine):
+        old = summary[rows, :, jnp.minimum(blocks, summary.shape[2] - 1)]  # [B, n, Hkv, D]
+        folded = jnp.where(had_keys[..., None, None], combine(old, new), new)  # an empty block's 0 is no key
+        return summary.at[rows, :, blocks].set(jnp.where(gets_keys[..., None, None], folded, old), mode="drop")
+
+    return fold(kmax, new_max, jnp.maximum), fold(kmin, new_min, jnp.minimum)
+
+
 def summarize_blocks(keys: jax.Array, start: jax.Array, length: jax.Array, block: int):
     """Per-block key max and min of `keys [L, B, Hkv, N, D]` whose slot 0 is position `start [B]`.
 

@@ -28,7 +28,7 @@ from jax import lax
 
 from specpv_jax import offload, retrieval, rope
 from specpv_jax.attention import attend, causal_mask
-from specpv_jax.cache import BlockSummary, KVCache, write_tokens
+from specpv_jax.cache import BlockSummary, KVCache, fold_keys, write_tokens
 from specpv_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -167,8 +167,9 @@ def param_dtype(params: Params):
 def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array, cache: KVCache | None,
             new_mask: jax.Array | None = None, capture_layers: Sequence[int] = (),
             attention: str = "xla", summary: BlockSummary | None = None,
-            score_mask: jax.Array | None = None, extra_kv: tuple[jax.Array, jax.Array] | None = None,
-            write: bool = True, collect_kv: bool = False, offloaded: bool = False) -> ForwardOut:
+            score_mask: jax.Array | None = None, committed: jax.Array | None = None,
+            extra_kv: tuple[jax.Array, jax.Array] | None = None, write: bool = True, collect_kv: bool = False,
+            offloaded: bool = False) -> ForwardOut:
     """Runs new tokens `ids [B, T]` at `positions [B, T]` over `cache`.
 
     The new tokens attend to the cache prefix `[0, cache.length)` and to each
@@ -178,7 +179,8 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     (training; differentiable). attention: "xla" or "pallas" (see
     `attention.attend`). With a block `summary`, each layer also scores the
     summary's blocks against the queries where `score_mask [B, T]` is set
-    (SpecPV retrieval). `extra_kv` (k, v `[L, B, Hkv, U, D]`) adds keys between
+    (SpecPV retrieval), after folding in the keys of the first `committed [B]`
+    new tokens (re-fed ones, already part of the sequence). `extra_kv` (k, v `[L, B, Hkv, U, D]`) adds keys between
     the prefix and the new tokens (a draft tree's earlier levels); `new_mask` is
     then `[B, T, U + T]`. `collect_kv` returns the new tokens' K/V per layer.
     `offloaded`: the cache and summary live in host memory (`offload`); they are
@@ -212,6 +214,8 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
         if summary is not None:
             kmax, kmin = ((offload.layer_to_device(summary.kmax, i), offload.layer_to_device(summary.kmin, i))
                           if offloaded else (summary.kmax[i], summary.kmin[i]))
+            if committed is not None:
+                kmax, kmin = fold_keys(kmax, kmin, k, cache_len, committed, summary.block)
             scores = retrieval.block_scores(q, kmax, kmin, score_mask)
         return (x, k_all, v_all, feats), (scores, (k, v) if collect_kv else None)
 

@@ -50,6 +50,47 @@ def test_block_summaries_match_numpy():
                                   np.asarray(BlockSummary.of(grown, BLOCK).kmax))
 
 
+@pytest.mark.parametrize("counts", [(45, 3), (0, 40), (16, 1)])
+def test_folding_new_keys_into_a_layers_summary_equals_summarizing_them(counts):
+    """What a full step scores blocks with: the summary of the last full step with the re-fed tokens' keys
+    folded in equals the summary of the cache holding them (blocks mid-way, empty before, or untouched)."""
+    from specpv_jax.cache import fold_keys, write_all_layers
+
+    rng = np.random.default_rng(1)
+    cache = random_cache(rng, lengths=(300, 176))  # row 1 ends on a block boundary
+    summary = BlockSummary.of(cache, BLOCK)
+    layers, batch, heads, _, dim = cache.k.shape
+    new_keys = jnp.asarray(rng.standard_normal((layers, batch, heads, 48, dim)), jnp.float32)  # the first `counts`
+    starts, counts = cache.length, jnp.asarray(counts, jnp.int32)                              # are committed
+    want = BlockSummary.of(cache.replace(k=write_all_layers(cache.k, new_keys, starts), length=starts + counts), BLOCK)
+    for layer in range(cache.k.shape[0]):
+        kmax, kmin = fold_keys(summary.kmax[layer], summary.kmin[layer], new_keys[layer], starts, counts, BLOCK)
+        np.testing.assert_array_equal(np.asarray(kmax), np.asarray(want.kmax[layer]))
+        np.testing.assert_array_equal(np.asarray(kmin), np.asarray(want.kmin[layer]))
+
+
+def test_full_step_scores_blocks_with_the_re_fed_tokens_keys():
+    """A full step's block scores count the re-fed tokens' keys (committed, not yet summarized): with a window
+    shorter than them, their blocks are candidates, and stale summaries scored them about 0."""
+    target = make_target(16, layers=2)
+    cfg, n, width, committed = target.cfg, 90, 10, jnp.asarray([6, 9], jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 16, (2, n + width)), jnp.int32)
+    prefix = M.forward(target.params, cfg, ids[:, :n], jnp.broadcast_to(jnp.arange(n), (2, n)),
+                       KVCache.for_model(cfg, 2, 256)).cache.replace(length=jnp.full((2,), n, jnp.int32))
+    new_ids, positions, mask = ids[:, n:], n + jnp.broadcast_to(jnp.arange(width), (2, width)), None
+    score_mask = jnp.ones((2, width), bool)
+    out = M.forward(target.params, cfg, new_ids, positions, prefix, mask, summary=BlockSummary.of(prefix, BLOCK),
+                    score_mask=score_mask, committed=committed)
+    grown = out.cache.replace(length=prefix.length + committed)  # what the summaries see after the commit
+    want = M.forward(target.params, cfg, new_ids, positions, prefix, mask, summary=BlockSummary.of(grown, BLOCK),
+                     score_mask=score_mask)
+    np.testing.assert_allclose(np.asarray(out.block_scores), np.asarray(want.block_scores), rtol=1e-6, atol=1e-6)
+    stale = M.forward(target.params, cfg, new_ids, positions, prefix, mask, summary=BlockSummary.of(prefix, BLOCK),
+                      score_mask=score_mask)
+    assert not np.allclose(np.asarray(stale.block_scores[:, :, :, n // BLOCK]),
+                           np.asarray(want.block_scores[:, :, :, n // BLOCK]))
+
+
 def numpy_select(q, kmax, kmin, length, spec):
     """SpecPV's quest selector in plain numpy, for one layer: [B, Hkv, n_ret] sorted block ids."""
     b, t, hq, d = q.shape
