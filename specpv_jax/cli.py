@@ -259,7 +259,8 @@ def _cmd_train_draft(args) -> int:
         given = [name for name in ("--long-steps", "--long-length") if getattr(args, name[2:].replace("-", "_"))]
         if given:
             raise ValueError(f"{' and '.join(given)} set the --long-context fine-tune: add --long-context")
-    args.long_steps, args.long_length = args.long_steps or LONG_STEPS, args.long_length or LONG_LENGTH
+    args.long_steps = args.long_steps or LONG_STEPS
+    args.long_length = args.long_length or min(LONG_LENGTH, args.long_context or LONG_LENGTH)
     for name, length in [("--length", args.length)] + [("--long-length", args.long_length)] * bool(args.long_context):
         if args.unroll >= length:
             raise ValueError(f"--unroll {args.unroll} must be below {name} {length} (each training-time-test "
@@ -279,11 +280,11 @@ def _cmd_train_draft(args) -> int:
     if longest > positions:
         raise ValueError(f"{'--long-context' if args.long_context else '--length'} {longest} exceeds the target's "
                          f"max_position_embeddings ({positions}): the head drafts within the target's positions")
-    target = load_target(args.target, dtype="float32")
     data = corpus.read_text_files(args.data, exclude=tuple(d for d in (args.out, args.work) if d is not None))
     for what, names in (("not UTF-8 text", data.not_text), ("empty", data.empty)):
         if names:
             print(f"train-draft: skipped {len(names)} {what} file(s): {_listed(names)}", file=sys.stderr)
+    target = load_target(args.target, dtype="float32")
     token_docs = corpus.encode_documents(target.tokenizer, data.docs)
     outside = [(d.name, int(ids.max())) for d, ids in zip(data.docs, token_docs) if ids.max() >= target.cfg.vocab_size]
     if outside:
@@ -405,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--long-steps", type=at_least(1), help=f"steps of the --long-context fine-tune (default "
                    f"{LONG_STEPS})")
     t.add_argument("--long-length", type=at_least(2), help=f"sequence length of the --long-context fine-tune "
-                   f"(default {LONG_LENGTH}; batch: --batch / 4)")
+                   f"(default {LONG_LENGTH} or --long-context if shorter; batch: --batch / 4)")
     t.add_argument("--work", help="directory for resumable training checkpoints")
     t.add_argument("--force", action="store_true", help="replace OUT if it exists")
     t.set_defaults(run=_cmd_train_draft)

@@ -302,6 +302,9 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
          "--long-steps set the --long-context fine-tune: add --long-context"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--long-context",
           "65536"], "--long-context 65536 exceeds the target's max_position_embeddings (32768)"),
+        # --long-length defaults to --long-context where that is shorter (2048 was refused as too long)
+        (["train-draft", "--target", target, "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "new"),
+          "--long-context", "1024"], "--data: no such file or directory"),
         (["plan", "--model", str(tmp_path / "afile"), "--context", "9"], "afile is a file; pass the model directory"),
         (["generate", target, "--prompt-file", str(tmp_path / "latin1.txt")], "latin1.txt is not UTF-8 text"),
         (["generate", target, "--prompt", "  "], "the prompt is empty"),

@@ -51,7 +51,10 @@ def test_bounded_draft_cache_estimate_is_what_specpv_allocates():
     unbounded = memory.estimate(cfg, 1000, 64, batch=2, mode="specpv", spec=dataclasses.replace(
         spec, bounded_draft=False), dtype="float32")
     assert est.total - unbounded.total == est.parts["bounded draft cache"]
-    assert est.host == unbounded.host  # on the device with offload too
+    offloaded = [memory.estimate(cfg, 1000, 64, batch=2, mode="specpv", dtype="float32",
+                                 spec=dataclasses.replace(spec, offload=True, bounded_draft=bounded))
+                 for bounded in (True, False)]
+    assert offloaded[0].device - offloaded[1].device == est.parts["bounded draft cache"]  # on the device
 
 
 def test_estimate_covers_what_the_compiled_stages_take():

@@ -70,8 +70,9 @@ def test_folding_new_keys_into_a_layers_summary_equals_summarizing_them(counts):
 
 
 def test_full_step_scores_blocks_with_the_re_fed_tokens_keys():
-    """A full step's block scores count the re-fed tokens' keys (committed, not yet summarized): with a window
-    shorter than them, their blocks are candidates, and stale summaries scored them about 0."""
+    """A full step's block scores count the re-fed tokens' keys (committed, not yet summarized): the scores
+    equal those from summaries of the cache holding them, unlike the stale summaries' (a window shorter than
+    those tokens makes their blocks candidates)."""
     target = make_target(16, layers=2)
     cfg, n, width, committed = target.cfg, 90, 10, jnp.asarray([6, 9], jnp.int32)
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 16, (2, n + width)), jnp.int32)
@@ -89,6 +90,29 @@ def test_full_step_scores_blocks_with_the_re_fed_tokens_keys():
                       score_mask=score_mask)
     assert not np.allclose(np.asarray(stale.block_scores[:, :, :, n // BLOCK]),
                            np.asarray(want.block_scores[:, :, :, n // BLOCK]))
+
+
+def test_full_steps_fold_the_re_fed_tokens_keys(monkeypatch):
+    """full_step passes the re-fed tokens' count to the scoring forward (the test above covers the scoring)."""
+    from specpv_jax import host, specpv
+
+    target = make_target(16)
+    seen, forward = [], M.forward
+
+    def recording(*args, summary=None, committed=None, **kwargs):
+        if summary is not None:
+            seen.append(committed is not None)
+        return forward(*args, summary=summary, committed=committed, **kwargs)
+
+    monkeypatch.setattr(specpv.M, "forward", recording)
+    host._EXECUTABLES.clear()  # traced afresh
+    spec = sj.SpecConfig(sink_tokens=16, retrieval_tokens=32, window_tokens=32, tree_depth=2, tree_top_k=2,
+                         tree_nodes=3)
+    out = sj.generate(target, np.arange(200) % 16, 12, draft=make_head(target), mode="specpv", spec=spec,
+                      eos_token_ids=())
+    host._EXECUTABLES.clear()
+    assert out.stats["partial_verifications"] > 0
+    assert sorted(seen) == [False, True]  # the tree-only full step has nothing to fold; the re-feeding one has
 
 
 def numpy_select(q, kmax, kmin, length, spec):
