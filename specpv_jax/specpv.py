@@ -242,8 +242,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     tokens, positions, mask, score_mask = _full_inputs(tree, missing, n_missing, full_len)
     out = M.forward(params, run.cfg, tokens, positions, s.cache, mask, capture_layers=run.dcfg.feature_layers,
                     attention=run.attention, summary=st.summary, score_mask=score_mask,
-                    committed=n_missing if with_missing else None,
-                    offloaded=run.offload)
+                    committed=n_missing if with_missing else None, offloaded=run.offload)
     logits = M.logits(params, run.cfg, out.hidden)
     key, k_tree, k_check = jax.random.split(s.key, 3)
     acc = verify.accept(tree, logits[:, m:], sampler, k_tree)
