@@ -182,10 +182,11 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     (SpecPV retrieval), after folding in the keys of the first `committed [B]`
     new tokens (re-fed ones, already part of the sequence). `extra_kv` (k, v
     `[L, B, Hkv, U, D]`) adds keys between the prefix and the new tokens (a
-    draft tree's earlier levels); `new_mask` is then `[B, T, U + T]`. `collect_kv` returns the new tokens' K/V per layer.
-    `offloaded`: the cache and summary live in host memory (`offload`); they are
-    read in place and never written (as `write=False`, `collect_kv=True`: the
-    caller writes the returned K/V back), and attention takes the XLA path.
+    draft tree's earlier levels); `new_mask` is then `[B, T, U + T]`.
+    `collect_kv` returns the new tokens' K/V per layer. `offloaded`: the cache
+    and summary live in host memory (`offload`); they are read in place and
+    never written (as `write=False`, `collect_kv=True`: the caller writes the
+    returned K/V back), and attention takes the XLA path.
     """
     dtype = param_dtype(params)
     b, t = ids.shape
