@@ -519,6 +519,10 @@ class SpecConfig:
     frontier node, `tree_nodes` best nodes verified (plus the root). The EAGLE-3
     code's `depth=7, total_token=60` counts differently: 8 levels and 59 nodes
     plus the root, `SpecConfig(tree_depth=8, tree_top_k=10, tree_nodes=59)`.
+    `tree_beam` (LongSpec's beam tree): the drafter runs on every node of a level,
+    not only its `tree_top_k` best, and the next level keeps the `tree_top_k**2`
+    best children overall; LongSpec's [4, 16, 16, 16, 16] is
+    `SpecConfig(tree_depth=5, tree_top_k=4, tree_nodes=68, tree_beam=True)`.
     Partial verification (SpecPV): the partial cache holds `sink_tokens` +
     `retrieval_tokens` (in `block_size` blocks) + `window_tokens` + a buffer of
     `buffer_tokens` (None: 20 + tree_nodes + 1) for tokens accepted in partial mode.
@@ -548,6 +552,7 @@ class SpecConfig:
     bounded_draft: bool = False
     offload: bool = False
     tree_threshold: float = 0.0
+    tree_beam: bool = False
     chunk_tokens: int = 32
     draft_chunks: int = 32
     retrieve_every: int = 4
@@ -564,8 +569,9 @@ class SpecConfig:
                               f"(e.g. 8, 16, 32, 64)")
         if self.tree_nodes > self.max_tree_nodes:
             raise ConfigError(
-                f"SpecConfig.tree_nodes={self.tree_nodes} exceeds the {self.max_tree_nodes} candidates a tree of "
-                f"depth {self.tree_depth} and top_k {self.tree_top_k} proposes")
+                f"SpecConfig.tree_nodes={self.tree_nodes} exceeds the {self.max_tree_nodes} candidates a "
+                f"{'beam ' if self.tree_beam else ''}tree of depth {self.tree_depth} and top_k {self.tree_top_k} "
+                f"proposes")
         for name in ("sink_tokens", "retrieval_tokens", "window_tokens"):
             value = getattr(self, name)
             if value < 0 or value % self.block_size:
@@ -595,8 +601,15 @@ class SpecConfig:
 
     @property
     def max_tree_nodes(self) -> int:
+        """Candidates a tree proposes (top-k or beam alike): top_k at level 1, top_k**2 at each further one."""
         k, d = self.tree_top_k, self.tree_depth
         return k + (d - 1) * k * k
+
+    @property
+    def tree_branching(self) -> int:
+        """The most children a node can have: `tree_top_k`, or `tree_top_k**2` in a beam tree below level 1."""
+        k = self.tree_top_k
+        return k * k if self.tree_beam and self.tree_depth > 1 else k
 
     @property
     def buffer_size(self) -> int:

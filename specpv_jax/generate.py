@@ -147,7 +147,7 @@ def _check_draft(draft: Any, mode: str) -> None:
 
 def _check_draft_config(target_cfg: ModelConfig, dcfg: Any, mode: str, spec: SpecConfig) -> None:
     """Raises unless the draft config `dcfg` is the kind `mode` needs, fits the target and its vocabulary
-    has `spec.tree_top_k` tokens to expand."""
+    has the `spec.tree_branching` tokens a node expands to."""
     kind = _CONFIG_KINDS.get(type(dcfg))
     if kind != DRAFT_KINDS[mode]:
         raise ValueError(f"mode {mode!r} needs the config of {_DRAFT_NAMES[DRAFT_KINDS[mode]]}, "
@@ -157,8 +157,10 @@ def _check_draft_config(target_cfg: ModelConfig, dcfg: Any, mode: str, spec: Spe
         raise ValueError(f"the draft does not fit this target: {'; '.join(problems)}; "
                          "load it with sj.load_draft(path, target)")
     vocab = draft_vocab_size(target_cfg, dcfg)
-    if spec.tree_top_k > vocab:
-        raise ValueError(f"SpecConfig.tree_top_k={spec.tree_top_k} exceeds the draft's vocabulary of {vocab} tokens")
+    if spec.tree_branching > vocab:
+        what = (f"a beam tree's tree_top_k**2={spec.tree_branching} (tree_top_k={spec.tree_top_k})" if spec.tree_beam
+                else f"tree_top_k={spec.tree_top_k}")
+        raise ValueError(f"SpecConfig: {what} exceeds the draft's vocabulary of {vocab} tokens")
 
 
 def draft_vocab_size(target_cfg: ModelConfig, dcfg: Any) -> int:

@@ -5,8 +5,8 @@ below the last emitted token from its `window`-slot ring and the target's
 last-layer cache (read in place), the target verifies the tree against its full
 cache (on GPU the Pallas kernel's hybrid tree attention), the accepted path is
 committed to both caches. LongSpec's static tree [4, 16, 16, 16, 16] is
-`LONGSPEC_TREE` (top-k 4, depth 5, all 68 candidates). Lossless: acceptance is
-the same rule as every other mode.
+`LONGSPEC_TREE` (a beam tree: top-k 4, depth 5, all 68 candidates). Lossless:
+acceptance is the same rule as every other mode.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from specpv_jax.loop import Output, Run, decode_loop, prefill
 from specpv_jax.sampling import Sampler
 from specpv_jax.speculative import verify_tree
 
-LONGSPEC_TREE = SpecConfig(tree_top_k=4, tree_depth=5, tree_nodes=68)
+LONGSPEC_TREE = SpecConfig(tree_top_k=4, tree_depth=5, tree_nodes=68, tree_beam=True)
 
 
 @flax.struct.dataclass

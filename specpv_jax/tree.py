@@ -1,11 +1,14 @@
-"""Static-shape draft trees (EAGLE-3 `topK_genrate` layout).
+"""Static-shape draft trees: EAGLE-3's top-k tree (`topK_genrate`) and LongSpec's beam tree.
 
-Candidates arrive level by level: `top_k` children of the root, then `top_k`
-children of each of the `top_k` frontier nodes per further level. Every
-candidate carries its cumulative log-probability, which only decreases along a
-path, so keeping the `n` best candidates keeps a valid tree. Node 0 is the
-root (the last emitted token); nodes 1..n follow in candidate order, so
-parents precede children.
+Candidates arrive level by level, `top_k` children of the root first. A top-k
+tree then expands the `top_k` best nodes of each level (its frontier) by
+`top_k` children each, all `top_k**2` of them candidates. A beam tree expands
+every node of a level and keeps the level's `top_k**2` best children overall
+(LongSpec's static tree [4, 16, 16, 16, 16] is top_k 4, depth 5). Both propose
+`top_k + (depth - 1) * top_k**2` candidates. Every candidate carries its
+cumulative log-probability, which only decreases along a path, so keeping the
+`n` best candidates keeps a valid tree. Node 0 is the root (the last emitted
+token); nodes 1..n follow in candidate order, so parents precede children.
 """
 
 from __future__ import annotations
@@ -52,6 +55,21 @@ def candidate_layout(top_k: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
     return cand_depth, starts.astype(np.int32)
 
 
+def branching(top_k: int, beam: bool) -> int:
+    """The most children a drafted node can have: `top_k`, or `top_k**2` in a beam tree."""
+    return top_k * top_k if beam else top_k
+
+
+def frontier_widths(top_k: int, depth: int, beam: bool) -> list[int]:
+    """Nodes expanded at each level 1..depth-1 (the drafter runs on them; they fill its level buffers)."""
+    return [top_k] + [branching(top_k, beam)] * (depth - 2) if depth > 1 else []
+
+
+def frontier_slots(top_k: int, depth: int, beam: bool) -> int:
+    """Slots a drafter's level buffers need: every expanded node's K/V, level after level."""
+    return sum(frontier_widths(top_k, depth, beam))
+
+
 def ancestor_mask(parents: jax.Array, max_depth: int) -> jax.Array:
     """`[N, N]` bool: row i marks i and all its ancestors (parents `[N]`, root its own parent)."""
     eye = jnp.eye(parents.shape[0], dtype=bool)
@@ -66,12 +84,13 @@ def child_lists(parents: jax.Array, width: int) -> jax.Array:
 
 
 def select_tree(root: jax.Array, cand_tokens: jax.Array, cand_scores: jax.Array, cand_parent: jax.Array,
-                n: int, top_k: int, max_depth: int) -> Tree:
+                n: int, top_k: int, max_depth: int, beam: bool = False) -> Tree:
     """Builds a batch of trees from the `n` best candidates.
 
     root: `[B]`; cand_tokens, cand_scores: `[B, C]`; cand_parent: `[B, C]` candidate
     index of each candidate's parent (-1 = root). Ties keep the lower index (the
-    parent), so the selection is always closed under ancestors.
+    parent), so the selection is always closed under ancestors. `beam`: the candidates
+    came from a beam tree (a node may have `top_k**2` children).
     """
     cand_depth, _ = candidate_layout(top_k, max_depth)
 
@@ -83,8 +102,8 @@ def select_tree(root: jax.Array, cand_tokens: jax.Array, cand_scores: jax.Array,
         parents = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.where(p < 0, 0, node_of[jnp.maximum(p, 0)])])
         depth = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.asarray(cand_depth)[chosen]])
         return Tree(tokens=jnp.concatenate([root[None], tokens[chosen]]).astype(jnp.int32), parents=parents,
-                    depth=depth, mask=ancestor_mask(parents, max_depth), children=child_lists(parents, top_k),
-                    max_depth=max_depth)
+                    depth=depth, mask=ancestor_mask(parents, max_depth),
+                    children=child_lists(parents, branching(top_k, beam)), max_depth=max_depth)
 
     return jax.vmap(one)(root, cand_tokens, cand_scores, cand_parent)
 
@@ -96,59 +115,75 @@ def path_nodes(tree_mask_row: jax.Array, depth: jax.Array, max_depth: int) -> ja
     return jnp.argmax(hit, axis=1).astype(jnp.int32)
 
 
-# expand(level, tokens [B, k], parent [B, k], mask [B, k, slots + k], carry) -> (logprobs [B, k, V_d], carry)
-Expand = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+# expand(level, slot, tokens [B, f], parent [B, f], mask [B, f, slots + f], carry) -> (logprobs [B, f, V_d], carry)
+Expand = Callable[[int, int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
 def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry: Any, top_k: int, depth: int,
-              nodes: int, threshold: float = 0.0, to_target: Callable[[jax.Array], jax.Array] = lambda i: i) -> Tree:
-    """Grows a batch of top-k trees below `root [B]`, whatever the drafter (EAGLE-3 `topK_genrate`).
+              nodes: int, threshold: float = 0.0, to_target: Callable[[jax.Array], jax.Array] = lambda i: i,
+              beam: bool = False) -> Tree:
+    """Grows a batch of top-k (EAGLE-3 `topK_genrate`) or beam trees below `root [B]`, whatever the drafter.
 
     Level 1 takes the `top_k` best tokens of `first_logprobs [B, V_d]` (the drafter
-    at the root). Each further level calls `expand` on the k frontier nodes: it runs
-    the drafter on their `tokens`, each attending to the committed context, to the
-    earlier levels' slots its ancestors hold (`mask[..., :slots]`, slots =
-    (depth - 1) * top_k, level l's nodes at slots [(l - 1) k, l k)) and to itself
-    (`mask[..., slots:]`); `parent` is each node's index in the previous frontier
-    (0 at level 1). The k x k children are scored by cumulative log-probability and
-    the best k form the next frontier. With `threshold > 0` levels stop once no
-    frontier path probability reaches it (later levels propose nothing). The
-    `nodes` best candidates make the tree; `to_target` maps drafter ids to target ids.
+    at the root). Each further level calls `expand` on the previous level's f
+    frontier nodes (`frontier_widths`): it runs the drafter on their `tokens`, each
+    attending to the committed context, to the earlier levels' buffer slots its
+    ancestors hold (`mask[..., :slots]`, slots = `frontier_slots`; this level's
+    nodes go to slots [slot, slot + f)) and to itself (`mask[..., slots:]`);
+    `parent` is each node's index in the previous frontier (0 at level 1).
+    Children are scored by cumulative log-probability. A top-k tree keeps all
+    f x top_k of them as candidates and expands the best top_k; a beam tree keeps
+    and expands the best top_k**2 of f x top_k**2. With `threshold > 0` levels stop
+    once no frontier path probability reaches it (later levels propose nothing).
+    The `nodes` best candidates make the tree; `to_target` maps drafter ids to target ids.
     """
     k = top_k
     b = root.shape[0]
+    widths = frontier_widths(k, depth, beam)
+    first_slot = np.cumsum([0] + widths).tolist()
+    slots = first_slot[-1]
+    branch = branching(k, beam)
     _, level_start = candidate_layout(k, depth)
     scores, ids = lax.top_k(first_logprobs, k)  # [B, k]
     tokens = to_target(ids)
     cand_tokens, cand_scores, cand_parent = [tokens], [scores], [jnp.full((b, k), -1, jnp.int32)]
     frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))  # candidate ids
     parent = jnp.zeros((b, k), jnp.int32)
-    slots = (depth - 1) * k
     ancestors = jnp.zeros((b, k, slots), bool)  # frontier-chain ancestors' slots in the level buffers
-    eye = jnp.broadcast_to(jnp.eye(k, dtype=bool), (b, k, k))
-    nothing = jnp.full((b, k, first_logprobs.shape[-1]), -jnp.inf, first_logprobs.dtype)
     for level in range(1, depth):
-        mask = jnp.concatenate([ancestors, eye], axis=-1)
-        expand_level = functools.partial(expand, level, tokens, parent, mask)
+        f = widths[level - 1]
+        mask = jnp.concatenate([ancestors, jnp.broadcast_to(jnp.eye(f, dtype=bool), (b, f, f))], axis=-1)
+        expand_level = functools.partial(expand, level, first_slot[level - 1], tokens, parent, mask)
         if threshold > 0:
+            nothing = jnp.full((b, f, first_logprobs.shape[-1]), -jnp.inf, first_logprobs.dtype)
             logprobs, carry = lax.cond(jnp.any(scores >= math.log(threshold)), expand_level,
                                        lambda c: (nothing, c), carry)
         else:
             logprobs, carry = expand_level(carry)
-        child_scores, child_ids = lax.top_k(logprobs, k)  # [B, k, k]
-        flat_scores = (scores[:, :, None] + child_scores).reshape(b, k * k)
-        flat_tokens = to_target(child_ids).reshape(b, k * k)
-        cand_tokens.append(flat_tokens)
-        cand_scores.append(flat_scores)
-        cand_parent.append(jnp.repeat(frontier, k, axis=1))
-        if level == depth - 1:
-            break
-        scores, best = lax.top_k(flat_scores, k)
-        parent = best // k  # frontier index of each new frontier node's parent
+        child_scores, child_ids = lax.top_k(logprobs, branch)  # [B, f, branch]
+        flat_scores = (scores[:, :, None] + child_scores).reshape(b, f * branch)
+        flat_tokens = to_target(child_ids).reshape(b, f * branch)
+        flat_parent = jnp.repeat(frontier, branch, axis=1)
+        if not beam:
+            cand_tokens.append(flat_tokens)
+            cand_scores.append(flat_scores)
+            cand_parent.append(flat_parent)
+            if level == depth - 1:
+                break
+        scores, best = lax.top_k(flat_scores, branch)  # the next frontier, best first
         tokens = jnp.take_along_axis(flat_tokens, best, axis=1)
-        frontier = level_start[level] + best
-        parent_slot = (level - 1) * k + parent
+        if beam:
+            cand_tokens.append(tokens)
+            cand_scores.append(scores)
+            cand_parent.append(jnp.take_along_axis(flat_parent, best, axis=1))
+            frontier = level_start[level] + jnp.broadcast_to(jnp.arange(branch, dtype=jnp.int32), (b, branch))
+            if level == depth - 1:
+                break
+        else:
+            frontier = level_start[level] + best
+        parent = best // branch  # frontier index of each new frontier node's parent
+        parent_slot = first_slot[level - 1] + parent
         ancestors = (jnp.take_along_axis(ancestors, parent[:, :, None], axis=1)
                      | (jnp.arange(slots)[None, None] == parent_slot[:, :, None]))
     return select_tree(root, jnp.concatenate(cand_tokens, 1), jnp.concatenate(cand_scores, 1),
-                       jnp.concatenate(cand_parent, 1), nodes, k, depth)
+                       jnp.concatenate(cand_parent, 1), nodes, k, depth, beam)

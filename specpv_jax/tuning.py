@@ -78,17 +78,18 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
 
     def candidate(depth: int, top_k: int, nodes: int) -> SpecConfig | None:
         """`base` with this tree, where it is a valid SpecConfig (its buffer holds the tree) that the draft can
-        fill (top-k within its vocabulary)."""
+        fill (a node's children within its vocabulary)."""
         try:
             spec = dataclasses.replace(base, tree_depth=depth, tree_top_k=top_k, tree_nodes=nodes,
                                        retrieval_tokens=default_budget)
         except ConfigError:
             return None
-        return spec if top_k <= vocab else None
+        return spec if spec.tree_branching <= vocab else None
 
     candidates = [spec for spec in (candidate(*tree) for tree in trees) if spec is not None]
     if not candidates:
-        raise ValueError(f"no candidate tree fits: each needs tree_top_k <= the draft's {vocab} tokens"
+        raise ValueError(f"no candidate tree fits: each needs tree_top_k{'**2' if base.tree_beam else ''} <= the "
+                         f"draft's {vocab} tokens"
                          + (f" and tree_nodes < buffer_tokens={base.buffer_tokens}" if base.buffer_tokens else ""))
     tree_trials = [run(spec, False) for spec in candidates]
     best = _fastest(sorted(tree_trials, key=lambda t: t.spec.tree_nodes)).spec

@@ -127,13 +127,14 @@ def test_greedy_longspec_batch_equals_ar(pair):
 
 
 def test_sampling_is_lossless():
-    """The joint law of the first three new tokens (temperature 0.7, top_p 0.8) under `longspec` equals the target's."""
+    """The joint law of the first three new tokens (temperature 0.7, top_p 0.8) under `longspec` equals the target's,
+    with LongSpec's beam tree (whose nodes have up to top_k**2 children to reject in turn)."""
     vocab = 8
     target = make_target(vocab, seed=3, layers=2, sharpen=1.0)
     cfg = LongSpecConfig.for_target(target.cfg, window=4)
     draft = L.LongSpecDraft(cfg, L.init_params(cfg, jax.random.key(4)))
     prompt = [1, 5, 2, 7, 3]
-    spec = SpecConfig(tree_depth=2, tree_top_k=5, tree_nodes=10)
+    spec = SpecConfig(tree_depth=3, tree_top_k=2, tree_nodes=10, tree_beam=True)
     out = sj.generate(target, [prompt] * 4096, 3, draft=draft, mode="longspec", spec=spec, temperature=0.7,
                       top_p=0.8, seed=11, eos_token_ids=())
     assert out.stats["mean_accept_len"] > 1.2  # drafted tokens are accepted, so rejection is exercised
@@ -207,6 +208,11 @@ def test_modes_and_config_errors(pair):
                        cross_heads=3, target_kv_heads=2, target_head_dim=16, vocab_size=16)
     with pytest.raises(ValueError, match="<= 1200 tokens"):
         T.train_longspec(target.params, target.cfg, [np.arange(3000) % 16], TrainConfig(1, 1, 2048))
+    wide = SpecConfig(tree_depth=2, tree_top_k=5, tree_nodes=6)  # 5 children per node, 25 in a beam tree
+    assert sj.generate(target, [1, 2, 3], 4, draft=draft, mode="longspec", spec=wide).tokens.shape == (1, 4)
+    with pytest.raises(ValueError, match=r"a beam tree's tree_top_k\*\*2=25 \(tree_top_k=5\) exceeds the draft's "
+                                         "vocabulary of 16 tokens"):
+        sj.generate(target, [1, 2, 3], 4, draft=draft, mode="longspec", spec=dataclasses.replace(wide, tree_beam=True))
 
 
 def test_training_steps_lower_the_loss(pair):

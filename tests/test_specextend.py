@@ -98,7 +98,8 @@ def pair():
 @pytest.mark.parametrize("spec", [
     sj.SpecConfig(**TREE, chunk_tokens=16, draft_chunks=4, retrieve_every=2),  # retrieval over a 1.5K context
     sj.SpecConfig(**TREE, draft_chunks=0),                                    # classic: the draft sees everything
-], ids=["retrieval", "full-draft-cache"])
+    sj.SpecConfig(**TREE, chunk_tokens=16, draft_chunks=4, tree_beam=True),   # a beam tree
+], ids=["retrieval", "full-draft-cache", "beam-tree"])
 def test_greedy_specextend_equals_ar(pair, spec):
     target, draft = pair
     prompt = np.random.default_rng(1).integers(0, 16, 1500)
@@ -237,7 +238,7 @@ def test_dynamic_tree_stops_drafting_below_the_threshold(threshold):
     first = np.full(vocab, 1e-9)
     first[[5, 6, 7]] = [0.5, 0.3, 0.2]
 
-    def expand(level, tokens, parent, mask, carry):
+    def expand(level, slot, tokens, parent, mask, carry):
         p = np.full(vocab, 1e-9)
         p[[4, 8, 9]] = 0.24
         p[10 + level] = 0.28  # each level's favourite

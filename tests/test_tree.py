@@ -5,9 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from specpv_jax import tree as tree_lib
 from specpv_jax import verify
 from specpv_jax.sampling import Sampler
 from specpv_jax.tree import candidate_layout, select_tree
@@ -128,3 +130,67 @@ def test_greedy_acceptance_matches_walk(shape, seed):
         # One-hot "sampling" is greedy acceptance.
         assert int(sampled.count[b]) == count and int(sampled.bonus[b]) == bonus
         assert sampled.path[b, : count + 1].tolist() == path
+
+
+# A stand-in drafter whose distribution at a node depends on the node's whole path, so that
+# `grow_tree`'s masks and buffer slots must be right for its trees to equal the reference's.
+VOCAB, ROWS = 40, 101
+TABLE = np.log(np.random.default_rng(0).dirichlet(np.full(VOCAB, 0.3), ROWS)).astype(np.float32)
+
+
+def path_row(path_tokens):
+    """The table row of a node whose path (root excluded) drafted `path_tokens`, level 1 first."""
+    return sum((t + 1) * 31 ** d for d, t in enumerate(path_tokens, 1)) % ROWS
+
+
+def reference_tree(root_row, top_k, depth, beam):
+    """Every candidate path (a tuple of tokens) with its score, by EAGLE-3's or LongSpec's rule, in plain Python."""
+    level = sorted(((TABLE[root_row, t], (t,)) for t in range(VOCAB)), reverse=True)[:top_k]
+    cands = dict((p, s) for s, p in level)
+    for _ in range(1, depth):
+        width = top_k * top_k if beam else top_k
+        frontier = level if beam else sorted(level, reverse=True)[:top_k]
+        children = [(s + TABLE[path_row(p), t], p + (t,)) for s, p in frontier
+                    for t in np.argsort(-TABLE[path_row(p)], kind="stable")[:width].tolist()]
+        level = sorted(children, reverse=True)[:width] if beam else children
+        cands.update((p, s) for s, p in level)
+    return cands
+
+
+def fake_drafter(top_k, depth, beam):
+    """An `Expand` over TABLE: each node reads its ancestors' tokens from the buffer slots its mask marks."""
+    slots = tree_lib.frontier_slots(top_k, depth, beam)
+    weights_of_slot = np.concatenate([np.full(w, 31 ** lvl) for lvl, w in
+                                      enumerate(tree_lib.frontier_widths(top_k, depth, beam), 1)])
+
+    def expand(level, slot, tokens, parent, mask, buf):
+        f = tokens.shape[1]
+        assert mask.shape == (tokens.shape[0], f, slots + f) and buf.shape[1] == slots
+        ancestors = jnp.sum(jnp.where(mask[..., :slots], (buf[:, None, :] + 1) * weights_of_slot, 0), axis=-1)
+        assert np.all(np.asarray(mask[..., slots:]) == np.eye(f, dtype=bool))
+        rows = (ancestors + (tokens + 1) * 31 ** level) % ROWS
+        return jnp.asarray(TABLE)[rows], buf.at[:, slot: slot + f].set(tokens)
+
+    return expand, jnp.zeros((1, slots), jnp.int32)
+
+
+@pytest.mark.parametrize("beam", [False, True], ids=["top-k", "beam"])
+@pytest.mark.parametrize("top_k, depth", [(1, 3), (2, 4), (3, 3), (4, 5)])
+def test_grow_tree_follows_eagle3_and_longspec_rules(top_k, depth, beam):
+    """All candidates kept: the tree's root-to-node paths and scores are the rule's candidates; fewer nodes:
+    the best of them."""
+    expand, buf = fake_drafter(top_k, depth, beam)
+    reference = reference_tree(0, top_k, depth, beam)
+    total = top_k + (depth - 1) * top_k * top_k
+    assert len(reference) == total
+    for nodes in (total, max(total // 3, 1)):
+        tree = tree_lib.grow_tree(jnp.zeros(1, jnp.int32), jnp.asarray(TABLE[:1]), expand, buf, top_k, depth,
+                                  nodes, beam=beam)
+        tokens, parents = np.asarray(tree.tokens[0]), np.asarray(tree.parents[0])
+        paths = {}
+        for i in range(1, nodes + 1):
+            paths[i] = (paths[parents[i]] if parents[i] else ()) + (int(tokens[i]),)
+        best = sorted(reference.values(), reverse=True)[:nodes]
+        assert set(paths.values()) <= set(reference) and len(set(paths.values())) == nodes
+        np.testing.assert_allclose(sorted((reference[p] for p in paths.values()), reverse=True), best, rtol=1e-6)
+        assert np.asarray(tree.children).shape[-1] == (top_k * top_k if beam else top_k)

@@ -26,13 +26,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from specpv_jax import rope
 from specpv_jax.attention import causal_mask
 from specpv_jax.cache import KVCache
 from specpv_jax.config import DraftConfig, SpecConfig
 from specpv_jax.model import MLP, Attention, Params, RMSNorm
-from specpv_jax.tree import Tree, grow_tree
+from specpv_jax.tree import Tree, frontier_slots, grow_tree
 
 
 class MidLayer(nn.Module):
@@ -123,7 +124,7 @@ def advance(params: Params, cfg: DraftConfig, embed: jax.Array, cache: KVCache, 
 def draft_tree(params: Params, cfg: DraftConfig, spec: SpecConfig, embed: jax.Array, d2t: jax.Array,
                cache: KVCache, last_hidden: jax.Array, root: jax.Array,
                position: jax.Array | None = None) -> Tree:
-    """Grows a top-k tree (`tree.grow_tree`) from the head state `last_hidden [B, H]` below `root [B]`.
+    """Grows a top-k or beam tree (`tree.grow_tree`) from the head state `last_hidden [B, H]` below `root [B]`.
 
     Each level runs the head on the frontier nodes, fed their parents' head
     outputs, attending to the committed cache, their frontier ancestors and
@@ -133,22 +134,21 @@ def draft_tree(params: Params, cfg: DraftConfig, spec: SpecConfig, embed: jax.Ar
     k, depth = spec.tree_top_k, spec.tree_depth
     b = root.shape[0]
     start = cache.length if position is None else position
-    slots = (depth - 1) * k
 
-    def expand(level, tokens, parent, mask, carry):
+    def expand(level, slot, tokens, parent, mask, carry):
         prev_out, k_buf, v_buf = carry
         hidden = jnp.take_along_axis(prev_out, parent[:, :, None], axis=1)
-        positions = jnp.broadcast_to(start[:, None] + level - 1, (b, k))
+        positions = jnp.broadcast_to(start[:, None] + level - 1, tokens.shape)
         out, k_new, v_new, _ = head_forward(params, cfg, embed, tokens, hidden, positions, cache, mask, k_buf, v_buf,
                                             write=False)
-        k_buf = k_buf.at[:, :, (level - 1) * k: level * k].set(k_new)
-        v_buf = v_buf.at[:, :, (level - 1) * k: level * k].set(v_new)
+        k_buf = lax.dynamic_update_slice_in_dim(k_buf, k_new, slot, axis=2)
+        v_buf = lax.dynamic_update_slice_in_dim(v_buf, v_new, slot, axis=2)
         return head_logprobs(params, cfg, out), (out, k_buf, v_buf)
 
-    buf = jnp.zeros((b, cfg.num_kv_heads, slots, cfg.head_dim), _dtype(params))
+    buf = jnp.zeros((b, cfg.num_kv_heads, frontier_slots(k, depth, spec.tree_beam), cfg.head_dim), _dtype(params))
     carry = (jnp.broadcast_to(last_hidden[:, None], (b, k, last_hidden.shape[-1])), buf, buf)
     return grow_tree(root, head_logprobs(params, cfg, last_hidden), expand, carry, k, depth, spec.tree_nodes,
-                     spec.tree_threshold, lambda ids: ids + d2t[ids])
+                     spec.tree_threshold, lambda ids: ids + d2t[ids], spec.tree_beam)
 
 
 def empty_cache(cfg: DraftConfig, batch: int, max_len: int, params: Params) -> KVCache:

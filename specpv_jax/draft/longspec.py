@@ -33,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from specpv_jax import model as M
 from specpv_jax import rope
@@ -40,7 +41,7 @@ from specpv_jax.attention import attend, attend_prefix
 from specpv_jax.cache import KVCache
 from specpv_jax.config import LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.model import Params
-from specpv_jax.tree import Tree, grow_tree
+from specpv_jax.tree import Tree, frontier_slots, grow_tree
 
 
 NORMS = ("input_layernorm", "cross_layernorm", "post_attention_layernorm", "norm")
@@ -232,7 +233,7 @@ def root_step(params: Params, cfg: LongSpecConfig, target: Params, tcfg: ModelCo
 
 def draft_tree(params: Params, cfg: LongSpecConfig, spec: SpecConfig, target: Params, tcfg: ModelConfig,
                ring: KVCache, target_cache: KVCache, root: jax.Array) -> Tree:
-    """Grows a top-k tree (`tree.grow_tree`) below `root [B]`, which sits at position `ring.length`.
+    """Grows a top-k or beam tree (`tree.grow_tree`) below `root [B]`, which sits at position `ring.length`.
 
     Every node attends to the ring, the root, its drafted ancestors and itself, and
     cross-attends to the target's last-layer cache below `target_cache.length`
@@ -243,18 +244,19 @@ def draft_tree(params: Params, cfg: LongSpecConfig, spec: SpecConfig, target: Pa
     run = _runner(params, cfg, target, tcfg, ring, target_cache)
     first, k_root, v_root = root_step(params, cfg, target, tcfg, ring, target_cache, root)
 
-    def expand(level, tokens, parent, mask, carry):
+    def expand(level, slot, tokens, parent, mask, carry):
         k_buf, v_buf = carry
-        mask = jnp.concatenate([jnp.ones((b, k, 1), bool), mask], axis=-1)  # the root is everyone's ancestor
-        positions = jnp.broadcast_to(ring.length[:, None] + level, (b, k))
+        mask = jnp.concatenate([jnp.ones((*tokens.shape, 1), bool), mask], axis=-1)  # the root: every node's ancestor
+        positions = jnp.broadcast_to(ring.length[:, None] + level, tokens.shape)
         out, k_new, v_new = run(tokens, positions, mask, jnp.concatenate([k_root, k_buf], axis=2),
                                 jnp.concatenate([v_root, v_buf], axis=2))
-        k_buf = k_buf.at[:, :, (level - 1) * k: level * k].set(k_new)
-        v_buf = v_buf.at[:, :, (level - 1) * k: level * k].set(v_new)
+        k_buf = lax.dynamic_update_slice_in_dim(k_buf, k_new, slot, axis=2)
+        v_buf = lax.dynamic_update_slice_in_dim(v_buf, v_new, slot, axis=2)
         return logprobs(params, cfg, target, tcfg, out), (k_buf, v_buf)
 
-    buf = jnp.zeros((b, cfg.num_kv_heads, (depth - 1) * k, cfg.head_dim), _dtype(params))
-    return grow_tree(root, first, expand, (buf, buf), k, depth, spec.tree_nodes, spec.tree_threshold)
+    buf = jnp.zeros((b, cfg.num_kv_heads, frontier_slots(k, depth, spec.tree_beam), cfg.head_dim), _dtype(params))
+    return grow_tree(root, first, expand, (buf, buf), k, depth, spec.tree_nodes, spec.tree_threshold,
+                     beam=spec.tree_beam)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -24,13 +24,14 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from specpv_jax import model as M
 from specpv_jax import rope
 from specpv_jax.attention import causal_mask
 from specpv_jax.cache import KVCache, write_all_layers
 from specpv_jax.config import ModelConfig, SpecConfig
-from specpv_jax.tree import Tree, grow_tree
+from specpv_jax.tree import Tree, frontier_slots, grow_tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,20 +186,22 @@ def advance(params: M.Params, cfg: ModelConfig, state: DraftState, tokens: jax.A
 
 def draft_tree(params: M.Params, cfg: ModelConfig, spec: SpecConfig, work: KVCache, logprobs: jax.Array,
                root: jax.Array, attention: str = "xla") -> Tree:
-    """A top-k tree below `root [B]` (already in `work`), from the draft's `logprobs [B, V]` after it."""
+    """A top-k or beam tree (`tree.grow_tree`) below `root [B]` (already in `work`), from the draft's
+    `logprobs [B, V]` after it."""
     k, depth = spec.tree_top_k, spec.tree_depth
     b = root.shape[0]
-    slots = (depth - 1) * k
 
-    def expand(level, tokens, parent, mask, carry):
+    def expand(level, slot, tokens, parent, mask, carry):
         k_buf, v_buf = carry
-        positions = jnp.broadcast_to(work.length[:, None] + level - 1, (b, k))
+        positions = jnp.broadcast_to(work.length[:, None] + level - 1, tokens.shape)
         out = M.forward(params, cfg, tokens, positions, work, mask, attention=attention, extra_kv=carry,
                         write=False, collect_kv=True)
         k_new, v_new = out.new_kv
-        k_buf = k_buf.at[:, :, :, (level - 1) * k: level * k].set(k_new)
-        v_buf = v_buf.at[:, :, :, (level - 1) * k: level * k].set(v_new)
+        k_buf = lax.dynamic_update_slice_in_dim(k_buf, k_new, slot, axis=3)
+        v_buf = lax.dynamic_update_slice_in_dim(v_buf, v_new, slot, axis=3)
         return jax.nn.log_softmax(M.logits(params, cfg, out.hidden), axis=-1), (k_buf, v_buf)
 
+    slots = frontier_slots(k, depth, spec.tree_beam)
     buf = jnp.zeros((cfg.num_layers, b, cfg.num_kv_heads, slots, cfg.head_dim), work.k.dtype)
-    return grow_tree(root, logprobs, expand, (buf, buf), k, depth, spec.tree_nodes, spec.tree_threshold)
+    return grow_tree(root, logprobs, expand, (buf, buf), k, depth, spec.tree_nodes, spec.tree_threshold,
+                     beam=spec.tree_beam)
