@@ -31,6 +31,7 @@ import numpy as np
 
 from specpv_jax import config
 
+TREE_FIELDS = ("tree_depth", "tree_top_k", "tree_nodes")  # --tree's three numbers
 MODES = ("ar", "eagle", "specpv", "specpv-bd", "exact", "draft", "specextend", "longspec", "longspec-plain")
 DEFAULT_MODES = config.MODES  # generate's
 SMALL_DRAFT_MODES = ("draft", "specextend")
@@ -244,6 +245,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", choices=MODES, help=f"default: {' '.join(DEFAULT_MODES)}")
     p.add_argument("--tree", type=int, nargs=3, metavar=("DEPTH", "TOP_K", "NODES"),
                    help="tree shape (default: SpecConfig's)")
+    p.add_argument("--spec", action="append", metavar="FIELD=VALUE",
+                   help="any other SpecConfig field, for every mode (repeatable), e.g. --spec tree_beam=true "
+                   "--spec bounded_draft=true; the retrieval budget comes from --budget-fraction")
     p.add_argument("--budget-fraction", type=_fraction,
                    help="retrieval budget as a fraction of the context (at most 4096 tokens; default 0.25)")
     p.add_argument("--tune", action="store_true",
@@ -272,6 +276,17 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
     if args.tune and (args.tree or args.budget_fraction is not None):
         raise ValueError("--tune picks the tree and the retrieval budget itself: leave out --tree and "
                          "--budget-fraction, or --tune")
+    from specpv_jax.cli import parse_spec
+
+    base = parse_spec(args.spec)
+    fixed = {"retrieval_tokens": "--budget-fraction", **{name: "--tree" for name in TREE_FIELDS}}
+    for item in args.spec or ():
+        name = item.partition("=")[0].strip().replace("-", "_")
+        if name in fixed:
+            raise ValueError(f"--spec {item!r}: the bench sets {name} from {fixed[name]}"
+                             + (" (or --tune)" if fixed[name] == "--tree" else ""))
+    if args.tree:
+        base = dataclasses.replace(base, **dict(zip(TREE_FIELDS, args.tree)))
     given = [option for option in DRAFT_OPTIONS.values() if getattr(args, option.lstrip("-").replace("-", "_"))]
     if given and not args.target:
         raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --target (without it the "
@@ -299,8 +314,6 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
         if m != "ar" and drafts.get(draft_kind(m)) is None:
             raise ValueError(f"mode {m} needs {DRAFT_OPTIONS[draft_kind(m)]}"
                              + (" with --target" if args.target else " (missing from the demo assets)"))
-    base = sj.SpecConfig(**dict(zip(("tree_depth", "tree_top_k", "tree_nodes"), args.tree))) if args.tree \
-        else sj.SpecConfig()
     if args.tune and "eagle3" not in drafts:
         raise ValueError("--tune picks a tree for the EAGLE-3 modes: it needs --draft")
     prompts = prompts_for(target, contexts)
@@ -317,7 +330,7 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
     for context in contexts:
         if args.tune:  # on the bench's own prompt: random ids would draft and retrieve unlike real text
             print(f"tuning at context {context}")
-            spec = sj.SpecConfig.tuned(target, drafts["eagle3"], prompts[context], verbose=True)
+            spec = sj.SpecConfig.tuned(target, drafts["eagle3"], prompts[context], base=base, verbose=True)
         else:
             spec = budget_for(context, base, 0.25 if args.budget_fraction is None else args.budget_fraction)
         prompt = prompts[context]
@@ -335,7 +348,7 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                        accept_partial=s["mean_accept_len_partial"] if s["partial_verifications"] else None,
                        full=s["full_verifications"], partial=s["partial_verifications"],
                        fidelity=sj.fidelity(target, prompt, out), retrieval_tokens=spec.retrieval_tokens,
-                       tree=[spec.tree_depth, spec.tree_top_k, spec.tree_nodes])
+                       tree=[getattr(spec, name) for name in TREE_FIELDS], spec=dataclasses.asdict(spec))
             rows.append(row)
             vs_ar = f"x{row['vs_ar']:.2f} vs ar  " if row["vs_ar"] is not None else ""
             print(f"{context:>7} {mode:>10} {row['tokens_per_s']:>8.1f} tok/s  {vs_ar}"

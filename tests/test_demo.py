@@ -225,6 +225,34 @@ def test_bench_refuses_tune_with_a_tree_or_budget(capsys):
         assert "--tune picks the tree and the retrieval budget itself" in capsys.readouterr().err
 
 
+def test_bench_takes_spec_fields_but_not_the_ones_it_sets(tmp_path, monkeypatch, capsys):
+    from test_eagle import make_head
+
+    from specpv_jax import bench
+    from specpv_jax.cli import main
+
+    for item, option in (("retrieval_tokens=64", "--budget-fraction"), ("tree-depth=3", "--tree")):
+        assert main(["bench", "--spec", item, "--out", "unused"]) == 1
+        assert f"--spec {item!r}: the bench sets {item.split('=')[0].replace('-', '_')} from {option}" in \
+            capsys.readouterr().err
+    assert main(["bench", "--spec", "tree_beam=maybe", "--out", "unused"]) == 1
+    assert "tree_beam takes true or false" in capsys.readouterr().err
+
+    target = make_target(64, layers=2)
+    sj.save_target(target, tmp_path / "target")
+    sj.save_draft(make_head(target), tmp_path / "draft")
+    used = []
+    real = bench.fastest_runs
+    monkeypatch.setattr(bench, "fastest_runs", lambda *a: used.append(a[-1]) or real(*a))
+    assert main(["bench", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
+                 "--contexts", "40", "--new-tokens", "4", "--modes", "ar", "eagle", "--no-hf", "--tree", "2", "2", "4",
+                 "--spec", "tree_beam=true", "--out", str(tmp_path / "out")]) == 0
+    assert [(s.tree_depth, s.tree_top_k, s.tree_nodes, s.tree_beam) for s in used] == [(2, 2, 4, True)]
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    assert [(r["mode"], r["spec"]["tree_beam"], r["tree"]) for r in rows] == [("ar", True, [2, 2, 4]),
+                                                                               ("eagle", True, [2, 2, 4])]
+
+
 def test_bench_tunes_at_each_context(tmp_path, monkeypatch):
     """A budget tuned at the longest context could leave a short one without partial steps: each context gets
     the config tuned on its own prompt, and its rows record it."""
