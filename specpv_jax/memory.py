@@ -24,6 +24,7 @@ from specpv_jax.cache import allocated_slots
 from specpv_jax.config import EAGLE3_MODES, MODES, PARTIAL_MODES, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.loop import output_bucket
 from specpv_jax.prompts import bucket_length
+from specpv_jax.tree import frontier_widths
 
 
 def param_count(cfg: ModelConfig, model: int = 1) -> int:
@@ -166,7 +167,11 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     scores = 2 * batch * (cfg.num_heads * t ** 2 + prefix_tile) * 4
     attention_io = 4 * batch * t * cfg.num_heads * cfg.head_dim * 4  # queries, grouped copy, float32 output sums
     logit_buffers = 1 if temperature == 0 else 5 if top_p < 1 else 3  # measured: 1, 2.1 and 4.2 (XLA CPU)
-    activations = max(logit_buffers * batch * tree * v * 4, batch * t * (2 * h + 2 * cfg.intermediate_size) * 4) \
+    # A draft level's logits and log-probabilities over its widest frontier (a beam tree's is tree_top_k**2)
+    draft_rows = 0 if mode == "ar" else 2 * max(frontier_widths(spec.tree_top_k, spec.tree_depth, spec.tree_beam),
+                                                default=spec.tree_top_k)
+    activations = max(logit_buffers * batch * tree * v * 4, batch * draft_rows * v * 4,
+                      batch * t * (2 * h + 2 * cfg.intermediate_size) * 4) \
         + scores + attention_io + layer_param_count(cfg) * size
     parts["activations"] = activations * 11 // 10  # 10% to spare: how XLA assigns buffers varies (CPU: 3-5% more)
     return Estimate(mode, parts, ("full cache", "block summaries") if mode in PARTIAL_MODES else ())

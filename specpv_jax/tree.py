@@ -103,7 +103,7 @@ def select_tree(root: jax.Array, cand_tokens: jax.Array, cand_scores: jax.Array,
         depth = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.asarray(cand_depth)[chosen]])
         return Tree(tokens=jnp.concatenate([root[None], tokens[chosen]]).astype(jnp.int32), parents=parents,
                     depth=depth, mask=ancestor_mask(parents, max_depth),
-                    children=child_lists(parents, branching(top_k, beam)), max_depth=max_depth)
+                    children=child_lists(parents, branching(top_k, beam and max_depth > 1)), max_depth=max_depth)
 
     return jax.vmap(one)(root, cand_tokens, cand_scores, cand_parent)
 

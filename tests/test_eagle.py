@@ -48,11 +48,13 @@ def small_vocab():
 SHAPES = [SpecConfig(tree_depth=1, tree_top_k=1, tree_nodes=1),
           SpecConfig(tree_depth=4, tree_top_k=3, tree_nodes=12),
           SpecConfig(tree_depth=6, tree_top_k=4, tree_nodes=30),
-          SpecConfig(tree_depth=4, tree_top_k=3, tree_nodes=14, tree_beam=True)]
+          SpecConfig(tree_depth=4, tree_top_k=3, tree_nodes=14, tree_beam=True),
+          SpecConfig(tree_depth=4, tree_top_k=3, tree_nodes=30, tree_beam=True, tree_threshold=0.3)]
 
 
-@pytest.mark.parametrize("spec, length", list(zip(SHAPES, (1, 37, 2000, 300))),
-                         ids=["chain1-len1", "d4k3n12-len37", "d6k4n30-len2000", "beam-d4k3n14-len300"])
+@pytest.mark.parametrize("spec, length", list(zip(SHAPES, (1, 37, 2000, 300, 50))),
+                         ids=["chain1-len1", "d4k3n12-len37", "d6k4n30-len2000", "beam-d4k3n14-len300",
+                              "beam-threshold-len50"])
 def test_greedy_eagle_equals_ar(small_vocab, spec, length):
     target, head = small_vocab
     prompt = np.random.default_rng(length).integers(0, 16, length)

@@ -72,13 +72,15 @@ def test_estimate_covers_what_the_compiled_stages_take():
         assert need <= est.total
 
 
-@pytest.mark.parametrize("mode, heads, vocab, temperature, top_p", [
-    ("ar", 16, 64, 0.0, 1.0),  # 8 KV heads: each holds its own prefix score tile
+@pytest.mark.parametrize("mode, heads, vocab, temperature, top_p, spec", [
+    ("ar", 16, 64, 0.0, 1.0, None),  # 8 KV heads: each holds its own prefix score tile
     # top-p sampling holds probabilities, their sorted copy and order beside the logits; exact mode's full
     # steps verify the provisional tokens too, and keep their partial distributions
-    ("exact", 4, 32768, 1.0, 0.9),
-])
-def test_estimate_covers_kv_heads_and_sampling(mode, heads, vocab, temperature, top_p):
+    ("exact", 4, 32768, 1.0, 0.9, None),
+    # a beam tree drafts from 64 nodes per level: its draft logits outgrow the 9-node verification's
+    ("eagle", 4, 32768, 0.0, 1.0, sj.SpecConfig(tree_depth=3, tree_top_k=8, tree_nodes=8, tree_beam=True)),
+], ids=["ar", "exact-top-p", "eagle-beam"])
+def test_estimate_covers_kv_heads_sampling_and_drafting(mode, heads, vocab, temperature, top_p, spec):
     from specpv_jax import host
 
     target = make_target(vocab, layers=2, heads=heads)
@@ -86,8 +88,8 @@ def test_estimate_covers_kv_heads_and_sampling(mode, heads, vocab, temperature, 
     rows, n, chunk = (2, 2000, 256) if mode == "ar" else (2, 100, 16)
     host._EXECUTABLES.clear()
     sj.generate(target, np.zeros((rows, n), np.int32), 4, draft=draft, mode=mode, temperature=temperature,
-                top_p=top_p, prefill_chunk=chunk, eos_token_ids=(), attention="xla", progress=False)
-    est = memory.estimate(target.cfg, n, 4, rows, mode, dtype="float32", prefill_chunk=chunk,
+                top_p=top_p, prefill_chunk=chunk, eos_token_ids=(), attention="xla", progress=False, spec=spec)
+    est = memory.estimate(target.cfg, n, 4, rows, mode, spec=spec, dtype="float32", prefill_chunk=chunk,
                           temperature=temperature, top_p=top_p)
     for exe in host._EXECUTABLES.values():
         m = exe.memory_analysis()

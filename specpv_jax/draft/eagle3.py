@@ -26,14 +26,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from specpv_jax import rope
 from specpv_jax.attention import causal_mask
 from specpv_jax.cache import KVCache
 from specpv_jax.config import DraftConfig, SpecConfig
 from specpv_jax.model import MLP, Attention, Params, RMSNorm
-from specpv_jax.tree import Tree, frontier_slots, grow_tree
+from specpv_jax.tree import Tree, frontier_widths, grow_tree
 
 
 class MidLayer(nn.Module):
@@ -141,12 +140,15 @@ def draft_tree(params: Params, cfg: DraftConfig, spec: SpecConfig, embed: jax.Ar
         positions = jnp.broadcast_to(start[:, None] + level - 1, tokens.shape)
         out, k_new, v_new, _ = head_forward(params, cfg, embed, tokens, hidden, positions, cache, mask, k_buf, v_buf,
                                             write=False)
-        k_buf = lax.dynamic_update_slice_in_dim(k_buf, k_new, slot, axis=2)
-        v_buf = lax.dynamic_update_slice_in_dim(v_buf, v_new, slot, axis=2)
-        return head_logprobs(params, cfg, out), (out, k_buf, v_buf)
+        f = tokens.shape[1]
+        k_buf = k_buf.at[:, :, slot: slot + f].set(k_new)
+        v_buf = v_buf.at[:, :, slot: slot + f].set(v_new)
+        prev_out = prev_out.at[:, :f].set(out)  # one carry shape at every level (a skipped level keeps it)
+        return head_logprobs(params, cfg, out), (prev_out, k_buf, v_buf)
 
-    buf = jnp.zeros((b, cfg.num_kv_heads, frontier_slots(k, depth, spec.tree_beam), cfg.head_dim), _dtype(params))
-    carry = (jnp.broadcast_to(last_hidden[:, None], (b, k, last_hidden.shape[-1])), buf, buf)
+    widths = frontier_widths(k, depth, spec.tree_beam)
+    buf = jnp.zeros((b, cfg.num_kv_heads, sum(widths), cfg.head_dim), _dtype(params))
+    carry = (jnp.broadcast_to(last_hidden[:, None], (b, max(widths, default=k), last_hidden.shape[-1])), buf, buf)
     return grow_tree(root, head_logprobs(params, cfg, last_hidden), expand, carry, k, depth, spec.tree_nodes,
                      spec.tree_threshold, lambda ids: ids + d2t[ids], spec.tree_beam)
 

@@ -33,7 +33,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from specpv_jax import model as M
 from specpv_jax import rope
@@ -250,8 +249,8 @@ def draft_tree(params: Params, cfg: LongSpecConfig, spec: SpecConfig, target: Pa
         positions = jnp.broadcast_to(ring.length[:, None] + level, tokens.shape)
         out, k_new, v_new = run(tokens, positions, mask, jnp.concatenate([k_root, k_buf], axis=2),
                                 jnp.concatenate([v_root, v_buf], axis=2))
-        k_buf = lax.dynamic_update_slice_in_dim(k_buf, k_new, slot, axis=2)
-        v_buf = lax.dynamic_update_slice_in_dim(v_buf, v_new, slot, axis=2)
+        k_buf = k_buf.at[:, :, slot: slot + tokens.shape[1]].set(k_new)
+        v_buf = v_buf.at[:, :, slot: slot + tokens.shape[1]].set(v_new)
         return logprobs(params, cfg, target, tcfg, out), (k_buf, v_buf)
 
     buf = jnp.zeros((b, cfg.num_kv_heads, frontier_slots(k, depth, spec.tree_beam), cfg.head_dim), _dtype(params))

@@ -24,7 +24,6 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from specpv_jax import model as M
 from specpv_jax import rope
@@ -197,8 +196,8 @@ def draft_tree(params: M.Params, cfg: ModelConfig, spec: SpecConfig, work: KVCac
         out = M.forward(params, cfg, tokens, positions, work, mask, attention=attention, extra_kv=carry,
                         write=False, collect_kv=True)
         k_new, v_new = out.new_kv
-        k_buf = lax.dynamic_update_slice_in_dim(k_buf, k_new, slot, axis=3)
-        v_buf = lax.dynamic_update_slice_in_dim(v_buf, v_new, slot, axis=3)
+        k_buf = k_buf.at[:, :, :, slot: slot + tokens.shape[1]].set(k_new)
+        v_buf = v_buf.at[:, :, :, slot: slot + tokens.shape[1]].set(v_new)
         return jax.nn.log_softmax(M.logits(params, cfg, out.hidden), axis=-1), (k_buf, v_buf)
 
     slots = frontier_slots(k, depth, spec.tree_beam)
