@@ -88,8 +88,8 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
 
     candidates = [spec for spec in (candidate(*tree) for tree in trees) if spec is not None]
     if not candidates:
-        raise ValueError(f"no candidate tree fits: each needs tree_top_k{'**2' if base.tree_beam else ''} <= the "
-                         f"draft's {vocab} tokens"
+        branching = "tree_top_k**2 (a beam tree below level 1)" if base.tree_beam else "tree_top_k"
+        raise ValueError(f"no candidate tree fits: each needs {branching} <= the draft's {vocab} tokens"
                          + (f" and tree_nodes < buffer_tokens={base.buffer_tokens}" if base.buffer_tokens else ""))
     tree_trials = [run(spec, False) for spec in candidates]
     best = _fastest(sorted(tree_trials, key=lambda t: t.spec.tree_nodes)).spec
