@@ -19,7 +19,8 @@ def _cmd_convert(args) -> int:
     check_destination(args.out_dir, args.force, source=args.hf_dir)  # before the (long) load
     model = load_target(args.hf_dir, dtype=args.dtype)
     out = save_target(model, args.out_dir, overwrite=args.force)
-    print(f"wrote {out} ({model.cfg.arch}, {model.cfg.num_layers} layers, {args.dtype})")
+    print(f"wrote {out} ({model.cfg.arch}, {model.cfg.num_layers} layers, {model.dtype}"
+          f"{'' if args.dtype else ' as stored'})")
     return 0
 
 
@@ -81,8 +82,10 @@ def parse_spec(assignments: list[str] | None):
     for item in assignments or ():
         name, sep, raw = item.partition("=")
         name, raw = name.strip().replace("-", "_"), raw.strip()
-        if not sep or name not in defaults:
-            raise ValueError(f"--spec {item!r}: expected FIELD=VALUE, FIELD one of {', '.join(defaults)}")
+        if not sep:
+            raise ValueError(f"--spec {item!r}: expected FIELD=VALUE, e.g. --spec tree_nodes=30")
+        if name not in defaults:
+            raise ValueError(f"--spec {item!r}: SpecConfig has no field {name!r}; fields: {', '.join(defaults)}")
         default = defaults[name]
         if isinstance(default, bool):
             if raw.lower() not in _TRUE + _FALSE:
@@ -140,7 +143,7 @@ def _cmd_plan(args) -> int:
         est = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
                               dataclasses.replace(spec, offload=False), args.dtype, **sizes)
         est = est.per_device(cfg, args.batch, data, model) if data * model > 1 else est
-        fits = "yes" if limit is None or est.total <= limit else "no"
+        fits = "unknown" if limit is None else "yes" if est.total <= limit else "no"
         offload = ("-", "-")
         if est.host and data * model == 1:  # offload=True (one device): the full cache and summaries in host memory
             off = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
@@ -346,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a Hugging Face LLaMA/Qwen directory to an orbax checkpoint")
     c.add_argument("hf_dir")
     c.add_argument("out_dir")
-    c.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="dtype the weights are stored in")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype to store the weights in (default: the checkpoint's own)")
     c.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     c.set_defaults(run=_cmd_convert)
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from specpv_jax.config import MODES, DraftConfig, ModelConfig, RopeConfig, SpecConfig
+from specpv_jax.config import MODES, PARTIAL_MODES, DraftConfig, ModelConfig, RopeConfig, SpecConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.loading import Model, load_draft, load_target
 from specpv_jax.model import init_params
@@ -134,6 +134,11 @@ def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...]
     for r in rows:
         print(f"{r['mode']:>{width}} {r['tokens_per_s']:>8.1f} {r['tokens_per_s'] / base:>7.2f}x "
               f"{r['mean_accept_len']:>7.2f} {r['full']:>5} {r['partial']:>8} {r['fidelity']:>9.3f}")
+    threshold = (spec or DEMO_SPEC).partial_threshold
+    if context <= threshold and any(mode in PARTIAL_MODES for mode in modes):
+        print(f"\nspecpv and exact verify against the partial cache only past {threshold} tokens of context "
+              f"(sink + retrieval + window): at {context} every verification is a full one (try --context "
+              f"{max(16384, 2 * threshold)}).")
     if jax.default_backend() == "cpu":
         print(CPU_NOTE)
     return rows

@@ -22,7 +22,7 @@ from specpv_jax import model as M
 from specpv_jax import host, longspec, memory, offload, prompts, sharding, specextend, specpv, speculative
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
-from specpv_jax.config import MODES, PARTIAL_MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
+from specpv_jax.config import EAGLE3_MODES, MODES, PARTIAL_MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3, small
 from specpv_jax.host import prefill_progress, timed_call
 from specpv_jax.loading import Model
@@ -420,8 +420,8 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
 
     For research code that jits (or vmaps) generation itself. ids: `[B, T]`
     int32 equal-length prompts (no padding); draft_params: `{"params": draft.params,
-    "d2t": draft.d2t}` for the speculative modes (ignored by "ar"; d2t None for a small
-    draft); key: a PRNG key.
+    "d2t": draft.d2t}` for the speculative modes (ignored by "ar"; a small or LongSpec
+    draft has no d2t: `{"params": draft.params}`); key: a PRNG key.
     Settings are static and fixed here; output equals `generate` with the same
     settings (which also raises where the target's logits are NaN or infinite; a traced function cannot,
     so check `sj.forward_logits` on a sample prompt once when using a new checkpoint or dtype). Example::
@@ -455,10 +455,10 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
         chunk = min(prefill_chunk, t)
         padded = jnp.pad(ids, ((0, 0), (0, -t % chunk)))
         run, max_len = _plan(target_cfg, spec, mode, draft_cfg, max_new_tokens, padded.shape[1], chunk, attention)
-        draft_params = draft_params or {"params": None, "d2t": None}
-        out, _, _, _ = _prefill_and_decode(run, max_len, untimed, params, draft_params["params"], draft_params["d2t"],
-                                           padded, jnp.full((b,), t, jnp.int32), key, sampler, jnp.asarray(eos),
-                                           jnp.asarray(max_new_tokens, jnp.int32))
+        draft_params = draft_params or {}
+        out, _, _, _ = _prefill_and_decode(run, max_len, untimed, params, draft_params.get("params"),
+                                           draft_params.get("d2t"), padded, jnp.full((b,), t, jnp.int32), key,
+                                           sampler, jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32))
         return out.tokens[:, :max_new_tokens], out.num_out
 
     return generate_fn
@@ -467,8 +467,10 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
 def _check_call(cfg: ModelConfig, mode: str, max_new_tokens: int, draft_params, ids, key) -> None:
     """A `make_generate_fn` function's arguments, checked while tracing (shapes, dtypes) or, for concrete
     ids, by value too; traced ids must be in the vocabulary (the caller's part of the contract)."""
-    if mode != "ar" and (not isinstance(draft_params, dict) or draft_params.get("params") is None):
-        raise ValueError(f'mode {mode!r} needs draft_params={{"params": draft.params, "d2t": draft.d2t}}')
+    if mode != "ar" and (not isinstance(draft_params, dict) or draft_params.get("params") is None
+                         or (mode in EAGLE3_MODES and draft_params.get("d2t") is None)):
+        wanted = '{"params": draft.params, "d2t": draft.d2t}' if mode in EAGLE3_MODES else '{"params": draft.params}'
+        raise ValueError(f"mode {mode!r} needs draft_params={wanted}")
     shape, dtype = np.shape(ids), ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype
     if len(shape) != 2 or shape[1] == 0 or not jnp.issubdtype(dtype, jnp.integer):
         raise prompts.PromptError(f"ids must be a non-empty integer array [B, T], got shape {shape}, dtype {dtype}")

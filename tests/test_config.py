@@ -159,7 +159,7 @@ def test_cli_spec_assignments_take_each_field_type_and_name_mistakes():
                        "bounded_draft=off"])
     assert spec == SpecConfig(retrieval_tokens=2048, offload=True, tree_threshold=0.25, buffer_tokens=100)
     assert parse_spec(["buffer_tokens=100", "buffer_tokens=none"]).buffer_tokens is None  # the last one wins
-    for bad, message in [("retrival_tokens=2048", "FIELD one of tree_depth, "), ("offload", "expected FIELD=VALUE"),
+    for bad, message in [("retrival_tokens=2048", "SpecConfig has no field 'retrival_tokens'; fields: tree_depth, "), ("offload", "expected FIELD=VALUE"),
                          ("offload=maybe", "offload takes true or false"),
                          ("tree_nodes=6.5", "tree_nodes takes an integer"),
                          ("tree_threshold=high", "tree_threshold takes a number"),

@@ -70,8 +70,8 @@ def test_orbax_round_trip_is_bit_identical(hf_model, tmp_path):
 def test_cli_convert_then_generate_without_hf_files(hf_model, tmp_path, capsys):
     src, _ = hf_model("llama-gqa2-tied-llama3")
     out = tmp_path / "converted"
-    assert cli.main(["convert", str(src), str(out), "--dtype", "float32"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    assert cli.main(["convert", str(src), str(out)]) == 0
+    assert f"wrote {out} (llama, 2 layers, float32 as stored)" in capsys.readouterr().out  # save_pretrained's
     assert checkpoint.is_checkpoint(out) and not (out / "config.json").exists()
     restored = sj.load_target(out)
     np.testing.assert_array_equal(sj.forward_logits(restored, IDS),
@@ -81,6 +81,7 @@ def test_cli_convert_then_generate_without_hf_files(hf_model, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert cli.main(["convert", str(src), str(out), "--force", "--dtype", "bfloat16"]) == 0
     assert sj.load_target(out, dtype=None).dtype == np.dtype("bfloat16")
+    assert "(llama, 2 layers, bfloat16)" in capsys.readouterr().out
 
 
 def test_failed_convert_leaves_nothing(hf_copy, tmp_path, capsys):

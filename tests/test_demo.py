@@ -101,6 +101,11 @@ def test_run_demo_prints_a_row_per_mode(capsys):
     assert rows[0]["fidelity"] == rows[1]["fidelity"] == 1.0  # eagle's tokens equal ar's
     assert rows[1]["mean_accept_len"] > 1.5  # a trained head: most steps accept drafted tokens
     assert rows[2]["partial"] > 0 and 0.0 <= rows[2]["fidelity"] <= 1.0
+    assert "partial cache only past" not in out
+    # below sink + retrieval + window (352 tokens) specpv runs full verifications only, and the demo says so
+    rows = run_demo(context=300, new_tokens=4, modes=("ar", "specpv"), spec=spec, progress=False)
+    assert rows[1]["partial"] == 0
+    assert "verify against the partial cache only past 352 tokens of context" in capsys.readouterr().out
 
 
 @pytest.mark.torch  # the bench's transformers peer

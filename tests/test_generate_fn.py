@@ -77,8 +77,9 @@ def test_make_generate_fn_checks_its_arguments():
                          (ids + 64, "outside the vocabulary"), (np.full((1, target.cfg.max_position_embeddings - 7), 5), "max_position_embeddings")]:
         with pytest.raises(ValueError, match=message):
             fn(target.params, draft, bad, key)
-    with pytest.raises(ValueError, match="needs draft_params"):
-        fn(target.params, None, ids, key)
+    for missing in (None, {"params": head.params}):
+        with pytest.raises(ValueError, match=r'needs draft_params=\{"params": draft.params, "d2t": draft.d2t\}'):
+            fn(target.params, missing, ids, key)
     with pytest.raises(ValueError, match="key must be a PRNG key"):
         fn(target.params, draft, ids, 0)
 

@@ -165,7 +165,7 @@ def test_make_generate_fn_runs_longspec_under_jit(pair):
     ids = np.random.default_rng(3).integers(0, 16, (2, 40)).astype(np.int32)
     fn = jax.jit(sj.make_generate_fn(target.cfg, TREE, mode="longspec", draft_cfg=draft.cfg, max_new_tokens=12,
                                      eos_token_ids=()))
-    tokens, _ = fn(target.params, {"params": draft.params, "d2t": None}, ids, jax.random.key(0))
+    tokens, _ = fn(target.params, {"params": draft.params}, ids, jax.random.key(0))  # no d2t: not an EAGLE-3 head
     ar = sj.generate(target, ids, 12, eos_token_ids=())
     np.testing.assert_array_equal(np.asarray(tokens), ar.tokens)
 
