@@ -94,6 +94,9 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
     tree_trials = [run(spec, False) for spec in candidates]
     best = _fastest(sorted(tree_trials, key=lambda t: t.spec.tree_nodes)).spec
     if not usable:  # the context is below every budget's threshold: partial steps never start
+        if verbose:
+            print(f"  {prompt.size} tokens: too short for partial steps with any budget in {list(budgets)} "
+                  f"(each needs a context past sink + budget + window); tuned the tree only")
         return best, trials
     budget_trials = [run(dataclasses.replace(best, retrieval_tokens=b), True) for b in usable]
     good = [t for t in budget_trials if t.fidelity >= min_fidelity]
