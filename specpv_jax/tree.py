@@ -164,22 +164,17 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
         flat_scores = (scores[:, :, None] + child_scores).reshape(b, f * branch)
         flat_tokens = to_target(child_ids).reshape(b, f * branch)
         flat_parent = jnp.repeat(frontier, branch, axis=1)
-        if not beam:
-            cand_tokens.append(flat_tokens)
-            cand_scores.append(flat_scores)
-            cand_parent.append(flat_parent)
-            if level == depth - 1:
-                break
-        scores, best = lax.top_k(flat_scores, branch)  # the next frontier, best first
+        scores, best = lax.top_k(flat_scores, branch)  # the next frontier, best first (unused after the last level)
         tokens = jnp.take_along_axis(flat_tokens, best, axis=1)
-        if beam:
+        if beam:  # the level's candidates are its frontier
             cand_tokens.append(tokens)
             cand_scores.append(scores)
             cand_parent.append(jnp.take_along_axis(flat_parent, best, axis=1))
             frontier = level_start[level] + jnp.broadcast_to(jnp.arange(branch, dtype=jnp.int32), (b, branch))
-            if level == depth - 1:
-                break
         else:
+            cand_tokens.append(flat_tokens)
+            cand_scores.append(flat_scores)
+            cand_parent.append(flat_parent)
             frontier = level_start[level] + best
         parent = best // branch  # frontier index of each new frontier node's parent
         parent_slot = first_slot[level - 1] + parent
