@@ -306,8 +306,8 @@ def check_dtype(dtype) -> jnp.dtype:
 
 def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool = True,
                   mesh: Mesh | None = None) -> tuple[ModelConfig, dict]:
-    """Converts an HF model directory into `(ModelConfig, params)`; dtype None keeps the embedding's stored one;
-    params placed on `mesh` (`load_params`).
+    """Converts an HF model directory into `(ModelConfig, params)`; dtype None keeps the stored one (float32
+    where tensors are stored in different dtypes: it holds every value); params placed on `mesh` (`load_params`).
 
     Raises ConversionError naming the file and key for any mismatch, before
     reading tensor data.
@@ -316,8 +316,8 @@ def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool
     cfg, _ = read_config(model_dir)
     found = scan_headers(safetensors_files(model_dir))
     if dtype is None:
-        stored = found.get("model.embed_tokens.weight")
-        dtype = STORED_DTYPES.get(stored.dtype) if stored else "float32"
+        stored = {info.dtype for key, info in found.items() if not IGNORED.match(key)}
+        dtype = STORED_DTYPES.get(stored.pop(), "float32") if len(stored) == 1 else "float32"
     dtype = check_dtype(dtype)
     table = param_table(cfg)
     tied_head = cfg.tie_word_embeddings and "lm_head.weight" in found

@@ -72,14 +72,18 @@ def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec):
     """
     from specpv_jax.generate import generate
 
-    name, draft = mode, drafts.get(draft_kind(mode))
-    if mode == "longspec-plain":
-        name = "longspec"
+    name, spec = generate_mode(mode, spec)
+    return generate(target, prompt, new_tokens, draft=drafts.get(draft_kind(mode)), mode=name, spec=spec,
+                    eos_token_ids=())
+
+
+def generate_mode(mode: str, spec):
+    """The `generate` mode and `SpecConfig` a bench mode runs with."""
     if mode == "specpv-bd":
-        name, spec = "specpv", dataclasses.replace(spec, bounded_draft=True)
+        return "specpv", dataclasses.replace(spec, bounded_draft=True)
     if mode == "draft":
-        name, spec = "specextend", dataclasses.replace(spec, draft_chunks=0)
-    return generate(target, prompt, new_tokens, draft=draft, mode=name, spec=spec, eos_token_ids=())
+        return "specextend", dataclasses.replace(spec, draft_chunks=0)
+    return ("longspec" if mode == "longspec-plain" else mode), spec
 
 
 def hf_decode_tokens_per_s(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens: int) -> float:
@@ -278,15 +282,13 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                          "--budget-fraction, or --tune")
     from specpv_jax.cli import parse_spec
 
-    base = parse_spec(args.spec)
     fixed = {"retrieval_tokens": "--budget-fraction", **{name: "--tree" for name in TREE_FIELDS}}
     for item in args.spec or ():
         name = item.partition("=")[0].strip().replace("-", "_")
         if name in fixed:
-            raise ValueError(f"--spec {item!r}: the bench sets {name} from {fixed[name]}"
-                             + (" (or --tune)" if fixed[name] == "--tree" else ""))
-    if args.tree:
-        base = dataclasses.replace(base, **dict(zip(TREE_FIELDS, args.tree)))
+            raise ValueError(f"--spec {item!r}: the bench sets {name} from "
+                             f"{'--tune' if args.tune else fixed[name]}")
+    base = parse_spec(args.spec, **dict(zip(TREE_FIELDS, args.tree or ())))
     given = [option for option in DRAFT_OPTIONS.values() if getattr(args, option.lstrip("-").replace("-", "_"))]
     if given and not args.target:
         raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --target (without it the "
@@ -348,7 +350,8 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                        accept_partial=s["mean_accept_len_partial"] if s["partial_verifications"] else None,
                        full=s["full_verifications"], partial=s["partial_verifications"],
                        fidelity=sj.fidelity(target, prompt, out), retrieval_tokens=spec.retrieval_tokens,
-                       tree=[getattr(spec, name) for name in TREE_FIELDS], spec=dataclasses.asdict(spec))
+                       tree=[getattr(spec, name) for name in TREE_FIELDS],
+                       spec=dataclasses.asdict(generate_mode(mode, spec)[1]))
             rows.append(row)
             vs_ar = f"x{row['vs_ar']:.2f} vs ar  " if row["vs_ar"] is not None else ""
             print(f"{context:>7} {mode:>10} {row['tokens_per_s']:>8.1f} tok/s  {vs_ar}"

@@ -70,8 +70,8 @@ def _model_config(path: str):
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def parse_spec(assignments: list[str] | None):
-    """A `SpecConfig` from `--spec FIELD=VALUE` strings, each value read as its field's type.
+def parse_spec(assignments: list[str] | None, **fields):
+    """A `SpecConfig` from `--spec FIELD=VALUE` strings, each value read as its field's type, and `fields`.
 
     `buffer_tokens=none` restores that field's automatic size; booleans take true/false (yes/no, on/off, 1/0).
     """
@@ -82,7 +82,7 @@ def parse_spec(assignments: list[str] | None):
     for item in assignments or ():
         name, sep, raw = item.partition("=")
         name, raw = name.strip().replace("-", "_"), raw.strip()
-        if not sep:
+        if not (sep and name):
             raise ValueError(f"--spec {item!r}: expected FIELD=VALUE, e.g. --spec tree_nodes=30")
         if name not in defaults:
             raise ValueError(f"--spec {item!r}: SpecConfig has no field {name!r}; fields: {', '.join(defaults)}")
@@ -98,7 +98,7 @@ def parse_spec(assignments: list[str] | None):
         except ValueError:
             raise ValueError(f"--spec {item!r}: {name} takes {'an integer' if kind is int else 'a number'}"
                              f"{' or none' if default is None else ''}") from None
-    return SpecConfig(**values)
+    return SpecConfig(**values, **fields)
 
 
 def mesh_shape(raw: str) -> tuple[int, int]:

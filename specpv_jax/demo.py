@@ -135,10 +135,10 @@ def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...]
         print(f"{r['mode']:>{width}} {r['tokens_per_s']:>8.1f} {r['tokens_per_s'] / base:>7.2f}x "
               f"{r['mean_accept_len']:>7.2f} {r['full']:>5} {r['partial']:>8} {r['fidelity']:>9.3f}")
     threshold = (spec or DEMO_SPEC).partial_threshold
-    if context <= threshold and any(mode in PARTIAL_MODES for mode in modes):
+    if context + new_tokens <= threshold and any(mode in PARTIAL_MODES for mode in modes):
         print(f"\nspecpv and exact verify against the partial cache only past {threshold} tokens of context "
-              f"(sink + retrieval + window): at {context} every verification is a full one (try --context "
-              f"{max(16384, 2 * threshold)}).")
+              f"(sink + retrieval + window): at {context} + {new_tokens} new tokens every verification is a full "
+              f"one (try --context {max(16384, 2 * threshold)}).")
     if jax.default_backend() == "cpu":
         print(CPU_NOTE)
     return rows

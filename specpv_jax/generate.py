@@ -455,7 +455,7 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
         chunk = min(prefill_chunk, t)
         padded = jnp.pad(ids, ((0, 0), (0, -t % chunk)))
         run, max_len = _plan(target_cfg, spec, mode, draft_cfg, max_new_tokens, padded.shape[1], chunk, attention)
-        draft_params = draft_params or {}
+        draft_params = draft_params if isinstance(draft_params, dict) else {}  # "ar" ignores it
         out, _, _, _ = _prefill_and_decode(run, max_len, untimed, params, draft_params.get("params"),
                                            draft_params.get("d2t"), padded, jnp.full((b,), t, jnp.int32), key,
                                            sampler, jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32))

@@ -84,6 +84,21 @@ def test_cli_convert_then_generate_without_hf_files(hf_model, tmp_path, capsys):
     assert "(llama, 2 layers, bfloat16)" in capsys.readouterr().out
 
 
+def test_convert_keeps_mixed_stored_dtypes_in_float32(hf_copy, tmp_path, capsys):
+    """A float16 embedding beside float32 weights: the export holds every stored value (float32), not the
+    embedding's dtype for all."""
+    reference = sj.forward_logits(sj.load_target(hf_copy, progress=False), IDS)
+    edit_weights(hf_copy, lambda t: t.update(
+        {k: v.astype(np.float16) for k, v in t.items() if k == "model.embed_tokens.weight"}))
+    assert cli.main(["convert", str(hf_copy), str(tmp_path / "out")]) == 0
+    assert "float32 as stored" in capsys.readouterr().out
+    restored = sj.load_target(tmp_path / "out", dtype=None)
+    assert restored.dtype == np.dtype("float32")
+    embedding = np.asarray(restored.params["embed_tokens"]["embedding"])
+    assert np.array_equal(embedding, embedding.astype(np.float16).astype(np.float32))  # the stored values
+    assert not np.array_equal(sj.forward_logits(restored, IDS), reference)  # the embedding was rounded at save
+
+
 def test_failed_convert_leaves_nothing(hf_copy, tmp_path, capsys):
     edit_weights(hf_copy, lambda t: t.pop("model.norm.weight"))
     out = tmp_path / "out"
