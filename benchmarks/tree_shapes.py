@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 
 import specpv_jax as sj
+from specpv_jax.bench import TREE_FIELDS
 from specpv_jax.train import corpus
 
 MODES = (("eagle", "eagle3"), ("longspec", "longspec"), ("specextend", "small_draft"))
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
     _, heldout = corpus.split(corpus.documents())
     docs = [d[: args.context] for d in corpus.encode_documents(models.tokenizer, heldout) if d.size >= args.context]
     docs = docs[: args.docs]
-    top_k = sj.SpecConfig(**dict(zip(("tree_depth", "tree_top_k", "tree_nodes"), args.tree)))
+    top_k = sj.SpecConfig(**dict(zip(TREE_FIELDS, args.tree)))
     beam = dataclasses.replace(top_k, tree_beam=True)
     print(f"tree depth {top_k.tree_depth}, top-k {top_k.tree_top_k}, {top_k.tree_nodes} nodes; {len(docs)} held-out "
           f"documents at {args.context} tokens, {args.new_tokens} new tokens each (greedy)")

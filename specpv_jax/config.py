@@ -608,8 +608,9 @@ class SpecConfig:
     @property
     def tree_branching(self) -> int:
         """The most children a node can have: `tree_top_k`, or `tree_top_k**2` in a beam tree below level 1."""
-        k = self.tree_top_k
-        return k * k if self.tree_beam and self.tree_depth > 1 else k
+        from specpv_jax.tree import branching
+
+        return branching(self.tree_top_k, self.tree_depth, self.tree_beam)
 
     @property
     def buffer_size(self) -> int:

@@ -55,14 +55,14 @@ def candidate_layout(top_k: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
     return cand_depth, starts.astype(np.int32)
 
 
-def branching(top_k: int, beam: bool) -> int:
-    """The most children a drafted node can have: `top_k`, or `top_k**2` in a beam tree."""
-    return top_k * top_k if beam else top_k
+def branching(top_k: int, depth: int, beam: bool) -> int:
+    """The most children a node can have: `top_k`, or `top_k**2` in a beam tree deeper than one level."""
+    return top_k * top_k if beam and depth > 1 else top_k
 
 
 def frontier_widths(top_k: int, depth: int, beam: bool) -> list[int]:
     """Nodes expanded at each level 1..depth-1 (the drafter runs on them; they fill its level buffers)."""
-    return [top_k] + [branching(top_k, beam)] * (depth - 2) if depth > 1 else []
+    return [top_k] + [branching(top_k, depth, beam)] * (depth - 2) if depth > 1 else []
 
 
 def frontier_slots(top_k: int, depth: int, beam: bool) -> int:
@@ -103,7 +103,7 @@ def select_tree(root: jax.Array, cand_tokens: jax.Array, cand_scores: jax.Array,
         depth = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.asarray(cand_depth)[chosen]])
         return Tree(tokens=jnp.concatenate([root[None], tokens[chosen]]).astype(jnp.int32), parents=parents,
                     depth=depth, mask=ancestor_mask(parents, max_depth),
-                    children=child_lists(parents, branching(top_k, beam and max_depth > 1)), max_depth=max_depth)
+                    children=child_lists(parents, branching(top_k, max_depth, beam)), max_depth=max_depth)
 
     return jax.vmap(one)(root, cand_tokens, cand_scores, cand_parent)
 
@@ -142,7 +142,7 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
     widths = frontier_widths(k, depth, beam)
     first_slot = np.cumsum([0] + widths).tolist()
     slots = first_slot[-1]
-    branch = branching(k, beam)
+    branch = branching(k, depth, beam)
     _, level_start = candidate_layout(k, depth)
     scores, ids = lax.top_k(first_logprobs, k)  # [B, k]
     tokens = to_target(ids)
