@@ -379,10 +379,11 @@ def write_safetensors_dir(out_dir, tensors: dict, config: dict, overwrite: bool 
 
     from specpv_jax.checkpoint import atomic_directory
 
-    with atomic_directory(out_dir, overwrite) as tmp:
+    out = pathlib.Path(out_dir).resolve()
+    with atomic_directory(out, overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    return pathlib.Path(out_dir).resolve()
+    return out
 
 
 def export_hf(out_dir: str | pathlib.Path, cfg: ModelConfig, params: dict, overwrite: bool = False) -> pathlib.Path:

@@ -2,8 +2,9 @@
 
 A checkpoint directory holds `specpv_config.json` (kind, configs), `params/`
 (orbax) and optionally `tokenizer/`. It is written to a hidden sibling
-directory and renamed into place, so a failure never leaves a half-written
-checkpoint under the requested name.
+directory and renamed into place (or, into an empty directory, written in a
+hidden one inside it and moved up, `specpv_config.json` last), so a failure
+never leaves a half-written checkpoint under the requested name.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import pathlib
 import shutil
 import sys
+import time
 import uuid
 import warnings
 from typing import Any, Callable, Iterator, TypeVar
@@ -54,18 +57,22 @@ def holds_model(path: pathlib.Path) -> bool:
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
                      replaceable: Callable[[pathlib.Path], bool] = holds_model) -> Iterator[pathlib.Path]:
-    """Yields a hidden sibling directory to fill; on success it replaces `out_dir`, on any error it vanishes.
+    """Yields a hidden directory to fill; on success its contents become `out_dir`, on any error it vanishes.
 
-    Refuses a non-empty `out_dir` unless `overwrite` and `replaceable(out_dir)`. Multi-host
-    (`jax.process_count() > 1`, a filesystem all processes share, as orbax needs): every process calls this
-    and gets the same directory; process 0 alone creates and renames it, after all have written their part.
+    It is a sibling of `out_dir`, renamed into place (replacing `out_dir`), unless `out_dir` is an empty
+    directory: then it is made inside it and its contents moved up, the files that mark a model directory
+    last, so that an empty working directory or mount point is filled where it is. Refuses a non-empty
+    `out_dir` unless `overwrite` and `replaceable(out_dir)`. Multi-host (`jax.process_count() > 1`, a
+    filesystem all processes share, as orbax needs): every process calls this and gets the same directory;
+    process 0 alone creates and renames it, after all have written their part.
     """
     out = check_destination(out_dir, overwrite, replaceable=replaceable)
+    in_place = out.is_dir() and not any(out.iterdir())
     primary = jax.process_index() == 0
     if primary:
         _warn_leftovers(out)
     suffix = _shared_suffix()  # multi-host: a collective, so no process has created anything yet
-    tmp = out.parent / f".{out.name}.partial-{suffix}"
+    tmp = out / f".partial-{suffix}" if in_place else out.parent / f".{out.name}.partial-{suffix}"
     created = [p for p in out.parents if not p.exists()]  # deepest first: removed again if the save fails
     if primary:
         try:
@@ -77,15 +84,25 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
         yield tmp
         ocp.multihost.sync_global_processes(f"specpv_written_{suffix}")
         if primary:
-            _replace_dir(tmp, out)
+            (_move_up if in_place else _replace_dir)(tmp, out)
         ocp.multihost.sync_global_processes(f"specpv_replaced_{suffix}")
     except BaseException:
         if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
             for parent in created:
                 with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
                     parent.rmdir()
         raise
+
+
+def _remove(tree: pathlib.Path) -> None:
+    """Deletes the directory `tree`, trying again while something (a writer thread still finishing) refills it."""
+    for wait in (0.0, 0.1, 0.5, 2.0):
+        time.sleep(wait)
+        shutil.rmtree(tree, ignore_errors=True)
+        if not tree.exists():
+            return
+    warnings.warn(f"could not delete {tree}, left by a failed save: delete it", stacklevel=_callers_level())
 
 
 def _shared_suffix() -> str:
@@ -97,9 +114,11 @@ def _shared_suffix() -> str:
 
 
 def _warn_leftovers(out: pathlib.Path) -> None:
-    """Points out what a killed save to `out` left beside it (an error cleans up; a kill cannot). Not deleted
-    here: another save to `out` may be writing it now."""
-    leftovers = sorted(p.name for p in out.parent.glob(f".{out.name}.partial-*")) if out.parent.is_dir() else []
+    """Points out what a killed save to `out` left beside it (an error cleans up; a kill cannot): a partial
+    checkpoint, or the one an overwrite was replacing. Not deleted here: another save to `out` may be writing
+    it now."""
+    leftovers = sorted(p.name for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*")
+                       for p in out.parent.glob(pattern)) if out.parent.is_dir() else []
     if leftovers:
         warnings.warn(f"{out.parent} holds {', '.join(leftovers)}, left by an interrupted save to {out.name}; "
                       f"delete {'it' if len(leftovers) == 1 else 'them'} unless another save to it is running",
@@ -140,6 +159,9 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,
         if out in src.parents:
             raise CheckpointError(f"{out} holds {src}, the model being exported; replacing it would delete it: "
                                   f"write to another directory")
+    if occupied and os.path.ismount(out):
+        raise CheckpointError(f"{out} is a mount point, which cannot be replaced: empty it, or write to a new "
+                              f"directory inside it")
     if occupied and not replaceable(out):
         held = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
         raise CheckpointError(
@@ -155,16 +177,69 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,
 def save(out_dir: str | os.PathLike, params: Any, meta: dict[str, Any],
          tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> pathlib.Path:
     """Writes `params` and `meta` to `out_dir` atomically; returns the path."""
-    with atomic_directory(out_dir, overwrite) as tmp:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / "params", params)
-        checkpointer.wait_until_finished()
+    out = pathlib.Path(out_dir).resolve()  # now: replacing the working directory would leave nothing to resolve
+    with atomic_directory(out, overwrite) as tmp:
+        _save_params(tmp / "params", params, out)
         if jax.process_index() == 0:  # multi-host: every process wrote its shards above, one writes the rest
             if tokenizer_dir is not None:
                 _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp / "tokenizer")
             meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return pathlib.Path(out_dir).resolve()
+    return out
+
+
+def _save_params(path: pathlib.Path, params: Any, out: pathlib.Path) -> None:
+    """Orbax writes `params` to `path`; on failure (a full disk) its writer threads are done before this raises,
+    so that the caller's clean-up is not racing them."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        with _orbax_errors_unlogged():  # each writer thread logs the failure with a page-long traceback
+            checkpointer.save(path, params)
+            checkpointer.wait_until_finished()
+    except Exception as e:  # orbax and TensorStore raise several types
+        with contextlib.suppress(Exception), _orbax_errors_unlogged():
+            checkpointer.close()
+        _quiet_orphaned_writes()
+        raise CheckpointError(f"cannot write the parameters of {out}: {_first_line(e)}") from None
+    checkpointer.close()
+
+
+def _not_an_orphaned_write(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ("never retrieved" in message and "orbax" in message)
+
+
+def _quiet_orphaned_writes() -> None:
+    """From here on, drops asyncio's reports of orbax write tasks whose error nobody retrieved (each a page
+    long, when collected, up to the process's exit): those of the failed save the caller reports."""
+    logger = logging.getLogger("asyncio")
+    if _not_an_orphaned_write not in logger.filters:
+        logger.addFilter(_not_an_orphaned_write)
+
+
+@contextlib.contextmanager
+def _orbax_errors_unlogged() -> Iterator[None]:
+    """Drops orbax's error log records (its threads' reports of an error the caller raises itself)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or "orbax" not in record.pathname
+
+    logger = logging.getLogger("absl")  # orbax logs through absl, which logs through this logger
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+# A model directory's files that say it is complete: moved into place last.
+MARKER_FILES = (META_FILE, "config.json")
+
+
+def _move_up(new: pathlib.Path, out: pathlib.Path) -> None:
+    """Moves the contents of `new` (inside the empty directory `out`) into `out`, marker files last."""
+    for item in sorted(new.iterdir(), key=lambda p: p.name in MARKER_FILES):
+        os.replace(item, out / item.name)
+    new.rmdir()
 
 
 def _replace_dir(new: pathlib.Path, out: pathlib.Path) -> None:
@@ -199,7 +274,9 @@ def read_meta(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any
         raise CheckpointError(f"{path} is not a specpv-jax checkpoint (no {META_FILE})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0) if isinstance(meta, dict) else None
+    if (not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(version, int)
+            or isinstance(version, bool) or version > FORMAT_VERSION):
         found = meta if not isinstance(meta, dict) else f"{meta.get('format')!r} version {meta.get('format_version')!r}"
         raise CheckpointError(f"{meta_path}: unsupported format {found}")
     if kind is not None and meta.get("kind") != kind:

@@ -99,10 +99,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.arch not in ARCHITECTURES.values():
             raise ConfigError(f"unsupported arch {self.arch!r}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        _check_field_types(self)
+        _check_positive(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                               "num_kv_heads", "head_dim", "max_position_embeddings", "rms_norm_eps"))
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -287,6 +286,19 @@ def _positive_int(hf: Mapping[str, Any], name: str) -> int:
     return value
 
 
+def _positive_int_or(hf: Mapping[str, Any], name: str, default: int) -> int:
+    """Optional field `name` of a config.json: a positive integer, `default` when absent or null."""
+    return default if hf.get(name) is None else _positive_int(hf, name)
+
+
+def _check_positive(config, names: tuple[str, ...]) -> None:
+    """Raises naming the first of the numeric fields `names` of `config` that is not positive and finite."""
+    for name in names:
+        value = getattr(config, name)
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"{type(config).__name__}.{name} must be positive, got {value!r}")
+
+
 def _positive_float(hf: Mapping[str, Any], name: str, default: float) -> float:
     """Field `name` of a config.json: a positive number (`default` when absent)."""
     value = hf.get(name, default)
@@ -332,6 +344,10 @@ class DraftConfig:
     rope: RopeConfig = RopeConfig()
 
     def __post_init__(self):
+        _check_field_types(self)
+        _check_positive(self, ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                               "vocab_size", "draft_vocab_size", "target_hidden_size", "max_position_embeddings",
+                               "rms_norm_eps"))
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"draft num_attention_heads ({self.num_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_kv_heads})")
@@ -356,25 +372,29 @@ class DraftConfig:
             raise ConfigError(f"hidden_act={hf['hidden_act']!r} (an EAGLE-3 head here is SiLU-gated only)")
         if hf.get("mlp_bias"):
             raise ConfigError("mlp_bias=true (an EAGLE-3 head's MLP has no biases)")
-        num_heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
+        num_heads = _positive_int(hf, "num_attention_heads")
+        hidden = _positive_int(hf, "hidden_size")
+        vocab = _positive_int(hf, "vocab_size")
         aux = (hf.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        layers = (tuple(int(i) + 1 for i in aux) if aux is not None
-                  else cls.default_feature_layers(target.num_layers))
+        if aux is not None and not (isinstance(aux, list) and aux and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in aux)):
+            raise ConfigError(f"eagle_config.eagle_aux_hidden_state_layer_ids must be a list of layer numbers, "
+                              f"got {aux!r}")
+        layers = tuple(i + 1 for i in aux) if aux is not None else cls.default_feature_layers(target.num_layers)
         return cls(
             hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
+            intermediate_size=_positive_int(hf, "intermediate_size"),
             num_heads=num_heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            num_kv_heads=_positive_int_or(hf, "num_key_value_heads", num_heads),
             # SpecForge's heads (Qwen3-4B: 32 heads of 128 over hidden 2560) honour head_dim; the EAGLE
             # reference ignores it, so `load_eagle3` takes the width its q_proj weight has.
-            head_dim=int(hf.get("head_dim") or hidden // num_heads),
-            vocab_size=int(hf["vocab_size"]),
-            draft_vocab_size=int(hf.get("draft_vocab_size") or hf["vocab_size"]),
-            target_hidden_size=int(hf.get("target_hidden_size") or hidden),
+            head_dim=_positive_int_or(hf, "head_dim", hidden // num_heads),
+            vocab_size=vocab,
+            draft_vocab_size=_positive_int_or(hf, "draft_vocab_size", vocab),
+            target_hidden_size=_positive_int_or(hf, "target_hidden_size", hidden),
             feature_layers=layers,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=_positive_int_or(hf, "max_position_embeddings", 2048),
+            rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-5),
             rope=rope_from_hf(hf),  # RoPE base 10000 when unset, as in the EAGLE code
         )
 
@@ -453,6 +473,7 @@ class LongSpecConfig:
                      "target_kv_heads", "target_head_dim", "vocab_size", "window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"LongSpecConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        _check_positive(self, ("rms_norm_eps",))
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"LongSpec num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                               f"({self.num_kv_heads})")

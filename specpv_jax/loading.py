@@ -51,19 +51,27 @@ def _tokenizer(directory: pathlib.Path | None):
 
 
 def cast_params(params: Params, dtype, where: str) -> Params:
-    """`params` (restored from the checkpoint at `where`) cast to `dtype`; raises naming the parameters
-    that are not finite after the cast (NaN stored, or values beyond a narrower dtype's range)."""
+    """`params` (restored from the checkpoint at `where`) cast to `dtype` (None: kept as stored); raises naming
+    the parameters that are not finite, as stored (a damaged checkpoint) or after the cast (values beyond a
+    narrower dtype's range)."""
     from convert.hf import check_dtype
 
+    _check_finite(params, where, "hold NaN or Inf as stored (the checkpoint is damaged)")
+    if dtype is None:
+        return params
     dtype = check_dtype(dtype)
-    params = jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), params)
+    if all(x.dtype == dtype for x in jax.tree.leaves(params)):
+        return params
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    _check_finite(params, where, f"hold values beyond the range of {dtype.name}: load in a wider dtype")
+    return params
+
+
+def _check_finite(params: Params, where: str, problem: str) -> None:
     finite = jax.device_get(jax.tree.map(lambda x: jnp.isfinite(x).all(), params))
     bad = [checkpoint.key_name(path) for path, ok in jax.tree_util.tree_leaves_with_path(finite) if not ok]
     if bad:
-        raise checkpoint.CheckpointError(
-            f"{where}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or Inf as {dtype.name} "
-            f"(values beyond its range? load in a wider dtype)")
-    return params
+        raise checkpoint.CheckpointError(f"{where}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} {problem}")
 
 
 def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress: bool = True, *,
@@ -103,9 +111,7 @@ def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
         meta = checkpoint.read_meta(path, "target")
         cfg = checkpoint.config_from_meta(path, meta, "model_config", ModelConfig.from_dict)
         params = checkpoint.restore(path, _shapes(init_params, cfg), mesh=place(cfg))
-        if dtype is not None:
-            params = cast_params(params, dtype, str(path))
-        return cfg, params
+        return cfg, cast_params(params, dtype, str(path))
     if (path / "config.json").is_file():
         cfg, params = load_hf_model(path, dtype, progress=progress, mesh=place(read_config(path)[0]))
         return cfg, params

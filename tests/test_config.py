@@ -7,7 +7,7 @@ import pytest
 
 from conftest import HF_SPECS
 from specpv_jax import rope
-from specpv_jax.config import ConfigError, ModelConfig, RopeConfig, SpecConfig
+from specpv_jax.config import ConfigError, DraftConfig, ModelConfig, RopeConfig, SpecConfig
 
 
 def hf_dict(name):
@@ -118,6 +118,41 @@ def test_dict_round_trip():
 def test_unsupported_fields_are_named(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ModelConfig.from_hf({**hf_dict("llama-mha"), **change})
+
+
+def test_configs_restored_from_our_metadata_are_checked_too():
+    d = ModelConfig.from_hf(hf_dict("llama-mha")).to_dict()
+    for change, message in [({"rms_norm_eps": -1.0}, "ModelConfig.rms_norm_eps must be positive, got -1.0"),
+                            ({"rms_norm_eps": float("nan")}, "ModelConfig.rms_norm_eps must be positive, got nan"),
+                            ({"num_layers": "2"}, "ModelConfig.num_layers must be an int, got '2'")]:
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig.from_dict({**d, **change})
+
+
+EAGLE3_HF = {"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 64, "intermediate_size": 128,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 160, "draft_vocab_size": 32,
+             "rms_norm_eps": 1e-5, "max_position_embeddings": 2048}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": "abc"}, "hidden_size must be a positive integer, got 'abc'"),
+    ({"hidden_size": 64.9}, "hidden_size must be a positive integer, got 64.9"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"num_key_value_heads": -2}, "num_key_value_heads must be a positive integer, got -2"),
+    ({"rms_norm_eps": "x"}, "rms_norm_eps must be a positive number, got 'x'"),
+    ({"draft_vocab_size": 0}, "draft_vocab_size must be a positive integer, got 0"),
+    ({"eagle_config": {"eagle_aux_hidden_state_layer_ids": ["a"]}},
+     "eagle_aux_hidden_state_layer_ids must be a list of layer numbers, got ['a']"),
+    ({"eagle_config": {"eagle_aux_hidden_state_layer_ids": 3}},
+     "eagle_aux_hidden_state_layer_ids must be a list of layer numbers, got 3"),
+])
+def test_eagle3_config_fields_are_checked(change, message):
+    """Malformed numbers in an EAGLE-3 head's config.json are named (bare int() errors, a ZeroDivisionError
+    and a silently truncated 64.9 before)."""
+    target = ModelConfig.from_hf(hf_dict("llama-mha"))
+    assert DraftConfig.from_hf(EAGLE3_HF, target).draft_vocab_size == 32
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        DraftConfig.from_hf({**EAGLE3_HF, **change}, target)
 
 
 def test_sliding_window_is_rejected_where_a_layer_slides():

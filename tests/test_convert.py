@@ -8,6 +8,7 @@ import pathlib
 import shutil
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -314,8 +315,20 @@ def test_orbax_cast_beyond_the_dtype_range_is_refused(hf_copy, tmp_path):
     with pytest.raises(ConversionError, match="down_proj.weight' has values beyond the range of float16"):
         sj.load_target(hf_copy, dtype="float16", progress=False)
     sj.save_target(sj.load_target(hf_copy, progress=False), tmp_path / "ckpt")
-    with pytest.raises(CheckpointError, match="layers/mlp/down_proj/kernel hold NaN or Inf as float16"):
+    with pytest.raises(CheckpointError, match="layers/mlp/down_proj/kernel hold values beyond the range of float16"):
         sj.load_target(tmp_path / "ckpt", dtype="float16")
+
+
+@pytest.mark.parametrize("dtype", [None, "float32", "bfloat16"])
+def test_orbax_nan_is_refused_in_any_dtype(hf_model, tmp_path, dtype):
+    """A damaged checkpoint holding NaN loads as nothing, whichever dtype is asked for (None included)."""
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    params = jax.tree.map(lambda x: x, target.params)  # a copy of the dicts
+    params["norm"]["scale"] = params["norm"]["scale"].at[3].set(jnp.nan)
+    sj.save_target(sj.Model(target.cfg, params), tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"ckpt: norm/scale hold NaN or Inf as stored \(the checkpoint is "
+                                              r"damaged\)"):
+        sj.load_target(tmp_path / "ckpt", dtype=dtype)
 
 
 def edit_meta(ckpt: pathlib.Path, **changes):
@@ -415,4 +428,50 @@ def test_convert_refuses_to_replace_its_source(hf_copy, tmp_path, capsys):
 def test_checkpoint_of_wrong_kind(tmp_path):
     checkpoint.save(tmp_path / "ck", {"w": np.zeros(2, np.float32)}, {"kind": "eagle3"})
     with pytest.raises(CheckpointError, match="holds a 'eagle3' checkpoint"):
+        sj.load_target(tmp_path / "ck")
+
+
+def test_an_empty_directory_is_filled_in_place(hf_model, tmp_path, monkeypatch):
+    """An empty OUT (the working directory, a mount point) is filled where it is, not replaced: replacing the
+    working directory left the caller in a deleted one, and a mount point cannot be renamed."""
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert sj.save_target(target, ".") == here
+    assert sorted(p.name for p in here.iterdir()) == ["params", checkpoint.META_FILE]
+    assert sj.load_target(here).cfg == target.cfg
+    monkeypatch.setattr(checkpoint.os.path, "ismount", lambda p: pathlib.Path(p) == here)
+    with pytest.raises(CheckpointError, match="is a mount point, which cannot be replaced"):
+        sj.save_target(target, here, overwrite=True)
+
+
+def test_a_failed_write_is_a_checkpoint_error_and_leaves_nothing(hf_model, tmp_path, monkeypatch):
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    (tmp_path / "empty").mkdir()
+
+    def full_disk(self, *a, **k):
+        raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device\nand a page more")
+
+    monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save", full_disk)
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        with pytest.raises(CheckpointError, match=f"cannot write the parameters of {out}: RESOURCE_EXHAUSTED: "
+                                                  "Failed writing: No space left on device$"):
+            sj.save_target(target, out)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["empty"]
+
+
+def test_an_interrupted_overwrites_old_copy_is_pointed_out(hf_model, tmp_path):
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    (tmp_path / ".ckpt.old-0123abcd" / "params").mkdir(parents=True)  # a kill during the old copy's deletion
+    with pytest.warns(UserWarning, match=r"\.ckpt\.old-0123abcd, left by an interrupted save to ckpt"):
+        sj.save_target(target, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("version", ["1", None, True, 1.0])
+def test_a_malformed_format_version_is_named(tmp_path, version):
+    checkpoint.save(tmp_path / "ck", {"w": np.zeros(2, np.float32)}, {"kind": "target"})
+    meta = json.loads((tmp_path / "ck" / checkpoint.META_FILE).read_text())
+    (tmp_path / "ck" / checkpoint.META_FILE).write_text(json.dumps({**meta, "format_version": version}))
+    with pytest.raises(CheckpointError, match=f"{checkpoint.META_FILE}: unsupported format 'specpv-jax' version"):
         sj.load_target(tmp_path / "ck")
