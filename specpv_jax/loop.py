@@ -47,6 +47,11 @@ class Run:
     offload: bool = False
 
     @property
+    def decode_key(self) -> "Run":
+        """The settings the decode loop depends on (the progress bar is prefill's: it recompiles no loop)."""
+        return dataclasses.replace(self, progress=False)
+
+    @property
     def prefill_key(self) -> "Run":
         """The settings prefill depends on (so other changes do not recompile it)."""
         return Run(cfg=self.cfg, out_slots=0, chunk=self.chunk, attention=self.attention, dcfg=self.dcfg,

@@ -34,14 +34,15 @@ class Sampler:
             if np.ndim(value) != 0 or np.asarray(value).dtype.kind not in "iuf":  # not str, bool, None
                 raise TypeError(f"{name} must be a number, got {value!r}")
         temperature, top_p = float(temperature), float(top_p)
-        if not 0 <= temperature < float("inf"):
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        if not 0 <= temperature <= float(np.finfo(np.float32).max):  # float32 is what the loop computes in
+            raise ValueError(f"temperature must be finite in float32 (at most 3.4e38) and >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        top_p = np.float32(top_p)  # a top_p that rounds to 1 keeps every token: no nucleus filter
         # At least float32's smallest normal number: a tiny temperature then samples the argmax instead of
         # overflowing (or, flushed to zero, dividing by zero) into NaN.
-        return cls(np.float32(max(temperature, float(np.finfo(np.float32).tiny))), np.float32(top_p),
-                   greedy=temperature == 0, nucleus=top_p < 1 and temperature > 0)
+        return cls(np.float32(max(temperature, float(np.finfo(np.float32).tiny))), top_p,
+                   greedy=temperature == 0, nucleus=bool(top_p < 1) and temperature > 0)
 
     def probs(self, logits: jax.Array) -> jax.Array:
         """The distribution tokens are drawn from, `[..., V]` float32 (one-hot at argmax when greedy)."""

@@ -50,8 +50,9 @@ def test_bad_prompts_are_clear_errors(target, ids, kwargs, message):
 def test_bad_modes_and_sampling_parameters(target):
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         sj.generate(target, [5, 6], mode="fast")
-    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
-        sj.generate(target, [5, 6], temperature=-1.0)
+    for bad in (-1.0, 1e39):  # 1e39 is finite in Python, not in float32, where the loop computes
+        with pytest.raises(ValueError, match=r"temperature must be finite in float32 \(at most 3.4e38\) and >= 0"):
+            sj.generate(target, [5, 6], temperature=bad)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         sj.generate(target, [5, 6], temperature=1.0, top_p=0.0)
     for bad in ("0.5", True, None):
@@ -241,9 +242,24 @@ def test_new_sampling_values_and_eos_ids_compile_nothing(target):
     assert len(set(cold[:, 0])) == 1 and len(set(hot[:, 0])) > 10
 
 
+def test_the_progress_bar_recompiles_prefill_only(target):
+    from specpv_jax import host
+
+    sj.generate(target, [5, 9, 11], 4, progress=False)
+    before = set(host._EXECUTABLES)
+    sj.generate(target, [5, 9, 11], 4, progress=True)
+    assert len(set(host._EXECUTABLES) - before) == 1  # the prefill that ticks the bar; the decode loop is shared
+
+
 def test_top_p_keeps_smallest_nucleus():
     p = Sampler.create(1.0, 0.6).probs(np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32)))
     np.testing.assert_allclose(np.asarray(p), [0.625, 0.375, 0, 0], atol=1e-6)
+
+
+def test_top_p_that_rounds_to_one_filters_nothing():
+    """float32 holds no number between 1 - 6e-8 and 1: such a top_p keeps every token, without the nucleus's sort
+    (and its own compiled loop)."""
+    assert not Sampler.create(1.0, 1 - 1e-9).nucleus and Sampler.create(1.0, 1 - 1e-7).nucleus
 
 
 def test_bucket_lengths():
