@@ -67,7 +67,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
     process 0 alone creates and renames it, after all have written their part.
     """
     out = check_destination(out_dir, overwrite, replaceable=replaceable)
-    in_place = out.is_dir() and not any(out.iterdir())
+    in_place = out.is_dir() and not _contents(out)
     primary = jax.process_index() == 0
     if primary:
         _warn_leftovers(out)
@@ -119,10 +119,17 @@ def _warn_leftovers(out: pathlib.Path) -> None:
     it now."""
     leftovers = sorted(p.name for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*")
                        for p in out.parent.glob(pattern)) if out.parent.is_dir() else []
-    if leftovers:
-        warnings.warn(f"{out.parent} holds {', '.join(leftovers)}, left by an interrupted save to {out.name}; "
-                      f"delete {'it' if len(leftovers) == 1 else 'them'} unless another save to it is running",
-                      stacklevel=_callers_level())
+    inside = sorted(p.name for p in out.glob(".partial-*")) if out.is_dir() else []  # an in-place save's
+    for where, names in ((out.parent, leftovers), (out, inside)):
+        if names:
+            warnings.warn(f"{where} holds {', '.join(names)}, left by an interrupted save to {out.name}; delete "
+                          f"{'it' if len(names) == 1 else 'them'} unless another save to it is running",
+                          stacklevel=_callers_level())
+
+
+def _contents(out: pathlib.Path) -> list[pathlib.Path]:
+    """What the directory `out` holds, less what interrupted in-place saves left (`.partial-*`)."""
+    return [p for p in out.iterdir() if not p.name.startswith(".partial-")]
 
 
 _LIBRARY_DIRS = tuple(str(pathlib.Path(__file__).parents[1] / d) + os.sep for d in ("specpv_jax", "convert"))
@@ -148,7 +155,7 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,
     out = pathlib.Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file, not a directory")
-    occupied = out.exists() and any(out.iterdir())
+    occupied = out.exists() and bool(_contents(out))
     if occupied and not overwrite:
         raise CheckpointError(f"{out} already exists and is not empty (pass overwrite=True / --force to replace it)")
     if source:
@@ -159,6 +166,9 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,
         if out in src.parents:
             raise CheckpointError(f"{out} holds {src}, the model being exported; replacing it would delete it: "
                                   f"write to another directory")
+    if occupied and (out == pathlib.Path.cwd() or out in pathlib.Path.cwd().parents):
+        raise CheckpointError(f"{out} is or holds the working directory; replacing it would leave this process "
+                              f"(and your shell) in a deleted directory: run from elsewhere, or empty it")
     if occupied and os.path.ismount(out):
         raise CheckpointError(f"{out} is a mount point, which cannot be replaced: empty it, or write to a new "
                               f"directory inside it")
@@ -236,9 +246,17 @@ MARKER_FILES = (META_FILE, "config.json")
 
 
 def _move_up(new: pathlib.Path, out: pathlib.Path) -> None:
-    """Moves the contents of `new` (inside the empty directory `out`) into `out`, marker files last."""
-    for item in sorted(new.iterdir(), key=lambda p: p.name in MARKER_FILES):
-        os.replace(item, out / item.name)
+    """Moves the contents of `new` (inside the empty directory `out`) into `out`, marker files last; on an error,
+    what was moved goes back (for the caller to delete with `new`)."""
+    moved = []
+    try:
+        for item in sorted(new.iterdir(), key=lambda p: p.name in MARKER_FILES):
+            os.replace(item, out / item.name)
+            moved.append(item.name)
+    except BaseException:
+        for name in moved:
+            os.replace(out / name, new / name)
+        raise
     new.rmdir()
 
 

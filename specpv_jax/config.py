@@ -108,6 +108,10 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+                   for t in self.eos_token_ids):
+            raise ConfigError(f"ModelConfig.eos_token_ids must be token ids, got {self.eos_token_ids!r}")
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))  # numpy: JSON-able
         for tok in self.eos_token_ids:
             if not 0 <= tok < self.vocab_size:
                 raise ConfigError(f"eos_token_id {tok} is outside the vocabulary (size {self.vocab_size})")

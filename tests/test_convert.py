@@ -441,6 +441,7 @@ def test_an_empty_directory_is_filled_in_place(hf_model, tmp_path, monkeypatch):
     assert sj.save_target(target, ".") == here
     assert sorted(p.name for p in here.iterdir()) == ["params", checkpoint.META_FILE]
     assert sj.load_target(here).cfg == target.cfg
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(checkpoint.os.path, "ismount", lambda p: pathlib.Path(p) == here)
     with pytest.raises(CheckpointError, match="is a mount point, which cannot be replaced"):
         sj.save_target(target, here, overwrite=True)
@@ -475,3 +476,42 @@ def test_a_malformed_format_version_is_named(tmp_path, version):
     (tmp_path / "ck" / checkpoint.META_FILE).write_text(json.dumps({**meta, "format_version": version}))
     with pytest.raises(CheckpointError, match=f"{checkpoint.META_FILE}: unsupported format 'specpv-jax' version"):
         sj.load_target(tmp_path / "ck")
+
+
+def test_leftovers_of_a_killed_in_place_save_do_not_block_the_next(hf_model, tmp_path):
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    (tmp_path / "ckpt" / ".partial-0123abcd" / "params").mkdir(parents=True)  # a kill while filling ckpt/
+    with pytest.warns(UserWarning, match=r"ckpt holds \.partial-0123abcd, left by an interrupted save to ckpt"):
+        sj.save_target(target, tmp_path / "ckpt")
+    assert sj.load_target(tmp_path / "ckpt").cfg == target.cfg
+
+
+def test_the_working_directory_is_never_replaced(hf_model, tmp_path, monkeypatch):
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    sj.save_target(target, tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="is or holds the working directory"):
+        sj.save_target(target, ".", overwrite=True)
+    assert sj.load_target(".").cfg == target.cfg
+
+
+def test_a_failure_while_moving_into_an_empty_directory_leaves_it_empty(hf_model, tmp_path, monkeypatch):
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    (tmp_path / "out").mkdir()
+    replace = checkpoint.os.replace
+
+    def fail_on_the_marker(src, dst):
+        if pathlib.Path(dst).name == checkpoint.META_FILE:
+            raise OSError("disk gone")
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", fail_on_the_marker)
+    with pytest.raises(OSError, match="disk gone"):
+        sj.save_target(target, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_numpy_eos_ids_become_python_ints():
+    cfg = ModelConfig(arch="llama", vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=4, max_position_embeddings=32, eos_token_ids=(np.int64(2),))
+    assert type(cfg.eos_token_ids[0]) is int and json.dumps(cfg.to_dict())
