@@ -34,6 +34,8 @@ T = TypeVar("T")
 META_FILE = "specpv_config.json"
 FORMAT = "specpv-jax"
 FORMAT_VERSION = 1
+# A model directory's files that say it is complete: moved into place last (`_move_up`).
+MARKER_FILES = (META_FILE, "config.json")
 # Files that make a directory loadable by AutoTokenizer; the rest travel with them.
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 TOKENIZER_FILES = TOKENIZER_MARKERS + ("special_tokens_map.json", "merges.txt", "added_tokens.json",
@@ -239,10 +241,6 @@ def _orbax_errors_unlogged() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(keep)
-
-
-# A model directory's files that say it is complete: moved into place last.
-MARKER_FILES = (META_FILE, "config.json")
 
 
 def _move_up(new: pathlib.Path, out: pathlib.Path) -> None:

@@ -366,6 +366,7 @@ def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t,
     Caches are placed on `mesh` when given. Returns (Output, SpecPV counters or None, prefill seconds,
     decode seconds)."""
     b = ids.shape[0]
+    decode = run.decode_key
 
     def empty(make: Callable[[], KVCache]) -> KVCache:
         """`make()`'s empty cache; on `mesh`, its K/V created in their shards."""
@@ -383,32 +384,32 @@ def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t,
         cache = empty(lambda: KVCache.for_model(run.cfg, b, max_len, M.param_dtype(params)))
     if run.mode == "ar":
         (cache, logits), prefill_s = call(_prefill_fn(run.prefill_key), params, ids, lengths, cache)
-        (out, _), decode_s = call(_ar_decode_fn(run.decode_key), params, cache, logits, key, sampler, eos, limit)
+        (out, _), decode_s = call(_ar_decode_fn(decode), params, cache, logits, key, sampler, eos, limit)
         return out, None, prefill_s, decode_s
     if run.mode == "specextend":
         draft_cache = empty(lambda: KVCache.for_model(run.dcfg, b, max_len, M.param_dtype(draft_params)))
         prefill_fn = specextend.specextend_prefill_fn(run.prefill_key, run.spec)
         (cache, draft_state, logits), prefill_s = call(prefill_fn, params, draft_params, ids, lengths, cache,
                                                        draft_cache)
-        (out, _, _), decode_s = call(specextend.specextend_decode_fn(run.decode_key), params, draft_params, cache, draft_state,
+        (out, _, _), decode_s = call(specextend.specextend_decode_fn(decode), params, draft_params, cache, draft_state,
                                      logits, key, sampler, eos, limit)
         return out, None, prefill_s, decode_s
     if run.mode == "longspec":
         (cache, ring, logits), prefill_s = call(longspec.longspec_prefill_fn(run.prefill_key), params, draft_params,
                                                 ids, lengths, cache)
-        (out, _, _), decode_s = call(longspec.longspec_decode_fn(run.decode_key), params, draft_params, cache, ring, logits, key,
-                                     sampler, eos, limit)
+        (out, _, _), decode_s = call(longspec.longspec_decode_fn(decode), params, draft_params, cache, ring, logits,
+                                     key, sampler, eos, limit)
         return out, None, prefill_s, decode_s
     draft_cache = empty(lambda: eagle3.empty_cache(run.dcfg, b, max_len, draft_params))
     (cache, draft_cache, logits, feats), prefill_s = call(
         speculative.eagle_prefill_fn(run.prefill_key), params, draft_params, ids, lengths, cache, draft_cache)
     args = (params, draft_params, d2t, cache, draft_cache, logits, feats, key, sampler, eos, limit)
     if run.mode == "eagle":
-        (out, _, _), decode_s = call(speculative.eagle_decode_fn(run.decode_key), *args)
+        (out, _, _), decode_s = call(speculative.eagle_decode_fn(decode), *args)
         return out, None, prefill_s, decode_s
     if run.offload:
         args += (offload.empty_summary(cache, run.spec.block_size),)
-    (out, counters, *_), decode_s = call(specpv.specpv_decode_fn(run.decode_key), *args)
+    (out, counters, *_), decode_s = call(specpv.specpv_decode_fn(decode), *args)
     return out, counters, prefill_s, decode_s
 
 
