@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True, help="HF directory or orbax checkpoint (only its config is read), "
                     "or a preset: llama-3.1-8b, qwen3-8b")
     pl.add_argument("--context", type=at_least(1), required=True, help="prompt tokens")
-    pl.add_argument("--new-tokens", type=at_least(0), default=256, help="tokens to generate")
+    pl.add_argument("--new-tokens", type=at_least(1), default=256, help="tokens to generate")
     pl.add_argument("--batch", type=at_least(1), default=1, help="prompts per call")
     pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the weights and caches")

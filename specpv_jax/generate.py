@@ -353,6 +353,7 @@ def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: i
           attention: str, stream: bool = False, progress: bool = False) -> tuple[Run, int]:
     """The static settings of a call and the cache length it needs."""
     speculative_mode = mode != "ar"
+    mode = memory.loop_mode(spec, mode, prompt_len, max_new_tokens)
     run = Run(cfg=cfg, out_slots=output_bucket(max_new_tokens), chunk=chunk, mode=mode,
               attention=resolve_implementation(attention),
               spec=spec if speculative_mode else None, dcfg=dcfg if speculative_mode else None, stream=stream,

@@ -53,6 +53,16 @@ def step_tokens(spec: SpecConfig, mode: str) -> int:
     return tree + (spec.max_missing if mode in PARTIAL_MODES else 0)
 
 
+def loop_mode(spec: SpecConfig, mode: str, prompt_len: int, max_new_tokens: int) -> str:
+    """The decode loop a call of `mode` runs: "specpv" and "exact" on a context that can never grow past
+    `spec.partial_threshold` run the "eagle" loop (every step of theirs would be a full verification), without
+    a partial cache, block summaries or retrieval to allocate and compile; offload keeps its own loop."""
+    if mode in PARTIAL_MODES and not spec.offload \
+            and prompt_len + output_bucket(max_new_tokens) <= spec.partial_threshold:
+        return "eagle"
+    return mode
+
+
 def cache_length(spec: SpecConfig, mode: str, prompt_len: int, max_new_tokens: int) -> int:
     """Positions the target's cache needs: the prompt (bucket), the output bucket, and the scratch of
     one verification beyond them."""
@@ -119,6 +129,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
     spec = spec or SpecConfig()
     context = bucket_length(context, prefill_chunk)  # generate pads each prompt to its bucket and sizes for that
+    label, mode = mode, loop_mode(spec, mode, context, new_tokens)
     size = np.dtype(jax.numpy.dtype(dtype)).itemsize
     h, v = cfg.hidden_size, cfg.vocab_size
     tree = step_tokens(spec, mode)
@@ -174,7 +185,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
                       batch * t * (2 * h + 2 * cfg.intermediate_size) * 4) \
         + scores + attention_io + layer_param_count(cfg) * size
     parts["activations"] = activations * 11 // 10  # 10% to spare: how XLA assigns buffers varies (CPU: 3-5% more)
-    return Estimate(mode, parts, ("full cache", "block summaries") if mode in PARTIAL_MODES else ())
+    return Estimate(label, parts, ("full cache", "block summaries") if mode in PARTIAL_MODES else ())
 
 
 def device_bytes_limit(device=None) -> int | None:

@@ -34,9 +34,14 @@ def test_full_cache_estimate_is_what_generate_allocates():
     est = memory.estimate(cfg, 1000, 64, batch=2, mode="ar", dtype="float32")
     cache = KVCache.for_model(cfg, 2, 1000 + 64 + 1)
     assert est.parts["full cache"] == cache.k.nbytes + cache.v.nbytes
-    specpv = memory.estimate(cfg, 1000, 64, batch=2, mode="exact", dtype="float32")
+    spec = sj.SpecConfig(retrieval_tokens=512)
+    specpv = memory.estimate(cfg, 1000, 64, batch=2, mode="exact", spec=spec, dtype="float32")
     assert specpv.host == specpv.parts["full cache"] + specpv.parts["block summaries"] < specpv.total
     assert est.host == 0  # offload is a SpecPV option
+    # A context that cannot pass sink + retrieval + window runs the eagle loop: its memory, in specpv's name
+    short = memory.estimate(cfg, 1000, 64, batch=2, mode="specpv", spec=sj.SpecConfig(), dtype="float32")
+    assert (short.mode, short.parts) == ("specpv", memory.estimate(cfg, 1000, 64, batch=2, mode="eagle",
+                                                                   dtype="float32").parts)
 
 
 def test_bounded_draft_cache_estimate_is_what_specpv_allocates():
@@ -76,7 +81,7 @@ def test_estimate_covers_what_the_compiled_stages_take():
     ("ar", 16, 64, 0.0, 1.0, None),  # 8 KV heads: each holds its own prefix score tile
     # top-p sampling holds probabilities, their sorted copy and order beside the logits; exact mode's full
     # steps verify the provisional tokens too, and keep their partial distributions
-    ("exact", 4, 32768, 1.0, 0.9, None),
+    ("exact", 4, 32768, 1.0, 0.9, sj.SpecConfig(sink_tokens=16, retrieval_tokens=32, window_tokens=16)),
     # a beam tree drafts from 64 nodes per level: its draft logits outgrow the 9-node verification's
     ("eagle", 4, 32768, 0.0, 1.0, sj.SpecConfig(tree_depth=3, tree_top_k=8, tree_nodes=8, tree_beam=True)),
 ], ids=["ar", "exact-top-p", "eagle-beam"])

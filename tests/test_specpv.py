@@ -241,16 +241,28 @@ def test_decode_loop_updates_caches_in_place(models, mode):
     assert cache_copies(compiled) == []
 
 
-def test_specpv_below_threshold_is_eagle(models):
-    """With a budget larger than the context, partial verification never starts: output equals eagle."""
+def test_specpv_below_threshold_is_eagle(models, monkeypatch):
+    """Partial verification starts past sink + retrieval + window: below it the output equals eagle's, and a
+    call whose prompt and output buckets cannot get past it runs the eagle loop itself."""
     target, head = models
-    spec = small_spec(retrieval_tokens=1024)
     prompt = np.random.default_rng(4).integers(0, 16, 500)
-    eagle = sj.generate(target, prompt, 48, draft=head, mode="eagle", spec=spec, eos_token_ids=())
+    eagle = sj.generate(target, prompt, 48, draft=head, mode="eagle", spec=small_spec(), eos_token_ids=())
+    # 500 + 48 tokens stay within 32 + 496 + 32, the buckets (512 + 64) do not: the specpv loop runs.
+    # 32 + 1024 + 32 holds the buckets: the eagle loop runs (specpv's would fail here).
+    within_buckets = small_spec(retrieval_tokens=1024)
     for mode in ("specpv", "exact"):
-        out = sj.generate(target, prompt, 48, draft=head, mode=mode, spec=spec, eos_token_ids=())
+        out = sj.generate(target, prompt, 48, draft=head, mode=mode, spec=small_spec(retrieval_tokens=496),
+                          eos_token_ids=())
         np.testing.assert_array_equal(out.tokens, eagle.tokens)
         assert out.stats["partial_verifications"] == 0
+    monkeypatch.setattr("specpv_jax.specpv.specpv_decode_fn", None)
+    for mode in ("specpv", "exact"):
+        out = sj.generate(target, prompt, 48, draft=head, mode=mode, spec=within_buckets, eos_token_ids=())
+        np.testing.assert_array_equal(out.tokens, eagle.tokens)
+        assert out.stats["mode"] == mode and out.stats["partial_verifications"] == 0
+    with pytest.raises(TypeError):  # the specpv loop: the check above would fail without its shortcut
+        sj.generate(target, prompt, 48, draft=head, mode="specpv", spec=small_spec(retrieval_tokens=496),
+                    eos_token_ids=())
 
 
 def test_exact_batch_with_eos_equals_ar(models):
