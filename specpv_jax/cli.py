@@ -10,6 +10,7 @@ import pathlib
 import sys
 
 from specpv_jax.generate import MODES
+from specpv_jax.jax_settings import under_defaults
 
 
 def _cmd_convert(args) -> int:
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@under_defaults
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

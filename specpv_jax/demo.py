@@ -18,6 +18,7 @@ import numpy as np
 
 from specpv_jax.config import MODES, PARTIAL_MODES, DraftConfig, ModelConfig, RopeConfig, SpecConfig
 from specpv_jax.draft import eagle3
+from specpv_jax.jax_settings import under_defaults
 from specpv_jax.loading import Model, load_draft, load_target
 from specpv_jax.model import init_params
 
@@ -41,6 +42,7 @@ class DemoModels(NamedTuple):
     longspec_plain: Any
 
 
+@under_defaults
 @functools.lru_cache(maxsize=4)
 def demo_models(dtype: str = "float32") -> DemoModels:
     """The bundled demo target, its drafts and tokenizer, loaded and ready for `generate`."""

@@ -18,13 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specpv_jax import model as M
 from specpv_jax import host, longspec, memory, offload, prompts, sharding, specextend, specpv, speculative
+from specpv_jax import model as M
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
 from specpv_jax.config import EAGLE3_MODES, MODES, PARTIAL_MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3, small
-from specpv_jax.host import prefill_progress, timed_call
+from specpv_jax.host import prefill_progress, stage_factory, timed_call
+from specpv_jax.jax_settings import under_defaults
 from specpv_jax.loading import Model
 from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill
 from specpv_jax.sampling import Sampler
@@ -44,7 +45,7 @@ class GenerateOutput:
     stats: dict[str, Any]
 
 
-@functools.lru_cache(maxsize=None)
+@stage_factory
 def _prefill_fn(run: Run):
     def fn(params, ids, lengths, cache):
         cache, last, _, _ = prefill(params, run, ids, lengths, cache)
@@ -74,7 +75,7 @@ def ar_step(params: M.Params, run: Run, sampler: Sampler, eos: jax.Array, s: ARS
                    last=jnp.where(live, nxt, s.last), key=key)
 
 
-@functools.lru_cache(maxsize=None)
+@stage_factory
 def _ar_decode_fn(run: Run):
     def fn(params, cache, logits, key, sampler, eos, limit):
         key, sub = jax.random.split(key)
@@ -190,6 +191,7 @@ def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecCon
     return spec, sampler
 
 
+@under_defaults
 def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft: Any = None, mode: str = "ar",
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, spec: SpecConfig | None = None,
              attention_mask: Any = None, eos_token_ids: int | tuple[int, ...] | None = None,
@@ -450,6 +452,7 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
     def untimed(fn, *args):
         return fn(*args), 0.0
 
+    @under_defaults
     def generate_fn(params, draft_params, ids, key):
         _check_call(target_cfg, mode, max_new_tokens, draft_params, ids, key)
         ids = jnp.asarray(ids, jnp.int32)
@@ -512,7 +515,7 @@ def _step_stats(out: Output, counters, speculative_mode: bool) -> dict[str, Any]
             "full_verifications": c.full, "partial_verifications": c.partial, "rollbacks": c.rollbacks}
 
 
-@functools.lru_cache(maxsize=None)
+@stage_factory
 def _chunk_fn(cfg: ModelConfig, attention: str, argmax: bool):
     def fn(params, ids, start, cache):
         b, t = ids.shape
@@ -548,12 +551,14 @@ def _full_context_pass(target: Model, input_ids: Any, chunk: int, attention: str
     return np.concatenate(out, axis=1)[:, :t]
 
 
+@under_defaults
 def forward_logits(target: Model, input_ids: Any, chunk: int = DEFAULT_PREFILL_CHUNK,
                    attention: str = "auto") -> np.ndarray:
     """Full-context reference logits `[B, T, V]` float32 for equal-length prompts `[B, T]` (or `[T]`)."""
     return _full_context_pass(target, input_ids, chunk, attention, argmax=False)
 
 
+@under_defaults
 def fidelity(target: Model, input_ids: Any, output: GenerateOutput, attention_mask: Any = None,
              chunk: int = DEFAULT_PREFILL_CHUNK) -> float:
     """Fraction of generated tokens equal to the full-context target's argmax given the same prefix.

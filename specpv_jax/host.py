@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -17,6 +18,13 @@ import numpy as np
 _EXECUTABLES: collections.OrderedDict[Any, Any] = collections.OrderedDict()  # the most recently used last
 _EXECUTABLES_LOCK = threading.Lock()  # generate calls from several threads share it
 MAX_EXECUTABLES = 32
+
+
+def stage_factory(make: Callable) -> Callable:
+    """Caches `make(run) -> jitted stage` for as many settings as `timed_call` keeps executables: each jitted
+    function holds its traces and lowerings (unbounded, a process trying many settings grew by ~15 MB each),
+    and with fewer a stage `timed_call` still holds would be rebuilt, a new function, and compiled again."""
+    return functools.lru_cache(maxsize=MAX_EXECUTABLES)(make)
 
 
 try:  # the settings besides the arguments that change what jit compiles (jax's own cache keys on them):
@@ -33,6 +41,10 @@ def timed_call(fn: Callable, *args) -> tuple[Any, float]:
     Keeps the last `MAX_EXECUTABLES` compiled functions, by argument shapes, dtypes and shardings (and the
     trace context), as jit does.
     """
+    if jax.config.jax_disable_jit:  # nothing to compile: `fn` runs op by op (slow; for debugging)
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        return out, time.perf_counter() - start
     leaves, treedef = jax.tree.flatten(args)
     key = (fn, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves), _trace_context())
     with _EXECUTABLES_LOCK:

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from specpv_jax import checkpoint, sharding
 from specpv_jax.config import ModelConfig
+from specpv_jax.jax_settings import under_defaults
 from specpv_jax.model import Params, init_params
 
 
@@ -74,6 +75,7 @@ def _check_finite(params: Params, where: str, problem: str) -> None:
         raise checkpoint.CheckpointError(f"{where}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} {problem}")
 
 
+@under_defaults
 def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress: bool = True, *,
                 mesh: Mesh | None = None) -> Model:
     """Loads a target model from an HF directory (LLaMA/Qwen2/Qwen3) or an orbax export.
@@ -133,6 +135,7 @@ def _shapes(init_params, cfg) -> dict[str, tuple[int, ...]]:
     return checkpoint.flat_shapes(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
 
 
+@under_defaults
 def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
     """Exports a target model as an orbax checkpoint that restores without HF files or torch."""
     source = pathlib.Path(model.source) if model.source else None
@@ -146,6 +149,7 @@ def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = Fals
         return checkpoint.save(out_dir, model.params, meta, tokenizer_dir=saved, overwrite=overwrite)
 
 
+@under_defaults
 def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None) -> Any:
     """Loads a draft for `target`: a public-layout EAGLE-3 head directory, a plain LLaMA/Qwen
     directory (a small draft model for "specextend", sharing the target's tokenizer), a LongSpec
@@ -234,6 +238,7 @@ def _longspec_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
     return longspec.LongSpecDraft(cfg, cast_params(params["params"], dtype, str(path)), str(path))
 
 
+@under_defaults
 def save_draft(draft: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
     """Exports a draft as an orbax checkpoint (`export_eagle3` writes the public layout instead)."""
     if draft.kind == "small":

@@ -21,6 +21,7 @@ from specpv_jax import model as M
 from specpv_jax.cache import KVCache
 from specpv_jax.config import SpecConfig
 from specpv_jax.draft import longspec
+from specpv_jax.host import stage_factory
 from specpv_jax.loop import Output, Run, decode_loop, prefill
 from specpv_jax.sampling import Sampler
 from specpv_jax.speculative import verify_tree
@@ -53,7 +54,7 @@ def longspec_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array, s
                          out=s.out.append(emitted, acc.count + 1, eos, acc.finite), key=key)
 
 
-@functools.lru_cache(maxsize=None)
+@stage_factory
 def longspec_prefill_fn(run: Run):
     """Prefills the target over the prompts and fills the draft's ring; returns (cache, ring, last logits `[B, V]`)."""
     def fn(params, dparams, ids, lengths, cache):
@@ -64,7 +65,7 @@ def longspec_prefill_fn(run: Run):
     return jax.jit(fn, donate_argnums=(4,))
 
 
-@functools.lru_cache(maxsize=None)
+@stage_factory
 def longspec_decode_fn(run: Run):
     def fn(params, dparams, cache, ring, logits, key, sampler, eos, limit):
         key, sub = jax.random.split(key)

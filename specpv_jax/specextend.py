@@ -22,6 +22,7 @@ from specpv_jax import model as M
 from specpv_jax.cache import KVCache
 from specpv_jax.config import SpecConfig
 from specpv_jax.draft import small
+from specpv_jax.host import stage_factory
 from specpv_jax.loop import Output, Run, decode_loop, prefill
 from specpv_jax.sampling import Sampler
 from specpv_jax.speculative import verify_tree
@@ -67,7 +68,7 @@ def specextend_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array,
                            out=s.out.append(emitted, acc.count + 1, eos, acc.finite), key=key)
 
 
-@functools.lru_cache(maxsize=None)
+@stage_factory
 def specextend_prefill_fn(run: Run, spec: SpecConfig):
     """Prefills the target and the draft over the prompts; returns (cache, draft state, last logits `[B, V]`)."""
     def fn(params, dparams, ids, lengths, cache, draft_cache):
@@ -79,7 +80,7 @@ def specextend_prefill_fn(run: Run, spec: SpecConfig):
     return jax.jit(fn, donate_argnums=(4, 5))
 
 
-@functools.lru_cache(maxsize=None)
+@stage_factory
 def specextend_decode_fn(run: Run):
     def fn(params, dparams, cache, draft_state, logits, key, sampler, eos, limit):
         key, sub = jax.random.split(key)

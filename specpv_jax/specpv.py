@@ -39,6 +39,7 @@ from specpv_jax import offload, retrieval, verify
 from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_tokens
 from specpv_jax.config import SpecConfig
 from specpv_jax.draft import eagle3
+from specpv_jax.host import stage_factory
 from specpv_jax.loop import Run, decode_loop, run_if
 from specpv_jax.sampling import Sampler, sample_from
 from specpv_jax.speculative import EagleState, draft, flat_features, initial_state
@@ -385,7 +386,7 @@ def specpv_step(params, dparams, d2t, run: Run, sampler: Sampler, eos, st: SpecP
     return st
 
 
-@functools.lru_cache(maxsize=None)
+@stage_factory
 def specpv_decode_fn(run: Run):
     """The jitted decode loop: (out, counters, full cache, draft cache). With `run.offload`, `cache` is in host
     memory and a last argument, `summary` (`offload.empty_summary`, host memory), receives its block

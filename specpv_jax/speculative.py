@@ -19,6 +19,7 @@ from specpv_jax.attention import causal_mask
 from specpv_jax.cache import KVCache, commit_path
 from specpv_jax.config import DraftConfig
 from specpv_jax.draft import eagle3
+from specpv_jax.host import stage_factory
 from specpv_jax.loop import Output, Run, decode_loop, prefill
 from specpv_jax.sampling import Sampler
 from specpv_jax.tree import Tree
@@ -93,7 +94,7 @@ def eagle_step(params, dparams, d2t, run: Run, sampler: Sampler, eos: jax.Array,
                       out=s.out.append(emitted, acc.count + 1, eos, acc.finite), key=key)
 
 
-@functools.lru_cache(maxsize=None)
+@stage_factory
 def eagle_prefill_fn(run: Run):
     """Jitted `fn(params, dparams, ids [B, T], lengths [B], cache, draft_cache) -> (cache, draft_cache,
     logits [B, V], last_feats [n, B, H])`: the target's prefill, the head's cache filled chunk by chunk beside it."""
@@ -126,7 +127,7 @@ def initial_state(run: Run, cache: KVCache, draft_cache: KVCache, logits: jax.Ar
                       out=Output.start(run, first, eos, limit, logits), key=key)
 
 
-@functools.lru_cache(maxsize=None)
+@stage_factory
 def eagle_decode_fn(run: Run):
     """Jitted `fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, sampler, eos, limit) ->
     (Output, cache, draft_cache)`: the `eagle` loop from `eagle_prefill_fn`'s results (caches donated)."""

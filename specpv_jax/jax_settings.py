@@ -1,0 +1,30 @@
+"""The JAX settings the library runs under, whatever a caller sets for its whole process.
+
+Models, caches and loops are written for JAX's defaults: 32-bit integers (with `jax_enable_x64` a layer
+index or a literal would trace as int64 beside int32 positions and fail), standard dtype promotion and
+implicit rank promotion. Each public entry point runs under `defaults()`; the caller's settings hold
+again when it returns. Outputs are what they are without the caller's settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Iterator
+
+import jax
+
+
+@contextlib.contextmanager
+def defaults() -> Iterator[None]:
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        yield
+
+
+def under_defaults(fn: Callable) -> Callable:
+    """`fn` run under `defaults()`."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with defaults():
+            return fn(*args, **kwargs)
+    return wrapped
