@@ -19,7 +19,6 @@ import shutil
 import sys
 import time
 import uuid
-import warnings
 from typing import Any, Callable, Iterator, TypeVar
 
 import jax
@@ -28,6 +27,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 
 from specpv_jax import sharding
+from specpv_jax.warning import warn
 
 T = TypeVar("T")
 
@@ -104,7 +104,7 @@ def _remove(tree: pathlib.Path) -> None:
         shutil.rmtree(tree, ignore_errors=True)
         if not tree.exists():
             return
-    warnings.warn(f"could not delete {tree}, left by a failed save: delete it", stacklevel=_callers_level())
+    warn(f"could not delete {tree}, left by a failed save: delete it")
 
 
 def _shared_suffix() -> str:
@@ -124,27 +124,13 @@ def _warn_leftovers(out: pathlib.Path) -> None:
     inside = sorted(p.name for p in out.glob(".partial-*")) if out.is_dir() else []  # an in-place save's
     for where, names in ((out.parent, leftovers), (out, inside)):
         if names:
-            warnings.warn(f"{where} holds {', '.join(names)}, left by an interrupted save to {out.name}; delete "
-                          f"{'it' if len(names) == 1 else 'them'} unless another save to it is running",
-                          stacklevel=_callers_level())
+            warn(f"{where} holds {', '.join(names)}, left by an interrupted save to {out.name}; delete "
+                 f"{'it' if len(names) == 1 else 'them'} unless another save to it is running")
 
 
 def _contents(out: pathlib.Path) -> list[pathlib.Path]:
     """What the directory `out` holds, less what interrupted in-place saves left (`.partial-*`)."""
     return [p for p in out.iterdir() if not p.name.startswith(".partial-")]
-
-
-_LIBRARY_DIRS = tuple(str(pathlib.Path(__file__).parents[1] / d) + os.sep for d in ("specpv_jax", "convert"))
-
-
-def _callers_level() -> int:
-    """`warnings.warn`'s stacklevel, for the function calling this one, that names the first line outside this
-    library (and contextlib): the user's call, whichever of our functions led to the warning."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and (frame.f_code.co_filename.startswith(_LIBRARY_DIRS)
-                                        or frame.f_code.co_filename == contextlib.__file__):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import warnings
 from typing import Any, Callable
 
 import flax.struct
@@ -29,6 +28,7 @@ from specpv_jax.jax_settings import under_defaults
 from specpv_jax.loading import Model
 from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill
 from specpv_jax.sampling import Sampler
+from specpv_jax.warning import warn
 
 DEFAULT_PREFILL_CHUNK = 512
 EOS_SLOTS = 8  # EOS ids fill a list of this length (or a power of two above), so its length never recompiles
@@ -183,7 +183,7 @@ def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecCon
     _positive_int("prefill_chunk", prefill_chunk)
     sampler = Sampler.create(temperature, top_p)
     if sampler.greedy and top_p < 1:
-        warnings.warn(f"top_p={top_p} has no effect with temperature=0 (greedy decoding)", stacklevel=3)
+        warn(f"top_p={top_p} has no effect with temperature=0 (greedy decoding)")
     resolve_implementation(attention)
     _check_offload(spec, mode)
     if mode != "ar":
@@ -275,12 +275,17 @@ def _call_mesh(target: Model, mesh: Any, spec: SpecConfig) -> Any:
     placed = sharding.mesh_of(target.params)
     if mesh is None:
         mesh = placed or sharding.default_mesh(target.cfg)
+        if placed is None and mesh is not None:
+            warn(f"the target's weights are not on a mesh and generate runs on the default {_named(mesh)} mesh: "
+                 f"they are copied there on every call; place them once with sj.Model(target.cfg, "
+                 f"sj.sharding.shard_params(target.params, sj.sharding.default_mesh(target.cfg))) (as "
+                 f"sj.load_target does), or run on one device with generate(mesh=...)")
     else:
         sharding.check_mesh(mesh)
         if placed is not None and placed != mesh:
-            warnings.warn(f"the target's weights are on a {_named(placed)} mesh and generate(mesh=) asks for "
-                          f"{_named(mesh)}: they are copied there on every call; load the target with "
-                          f"sj.load_target(..., mesh=mesh) to place them once", stacklevel=3)
+            warn(f"the target's weights are on a {_named(placed)} mesh and generate(mesh=) asks for {_named(mesh)}: "
+                 f"they are copied there on every call; load the target with sj.load_target(..., mesh=mesh) to "
+                 f"place them once")
     if spec.offload and mesh is not None and mesh.size > 1:
         raise NotImplementedError("SpecConfig(offload=True) runs on one device: load the target with (or pass) "
                                   "mesh=sharding.make_mesh(devices=jax.local_devices()[:1])")

@@ -131,10 +131,13 @@ def main() -> None:
     # on it; the caller's own mesh in the context (other axes, Explicit) does not get in the way.
     streamed = []
     theirs = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
-    with jax.set_mesh(theirs):
+    with jax.set_mesh(theirs), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         default = sj.generate(target, prompts, 24, prefill_chunk=64, progress=True, stream=streamed.append,
                               eos_token_ids=(5,))
     assert default.stats["mesh"] == (2, 4)
+    # weights from init_params (one device): copied to the mesh on each call, which says so
+    assert any("copied there on every call" in str(w.message) for w in caught), [str(w.message) for w in caught]
     np.testing.assert_array_equal(default.lengths, expected["ar"].lengths)
     np.testing.assert_array_equal(default.tokens, expected["ar"].tokens)
     for r, n in enumerate(default.lengths):
