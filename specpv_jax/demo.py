@@ -42,8 +42,8 @@ class DemoModels(NamedTuple):
     longspec_plain: Any
 
 
-@under_defaults
 @functools.lru_cache(maxsize=4)
+@under_defaults
 def demo_models(dtype: str = "float32") -> DemoModels:
     """The bundled demo target, its drafts and tokenizer, loaded and ready for `generate`."""
     dirs = [ASSETS / name for name in ("target", "eagle3", "small_draft", "longspec", "longspec_plain")]

@@ -275,20 +275,16 @@ def _call_mesh(target: Model, mesh: Any, spec: SpecConfig) -> Any:
     placed = sharding.mesh_of(target.params)
     if mesh is None:
         mesh = placed or sharding.default_mesh(target.cfg)
-        if placed is None and mesh is not None:
-            warn(f"the target's weights are not on a mesh and generate runs on the default {_named(mesh)} mesh: "
-                 f"they are copied there on every call; place them once with sj.Model(target.cfg, "
-                 f"sj.sharding.shard_params(target.params, sj.sharding.default_mesh(target.cfg))) (as "
-                 f"sj.load_target does), or run on one device with generate(mesh=...)")
     else:
         sharding.check_mesh(mesh)
-        if placed is not None and placed != mesh:
-            warn(f"the target's weights are on a {_named(placed)} mesh and generate(mesh=) asks for {_named(mesh)}: "
-                 f"they are copied there on every call; load the target with sj.load_target(..., mesh=mesh) to "
-                 f"place them once")
     if spec.offload and mesh is not None and mesh.size > 1:
         raise NotImplementedError("SpecConfig(offload=True) runs on one device: load the target with (or pass) "
                                   "mesh=sharding.make_mesh(devices=jax.local_devices()[:1])")
+    if mesh is not None and placed != mesh and (placed is not None or mesh.size > 1):
+        where = f"on a {_named(placed)} mesh" if placed is not None else "not on a mesh"
+        warn(f"the target's weights are {where} and generate runs on a {_named(mesh)} mesh: they are copied there "
+             f"on every call; place them once with sj.load_target(..., mesh=mesh) or sj.Model(target.cfg, "
+             f"sj.sharding.shard_params(target.params, mesh))")
     return mesh
 
 

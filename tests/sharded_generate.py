@@ -67,7 +67,11 @@ def loaded_on_mesh(target, head, prompts, spec, expected) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             sj.generate(loaded, prompts[:1], 2, mesh=make_mesh(1, 8))
-        assert any("weights are on a 2x4 mesh and generate(mesh=) asks for 1x8" in str(w.message) for w in caught)
+        assert any("weights are on a 2x4 mesh and generate runs on a 1x8 mesh" in str(w.message) for w in caught)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sj.generate(target, prompts[:1], 2, mesh=make_mesh(2, 4))  # weights from init_params: one device
+        assert any("weights are not on a mesh and generate runs on a 2x4 mesh" in str(w.message) for w in caught)
         sj.save_target(loaded, pathlib.Path(tmp, "resaved"))  # from shards
         one = sj.load_target(pathlib.Path(tmp, "resaved"), mesh=make_mesh(devices=jax.devices()[:1]))
         assert sharding.mesh_of(one.params).size == 1

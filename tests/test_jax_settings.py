@@ -98,3 +98,8 @@ def test_stage_factories_keep_as_many_stages_as_timed_call_keeps_executables(mod
     speculative.eagle_prefill_fn(runs[-1])
     gc.collect()
     assert first() is None
+
+
+def test_the_demo_models_cache_can_still_be_cleared():
+    assert sj.demo_models.cache_info().maxsize == 4  # the settings wrapper sits inside the cache
+    sj.demo_models.cache_clear()
