@@ -194,10 +194,12 @@ def _save_params(path: pathlib.Path, params: Any, out: pathlib.Path) -> None:
         with _orbax_errors_unlogged():  # each writer thread logs the failure with a page-long traceback
             checkpointer.save(path, params)
             checkpointer.wait_until_finished()
-    except Exception as e:  # orbax and TensorStore raise several types
+    except BaseException as e:  # orbax and TensorStore raise several types; Ctrl-C stops only this thread
         with contextlib.suppress(Exception), _orbax_errors_unlogged():
             checkpointer.close()
         _quiet_orphaned_writes()
+        if not isinstance(e, Exception):
+            raise
         raise CheckpointError(f"cannot write the parameters of {out}: {_first_line(e)}") from None
     checkpointer.close()
 
@@ -325,6 +327,9 @@ def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
     except Exception as e:  # orbax and TensorStore raise several types
         error = CheckpointError(f"cannot read the parameters in {path / 'params'} (the checkpoint is damaged): "
                                 f"{_first_line(e)}")
+    except BaseException:  # Ctrl-C: the reads in flight still report when they end
+        _quiet_failed_reads()
+        raise
     _quiet_failed_reads()
     raise error
 

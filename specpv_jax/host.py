@@ -116,6 +116,7 @@ class _Stream:
     lock = threading.Lock()  # streaming calls from several threads take turns
     function: Callable | None = None
     error: BaseException | None = None
+    delivering = threading.local()  # `.active`: this thread is inside the function now
 
 
 @dataclasses.dataclass
@@ -129,6 +130,9 @@ class StreamCall:
 def streaming_to(stream: Callable) -> Iterator[StreamCall]:
     """Delivers the streaming decode loops run inside to `stream`. On leaving, every report has been
     delivered and the yielded `StreamCall` holds what `stream` raised, for the caller to re-raise."""
+    if getattr(_Stream.delivering, "active", False):  # waiting for the lock would wait for ourselves
+        raise RuntimeError("generate(stream=...) cannot run inside a stream function (the running call delivers "
+                           "to one function at a time); call generate without stream= there")
     call = StreamCall()
     with _Stream.lock:
         _Stream.function, _Stream.error = stream, None
@@ -146,7 +150,10 @@ def deliver(tokens, before, after) -> None:
         return
     # Whatever it raises (KeyboardInterrupt too) is kept for `generate` to re-raise after the loop: raised through
     # the runtime it would arrive as an opaque XLA error.
+    _Stream.delivering.active = True
     try:
         _Stream.function([row[b:a] for row, b, a in zip(np.asarray(tokens), np.asarray(before), np.asarray(after))])
     except BaseException as e:
         _Stream.error = e
+    finally:
+        _Stream.delivering.active = False

@@ -408,6 +408,33 @@ def test_a_stream_callback_interrupted_raises_keyboard_interrupt():
     assert sj.generate(models.target, [5, 6, 7], 8, eos_token_ids=()).tokens.shape == (1, 8)
 
 
+def test_a_stream_function_that_streams_another_generate_is_refused():
+    """It waited for the lock its own call held: a hang, with nothing said."""
+    import threading
+
+    models = sj.demo_models()
+    nested = []
+
+    def stream(new_per_row):
+        if not nested:
+            nested.append(sj.generate(models.target, [5, 6], 2, eos_token_ids=()))  # without stream=: runs
+            sj.generate(models.target, [5, 6], 2, stream=print, eos_token_ids=())
+
+    result = {}
+
+    def run():
+        try:
+            sj.generate(models.target, [5, 6, 7], 4, stream=stream, eos_token_ids=())
+        except RuntimeError as e:
+            result["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)  # a hang fails the test, not the run
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive() and "cannot run inside a stream function" in str(result.get("error"))
+    assert nested[0].tokens.shape == (1, 2)
+
+
 def test_cli_reports_a_run_that_cannot_fit_as_an_error(monkeypatch, capsys):
     from specpv_jax import memory
     from specpv_jax.cli import main

@@ -149,7 +149,7 @@ def test_lm_training_learns_a_pattern_and_resumes(tmp_path):
     assert len(more) == 5 and more[0]["loss"] < 0.5 * history[0]["loss"]
 
 
-def test_a_resumed_run_continues_the_batch_stream(tmp_path):
+def test_a_resumed_run_continues_the_batch_stream(tmp_path, capsys):
     def loss(p, batch):
         return jnp.sum((p["w"] - batch) ** 2), {}
 
@@ -161,10 +161,13 @@ def test_a_resumed_run_continues_the_batch_stream(tmp_path):
 
     tc = TrainConfig(10, 1, 1, lr=0.1, warmup=1, save_every=5)
     straight, _ = fit(loss, {"w": jnp.zeros(3)}, batches(), tc, progress=False)
-    with pytest.raises(KeyboardInterrupt):  # killed at step 8, saved at 5
-        fit(loss, {"w": jnp.zeros(3)}, batches(stop_at=8), tc, checkpoint_dir=tmp_path / "w", progress=False)
-    resumed, history = fit(loss, {"w": jnp.zeros(3)}, batches(), tc, checkpoint_dir=tmp_path / "w", progress=False)
+    with pytest.raises(KeyboardInterrupt):  # stopped at step 8, saved at 5
+        fit(loss, {"w": jnp.zeros(3)}, batches(stop_at=8), tc, checkpoint_dir=tmp_path / "w")
+    assert f"train: interrupted; {tmp_path / 'w'} holds step 5: the same command resumes there" in \
+        capsys.readouterr().err
+    resumed, history = fit(loss, {"w": jnp.zeros(3)}, batches(), tc, checkpoint_dir=tmp_path / "w")
     assert len(history) == 5
+    assert f"train: resuming at step 5 of 10 from {tmp_path / 'w'} (saved every 5 steps)" in capsys.readouterr().err
     np.testing.assert_allclose(resumed["w"], straight["w"], rtol=1e-6)
     again, history = fit(loss, {"w": jnp.zeros(3)}, batches(), tc, checkpoint_dir=tmp_path / "w", progress=False)
     assert history == [] and np.array_equal(again["w"], resumed["w"])  # a finished run: nothing to do

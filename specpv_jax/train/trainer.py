@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 from typing import Any, Callable, Iterator
 
 import jax
@@ -85,6 +86,9 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
                                  "steps asked for (ask for at least as many, or use another checkpoint directory)")
             for _ in range(int(state["step"])):
                 next(batches)
+            if progress:
+                tqdm.write(f"{desc}: resuming at step {int(state['step'])} of {tc.steps} from {checkpoint_dir} "
+                           f"(saved every {tc.save_every} steps)", file=sys.stderr)
 
     @jax.jit
     def step(state, batch):
@@ -119,6 +123,14 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
                 bar.update()
             if pending is not None:
                 record(*pending)  # before the bar closes, so that its last line shows the last step
+    except KeyboardInterrupt:
+        if manager is not None and progress:
+            manager.wait_until_finished()
+            saved = manager.latest_step()
+            where = (f"{checkpoint_dir} holds step {saved}: the same command resumes there" if saved else
+                     f"nothing saved yet (the first save is at step {tc.save_every})")
+            tqdm.write(f"{desc}: interrupted; {where}", file=sys.stderr)
+        raise
     finally:  # an interrupted run keeps the checkpoint being written
         if manager is not None:
             manager.wait_until_finished()
