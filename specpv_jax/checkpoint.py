@@ -322,23 +322,21 @@ def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
     where = (jax.tree.map(lambda m: device, tree) if mesh is None else
              jax.tree.map(lambda m, spec: NamedSharding(mesh, spec), tree, sharding.param_specs(tree, mesh)))
     abstract = jax.tree.map(lambda m, w: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=w), tree, where)
+    _drop_failed_read_reports()  # before reading: in-flight reads report as soon as one fails (or on Ctrl-C)
     try:
         return ocp.StandardCheckpointer().restore(path / "params", abstract)
     except Exception as e:  # orbax and TensorStore raise several types
         error = CheckpointError(f"cannot read the parameters in {path / 'params'} (the checkpoint is damaged): "
                                 f"{_first_line(e)}")
-    except BaseException:  # Ctrl-C: the reads in flight still report when they end
-        _quiet_failed_reads()
-        raise
-    _quiet_failed_reads()
+    gc.collect()  # the failed reads, orphaned with the exception, report now (and are dropped)
     raise error
 
 
-def _quiet_failed_reads() -> None:
+def _drop_failed_read_reports() -> None:
     """Quiets the reads a failed orbax restore leaves behind: each reports its own TensorStore error, a page
     long, when collected, and those still in flight report that orbax's event loop is closed when they finish
     (`restore`'s error names the problem). From here on the process's unraisable-exception hook drops those
-    reports (and passes on every other); then what is already orphaned is collected."""
+    reports (and passes on every other)."""
     if not getattr(sys.unraisablehook, "drops_failed_reads", False):
         passed_on = sys.unraisablehook
 
@@ -348,7 +346,6 @@ def _quiet_failed_reads() -> None:
 
         hook.drops_failed_reads = True
         sys.unraisablehook = hook
-    gc.collect()
 
 
 def _failed_read(unraisable) -> bool:
