@@ -259,6 +259,8 @@ def _cmd_train_draft(args) -> int:
         if work_dir == out_dir or out_dir in work_dir.parents or work_dir in out_dir.parents:
             raise ValueError(f"--work {args.work} and --out {args.out} must be separate directories (writing the "
                              f"head replaces --out whole)")
+    elif args.save_every is not None:
+        raise ValueError("--save-every sets how often --work DIR is saved: add --work")
     if args.long_context is None:
         given = [name for name in ("--long-steps", "--long-length") if getattr(args, name[2:].replace("-", "_"))]
         if given:
@@ -275,9 +277,10 @@ def _cmd_train_draft(args) -> int:
     if args.long_context is not None and args.long_length > args.long_context:
         raise ValueError(f"--long-length {args.long_length} must not exceed --long-context {args.long_context} "
                          f"(the positions the YaRN fine-tune stretches RoPE to)")
-    short = TrainConfig(args.steps, args.batch, args.length, lr=args.lr)  # checks them
-    long = (TrainConfig(args.long_steps, max(1, args.batch // 4), args.long_length, lr=args.lr / 10, warmup=5)
-            if args.long_context else None)
+    saving = {} if args.save_every is None else {"save_every": args.save_every}
+    short = TrainConfig(args.steps, args.batch, args.length, lr=args.lr, **saving)  # checks them
+    long = (TrainConfig(args.long_steps, max(1, args.batch // 4), args.long_length, lr=args.lr / 10, warmup=5,
+                        **saving) if args.long_context else None)
     _require_tokenizer(args.target, "train-draft tokenizes --data with them")
     positions = _model_config(args.target).max_position_embeddings
     longest = max(args.length, args.long_context or 0)
@@ -396,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--context", type=at_least(1), default=16384, help="prompt tokens (a held-out module's source)")
     d.add_argument("--max-new-tokens", type=at_least(1), default=128, help="tokens each mode generates")
     d.set_defaults(run=_cmd_demo)
+    from specpv_jax.train.trainer import TrainConfig
     t = sub.add_parser("train-draft", help="train an EAGLE-3 head for a target on text files")
     t.add_argument("--target", required=True, help="HF directory or orbax checkpoint (with tokenizer files)")
     t.add_argument("--data", nargs="+", required=True, help="text files or directories of them")
@@ -412,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--long-length", type=at_least(2), help=f"sequence length of the --long-context fine-tune "
                    f"(default {LONG_LENGTH} or --long-context if shorter; batch: --batch / 4)")
     t.add_argument("--work", help="directory for resumable training checkpoints")
+    t.add_argument("--save-every", type=at_least(1), metavar="STEPS",
+                   help=f"steps between saves to --work (default: {TrainConfig.save_every})")
     t.add_argument("--force", action="store_true", help="replace OUT if it exists")
     t.set_defaults(run=_cmd_train_draft)
     b = sub.add_parser("bench", help="the modes side by side over context lengths; writes bench.json/md/png")

@@ -348,6 +348,8 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"),
           "--long-context", "64", "--length", "64"], "--long-context 64 must exceed --length 64"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", target, "--force"], "delete it"),
+        (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--save-every",
+          "50"], "--save-every sets how often --work DIR is saved: add --work"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--work",
           str(tmp_path / "new" / "ckpt")], "must be separate directories"),
         (["train-draft", "--target", target, "--data", str(tmp_path / "out" / "keep.txt"), "--out", str(tmp_path),
@@ -372,6 +374,7 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
                  ["plan", "--model", "llama-3.1-8b", "--context", "9", "--mesh", "2by4"],
                  ["generate", target, "--prompt", "x", "--mesh", "0x8"],
                  ["train-draft", "--target", target, "--data", "x", "--out", "y", "--unroll", "0"],
+                 ["train-draft", "--target", target, "--data", "x", "--out", "y", "--work", "w", "--save-every", "0"],
                  ["train-draft", "--target", target, "--data", "x", "--out", "y", "--lr", "nan"],
                  ["bench", "--contexts", "-5"], ["bench", "--new-tokens", "1"],
                  ["bench", "--budget-fraction", "-1"], ["demo", "--context", "-3"]):

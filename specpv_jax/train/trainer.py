@@ -41,7 +41,7 @@ class TrainConfig:
     save_every: int = 200
 
     def __post_init__(self):
-        for name in ("steps", "batch", "length"):
+        for name in ("steps", "batch", "length", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.lr < float("inf"):
