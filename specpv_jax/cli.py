@@ -22,6 +22,9 @@ def _cmd_convert(args) -> int:
     out = save_target(model, args.out_dir, overwrite=args.force)
     print(f"wrote {out} ({model.cfg.arch}, {model.cfg.num_layers} layers, {model.dtype}"
           f"{'' if args.dtype else ' as stored'})")
+    if model.tokenizer is None:
+        print(f"note: {args.hf_dir} has no tokenizer files, nor has {out}: text prompts (generate --prompt) need "
+              f"them in {pathlib.Path(out) / 'tokenizer'}", file=sys.stderr)
     return 0
 
 
@@ -161,12 +164,15 @@ def _cmd_plan(args) -> int:
 def _cmd_generate(args) -> int:
     import jax
 
-    from specpv_jax import text
+    from specpv_jax import loading, prompts, text
     from specpv_jax.generate import generate
-    from specpv_jax.loading import load_draft, load_target
+    from specpv_jax.sampling import Sampler, check_seed
     from specpv_jax.sharding import make_mesh
 
-    spec = parse_spec(args.spec)  # all that can be checked is checked before the (long) loads
+    # All that can be checked is checked before the (long) loads of the weights.
+    spec = parse_spec(args.spec)
+    Sampler.create(args.temperature, args.top_p)
+    check_seed(args.seed)
     if args.mode != "ar" and not args.draft:
         raise ValueError(f"--mode {args.mode} needs --draft DIR")
     if args.mode == "ar" and args.draft:
@@ -178,15 +184,17 @@ def _cmd_generate(args) -> int:
         raise ValueError("the prompt is empty")
     shape = _mesh_shape(args, spec)
     _require_tokenizer(args.model, "generate encodes the prompt with them")
+    tokenizer = loading.load_tokenizer(args.model)
+    ids = text.encode_prompt(tokenizer, prompt, chat=not args.no_chat)
+    prompts.prepare([ids], _model_config(args.model), args.max_new_tokens, chunk=1)  # ids and length
     mesh = make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]]) if shape else None
-    model = load_target(args.model, dtype=args.dtype, mesh=mesh)  # generate runs where the model is
-    draft = load_draft(args.draft, model) if args.draft else None
-    ids = text.encode_prompt(model.tokenizer, prompt, chat=not args.no_chat)
-    stream = None if args.no_stream else text.TextStream(model.tokenizer)
+    model = loading.load_target(args.model, dtype=args.dtype, mesh=mesh)  # generate runs where the model is
+    draft = loading.load_draft(args.draft, model) if args.draft else None
+    stream = None if args.no_stream else text.TextStream(tokenizer)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, mode=args.mode, draft=draft,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, spec=spec, stream=stream)
     if stream is None:
-        print(text.decode(model.tokenizer, out.tokens[0, : out.lengths[0]].tolist()))
+        print(text.decode(tokenizer, out.tokens[0, : out.lengths[0]].tolist()))
     else:
         stream.flush()
         print()
@@ -217,7 +225,7 @@ def _mesh_shape(args, spec) -> tuple[int, int] | None:
 
 def _read_prompt(path: str) -> str:
     try:
-        return pathlib.Path(path).read_text(encoding="utf-8")
+        return pathlib.Path(path).read_text(encoding="utf-8-sig")  # without a byte-order mark
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompt-file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
     except OSError as e:

@@ -27,7 +27,7 @@ from specpv_jax.host import prefill_progress, stage_factory, timed_call
 from specpv_jax.jax_settings import under_defaults
 from specpv_jax.loading import Model
 from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill
-from specpv_jax.sampling import Sampler
+from specpv_jax.sampling import Sampler, check_seed
 from specpv_jax.warning import warn
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -226,8 +226,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     draft = None if mode == "ar" else draft  # "ar" ignores a draft
     spec, sampler = _check_settings(target.cfg, mode, getattr(draft, "cfg", None), spec, max_new_tokens,
                                     temperature, top_p, prefill_chunk, attention)
-    if not _is_int(seed) or not -2 ** 63 <= seed < 2 ** 63:
-        raise ValueError(f"seed must be a 64-bit signed integer, got {seed!r}")
+    check_seed(seed)
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")
     mesh = _call_mesh(target, mesh, spec)

@@ -41,7 +41,9 @@ def tokenizer_directory(path: str | os.PathLike) -> pathlib.Path | None:
     return directory
 
 
-def _tokenizer(directory: pathlib.Path | None):
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a model directory (Hugging Face, or an orbax export); None without tokenizer files."""
+    directory = tokenizer_directory(path)
     if directory is None:
         return None
     from transformers import AutoTokenizer
@@ -93,7 +95,7 @@ def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress
     place = (lambda cfg: mesh) if mesh is not None else sharding.default_mesh
     path = _absolute(path)
     cfg, params = _load_decoder(path, dtype, progress, place)
-    return Model(cfg, params, _tokenizer(tokenizer_directory(path)), str(path))
+    return Model(cfg, params, load_tokenizer(path), str(path))
 
 
 def _absolute(path: str | os.PathLike) -> pathlib.Path:

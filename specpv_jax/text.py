@@ -10,36 +10,54 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
     if tokenizer is None:
         raise ValueError("this model has no tokenizer files; pass token ids instead of text")
     if chat and getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True)
+        except TemplateError as e:
+            raise ValueError(f"the chat template of the tokenizer in {tokenizer.name_or_path} failed: "
+                             f"{type(e).__name__}: {e} (encode without it: chat=False, --no-chat)") from e
         return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
     return list(tokenizer(text)["input_ids"])
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    # No clean-up of spaces: it rewrites text already streamed (" ," -> ","), and code or byte-level text
+    # is not English prose.
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class TextStream:
     """A `generate(stream=...)` callback that prints row 0's tokens as text as they arrive.
 
-    Decodes everything received so far and prints the new suffix, holding back a
-    trailing incomplete UTF-8 character until its other bytes arrive; `flush()`
-    prints what is held back once generation ends.
+    Decodes a window of the latest tokens and prints its new suffix, holding back
+    a trailing incomplete UTF-8 character until its other bytes arrive; `flush()`
+    prints what is held back once generation ends. The window keeps `CONTEXT`
+    tokens before the unprinted ones (a token's text can depend on those before
+    it, e.g. a SentencePiece word's leading space), so each call decodes a few
+    tokens, not all those so far.
     """
+
+    CONTEXT = 8
 
     def __init__(self, tokenizer: Any, file=None):
         self.tokenizer, self.file = tokenizer, file
         self.ids: list[int] = []
-        self.printed = 0
+        self.start = 0  # the window: ids[start:]
+        self.printed = 0  # characters of the window's text already printed
 
     def __call__(self, rows) -> None:
         self.ids.extend(int(i) for i in rows[0])
-        self._print(decode(self.tokenizer, self.ids).rstrip("\ufffd"))
+        text = decode(self.tokenizer, self.ids[self.start:])
+        self._print(text.rstrip("\ufffd"))
+        if self.printed == len(text) and len(self.ids) - self.start >= 2 * self.CONTEXT:
+            self.start = len(self.ids) - self.CONTEXT  # all printed: slide the window
+            self.printed = len(decode(self.tokenizer, self.ids[self.start:]))
 
     def flush(self) -> None:
         """Prints the rest, an incomplete last character included (as U+FFFD)."""
-        self._print(decode(self.tokenizer, self.ids))
+        self._print(decode(self.tokenizer, self.ids[self.start:]))
 
     def _print(self, text: str) -> None:
         import sys

@@ -54,7 +54,7 @@ def test_cli_generate_from_text(model_dir, capsys):
 
 def test_text_stream_holds_back_incomplete_characters(capsys):
     class Bytes:  # a byte-level tokenizer: id = byte
-        def decode(self, ids, skip_special_tokens=True):
+        def decode(self, ids, **_):
             return bytes(ids).decode("utf-8", errors="replace")
 
     stream = text.TextStream(Bytes())
@@ -67,6 +67,102 @@ def test_text_stream_holds_back_incomplete_characters(capsys):
     assert capsys.readouterr().out == "!"
     stream.flush()
     assert capsys.readouterr().out == "\ufffd"
+
+
+CORPUS = "déjà vu , naïve café — 東京 and  spaces\n\tcode(x) , y ."
+
+
+def _trained_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    """A small BPE tokenizer trained here: byte-level (GPT-2/Llama-3/Qwen style) or SentencePiece-like."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    if kind == "byte-level":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = []
+    tok.train_from_iterator([CORPUS * 3, "ok 🙂 fine"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>"], initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+
+
+def _streamed(tokenizer, ids: list[int], step: int) -> str:
+    import io
+
+    out = io.StringIO()
+    stream = text.TextStream(tokenizer, file=out)
+    for i in range(0, len(ids), step):
+        stream([ids[i:i + step]])
+    stream.flush()
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_text_stream_prints_what_decode_gives_from_a_bounded_window(kind):
+    import numpy as np
+
+    tokenizer = _trained_tokenizer(kind)
+    random_ids = np.random.default_rng(0).integers(0, len(tokenizer), 600).tolist()  # incomplete characters too
+    assert _streamed(tokenizer, random_ids, 3) == text.decode(tokenizer, random_ids)
+    windows = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda ids, **kw: windows.append(len(ids)) or decode(ids, **kw)
+    ids = tokenizer(CORPUS * 40, add_special_tokens=False)["input_ids"]
+    for step in (1, 4):
+        streamed = _streamed(tokenizer, ids, step)
+        assert max(windows) <= 2 * text.TextStream.CONTEXT + step  # each call decodes a few tokens, not all so far
+        assert streamed == text.decode(tokenizer, ids) == CORPUS * 40
+        windows.clear()
+    assert text.decode(tokenizer, tokenizer("a , x")["input_ids"]) == "a , x"  # no clean-up of spaces
+
+
+def test_a_failing_chat_template_is_named(model_dir):
+    tokenizer = sj.load_target(model_dir, progress=False).tokenizer
+    tokenizer.chat_template = "{{ raise_exception('System role not supported') }}"
+    with pytest.raises(ValueError, match=r"chat template of the tokenizer in .*model failed: TemplateError: "
+                                         r"System role not supported \(encode without it"):
+        text.encode_prompt(tokenizer, "w7")
+    tokenizer.chat_template = "{% for m in messages %}"
+    with pytest.raises(ValueError, match="TemplateSyntaxError"):
+        text.encode_prompt(tokenizer, "w7")
+    assert text.encode_prompt(tokenizer, "w7", chat=False)[-1] == 7
+
+
+def test_cli_generate_checks_the_prompt_and_settings_before_loading_weights(model_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    from specpv_jax import loading
+
+    def load_target(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(loading, "load_target", load_target)
+    (tmp_path / "long.txt").write_text("w7 " * 2000)
+    (model_dir / "chat_template.jinja").write_text("{{ raise_exception('System role not supported') }}")
+    generate = ["generate", str(model_dir), "--prompt", "w7"]
+    for argv, message in [
+        (generate + ["--temperature", "-1"], "temperature must be finite"),
+        (generate + ["--temperature", "0.5", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (generate + ["--seed", str(2 ** 70)], "seed must be a 64-bit signed integer"),
+        (["generate", str(model_dir), "--prompt-file", str(tmp_path / "long.txt"), "--no-chat"],
+         "over the model's max_position_embeddings=2048"),
+        (generate, "chat template of the tokenizer in"),
+    ]:
+        assert cli.main(argv) == 1, argv
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(AssertionError, match="the weights were loaded"):  # the prompt passed every check
+        cli.main(generate + ["--no-chat"])
+
+
+def test_prompt_file_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "p.txt").write_bytes("\ufeffw7 w8".encode("utf-8"))
+    assert cli._read_prompt(str(tmp_path / "p.txt")) == "w7 w8"
+
+
+def test_convert_without_a_tokenizer_says_so(hf_model, tmp_path, capsys):
+    assert cli.main(["convert", str(hf_model("llama-mha")[0]), str(tmp_path / "out")]) == 0
+    assert "has no tokenizer files" in capsys.readouterr().err
 
 
 def test_tokenizer_travels_with_orbax_export(model_dir, tmp_path):
