@@ -11,9 +11,11 @@ from specpv_jax.config import DraftConfig, ModelConfig, RopeConfig, SpecConfig
 from specpv_jax.demo import DemoModels, demo_models
 from specpv_jax.generate import GenerateOutput, fidelity, forward_logits, generate, make_generate_fn
 from specpv_jax.loading import Model, load_draft, load_target, save_draft, save_target
+from specpv_jax.warning import SpecPVWarning
 
 __all__ = [
     "DemoModels", "DraftConfig", "GenerateOutput", "Model", "ModelConfig", "RopeConfig", "SpecConfig",
+    "SpecPVWarning",
     "demo_models", "fidelity", "forward_logits", "generate", "load_draft", "load_target", "make_generate_fn", "save_draft",
     "save_target",
 ]

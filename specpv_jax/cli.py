@@ -8,6 +8,8 @@ import functools
 import os
 import pathlib
 import sys
+import warnings
+from typing import Callable
 
 from specpv_jax.generate import MODES
 from specpv_jax.jax_settings import under_defaults
@@ -405,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the bundled demo")
     d.add_argument("--context", type=at_least(1), default=16384, help="prompt tokens (a held-out module's source)")
-    d.add_argument("--max-new-tokens", type=at_least(1), default=128, help="tokens each mode generates")
+    d.add_argument("--max-new-tokens", type=at_least(2), default=128,
+                   help="tokens each mode generates (the first comes from the prefill, the speeds from the rest)")
     d.set_defaults(run=_cmd_demo)
     from specpv_jax.train.trainer import TrainConfig
     t = sub.add_parser("train-draft", help="train an EAGLE-3 head for a target on text files")
@@ -436,10 +439,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @under_defaults
+def _show_warning(command: str, show: Callable) -> Callable:
+    """`warnings.showwarning` that prints the library's warnings as a command's messages (their file and line
+    would be the CLI's own), others as `show` does."""
+    from specpv_jax.warning import SpecPVWarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SpecPVWarning):
+            print(f"specpv-jax {command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning(args.command, warnings.showwarning)
+            return args.run(args)
     except BrokenPipeError:  # `specpv-jax generate ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

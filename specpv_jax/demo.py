@@ -111,6 +111,9 @@ def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...]
 
     from specpv_jax.generate import fidelity, generate
 
+    if new_tokens < 2:
+        raise ValueError(f"the demo needs at least 2 new tokens (the first comes from the prefill, the speeds "
+                         f"from the rest), got {new_tokens}")
     models = demo_models()
     prompt = demo_prompt(models.tokenizer, context)
     print(f"specpv-jax demo: a {models.target.cfg.num_layers}-layer target with its EAGLE-3 head, a "

@@ -142,16 +142,23 @@ class Output:
                    limit=jnp.asarray(limit, jnp.int32), steps=zero, row_steps=zero, emitted=zero,
                    finite=jnp.isfinite(logits).all())
 
+    def kept(self, new: jax.Array, count: jax.Array, eos: jax.Array, ahead: Any = 0) -> tuple[jax.Array, jax.Array]:
+        """How many of `new [B, P]`'s first `count [B]` tokens a row keeps after `ahead [B]` tokens not yet
+        appended (exact mode's provisional ones): up to its first EOS, within `limit`, none once done; and
+        whether it keeps an EOS. Both `[B]`."""
+        slot = jnp.arange(new.shape[1])[None, :]
+        is_eos = jnp.isin(new, eos) & (slot < count[:, None])
+        hit_eos = is_eos.any(1)
+        count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, count)
+        return jnp.where(self.done, 0, jnp.minimum(count, self.limit - self.num_out - ahead)), hit_eos
+
     def append(self, new: jax.Array, count: jax.Array, eos: jax.Array, finite: jax.Array) -> "Output":
         """Appends `new [B, P]` (first `count [B]` valid) to live rows, stopping at EOS and at `limit`; `finite`:
         whether the target's logits that chose them were all finite."""
         b, p = new.shape
         live = ~self.done
         slot = jnp.arange(p)[None, :]
-        is_eos = jnp.isin(new, eos) & (slot < count[:, None])
-        hit_eos = is_eos.any(1)
-        count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, count)
-        count = jnp.where(live, jnp.minimum(count, self.limit - self.num_out), 0)
+        count, hit_eos = self.kept(new, count, eos)
         dest = jnp.where(slot < count[:, None], self.num_out[:, None] + slot, self.tokens.shape[1])
         tokens = self.tokens.at[jnp.arange(b)[:, None], dest].set(new, mode="drop")
         num_out = self.num_out + count

@@ -52,8 +52,9 @@ MAX_BACKOFF = 64
 
 @flax.struct.dataclass
 class Counters:
-    """Per-kind step counts; `*_rows` count live rows verified, `*_accepted` the tokens they accepted
-    (drafted + bonus). rollbacks: provisional tokens rejected by a full step (exact mode)."""
+    """Per-kind step counts; `*_rows` count live rows verified, `*_accepted` the tokens they accepted (drafted +
+    bonus, or a rolled-back row's correction) as far as the output keeps them (to EOS, within max_new_tokens).
+    rollbacks: rows whose provisional tokens a full step rejected (exact mode)."""
 
     full: jax.Array
     partial: jax.Array
@@ -168,6 +169,7 @@ def partial_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree:
 
     emitted, feats = acc.emitted(tree), acc.along_path(flat_features(out.features))
     out_buf = s.out.append(emitted, count, eos, acc.finite) if run.mode == "specpv" else s.out
+    kept, _ = s.out.kept(emitted, count, eos, ahead=st.n_missing if run.mode == "exact" else 0)
     c = st.counters
     return st.replace(
         eagle=s.replace(pair_feats=feats, pair_tokens=emitted, pair_count=count, root=acc.bonus, out=out_buf,
@@ -175,7 +177,7 @@ def partial_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree:
         partial=partial, missing=missing, missing_q=missing_q,
         n_missing=jnp.where(live, st.n_missing + count, st.n_missing),
         counters=c.replace(partial=c.partial + 1, partial_rows=c.partial_rows + live.sum(),
-                           partial_accepted=c.partial_accepted + jnp.where(live, count, 0).sum()))
+                           partial_accepted=c.partial_accepted + kept.sum()))
 
 
 def _full_inputs(tree: Tree, missing: jax.Array, n_missing: jax.Array, full_length: jax.Array):
@@ -283,6 +285,8 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
         cap, pause, backoff = next_provisional_cap(cap, pause, backoff, n_missing, rejected, first, acc.count + 1,
                                                    spec.max_missing)
     finite = jnp.isfinite(logits).all()  # all of them: the missing tokens' logits decide exact mode's rollbacks
+    kept, _ = s.out.kept(out_tokens, out_count, eos)
+    kept = jnp.maximum(kept - (out_count - count), 0)  # this step's own tokens, after the confirmed provisional ones
     c = st.counters
     return st.replace(
         eagle=EagleState(cache=cache, draft_cache=draft_cache, pair_feats=pair_feats, pair_tokens=emitted,
@@ -290,7 +294,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
         partial=partial, summary=summary, ready=cache.length > spec.partial_threshold, draft_partial=draft_partial,
         n_missing=jnp.where(live, 0, st.n_missing), provisional_cap=cap, pause=pause, backoff=backoff,
         counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
-                           full_accepted=c.full_accepted + jnp.where(live & ~rejected, acc.count + 1, 0).sum(),
+                           full_accepted=c.full_accepted + kept.sum(),
                            rollbacks=c.rollbacks + rejected.sum()))
 
 

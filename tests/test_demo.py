@@ -377,7 +377,8 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
                  ["train-draft", "--target", target, "--data", "x", "--out", "y", "--work", "w", "--save-every", "0"],
                  ["train-draft", "--target", target, "--data", "x", "--out", "y", "--lr", "nan"],
                  ["bench", "--contexts", "-5"], ["bench", "--new-tokens", "1"],
-                 ["bench", "--budget-fraction", "-1"], ["demo", "--context", "-3"]):
+                 ["bench", "--budget-fraction", "-1"], ["demo", "--context", "-3"],
+                 ["demo", "--max-new-tokens", "1"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2, argv

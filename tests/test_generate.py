@@ -101,7 +101,7 @@ def test_ragged_rows_of_any_array_type(target):
 
 def test_top_p_without_sampling_is_a_warning_and_greedy(target):
     greedy = sj.generate(target, [5, 6, 7], 6, eos_token_ids=())
-    with pytest.warns(UserWarning, match="top_p=0.5 has no effect with temperature=0") as seen:
+    with pytest.warns(sj.SpecPVWarning, match="top_p=0.5 has no effect with temperature=0") as seen:
         out = sj.generate(target, [5, 6, 7], 6, top_p=0.5, eos_token_ids=())
     np.testing.assert_array_equal(out.tokens, greedy.tokens)
     assert seen[0].filename == __file__  # the user's line, not the library's

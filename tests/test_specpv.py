@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from specpv_jax import model as M
 from specpv_jax import hlo, retrieval
 from specpv_jax.cache import BlockSummary, KVCache
 from specpv_jax.demo import demo_prompt
+from specpv_jax.loop import Output
 from specpv_jax.sampling import Sampler
 from specpv_jax.specpv import MAX_BACKOFF, next_provisional_cap
 from test_eagle import make_head, make_target
@@ -263,6 +266,45 @@ def test_specpv_below_threshold_is_eagle(models, monkeypatch):
     with pytest.raises(TypeError):  # the specpv loop: the check above would fail without its shortcut
         sj.generate(target, prompt, 48, draft=head, mode="specpv", spec=small_spec(retrieval_tokens=496),
                     eos_token_ids=())
+
+
+def test_accepted_lengths_count_the_tokens_kept():
+    """Per-kind accepted lengths count the tokens the output keeps (to EOS, within max_new_tokens), as the
+    overall figure does, so that it is their weighted mean (the specpv loop counted a last step's tokens past
+    the end: 8 tokens, partial 4.0 where 2.0 were kept), and specpv's loop reports what the eagle loop does."""
+    models = sj.demo_models()
+    ids = demo_prompt(models.tokenizer, 1024)
+    spec = sj.SpecConfig(sink_tokens=16, retrieval_tokens=32, window_tokens=16, tree_depth=3, tree_top_k=3,
+                         tree_nodes=6)
+    for n in (8, 9, 13, 32):  # (EOS ends rows where Output.kept says: the test below)
+        out = sj.generate(models.target, ids, n, draft=models.eagle3, mode="specpv", spec=spec, eos_token_ids=())
+        s, emitted = out.stats, int(out.lengths[0]) - 1  # the first token comes from the prefill
+        assert s["partial_verifications"] > 0 and s["mean_accept_len"] > 1.5, (n, s)
+        assert s["mean_accept_len"] * s["steps"] == pytest.approx(emitted)
+        assert (s["mean_accept_len_full"] * s["full_verifications"] + s["mean_accept_len_partial"]
+                * s["partial_verifications"]) == pytest.approx(emitted), n
+    # Below the threshold specpv runs the eagle loop, offloaded its own: the same steps, the same figures.
+    spec = dataclasses.replace(spec, retrieval_tokens=1024)
+    for n in (2, 3, 9):
+        eagle_loop, specpv_loop = (sj.generate(models.target, ids[:200], n, draft=models.eagle3, mode="specpv",
+                                               spec=dataclasses.replace(spec, offload=offload),
+                                               eos_token_ids=()).stats for offload in (False, True))
+        for key in ("steps", "full_verifications", "mean_accept_len", "mean_accept_len_full"):
+            assert eagle_loop[key] == pytest.approx(specpv_loop[key]), (n, key)
+
+
+def test_output_keeps_tokens_to_eos_and_within_the_limit():
+    i32 = lambda *x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    zero = jnp.zeros((), jnp.int32)
+    out = Output(tokens=jnp.zeros((4, 10), jnp.int32), num_out=i32(1, 6, 3, 2), done=jnp.asarray([0, 0, 0, 1], bool),
+                 limit=i32(10, 8, 10, 10), steps=zero, row_steps=zero, emitted=zero, finite=jnp.asarray(True))
+    new, count, eos = jnp.asarray([[4, 5, 6], [4, 5, 6], [4, 9, 6], [4, 5, 6]]), i32(3, 3, 3, 3), i32(9)
+    kept, hit_eos = out.kept(new, count, eos)
+    assert kept.tolist() == [3, 2, 2, 0] and hit_eos.tolist() == [False, False, True, False]
+    assert out.kept(new, count, eos, ahead=i32(0, 1, 0, 0))[0].tolist() == [3, 1, 2, 0]
+    after = out.append(new, count, eos, jnp.asarray(True))
+    assert after.num_out.tolist() == [4, 8, 5, 2] and int(after.emitted) == 7
+    assert after.done.tolist() == [False, True, True, True] and int(after.row_steps) == 3
 
 
 def test_exact_batch_with_eos_equals_ar(models):

@@ -48,8 +48,12 @@ def test_cli_generate_from_text(model_dir, capsys):
     words = out.out.split()
     assert 1 <= len(words) <= 6 and all(w.startswith("w") for w in words)
     assert "tokens_per_s" in out.err
-    assert cli.main(["generate", str(model_dir), "--prompt", "w7 w8 w9", "--max-new-tokens", "6", "--no-stream"]) == 0
-    assert capsys.readouterr().out.split() == words  # streamed text == text printed at the end
+    assert cli.main(["generate", str(model_dir), "--prompt", "w7 w8 w9", "--max-new-tokens", "6", "--no-stream",
+                     "--top-p", "0.5"]) == 0
+    out = capsys.readouterr()
+    assert out.out.split() == words  # streamed text == text printed at the end
+    # The library's warnings read as the command's (their file and line would be the CLI's own).
+    assert "specpv-jax generate: warning: top_p=0.5 has no effect with temperature=0" in out.err
 
 
 def test_text_stream_holds_back_incomplete_characters(capsys):
