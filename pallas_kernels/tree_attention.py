@@ -327,7 +327,8 @@ def tree_attention(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, *,
     """Attention of T tree nodes over a prefix KV cache plus the tree itself.
 
     Args:
-      q: [B, T, Hq, D] queries of the tree nodes (D in {64, 128}).
+      q: [B, T, Hq, D] queries of the tree nodes (D in {64, 128}); float32, bfloat16 or float16, as the caches
+        and tree keys/values (accumulation in float32).
       k_cache, v_cache: [B, Hkv, S, D] prefix cache, valid below `cache_len`;
         or a stacked [L, B, Hkv, S, D] cache together with `layer`.
       cache_len: [B] integer, valid prefix length per row (0..S).
@@ -338,7 +339,8 @@ def tree_attention(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, *,
       scale: softmax scale (a Python float: compiled in), default 1/sqrt(D).
       block_k: keys per inner step, a power of two (>= 16 on GPU, 64 or 128 with Mosaic GPU,
         >= 128 on TPU); default 64 on GPU, 512 on TPU.
-      num_splits: prefix splits per (row, KV head), GPU only; default picks one from the shapes.
+      num_splits: prefix splits per (row, KV head), GPU kernels only ("gpu", "mosaic_gpu"); default picks one
+        from the shapes.
       platform: "gpu" (Triton kernel), "mosaic_gpu" (Mosaic GPU kernel: Hopper, bf16/f16 only,
         compiled only) or "tpu" (Mosaic kernel); default "tpu" on a TPU backend, "gpu" elsewhere.
       interpret: Pallas interpret mode (for the TPU kernel, the TPU interpreter); default True on

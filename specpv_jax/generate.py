@@ -37,8 +37,8 @@ PROGRESS_CHUNKS = 16  # prompts of this many prefill chunks (8K tokens by defaul
 
 @dataclasses.dataclass(frozen=True)
 class GenerateOutput:
-    """tokens: `[B, n_new]` int32, padded after a row's end; lengths: `[B]` tokens per row
-    (EOS included); stats: counters and timings."""
+    """tokens: `[B, n_new]` int32, n_new = max(lengths); after a row's end, the model's pad id (else its
+    first EOS id): read each row up to `lengths [B]` (EOS included); stats: counters and timings."""
 
     tokens: np.ndarray
     lengths: np.ndarray
@@ -211,6 +211,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     temperature: 0 for greedy decoding, else sampling (top_p < 1: nucleus) with PRNG `seed`.
     spec: the tree and partial-cache settings of the speculative modes (default `SpecConfig()`).
     attention: "auto" (Pallas kernels on GPU, XLA elsewhere), "xla" or "pallas".
+    prefill_chunk: prompt tokens per prefill pass (bounds the activations of long prompts).
     stream: called on the host with each row's newly emitted tokens as
     generation goes (exact mode: confirmed tokens only; a new function needs no recompilation, and
     streaming calls from several threads take turns). mesh: a
@@ -433,8 +434,10 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
         fn = jax.jit(sj.make_generate_fn(target.cfg, sj.SpecConfig(), mode="eagle", draft_cfg=draft.cfg,
                                          max_new_tokens=64))
         tokens, lengths = fn(target.params, {"params": draft.params, "d2t": draft.d2t}, ids, jax.random.key(0))
-        # several samples of one prompt at once:
-        sample = jax.vmap(fn, in_axes=(None, None, None, 0))
+        # several samples of one prompt at once (a greedy function gives the same tokens for every key):
+        sampler = jax.jit(sj.make_generate_fn(target.cfg, sj.SpecConfig(), mode="eagle", draft_cfg=draft.cfg,
+                                              max_new_tokens=64, temperature=0.8))
+        sample = jax.vmap(sampler, in_axes=(None, None, None, 0))
 
     On several devices with attention="pallas", call it under `with jax.set_mesh(mesh):`
     (a `sharding.make_mesh` mesh) so the kernel runs per shard, as in `generate`.
@@ -554,7 +557,8 @@ def _full_context_pass(target: Model, input_ids: Any, chunk: int, attention: str
 @under_defaults
 def forward_logits(target: Model, input_ids: Any, chunk: int = DEFAULT_PREFILL_CHUNK,
                    attention: str = "auto") -> np.ndarray:
-    """Full-context reference logits `[B, T, V]` float32 for equal-length prompts `[B, T]` (or `[T]`)."""
+    """Full-context reference logits `[B, T, V]` float32 for equal-length prompts `[B, T]` (or `[T]`), computed
+    `chunk` tokens at a time with `attention` ("auto", "xla" or "pallas", as in `generate`)."""
     return _full_context_pass(target, input_ids, chunk, attention, argmax=False)
 
 
@@ -564,7 +568,8 @@ def fidelity(target: Model, input_ids: Any, output: GenerateOutput, attention_ma
     """Fraction of generated tokens equal to the full-context target's argmax given the same prefix.
 
     Teacher-forced: each row's prompt + generated tokens go through the target in
-    one pass. 1.0 for any lossless greedy generation; `specpv` trades some for speed.
+    one pass (`chunk` tokens at a time). 1.0 for any lossless greedy generation; `specpv` trades some for
+    speed. input_ids and attention_mask: as given to `generate` for `output`.
     """
     _positive_int("chunk", chunk)
     batch = prompts.prepare(input_ids, target.cfg, 0, chunk, attention_mask)

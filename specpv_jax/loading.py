@@ -82,8 +82,8 @@ def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress
                 mesh: Mesh | None = None) -> Model:
     """Loads a target model from an HF directory (LLaMA/Qwen2/Qwen3) or an orbax export.
 
-    dtype: parameter and compute dtype ("float32", "bfloat16"); None keeps a
-    checkpoint's stored dtype. mesh: a `sharding.make_mesh` mesh to place the
+    dtype: parameter and compute dtype ("float32", "bfloat16", "float16"); None keeps a
+    checkpoint's stored dtype. progress: a progress bar over the tensors read. mesh: a `sharding.make_mesh` mesh to place the
     parameters on, split as `generate` runs them there (which then needs no
     `mesh=`); default, when there is more than one device: all of them,
     tensor parallel over as many as divide the heads (`sharding.default_mesh`),
@@ -139,7 +139,8 @@ def _shapes(init_params, cfg) -> dict[str, tuple[int, ...]]:
 
 @under_defaults
 def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
-    """Exports a target model as an orbax checkpoint that restores without HF files or torch."""
+    """Exports a target model as an orbax checkpoint that restores without HF files or torch (with its
+    tokenizer files); `overwrite` replaces a model directory at `out_dir` (never a directory of other files)."""
     source = pathlib.Path(model.source) if model.source else None
     tok_dir = tokenizer_directory(source) if source is not None else None
     checkpoint.check_destination(out_dir, overwrite, source=model.source)
@@ -242,7 +243,8 @@ def _longspec_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
 
 @under_defaults
 def save_draft(draft: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
-    """Exports a draft as an orbax checkpoint (`export_eagle3` writes the public layout instead)."""
+    """Exports a draft as an orbax checkpoint (`export_eagle3` writes the public layout instead); `overwrite`
+    as in `save_target`."""
     if draft.kind == "small":
         return save_target(Model(draft.cfg, draft.params, source=draft.source), out_dir, overwrite)
     checkpoint.check_destination(out_dir, overwrite, source=draft.source)
