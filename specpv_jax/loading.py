@@ -46,11 +46,32 @@ def load_tokenizer(path: str | os.PathLike):
     directory = tokenizer_directory(path)
     if directory is None:
         return None
-    from transformers import AutoTokenizer
+    import transformers
+
+    # A tokenizer saved by transformers 5 names its class TokenizersBackend, which transformers 4 lacks (it
+    # refuses the directory); its tokenizer.json loads as a fast tokenizer all the same.
+    load = transformers.PreTrainedTokenizerFast if _names_a_missing_class(directory) else transformers.AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        return load.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:  # transformers raises many types for damaged tokenizer files
         raise ValueError(f"cannot load the tokenizer in {directory}: {type(e).__name__}: {e}") from e
+
+
+def _names_a_missing_class(directory: pathlib.Path) -> bool:
+    """Whether `directory` has a tokenizer.json and its tokenizer_config.json names a class this transformers
+    lacks."""
+    import json
+
+    import transformers
+
+    config = directory / "tokenizer_config.json"
+    if not (directory / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    try:
+        name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (ValueError, AttributeError):  # not JSON, or not an object: AutoTokenizer names the problem
+        return False
+    return isinstance(name, str) and not hasattr(transformers, name) and not hasattr(transformers, name + "Fast")
 
 
 def cast_params(params: Params, dtype, where: str) -> Params:

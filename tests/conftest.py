@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import pathlib
 
 import jax
@@ -19,6 +20,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.torch)
         if not accelerator and item.get_closest_marker("gpu"):  # the marker, not a keyword: an id may say "gpu"
             item.add_marker(pytest.mark.skip(reason="needs a GPU or TPU"))
+
+
+TRANSFORMERS_5 = int(importlib.metadata.version("transformers").split(".")[0]) >= 5
+# Tests of what transformers 5 does with configs (rope_parameters); pyproject allows transformers 4.56 too.
+needs_transformers_5 = pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 5's config layout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +51,10 @@ class HFSpec:
                   pad_token_id=0, rms_norm_eps=1e-5)
         kw["head_dim"] = self.head_dim or 64 // self.heads
         kw["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "default", **dict(self.rope)}
+        if not TRANSFORMERS_5:  # transformers 4 keeps rope_parameters as an unknown field: rope_theta + rope_scaling
+            rope = kw.pop("rope_parameters")
+            kw["rope_theta"] = rope.pop("rope_theta")
+            kw["rope_scaling"] = rope if rope["rope_type"] != "default" else None
         kw.update(dict(self.extra))
         return cls(**kw)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import HF_SPECS
+from conftest import HF_SPECS, needs_transformers_5
 from specpv_jax import rope
 from specpv_jax.config import ConfigError, DraftConfig, ModelConfig, RopeConfig, SpecConfig
 
@@ -25,6 +25,7 @@ def test_reads_every_architecture():
     assert qwen3.eos_token_ids == (2,) and qwen3.pad_token_id == 0
 
 
+@needs_transformers_5
 def test_hub_rope_scaling_layout_equals_transformers5_layout():
     """Hub checkpoints store rope_scaling + rope_theta; transformers 5 writes rope_parameters."""
     new = hf_dict("llama-gqa2-tied-llama3")
@@ -40,6 +41,7 @@ def test_hub_rope_scaling_layout_equals_transformers5_layout():
     assert ModelConfig.from_hf(qwen).rope == ModelConfig.from_hf(hf_dict("qwen2-gqa4-yarn")).rope
 
 
+@needs_transformers_5
 def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
     """A model card's YaRN block added to a transformers-5 config (which holds rope_parameters): transformers
     uses rope_scaling, and so do we (it was ignored: logits 4.9 apart); a top-level
@@ -59,6 +61,7 @@ def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
     assert ModelConfig.from_hf(llama).rope.original_max_position_embeddings == 256
 
 
+@needs_transformers_5
 def test_rope_scaling_without_theta_beside_another_saved_theta_is_refused():
     """transformers takes rope_scaling whole, so a YaRN block without rope_theta added to a transformers-5 config
     saved with theta 1e6 runs at theta 10000 there (logits 0.19 apart from ours, which kept 1e6): refused,

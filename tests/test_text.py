@@ -169,6 +169,33 @@ def test_convert_without_a_tokenizer_says_so(hf_model, tmp_path, capsys):
     assert "has no tokenizer files" in capsys.readouterr().err
 
 
+def test_a_tokenizer_class_this_transformers_lacks_loads_as_a_fast_tokenizer(tmp_path, monkeypatch):
+    """transformers 5 saves tokenizer_class "TokenizersBackend", which transformers 4 refuses (the demo models'
+    tokenizers failed to load there): its tokenizer.json is read as a fast tokenizer."""
+    import json
+
+    import transformers
+
+    from specpv_jax import loading
+    from specpv_jax.demo import ASSETS
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ASSETS / "target" / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "NoSuchTokenizer"}))
+    want = loading.load_tokenizer(ASSETS / "target")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Tokenizer class NoSuchTokenizer does not exist or is not currently imported.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    got = loading.load_tokenizer(tmp_path)
+    assert got("def f(x):\n")["input_ids"] == want("def f(x):\n")["input_ids"]
+    assert (got.eos_token, got.pad_token) == (want.eos_token, want.pad_token)
+    with pytest.raises(ValueError, match="does not exist"):  # a class transformers has: AutoTokenizer decides
+        loading.load_tokenizer(ASSETS / "target")
+
+
 def test_tokenizer_travels_with_orbax_export(model_dir, tmp_path):
     sj.save_target(sj.load_target(model_dir, progress=False), tmp_path / "ck")
     restored = sj.load_target(tmp_path / "ck")
