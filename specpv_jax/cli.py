@@ -418,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=at_least(1), default=1000, help="training steps")
     t.add_argument("--batch", type=at_least(1), default=8, help="sequences per step")
     t.add_argument("--length", type=at_least(2), default=512, help="training sequence length")
-    t.add_argument("--lr", type=positive_number, default=2e-3, help="peak learning rate (cosine schedule; the --long-context "
-                   "fine-tune uses a tenth of it)")
+    t.add_argument("--lr", type=positive_number, default=2e-3,
+                   help="peak learning rate (cosine schedule; the --long-context fine-tune uses a tenth of it)")
     t.add_argument("--unroll", type=at_least(1), default=5, help="training-time-test steps")
     t.add_argument("--draft-vocab", type=at_least(1), default=32000, help="draft vocabulary size (capped at the target's)")
     t.add_argument("--long-context", type=at_least(2), help="YaRN fine-tune stretching RoPE to this many positions")
@@ -439,7 +439,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@under_defaults
 def _show_warning(command: str, show: Callable) -> Callable:
     """`warnings.showwarning` that prints the library's warnings as a command's messages (their file and line
     would be the CLI's own), others as `show` does."""
@@ -453,6 +452,7 @@ def _show_warning(command: str, show: Callable) -> Callable:
     return showwarning
 
 
+@under_defaults
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

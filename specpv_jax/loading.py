@@ -104,9 +104,10 @@ def load_target(path: str | os.PathLike, dtype: str | None = "float32", progress
     """Loads a target model from an HF directory (LLaMA/Qwen2/Qwen3) or an orbax export.
 
     dtype: parameter and compute dtype ("float32", "bfloat16", "float16"); None keeps a
-    checkpoint's stored dtype. progress: a progress bar over the tensors read. mesh: a `sharding.make_mesh` mesh to place the
-    parameters on, split as `generate` runs them there (which then needs no
-    `mesh=`); default, when there is more than one device: all of them,
+    checkpoint's stored dtype. progress: a progress bar over the tensors read. mesh:
+    a `sharding.make_mesh` mesh to place the parameters on, split as `generate`
+    runs them there (which then needs no `mesh=`); default, when there is more
+    than one device: all of them,
     tensor parallel over as many as divide the heads (`sharding.default_mesh`),
     so a model larger than one device's memory loads: each tensor goes into its
     shards as it is read.

@@ -103,3 +103,13 @@ def test_stage_factories_keep_as_many_stages_as_timed_call_keeps_executables(mod
 def test_the_demo_models_cache_can_still_be_cleared():
     assert sj.demo_models.cache_info().maxsize == 4  # the settings wrapper sits inside the cache
     sj.demo_models.cache_clear()
+
+
+def test_the_cli_runs_under_jax_defaults(monkeypatch):
+    from specpv_jax import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_cmd_plan", lambda args: seen.append(jax.numpy.asarray(1).dtype) or 0)
+    with unusual_settings():
+        assert cli.main(["plan", "--model", "llama-3.1-8b", "--context", "9"]) == 0
+    assert seen == [np.dtype("int32")]  # int64 under the caller's x64
