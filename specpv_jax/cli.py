@@ -167,8 +167,8 @@ def _cmd_generate(args) -> int:
     import jax
 
     from specpv_jax import loading, prompts, text
-    from specpv_jax.generate import generate
-    from specpv_jax.sampling import Sampler, check_seed
+    from specpv_jax.generate import check_seed, generate
+    from specpv_jax.sampling import Sampler
     from specpv_jax.sharding import make_mesh
 
     # All that can be checked is checked before the (long) loads of the weights.

@@ -27,7 +27,7 @@ from specpv_jax.host import prefill_progress, stage_factory, timed_call
 from specpv_jax.jax_settings import under_defaults
 from specpv_jax.loading import Model
 from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill
-from specpv_jax.sampling import Sampler, check_seed
+from specpv_jax.sampling import Sampler
 from specpv_jax.warning import warn
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -91,6 +91,12 @@ def _ar_decode_fn(run: Run):
 
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_seed(seed) -> None:
+    """Raises unless `seed` is a 64-bit signed integer (a bool is not one)."""
+    if not _is_int(seed) or not -2 ** 63 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be a 64-bit signed integer, got {seed!r}")
 
 
 def _positive_int(name: str, value) -> int:

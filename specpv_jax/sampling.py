@@ -11,14 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def check_seed(seed: Any) -> int:
-    """Raises unless `seed` is a 64-bit signed integer (a bool is not one); returns it."""
-    is_int = isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_))
-    if not is_int or not -2 ** 63 <= seed < 2 ** 63:
-        raise ValueError(f"seed must be a 64-bit signed integer, got {seed!r}")
-    return int(seed)
-
-
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["temperature", "top_p"],
                    meta_fields=["greedy", "nucleus"])
 @dataclasses.dataclass(frozen=True)

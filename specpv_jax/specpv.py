@@ -169,7 +169,8 @@ def partial_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree:
 
     emitted, feats = acc.emitted(tree), acc.along_path(flat_features(out.features))
     out_buf = s.out.append(emitted, count, eos, acc.finite) if run.mode == "specpv" else s.out
-    kept, _ = s.out.kept(emitted, count, eos, ahead=st.n_missing if run.mode == "exact" else 0)
+    kept = (out_buf.num_out - s.out.num_out if run.mode == "specpv"  # exact: provisional, after the others
+            else s.out.kept(emitted, count, eos, ahead=st.n_missing)[0])
     c = st.counters
     return st.replace(
         eagle=s.replace(pair_feats=feats, pair_tokens=emitted, pair_count=count, root=acc.bonus, out=out_buf,
@@ -285,12 +286,13 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
         cap, pause, backoff = next_provisional_cap(cap, pause, backoff, n_missing, rejected, first, acc.count + 1,
                                                    spec.max_missing)
     finite = jnp.isfinite(logits).all()  # all of them: the missing tokens' logits decide exact mode's rollbacks
-    kept, _ = s.out.kept(out_tokens, out_count, eos)
-    kept = jnp.maximum(kept - (out_count - count), 0)  # this step's own tokens, after the confirmed provisional ones
+    out_buf = s.out.append(out_tokens, out_count, eos, finite)
+    # This step's own tokens kept: those appended after the confirmed provisional ones.
+    kept = jnp.maximum(out_buf.num_out - s.out.num_out - (out_count - count), 0)
     c = st.counters
     return st.replace(
         eagle=EagleState(cache=cache, draft_cache=draft_cache, pair_feats=pair_feats, pair_tokens=emitted,
-                         pair_count=count, root=root, out=s.out.append(out_tokens, out_count, eos, finite), key=key),
+                         pair_count=count, root=root, out=out_buf, key=key),
         partial=partial, summary=summary, ready=cache.length > spec.partial_threshold, draft_partial=draft_partial,
         n_missing=jnp.where(live, 0, st.n_missing), provisional_cap=cap, pause=pause, backoff=backoff,
         counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
