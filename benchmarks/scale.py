@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from kernels import copy_bandwidth, median_time, random_tree_mask  # noqa: E402
+from attention_kernels import copy_bandwidth, median_time, random_tree_mask  # noqa: E402
 
 from specpv_jax import model as M  # noqa: E402
 from specpv_jax import offload, presets  # noqa: E402
@@ -125,19 +125,26 @@ def time_donating(step, cache, settings: Settings) -> float:
     return statistics.median(times)
 
 
-def ar_step_seconds(params, cfg: ModelConfig, cache: KVCache, impl: str, settings: Settings) -> float:
-    """Seconds per token of our AR decode loop from `cache` (median over `settings.trials` calls)."""
-    n = settings.ar_tokens
-    run, _ = _plan(cfg, SpecConfig(), "ar", None, n, int(cache.length[0]), 512, impl)
+def ar_decoder(params, cfg: ModelConfig, cache: KVCache, impl: str, tokens: int):
+    """Our AR decode loop (`generate`'s jitted while_loop) from `cache`, `tokens` tokens a call: returns
+    `decode(seed) -> (tokens decoded, seconds)`, threading the (donated) cache from call to call."""
+    run, _ = _plan(cfg, SpecConfig(), "ar", None, tokens, int(cache.length[0]), 512, impl)
     fn = _ar_decode_fn(run)
     logits = jnp.zeros((1, cfg.vocab_size), jnp.float32)
-    sampler, eos, limit = Sampler.create(), jnp.array([-1], jnp.int32), jnp.asarray(n, jnp.int32)
-    per_token = []
-    for trial in range(settings.trials + 1):  # the first call warms up
-        (out, cache), seconds = timed_call(fn, params, cache, logits, jax.random.key(trial), sampler, eos, limit)
-        if trial:
-            per_token.append(seconds / int(out.steps))
-    return statistics.median(per_token)
+    sampler, eos, limit = Sampler.create(), jnp.array([-1], jnp.int32), jnp.asarray(tokens, jnp.int32)
+
+    def decode(seed: int) -> tuple[int, float]:
+        nonlocal cache
+        (out, cache), seconds = timed_call(fn, params, cache, logits, jax.random.key(seed), sampler, eos, limit)
+        return int(out.steps), seconds
+    return decode
+
+
+def ar_step_seconds(params, cfg: ModelConfig, cache: KVCache, impl: str, settings: Settings) -> float:
+    """Seconds per token of our AR decode loop from `cache` (median over `settings.trials` calls)."""
+    decode = ar_decoder(params, cfg, cache, impl, settings.ar_tokens)
+    decode(0)  # warms up
+    return statistics.median(seconds / steps for steps, seconds in map(decode, range(1, settings.trials + 1)))
 
 
 def read_bytes_per_ar_step(params, cfg: ModelConfig, context: int) -> int:

@@ -3,11 +3,15 @@ so a script that broke here would waste it."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import json
 import os
 import pathlib
 import subprocess
 import sys
+
+import jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,6 +23,14 @@ def run_script(name: str, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def test_no_script_hides_a_module_it_may_need():
+    """A script runs with benchmarks/ first on sys.path, so one named like an installed or standard module hides
+    it: benchmarks/kernels.py hid Hugging Face's `kernels`, which `transformers` imports, and scale.py's
+    `transformers` peer failed to load."""
+    names = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    assert not sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem in names)
+
+
 def test_scale_quick(tmp_path):
     run_script("scale.py", "--quick", "--no-hf", "--out", str(tmp_path / "scale.json"))
     rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
@@ -28,13 +40,51 @@ def test_scale_quick(tmp_path):
 
 
 def test_kernels_quick(tmp_path):
-    run_script("kernels.py", "--quick", "--out", str(tmp_path / "kernels.json"))
+    run_script("attention_kernels.py", "--quick", "--out", str(tmp_path / "kernels.json"))
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert result["copy_gbps"] > 0 and result["rows"]
-    assert all(r["xla_s"] > 0 and r["triton_s"] > 0 for r in result["rows"])
+    assert all(r["loop_s"] > 0 and r["xla_s"] > 0 and r["triton_s"] > 0 for r in result["rows"])
 
 
 def test_hlo_audit(tmp_path):
     run_script("hlo_audit.py", "--modes", "specpv", "ar", "--out", str(tmp_path / "audit.json"))
     findings = json.loads((tmp_path / "audit.json").read_text())["findings"]
     assert sorted(findings) == ["ar", "specpv"]
+
+
+def test_decode_profile_quick(tmp_path):
+    run_script("decode_profile.py", "--quick", "--unroll-layers", "--out", str(tmp_path / "profile.json"))
+    result = json.loads((tmp_path / "profile.json").read_text())
+    rows = result["rows"]
+    assert result["meta"]["unrolled_layers"]
+    assert [r["layers"] for r in rows] == [2, 1]
+    assert all(r["wall_s"] > 0 and r["floor_s"] > 0 for r in rows)
+    assert all(r["busy_s"] is None for r in rows)  # a CPU trace has no device plane
+
+
+# Two streams of a GPU plane (a kernel on each overlapping) and a derived line that must not count, in the
+# profiler's XSpace text format; times in picoseconds from each line's timestamp (ns).
+GPU_TRACE = """
+planes { name: "/host:CPU" lines { name: "python" events { metadata_id: 1 duration_ps: 99000000 } }
+  event_metadata { key: 1 value { id: 1 name: "host work" } } }
+planes { name: "/device:GPU:0"
+  lines { name: "Stream #7(Compute)" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 4000000 }
+    events { metadata_id: 2 offset_ps: 10000000 duration_ps: 2000000 } }
+  lines { name: "Stream #9(Compute)" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 3000000 duration_ps: 4000000 } }
+  lines { name: "XLA Ops" timestamp_ns: 1000 events { metadata_id: 2 duration_ps: 50000000 } }
+  event_metadata { key: 1 value { id: 1 name: "gemv" } }
+  event_metadata { key: 2 value { id: 2 name: "fusion_3" } } }
+"""
+
+
+def test_decode_profile_reads_kernels_off_a_gpu_trace(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    decode_profile = importlib.import_module("decode_profile")
+    run = tmp_path / "plugins" / "profile" / "run"
+    run.mkdir(parents=True)
+    (run / "host.xplane.pb").write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(GPU_TRACE))
+    kernels = decode_profile.device_kernels(tmp_path)
+    assert sorted(kernels) == [("fusion_3", 11000, 2000), ("gemv", 1000, 4000), ("gemv", 4000, 4000)]
+    assert decode_profile.busy_ns(kernels) == 7000 + 2000  # [1000, 8000) and [11000, 13000)

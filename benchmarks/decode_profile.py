@@ -1,0 +1,181 @@
+"""Where an AR decode step's time goes: wall time per token against the device's kernel time (profiler trace).
+
+    python benchmarks/decode_profile.py [--layers 32 8] [--out profile.json]   # on a GPU or TPU
+    python benchmarks/decode_profile.py --quick                                # CPU smoke run: wall times only
+
+At Llama-3.1-8B shapes (random bf16 weights), for each layer count, times our
+AR decode loop per token from a cache of `--context` tokens (as `scale.py`
+does), then traces one more call with `jax.profiler` and reads the device's
+kernels off the trace:
+  busy      time during which some kernel runs (the union of their intervals),
+            per token; wall - busy is time the device waits (launch gaps, host
+            round trips of the loops);
+  kernels   the kernels' summed time and their count per token (launches), and
+            those taking the most time;
+  floor     (weights + valid K/V bytes) / copy bandwidth, the least a step costs.
+Two layer counts split a step into a per-layer cost (the slope) and the rest
+(embedding, final norm, lm_head, sampling, the loop). scale.py measured the
+AR step at 2.6-4x its floor on the H200 (BENCHMARKS.md); this says which part.
+Two experiments on what could close the gap, each its own run at one layer
+count: `--unroll-layers` (the model's layer loop unrolled while tracing: no
+loop over layers on the device) and XLA's command buffers for loops
+(`XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"`,
+a CUDA graph per loop body instead of a launch per kernel).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several models in turn: free memory between
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+from attention_kernels import copy_bandwidth  # noqa: E402
+from scale import DTYPE, QUICK_SHAPES, ar_decoder, random_cache, read_bytes_per_ar_step  # noqa: E402
+
+from specpv_jax import model as M  # noqa: E402
+from specpv_jax import presets  # noqa: E402
+from specpv_jax.config import ModelConfig  # noqa: E402
+
+TOP = 12  # kernels listed per layer count
+
+
+class _UnrolledScan:
+    """Stands in for `lax` in `specpv_jax.model`, every `scan` (the layer loop) fully unrolled."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def scan(self, *args, **kwargs):
+        return self._module.scan(*args, **kwargs, unroll=True)
+
+
+def device_kernels(trace_dir: Path) -> list[tuple[str, int, int]]:
+    """(name, start ns, duration ns) of each kernel on the first accelerator plane of the trace written under
+    `trace_dir`; [] where there is none (a CPU's trace)."""
+    data = jax.profiler.ProfileData.from_file(str(max(trace_dir.rglob("*.xplane.pb"))))
+    for plane in data.planes:
+        if plane.name.startswith("/device:"):
+            lines = list(plane.lines)
+            streams = [line for line in lines if line.name.startswith("Stream")] or lines
+            return [(e.name, e.start_ns, e.duration_ns) for line in streams for e in line.events]
+    return []
+
+
+def busy_ns(kernels: list[tuple[str, int, int]]) -> int:
+    """Time during which at least one kernel runs: the length of the union of their intervals."""
+    total, end = 0, None
+    for _, start, duration in sorted(kernels, key=lambda k: k[1]):
+        stop = start + duration
+        if end is None or stop > end:
+            total += stop - (start if end is None else max(start, end))
+            end = stop
+    return total
+
+
+def profile(cfg: ModelConfig, context: int, impl: str, tokens: int, trials: int, copy_bps: float) -> dict:
+    """One layer count's figures: wall, busy and kernel seconds per token, launches per token, floor, and the
+    kernels taking the most time."""
+    params = M.init_params(cfg, jax.random.key(0), DTYPE)
+    decode = ar_decoder(params, cfg, random_cache(cfg, context, context + (trials + 2) * tokens), impl, tokens)
+    decode(0)  # compiles and warms up
+    wall = statistics.median(seconds / steps for steps, seconds in map(decode, range(1, trials + 1)))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            steps, _ = decode(trials + 1)
+        kernels = device_kernels(Path(trace_dir))
+    row = dict(layers=cfg.num_layers, context=context, attention=impl, wall_s=wall,
+               floor_s=read_bytes_per_ar_step(params, cfg, context) / copy_bps, busy_s=None, kernel_s=None,
+               launches=None, top=[])
+    if kernels:
+        by_name = collections.defaultdict(list)
+        for name, _, duration in kernels:
+            by_name[name].append(duration)
+        total = sum(d for _, _, d in kernels)
+        row.update(busy_s=busy_ns(kernels) / steps / 1e9, kernel_s=total / steps / 1e9,
+                   launches=len(kernels) / steps,
+                   top=[dict(name=name[:120], calls_per_token=len(ds) / steps, us_per_call=sum(ds) / len(ds) / 1e3,
+                             share=sum(ds) / total)
+                        for name, ds in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:TOP]])
+    return row
+
+
+def summarize(copy_bps: float, rows: list[dict]) -> str:
+    ms = lambda s: "-" if s is None else f"{s * 1e3:.2f}"  # noqa: E731
+    ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
+    lines = [f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
+             f"copy bandwidth {copy_bps / 1e9:.0f} GB/s; ms per token",
+             f"{'layers':>6} {'context':>7} {'attn':>6} {'wall':>7} {'busy':>7} {'kernels':>7} {'launches':>8} "
+             f"{'floor':>7} {'wall/floor':>10} {'busy/floor':>10}"]
+    for r in rows:
+        launches = "-" if r["launches"] is None else f"{r['launches']:.0f}"
+        lines.append(f"{r['layers']:>6} {r['context']:>7} {r['attention']:>6} {ms(r['wall_s']):>7} "
+                     f"{ms(r['busy_s']):>7} {ms(r['kernel_s']):>7} {launches:>8} {ms(r['floor_s']):>7} "
+                     f"{ratio(r['wall_s'], r['floor_s']):>10} {ratio(r['busy_s'], r['floor_s']):>10}")
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        per_layer = {k: None if a[k] is None else (a[k] - b[k]) / (a["layers"] - b["layers"])
+                     for k in ("wall_s", "busy_s", "floor_s")}
+        rest = {k: None if a[k] is None else a[k] - a["layers"] * per_layer[k] for k in per_layer}
+        for what, figures in (("per layer", per_layer), ("the rest", rest)):
+            lines.append(f"{what}: wall {ms(figures['wall_s'])}, busy {ms(figures['busy_s'])}, "
+                         f"floor {ms(figures['floor_s'])}")
+    for r in rows:
+        if r["top"]:
+            lines.append(f"kernels taking the most time at {r['layers']} layers (us per call, calls per token, "
+                         "share of kernel time):")
+            lines += [f"  {k['us_per_call']:9.1f} {k['calls_per_token']:6.1f} {k['share']:6.1%}  {k['name'][:90]}"
+                      for k in r["top"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-3.1-8b", choices=sorted(presets.HF_CONFIGS))
+    parser.add_argument("--layers", type=int, nargs="+", default=[32, 8],
+                        help="layer counts, most first (two or more also give the cost per layer)")
+    parser.add_argument("--context", type=int, default=1024, help="valid cache tokens")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens per timed call")
+    parser.add_argument("--attention", choices=["xla", "pallas"], help="default: pallas on GPU, xla elsewhere")
+    parser.add_argument("--unroll-layers", action="store_true",
+                        help="unroll the model's layer loop (an experiment: compile time grows with depth)")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run: layers 2 and 1, small shapes")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    hf_config, trials = presets.hf_config(args.model), 3
+    if args.quick:
+        hf_config.update(QUICK_SHAPES)
+        args.layers, args.context, args.tokens, trials = [2, 1], 256, 4, 2
+    if args.unroll_layers:
+        M.lax = _UnrolledScan(M.lax)
+    impl = args.attention or ("pallas" if jax.default_backend() == "gpu" else "xla")
+    copy_bps = copy_bandwidth(64 << 20 if args.quick else 1 << 30, dict(warmup=2, trials=5, reps=10))
+    rows = []
+    for layers in sorted(args.layers, reverse=True):
+        cfg = ModelConfig.from_hf({**hf_config, "num_hidden_layers": layers})
+        rows.append(profile(cfg, args.context, impl, args.tokens, trials, copy_bps))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "top"}), flush=True)
+        gc.collect()
+    settings = dict(unrolled_layers=args.unroll_layers, xla_flags=os.environ.get("XLA_FLAGS", ""))
+    print(f"settings: {settings}")
+    print(summarize(copy_bps, rows))
+    if args.out:
+        meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
+                    model=args.model, dtype=str(DTYPE.dtype), quick=args.quick, **settings)
+        args.out.write_text(json.dumps(dict(meta=meta, copy_gbps=copy_bps / 1e9, rows=rows), indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
