@@ -15,7 +15,8 @@ Each contender runs `reps` times in one jitted loop, each call's output the
 next call's queries and one cache slot rewritten per call (as a decode step
 appends one), so neither host dispatch (about 60 us a call on the H200
 machine, more than a kernel over a 16K prefix takes) nor hoisting out of the
-loop enters the time; "loop" is the cost of such a loop with no attention in it.
+loop enters the time; "loop" is the cost of such a loop with no attention in
+it, which the table's ratios and bandwidths leave out.
 Copy bandwidth = (read + write bytes) / time of an on-device array copy, the
 practical ceiling for a memory-bound kernel.
 """
@@ -63,24 +64,28 @@ def looped_seconds(attention, args, *, warmup: int, trials: int, reps: int) -> f
     from the tree's first node), so no call can start before the last ends and nothing that reads the cache
     can be hoisted out of the loop: the time is the attention's, as a decode loop runs it, without dispatch.
     """
-    q, k_cache, v_cache, cache_len, k_tree, v_tree, mask = args
+    q, k_cache, v_cache, *rest = args
 
-    def body(i, carry):
+    def body(i, carry, rest):
         q, k_cache, v_cache = carry
+        cache_len, k_tree, v_tree, mask = rest
         out = attention(q, k_cache, v_cache, cache_len, k_tree, v_tree, mask)
         out = out[0] if isinstance(out, tuple) else out
         slot = (0, 0, i % k_cache.shape[2], 0)
         return (out.astype(q.dtype), lax.dynamic_update_slice(k_cache, k_tree[:, :, :1], slot),
                 lax.dynamic_update_slice(v_cache, v_tree[:, :, :1], slot))
 
-    loop = jax.jit(lambda q, kc, vc: lax.fori_loop(0, reps, body, (q, kc, vc)), donate_argnums=(1, 2))
+    # The rest are arguments, not constants: a known cache_len would fix the XLA path's loop counts at
+    # compile time (a GPU runs such loops without a host round trip per pass), which the model never does.
+    loop = jax.jit(lambda q, kc, vc, rest: lax.fori_loop(0, reps, functools.partial(body, rest=rest), (q, kc, vc)),
+                   donate_argnums=(1, 2))
     carry = (q, jnp.copy(k_cache), jnp.copy(v_cache))  # donated: the caller's arrays stay valid
     for _ in range(warmup):
-        carry = jax.block_until_ready(loop(*carry))
+        carry = jax.block_until_ready(loop(*carry, rest))
     times = []
     for _ in range(trials):
         start = time.perf_counter()
-        carry = jax.block_until_ready(loop(*carry))
+        carry = jax.block_until_ready(loop(*carry, rest))
         times.append((time.perf_counter() - start) / reps)
     return statistics.median(times)
 
@@ -134,13 +139,14 @@ def kernel_variants(platform: str | None, block_k: int | None, num_splits: int |
     return variants
 
 
-def run(prefixes, nodes, timing, copy_bytes, variants: dict[str, dict]):
+def run(prefixes, nodes, timing, copy_bytes, variants: dict[str, dict], report=lambda copy_bw, rows: None):
     """Times an empty loop, the XLA path, then each kernel variant, at every (prefix, T).
 
-    One contender at a time over all points, each figure printed as it comes: a kernel that hangs leaves the
-    figures before it, and one that fails at a point is still tried at the others (the Mosaic GPU kernel takes
-    one or two compute warpgroups by the tree's size). Returns (copy bytes/s, result rows); a kernel's time is
-    None where it failed.
+    One contender at a time over all points, each figure printed as it comes and `report(copy bytes/s, rows)`
+    called after each contender: a kernel that hangs, or a run cut short, leaves the figures before it, and one
+    that fails at a point is still tried at the others (the Mosaic GPU kernel takes one or two compute
+    warpgroups by the tree's size). Returns (copy bytes/s, result rows); a kernel's time is None where it
+    failed.
     """
     copy_bw = copy_bandwidth(copy_bytes, timing)
     contenders = {"loop": lambda q, *_: q,
@@ -163,6 +169,7 @@ def run(prefixes, nodes, timing, copy_bytes, variants: dict[str, dict]):
             rows[prefix, T][f"{name}_s"] = t
             print(f"{name:>14} prefix {prefix:>6} T {T:>3}: " + ("-" if t is None else f"{t * 1e6:.1f} us"),
                   flush=True)
+        report(copy_bw, list(rows.values()))
     return copy_bw, list(rows.values())
 
 
@@ -170,7 +177,8 @@ def print_table(copy_bw: float, rows, labels) -> None:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"copy bandwidth (read+write): {copy_bw / 1e9:.1f} GB/s")
     print(f"shapes: B={B} Hq={HQ} Hkv={HKV} D={D} {jnp.dtype(DTYPE).name}; xla = the model's blockwise XLA "
-          "attention; loop = the timing loop alone; mosaic_gpu/128: 128-key blocks")
+          "attention; loop = the timing loop alone; mosaic_gpu/128: 128-key blocks; ratios and bandwidths from "
+          "net times (time - loop)")
     header = f"{'prefix':>7} {'T':>3} {'kernel':>14} {'kernel us':>10} {'xla us':>10} {'loop us':>10} " \
              f"{'xla/kernel':>10} {'kernel GB/s':>12} {'xla GB/s':>10} {'kernel/copy':>12}"
     print(header)
@@ -183,11 +191,16 @@ def print_table(copy_bw: float, rows, labels) -> None:
         return "-" if a is None or b is None else f"{a / b:.2f}"
 
     for r in rows:
+        loop = r.get("loop_s") or 0.0
+
+        def net(t):
+            return None if t is None or t <= loop else t - loop
+
         for label in labels:
-            t, xla = r[f"{label}_s"], r["xla_s"]
-            print(f"{r['prefix']:>7} {r['T']:>3} {label:>14} {us(t):>10} {us(xla):>10} {us(r['loop_s']):>10} "
-                  f"{ratio(xla, t):>10} {ratio(r['kv_bytes'] / 1e9, t):>12} {ratio(r['kv_bytes'] / 1e9, xla):>10} "
-                  f"{ratio(r['kv_bytes'] / copy_bw, t):>12}")
+            t, xla = r.get(f"{label}_s"), r.get("xla_s")
+            print(f"{r['prefix']:>7} {r['T']:>3} {label:>14} {us(t):>10} {us(xla):>10} {us(r.get('loop_s')):>10} "
+                  f"{ratio(net(xla), net(t)):>10} {ratio(r['kv_bytes'] / 1e9, net(t)):>12} "
+                  f"{ratio(r['kv_bytes'] / 1e9, net(xla)):>10} {ratio(r['kv_bytes'] / copy_bw, net(t)):>12}")
 
 
 def main(argv=None):
@@ -203,15 +216,19 @@ def main(argv=None):
     if args.quick:
         prefixes, timing, copy_bytes = (512, 1536), dict(warmup=1, trials=3, reps=1), 64 << 20
     else:
-        prefixes, timing, copy_bytes = (4096, 16384, 65536), dict(warmup=3, trials=7, reps=20), 1 << 30
+        prefixes, timing, copy_bytes = (4096, 16384, 65536), dict(warmup=2, trials=5, reps=100), 1 << 30
     variants = kernel_variants(args.platform, args.block_k, args.num_splits)
-    copy_bw, rows = run(prefixes, (1, 16, 60), timing, copy_bytes, variants)
+    meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
+                shapes=dict(B=B, Hq=HQ, Hkv=HKV, D=D, dtype=jnp.dtype(DTYPE).name), quick=args.quick,
+                kernels=variants, timing=timing)
+
+    def save(copy_bw, rows):  # after each contender: a run cut short keeps what it measured
+        if args.out:
+            args.out.write_text(json.dumps(dict(meta=meta, copy_gbps=copy_bw / 1e9, rows=rows), indent=2))
+
+    copy_bw, rows = run(prefixes, (1, 16, 60), timing, copy_bytes, variants, save)
     print_table(copy_bw, rows, variants)
     if args.out:
-        meta = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
-                    shapes=dict(B=B, Hq=HQ, Hkv=HKV, D=D, dtype=jnp.dtype(DTYPE).name), quick=args.quick,
-                    kernels=variants)
-        args.out.write_text(json.dumps(dict(meta=meta, copy_gbps=copy_bw / 1e9, rows=rows), indent=2))
         print(f"wrote {args.out}")
 
 

@@ -7,11 +7,12 @@ At Llama-3.1-8B shapes (random bf16 weights), for each layer count, times our
 AR decode loop per token from a cache of `--context` tokens (as `scale.py`
 does), then traces one more call with `jax.profiler` and reads the device's
 kernels off the trace:
-  busy      time during which some kernel runs (the union of their intervals),
-            per token; wall - busy is time the device waits (launch gaps, host
+  busy      time during which the device runs something (the union of its
+            kernels' and copies' intervals), per token, against the traced
+            call's wall time: the rest the device waits (launch gaps, host
             round trips of the loops);
-  kernels   the kernels' summed time and their count per token (launches), and
-            those taking the most time;
+  kernels   the kernels' summed time and their count per token (launches; memory
+            copies counted apart), and those taking the most time;
   floor     (weights + valid K/V bytes) / copy bandwidth, the least a step costs.
 Two layer counts split a step into a per-layer cost (the slope) and the rest
 (embedding, final norm, lm_head, sampling, the loop). scale.py measured the
@@ -19,8 +20,8 @@ AR step at 2.6-4x its floor on the H200 (BENCHMARKS.md); this says which part.
 Two experiments on what could close the gap, each its own run at one layer
 count: `--unroll-layers` (the model's layer loop unrolled while tracing: no
 loop over layers on the device) and XLA's command buffers for loops
-(`XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"`,
-a CUDA graph per loop body instead of a launch per kernel).
+(`XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL`: loops and
+branches join XLA's CUDA graphs, instead of a launch per kernel).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several models in turn: free memory between
+# XLA runs its command buffers (CUDA graphs) op by op while a profiler traces, unless told otherwise: without
+# this the traced call would not run as the timed ones do.
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_enable_command_buffers_during_profiling"
+                                    "=true"]).strip()
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
@@ -61,19 +66,27 @@ class _UnrolledScan:
         return self._module.scan(*args, **kwargs, unroll=True)
 
 
-def device_kernels(trace_dir: Path) -> list[tuple[str, int, int]]:
-    """(name, start ns, duration ns) of each kernel on the first accelerator plane of the trace written under
-    `trace_dir`; [] where there is none (a CPU's trace, or a profiler that could not trace the device)."""
+def device_events(trace_dir: Path) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """(name, start ns, duration ns) of everything the first accelerator ran in the trace written under
+    `trace_dir` (a GPU's stream lines: kernels and memory copies; a TPU's "XLA Ops" line), and the names of
+    that device's lines (to read what a trace holds). ([], []) where there is no accelerator plane: a CPU's
+    trace, or a profiler that could not trace the device."""
     files = sorted(trace_dir.rglob("*.xplane.pb"))
     if not files:
-        return []
-    data = jax.profiler.ProfileData.from_file(str(files[-1]))
-    for plane in data.planes:
+        return [], []
+    for plane in jax.profiler.ProfileData.from_file(str(files[-1])).planes:
         if plane.name.startswith("/device:"):
             lines = list(plane.lines)
-            streams = [line for line in lines if line.name.startswith("Stream")] or lines
-            return [(e.name, e.start_ns, e.duration_ns) for line in streams for e in line.events]
-    return []
+            ran = [line for line in lines if line.name.startswith("Stream")] or \
+                [line for line in lines if line.name == "XLA Ops"]
+            return [(e.name, e.start_ns, e.duration_ns) for line in ran for e in line.events], \
+                [line.name for line in lines]
+    return [], []
+
+
+def is_copy(name: str) -> bool:
+    """A memory copy or set (on a GPU's streams beside the kernels; e.g. a loop's test read by the host)."""
+    return name.startswith(("Memcpy", "Memset"))
 
 
 def busy_ns(kernels: list[tuple[str, int, int]]) -> int:
@@ -94,23 +107,26 @@ def profile(cfg: ModelConfig, context: int, impl: str, tokens: int, trials: int,
     decode = ar_decoder(params, cfg, random_cache(cfg, context, context + (trials + 2) * tokens), impl, tokens)
     decode(0)  # compiles and warms up
     wall = statistics.median(seconds / steps for steps, seconds in map(decode, range(1, trials + 1)))
-    kernels, steps = [], 1
+    events, lines, steps, traced = [], [], 1, None
     try:
         with tempfile.TemporaryDirectory() as trace_dir:
             with jax.profiler.trace(trace_dir):
-                steps, _ = decode(trials + 1)
-            kernels = device_kernels(Path(trace_dir))
+                steps, traced = decode(trials + 1)
+            events, lines = device_events(Path(trace_dir))
     except Exception as e:  # noqa: BLE001 - the wall times stand without a trace
         print(f"no trace at {cfg.num_layers} layers: {type(e).__name__}: {e}", flush=True)
+    kernels = [e for e in events if not is_copy(e[0])]
+    copies = [e for e in events if is_copy(e[0])]
     row = dict(layers=cfg.num_layers, context=context, attention=impl, wall_s=wall,
-               floor_s=read_bytes_per_ar_step(params, cfg, context) / copy_bps, busy_s=None, kernel_s=None,
-               launches=None, top=[])
+               floor_s=read_bytes_per_ar_step(params, cfg, context) / copy_bps,
+               traced_wall_s=None if traced is None else traced / steps, busy_s=None, kernel_s=None,
+               launches=None, copies=len(copies) / steps, trace_lines=lines, top=[])
     if kernels:
         by_name = collections.defaultdict(list)
         for name, _, duration in kernels:
             by_name[name].append(duration)
         total = sum(d for _, _, d in kernels)
-        row.update(busy_s=busy_ns(kernels) / steps / 1e9, kernel_s=total / steps / 1e9,
+        row.update(busy_s=busy_ns(events) / steps / 1e9, kernel_s=total / steps / 1e9,
                    launches=len(kernels) / steps,
                    top=[dict(name=name[:120], calls_per_token=len(ds) / steps, us_per_call=sum(ds) / len(ds) / 1e3,
                              share=sum(ds) / total)
@@ -122,14 +138,15 @@ def summarize(copy_bps: float, rows: list[dict]) -> str:
     ms = lambda s: "-" if s is None else f"{s * 1e3:.2f}"  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
     lines = [f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
-             f"copy bandwidth {copy_bps / 1e9:.0f} GB/s; ms per token",
-             f"{'layers':>6} {'context':>7} {'attn':>6} {'wall':>7} {'busy':>7} {'kernels':>7} {'launches':>8} "
-             f"{'floor':>7} {'wall/floor':>10} {'busy/floor':>10}"]
+             f"copy bandwidth {copy_bps / 1e9:.0f} GB/s; ms per token (traced: the profiled call's wall time)",
+             f"{'layers':>6} {'context':>7} {'attn':>6} {'wall':>7} {'traced':>7} {'busy':>7} {'kernels':>7} "
+             f"{'launches':>8} {'copies':>6} {'floor':>7} {'wall/floor':>10} {'busy/floor':>10}"]
     for r in rows:
         launches = "-" if r["launches"] is None else f"{r['launches']:.0f}"
         lines.append(f"{r['layers']:>6} {r['context']:>7} {r['attention']:>6} {ms(r['wall_s']):>7} "
-                     f"{ms(r['busy_s']):>7} {ms(r['kernel_s']):>7} {launches:>8} {ms(r['floor_s']):>7} "
-                     f"{ratio(r['wall_s'], r['floor_s']):>10} {ratio(r['busy_s'], r['floor_s']):>10}")
+                     f"{ms(r['traced_wall_s']):>7} {ms(r['busy_s']):>7} {ms(r['kernel_s']):>7} {launches:>8} "
+                     f"{r['copies']:>6.0f} {ms(r['floor_s']):>7} {ratio(r['wall_s'], r['floor_s']):>10} "
+                     f"{ratio(r['busy_s'], r['floor_s']):>10}")
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
         per_layer = {k: None if a[k] is None else (a[k] - b[k]) / (a["layers"] - b["layers"])
@@ -139,6 +156,8 @@ def summarize(copy_bps: float, rows: list[dict]) -> str:
             lines.append(f"{what}: wall {ms(figures['wall_s'])}, busy {ms(figures['busy_s'])}, "
                          f"floor {ms(figures['floor_s'])}")
     for r in rows:
+        if r["trace_lines"]:
+            lines.append(f"device lines traced at {r['layers']} layers: {', '.join(r['trace_lines'])}")
         if r["top"]:
             lines.append(f"kernels taking the most time at {r['layers']} layers (us per call, calls per token, "
                          "share of kernel time):")

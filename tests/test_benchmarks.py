@@ -62,20 +62,22 @@ def test_decode_profile_quick(tmp_path):
     assert all(r["busy_s"] is None for r in rows)  # a CPU trace has no device plane
 
 
-# Two streams of a GPU plane (a kernel on each overlapping) and a derived line that must not count, in the
-# profiler's XSpace text format; times in picoseconds from each line's timestamp (ns).
+# Two streams of a GPU plane (a kernel on each overlapping, a memory copy) and a derived line that must not
+# count, in the profiler's XSpace text format; times in picoseconds from each line's timestamp (ns).
 GPU_TRACE = """
 planes { name: "/host:CPU" lines { name: "python" events { metadata_id: 1 duration_ps: 99000000 } }
   event_metadata { key: 1 value { id: 1 name: "host work" } } }
 planes { name: "/device:GPU:0"
-  lines { name: "Stream #7(Compute)" timestamp_ns: 1000
+  lines { name: "Stream #7(Kernel,MemcpyD2H)" timestamp_ns: 1000
     events { metadata_id: 1 offset_ps: 0 duration_ps: 4000000 }
-    events { metadata_id: 2 offset_ps: 10000000 duration_ps: 2000000 } }
-  lines { name: "Stream #9(Compute)" timestamp_ns: 1000
+    events { metadata_id: 2 offset_ps: 10000000 duration_ps: 2000000 }
+    events { metadata_id: 3 offset_ps: 20000000 duration_ps: 1000000 } }
+  lines { name: "Stream #9(Kernel)" timestamp_ns: 1000
     events { metadata_id: 1 offset_ps: 3000000 duration_ps: 4000000 } }
   lines { name: "XLA Ops" timestamp_ns: 1000 events { metadata_id: 2 duration_ps: 50000000 } }
   event_metadata { key: 1 value { id: 1 name: "gemv" } }
-  event_metadata { key: 2 value { id: 2 name: "fusion_3" } } }
+  event_metadata { key: 2 value { id: 2 name: "fusion_3" } }
+  event_metadata { key: 3 value { id: 3 name: "MemcpyD2H" } } }
 """
 
 
@@ -85,6 +87,9 @@ def test_decode_profile_reads_kernels_off_a_gpu_trace(tmp_path, monkeypatch):
     run = tmp_path / "plugins" / "profile" / "run"
     run.mkdir(parents=True)
     (run / "host.xplane.pb").write_bytes(jax.profiler.ProfileData.text_proto_to_serialized_xspace(GPU_TRACE))
-    kernels = decode_profile.device_kernels(tmp_path)
-    assert sorted(kernels) == [("fusion_3", 11000, 2000), ("gemv", 1000, 4000), ("gemv", 4000, 4000)]
-    assert decode_profile.busy_ns(kernels) == 7000 + 2000  # [1000, 8000) and [11000, 13000)
+    events, lines = decode_profile.device_events(tmp_path)
+    assert lines == ["Stream #7(Kernel,MemcpyD2H)", "Stream #9(Kernel)", "XLA Ops"]
+    assert sorted(events) == [("MemcpyD2H", 21000, 1000), ("fusion_3", 11000, 2000), ("gemv", 1000, 4000),
+                              ("gemv", 4000, 4000)]
+    assert [e[0] for e in events if decode_profile.is_copy(e[0])] == ["MemcpyD2H"]
+    assert decode_profile.busy_ns(events) == 7000 + 2000 + 1000  # [1000, 8000), [11000, 13000), [21000, 22000)
