@@ -14,8 +14,11 @@ PYTEST := $(PYTEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
 # make test-next NEXT_PYTHON=~/.pyenv/versions/3.12.1/bin/python
 NEXT_PYTHON ?= python3.12
 NEXT := .venv-next
+# `make test-min`: the suite with every dependency at the floor pyproject.toml gives it (pins read off it), so a
+# floor that no longer holds fails here rather than in a user's older environment.
+MIN := .venv-min
 
-.PHONY: install demo test test-slow test-next bench clean
+.PHONY: install demo test test-slow test-next test-min bench clean
 
 install: $(STAMP)
 
@@ -40,8 +43,15 @@ test-next:
 	$(PYTEST_ENV) $(NEXT)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow and not torch" \
 		--ignore tests/test_parity.py --ignore tests/test_eagle_checkpoint.py tests
 
+test-min:
+	test -x $(MIN)/bin/python || $(PYTHON) -m venv $(MIN)
+	$(PYTHON) -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+		print("\n".join(re.sub(r"\s*>=\s*([^,]+).*", r"==\1", d) for d in deps))' > $(MIN)/floors.txt
+	$(MIN)/bin/python -m pip install -q -c $(MIN)/floors.txt -e '.[test]'
+	$(PYTEST_ENV) $(MIN)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow" tests
+
 bench: install
 	$(BIN)/specpv-jax bench
 
 clean:
-	rm -rf $(VENV) $(NEXT) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(NEXT) $(MIN) build *.egg-info .pytest_cache
