@@ -31,8 +31,8 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several models in turn: free memory between
 # XLA runs its command buffers (CUDA graphs) op by op while a profiler traces, unless told otherwise: without
 # this the traced call would not run as the timed ones do.
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_enable_command_buffers_during_profiling"
-                                    "=true"]).strip()
+PROFILE_GRAPHS = "--xla_enable_command_buffers_during_profiling=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {PROFILE_GRAPHS}".strip()
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
@@ -89,10 +89,10 @@ def is_copy(name: str) -> bool:
     return name.startswith(("Memcpy", "Memset"))
 
 
-def busy_ns(kernels: list[tuple[str, int, int]]) -> int:
-    """Time during which at least one kernel runs: the length of the union of their intervals."""
+def busy_ns(events: list[tuple[str, int, int]]) -> int:
+    """Time during which at least one event runs: the length of the union of their intervals."""
     total, end = 0, None
-    for _, start, duration in sorted(kernels, key=lambda k: k[1]):
+    for _, start, duration in sorted(events, key=lambda k: k[1]):
         stop = start + duration
         if end is None or stop > end:
             total += stop - (start if end is None else max(start, end))

@@ -83,6 +83,8 @@ planes { name: "/device:GPU:0"
 
 def test_decode_profile_reads_kernels_off_a_gpu_trace(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    for name in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE"):  # the scripts set them on import: undone after
+        monkeypatch.setenv(name, os.environ.get(name, ""))
     decode_profile = importlib.import_module("decode_profile")
     run = tmp_path / "plugins" / "profile" / "run"
     run.mkdir(parents=True)
