@@ -153,5 +153,6 @@ CPU_NOTE = """
 On a CPU, verifying a tree of drafted tokens costs compute in proportion to its
 tokens, so speculation gains little or nothing over `ar` (on some CPUs it is
 slower); on a GPU with a large model, verifying 60 tokens costs about one `ar`
-step (the regime the papers report). One run per
-mode: speeds on a shared machine vary; `specpv-jax bench` repeats them."""
+step (the regime the papers report; on an H200 at Llama-3.1-8B shapes, 1.2x
+at 16K: BENCHMARKS.md). One run per mode: speeds on a shared machine vary;
+`specpv-jax bench` repeats them."""
