@@ -80,14 +80,12 @@ def looped_seconds(attention, args, *, warmup: int, trials: int, reps: int) -> f
     loop = jax.jit(lambda q, kc, vc, rest: lax.fori_loop(0, reps, functools.partial(body, rest=rest), (q, kc, vc)),
                    donate_argnums=(1, 2))
     carry = (q, jnp.copy(k_cache), jnp.copy(v_cache))  # donated: the caller's arrays stay valid
-    for _ in range(warmup):
-        carry = jax.block_until_ready(loop(*carry, rest))
-    times = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        carry = jax.block_until_ready(loop(*carry, rest))
-        times.append((time.perf_counter() - start) / reps)
-    return statistics.median(times)
+
+    def call():
+        nonlocal carry
+        carry = loop(*carry, rest)
+        return carry
+    return median_time(call, (), warmup=warmup, trials=trials, reps=1) / reps
 
 
 def copy_bandwidth(nbytes: int, timing: dict) -> float:

@@ -38,13 +38,13 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 from attention_kernels import copy_bandwidth  # noqa: E402
-from scale import DTYPE, QUICK_SHAPES, ar_decoder, random_cache, read_bytes_per_ar_step  # noqa: E402
+from scale import (DTYPE, QUICK_SHAPES, ar_decoder, random_cache, read_bytes_per_ar_step,  # noqa: E402
+                   seconds_per_token)
 
 from specpv_jax import model as M  # noqa: E402
 from specpv_jax import presets  # noqa: E402
@@ -105,8 +105,7 @@ def profile(cfg: ModelConfig, context: int, impl: str, tokens: int, trials: int,
     kernels taking the most time."""
     params = M.init_params(cfg, jax.random.key(0), DTYPE)
     decode = ar_decoder(params, cfg, random_cache(cfg, context, context + (trials + 2) * tokens), impl, tokens)
-    decode(0)  # compiles and warms up
-    wall = statistics.median(seconds / steps for steps, seconds in map(decode, range(1, trials + 1)))
+    wall = seconds_per_token(decode, trials)
     events, lines, steps, traced = [], [], 1, None
     try:
         with tempfile.TemporaryDirectory() as trace_dir:

@@ -140,11 +140,15 @@ def ar_decoder(params, cfg: ModelConfig, cache: KVCache, impl: str, tokens: int)
     return decode
 
 
+def seconds_per_token(decode, trials: int) -> float:
+    """Median over `trials` calls of an `ar_decoder`'s seconds per token, after a call that warms it up."""
+    decode(0)
+    return statistics.median(seconds / steps for steps, seconds in map(decode, range(1, trials + 1)))
+
+
 def ar_step_seconds(params, cfg: ModelConfig, cache: KVCache, impl: str, settings: Settings) -> float:
     """Seconds per token of our AR decode loop from `cache` (median over `settings.trials` calls)."""
-    decode = ar_decoder(params, cfg, cache, impl, settings.ar_tokens)
-    decode(0)  # warms up
-    return statistics.median(seconds / steps for steps, seconds in map(decode, range(1, settings.trials + 1)))
+    return seconds_per_token(ar_decoder(params, cfg, cache, impl, settings.ar_tokens), settings.trials)
 
 
 def read_bytes_per_ar_step(params, cfg: ModelConfig, context: int) -> int:
