@@ -16,6 +16,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from specpv_jax import host, longspec, memory, offload, prompts, sharding, specextend, specpv, speculative
 from specpv_jax import model as M
@@ -247,24 +249,29 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
                          chunk, attention, stream is not None, progress)
     _check_memory(target, draft, batch, max_new_tokens, mode, spec, chunk, temperature, top_p, mesh)
     params, draft_params = target.params, draft.params if draft is not None else None
-    ids, lengths = jnp.asarray(batch.ids), jnp.asarray(batch.lengths)
+    d2t = draft.d2t if draft is not None else None
+    # Every transfer explicit (here and the result's), as a caller's `jax.transfer_guard("disallow")` requires.
+    rows = scalars = None
     if mesh is not None:
         params, draft_params = sharding.shard_params(params, mesh), sharding.shard_params(draft_params, mesh)
-        ids = jax.device_put(ids, sharding.batch_sharding(ids.shape, mesh))
-        lengths = jax.device_put(lengths, sharding.batch_sharding(lengths.shape, mesh))
+        rows = tuple(sharding.batch_sharding(x.shape, mesh) for x in (batch.ids, batch.lengths))
+        scalars = NamedSharding(mesh, P())
+        d2t = jax.device_put(d2t, scalars)
+    ids, lengths = jax.device_put((batch.ids, batch.lengths), rows)
+    key, sampler, eos, limit = jax.device_put((_prng_key(seed), sampler, np.asarray(eos, np.int32),
+                                               np.int32(max_new_tokens)), scalars)
     # The run's mesh in the context: the Pallas kernel reads it to run per shard (see `attention._tree_kernel`),
     # and it replaces any mesh the caller set (whose axes our arrays do not use).
     run_mesh = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     streaming = host.streaming_to(stream) if stream is not None else contextlib.nullcontext(host.StreamCall())
     with prefill_progress(chunks) if progress else contextlib.nullcontext(), run_mesh, streaming as call:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
-            run, max_len, timed_call, params, draft_params, draft.d2t if draft is not None else None, ids, lengths,
-            _prng_key(seed), sampler, jnp.asarray(eos),
-            jnp.asarray(max_new_tokens, jnp.int32), mesh)
+            run, max_len, timed_call, params, draft_params, d2t, ids, lengths,
+            key, sampler, eos, limit, mesh)
     if stream is not None and _stream_failed(call.error):
         # The stream function raised (and was not called again): its error, not the runtime's.
         raise call.error or RuntimeError("generate's stream function raised in process 0 (see its error there)")
-    out = _readable(out)
+    out, counters = jax.device_get(_readable((out, counters)))
     if not bool(out.finite):
         raise _nonfinite_logits(target)
     num_out = np.asarray(out.num_out)
@@ -332,8 +339,9 @@ def _stream_failed(error: BaseException | None) -> bool:
 def _prng_key(seed: int) -> jax.Array:
     """The key of a 64-bit `seed`. `jax.random.key` keeps 32 bits of it (without x64: 2**32 + 5 would sample as
     5), so a seed outside [0, 2**32) folds in its high half; one inside has the key it always had."""
-    key = jax.random.key(seed & 0xFFFFFFFF)
-    return key if 0 <= seed < 2 ** 32 else jax.random.fold_in(key, (seed >> 32) & 0xFFFFFFFF)
+    low, high = jax.device_put((np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)))
+    key = jax.random.key(low)
+    return key if 0 <= seed < 2 ** 32 else jax.random.fold_in(key, high)
 
 
 def _readable(tree: Any) -> Any:
@@ -386,7 +394,7 @@ def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t,
         where = sharding.cache_sharding(shapes.k.shape, mesh)
         return KVCache(k=sharding.zeros(shapes.k.shape, shapes.k.dtype, where),
                        v=sharding.zeros(shapes.v.shape, shapes.v.dtype, where),
-                       length=jnp.zeros(shapes.length.shape, shapes.length.dtype))
+                       length=sharding.zeros(shapes.length.shape, shapes.length.dtype))
 
     if run.offload:
         cache = offload.empty_cache(run.cfg, b, max_len, M.param_dtype(params), mesh)
@@ -547,15 +555,16 @@ def _full_context_pass(target: Model, input_ids: Any, chunk: int, attention: str
     cache = KVCache.for_model(target.cfg, batch.batch, batch.ids.shape[1], target.dtype)
     fn = _chunk_fn(target.cfg, resolve_implementation(attention), argmax)
     out, finite, pending = [], [], None  # each chunk's result is read while the next runs
-    for start in range(0, t, chunk):
-        cache, part, part_finite = fn(target.params, jnp.asarray(batch.ids[:, start:start + chunk]), start, cache)
+    for start in range(0, t, chunk):  # transfers explicit, as a caller's `jax.transfer_guard("disallow")` requires
+        cache, part, part_finite = fn(target.params, *jax.device_put((batch.ids[:, start:start + chunk],
+                                                                      np.int32(start))), cache)
         part.copy_to_host_async()
         finite.append(part_finite)
         if pending is not None:
-            out.append(np.asarray(pending))
+            out.append(jax.device_get(pending))
         pending = part
-    out.append(np.asarray(pending))
-    if not all(bool(f) for f in finite):
+    out.append(jax.device_get(pending))
+    if not all(jax.device_get(finite)):
         raise _nonfinite_logits(target)
     return np.concatenate(out, axis=1)[:, :t]
 

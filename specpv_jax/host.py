@@ -134,7 +134,9 @@ def streaming_to(stream: Callable) -> Iterator[StreamCall]:
         raise RuntimeError("generate(stream=...) cannot run inside a stream function (the running call delivers "
                            "to one function at a time); call generate without stream= there")
     call = StreamCall()
-    with _Stream.lock:
+    # JAX moves the runtime token of ordered callbacks to the device implicitly the first time: a caller's
+    # `jax.transfer_guard("disallow")` would refuse it (our own arguments are placed explicitly).
+    with _Stream.lock, jax.transfer_guard_host_to_device("allow"):
         _Stream.function, _Stream.error = stream, None
         try:
             yield call

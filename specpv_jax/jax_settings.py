@@ -4,6 +4,8 @@ Models, caches and loops are written for JAX's defaults: 32-bit integers (with `
 index or a literal would trace as int64 beside int32 positions and fail), standard dtype promotion and
 implicit rank promotion. Each public entry point runs under `defaults()`; the caller's settings hold
 again when it returns, and the outputs (int32 tokens, float32 logits) are the same as without them.
+A caller's `jax.transfer_guard` stays in force: `generate` and `forward_logits` move their inputs and
+results with explicit `jax.device_put` / `jax.device_get`.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def empty_cache(cfg: ModelConfig, batch: int, max_len: int, dtype, mesh=None) ->
     shapes = jax.eval_shape(lambda: KVCache.for_model(cfg, batch, max_len, dtype))
     device = SingleDeviceSharding(jax.devices()[0]) if mesh is None else NamedSharding(mesh, PartitionSpec())
     return KVCache(k=host_zeros(shapes.k.shape, dtype, device), v=host_zeros(shapes.v.shape, dtype, device),
-                   length=jax.device_put(jnp.zeros((batch,), jnp.int32), device))
+                   length=jax.device_put(np.zeros((batch,), np.int32), device))
 
 
 def empty_summary(cache: KVCache, block: int) -> BlockSummary:

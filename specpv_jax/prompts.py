@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from specpv_jax.config import ModelConfig
@@ -44,9 +45,14 @@ def bucket_length(n: int, chunk: int) -> int:
     return round_up(n, chunk)
 
 
+def _numpy(x: Any) -> np.ndarray:
+    """`x` as a numpy array; a JAX array is fetched explicitly, as a caller's `jax.transfer_guard` requires."""
+    return np.asarray(jax.device_get(x) if isinstance(x, jax.Array) else x)
+
+
 def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
     if isinstance(input_ids, (list, tuple)) and input_ids and np.ndim(input_ids[0]) >= 1:  # rows (lists, arrays)
-        rows = [np.asarray(r) for r in input_ids]
+        rows = [_numpy(r) for r in input_ids]
         for r in rows:
             _check_dtype(r)
             if r.ndim != 1:
@@ -57,7 +63,7 @@ def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
             raise PromptError(f"attention_mask needs padded rows of one length, got rows of {[r.size for r in rows]} "
                               "tokens (give ragged rows without a mask)")
         input_ids = np.stack(rows)  # a tokenizer's padded lists (padding=True without return_tensors)
-    ids = np.asarray(input_ids)
+    ids = _numpy(input_ids)
     _check_dtype(ids)
     if ids.ndim == 1:
         ids = ids[None]
@@ -65,7 +71,7 @@ def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
         raise PromptError(f"input_ids must have shape [T] or [B, T], got {ids.shape}")
     if attention_mask is None:
         return list(ids)
-    mask = np.asarray(attention_mask)
+    mask = _numpy(attention_mask)
     if mask.ndim == 1:
         mask = mask[None]
     if mask.shape != ids.shape:

@@ -130,10 +130,12 @@ def place(x: Any, where: NamedSharding) -> Any:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def zeros(shape: tuple[int, ...], dtype: Any, where: NamedSharding) -> jax.Array:
-    """Zeros placed by `where`, each shard created on its device (`jnp.zeros(device=)` fills one device and
-    copies: a whole KV cache would have to fit on one device first)."""
-    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), where)
+def zeros(shape: tuple[int, ...], dtype: Any, where: NamedSharding | None = None) -> jax.Array:
+    """Zeros placed by `where` (None: the default device), each shard created on its device (`jnp.zeros(device=)`
+    fills one device and copies: a whole KV cache would have to fit on one device first). Made on the device,
+    they pass a `jax.transfer_guard("disallow")` that eager `jnp.zeros` (a host scalar moved over) does not."""
+    out = jnp.zeros(shape, dtype)
+    return out if where is None else jax.lax.with_sharding_constraint(out, where)
 
 
 def batch_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:

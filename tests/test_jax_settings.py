@@ -1,10 +1,11 @@
-"""A caller's process-wide JAX settings (64-bit types, strict promotion, no jit) change nothing: the library
-runs under JAX's defaults (`specpv_jax.jax_settings`), and its compiled programs and cached stages are
-bounded."""
+"""A caller's process-wide JAX settings (64-bit types, strict promotion, no jit, a transfer guard) change
+nothing: the library runs under JAX's defaults (`specpv_jax.jax_settings`), moves arrays explicitly, and its
+compiled programs and cached stages are bounded."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import weakref
 
@@ -72,6 +73,32 @@ def test_checkpoints_round_trip_under_x64(models, tmp_path):
     assert jax.tree.map(lambda x: x.dtype, loaded.params) == jax.tree.map(lambda x: x.dtype, target.params)
     np.testing.assert_array_equal(draft.d2t, head.d2t)
 
+
+def test_generate_and_forward_logits_under_a_transfer_guard(models):
+    """Research code that forbids implicit transfers (`jax.transfer_guard("disallow")`) can call generate and
+    forward_logits: they place their inputs and read their results explicitly. Same output as unguarded."""
+    from specpv_jax.draft.small import SmallDraft
+
+    target, head = models
+    prompts = [np.arange(200) % 16, np.arange(41) % 13]
+    streamed = []
+    cases = {"ar": {}, "specextend": dict(draft=SmallDraft(target.cfg, target.params)),
+             "specpv": dict(draft=head, temperature=0.8, seed=2 ** 33 + 1, stream=streamed.append),
+             "exact": dict(draft=head, spec=dataclasses.replace(SPEC, offload=True))}
+    for mode, kwargs in cases.items():
+        kwargs = dict(dict(spec=SPEC, eos_token_ids=(), progress=False), **kwargs)
+        expected = sj.generate(target, prompts, 12, mode=mode, **kwargs)
+        streamed.clear()
+        given = jax.device_put(prompts) if mode == "ar" else prompts  # rows as JAX arrays: read explicitly
+        with jax.transfer_guard("disallow"):  # refused generate's prompts, seeds, empty caches, result...
+            out = sj.generate(target, given, 12, mode=mode, **kwargs)
+        np.testing.assert_array_equal(out.tokens, expected.tokens, err_msg=mode)
+        if "stream" in kwargs:  # ... and JAX's token for ordered callbacks
+            for r, n in enumerate(out.lengths):
+                np.testing.assert_array_equal(np.concatenate([s[r] for s in streamed]), out.tokens[r, :n])
+    expected = sj.forward_logits(target, prompts[1])
+    with jax.transfer_guard("disallow"):
+        np.testing.assert_array_equal(sj.forward_logits(target, prompts[1]), expected)
 
 def test_generate_runs_without_jit(models):
     """jax.disable_jit (for debugging) ran nothing: generate compiles ahead of time, which it cannot do."""
