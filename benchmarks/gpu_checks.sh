@@ -39,12 +39,7 @@ print(jax.__version__, jax.devices(), flax.__version__, transformers.__version__
 step attention_kernels 150 python3 benchmarks/attention_kernels.py --out "$work/attention_kernels.json"
 step scale 190 python3 benchmarks/scale.py --contexts 32768 131072 --offload-contexts 131072 \
   --out "$work/scale.json"
-step decode_profile 100 python3 benchmarks/decode_profile.py --out "$work/decode_profile.json"
-graphs=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL  # XLA's defaults plus loops and branches
-step decode_profile_graphs 55 env XLA_FLAGS="$graphs" python3 benchmarks/decode_profile.py --layers 8 \
-  --out "$work/decode_profile_graphs.json"
-step decode_profile_unrolled 55 python3 benchmarks/decode_profile.py --layers 8 --unroll-layers \
-  --out "$work/decode_profile_unrolled.json"
+step decode_profile 210 python3 benchmarks/decode_profile.py --out "$work/decode_profile.json"
 step pytest_gpu 110 python3 -m pytest -v -m gpu --durations=5 tests/test_tree_attention.py
 step scale_16k_64k 240 python3 benchmarks/scale.py --contexts 16384 65536 --offload-contexts 65536 \
   --out "$work/scale_16k_64k.json"

@@ -45,7 +45,6 @@ from specpv_jax.bench import hf_cache_keyword  # noqa: E402
 from specpv_jax.cache import BlockSummary, KVCache  # noqa: E402
 from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig  # noqa: E402
 from specpv_jax.generate import _ar_decode_fn, _plan  # noqa: E402
-from specpv_jax.host import timed_call  # noqa: E402
 from specpv_jax.sampling import Sampler  # noqa: E402
 
 DTYPE = jnp.bfloat16
@@ -125,19 +124,22 @@ def time_donating(step, cache, settings: Settings) -> float:
     return statistics.median(times)
 
 
-def ar_decoder(params, cfg: ModelConfig, cache: KVCache, impl: str, tokens: int):
-    """Our AR decode loop (`generate`'s jitted while_loop) from `cache`, `tokens` tokens a call: returns
-    `decode(seed) -> (tokens decoded, seconds)`, threading the (donated) cache from call to call."""
+def ar_decoder(params, cfg: ModelConfig, cache: KVCache, impl: str, tokens: int, compiler_options=None):
+    """Our AR decode loop (`generate`'s jitted while_loop) from `cache`, `tokens` tokens a call, compiled with
+    XLA's `compiler_options` (None: its defaults). Returns `decode(seed) -> (tokens decoded, seconds)`, threading
+    the (donated) cache from call to call, and the compiled loop."""
     run, _ = _plan(cfg, SpecConfig(), "ar", None, tokens, int(cache.length[0]), 512, impl)
-    fn = _ar_decode_fn(run)
     logits = jnp.zeros((1, cfg.vocab_size), jnp.float32)
     sampler, eos, limit = Sampler.create(), jnp.array([-1], jnp.int32), jnp.asarray(tokens, jnp.int32)
+    compiled = _ar_decode_fn(run).lower(params, cache, logits, jax.random.key(0), sampler, eos, limit).compile(
+        compiler_options)
 
     def decode(seed: int) -> tuple[int, float]:
         nonlocal cache
-        (out, cache), seconds = timed_call(fn, params, cache, logits, jax.random.key(seed), sampler, eos, limit)
-        return int(out.steps), seconds
-    return decode
+        start = time.perf_counter()
+        out, cache = jax.block_until_ready(compiled(params, cache, logits, jax.random.key(seed), sampler, eos, limit))
+        return int(out.steps), time.perf_counter() - start
+    return decode, compiled
 
 
 def seconds_per_token(decode, trials: int) -> float:
@@ -148,7 +150,7 @@ def seconds_per_token(decode, trials: int) -> float:
 
 def ar_step_seconds(params, cfg: ModelConfig, cache: KVCache, impl: str, settings: Settings) -> float:
     """Seconds per token of our AR decode loop from `cache` (median over `settings.trials` calls)."""
-    return seconds_per_token(ar_decoder(params, cfg, cache, impl, settings.ar_tokens), settings.trials)
+    return seconds_per_token(ar_decoder(params, cfg, cache, impl, settings.ar_tokens)[0], settings.trials)
 
 
 def read_bytes_per_ar_step(params, cfg: ModelConfig, context: int) -> int:

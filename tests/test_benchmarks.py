@@ -53,13 +53,18 @@ def test_hlo_audit(tmp_path):
 
 
 def test_decode_profile_quick(tmp_path):
-    run_script("decode_profile.py", "--quick", "--unroll-layers", "--out", str(tmp_path / "profile.json"))
+    run_script("decode_profile.py", "--quick", "--out", str(tmp_path / "profile.json"))
     result = json.loads((tmp_path / "profile.json").read_text())
     rows = result["rows"]
-    assert result["meta"]["unrolled_layers"]
-    assert [r["layers"] for r in rows] == [2, 1]
+    assert [(r["variant"], r["layers"]) for r in rows] == [("default", 2), ("while_graphs", 2), ("unrolled", 2),
+                                                           ("default", 1)]
     assert all(r["wall_s"] > 0 and r["floor_s"] > 0 for r in rows)
     assert all(r["busy_s"] is None for r in rows)  # a CPU trace has no device plane
+    compiled = {r["variant"]: (r["loops"], r["instructions"]) for r in rows if r["layers"] == 2}
+    assert compiled["default"] == compiled["while_graphs"], compiled  # the same program
+    assert compiled["unrolled"][1] > compiled["default"][1], compiled  # each layer's code apart
+    kinds = result["meta"]["while_graphs_options"]["xla_gpu_enable_command_buffer"].split(",")
+    assert "WHILE" in kinds and "FUSION" in kinds, kinds  # XLA's defaults, plus loops
 
 
 # Two streams of a GPU plane (a kernel on each overlapping, a memory copy) and a derived line that must not
