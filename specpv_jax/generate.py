@@ -256,10 +256,9 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         params, draft_params = sharding.shard_params(params, mesh), sharding.shard_params(draft_params, mesh)
         rows = tuple(sharding.batch_sharding(x.shape, mesh) for x in (batch.ids, batch.lengths))
         scalars = NamedSharding(mesh, P())
-        d2t = jax.device_put(d2t, scalars)
     ids, lengths = jax.device_put((batch.ids, batch.lengths), rows)
-    key, sampler, eos, limit = jax.device_put((_prng_key(seed), sampler, np.asarray(eos, np.int32),
-                                               np.int32(max_new_tokens)), scalars)
+    sampler, eos, limit, d2t = jax.device_put((sampler, np.asarray(eos, np.int32), np.int32(max_new_tokens), d2t),
+                                              scalars)
     # The run's mesh in the context: the Pallas kernel reads it to run per shard (see `attention._tree_kernel`),
     # and it replaces any mesh the caller set (whose axes our arrays do not use).
     run_mesh = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
@@ -267,7 +266,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     with prefill_progress(chunks) if progress else contextlib.nullcontext(), run_mesh, streaming as call:
         out, counters, prefill_s, decode_s = _prefill_and_decode(
             run, max_len, timed_call, params, draft_params, d2t, ids, lengths,
-            key, sampler, eos, limit, mesh)
+            _prng_key(seed, scalars), sampler, eos, limit, mesh)  # the key made on the run's mesh, in its context
     if stream is not None and _stream_failed(call.error):
         # The stream function raised (and was not called again): its error, not the runtime's.
         raise call.error or RuntimeError("generate's stream function raised in process 0 (see its error there)")
@@ -336,10 +335,12 @@ def _stream_failed(error: BaseException | None) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.bool_(error is not None)))
 
 
-def _prng_key(seed: int) -> jax.Array:
-    """The key of a 64-bit `seed`. `jax.random.key` keeps 32 bits of it (without x64: 2**32 + 5 would sample as
-    5), so a seed outside [0, 2**32) folds in its high half; one inside has the key it always had."""
-    low, high = jax.device_put((np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)))
+def _prng_key(seed: int, where: Any = None) -> jax.Array:
+    """The key of a 64-bit `seed`, placed by `where` (None: the default device). `jax.random.key` keeps 32 bits
+    of it (without x64: 2**32 + 5 would sample as 5), so a seed outside [0, 2**32) folds in its high half; one
+    inside has the key it always had. Made from seed halves placed there: multi-host, `device_put` moves no
+    key array onto a mesh."""
+    low, high = jax.device_put((np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)), where)
     key = jax.random.key(low)
     return key if 0 <= seed < 2 ** 32 else jax.random.fold_in(key, high)
 
