@@ -4,8 +4,9 @@ One contract serves prefill chunks (causal), decode (T = 1) and tree
 verification (tree mask): queries see prefix keys `[0, cache_len)` and the new
 keys allowed by `new_mask`. The prefix is read block by block with an online
 softmax and a trip count set by the longest row, so cost follows the valid
-length, not the buffer size; the Pallas kernels in `pallas_kernels/` keep the
-same contract.
+length, not the buffer size; a buffer that fits one block (decode's case) is
+read in one pass, with no loop. The Pallas kernels in `pallas_kernels/` keep
+the same contract.
 """
 
 from __future__ import annotations
@@ -188,14 +189,21 @@ def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, 
         pv = jnp.einsum("bhms,bhsd->bhmd", p.astype(v_cache.dtype), values, preferred_element_type=jnp.float32)
         return m_new, l * corr + p.sum(-1), o * corr[..., None] + pv
 
-    n_blocks = (jnp.max(cache_len) + block - 1) // block
-    if not host_prefix:
-        return lax.fori_loop(0, n_blocks, lambda j, c: fold(j, read(k_cache, block_start(j)),
-                                                            read(v_cache, block_start(j)), c), init)
-    from specpv_jax.offload import to_device  # offload imports the cache, which imports this module
+    if host_prefix:
+        from specpv_jax.offload import to_device  # offload imports the cache, which imports this module
 
     def fetch(j):
-        return read(k_cache, block_start(j), to_device), read(v_cache, block_start(j), to_device)
+        """Block j's keys and values (offloaded: sliced in host memory, then moved to the device)."""
+        move = to_device if host_prefix else (lambda x: x)
+        return read(k_cache, block_start(j), move), read(v_cache, block_start(j), move)
+
+    if block == size:
+        # One step reads the whole buffer (every decode step's case): no loop. A loop whose trip count is known
+        # only at run time costs a GPU a host round trip per trip; rows past their length are masked as in it.
+        return fold(0, *fetch(0), init)
+    n_blocks = (jnp.max(cache_len) + block - 1) // block
+    if not host_prefix:
+        return lax.fori_loop(0, n_blocks, lambda j, c: fold(j, *fetch(j), c), init)
 
     def prefetching(j, carry):
         stats, (keys, values) = carry

@@ -38,6 +38,30 @@ def test_blockwise_prefix_equals_dense(monkeypatch, t, lens, stacked, s, block):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
+def test_a_prefix_read_in_one_step_runs_no_loop(monkeypatch):
+    """Decode (and any call whose prefix buffer fits one step) compiles to no loop: a loop whose trip count is
+    known only at run time costs a GPU a host round trip per trip. Rows with no prefix yet, even with NaN in
+    the stale slots, get plain attention over the new tokens; a buffer read in several steps keeps its loop."""
+    rng = np.random.default_rng(3)
+    b, t, hq, hkv, d, s = 2, 1, 4, 2, 16, 1024
+    q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
+    kn, vn = (jnp.asarray(rng.standard_normal((b, hkv, t, d)), jnp.float32) for _ in range(2))
+    stale = jnp.full((b, hkv, s, d), jnp.nan)
+    empty = jnp.zeros((b,), jnp.int32)
+
+    def compiled():
+        return jax.jit(lambda kc, vc, lens: attend(q, kc, vc, lens, kn, vn, causal_mask(b, t), 0.25)).lower(
+            stale, stale, empty).compile()
+
+    assert attention.read_block(s, t * hq // hkv) == s
+    one_step = compiled()
+    assert " while(" not in one_step.as_text()
+    np.testing.assert_allclose(np.asarray(one_step(stale, stale, empty)),
+                               np.asarray(attend(q, None, None, None, kn, vn, causal_mask(b, t), 0.25)), atol=2e-6)
+    monkeypatch.setattr(attention, "SCORE_TILE", 256 * t * hq // hkv)
+    assert " while(" in compiled().as_text()
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_stale_slots_past_cache_len_are_never_used(impl):
     """NaN / inf past a row's length (a rolled-back step's scratch) change nothing, also in a row with no prefix
