@@ -190,9 +190,8 @@ def summarize(copy_bps: float, rows: list[dict]) -> str:
     lines = [f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
              f"copy bandwidth {copy_bps / 1e9:.0f} GB/s; ms per token (traced: the profiled call's wall time)",
              f"{'variant':>12} {'layers':>6} {'context':>7} {'attn':>6} {'loops':>5} {'instrs':>6} {'wall':>7} "
-             f"{'traced':>7} "
-             f"{'busy':>7} {'kernels':>7} {'launches':>8} {'copies':>6} {'floor':>7} {'wall/floor':>10} "
-             f"{'busy/floor':>10} {'vs default':>10}"]
+             f"{'traced':>7} {'busy':>7} {'kernels':>7} {'launches':>8} {'copies':>6} {'floor':>7} "
+             f"{'wall/floor':>10} {'busy/floor':>10} {'vs default':>10}"]
     default = {r["layers"]: r for r in rows if r["variant"] == "default"}
     for r in rows:
         launches = "-" if r["launches"] is None else f"{r['launches']:.0f}"
