@@ -8,8 +8,6 @@ sink + retrieval + window + buffer slots) and the EAGLE-3 head's cache (L = 1).
 
 from __future__ import annotations
 
-import functools
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -17,13 +15,7 @@ from jax import lax
 
 from specpv_jax.attention import PREFIX_BLOCK
 from specpv_jax.config import ModelConfig
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _zeros(shape: tuple[int, ...], batch: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """K, V `shape` and lengths `[batch]`, zero. Jitted, so that outside jit too they are made on the device
-    (eager `jnp.zeros` moves a host scalar there, which a caller's `jax.transfer_guard("disallow")` refuses)."""
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32)
+from specpv_jax.sharding import zeros
 
 
 @flax.struct.dataclass
@@ -42,7 +34,9 @@ class KVCache:
     @classmethod
     def empty(cls, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype) -> "KVCache":
         """An empty cache holding at least `max_len` positions (`allocated_slots`)."""
-        return cls(*_zeros((layers, batch, kv_heads, allocated_slots(max_len), head_dim), batch, dtype))
+        shape = (layers, batch, kv_heads, allocated_slots(max_len), head_dim)
+        # made on the device, also outside jit (eager `jnp.zeros` moves a host scalar over: see `sharding.zeros`)
+        return cls(k=zeros(shape, dtype), v=zeros(shape, dtype), length=zeros((batch,), jnp.int32))
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
