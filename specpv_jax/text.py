@@ -6,7 +6,10 @@ from typing import Any
 
 
 def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
-    """Token ids for `text`, wrapped in the tokenizer's chat template when it has one and `chat` is set."""
+    """Token ids for `text`, wrapped in the tokenizer's chat template when it has one and `chat` is set.
+
+    Without the template, text that starts with the BOS token (a prompt rendered elsewhere) gets no second one
+    from a tokenizer that adds BOS itself."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer files; pass token ids instead of text")
     if chat and getattr(tokenizer, "chat_template", None):
@@ -19,7 +22,11 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
             raise ValueError(f"the chat template of the tokenizer in {tokenizer.name_or_path} failed: "
                              f"{type(e).__name__}: {e} (encode without it: chat=False, --no-chat)") from e
         return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(text)["input_ids"])
+    ids = list(tokenizer(text)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and ids[:2] == [bos, bos] and text.startswith(tokenizer.bos_token):
+        del ids[0]
+    return ids
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str:

@@ -36,6 +36,21 @@ def test_encode_with_and_without_chat_template(model_dir):
     assert text.decode(model.tokenizer, [7, 8, 2]) == "w7 w8"
 
 
+def test_a_typed_bos_is_not_doubled_without_the_chat_template():
+    """Llama-style tokenizers add BOS themselves; a prompt that starts with one (rendered elsewhere, --no-chat)
+    keeps just that one. BOS anywhere else is the user's text."""
+    from tokenizers import processors
+
+    vocab = {"<pad>": 0, "<s>": 1, **{f"w{i}": i for i in range(2, 10)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>")
+    assert text.encode_prompt(fast, "w7 w8", chat=False) == [1, 7, 8]
+    assert text.encode_prompt(fast, "<s> w7 w8", chat=False) == [1, 7, 8]
+    assert text.encode_prompt(fast, "w7 <s> w8", chat=False) == [1, 7, 1, 8]
+
+
 def test_no_tokenizer_is_a_clear_error(hf_model):
     model = sj.load_target(hf_model("llama-mha")[0], progress=False)
     with pytest.raises(ValueError, match="no tokenizer files"):
