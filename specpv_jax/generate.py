@@ -473,12 +473,15 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
     @under_defaults
     def generate_fn(params, draft_params, ids, key):
         _check_call(target_cfg, mode, max_new_tokens, draft_params, ids, key)
+        return traced(params, draft_params if isinstance(draft_params, dict) else {}, ids, key)
+
+    @jax.jit  # a call outside the user's jit is one program too (and makes no implicit transfers of its own)
+    def traced(params, draft_params, ids, key):
         ids = jnp.asarray(ids, jnp.int32)
         b, t = ids.shape
         chunk = min(prefill_chunk, t)
         padded = jnp.pad(ids, ((0, 0), (0, -t % chunk)))
         run, max_len = _plan(target_cfg, spec, mode, draft_cfg, max_new_tokens, padded.shape[1], chunk, attention)
-        draft_params = draft_params if isinstance(draft_params, dict) else {}  # "ar" ignores it
         out, _, _, _ = _prefill_and_decode(run, max_len, untimed, params, draft_params.get("params"),
                                            draft_params.get("d2t"), padded, jnp.full((b,), t, jnp.int32), key,
                                            sampler, jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32))
@@ -500,10 +503,7 @@ def _check_call(cfg: ModelConfig, mode: str, max_new_tokens: int, draft_params, 
     if shape[1] + max_new_tokens > cfg.max_position_embeddings:
         raise prompts.PromptError(f"{shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's "
                                   f"max_position_embeddings={cfg.max_position_embeddings}")
-    try:
-        values = np.asarray(ids)
-    except jax.errors.TracerArrayConversionError:
-        values = None
+    values = None if isinstance(ids, jax.core.Tracer) else np.asarray(jax.device_get(ids))
     if values is not None and ((values < 0) | (values >= cfg.vocab_size)).any():
         raise prompts.PromptError(f"ids hold token ids outside the vocabulary [0, {cfg.vocab_size})")
     if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)

@@ -99,6 +99,16 @@ def test_generate_and_forward_logits_under_a_transfer_guard(models):
     expected = sj.forward_logits(target, prompts[1])
     with jax.transfer_guard("disallow"):
         np.testing.assert_array_equal(sj.forward_logits(target, prompts[1]), expected)
+    # make_generate_fn's function called outside a jit, its arguments on the device (checked by value too)
+    fn = sj.make_generate_fn(target.cfg, SPEC, mode="eagle", draft_cfg=head.cfg, max_new_tokens=6, eos_token_ids=())
+    ids, key, draft = jax.device_put((prompts[1][None], jax.random.key(0), {"params": head.params, "d2t": head.d2t}))
+    expected, outside = jax.device_get(fn(target.params, draft, ids, key)), ids + target.cfg.vocab_size
+    with jax.transfer_guard("disallow"):
+        got = jax.device_get(fn(target.params, draft, ids, key))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            fn(target.params, draft, outside, key)
+    np.testing.assert_array_equal(got[0], expected[0])
+
 
 def test_generate_runs_without_jit(models):
     """jax.disable_jit (for debugging) ran nothing: generate compiles ahead of time, which it cannot do."""
@@ -116,7 +126,8 @@ def test_stage_factories_keep_as_many_stages_as_timed_call_keeps_executables(mod
     from specpv_jax.loop import Run
 
     target, _ = models
-    runs = [Run(cfg=target.cfg, out_slots=16, chunk=chunk, attention="xla") for chunk in range(1, 2 + host.MAX_EXECUTABLES)]
+    runs = [Run(cfg=target.cfg, out_slots=16, chunk=chunk, attention="xla")
+            for chunk in range(1, 2 + host.MAX_EXECUTABLES)]
     first = weakref.ref(speculative.eagle_prefill_fn(runs[0]))
     for run in runs[1:-1]:
         speculative.eagle_prefill_fn(run)
