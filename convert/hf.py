@@ -133,7 +133,8 @@ def safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         bins = sorted(p.name for p in model_dir.glob("*.bin"))
-        hint = f" (found {bins}: re-save with safetensors, e.g. save_pretrained(safe_serialization=True))" if bins else ""
+        hint = (f" (found {bins}: re-save with safetensors, e.g. save_pretrained(safe_serialization=True))"
+                if bins else "")
         raise ConversionError(f"no *.safetensors files in {model_dir}{hint}")
     return files
 
@@ -155,7 +156,8 @@ def scan_headers(files: Iterable[pathlib.Path]) -> dict[str, TensorInfo]:
                     s = f.get_slice(key)
                     info = TensorInfo(path, tuple(s.get_shape()), s.get_dtype())
                     if key in found:
-                        raise ConversionError(f"tensor {key!r} appears twice: in {found[key].file.name} and {path.name}")
+                        raise ConversionError(f"tensor {key!r} appears twice: in {found[key].file.name} and "
+                                              f"{path.name}")
                     found[key] = info
         except (SafetensorError, OSError) as e:
             raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None

@@ -16,6 +16,6 @@ from specpv_jax.warning import SpecPVWarning
 __all__ = [
     "DemoModels", "DraftConfig", "GenerateOutput", "Model", "ModelConfig", "RopeConfig", "SpecConfig",
     "SpecPVWarning",
-    "demo_models", "fidelity", "forward_logits", "generate", "load_draft", "load_target", "make_generate_fn", "save_draft",
-    "save_target",
+    "demo_models", "fidelity", "forward_logits", "generate", "load_draft", "load_target", "make_generate_fn",
+    "save_draft", "save_target",
 ]

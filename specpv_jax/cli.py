@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=positive_number, default=2e-3,
                    help="peak learning rate (cosine schedule; the --long-context fine-tune uses a tenth of it)")
     t.add_argument("--unroll", type=at_least(1), default=5, help="training-time-test steps")
-    t.add_argument("--draft-vocab", type=at_least(1), default=32000, help="draft vocabulary size (capped at the target's)")
+    t.add_argument("--draft-vocab", type=at_least(1), default=32000,
+                   help="draft vocabulary size (capped at the target's)")
     t.add_argument("--long-context", type=at_least(2), help="YaRN fine-tune stretching RoPE to this many positions")
     t.add_argument("--long-steps", type=at_least(1), help=f"steps of the --long-context fine-tune (default "
                    f"{LONG_STEPS})")

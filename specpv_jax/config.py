@@ -528,7 +528,8 @@ def _check_field_types(config) -> None:
             value = bool(value)
         elif kind == "int" and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
             value = int(value)
-        elif kind == "float" and isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        elif (kind == "float" and isinstance(value, (int, float, np.integer, np.floating))
+              and not isinstance(value, bool)):
             value = float(value)
         elif kind in ("bool", "int", "float"):
             raise ConfigError(f"{type(config).__name__}.{field.name} must be {'an' if kind == 'int' else 'a'} {kind}, "

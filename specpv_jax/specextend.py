@@ -87,7 +87,8 @@ def specextend_decode_fn(run: Run):
         first = sampler.sample(logits, sub)
         b = first.shape[0]
         pending = jnp.zeros((b, run.spec.tree_depth + 1), jnp.int32).at[:, 0].set(first)
-        state = SpecExtendState(cache=cache, draft=draft_state, pending=pending, pending_count=jnp.ones((b,), jnp.int32),
+        state = SpecExtendState(cache=cache, draft=draft_state, pending=pending,
+                                pending_count=jnp.ones((b,), jnp.int32),
                                 out=Output.start(run, first, eos, limit, logits), key=key)
         state = decode_loop(run, functools.partial(specextend_step, params, dparams, run, sampler, eos), state)
         return state.out, state.cache, state.draft

@@ -102,7 +102,8 @@ def test_dict_round_trip():
     ({"architectures": None, "model_type": "gpt2"}, "unsupported model_type 'gpt2'"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"mlp_bias": True}, "mlp_bias"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "unsupported rope_scaling type 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+     "unsupported rope_scaling type 'dynamic'"),
     ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads (3)"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "partial_rotary_factor"),
@@ -197,7 +198,8 @@ def test_cli_spec_assignments_take_each_field_type_and_name_mistakes():
                        "bounded_draft=off"])
     assert spec == SpecConfig(retrieval_tokens=2048, offload=True, tree_threshold=0.25, buffer_tokens=100)
     assert parse_spec(["buffer_tokens=100", "buffer_tokens=none"]).buffer_tokens is None  # the last one wins
-    for bad, message in [("retrival_tokens=2048", "SpecConfig has no field 'retrival_tokens'; fields: tree_depth, "), ("offload", "expected FIELD=VALUE"),
+    for bad, message in [("retrival_tokens=2048", "SpecConfig has no field 'retrival_tokens'; fields: tree_depth, "),
+                         ("offload", "expected FIELD=VALUE"),
                          ("offload=maybe", "offload takes true or false"),
                          ("tree_nodes=6.5", "tree_nodes takes an integer"),
                          ("tree_threshold=high", "tree_threshold takes a number"),

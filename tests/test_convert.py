@@ -211,7 +211,8 @@ def test_unexpected_tensor_is_named(hf_copy):
 
 
 def test_misshaped_tensor_names_key_and_both_shapes(hf_copy):
-    edit_weights(hf_copy, lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": np.zeros((32, 64), np.float32)}))
+    edit_weights(hf_copy,
+                 lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": np.zeros((32, 64), np.float32)}))
     msg = convert_error(hf_copy)
     assert "model.layers.0.self_attn.q_proj.weight: shape (32, 64) in model.safetensors" in msg
     assert "config.json implies (64, 64)" in msg
@@ -355,7 +356,8 @@ def test_orbax_params_must_match_their_config(hf_copy, tmp_path, changes, messag
 def test_damaged_orbax_checkpoint_is_named(hf_copy, tmp_path):
     sj.save_target(sj.load_target(hf_copy, progress=False), tmp_path / "ckpt")
     shutil.copytree(tmp_path / "ckpt", tmp_path / "truncated")
-    data = max((p for p in (tmp_path / "truncated" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = max((p for p in (tmp_path / "truncated" / "params").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
     data.write_bytes(data.read_bytes()[:10])
     reported, hook = [], sys.unraisablehook
     sys.unraisablehook = reported.append
@@ -381,7 +383,8 @@ def test_tied_config_with_a_different_stored_head_is_refused(hf_copy):
     edit_weights(hf_copy, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
     np.testing.assert_array_equal(sj.forward_logits(sj.load_target(hf_copy, progress=False), IDS), tied)
     edit_weights(hf_copy, lambda t: t.update({"lm_head.weight": 2 * t["model.embed_tokens.weight"]}))
-    assert "tie_word_embeddings=true, but model.safetensors holds an lm_head.weight that differs" in convert_error(hf_copy)
+    message = convert_error(hf_copy)
+    assert "tie_word_embeddings=true, but model.safetensors holds an lm_head.weight that differs" in message
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -240,8 +240,8 @@ def reference_head_logits(state, target_embed, features, tokens):
     out = (att.softmax(-1) @ v).transpose(0, 1).reshape(t, HIDDEN) @ s["midlayer.self_attn.o_proj.weight"].T
     h = hidden + out
     m = rms(h, s["midlayer.post_attention_layernorm.weight"])
-    h = h + (torch.nn.functional.silu(m @ s["midlayer.mlp.gate_proj.weight"].T) * (m @ s["midlayer.mlp.up_proj.weight"].T)) \
-        @ s["midlayer.mlp.down_proj.weight"].T
+    gate = torch.nn.functional.silu(m @ s["midlayer.mlp.gate_proj.weight"].T)
+    h = h + (gate * (m @ s["midlayer.mlp.up_proj.weight"].T)) @ s["midlayer.mlp.down_proj.weight"].T
     return torch.log_softmax(rms(h, s["norm.weight"]) @ s["lm_head.weight"].T, -1)
 
 

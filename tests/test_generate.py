@@ -20,7 +20,9 @@ def target(hf_model):
 
 
 @pytest.mark.parametrize("ids, kwargs, message", [
-    (np.arange(3, 2000) % 150 + 3, {"max_new_tokens": 100}, "prompt 0 has 1997 tokens; with max_new_tokens=100 that is 2097 positions, over the model's max_position_embeddings=2048"),
+    (np.arange(3, 2000) % 150 + 3, {"max_new_tokens": 100},
+     "prompt 0 has 1997 tokens; with max_new_tokens=100 that is 2097 positions, over the model's "
+     "max_position_embeddings=2048"),
     ([[5, 6], [7, 160]], {}, r"prompt 1 has token id 160 outside the vocabulary \[0, 160\)"),
     ([5, -1, 6], {}, "token id -1 outside the vocabulary"),
     ([], {}, "prompt 0 is empty"),
@@ -298,7 +300,8 @@ def test_long_prefill_shows_a_progress_bar_per_chunk(monkeypatch):
     target = make_target(16, layers=2)
     counts = []
     close = host.prefill_progress.__exit__
-    monkeypatch.setattr(host.prefill_progress, "__exit__", lambda self, *e: (counts.append(self.bar.n), close(self, *e)))
+    monkeypatch.setattr(host.prefill_progress, "__exit__",
+                        lambda self, *e: (counts.append(self.bar.n), close(self, *e)))
     prompt = np.arange(300) % 16
     sj.generate(target, prompt, 4, prefill_chunk=64, progress=True)
     sj.generate(target, prompt, 4, prefill_chunk=64)  # 5 chunks: below the default threshold, no bar
