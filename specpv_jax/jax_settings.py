@@ -5,7 +5,7 @@ index or a literal would trace as int64 beside int32 positions and fail), standa
 implicit rank promotion. Each public entry point runs under `defaults()`; the caller's settings hold
 again when it returns, and the outputs (int32 tokens, float32 logits) are the same as without them.
 A caller's `jax.transfer_guard` stays in force: `generate` and `forward_logits` move their inputs and
-results with explicit `jax.device_put` / `jax.device_get`.
+results with explicit `jax.device_put` / `jax.device_get`, and `make_generate_fn`'s function is jitted whole.
 """
 
 from __future__ import annotations
