@@ -49,7 +49,8 @@ from specpv_jax.sampling import Sampler  # noqa: E402
 
 DTYPE = jnp.bfloat16
 BASE_CONTEXT = 1024  # the AR step partial verification is compared with
-QUICK_SHAPES = dict(num_hidden_layers=2, intermediate_size=1024, vocab_size=4096, bos_token_id=1, eos_token_id=2)
+QUICK_SHAPES = dict(num_hidden_layers=2, hidden_size=512, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+                    intermediate_size=1024, vocab_size=4096, bos_token_id=1, eos_token_id=2)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,7 +81,7 @@ def test_estimate_covers_what_the_compiled_stages_take():
     ("ar", 16, 64, 0.0, 1.0, None),  # 8 KV heads: each holds its own prefix score tile
     # top-p sampling holds probabilities, their sorted copy and order beside the logits; exact mode's full
     # steps verify the provisional tokens too, and keep their partial distributions
-    ("exact", 4, 32768, 1.0, 0.9, sj.SpecConfig(sink_tokens=16, retrieval_tokens=32, window_tokens=16)),
+    ("exact", 4, 8192, 1.0, 0.9, sj.SpecConfig(sink_tokens=16, retrieval_tokens=32, window_tokens=16)),
     # a beam tree drafts from 64 nodes per level: its draft logits outgrow the 9-node verification's
     ("eagle", 4, 32768, 0.0, 1.0, sj.SpecConfig(tree_depth=3, tree_top_k=8, tree_nodes=8, tree_beam=True)),
 ], ids=["ar", "exact-top-p", "eagle-beam"])

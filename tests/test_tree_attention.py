@@ -158,7 +158,7 @@ def mosaic_gpu_case(case: Case) -> Case:
 
 
 @INTERPRETER_DEADLINE
-@settings(max_examples=8, deadline=None, derandomize=True)
+@settings(max_examples=4, deadline=None, derandomize=True)  # the interpreter is slow: the examples do the most
 @given(cases(itemsize=2), st.sampled_from([64, 128]))
 @example(Case(B=1, T=5, Hq=4, Hkv=4, D=64, lens=(130,), S=136, num_splits=2, seed=11), 64)  # last block moved back
 @example(Case(B=3, T=1, Hq=32, Hkv=8, D=128, lens=(1600, 0, 77), S=1640, num_splits=None, seed=10), 128)  # decode
