@@ -3,7 +3,7 @@
 Random bf16 weights of a preset model (default Llama-3.1-8B), one row:
 
     python benchmarks/scale.py [--out scale.json]    # GPU: contexts 16K/32K/64K/128K, offload at 64K/128K
-    python benchmarks/scale.py --quick               # CPU smoke run: 2 layers, small vocab, short contexts
+    python benchmarks/scale.py --quick               # CPU smoke run: 2 narrow layers, small vocab, short contexts
 
 At each context the caches are filled with random K/V (no prefill), then it times
   ar       our AR decode: `generate`'s jitted while_loop, per token (also at 1K: the partial-verification goal);
@@ -316,7 +316,8 @@ def main(argv=None) -> None:
                         help="attention implementations to time (default: both on GPU, xla elsewhere)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     parser.add_argument("--quick", action="store_true",
-                        help="CPU smoke run: 2 layers, small vocab and MLP, contexts 4608/6144, offload at 6144")
+                        help="CPU smoke run: 2 narrow layers (4 heads of 128), small vocab, contexts 4608/6144, "
+                             "offload at 6144")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     hf_config = presets.hf_config(args.model)
