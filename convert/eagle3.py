@@ -4,7 +4,10 @@ The public layout (e.g. the EAGLE-3 heads for Llama-3.1-8B-Instruct): an
 HF-style config.json with `draft_vocab_size`, and `pytorch_model.bin` or
 `model.safetensors` holding `fc.weight`, `midlayer.*`, `norm.weight`,
 `lm_head.weight`, `d2t` (draft id -> target id offset), `t2d` (target ids in
-the draft vocabulary) and sometimes `embed_tokens.weight`.
+the draft vocabulary) and sometimes `embed_tokens.weight`. The speculators
+library's layout (e.g. the `*-speculator.eagle3` heads vLLM serves) names the
+layer `layers.0.*` and nests its fields in config.json's
+`transformer_layer_config`; `DraftConfig.from_hf` reads both.
 """
 
 from __future__ import annotations
@@ -20,32 +23,47 @@ from safetensors import SafetensorError, safe_open
 
 from convert.hf import (ConversionError, Entry, TensorInfo, check_dtype, check_tensors, load_params, read_json,
                         scan_headers, table_to_tensors, write_safetensors_dir)
-from specpv_jax.config import ConfigError, DraftConfig, ModelConfig
+from specpv_jax.config import ConfigError, DraftConfig, ModelConfig, is_speculators
 
 TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
                 "bool": "BOOL"}
 
 
-def head_table(cfg: DraftConfig) -> list[Entry]:
+def head_table(cfg: DraftConfig, speculators: bool = False) -> list[Entry]:
+    """The head's tensors: in the EAGLE-3 reference's layout (its layer is `midlayer.*`) or, with
+    `speculators`, the speculators library's (`layers.0.*`). Our parameter paths are the same in both."""
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
     n_in = len(cfg.feature_layers) * cfg.target_hidden_size
-    mid = "midlayer"
-    return [
+    mid, key = "midlayer", _layer_key(speculators)
+    table = [
         Entry("fc.weight", (h, n_in), ("fc", "kernel"), transpose=True),
-        Entry(f"{mid}.input_layernorm.weight", (h,), (mid, "input_layernorm", "scale")),
-        Entry(f"{mid}.hidden_norm.weight", (h,), (mid, "hidden_norm", "scale")),
-        Entry(f"{mid}.post_attention_layernorm.weight", (h,), (mid, "post_attention_layernorm", "scale")),
-        Entry(f"{mid}.self_attn.q_proj.weight", (q, 2 * h), (mid, "self_attn", "q_proj", "kernel"), transpose=True),
-        Entry(f"{mid}.self_attn.k_proj.weight", (kv, 2 * h), (mid, "self_attn", "k_proj", "kernel"), transpose=True),
-        Entry(f"{mid}.self_attn.v_proj.weight", (kv, 2 * h), (mid, "self_attn", "v_proj", "kernel"), transpose=True),
-        Entry(f"{mid}.self_attn.o_proj.weight", (h, q), (mid, "self_attn", "o_proj", "kernel"), transpose=True),
-        Entry(f"{mid}.mlp.gate_proj.weight", (i, h), (mid, "mlp", "gate_proj", "kernel"), transpose=True),
-        Entry(f"{mid}.mlp.up_proj.weight", (i, h), (mid, "mlp", "up_proj", "kernel"), transpose=True),
-        Entry(f"{mid}.mlp.down_proj.weight", (h, i), (mid, "mlp", "down_proj", "kernel"), transpose=True),
+        Entry(f"{key}.input_layernorm.weight", (h,), (mid, "input_layernorm", "scale")),
+        Entry(f"{key}.hidden_norm.weight", (h,), (mid, "hidden_norm", "scale")),
+        Entry(f"{key}.post_attention_layernorm.weight", (h,), (mid, "post_attention_layernorm", "scale")),
+        Entry(f"{key}.self_attn.q_proj.weight", (q, 2 * h), (mid, "self_attn", "q_proj", "kernel"), transpose=True),
+        Entry(f"{key}.self_attn.k_proj.weight", (kv, 2 * h), (mid, "self_attn", "k_proj", "kernel"), transpose=True),
+        Entry(f"{key}.self_attn.v_proj.weight", (kv, 2 * h), (mid, "self_attn", "v_proj", "kernel"), transpose=True),
+        Entry(f"{key}.self_attn.o_proj.weight", (h, q), (mid, "self_attn", "o_proj", "kernel"), transpose=True),
+        Entry(f"{key}.mlp.gate_proj.weight", (i, h), (mid, "mlp", "gate_proj", "kernel"), transpose=True),
+        Entry(f"{key}.mlp.up_proj.weight", (i, h), (mid, "mlp", "up_proj", "kernel"), transpose=True),
+        Entry(f"{key}.mlp.down_proj.weight", (h, i), (mid, "mlp", "down_proj", "kernel"), transpose=True),
         Entry("norm.weight", (h,), ("norm", "scale")),
         Entry("lm_head.weight", (cfg.draft_vocab_size, h), ("lm_head", "kernel"), transpose=True),
     ]
+    if cfg.qk_norm:
+        table += [Entry(f"{key}.self_attn.{name}.weight", (d,), (mid, "self_attn", name, "scale"))
+                  for name in ("q_norm", "k_norm")]
+    if cfg.norm_before_fc:
+        table.append(Entry("input_norm.weight", (n_in,), ("input_norm", "scale")))
+    if cfg.fc_norm:
+        table += [Entry(f"fc_norm.{j}.weight", (cfg.target_hidden_size,), ("fc_norm", str(j), "scale"))
+                  for j in range(len(cfg.feature_layers))]
+    return table
+
+
+def _layer_key(speculators: bool) -> str:
+    return "layers.0" if speculators else "midlayer"
 
 
 def read_state(head_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, TensorInfo]]:
@@ -121,14 +139,16 @@ def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32
     head_dir = pathlib.Path(head_dir)
     dtype = check_dtype(dtype)
     try:
-        cfg = DraftConfig.from_hf(read_json(head_dir / "config.json"), target)
+        hf = read_json(head_dir / "config.json")
+        cfg = DraftConfig.from_hf(hf, target)
     except (KeyError, TypeError) as e:
         raise ConversionError(f"{head_dir / 'config.json'}: missing or malformed field {e}") from None
     except ConfigError as e:
         raise ConversionError(f"{head_dir / 'config.json'}: {e}") from None
     check_fits_target(cfg, target, str(head_dir))
     tensors, infos = read_state(head_dir)
-    q = infos.get("midlayer.self_attn.q_proj.weight")
+    speculators = is_speculators(hf)
+    q = infos.get(f"{_layer_key(speculators)}.self_attn.q_proj.weight")
     if q is not None and len(q.shape) == 2 and q.shape[0] % cfg.num_heads == 0:
         cfg = dataclasses.replace(cfg, head_dim=q.shape[0] // cfg.num_heads)  # whether config head_dim is used varies
     extras = {"d2t", "t2d", "embed_tokens.weight"}
@@ -138,10 +158,10 @@ def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32
             f"{head_dir}: fc.weight {fc.shape} takes {fc.shape[1]} feature values, but {len(cfg.feature_layers)} "
             f"feature layers {cfg.feature_layers} of a hidden-size-{target.hidden_size} target give "
             f"{len(cfg.feature_layers) * target.hidden_size}")
-    check_tensors(head_table(cfg), infos, 1, "an EAGLE-3 head", ignore=lambda k: k in extras,
+    table = head_table(cfg, speculators)
+    check_tensors(table, infos, 1, "an EAGLE-3 head", ignore=lambda k: k in extras,
                   source=f"{head_dir / 'config.json'}")
     check_embedding(cfg, target, "embed_tokens.weight" in infos, str(head_dir))
-    table = head_table(cfg)
     if "embed_tokens.weight" in tensors:
         shape = infos["embed_tokens.weight"].shape
         if shape != (target.vocab_size, cfg.hidden_size):

@@ -56,7 +56,8 @@ def _ungroup_rows(o: jax.Array, t: int) -> jax.Array:
 
 def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, cache_len: jax.Array | None,
            k_new: jax.Array, v_new: jax.Array, new_mask: jax.Array, scale: float,
-           layer: jax.Array | None = None, impl: str = "xla", host_prefix: bool = False) -> jax.Array:
+           layer: jax.Array | None = None, impl: str = "xla", host_prefix: bool = False,
+           prefix_from: jax.Array | None = None) -> jax.Array:
     """Softmax attention over prefix + new tokens.
 
     q: `[B, T, Hq, D]`; k_new, v_new: `[B, Hkv, U, D]` (usually U = T, the new
@@ -71,10 +72,12 @@ def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, c
     (a cache, U = T new keys, D in {64, 128}); other calls take the XLA path.
     host_prefix: the cache lives in host memory (`offload`): its blocks are
     copied to the device one at a time (XLA path only).
+    prefix_from: `[B, T]`, query t of row b sees prefix slots from
+    `prefix_from[b, t]` on only (a sliding window; XLA path only).
     """
     b, t, hq, d = q.shape
-    if (impl == "pallas" and not host_prefix and k_cache is not None and k_new.shape[2] == t
-            and d in _kernel_head_dims()):
+    if (impl == "pallas" and not host_prefix and prefix_from is None and k_cache is not None
+            and k_new.shape[2] == t and d in _kernel_head_dims()):
         return _tree_kernel(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale, layer)
     hkv = k_new.shape[1]
     group = hq // hkv
@@ -87,7 +90,8 @@ def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, c
     l = p.sum(-1)
     o = jnp.einsum("bhmu,bhud->bhmd", p.astype(v_new.dtype), v_new, preferred_element_type=jnp.float32)
     if k_cache is not None:
-        m, l, o = _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, (m, l, o), host_prefix)
+        lo = None if prefix_from is None else jnp.tile(prefix_from, (1, group))[:, None, :]  # rows (g, t)
+        m, l, o = _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, (m, l, o), host_prefix, lo)
     return _ungroup_rows(o / l[..., None], t).astype(q.dtype)
 
 
@@ -152,13 +156,16 @@ def read_block(size: int, rows: int) -> int:
     return min(size, -(-even // PREFIX_BLOCK) * PREFIX_BLOCK)
 
 
-def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, host_prefix=False):
+def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, host_prefix=False, lo=None):
     """Folds prefix key blocks `[0, max(cache_len))` into running (max, sum, out) statistics.
 
     The last block may start early to stay inside the buffer; keys it shares with
-    the block before are masked, so none is counted twice. With `host_prefix` the
-    cache is in host memory: each block is sliced there and moved to the device,
-    the next block's copy issued before the current block's math so they overlap.
+    the block before are masked, so none is counted twice. `lo [B, 1, rows]`: each
+    row's first visible slot (`attend`'s prefix_from; `init` must then hold a
+    finite max for every row, as `attend`'s does); blocks before every row's are
+    skipped. With `host_prefix` the cache is in host memory: each block is sliced
+    there and moved to the device, the next block's copy issued before the current
+    block's math so they overlap.
     """
     size = k_cache.shape[-2]
     if size == 0:
@@ -181,7 +188,8 @@ def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, 
         s = jnp.einsum("bhmd,bhsd->bhms", qr, keys, preferred_element_type=jnp.float32) * scale
         pos = start + jnp.arange(block)
         valid = (pos >= j * block)[None, :] & (pos[None, :] < cache_len[:, None])
-        s = jnp.where(valid[:, None, None, :], s, NEG_INF)
+        seen = valid[:, None, None, :] if lo is None else valid[:, None, None, :] & (pos >= lo[..., None])
+        s = jnp.where(seen, s, NEG_INF)
         values = jnp.where(valid[:, None, :, None], values, 0)  # stale slots: even NaN there must not count
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
@@ -203,7 +211,8 @@ def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, 
         return fold(0, *fetch(0), init)
     n_blocks = (jnp.max(cache_len) + block - 1) // block
     if not host_prefix:
-        return lax.fori_loop(0, n_blocks, lambda j, c: fold(j, *fetch(j), c), init)
+        first = 0 if lo is None else jnp.clip(jnp.min(lo) // block, 0, n_blocks)
+        return lax.fori_loop(first, n_blocks, lambda j, c: fold(j, *fetch(j), c), init)
 
     def prefetching(j, carry):
         stats, (keys, values) = carry
@@ -213,14 +222,17 @@ def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, 
     return lax.fori_loop(0, n_blocks, prefetching, (init, fetch(0)))[0]
 
 
-def attend_dense(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale):
+def attend_dense(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale, prefix_from=None):
     """The same attention as one dense softmax over the whole buffer (a test oracle)."""
     b, t, hq, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
     k = jnp.concatenate([k_cache, k_new], axis=2)
     v = jnp.concatenate([v_cache, v_new], axis=2)
-    allowed = jnp.concatenate(
-        [jnp.broadcast_to((jnp.arange(s)[None, :] < cache_len[:, None])[:, None, :], (b, t, s)), new_mask], -1)
+    slots = jnp.arange(s)[None, None, :]
+    prefix = slots < cache_len[:, None, None]
+    if prefix_from is not None:
+        prefix &= slots >= prefix_from[:, :, None]
+    allowed = jnp.concatenate([jnp.broadcast_to(prefix, (b, t, s)), new_mask], -1)
     qg = q.reshape(b, t, hkv, hq // hkv, d)
     scores = jnp.einsum("bthgd,bhsd->bhgts", qg, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(allowed[:, None, None], scores, NEG_INF)

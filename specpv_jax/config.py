@@ -139,6 +139,7 @@ class ModelConfig:
         else:
             qkv_bias = o_bias = bool(hf.get("attention_bias", False))
         eos = (generation_config or {}).get("eos_token_id", hf.get("eos_token_id"))
+        rope = rope_from_hf(hf)
         return cls(
             arch=arch,
             vocab_size=_positive_int(hf, "vocab_size"),
@@ -149,9 +150,9 @@ class ModelConfig:
             num_kv_heads=_positive_int(hf, "num_key_value_heads") if hf.get("num_key_value_heads") is not None
             else num_heads,
             head_dim=head_dim,
-            max_position_embeddings=_positive_int(hf, "max_position_embeddings"),
+            max_position_embeddings=_position_limit(hf, rope),
             rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6),  # transformers' default for all three
-            rope=rope_from_hf(hf),
+            rope=rope,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
@@ -195,6 +196,20 @@ def _architecture(hf: Mapping[str, Any]) -> str:
         f"unsupported model_type {model_type!r} in config.json (supported: llama, qwen2, qwen3)")
 
 
+def _position_limit(hf: Mapping[str, Any], rope: RopeConfig) -> int:
+    """The positions a config.json's model is built for: its max_position_embeddings, raised to YaRN's
+    factor x original length (Qwen's model cards extend a model by adding a rope_scaling block alone, as vLLM
+    reads it) and capped at a `dual_chunk_attention_config`'s original length (Qwen2.5-1M: further positions
+    need dual-chunk attention, which neither transformers nor this library has)."""
+    limit = _positive_int(hf, "max_position_embeddings")
+    if rope.kind == "yarn":
+        limit = max(limit, int(rope.factor * rope.original_max_position_embeddings))
+    dual_chunk = hf.get("dual_chunk_attention_config")
+    if isinstance(dual_chunk, Mapping) and dual_chunk.get("original_max_position_embeddings") is not None:
+        limit = min(limit, _positive_int(dual_chunk, "original_max_position_embeddings"))
+    return limit
+
+
 def _reject_unsupported(hf: Mapping[str, Any], arch: str) -> None:
     """Fields that would change the computation in ways we do not implement."""
     problems = []
@@ -205,7 +220,8 @@ def _reject_unsupported(hf: Mapping[str, Any], arch: str) -> None:
         problems.append("mlp_bias=true")
     layer_types = hf.get("layer_types") or []
     # As transformers reads Qwen configs: without layer_types, layers from max_window_layers on slide.
-    if not layer_types and hf.get("use_sliding_window") and hf.get("sliding_window") is not None and \
+    # A missing sliding_window is transformers' default, 4096 (not "none").
+    if not layer_types and hf.get("use_sliding_window") and hf.get("sliding_window", 4096) is not None and \
             hf.get("max_window_layers", 28) < hf.get("num_hidden_layers", 0):
         problems.append(f"use_sliding_window=true with max_window_layers={hf.get('max_window_layers', 28)} "
                         f"(sliding-window attention in layers {hf.get('max_window_layers', 28)} and up)")
@@ -326,12 +342,76 @@ def _first(x):
     return x
 
 
+def is_speculators(hf: Mapping[str, Any]) -> bool:
+    """Whether an EAGLE-3 config.json is in the speculators library's layout (its tensors are `layers.0.*`)."""
+    return "speculators_model_type" in hf
+
+
+def _flag(hf: Mapping[str, Any], name: str, default: bool = False) -> bool:
+    value = hf.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _layer_ids(value, name: str) -> list[int]:
+    if not (isinstance(value, list) and value and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
+        raise ConfigError(f"{name} must be a list of layer numbers, got {value!r}")
+    return value
+
+
+def _feature_layers(hf: Mapping[str, Any], target: ModelConfig) -> tuple[int, ...]:
+    """The target layers whose inputs a head takes (`DraftConfig.feature_layers`) from an EAGLE-3 config.json.
+
+    SGLang, SpecForge and ModelOpt write `eagle_config.eagle_aux_hidden_state_layer_ids` as the layers whose
+    *outputs* are captured (input of the next); vLLM and speculators read a top-level one as layers whose
+    inputs are. Both present must agree.
+    """
+    nested = (hf.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    top = hf.get("eagle_aux_hidden_state_layer_ids")
+    nested = None if nested is None else tuple(
+        i + 1 for i in _layer_ids(nested, "eagle_config.eagle_aux_hidden_state_layer_ids"))
+    top = None if top is None else tuple(_layer_ids(top, "eagle_aux_hidden_state_layer_ids"))
+    if nested is not None and top is not None and nested != top:
+        raise ConfigError(f"eagle_aux_hidden_state_layer_ids={list(top)} (layer inputs) and eagle_config's "
+                          f"{[i - 1 for i in nested]} (layer outputs) name different layers")
+    found = top if top is not None else nested
+    return found if found is not None else DraftConfig.default_feature_layers(target.num_layers)
+
+
+def _speculators_layer(layer) -> dict[str, Any]:
+    """A speculators config's `transformer_layer_config` with every field: speculators writes only those that
+    differ from the defaults of its `model_type`'s transformers config class (Qwen3's when it names none)."""
+    if not isinstance(layer, Mapping):
+        raise ConfigError(f"transformer_layer_config must be a mapping of the layer's fields, got {layer!r}")
+    from transformers import AutoConfig  # only speculators-format heads need transformers' defaults
+
+    model_type = layer.get("model_type", "qwen3")
+    if model_type not in ARCHITECTURES.values():
+        raise ConfigError(f"transformer_layer_config.model_type={model_type!r}: supported are llama, qwen2, qwen3")
+    try:
+        full = AutoConfig.for_model(model_type, **{k: v for k, v in layer.items() if k != "model_type"}).to_dict()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"transformer_layer_config: {e}") from None
+    return {**full, "model_type": model_type}
+
+
 @dataclasses.dataclass(frozen=True)
 class DraftConfig:
     """EAGLE-3 head: one decoder layer over (token embedding, fused target features).
 
     feature_layers: target layers whose *inputs* are concatenated (3 x target
     hidden) and projected by `fc`; EAGLE-3 uses (2, L // 2, L - 3).
+
+    The variants below are those of heads trained outside the EAGLE-3 reference
+    (the speculators library's, SpecForge's); all off is the reference's layer.
+    norm_before_residual: the attention's residual is `hidden_norm(feature)`, not
+    the feature. norm_output: the head's state (what deeper tree levels are fed)
+    is `norm(out)`, and the logits are `lm_head(state)`. norm_before_fc: one
+    RMSNorm (`input_norm`) over the concatenated features before `fc`; fc_norm:
+    one per feature layer (`fc_norm/{i}`). qk_norm: per-head RMSNorm of q and k
+    (Qwen3-style layers). sliding_window: a position attends to committed
+    context no more than `sliding_window - 1` positions back (tree ancestors always).
     """
 
     hidden_size: int
@@ -346,6 +426,12 @@ class DraftConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-5
     rope: RopeConfig = RopeConfig()
+    norm_before_residual: bool = False
+    norm_output: bool = False
+    norm_before_fc: bool = False
+    fc_norm: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
 
     def __post_init__(self):
         _check_field_types(self)
@@ -359,6 +445,10 @@ class DraftConfig:
             raise ConfigError(f"draft_vocab_size {self.draft_vocab_size} must be in [1, vocab_size={self.vocab_size}]")
         if len(set(self.feature_layers)) != len(self.feature_layers) or not self.feature_layers:
             raise ConfigError(f"feature_layers must be distinct and non-empty, got {self.feature_layers}")
+        if self.norm_before_fc and self.fc_norm:
+            raise ConfigError("norm_before_fc and fc_norm exclude each other (one norm over the features, or one each)")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be a positive number of positions, got {self.sliding_window}")
 
     @staticmethod
     def default_feature_layers(num_layers: int) -> tuple[int, ...]:
@@ -367,39 +457,84 @@ class DraftConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], target: ModelConfig) -> "DraftConfig":
-        """Reads a public EAGLE-3 config.json (LlamaForCausalLM-style fields plus `draft_vocab_size`).
+        """Reads a public EAGLE-3 config.json: the EAGLE-3 reference's and SpecForge's (LlamaForCausalLM-style
+        fields plus `draft_vocab_size`), or the speculators library's (`speculators_model_type: eagle3`, the
+        layer's fields in `transformer_layer_config`; `is_speculators` tells them apart).
 
-        Optional `eagle_config.eagle_aux_hidden_state_layer_ids` name the target layers
-        whose outputs are captured (as SGLang and SpecForge write them).
+        Feature layers: `eagle_config.eagle_aux_hidden_state_layer_ids` name the target layers whose outputs
+        are captured (as SGLang and SpecForge write them); a top-level `eagle_aux_hidden_state_layer_ids`
+        names layers whose inputs are (as vLLM and speculators read them).
         """
-        if hf.get("hidden_act", "silu") != "silu":  # the head's MLP is SiLU-gated, as in the EAGLE code
-            raise ConfigError(f"hidden_act={hf['hidden_act']!r} (an EAGLE-3 head here is SiLU-gated only)")
-        if hf.get("mlp_bias"):
+        if is_speculators(hf):
+            return cls._from_speculators(hf, target)
+        for name in ("speculators_config", "transformer_layer_config"):
+            if name in hf:
+                raise ConfigError(f"{name} without speculators_model_type (is this a speculators config.json?)")
+        problems = []
+        if hf.get("norm_output") is False:  # SpecForge's flag: False drops the norm before lm_head
+            problems.append("norm_output=false (logits without the final norm)")
+        if hf.get("norm_before_fc") or (hf.get("eagle_config") or {}).get("norm_before_fc"):
+            problems.append("norm_before_fc=true (a norm over the features whose weight this layout does not name)")
+        if hf.get("use_sliding_window") and hf.get("sliding_window") is not None or any(
+                t != "full_attention" for t in hf.get("layer_types") or []):
+            problems.append("sliding-window attention (supported in speculators-format heads only)")
+        if problems:
+            raise ConfigError("unsupported EAGLE-3 head settings: " + "; ".join(problems))
+        return cls._from_layer(hf, hf, target, _feature_layers(hf, target), norm_before_residual=_flag(
+            hf, "norm_before_residual"), fc_norm=_flag(hf, "fc_norm"))
+
+    @classmethod
+    def _from_speculators(cls, hf: Mapping[str, Any], target: ModelConfig) -> "DraftConfig":
+        kind = hf.get("speculators_model_type")
+        if kind != "eagle3":
+            raise ConfigError(f"speculators_model_type={kind!r}: only EAGLE-3 heads (eagle3) are supported")
+        layer = _speculators_layer(hf.get("transformer_layer_config"))
+        if layer.get("num_hidden_layers", 1) != 1:
+            raise ConfigError(f"transformer_layer_config.num_hidden_layers={layer['num_hidden_layers']}: "
+                              f"only one-layer EAGLE-3 heads are supported")
+        types = layer.get("layer_types") or ["full_attention"]
+        if types[0] not in ("full_attention", "sliding_attention"):
+            raise ConfigError(f"transformer_layer_config.layer_types={types}: unsupported attention {types[0]!r}")
+        window = None
+        if types[0] == "sliding_attention":
+            window = _positive_int(layer, "sliding_window")
+        return cls._from_layer(
+            layer, hf, target, _feature_layers(hf, target),
+            # vLLM's reading: heads saved before speculators wrote the flag were trained with it set
+            norm_before_residual=_flag(hf, "norm_before_residual", True), norm_output=_flag(hf, "norm_output"),
+            norm_before_fc=_flag(hf, "norm_before_fc"), fc_norm=_flag(hf, "fc_norm"),
+            qk_norm=layer.get("model_type") == "qwen3", sliding_window=window)
+
+    @classmethod
+    def _from_layer(cls, layer: Mapping[str, Any], top: Mapping[str, Any], target: ModelConfig,
+                    feature_layers: tuple[int, ...], **variant) -> "DraftConfig":
+        """The config from the layer's fields (`layer`) and the head's own (`top`: draft_vocab_size,
+        target_hidden_size)."""
+        if layer.get("hidden_act", "silu") != "silu":  # the head's MLP is SiLU-gated, as in the EAGLE code
+            raise ConfigError(f"hidden_act={layer['hidden_act']!r} (an EAGLE-3 head here is SiLU-gated only)")
+        if layer.get("mlp_bias"):
             raise ConfigError("mlp_bias=true (an EAGLE-3 head's MLP has no biases)")
-        num_heads = _positive_int(hf, "num_attention_heads")
-        hidden = _positive_int(hf, "hidden_size")
-        vocab = _positive_int(hf, "vocab_size")
-        aux = (hf.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        if aux is not None and not (isinstance(aux, list) and aux and all(
-                isinstance(i, int) and not isinstance(i, bool) for i in aux)):
-            raise ConfigError(f"eagle_config.eagle_aux_hidden_state_layer_ids must be a list of layer numbers, "
-                              f"got {aux!r}")
-        layers = tuple(i + 1 for i in aux) if aux is not None else cls.default_feature_layers(target.num_layers)
+        if layer.get("attention_bias"):
+            raise ConfigError("attention_bias=true (an EAGLE-3 head's attention has no biases)")
+        num_heads = _positive_int(layer, "num_attention_heads")
+        hidden = _positive_int(layer, "hidden_size")
+        vocab = _positive_int(layer, "vocab_size")
         return cls(
             hidden_size=hidden,
-            intermediate_size=_positive_int(hf, "intermediate_size"),
+            intermediate_size=_positive_int(layer, "intermediate_size"),
             num_heads=num_heads,
-            num_kv_heads=_positive_int_or(hf, "num_key_value_heads", num_heads),
+            num_kv_heads=_positive_int_or(layer, "num_key_value_heads", num_heads),
             # SpecForge's heads (Qwen3-4B: 32 heads of 128 over hidden 2560) honour head_dim; the EAGLE
             # reference ignores it, so `load_eagle3` takes the width its q_proj weight has.
-            head_dim=_positive_int_or(hf, "head_dim", hidden // num_heads),
+            head_dim=_positive_int_or(layer, "head_dim", hidden // num_heads),
             vocab_size=vocab,
-            draft_vocab_size=_positive_int_or(hf, "draft_vocab_size", vocab),
-            target_hidden_size=_positive_int_or(hf, "target_hidden_size", hidden),
-            feature_layers=layers,
-            max_position_embeddings=_positive_int_or(hf, "max_position_embeddings", 2048),
-            rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-5),
-            rope=rope_from_hf(hf),  # RoPE base 10000 when unset, as in the EAGLE code
+            draft_vocab_size=_positive_int_or(top, "draft_vocab_size", vocab),
+            target_hidden_size=_positive_int_or(top, "target_hidden_size", hidden),
+            feature_layers=feature_layers,
+            max_position_embeddings=_positive_int_or(layer, "max_position_embeddings", 2048),
+            rms_norm_eps=_positive_float(layer, "rms_norm_eps", 1e-6),  # LlamaConfig's default
+            rope=rope_from_hf(layer),  # RoPE base 10000 when unset, as in the EAGLE code
+            **variant,
         )
 
     def fit_problems(self, target: ModelConfig) -> list[str]:
@@ -419,7 +554,13 @@ class DraftConfig:
         return problems
 
     def to_hf(self) -> dict[str, Any]:
-        """config.json in the public EAGLE-3 layout (readable by the EAGLE reference code)."""
+        """config.json in the public EAGLE-3 layout (readable by the EAGLE reference code, and SpecForge where
+        `fc_norm`); raises for the variants that layout has no field for."""
+        unwritable = [name for name in ("norm_output", "norm_before_fc", "qk_norm", "sliding_window")
+                      if getattr(self, name)]
+        if unwritable:
+            raise ConfigError(f"the EAGLE-3 layout has no field for this head's {', '.join(unwritable)}: "
+                              f"save it with save_draft (orbax) instead")
         hf = {
             "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_act": "silu",
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
@@ -431,6 +572,7 @@ class DraftConfig:
             "tie_word_embeddings": False,
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in self.feature_layers]},
         }
+        hf.update({name: True for name in ("norm_before_residual", "fc_norm") if getattr(self, name)})
         if self.rope.kind != "default":
             hf["rope_scaling"] = {"type": self.rope.kind, **self.rope.to_hf()}
         return hf

@@ -170,6 +170,11 @@ def _check_draft_config(target_cfg: ModelConfig, dcfg: Any, mode: str, spec: Spe
         what = (f"a beam tree's tree_top_k**2={spec.tree_branching} (tree_top_k={spec.tree_top_k})" if spec.tree_beam
                 else f"tree_top_k={spec.tree_top_k}")
         raise ValueError(f"SpecConfig: {what} exceeds the draft's vocabulary of {vocab} tokens")
+    if isinstance(dcfg, DraftConfig) and dcfg.sliding_window is not None and spec.bounded_draft and \
+            mode in PARTIAL_MODES:
+        raise ValueError(f"SpecConfig(bounded_draft=True) does not combine with this EAGLE-3 head's sliding window "
+                         f"({dcfg.sliding_window} positions): it reads only its window already (leave bounded_draft "
+                         f"off)")
 
 
 def draft_vocab_size(target_cfg: ModelConfig, dcfg: Any) -> int:

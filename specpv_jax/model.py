@@ -79,7 +79,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, h, cos, sin, k_cache, v_cache, cache_len, new_mask, layer=None, k_extra=None, v_extra=None,
-                 write=True, host_prefix=False):
+                 write=True, host_prefix=False, prefix_from=None):
         b, t, _ = h.shape
         q = _dense(self.num_heads * self.head_dim, self.qkv_bias, self.dtype, "q_proj")(h)
         k = _dense(self.num_kv_heads * self.head_dim, self.qkv_bias, self.dtype, "k_proj")(h)
@@ -101,7 +101,7 @@ class Attention(nn.Module):
             keys = jnp.concatenate([k_extra.astype(k.dtype), k], axis=2)
             values = jnp.concatenate([v_extra.astype(v.dtype), v], axis=2)
         out = attend(q, k_cache, v_cache, cache_len, keys, values, new_mask, scale=self.head_dim ** -0.5, layer=layer,
-                     impl=self.attention, host_prefix=host_prefix)
+                     impl=self.attention, host_prefix=host_prefix, prefix_from=prefix_from)
         out = _dense(self.out_features, self.o_bias, self.dtype, "o_proj")(out.reshape(b, t, -1))
         return out, q, k, v, k_cache, v_cache
 

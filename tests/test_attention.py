@@ -38,6 +38,26 @@ def test_blockwise_prefix_equals_dense(monkeypatch, t, lens, stacked, s, block):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
+@pytest.mark.parametrize("block", [None, 256], ids=["one-block", "256-key-blocks"])
+def test_a_window_over_the_prefix_equals_dense(monkeypatch, block):
+    """`prefix_from` (a sliding window) per query, read in blocks: blocks before every query's window are
+    skipped, later ones masked per query."""
+    rng = np.random.default_rng(7)
+    b, t, hq, hkv, d, s = 2, 3, 4, 2, 16, 1024
+    if block is not None:
+        monkeypatch.setattr(attention, "SCORE_TILE", block * t * hq // hkv)
+    q = jnp.asarray(rng.standard_normal((b, t, hq, d)), jnp.float32)
+    kc, vc = (jnp.asarray(rng.standard_normal((b, hkv, s, d)), jnp.float32) for _ in range(2))
+    kn, vn = (jnp.asarray(rng.standard_normal((b, hkv, t, d)), jnp.float32) for _ in range(2))
+    lens = jnp.asarray([900, 300], jnp.int32)
+    prefix_from = jnp.asarray([[600, 601, 850], [280, 290, 300]], jnp.int32)
+    mask = causal_mask(b, t)
+    want = attend_dense(q, kc, vc, lens, kn, vn, mask, 0.25, prefix_from)
+    got = attend(q, kc, vc, lens, kn, vn, mask, 0.25, prefix_from=prefix_from)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    assert not np.allclose(np.asarray(got), np.asarray(attend_dense(q, kc, vc, lens, kn, vn, mask, 0.25)), atol=1e-3)
+
+
 def test_a_prefix_read_in_one_step_runs_no_loop(monkeypatch):
     """Decode (and any call whose prefix buffer fits one step) compiles to no loop: a loop whose trip count is
     known only at run time costs a GPU a host round trip per trip. Rows with no prefix yet, even with NaN in

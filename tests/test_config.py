@@ -169,6 +169,23 @@ def test_sliding_window_is_rejected_where_a_layer_slides():
         hf["num_hidden_layers"]
     with pytest.raises(ConfigError, match="layer_types"):
         ModelConfig.from_hf({**hf, "layer_types": ["sliding_attention"] * hf["num_hidden_layers"]})
+    # No sliding_window: transformers slides over its default 4096 (this loaded, 2.0 off from position 4096).
+    with pytest.raises(ConfigError, match="use_sliding_window=true with max_window_layers=1"):
+        ModelConfig.from_hf({**{k: v for k, v in hf.items() if k != "sliding_window"}, "use_sliding_window": True,
+                             "max_window_layers": 1})
+
+
+def test_position_limits_follow_yarn_and_dual_chunk_attention():
+    """Qwen's model cards extend a model with a YaRN rope_scaling block alone (max_position_embeddings stays);
+    Qwen2.5-1M needs dual-chunk attention past its original 262144 positions."""
+    hf = {k: v for k, v in hf_dict("qwen2-gqa2-tied").items() if k not in ("rope_scaling", "rope_parameters")}
+    hf = {**hf, "max_position_embeddings": 32768, "rope_theta": 1e6}
+    assert ModelConfig.from_hf(hf).max_position_embeddings == 32768
+    card = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert ModelConfig.from_hf({**hf, "rope_scaling": card}).max_position_embeddings == 131072
+    one_m = {**hf, "max_position_embeddings": 1010000, "rope_theta": 1e7, "dual_chunk_attention_config": {
+        "chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings": 262144}}
+    assert ModelConfig.from_hf(one_m).max_position_embeddings == 262144
 
 
 @pytest.mark.torch
@@ -182,6 +199,31 @@ def test_rope_tables_match_transformers():
         inv, scaling = ROPE_INIT_FUNCTIONS[ours.rope.kind](hf_cfg, torch.device("cpu"))
         np.testing.assert_allclose(rope.inverse_frequencies(ours.rope, ours.head_dim), inv.numpy(), rtol=1e-6)
         assert rope.attention_scaling(ours.rope) == pytest.approx(scaling)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("rope_config", [
+    RopeConfig(theta=5e5, kind="llama3", factor=8.0, original_max_position_embeddings=8192),  # Llama 3.1
+    RopeConfig(theta=1e6, kind="yarn", factor=4.0, original_max_position_embeddings=32768),  # Qwen's long-context card
+    RopeConfig(theta=1e4), RopeConfig(theta=1e6), RopeConfig(theta=5e6)], ids=lambda r: f"{r.kind}-{r.theta:g}")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_tables_at_real_head_widths_match_transformers_to_the_bit(rope_config, head_dim):
+    """At most one entry one ulp apart (numpy's float32 power left a sixth of them an ulp off, which moved
+    float32 logits 0.1 from transformers' at 128K tokens)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    scaling = None if rope_config.kind == "default" else rope_config.to_hf()  # read by transformers 4 and 5
+    hf_cfg = LlamaConfig(hidden_size=32 * head_dim, num_attention_heads=32, head_dim=head_dim,
+                         max_position_embeddings=131072, rope_theta=rope_config.theta, rope_scaling=scaling)
+    init = ROPE_INIT_FUNCTIONS.get(rope_config.kind)
+    if init is None:  # transformers 5 keeps the default table on the rotary class
+        init = LlamaRotaryEmbedding.compute_default_rope_parameters
+    inv, _ = init(hf_cfg, device=torch.device("cpu"))
+    ulps = np.abs(rope.inverse_frequencies(rope_config, head_dim).view(np.int32) - inv.numpy().view(np.int32))
+    assert ulps.max() <= 1 and (ulps > 0).sum() <= 1, ulps
 
 
 def test_rope_config_validation():

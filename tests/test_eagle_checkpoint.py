@@ -18,7 +18,7 @@ from convert.eagle3 import export_eagle3
 from convert.hf import ConversionError, hf_config
 from specpv_jax.attention import causal_mask
 from specpv_jax.checkpoint import CheckpointError
-from specpv_jax.config import DraftConfig, ModelConfig, RopeConfig
+from specpv_jax.config import ConfigError, DraftConfig, ModelConfig, RopeConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.train.eagle import head_config
 from test_eagle import make_target
@@ -212,21 +212,31 @@ def test_not_a_draft_directory(target, tmp_path):
         sj.generate(target, [1, 2, 3], 4, mode="eagle")
 
 
-def reference_head_logits(state, target_embed, features, tokens):
-    """The EAGLE-3 head written out in torch from the reference code's structure (float32, causal)."""
-    s = {k: v.float() for k, v in state.items()}
+def reference_head_logits(state, target_embed, features, tokens, variant=None):
+    """The EAGLE-3 head written out in torch from the reference code's structure (float32, causal), or from
+    the speculators library's for a `variant` (its flags; "sliding_window" a window). Returns (log-probs, the
+    state deeper levels are fed)."""
+    s = {k.replace("layers.0.", "midlayer."): v.float() for k, v in state.items()}
+    variant = variant or {}
 
     def rms(x, w, eps=1e-5):
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
     t = tokens.shape[0]
     d = HIDDEN // HEADS
+    if variant.get("norm_before_fc"):
+        features = rms(features, s["input_norm.weight"])
+    if variant.get("fc_norm"):
+        features = torch.cat([rms(c, s[f"fc_norm.{i}.weight"]) for i, c in enumerate(features.chunk(3, -1))], -1)
     hidden = features @ s["fc.weight"].T
-    x = torch.cat([rms(target_embed[tokens], s["midlayer.input_layernorm.weight"]),
-                   rms(hidden, s["midlayer.hidden_norm.weight"])], -1)
-    q = (x @ s["midlayer.self_attn.q_proj.weight"].T).view(t, HEADS, d).transpose(0, 1)
-    k = (x @ s["midlayer.self_attn.k_proj.weight"].T).view(t, KV_HEADS, d).transpose(0, 1)
+    normed = rms(hidden, s["midlayer.hidden_norm.weight"])
+    x = torch.cat([rms(target_embed[tokens], s["midlayer.input_layernorm.weight"]), normed], -1)
+    q = (x @ s["midlayer.self_attn.q_proj.weight"].T).view(t, HEADS, d)
+    k = (x @ s["midlayer.self_attn.k_proj.weight"].T).view(t, KV_HEADS, d)
     v = (x @ s["midlayer.self_attn.v_proj.weight"].T).view(t, KV_HEADS, d).transpose(0, 1)
+    if variant.get("qk_norm"):
+        q, k = rms(q, s["midlayer.self_attn.q_norm.weight"]), rms(k, s["midlayer.self_attn.k_norm.weight"])
+    q, k = q.transpose(0, 1), k.transpose(0, 1)
     inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
     ang = torch.arange(t).float()[:, None] * inv[None]
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
@@ -236,13 +246,16 @@ def reference_head_logits(state, target_embed, features, tokens):
 
     q, k = rot(q), rot(k)
     k, v = k.repeat_interleave(HEADS // KV_HEADS, 0), v.repeat_interleave(HEADS // KV_HEADS, 0)
-    att = (q @ k.transpose(1, 2)) / math.sqrt(d) + torch.triu(torch.full((t, t), -1e9), 1)
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None]
+    seen = (j <= i) & (i - j < variant.get("sliding_window", t))
+    att = (q @ k.transpose(1, 2)) / math.sqrt(d) + torch.where(seen, 0.0, -1e9)
     out = (att.softmax(-1) @ v).transpose(0, 1).reshape(t, HIDDEN) @ s["midlayer.self_attn.o_proj.weight"].T
-    h = hidden + out
+    h = (normed if variant.get("norm_before_residual") else hidden) + out
     m = rms(h, s["midlayer.post_attention_layernorm.weight"])
     gate = torch.nn.functional.silu(m @ s["midlayer.mlp.gate_proj.weight"].T)
     h = h + (gate * (m @ s["midlayer.mlp.up_proj.weight"].T)) @ s["midlayer.mlp.down_proj.weight"].T
-    return torch.log_softmax(rms(h, s["norm.weight"]) @ s["lm_head.weight"].T, -1)
+    final = rms(h, s["norm.weight"])
+    return torch.log_softmax(final @ s["lm_head.weight"].T, -1), final if variant.get("norm_output") else h
 
 
 def test_head_matches_the_reference_structure(target, tmp_path):
@@ -253,7 +266,7 @@ def test_head_matches_the_reference_structure(target, tmp_path):
     features = rng.standard_normal((t, 3 * HIDDEN)).astype(np.float32)
     tokens = rng.integers(0, VOCAB, t)
     embed = np.asarray(target.params["embed_tokens"]["embedding"])
-    expected = reference_head_logits(state, torch.tensor(embed), torch.tensor(features), torch.tensor(tokens))
+    expected, _ = reference_head_logits(state, torch.tensor(embed), torch.tensor(features), torch.tensor(tokens))
     cache = eagle3.empty_cache(head.cfg, 1, 256, head.params)
     hidden, _, _, _ = eagle3.head_forward(head.params, head.cfg, jnp.asarray(embed), jnp.asarray(tokens)[None],
                                           jnp.asarray(features)[None], jnp.arange(t)[None], cache,
@@ -278,3 +291,162 @@ def test_heads_with_wider_attention_heads_load(target, tmp_path, config_head_dim
     head = sj.load_draft(out, target)
     assert head.cfg == cfg
     jax.tree.map(np.testing.assert_array_equal, head.params, params)
+
+
+def speculators_config(layer_type="llama", **changes) -> dict:
+    """A speculators-format config.json (`Eagle3SpeculatorConfig`'s fields; the layer's as speculators writes
+    them, `to_diff_dict` of its transformers config)."""
+    import transformers
+
+    layer_class = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[layer_type]
+    fields = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, vocab_size=VOCAB, num_hidden_layers=1,
+                  rms_norm_eps=1e-5)
+    layer = layer_class(**{**fields, **changes.pop("layer", {})})
+    cfg = {
+        "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "speculators_version": "0.9.0",
+        "draft_vocab_size": DRAFT_VOCAB, "target_hidden_size": None, "eagle_aux_hidden_state_layer_ids": [2, 4, 5],
+        "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False, "norm_output": False,
+        "embed_requires_grad": False, "transformer_layer_config": layer.to_diff_dict(),
+        "speculators_config": {"algorithm": "eagle3", "default_proposal_method": "greedy",
+                               "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3}],
+                               "verifier": {"name_or_path": "tiny", "architectures": ["LlamaForCausalLM"]}},
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def speculators_state(variant: dict, seed=0) -> dict[str, torch.Tensor]:
+    """`public_state` under speculators' names, with the tensors `variant`'s flags add (non-trivial norms)."""
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def norm(n):
+        return 1 + 0.3 * torch.randn(n, generator=g)
+
+    state = {k.replace("midlayer.", "layers.0."): v for k, v in public_state(seed, dtype=torch.float32).items()}
+    if variant.get("qk_norm"):
+        state.update({f"layers.0.self_attn.{n}.weight": norm(HIDDEN // HEADS) for n in ("q_norm", "k_norm")})
+    if variant.get("norm_before_fc"):
+        state["input_norm.weight"] = norm(3 * HIDDEN)
+    if variant.get("fc_norm"):
+        state.update({f"fc_norm.{i}.weight": norm(HIDDEN) for i in range(3)})
+    return state
+
+
+def write_speculators_head(directory, variant: dict):
+    flags = {k: v for k, v in variant.items() if k in ("norm_before_residual", "norm_before_fc", "fc_norm",
+                                                       "norm_output")}
+    layer = {}
+    if "sliding_window" in variant:
+        layer = {"layer_types": ["sliding_attention"], "sliding_window": variant["sliding_window"]}
+    config = speculators_config("qwen3" if variant.get("qk_norm") else "llama", layer=layer, **flags)
+    return write_head(directory, config, speculators_state(variant), fmt="safetensors")
+
+
+def test_a_speculators_head_loads_as_the_same_head(target, tmp_path):
+    """The speculators layout (vLLM's `*-speculator.eagle3` heads) holds the reference layout's head under other
+    names: both load to one config and one set of parameters."""
+    state = public_state(dtype=torch.float32)
+    reference = sj.load_draft(write_head(tmp_path / "eagle", public_config(
+        rms_norm_eps=1e-5, eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 3, 4]}), state), target)
+    renamed = {k.replace("midlayer.", "layers.0."): v for k, v in state.items()}
+    head = sj.load_draft(write_head(tmp_path / "speculators", speculators_config(), renamed, fmt="safetensors"),
+                         target)
+    assert head.cfg == reference.cfg
+    jax.tree.map(np.testing.assert_array_equal, head.params, reference.params)
+    np.testing.assert_array_equal(head.d2t, reference.d2t)
+
+
+VARIANTS = {
+    "norm_before_residual": {"norm_before_residual": True},
+    "fc_norm": {"fc_norm": True},
+    "norm_before_fc": {"norm_before_fc": True},
+    "qwen3_qk_norm": {"qk_norm": True, "norm_before_residual": True},
+    "norm_output": {"norm_output": True},
+    "sliding_window": {"sliding_window": 6},
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_speculators_variants_match_their_reference(target, tmp_path, name):
+    """Each flag of a speculators head changes the layer as speculators' own code does. The head reads its
+    context in two chunks (the second one through its cache), so the window is applied to cached keys too."""
+    variant = VARIANTS[name]
+    head = sj.load_draft(write_speculators_head(tmp_path / "head", variant), target)
+    assert {k: getattr(head.cfg, k) for k in variant} == variant
+    rng = np.random.default_rng(2)
+    t, first = 24, 10
+    features = rng.standard_normal((t, 3 * HIDDEN)).astype(np.float32)
+    tokens = rng.integers(0, VOCAB, t)
+    embed = np.asarray(target.params["embed_tokens"]["embedding"])
+    expected, expected_state = reference_head_logits(speculators_state(variant), torch.tensor(embed),
+                                                     torch.tensor(features), torch.tensor(tokens), variant)
+    cache = eagle3.empty_cache(head.cfg, 1, 256, head.params)
+    states = []
+    for lo, hi in ((0, first), (first, t)):
+        cache = cache.replace(length=jnp.array([lo], jnp.int32))
+        state, _, _, cache = eagle3.head_forward(head.params, head.cfg, jnp.asarray(embed),
+                                                 jnp.asarray(tokens[lo:hi])[None], jnp.asarray(features[lo:hi])[None],
+                                                 jnp.arange(lo, hi)[None], cache, causal_mask(1, hi - lo))
+        states.append(state[0])
+    state = jnp.concatenate(states)
+    np.testing.assert_allclose(np.asarray(eagle3.head_logprobs(head.params, head.cfg, state)), expected.numpy(),
+                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(state), expected_state.numpy(), atol=1e-4)
+
+
+def test_a_windowed_head_speculates_losslessly(target, tmp_path):
+    head = sj.load_draft(write_speculators_head(tmp_path / "head", {"sliding_window": 8}), target)
+    prompt = np.random.default_rng(3).integers(0, VOCAB, 40)
+    spec = sj.SpecConfig(tree_depth=3, tree_top_k=4, tree_nodes=10)
+    np.testing.assert_array_equal(sj.generate(target, prompt, 12, draft=head, mode="eagle", eos_token_ids=(),
+                                              spec=spec).tokens,
+                                  sj.generate(target, prompt, 12, eos_token_ids=()).tokens)
+    with pytest.raises(ValueError, match=r"bounded_draft=True\) does not combine with this EAGLE-3 head.s sliding"):
+        sj.generate(target, prompt, 12, draft=head, mode="specpv",
+                    spec=dataclasses.replace(spec, bounded_draft=True))
+
+
+@pytest.mark.parametrize("config, message", [
+    (speculators_config(speculators_model_type="eagle"), "only EAGLE-3 heads"),
+    (speculators_config(layer={"num_hidden_layers": 2}), "num_hidden_layers=2: only one-layer"),
+    (speculators_config(norm_before_fc=True, fc_norm=True), "exclude each other"),
+    (speculators_config(norm_output="yes"), "norm_output must be true or false"),
+    (speculators_config(layer={"layer_types": ["linear_attention"]}), "unsupported attention 'linear_attention'"),
+    (speculators_config(eagle_config={"eagle_aux_hidden_state_layer_ids": [2, 4, 5]}), "name different layers"),
+    (public_config(norm_output=False), "norm_output=false"),
+    (public_config(eagle_config={"norm_before_fc": True}), "norm_before_fc=true"),
+    (public_config(use_sliding_window=True, sliding_window=16), "sliding-window attention"),
+    (public_config(transformer_layer_config={}), "without speculators_model_type"),
+    (public_config(attention_bias=True), "attention_bias=true"),
+])
+def test_unsupported_head_settings_are_named(target, config, message):
+    """Each of these loaded before as the reference's head, computing something else (or failed deep)."""
+    with pytest.raises(ConfigError, match=message):
+        DraftConfig.from_hf(config, target.cfg)
+
+
+def test_feature_layers_from_either_field(target):
+    """A top-level eagle_aux_hidden_state_layer_ids names layer inputs (vLLM); eagle_config's names outputs."""
+    assert DraftConfig.from_hf(public_config(eagle_aux_hidden_state_layer_ids=[1, 3, 6]),
+                               target.cfg).feature_layers == (1, 3, 6)
+    assert DraftConfig.from_hf(public_config(eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 2, 5]}),
+                               target.cfg).feature_layers == (1, 3, 6)
+
+
+def test_variant_heads_save_and_export_what_their_layout_can_hold(target, tmp_path):
+    head = sj.load_draft(write_speculators_head(tmp_path / "head", {"fc_norm": True, "norm_before_residual": True}),
+                         target)
+    out = export_eagle3(tmp_path / "eagle", head.cfg, head.params, head.d2t)
+    again = sj.load_draft(out, target)
+    assert again.cfg == head.cfg
+    jax.tree.map(np.testing.assert_array_equal, again.params, head.params)
+    sj.save_draft(head, tmp_path / "orbax")
+    restored = sj.load_draft(tmp_path / "orbax", target)
+    assert restored.cfg == head.cfg
+    jax.tree.map(np.testing.assert_array_equal, restored.params, head.params)
+    windowed = sj.load_draft(write_speculators_head(tmp_path / "windowed", {"sliding_window": 8}), target)
+    with pytest.raises(ConfigError,
+                       match="no field for this head's sliding_window: save it with save_draft"):
+        export_eagle3(tmp_path / "no", windowed.cfg, windowed.params, windowed.d2t)
+    assert not (tmp_path / "no").exists()

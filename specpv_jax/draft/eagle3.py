@@ -14,6 +14,8 @@ Parameter tree (names mirror the public checkpoints):
     midlayer/mlp/{gate,up,down}_proj/kernel
     norm/scale [H]; lm_head/kernel [H, V_draft]
     embed_tokens/embedding [V, H]   (optional; else the target's embedding)
+    input_norm/scale [n_feat * Ht]; fc_norm/{i}/scale [Ht]   (`DraftConfig.norm_before_fc`, `fc_norm` only)
+    midlayer/self_attn/{q,k}_norm/scale [D]   (`DraftConfig.qk_norm` only)
 """
 
 from __future__ import annotations
@@ -42,15 +44,17 @@ class MidLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, emb, hidden, cos, sin, cache: KVCache, new_mask, k_extra=None, v_extra=None, write=True):
+    def __call__(self, emb, hidden, cos, sin, cache: KVCache, new_mask, k_extra=None, v_extra=None, write=True,
+                 prefix_from=None):
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
-        x = jnp.concatenate([RMSNorm(eps, self.dtype, name="input_layernorm")(emb),
-                             RMSNorm(eps, self.dtype, name="hidden_norm")(hidden)], axis=-1)
+        normed = RMSNorm(eps, self.dtype, name="hidden_norm")(hidden)
+        x = jnp.concatenate([RMSNorm(eps, self.dtype, name="input_layernorm")(emb), normed], axis=-1)
         k_cache, v_cache, length = (None, None, None) if cache is None else (cache.k, cache.v, cache.length)
         attn, _, k, v, k_cache, v_cache = Attention(
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, eps=eps, dtype=self.dtype,
-            name="self_attn")(x, cos, sin, k_cache, v_cache, length, new_mask, 0, k_extra, v_extra, write)
-        h = hidden + attn
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, qk_norm=cfg.qk_norm, eps=eps,
+            dtype=self.dtype, name="self_attn")(x, cos, sin, k_cache, v_cache, length, new_mask, 0, k_extra, v_extra,
+                                                write, prefix_from=prefix_from)
+        h = (normed if cfg.norm_before_residual else hidden) + attn
         h = h + MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(
             RMSNorm(eps, self.dtype, name="post_attention_layernorm")(h))
         return h, k, v, None if cache is None else cache.replace(k=k_cache, v=v_cache)
@@ -81,22 +85,49 @@ def head_forward(params: Params, cfg: DraftConfig, embed: jax.Array, tokens: jax
                  positions: jax.Array, cache: KVCache | None, new_mask: jax.Array, k_extra=None, v_extra=None,
                  write: bool = True):
     """One head pass. tokens, positions: `[B, T]`; hidden: `[B, T, n_feat * Ht]` target features
-    or `[B, T, H]` the head's own outputs. With `write`, the new K/V go into the cache at
+    or `[B, T, H]` the head's own states. With `write`, the new K/V go into the cache at
     `cache.length` (lengths unchanged); with `cache=None` the pairs attend only to
-    `k_extra, v_extra` and each other (training). Returns (hidden out `[B, T, H]`, k, v `[B, Hkv, T, D]`, cache)."""
+    `k_extra, v_extra` and each other (training). Returns (state `[B, T, H]`, k, v `[B, Hkv, T, D]`, cache);
+    the state is what deeper tree levels are fed and `head_logprobs` reads.
+
+    A `cfg.sliding_window` limits what the cache and the new tokens show each query by position (cache slots
+    hold their positions: the head's full cache, not a bounded one); `k_extra` (tree ancestors) stays visible.
+    """
     dtype = _dtype(params)
     if hidden.shape[-1] != cfg.hidden_size:  # the EAGLE-3 reference's rule, kept for heads it trained
-        hidden = hidden.astype(dtype) @ params["fc"]["kernel"]
+        hidden = _project_features(params, cfg, hidden.astype(dtype))
     emb = jnp.take(embed, tokens, axis=0).astype(dtype)
     cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim),
                             rope.attention_scaling(cfg.rope), dtype)
-    return MidLayer(cfg, dtype).apply({"params": params["midlayer"]}, emb, hidden.astype(dtype), cos, sin, cache,
-                                      new_mask, k_extra, v_extra, write)
+    prefix_from = None
+    if cfg.sliding_window is not None:
+        prefix_from = positions - (cfg.sliding_window - 1)
+        if k_extra is None:
+            new_mask &= positions[:, :, None] - positions[:, None, :] < cfg.sliding_window
+    out, k, v, cache = MidLayer(cfg, dtype).apply({"params": params["midlayer"]}, emb, hidden.astype(dtype), cos,
+                                                  sin, cache, new_mask, k_extra, v_extra, write, prefix_from)
+    return (_final_norm(params, cfg, out) if cfg.norm_output else out), k, v, cache
 
 
-def head_logprobs(params: Params, cfg: DraftConfig, hidden: jax.Array) -> jax.Array:
-    """Float32 log-probabilities over the draft vocabulary, `[..., V_draft]`."""
-    h = RMSNorm(cfg.rms_norm_eps, _dtype(params)).apply({"params": params["norm"]}, hidden)
+def _project_features(params: Params, cfg: DraftConfig, features: jax.Array) -> jax.Array:
+    """Target features `[..., n_feat * Ht]` -> `[..., H]`: `fc`, after the head's feature norms if it has any."""
+    eps = cfg.rms_norm_eps
+    if cfg.norm_before_fc:
+        features = RMSNorm(eps, features.dtype).apply({"params": params["input_norm"]}, features)
+    if cfg.fc_norm:
+        chunks = jnp.split(features, len(cfg.feature_layers), axis=-1)
+        features = jnp.concatenate([RMSNorm(eps, features.dtype).apply({"params": params["fc_norm"][str(i)]}, c)
+                                    for i, c in enumerate(chunks)], axis=-1)
+    return features @ params["fc"]["kernel"]
+
+
+def _final_norm(params: Params, cfg: DraftConfig, hidden: jax.Array) -> jax.Array:
+    return RMSNorm(cfg.rms_norm_eps, _dtype(params)).apply({"params": params["norm"]}, hidden)
+
+
+def head_logprobs(params: Params, cfg: DraftConfig, state: jax.Array) -> jax.Array:
+    """Float32 log-probabilities over the draft vocabulary, `[..., V_draft]`, of a head state (`head_forward`'s)."""
+    h = state if cfg.norm_output else _final_norm(params, cfg, state)
     logits = jnp.einsum("...h,hv->...v", h, params["lm_head"]["kernel"], preferred_element_type=jnp.float32)
     return jax.nn.log_softmax(logits, axis=-1)
 
@@ -168,12 +199,18 @@ def init_params(cfg: DraftConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     cos = sin = jnp.zeros((b, 1, cfg.head_dim), dtype)
     mid = MidLayer(cfg, dtype).init(k_mid, x, x, cos, sin, cache, causal_mask(b, 1))["params"]
     fan_in = len(cfg.feature_layers) * cfg.target_hidden_size
-    return {
+    params = {
         "fc": {"kernel": (jax.random.normal(k_fc, (fan_in, h)) * fan_in ** -0.5).astype(dtype)},
         "midlayer": mid,
         "norm": {"scale": jnp.ones((h,), dtype)},
         "lm_head": {"kernel": (jax.random.normal(k_head, (h, cfg.draft_vocab_size)) * h ** -0.5).astype(dtype)},
     }
+    if cfg.norm_before_fc:
+        params["input_norm"] = {"scale": jnp.ones((fan_in,), dtype)}
+    if cfg.fc_norm:
+        params["fc_norm"] = {str(i): {"scale": jnp.ones((cfg.target_hidden_size,), dtype)}
+                             for i in range(len(cfg.feature_layers))}
+    return params
 
 
 def identity_d2t(cfg: DraftConfig) -> jax.Array:

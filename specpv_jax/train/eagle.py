@@ -69,6 +69,8 @@ def unroll(head: Params, dcfg: DraftConfig, embed: jax.Array, features: jax.Arra
     """
     b, t = ids.shape
     causal = jnp.tril(jnp.ones((t, t), bool))
+    if dcfg.sliding_window is not None:
+        causal &= jnp.triu(jnp.ones((t, t), bool), -(dcfg.sliding_window - 1))
     diagonal = jnp.eye(t, dtype=bool)
     hidden, keys, values, outputs = features, [], [], []
     for j in range(steps):
