@@ -386,13 +386,20 @@ def _speculators_layer(layer) -> dict[str, Any]:
         raise ConfigError(f"transformer_layer_config must be a mapping of the layer's fields, got {layer!r}")
     from transformers import AutoConfig  # only speculators-format heads need transformers' defaults
 
+    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "vocab_size", "num_hidden_layers"):  # before transformers divides by them
+        if layer.get(name) is not None:
+            try:
+                _positive_int(layer, name)
+            except ConfigError as e:
+                raise ConfigError(f"transformer_layer_config: {e}") from None
     model_type = layer.get("model_type", "qwen3")
     if model_type not in ARCHITECTURES.values():
         raise ConfigError(f"transformer_layer_config.model_type={model_type!r}: supported are llama, qwen2, qwen3")
     try:
         full = AutoConfig.for_model(model_type, **{k: v for k, v in layer.items() if k != "model_type"}).to_dict()
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"transformer_layer_config: {e}") from None
+    except Exception as e:  # transformers' checks raise their own types (huggingface_hub's, ZeroDivisionError)
+        raise ConfigError(f"transformer_layer_config: {type(e).__name__}: {e}") from None
     return {**full, "model_type": model_type}
 
 
@@ -411,7 +418,8 @@ class DraftConfig:
     RMSNorm (`input_norm`) over the concatenated features before `fc`; fc_norm:
     one per feature layer (`fc_norm/{i}`). qk_norm: per-head RMSNorm of q and k
     (Qwen3-style layers). sliding_window: a position attends to committed
-    context no more than `sliding_window - 1` positions back (tree ancestors always).
+    context no more than `sliding_window - 1` positions back, as vLLM runs such
+    heads (a tree node from its own position; its ancestors always).
     """
 
     hidden_size: int
@@ -475,9 +483,8 @@ class DraftConfig:
             problems.append("norm_output=false (logits without the final norm)")
         if hf.get("norm_before_fc") or (hf.get("eagle_config") or {}).get("norm_before_fc"):
             problems.append("norm_before_fc=true (a norm over the features whose weight this layout does not name)")
-        if hf.get("use_sliding_window") and hf.get("sliding_window") is not None or any(
-                t != "full_attention" for t in hf.get("layer_types") or []):
-            problems.append("sliding-window attention (supported in speculators-format heads only)")
+        # Sliding-window fields copied from a target's config are ignored here, as the EAGLE reference's and
+        # SpecForge's layers ignore them.
         if problems:
             raise ConfigError("unsupported EAGLE-3 head settings: " + "; ".join(problems))
         return cls._from_layer(hf, hf, target, _feature_layers(hf, target), norm_before_residual=_flag(
@@ -493,17 +500,24 @@ class DraftConfig:
             raise ConfigError(f"transformer_layer_config.num_hidden_layers={layer['num_hidden_layers']}: "
                               f"only one-layer EAGLE-3 heads are supported")
         types = layer.get("layer_types") or ["full_attention"]
-        if types[0] not in ("full_attention", "sliding_attention"):
-            raise ConfigError(f"transformer_layer_config.layer_types={types}: unsupported attention {types[0]!r}")
-        window = None
-        if types[0] == "sliding_attention":
+        if not isinstance(types, list) or types[0] not in ("full_attention", "sliding_attention"):
+            raise ConfigError(f"transformer_layer_config.layer_types={types!r}: expected a list whose first entry "
+                              f"is 'full_attention' or 'sliding_attention'")
+        window = None  # a sliding layer without a window attends to everything, as transformers runs it
+        if types[0] == "sliding_attention" and layer.get("sliding_window") is not None:
             window = _positive_int(layer, "sliding_window")
-        return cls._from_layer(
+        cfg = cls._from_layer(
             layer, hf, target, _feature_layers(hf, target),
             # vLLM's reading: heads saved before speculators wrote the flag were trained with it set
             norm_before_residual=_flag(hf, "norm_before_residual", True), norm_output=_flag(hf, "norm_output"),
             norm_before_fc=_flag(hf, "norm_before_fc"), fc_norm=_flag(hf, "fc_norm"),
             qk_norm=layer.get("model_type") == "qwen3", sliding_window=window)
+        if len(cfg.feature_layers) * cfg.target_hidden_size == cfg.hidden_size:
+            # `eagle3.head_forward` tells target features from the head's own states by their width (the EAGLE
+            # reference's rule); speculators projects features of any width.
+            raise ConfigError(f"feature layers {list(cfg.feature_layers)} give features as wide as the head "
+                              f"({cfg.hidden_size}), which this library cannot tell from the head's own states")
+        return cfg
 
     @classmethod
     def _from_layer(cls, layer: Mapping[str, Any], top: Mapping[str, Any], target: ModelConfig,
@@ -549,15 +563,15 @@ class DraftConfig:
         if bad:
             n = target.num_layers
             problems.append(f"feature layers {bad} are outside the target's {n} layers (a feature layer is a layer's "
-                            f"input, 0..{n - 1}; an EAGLE-3 config.json's eagle_aux_hidden_state_layer_ids name "
-                            f"outputs, -1..{n - 2}: {[i - 1 for i in bad]} there)")
+                            f"input, 0..{n - 1}, as a top-level eagle_aux_hidden_state_layer_ids names it; "
+                            f"eagle_config's names outputs, -1..{n - 2}: {[i - 1 for i in bad]} there)")
         return problems
 
     def to_hf(self) -> dict[str, Any]:
         """config.json in the public EAGLE-3 layout (readable by the EAGLE reference code, and SpecForge where
-        `fc_norm`); raises for the variants that layout has no field for."""
-        unwritable = [name for name in ("norm_output", "norm_before_fc", "qk_norm", "sliding_window")
-                      if getattr(self, name)]
+        `fc_norm`); raises for the variants its readers have no field for."""
+        unwritable = [name for name in ("norm_before_residual", "norm_output", "norm_before_fc", "qk_norm",
+                                        "sliding_window") if getattr(self, name)]
         if unwritable:
             raise ConfigError(f"the EAGLE-3 layout has no field for this head's {', '.join(unwritable)}: "
                               f"save it with save_draft (orbax) instead")
@@ -572,7 +586,8 @@ class DraftConfig:
             "tie_word_embeddings": False,
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in self.feature_layers]},
         }
-        hf.update({name: True for name in ("norm_before_residual", "fc_norm") if getattr(self, name)})
+        if self.fc_norm:
+            hf["fc_norm"] = True
         if self.rope.kind != "default":
             hf["rope_scaling"] = {"type": self.rope.kind, **self.rope.to_hf()}
         return hf

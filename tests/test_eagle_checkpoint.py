@@ -412,11 +412,14 @@ def test_a_windowed_head_speculates_losslessly(target, tmp_path):
     (speculators_config(layer={"num_hidden_layers": 2}), "num_hidden_layers=2: only one-layer"),
     (speculators_config(norm_before_fc=True, fc_norm=True), "exclude each other"),
     (speculators_config(norm_output="yes"), "norm_output must be true or false"),
-    (speculators_config(layer={"layer_types": ["linear_attention"]}), "unsupported attention 'linear_attention'"),
+    (speculators_config(layer={"layer_types": ["linear_attention"]}),
+     r"layer_types=\['linear_attention'\]: expected a list whose first"),
     (speculators_config(eagle_config={"eagle_aux_hidden_state_layer_ids": [2, 4, 5]}), "name different layers"),
     (public_config(norm_output=False), "norm_output=false"),
     (public_config(eagle_config={"norm_before_fc": True}), "norm_before_fc=true"),
-    (public_config(use_sliding_window=True, sliding_window=16), "sliding-window attention"),
+    (speculators_config(eagle_aux_hidden_state_layer_ids=[4]), r"feature layers \[4\] give features as wide"),
+    ({**speculators_config(), "transformer_layer_config": {"model_type": "llama", "hidden_size": "wide"}},
+     "transformer_layer_config: hidden_size must be a positive integer, got 'wide'"),
     (public_config(transformer_layer_config={}), "without speculators_model_type"),
     (public_config(attention_bias=True), "attention_bias=true"),
 ])
@@ -424,6 +427,15 @@ def test_unsupported_head_settings_are_named(target, config, message):
     """Each of these loaded before as the reference's head, computing something else (or failed deep)."""
     with pytest.raises(ConfigError, match=message):
         DraftConfig.from_hf(config, target.cfg)
+
+
+def test_sliding_fields_where_no_window_is_run(target):
+    """The reference layout's producers ignore a target's copied sliding-window fields; a speculators layer
+    marked sliding without a window attends to everything, as transformers runs it."""
+    copied = public_config(use_sliding_window=True, sliding_window=16, layer_types=["sliding_attention"])
+    assert DraftConfig.from_hf(copied, target.cfg).sliding_window is None
+    qwen3 = speculators_config("qwen3", layer={"layer_types": ["sliding_attention"]})
+    assert DraftConfig.from_hf(qwen3, target.cfg).sliding_window is None
 
 
 def test_feature_layers_from_either_field(target):
@@ -435,8 +447,7 @@ def test_feature_layers_from_either_field(target):
 
 
 def test_variant_heads_save_and_export_what_their_layout_can_hold(target, tmp_path):
-    head = sj.load_draft(write_speculators_head(tmp_path / "head", {"fc_norm": True, "norm_before_residual": True}),
-                         target)
+    head = sj.load_draft(write_speculators_head(tmp_path / "head", {"fc_norm": True}), target)
     out = export_eagle3(tmp_path / "eagle", head.cfg, head.params, head.d2t)
     again = sj.load_draft(out, target)
     assert again.cfg == head.cfg
@@ -445,8 +456,8 @@ def test_variant_heads_save_and_export_what_their_layout_can_hold(target, tmp_pa
     restored = sj.load_draft(tmp_path / "orbax", target)
     assert restored.cfg == head.cfg
     jax.tree.map(np.testing.assert_array_equal, restored.params, head.params)
-    windowed = sj.load_draft(write_speculators_head(tmp_path / "windowed", {"sliding_window": 8}), target)
-    with pytest.raises(ConfigError,
-                       match="no field for this head's sliding_window: save it with save_draft"):
-        export_eagle3(tmp_path / "no", windowed.cfg, windowed.params, windowed.d2t)
-    assert not (tmp_path / "no").exists()
+    for variant in ({"sliding_window": 8}, {"norm_before_residual": True}):  # the reference's readers ignore it
+        other = sj.load_draft(write_speculators_head(tmp_path / str(variant), variant), target)
+        with pytest.raises(ConfigError, match=f"no field for this head's {next(iter(variant))}: save it with"):
+            export_eagle3(tmp_path / "no", other.cfg, other.params, other.d2t)
+        assert not (tmp_path / "no").exists()

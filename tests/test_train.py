@@ -235,10 +235,13 @@ def test_draft_vocabulary_takes_the_most_frequent_ids():
     np.testing.assert_array_equal(np.arange(3) + d2t, ids)
 
 
-def test_ttt_unroll_matches_drafting_attention():
+@pytest.mark.parametrize("variant", [{}, {"sliding_window": 3, "norm_output": True}], ids=["reference", "windowed"])
+def test_ttt_unroll_matches_drafting_attention(variant):
     """Step j at slot n of the training unroll == the head run as at inference: pairs 0..n committed to its
-    cache, then j drafted levels each attending to the cache, its ancestors and itself."""
+    cache, then j drafted levels each attending to the cache, its ancestors and itself (with a sliding
+    window, the cache within it by position, at every level)."""
     head = eagle.new_head(TINY_CFG, np.arange(48, dtype=np.int32), seed=3)
+    head = dataclasses.replace(head, cfg=dataclasses.replace(head.cfg, **variant))
     params = model.init_params(TINY_CFG, jax.random.key(4))
     embed = params["embed_tokens"]["embedding"]
     t, n, steps = 12, 6, 3

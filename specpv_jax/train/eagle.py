@@ -68,13 +68,15 @@ def unroll(head: Params, dcfg: DraftConfig, embed: jax.Array, features: jax.Arra
     Slot i of step j holds the head's state for the pair at position i + j.
     """
     b, t = ids.shape
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    if dcfg.sliding_window is not None:
-        causal &= jnp.triu(jnp.ones((t, t), bool), -(dcfg.sliding_window - 1))
+    slot = jnp.arange(t)
+    causal = slot[:, None] >= slot[None, :]
     diagonal = jnp.eye(t, dtype=bool)
     hidden, keys, values, outputs = features, [], [], []
     for j in range(steps):
-        mask = jnp.broadcast_to(jnp.concatenate([causal] + [diagonal] * j, axis=1), (b, t, t * (j + 1)))
+        seen = causal  # step 0's keys: the committed pairs, at positions = slots
+        if dcfg.sliding_window is not None:  # by position, as drafting reads the cache (step j: i + j)
+            seen = causal & (slot[:, None] + j - slot[None, :] < dcfg.sliding_window)
+        mask = jnp.broadcast_to(jnp.concatenate([seen] + [diagonal] * j, axis=1), (b, t, t * (j + 1)))
         k_extra = jnp.concatenate(keys, axis=2) if keys else None
         v_extra = jnp.concatenate(values, axis=2) if values else None
         hidden, k, v, _ = eagle3.head_forward(head, dcfg, embed, _shift(ids, j + 1), hidden, positions_for(ids) + j,
