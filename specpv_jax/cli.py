@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import pathlib
 import sys
@@ -107,6 +108,21 @@ def parse_spec(assignments: list[str] | None, **fields):
     return SpecConfig(**values, **fields)
 
 
+def parse_chat_options(assignments: list[str] | None) -> dict:
+    """Chat-template variables from `--chat-option NAME=VALUE` strings: a VALUE that reads as JSON (false, 3,
+    "x") is that value, any other a string."""
+    options = {}
+    for item in assignments or ():
+        name, sep, raw = item.partition("=")
+        if not (sep and name.strip().isidentifier()):
+            raise ValueError(f"--chat-option {item!r}: expected NAME=VALUE, e.g. --chat-option enable_thinking=false")
+        try:
+            options[name.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[name.strip()] = raw
+    return options
+
+
 def mesh_shape(raw: str) -> tuple[int, int]:
     """An argparse type: a `DATAxMODEL` mesh shape such as 2x4."""
     data, sep, model = raw.lower().partition("x")
@@ -184,10 +200,13 @@ def _cmd_generate(args) -> int:
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty")
+    template_options = parse_chat_options(args.chat_option)
+    if template_options and args.no_chat:
+        raise ValueError("--chat-option sets chat-template variables: it does not combine with --no-chat")
     shape = _mesh_shape(args, spec)
     _require_tokenizer(args.model, "generate encodes the prompt with them")
     tokenizer = loading.load_tokenizer(args.model)
-    ids = text.encode_prompt(tokenizer, prompt, chat=not args.no_chat)
+    ids = text.encode_prompt(tokenizer, prompt, chat=not args.no_chat, template_options=template_options)
     prompts.prepare([ids], _model_config(args.model), args.max_new_tokens, chunk=1)  # ids and length
     mesh = make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]]) if shape else None
     model = loading.load_target(args.model, dtype=args.dtype, mesh=mesh)  # generate runs where the model is
@@ -384,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--chat-option", action="append", metavar="NAME=VALUE",
+                   help="a variable the chat template reads, VALUE as JSON where it parses (repeatable), e.g. "
+                        "enable_thinking=false for Qwen3")
     g.add_argument("--stats", action="store_true", help="print counters and timings to stderr")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it is generated")
     _add_mesh_argument(g, "device mesh to load the model on and run on")

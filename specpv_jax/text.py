@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 
-def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
+def encode_prompt(tokenizer: Any, text: str, chat: bool = True, template_options: dict | None = None) -> list[int]:
     """Token ids for `text`, wrapped in the tokenizer's chat template when it has one and `chat` is set.
 
-    Without the template, text that starts with the BOS token (a prompt rendered elsewhere) gets no second one
-    from a tokenizer that adds BOS itself."""
+    `template_options`: variables the template reads (Qwen3's `enable_thinking=False`). Without the template,
+    text that starts with the BOS token (a prompt rendered elsewhere) gets no second one from a tokenizer that
+    adds BOS itself."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer files; pass token ids instead of text")
     if chat and getattr(tokenizer, "chat_template", None):
@@ -17,7 +18,7 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
 
         try:
             rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                     add_generation_prompt=True)
+                                                     add_generation_prompt=True, **(template_options or {}))
         except TemplateError as e:
             raise ValueError(f"the chat template of the tokenizer in {tokenizer.name_or_path} failed: "
                              f"{type(e).__name__}: {e} (encode without it: chat=False, --no-chat)") from e

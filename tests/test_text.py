@@ -36,6 +36,21 @@ def test_encode_with_and_without_chat_template(model_dir):
     assert text.decode(model.tokenizer, [7, 8, 2]) == "w7 w8"
 
 
+def test_chat_template_options_reach_the_template(model_dir):
+    """Qwen3's templates read enable_thinking; generate's --chat-option sets such variables."""
+    from specpv_jax.cli import parse_chat_options
+
+    model = sj.load_target(model_dir, progress=False)
+    model.tokenizer.chat_template = CHAT.replace("<a>", "<a>{% if enable_thinking is false %} w9{% endif %}")
+    assert text.encode_prompt(model.tokenizer, "w7 w8") == [3, 7, 8, 4]
+    options = parse_chat_options(["enable_thinking=false"])
+    assert options == {"enable_thinking": False}
+    assert text.encode_prompt(model.tokenizer, "w7 w8", template_options=options) == [3, 7, 8, 4, 9]
+    assert parse_chat_options(["style=plain", "n=3"]) == {"style": "plain", "n": 3}
+    with pytest.raises(ValueError, match="expected NAME=VALUE"):
+        parse_chat_options(["enable_thinking"])
+
+
 def test_a_typed_bos_is_not_doubled_without_the_chat_template():
     """Llama-style tokenizers add BOS themselves; a prompt that starts with one (rendered elsewhere, --no-chat)
     keeps just that one. BOS anywhere else is the user's text."""
@@ -167,6 +182,8 @@ def test_cli_generate_checks_the_prompt_and_settings_before_loading_weights(mode
         (["generate", str(model_dir), "--prompt-file", str(tmp_path / "long.txt"), "--no-chat"],
          "over the model's max_position_embeddings=2048"),
         (generate, "chat template of the tokenizer in"),
+        (generate + ["--no-chat", "--chat-option", "enable_thinking=false"], "does not combine with --no-chat"),
+        (generate + ["--chat-option", "enable_thinking"], "expected NAME=VALUE"),
     ]:
         assert cli.main(argv) == 1, argv
         assert message in capsys.readouterr().err, argv
