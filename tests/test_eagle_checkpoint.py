@@ -349,12 +349,17 @@ def test_a_speculators_head_loads_as_the_same_head(target, tmp_path):
     state = public_state(dtype=torch.float32)
     reference = sj.load_draft(write_head(tmp_path / "eagle", public_config(
         rms_norm_eps=1e-5, eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 3, 4]}), state), target)
+    embedding = torch.tensor(np.asarray(target.params["embed_tokens"]["embedding"]))
     renamed = {k.replace("midlayer.", "layers.0."): v for k, v in state.items()}
+    renamed["embed_tokens.weight"] = embedding  # speculators saves the target's: the head uses the target's
     head = sj.load_draft(write_head(tmp_path / "speculators", speculators_config(), renamed, fmt="safetensors"),
                          target)
     assert head.cfg == reference.cfg
     jax.tree.map(np.testing.assert_array_equal, head.params, reference.params)
     np.testing.assert_array_equal(head.d2t, reference.d2t)
+    renamed["embed_tokens.weight"] = embedding + 1  # an embedding of its own is kept
+    own = sj.load_draft(write_head(tmp_path / "own", speculators_config(), renamed, fmt="safetensors"), target)
+    np.testing.assert_array_equal(own.params["embed_tokens"]["embedding"], embedding.numpy() + 1)
 
 
 VARIANTS = {
