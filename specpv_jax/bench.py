@@ -78,12 +78,13 @@ def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec):
 
 
 def generate_mode(mode: str, spec):
-    """The `generate` mode and `SpecConfig` a bench mode runs with."""
+    """The `generate` mode and `SpecConfig` a bench mode runs with (`offload` only where the mode offloads)."""
     if mode == "specpv-bd":
         return "specpv", dataclasses.replace(spec, bounded_draft=True)
     if mode == "draft":
-        return "specextend", dataclasses.replace(spec, draft_chunks=0)
-    return ("longspec" if mode == "longspec-plain" else mode), spec
+        mode, spec = "specextend", dataclasses.replace(spec, draft_chunks=0)
+    mode = "longspec" if mode == "longspec-plain" else mode
+    return mode, spec if mode in config.PARTIAL_MODES else dataclasses.replace(spec, offload=False)
 
 
 def hf_decode_tokens_per_s(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens: int) -> float:

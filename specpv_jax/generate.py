@@ -380,7 +380,7 @@ def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: i
     run = Run(cfg=cfg, out_slots=output_bucket(max_new_tokens), chunk=chunk, mode=mode,
               attention=resolve_implementation(attention),
               spec=spec if speculative_mode else None, dcfg=dcfg if speculative_mode else None, stream=stream,
-              progress=progress, offload=spec.offload)  # `_check_offload`: only PARTIAL_MODES
+              progress=progress, offload=spec.offload and mode in PARTIAL_MODES)  # not in the eagle loop
     return run, memory.cache_length(spec, mode, prompt_len, max_new_tokens)
 
 

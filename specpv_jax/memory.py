@@ -56,9 +56,9 @@ def step_tokens(spec: SpecConfig, mode: str) -> int:
 def loop_mode(spec: SpecConfig, mode: str, prompt_len: int, max_new_tokens: int) -> str:
     """The decode loop a call of `mode` runs: "specpv" and "exact" on a context that can never grow past
     `spec.partial_threshold` run the "eagle" loop (every step of theirs would be a full verification), without
-    a partial cache, block summaries or retrieval to allocate and compile; offload keeps its own loop."""
-    if mode in PARTIAL_MODES and not spec.offload \
-            and prompt_len + output_bucket(max_new_tokens) <= spec.partial_threshold:
+    a partial cache, block summaries or retrieval to allocate and compile; with `offload` too, its cache on the
+    device (smaller there than offload's partial cache, summaries and staging)."""
+    if mode in PARTIAL_MODES and prompt_len + output_bucket(max_new_tokens) <= spec.partial_threshold:
         return "eagle"
     return mode
 

@@ -287,12 +287,13 @@ def test_bench_takes_spec_fields_but_not_the_ones_it_sets(tmp_path, monkeypatch,
     assert main(["bench", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
                  "--contexts", "40", "--new-tokens", "4", "--modes", "ar", "eagle", "specpv-bd", "--no-hf",
                  "--tree", "2", "2", "4", "--spec", "tree_beam=true", "--spec", "buffer_tokens=10",
-                 "--out", str(tmp_path / "out")]) == 0
+                 "--spec", "offload=true", "--out", str(tmp_path / "out")]) == 0
     assert [(s.tree_depth, s.tree_top_k, s.tree_nodes, s.tree_beam, s.buffer_tokens) for s in used] == [
         (2, 2, 4, True, 10)]
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
-    assert [(r["mode"], r["spec"]["tree_beam"], r["spec"]["bounded_draft"], r["tree"]) for r in rows] == [
-        ("ar", True, False, [2, 2, 4]), ("eagle", True, False, [2, 2, 4]), ("specpv-bd", True, True, [2, 2, 4])]
+    assert [(r["mode"], r["spec"]["tree_beam"], r["spec"]["bounded_draft"], r["spec"]["offload"], r["tree"])
+            for r in rows] == [("ar", True, False, False, [2, 2, 4]), ("eagle", True, False, False, [2, 2, 4]),
+                               ("specpv-bd", True, True, True, [2, 2, 4])]  # offload where the mode offloads
 
 
 def test_bench_tunes_at_each_context(tmp_path, monkeypatch):

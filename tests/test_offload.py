@@ -242,3 +242,18 @@ def test_offload_refuses_other_modes_and_counts_device_memory_only(models):
     memory.check_fits(est, est.device, offload=True)
     with pytest.raises(MemoryError):
         memory.check_fits(est, est.device)
+
+
+def test_a_context_below_the_partial_threshold_keeps_its_cache_on_the_device(models):
+    """Every step there would be a full verification reading host memory; the eagle loop with the cache on
+    the device gives the same tokens and needs less device memory than offload's partial cache and staging."""
+    target, head = models
+    offloaded = dataclasses.replace(SPEC, offload=True)
+    prompt = np.arange(1, 40) % 16
+    assert memory.loop_mode(offloaded, "exact", prompt.size, 8) == "eagle"
+    out = sj.generate(target, prompt, 8, draft=head, mode="exact", spec=offloaded, eos_token_ids=())
+    np.testing.assert_array_equal(out.tokens, sj.generate(target, prompt, 8, eos_token_ids=()).tokens)
+    assert out.stats["partial_verifications"] == 0
+    est = memory.estimate(target.cfg, prompt.size, 8, mode="exact", spec=offloaded, dtype="float32")
+    assert est.host == 0 and "offload staging" not in est.parts
+
