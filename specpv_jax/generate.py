@@ -302,6 +302,9 @@ def _call_mesh(target: Model, mesh: Any, spec: SpecConfig) -> Any:
         warn(f"the target's weights are {where} and generate runs on a {_named(mesh)} mesh: they are copied there "
              f"on every call; place them once with sj.load_target(..., mesh=mesh) or sj.Model(target.cfg, "
              f"sj.sharding.shard_params(target.params, mesh))")
+    note = None if mesh is None else sharding.unsplit_cache_note(target.cfg, mesh)
+    if note:
+        warn(note)
     return mesh
 
 

@@ -67,6 +67,18 @@ def default_mesh(cfg: Any = None) -> Mesh | None:
     return make_mesh(*default_shape(jax.device_count(), cfg, per_host)) if jax.device_count() > 1 else None
 
 
+def unsplit_cache_note(cfg: Any, mesh: Any) -> str | None:
+    """Why `mesh` cannot split `cfg`'s KV cache along "model" (its model axis does not divide the KV heads:
+    `cache_sharding` splits whole heads only, the projections split on), with a mesh shape that can; None
+    when it can."""
+    model = mesh.shape["model"]
+    if cfg.num_kv_heads % model == 0:
+        return None
+    data, split = default_shape(mesh.size, cfg)
+    return (f"a model axis of {model} does not divide the target's {cfg.num_kv_heads} KV heads: every device "
+            f"holds the whole KV cache, gathered once per call; a {data}x{split} mesh splits whole heads")
+
+
 def mesh_of(params: Any) -> Mesh | None:
     """The mesh every leaf of `params` is placed on with our axes (`shard_params`, `load_target(mesh=)`), or
     None when they are not all placed so."""

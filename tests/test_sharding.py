@@ -127,3 +127,18 @@ def test_generate_names_a_mesh_it_cannot_use():
             sj.generate(target, [1, 2, 3], 4, mesh=mesh)
     one = make_mesh(devices=jax.devices()[:1])
     assert sj.generate(target, [1, 2, 3], 4, mesh=one, eos_token_ids=()).tokens.shape == (1, 4)
+
+
+def test_a_model_axis_that_splits_kv_heads_is_named():
+    """Qwen2.5-7B's 4 KV heads on a 1x8 mesh: the projections split mid-head, the cache cannot (it was
+    replicated on all 8 devices and gathered once per call, without a word)."""
+    from types import SimpleNamespace
+
+    from specpv_jax.sharding import unsplit_cache_note
+
+    qwen = SimpleNamespace(num_heads=28, num_kv_heads=4)
+    assert unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 1, "model": 8}, size=8)) == (
+        "a model axis of 8 does not divide the target's 4 KV heads: every device holds the whole KV cache, "
+        "gathered once per call; a 2x4 mesh splits whole heads")
+    assert unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 2, "model": 4}, size=8)) is None
+
