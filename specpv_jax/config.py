@@ -528,8 +528,6 @@ class DraftConfig:
             raise ConfigError(f"hidden_act={layer['hidden_act']!r} (an EAGLE-3 head here is SiLU-gated only)")
         if layer.get("mlp_bias"):
             raise ConfigError("mlp_bias=true (an EAGLE-3 head's MLP has no biases)")
-        if layer.get("attention_bias"):
-            raise ConfigError("attention_bias=true (an EAGLE-3 head's attention has no biases)")
         num_heads = _positive_int(layer, "num_attention_heads")
         hidden = _positive_int(layer, "hidden_size")
         vocab = _positive_int(layer, "vocab_size")

@@ -426,7 +426,6 @@ def test_a_windowed_head_speculates_losslessly(target, tmp_path):
     ({**speculators_config(), "transformer_layer_config": {"model_type": "llama", "hidden_size": "wide"}},
      "transformer_layer_config: hidden_size must be a positive integer, got 'wide'"),
     (public_config(transformer_layer_config={}), "without speculators_model_type"),
-    (public_config(attention_bias=True), "attention_bias=true"),
 ])
 def test_unsupported_head_settings_are_named(target, config, message):
     """Each of these loaded before as the reference's head, computing something else (or failed deep)."""
