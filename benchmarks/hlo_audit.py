@@ -29,7 +29,6 @@ from specpv_jax.bench import budget_for
 from specpv_jax import model as M
 from specpv_jax.config import DraftConfig, ModelConfig
 from specpv_jax.draft import eagle3
-from specpv_jax.train.eagle import head_config
 
 MODES = ("ar", "eagle", "specpv", "exact")
 
@@ -49,7 +48,7 @@ def abstract_models(name: str, layers: int, dtype) -> tuple[ModelConfig, DraftCo
     hf = presets.hf_config(name)
     hf["num_hidden_layers"] = layers
     cfg = ModelConfig.from_hf(hf)
-    dcfg = head_config(cfg, draft_vocab_size=32000)
+    dcfg = DraftConfig.for_target(cfg, draft_vocab_size=32000)
     params = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0), dtype))
     dparams = jax.eval_shape(lambda: eagle3.init_params(dcfg, jax.random.key(1), dtype))
     d2t = jax.ShapeDtypeStruct((dcfg.draft_vocab_size,), jnp.int32)

@@ -163,8 +163,7 @@ def _cmd_plan(args) -> int:
         sizes = dict(draft_cfg=draft if mode == "specextend" else None, temperature=args.temperature,
                      top_p=args.top_p)
         est = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
-                              dataclasses.replace(spec, offload=False), args.dtype, **sizes)
-        est = est.per_device(cfg, args.batch, data, model) if data * model > 1 else est
+                              dataclasses.replace(spec, offload=False), args.dtype, mesh_shape=(data, model), **sizes)
         fits = "unknown" if limit is None else "yes" if est.total <= limit else "no"
         offload = ("-", "-")
         if est.host and data * model == 1:  # offload=True (one device): the full cache and summaries in host memory

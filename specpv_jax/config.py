@@ -458,6 +458,17 @@ class DraftConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be a positive number of positions, got {self.sliding_window}")
 
+    @classmethod
+    def for_target(cls, target: ModelConfig, draft_vocab_size: int) -> "DraftConfig":
+        """A head shaped like one target layer, with EAGLE-3's feature layers."""
+        return cls(hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
+                   num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
+                   vocab_size=target.vocab_size, draft_vocab_size=draft_vocab_size,
+                   target_hidden_size=target.hidden_size,
+                   feature_layers=cls.default_feature_layers(target.num_layers),
+                   max_position_embeddings=target.max_position_embeddings, rms_norm_eps=target.rms_norm_eps,
+                   rope=target.rope)
+
     @staticmethod
     def default_feature_layers(num_layers: int) -> tuple[int, ...]:
         """EAGLE-3's capture points, in layer order (a layer named twice is captured once)."""

@@ -315,11 +315,9 @@ def _check_memory(target: Model, draft: Any, batch: prompts.PromptBatch, max_new
     limit = memory.device_bytes_limit()
     if limit is None:
         return
-    cfg = target.cfg
-    est = memory.estimate(cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
-                          draft.cfg if mode in ("specextend", "longspec") else None, chunk, temperature, top_p)
-    if mesh is not None:
-        est = est.per_device(cfg, batch.batch, mesh.shape["data"], mesh.shape["model"])
+    est = memory.estimate(target.cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
+                          None if draft is None else draft.cfg, chunk, temperature, top_p,
+                          (1, 1) if mesh is None else (mesh.shape["data"], mesh.shape["model"]))
     memory.check_fits(est, limit, spec.offload)
 
 

@@ -8,12 +8,18 @@ largest transient (verification logits, a prefill chunk's activations).
 moves to host memory: the full cache and its block summaries, in the
 partial-verification modes; with it the device holds `Estimate.device` (plus
 "offload staging": two layers of the full cache, moved in during full
-verification).
+verification). On a `data x model` mesh (`mesh_shape`) the parts are one
+device's, as `sharding` places them: weights split along "model" where it
+divides them, caches along "model" where it divides their KV heads and along
+"data" where it divides the rows; activations only along "data" (how XLA splits
+a step's temporaries along "model" is left uncounted: the estimate errs high).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import jax
 import numpy as np
@@ -21,7 +27,8 @@ import numpy as np
 from specpv_jax import sharding
 from specpv_jax.attention import read_block
 from specpv_jax.cache import allocated_slots
-from specpv_jax.config import EAGLE3_MODES, MODES, PARTIAL_MODES, LongSpecConfig, ModelConfig, SpecConfig
+from specpv_jax.config import (EAGLE3_MODES, MODES, PARTIAL_MODES, DraftConfig, LongSpecConfig, ModelConfig,
+                               SpecConfig)
 from specpv_jax.loop import output_bucket
 from specpv_jax.prompts import bucket_length
 from specpv_jax.tree import frontier_widths
@@ -33,9 +40,29 @@ def param_count(cfg: ModelConfig, model: int = 1) -> int:
     return sum(n * (cfg.num_layers if per_layer else 1) for n, per_layer in _tensor_sizes(cfg, model))
 
 
-def layer_param_count(cfg: ModelConfig) -> int:
-    """Parameters of one decoder layer of `cfg`."""
-    return sum(n for n, per_layer in _tensor_sizes(cfg) if per_layer)
+def placed_count(params: Any, model: int = 1) -> int:
+    """Elements of the parameter tree `params` (arrays or `jax.ShapeDtypeStruct`s) that one device holds when
+    `model` devices along "model" split them (`sharding.param_spec`)."""
+    return sum(jax.tree.leaves(jax.tree_util.tree_map_with_path(
+        lambda path, x: x.size // (model if sharding.model_splits(sharding.key_names(path), x.shape, model) else 1),
+        params)))
+
+
+@functools.lru_cache(maxsize=32)
+def draft_param_count(draft_cfg: ModelConfig | DraftConfig | LongSpecConfig, model: int = 1) -> int:
+    """Parameters of a draft of `draft_cfg` (a small draft's, an EAGLE-3 head's or a LongSpec draft's) that one
+    device holds when `model` devices along "model" split them; an EAGLE-3 head's embedding is the target's."""
+    from specpv_jax.draft import eagle3, longspec
+
+    if isinstance(draft_cfg, ModelConfig):
+        return param_count(draft_cfg, model)
+    init = eagle3.init_params if isinstance(draft_cfg, DraftConfig) else longspec.init_params
+    return placed_count(jax.eval_shape(lambda: init(draft_cfg, jax.random.key(0))), model)
+
+
+def layer_param_count(cfg: ModelConfig, model: int = 1) -> int:
+    """Parameters of one decoder layer of `cfg` (on one of `model` devices along "model")."""
+    return sum(n for n, per_layer in _tensor_sizes(cfg, model) if per_layer)
 
 
 def _tensor_sizes(cfg: ModelConfig, model: int = 1) -> list[tuple[int, bool]]:
@@ -97,36 +124,23 @@ class Estimate:
         """Device bytes with offload (the parts not in host memory)."""
         return self.total - self.host
 
-    def per_device(self, cfg: ModelConfig, batch: int, data: int, model: int) -> "Estimate":
-        """The parts one device of a `data x model` mesh holds, as `sharding` places them: weights split
-        along "model" where it divides them (not the token embedding), caches along "model" where the KV
-        heads divide and along "data" where the rows divide, activations along "data" where the rows divide."""
-        rows = data if batch % data == 0 else 1
-        heads = model if cfg.num_kv_heads % model == 0 else 1
-
-        def share(name: str, size: int) -> int:
-            if name == "weights":
-                return size * param_count(cfg, model) // param_count(cfg)
-            if name == "activations":
-                return size // rows
-            return size // (rows * heads) if "cache" in name or name == "block summaries" else size
-
-        return dataclasses.replace(self, parts={k: share(k, v) for k, v in self.parts.items()})
-
 
 def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int = 1, mode: str = "ar",
              spec: SpecConfig | None = None, dtype: str = "bfloat16",
-             draft_cfg: ModelConfig | LongSpecConfig | None = None, prefill_chunk: int = 512,
-             temperature: float = 0.0, top_p: float = 1.0) -> Estimate:
-    """Memory a `generate` call of `batch` prompts of `context` tokens needs, by part.
+             draft_cfg: ModelConfig | DraftConfig | LongSpecConfig | None = None, prefill_chunk: int = 512,
+             temperature: float = 0.0, top_p: float = 1.0, mesh_shape: tuple[int, int] = (1, 1)) -> Estimate:
+    """Memory a `generate` call of `batch` prompts of `context` tokens needs, by part; on a `(data, model)`
+    mesh (`mesh_shape`), what one device of it holds.
 
-    The EAGLE-3 head is counted as one decoder layer of the target's shape (plus
-    `fc` and a full-vocabulary head); `draft_cfg` is the small draft for "specextend", the LongSpec draft's
-    config for "longspec" (default: `LongSpecConfig.for_target`). Sampling (`temperature` > 0) holds
-    probabilities beside the logits, `top_p` < 1 also their sorted copy and order.
+    draft_cfg: the draft's config: the small draft's for "specextend" (required), the EAGLE-3 head's for
+    the EAGLE-3 modes (default `DraftConfig.for_target` with the target's vocabulary), the LongSpec draft's
+    for "longspec" (default `LongSpecConfig.for_target`). Sampling (`temperature` > 0) holds probabilities
+    beside the logits, `top_p` < 1 also their sorted copy and order.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+    if mode == "specextend" and draft_cfg is None:
+        raise ValueError("mode 'specextend' needs the small draft's config (draft_cfg)")
     spec = spec or SpecConfig()
     context = bucket_length(context, prefill_chunk)  # generate pads each prompt to its bucket and sizes for that
     label, mode = mode, loop_mode(spec, mode, context, new_tokens)
@@ -134,41 +148,39 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     h, v = cfg.hidden_size, cfg.vocab_size
     tree = step_tokens(spec, mode)
     slots = cache_length(spec, mode, context, new_tokens)
-    kv = dict(batch=batch, itemsize=size)
-    parts = {"weights": param_count(cfg) * size,
-             "full cache": kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads, slots=slots, head_dim=cfg.head_dim,
-                                    **kv)}
+    data, model = mesh_shape
+    rows = data if batch % data == 0 else 1
+
+    def kv(layers: int, slots: int, kv_heads: int = cfg.num_kv_heads, head_dim: int = cfg.head_dim) -> int:
+        """One device's share of a stacked cache: rows along "data", KV heads along "model" where they divide."""
+        heads = model if kv_heads % model == 0 else 1
+        return kv_bytes(layers, batch, kv_heads, slots, head_dim, size) // (rows * heads)
+
+    parts = {"weights": param_count(cfg, model) * size, "full cache": kv(cfg.num_layers, slots)}
     if mode in EAGLE3_MODES:
-        head = dataclasses.replace(cfg, num_layers=1, tie_word_embeddings=False)
-        parts["draft weights"] = (param_count(head) - v * h + 3 * h * h) * size
-        parts["draft cache"] = kv_bytes(1, kv_heads=cfg.num_kv_heads, slots=slots, head_dim=cfg.head_dim, **kv)
+        d = draft_cfg or DraftConfig.for_target(cfg, v)
+        parts["draft weights"] = draft_param_count(d, model) * size
+        parts["draft cache"] = kv(1, slots, d.num_kv_heads, d.head_dim)
     if mode in PARTIAL_MODES:
-        parts["partial cache"] = kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads,
-                                          slots=spec.static_tokens + spec.buffer_size, head_dim=cfg.head_dim, **kv)
-        parts["block summaries"] = kv_bytes(cfg.num_layers, kv_heads=cfg.num_kv_heads,
-                                            slots=slots // spec.block_size, head_dim=cfg.head_dim, **kv)
+        parts["partial cache"] = kv(cfg.num_layers, spec.static_tokens + spec.buffer_size)
+        parts["block summaries"] = kv(cfg.num_layers, slots // spec.block_size)
         if spec.bounded_draft:  # the head's partial view: the partial cache's slots and one more path (`specpv`)
-            parts["bounded draft cache"] = kv_bytes(1, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                                                    slots=spec.static_tokens + spec.buffer_size + spec.tree_depth + 1,
-                                                    **kv)
+            parts["bounded draft cache"] = kv(1, spec.static_tokens + spec.buffer_size + spec.tree_depth + 1,
+                                              d.num_kv_heads, d.head_dim)
         if spec.offload:  # a full step's layer on the device and the next one prefetched
-            parts["offload staging"] = kv_bytes(2, kv_heads=cfg.num_kv_heads, slots=slots, head_dim=cfg.head_dim, **kv)
+            parts["offload staging"] = kv(2, slots)
     if mode == "specextend":
-        if draft_cfg is None:
-            raise ValueError("mode 'specextend' needs the small draft's config (draft_cfg)")
         d = draft_cfg
-        dkv = dict(kv_heads=d.num_kv_heads, head_dim=d.head_dim, **kv)
-        parts["draft weights"] = param_count(d) * size
-        parts["draft cache"] = kv_bytes(d.num_layers, slots=slots, **dkv) + (
-            kv_bytes(d.num_layers, slots=spec.draft_working_tokens, **dkv) if spec.draft_chunks else 0)
-    if mode == "longspec":  # one layer plus a cross-attention's q/o; a cache of `window` slots at any context
+        parts["draft weights"] = draft_param_count(d, model) * size
+        parts["draft cache"] = kv(d.num_layers, slots, d.num_kv_heads, d.head_dim) + (
+            kv(d.num_layers, spec.draft_working_tokens, d.num_kv_heads, d.head_dim) if spec.draft_chunks else 0)
+    if mode == "longspec":  # one layer plus a cross-attention's q/o; a ring of `window` slots at any context
         d = draft_cfg or LongSpecConfig.for_target(cfg)
-        attn = d.hidden_size * (d.num_heads + d.num_kv_heads) * d.head_dim * 2
-        cross = d.hidden_size * d.cross_heads * d.target_head_dim * 2
-        parts["draft weights"] = (attn + cross + 3 * d.hidden_size * d.intermediate_size + 4 * d.hidden_size) * size
-        parts["draft cache"] = 2 * batch * d.num_kv_heads * d.window * d.head_dim * size
+        parts["draft weights"] = draft_param_count(d, model) * size
+        ring_heads = model if d.num_kv_heads % model == 0 else 1
+        parts["draft cache"] = 2 * batch * d.num_kv_heads * d.window * d.head_dim * size // (rows * ring_heads)
     if mode == "exact" and temperature > 0:  # each provisional token's partial distribution, for its re-check
-        parts["provisional distributions"] = batch * spec.max_missing * v * 4
+        parts["provisional distributions"] = batch * spec.max_missing * v * 4 // rows
     t = max(tree, prefill_chunk)
     # The XLA path's attention holds float32 scores and their exp: the new tokens' [B, Hq, T, T] and, per row
     # and KV head, a prefix tile of the group's query rows x a block of keys (`attention.read_block`); the
@@ -181,9 +193,9 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     # A draft level's logits and log-probabilities over its widest frontier (a beam tree's is tree_top_k**2)
     draft_rows = 0 if mode == "ar" else 2 * max(frontier_widths(spec.tree_top_k, spec.tree_depth, spec.tree_beam),
                                                 default=spec.tree_top_k)
-    activations = max(logit_buffers * batch * tree * v * 4, batch * draft_rows * v * 4,
-                      batch * t * (2 * h + 2 * cfg.intermediate_size) * 4) \
-        + scores + attention_io + layer_param_count(cfg) * size
+    temporaries = max(logit_buffers * batch * tree * v * 4, batch * draft_rows * v * 4,
+                      batch * t * (2 * h + 2 * cfg.intermediate_size) * 4) + scores + attention_io
+    activations = temporaries // rows + layer_param_count(cfg, model) * size
     parts["activations"] = activations * 11 // 10  # 10% to spare: how XLA assigns buffers varies (CPU: 3-5% more)
     return Estimate(label, parts, ("full cache", "block summaries") if mode in PARTIAL_MODES else ())
 

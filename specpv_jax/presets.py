@@ -24,6 +24,12 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
         "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
         "head_dim": 128, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "tie_word_embeddings": False, "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645},
+    "qwen2.5-7b": {  # Qwen2.5-7B-Instruct: 28 query and 4 KV heads (a model axis of 8 splits neither whole)
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
+        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
+        "max_window_layers": 28, "bos_token_id": 151643, "eos_token_id": 151645},
 }
 
 

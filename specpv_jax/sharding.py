@@ -120,10 +120,14 @@ def param_spec(names: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
     return P(*spec)
 
 
+def key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """A parameter's key path (`jax.tree_util.tree_map_with_path`'s) as names, e.g. ("mlp", "up_proj", "kernel")."""
+    return tuple(getattr(k, "key", str(k)) for k in path)
+
+
 def param_specs(params: Any, mesh: Mesh) -> Any:
     """A PartitionSpec per parameter leaf (same tree as `params`)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: param_spec(tuple(getattr(k, "key", str(k)) for k in path), leaf.shape, mesh), params)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: param_spec(key_names(path), leaf.shape, mesh), params)
 
 
 def shard_params(params: Any, mesh: Mesh) -> Any:

@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from test_eagle import make_head, make_target
+from test_memory import compiled_peak
 
 import pallas_kernels
 import specpv_jax as sj
 from convert.hf import _to_param_on_device, export_hf
-from specpv_jax import sharding
+from specpv_jax import host, memory, sharding
 from specpv_jax.sharding import make_mesh
 
 
@@ -121,11 +122,16 @@ def main() -> None:
         expected[mode] = sj.generate(target, prompts, 24, draft=draft, mode=mode, spec=spec, mesh=one,
                                      eos_token_ids=(5,))
         for data, model in meshes:
+            compiled = set(host._EXECUTABLES)
             with jax.transfer_guard("disallow"):  # generate places everything it moves explicitly
                 out = sj.generate(target, prompts, 24, draft=draft, mode=mode, spec=spec,
                                   mesh=make_mesh(data, model), eos_token_ids=(5,))
             np.testing.assert_array_equal(out.lengths, expected[mode].lengths)
             np.testing.assert_array_equal(out.tokens, expected[mode].tokens)
+            est = memory.estimate(target.cfg, 300, 24, len(prompts), mode, spec, "float32",
+                                  None if draft is None else draft.cfg, mesh_shape=(data, model))
+            for key in set(host._EXECUTABLES) - compiled:  # each stage's per-device peak within the estimate
+                assert compiled_peak(host._EXECUTABLES[key]) <= est.total, (mode, data, model, est.parts)
             print(f"{mode} {data}x{model}: same tokens", flush=True)
     if every:
         pallas_per_shard(one)

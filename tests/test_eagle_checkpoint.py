@@ -20,7 +20,6 @@ from specpv_jax.attention import causal_mask
 from specpv_jax.checkpoint import CheckpointError
 from specpv_jax.config import ConfigError, DraftConfig, ModelConfig, RopeConfig
 from specpv_jax.draft import eagle3
-from specpv_jax.train.eagle import head_config
 from test_eagle import make_target
 
 VOCAB, DRAFT_VOCAB, HIDDEN, HEADS, KV_HEADS, INTER = 64, 48, 64, 4, 2, 128
@@ -182,7 +181,8 @@ def test_orbax_head_must_match_its_config(target, tmp_path):
 
 
 def test_head_of_another_width_needs_its_own_embedding(target, tmp_path):
-    cfg = dataclasses.replace(head_config(target.cfg, draft_vocab_size=DRAFT_VOCAB), hidden_size=96, head_dim=24)
+    cfg = dataclasses.replace(DraftConfig.for_target(target.cfg, draft_vocab_size=DRAFT_VOCAB), hidden_size=96,
+                              head_dim=24)
     params = eagle3.init_params(cfg, jax.random.key(0))
     d2t = np.zeros(DRAFT_VOCAB, np.int32)
     with pytest.raises(ConversionError, match="hidden size 96, the target 64, and it stores no embed_tokens"):
@@ -199,7 +199,7 @@ def test_head_of_another_width_needs_its_own_embedding(target, tmp_path):
 def test_export_keeps_every_rope_field(target):
     rope = RopeConfig(theta=5e5, kind="yarn", factor=8.0, original_max_position_embeddings=64, beta_fast=16.0,
                       beta_slow=2.0, attention_factor=1.3, mscale=0.7, mscale_all_dim=1.0, truncate=False)
-    head = dataclasses.replace(head_config(target.cfg, draft_vocab_size=DRAFT_VOCAB), rope=rope)
+    head = dataclasses.replace(DraftConfig.for_target(target.cfg, draft_vocab_size=DRAFT_VOCAB), rope=rope)
     assert DraftConfig.from_hf(head.to_hf(), target.cfg) == head
     model = dataclasses.replace(target.cfg, rope=rope)
     assert ModelConfig.from_hf(hf_config(model)) == model

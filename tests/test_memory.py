@@ -20,6 +20,12 @@ from specpv_jax.model import init_params
 LLAMA_31_8B = presets.hf_config("llama-3.1-8b")
 
 
+def compiled_peak(exe) -> int:
+    """Bytes one device holds at a compiled stage's peak: its arguments, outputs not aliasing them, temporaries."""
+    m = exe.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
 @pytest.mark.parametrize("qwen3_like", [False, True])
 def test_param_count_matches_the_model(qwen3_like):
     cfg = make_target(16, layers=2).cfg
@@ -72,9 +78,7 @@ def test_estimate_covers_what_the_compiled_stages_take():
     sj.generate(target, ids, 8, prefill_chunk=1024, eos_token_ids=(), attention="xla")
     est = memory.estimate(target.cfg, 1024, 8, mode="ar", dtype="float32", prefill_chunk=1024)
     for exe in host._EXECUTABLES.values():
-        m = exe.memory_analysis()
-        need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-        assert need <= est.total
+        assert compiled_peak(exe) <= est.total, est.parts
 
 
 @pytest.mark.parametrize("mode, heads, vocab, temperature, top_p, spec", [
@@ -95,23 +99,60 @@ def test_estimate_covers_kv_heads_sampling_and_drafting(mode, heads, vocab, temp
     sj.generate(target, np.zeros((rows, n), np.int32), 4, draft=draft, mode=mode, temperature=temperature,
                 top_p=top_p, prefill_chunk=chunk, eos_token_ids=(), attention="xla", progress=False, spec=spec)
     est = memory.estimate(target.cfg, n, 4, rows, mode, spec=spec, dtype="float32", prefill_chunk=chunk,
-                          temperature=temperature, top_p=top_p)
+                          temperature=temperature, top_p=top_p, draft_cfg=None if draft is None else draft.cfg)
     for exe in host._EXECUTABLES.values():
-        m = exe.memory_analysis()
-        need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-        assert need <= est.total, (need, est.parts)
+        assert compiled_peak(exe) <= est.total, est.parts
 
 
 def test_per_device_parts_follow_the_sharding_rule():
     cfg = ModelConfig.from_hf(LLAMA_31_8B)
-    est = memory.estimate(cfg, 65536, batch=8, mode="exact")
-    replicated = est.per_device(cfg, 8, data=8, model=1)  # rows split, weights on every device
-    assert replicated.parts["weights"] == est.parts["weights"]
-    assert replicated.parts["full cache"] == est.parts["full cache"] // 8
-    tensor = est.per_device(cfg, 8, data=1, model=8)  # 8 KV heads over 8 devices (weights: the next test)
-    assert tensor.parts["partial cache"] == est.parts["partial cache"] // 8
-    assert est.per_device(cfg, 8, data=1, model=16).parts["full cache"] == est.parts["full cache"]  # 8 KV heads
-    assert est.per_device(cfg, 3, data=2, model=1).parts["activations"] == est.parts["activations"]  # 3 rows
+
+    def per_device(batch, data, model):
+        return memory.estimate(cfg, 65536, batch=batch, mode="exact", mesh_shape=(data, model)).parts
+
+    est = per_device(8, 1, 1)
+    replicated = per_device(8, data=8, model=1)  # rows split, weights on every device
+    assert replicated["weights"] == est["weights"] and replicated["draft weights"] == est["draft weights"]
+    assert replicated["full cache"] == est["full cache"] // 8
+    tensor = per_device(8, data=1, model=8)  # 8 KV heads over 8 devices (weights: the next tests)
+    assert tensor["partial cache"] == est["partial cache"] // 8 and tensor["draft cache"] == est["draft cache"] // 8
+    assert per_device(8, data=1, model=16)["full cache"] == est["full cache"]  # 8 KV heads
+    assert per_device(3, data=3, model=1)["activations"] < per_device(3, data=1, model=1)["activations"]
+    assert per_device(3, data=2, model=1)["activations"] == per_device(3, data=1, model=1)["activations"]  # 3 rows
+    # each device of a data axis holds the layer loop's slice of one layer's weights whole
+    assert per_device(8, data=8, model=1)["activations"] > memory.layer_param_count(cfg) * 2
+
+
+def placed_elements(params, model: int) -> int:
+    """Elements of `params` on one device, read off `sharding.param_specs` (as `shard_params` places them)."""
+    from jax.sharding import PartitionSpec as P
+
+    from specpv_jax import sharding
+
+    specs = sharding.param_specs(params, SimpleNamespace(shape={"model": model}))  # only its size is read
+    specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
+    return sum(x.size // (model if "model" in spec else 1) for x, spec in zip(jax.tree.leaves(params), specs))
+
+
+@pytest.mark.parametrize("mode, model", [("eagle", 1), ("eagle", 8), ("eagle", 3), ("longspec", 8)])
+def test_draft_weights_per_device_follow_their_placement(mode, model):
+    """A head's weights are counted from its own config and split as `shard_params` places them (before: a
+    target-shaped layer with the target's vocabulary, whole on every device: 1.52 GiB per device for a
+    Qwen2.5-7B head on 1x8, where 0.16 GiB is placed)."""
+    from specpv_jax.config import DraftConfig, LongSpecConfig
+    from specpv_jax.draft import eagle3, longspec
+
+    cfg = presets.model_config("llama-3.1-8b")
+    if mode == "eagle":
+        draft_cfg, init = DraftConfig.for_target(cfg, draft_vocab_size=32000), eagle3.init_params
+    else:
+        draft_cfg, init = LongSpecConfig.for_target(cfg), longspec.init_params
+    shapes = jax.eval_shape(lambda: init(draft_cfg, jax.random.key(0)))
+    est = memory.estimate(cfg, 1024, mode=mode, dtype="bfloat16", draft_cfg=draft_cfg, mesh_shape=(1, model))
+    assert est.parts["draft weights"] == 2 * placed_elements(shapes, model)
+    if model == 8:  # the MLP, projections and LM head split 8 ways; norms and the EAGLE-3 head's fc whole
+        assert est.parts["draft weights"] < memory.estimate(cfg, 1024, mode=mode, draft_cfg=draft_cfg).parts[
+            "draft weights"] / 4
 
 
 def test_longspec_draft_cache_is_constant():
@@ -144,21 +185,16 @@ def test_plan_prints_every_mode_for_llama_8b_shapes(tmp_path, capsys):
     assert {row[-1] for row in rows.values()} == {"unknown"}  # the CPU backend reports no memory limit
 
 
-@pytest.mark.parametrize("name, model", [("llama-3.1-8b", 3), ("llama-3.1-8b", 8), ("qwen3-8b", 6)])
+@pytest.mark.parametrize("name, model", [("llama-3.1-8b", 3), ("llama-3.1-8b", 8), ("qwen3-8b", 6),
+                                         ("qwen2.5-7b", 7)])
 def test_weights_per_device_follow_their_placement(name, model):
     """A model axis that does not divide a weight leaves it whole on every device: Llama-3.1-8B over 3 devices
-    splits only its LM head (vocabulary 128256), 14.31 of 14.96 GiB stay on each."""
-    from jax.sharding import PartitionSpec as P
-
-    from specpv_jax import sharding
-
+    splits only its LM head (vocabulary 128256), 14.31 of 14.96 GiB stay on each; Qwen2.5-7B's 7 devices split
+    its 3584-wide projections but not its 512-wide K/V ones."""
     cfg = presets.model_config(name)
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    specs = sharding.param_specs(shapes, SimpleNamespace(shape={"model": model}))  # only its size is read
-    specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
-    placed = sum(x.size // (model if "model" in spec else 1) for x, spec in zip(jax.tree.leaves(shapes), specs))
-    est = memory.estimate(cfg, 1024, mode="ar", dtype="bfloat16").per_device(cfg, 1, 1, model)
-    assert est.parts["weights"] == 2 * placed
+    est = memory.estimate(cfg, 1024, mode="ar", dtype="bfloat16", mesh_shape=(1, model))
+    assert est.parts["weights"] == 2 * placed_elements(shapes, model)
 
 
 def test_plan_per_device_of_a_mesh(capsys):
@@ -199,7 +235,7 @@ def test_plan_takes_a_preset_name(capsys):
     assert main(["plan", "--model", "qwen3-8b", "--context", "32768"]) == 0
     assert "qwen3, 36 layers x 4096, 8.19 B params" in capsys.readouterr().out
     assert main(["plan", "--model", "llama-8b", "--context", "1024"]) != 0
-    assert "llama-8b is neither a model directory nor a preset (llama-3.1-8b, qwen3-8b)" in capsys.readouterr().err
+    assert "llama-8b is neither a model directory nor a preset (llama-3.1-8b, qwen3-8b, qwen2.5-7b)" in capsys.readouterr().err
 
 
 def test_plan_takes_spec_fields(capsys):

@@ -41,17 +41,6 @@ def draft_vocabulary(token_docs: list[np.ndarray], vocab_size: int, draft_vocab_
     return np.sort(top).astype(np.int32)
 
 
-def head_config(target: ModelConfig, draft_vocab_size: int) -> DraftConfig:
-    """A head shaped like one target layer, with EAGLE-3's feature layers."""
-    return DraftConfig(hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
-                       num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
-                       vocab_size=target.vocab_size, draft_vocab_size=draft_vocab_size,
-                       target_hidden_size=target.hidden_size,
-                       feature_layers=DraftConfig.default_feature_layers(target.num_layers),
-                       max_position_embeddings=target.max_position_embeddings, rms_norm_eps=target.rms_norm_eps,
-                       rope=target.rope)
-
-
 def _shift(x: jax.Array, by: int) -> jax.Array:
     """x[:, i + by] at slot i, zero-padded past the end (axis 1)."""
     if by == 0:
@@ -143,7 +132,7 @@ def yarn_config(dcfg: DraftConfig, trained_length: int, context: int) -> DraftCo
 
 def new_head(target_cfg: ModelConfig, draft_ids: np.ndarray, seed: int = 0) -> eagle3.Eagle3:
     """A randomly initialised head for `target_cfg` whose draft vocabulary is `draft_ids` (sorted target ids)."""
-    dcfg = head_config(target_cfg, int(np.asarray(draft_ids).size))
+    dcfg = DraftConfig.for_target(target_cfg, int(np.asarray(draft_ids).size))
     return eagle3.Eagle3(dcfg, eagle3.init_params(dcfg, jax.random.key(seed)),
                          jnp.asarray(eagle3.d2t_from_token_ids(draft_ids)), source="trained")
 
