@@ -235,7 +235,8 @@ def test_plan_takes_a_preset_name(capsys):
     assert main(["plan", "--model", "qwen3-8b", "--context", "32768"]) == 0
     assert "qwen3, 36 layers x 4096, 8.19 B params" in capsys.readouterr().out
     assert main(["plan", "--model", "llama-8b", "--context", "1024"]) != 0
-    assert "llama-8b is neither a model directory nor a preset (llama-3.1-8b, qwen3-8b, qwen2.5-7b)" in capsys.readouterr().err
+    assert ("llama-8b is neither a model directory nor a preset (llama-3.1-8b, qwen3-8b, qwen2.5-7b)"
+            in capsys.readouterr().err)
 
 
 def test_plan_takes_spec_fields(capsys):
