@@ -1,8 +1,9 @@
 """Tensor- and batch-parallel placement: a ("data", "model") device mesh and partition specs.
 
 Attention projections are split over heads and the MLP over its hidden units
-along "model" (Megatron-style column/row splits), the LM head over the
-vocabulary; prompts and caches are split over rows along "data" and over KV
+along "model" (Megatron-style column/row splits), the token embedding and the
+LM head over the vocabulary (a lookup in the split table costs one all-reduce
+of the looked-up rows); prompts and caches are split over rows along "data" and over KV
 heads along "model". An axis is split only where the mesh divides it; other
 arrays are replicated. XLA's SPMD partitioner then runs the same jitted loop
 on every device, so sharded generation gives the same tokens as one device.
@@ -35,6 +36,7 @@ _MODEL_AXIS = {
     ("o_proj", "kernel"): -2,
     ("gate_proj", "kernel"): -1, ("up_proj", "kernel"): -1, ("down_proj", "kernel"): -2,
     ("lm_head", "kernel"): -1,  # [H, V]
+    ("embed_tokens", "embedding"): -2,  # [V, H]
 }
 
 

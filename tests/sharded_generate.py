@@ -21,6 +21,7 @@ import pallas_kernels
 import specpv_jax as sj
 from convert.hf import _to_param_on_device, export_hf
 from specpv_jax import host, memory, sharding
+from specpv_jax.model import init_params
 from specpv_jax.sharding import make_mesh
 
 
@@ -37,6 +38,20 @@ def pallas_per_shard(one) -> None:
     np.testing.assert_array_equal(pallas.tokens, xla.tokens)
     assert seen == {(1, 2)}, seen  # (rows, query heads) of one shard: 2 rows / 2 data, 8 heads / 4 model
     print("pallas 2x4: same tokens", flush=True)
+
+
+def tied_embedding_split(prompts, one) -> None:
+    """A tied target's embedding, also its LM head, is split over the vocabulary on 1x8: one-device tokens."""
+    cfg = dataclasses.replace(make_target(32, layers=2, heads=8).cfg, tie_word_embeddings=True)
+    params = init_params(cfg, jax.random.key(3))
+    params["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"] * 40  # clear argmax margins
+    expected = sj.generate(sj.Model(cfg, params), prompts, 16, mesh=one, eos_token_ids=(5,))
+    placed = sj.Model(cfg, sharding.shard_params(params, make_mesh(1, 8)))
+    assert placed.params["embed_tokens"]["embedding"].addressable_shards[0].data.shape == (4, 64)
+    with jax.transfer_guard("disallow"):
+        out = sj.generate(placed, prompts, 16, eos_token_ids=(5,))
+    np.testing.assert_array_equal(out.tokens, expected.tokens)
+    print("tied 1x8: same tokens", flush=True)
 
 
 def loaded_on_mesh(target, head, prompts, spec, expected) -> None:
@@ -136,6 +151,7 @@ def main() -> None:
     if every:
         pallas_per_shard(one)
     loaded_on_mesh(target, head, prompts, spec, expected["exact"])
+    tied_embedding_split(prompts, one)
     accelerator_conversion_on_mesh()
     caches_created_in_shards()
     # More than one device and no mesh: sharded by default (2 x 4: 4 KV heads); chunked prefill and host callbacks

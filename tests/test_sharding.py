@@ -31,17 +31,18 @@ def _sharded_generate(*args: str) -> str:
 
 
 def test_sharded_generate_matches_one_device():
-    """ar and exact on a 2x4 mesh; the default mesh with chunked prefill and streaming (eagle and the Pallas
-    kernel per shard: the slow test)."""
+    """ar and exact on a 2x4 mesh; a tied target on 1x8; the default mesh with chunked prefill and streaming
+    (eagle and the Pallas kernel per shard: the slow test)."""
     out = _sharded_generate()
     assert [line for line in out.splitlines() if "same tokens" in line] == [
-        f"{mode} 2x4: same tokens" for mode in ("ar", "exact")] + ["loaded on 2x4: same tokens"]
+        f"{mode} 2x4: same tokens" for mode in ("ar", "exact")] + ["loaded on 2x4: same tokens",
+                                                                  "tied 1x8: same tokens"]
 
 
 @pytest.mark.slow
 def test_sharded_generate_matches_one_device_on_every_mesh():
     """ar, eagle and exact on each of 1x8, 2x4 and 8x1; ar with the Pallas kernel per shard on 2x4."""
-    assert _sharded_generate("--every-mesh").count("same tokens") == 11
+    assert _sharded_generate("--every-mesh").count("same tokens") == 12
 
 
 def test_two_processes_load_generate_and_save_as_one(tmp_path):
@@ -97,7 +98,7 @@ def test_param_specs_split_heads_and_mlp_where_the_mesh_divides():
     attn, mlp = specs["layers"]["self_attn"], specs["layers"]["mlp"]
     assert attn["q_proj"]["kernel"] == P(None, None, "model") and attn["o_proj"]["kernel"] == P(None, "model", None)
     assert mlp["down_proj"]["kernel"] == P(None, "model", None) and specs["lm_head"]["kernel"] == P(None, "model")
-    assert specs["embed_tokens"]["embedding"] == P(None, None)
+    assert specs["embed_tokens"]["embedding"] == P("model", None)  # [V, H]: over the vocabulary, as the LM head
     with pytest.raises(ValueError, match="a 3 x 1 mesh needs 3 devices, 1 given"):
         make_mesh(3, 1, devices=jax.devices()[:1])
 
