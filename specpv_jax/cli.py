@@ -374,6 +374,8 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from specpv_jax.presets import HF_CONFIGS
+
     p = argparse.ArgumentParser(prog="specpv-jax", description="Long-context speculative decoding in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpWithDefaults)
@@ -413,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="device and host memory of each mode, before loading anything")
     pl.add_argument("--model", required=True, help="HF directory or orbax checkpoint (only its config is read), "
-                    "or a preset: llama-3.1-8b, qwen3-8b")
+                    f"or a preset: {', '.join(HF_CONFIGS)}")
     pl.add_argument("--context", type=at_least(1), required=True, help="prompt tokens")
     pl.add_argument("--new-tokens", type=at_least(1), default=256, help="tokens to generate")
     pl.add_argument("--batch", type=at_least(1), default=1, help="prompts per call")
