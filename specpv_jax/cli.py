@@ -140,7 +140,7 @@ def _cmd_plan(args) -> int:
     from specpv_jax.sharding import default_shape
 
     spec = parse_spec(args.spec)
-    Sampler.create(args.temperature, args.top_p)  # checks them
+    Sampler.create(args.temperature, args.top_p, args.top_k)  # checks them
     cfg = _model_config(args.model)
     if args.context + args.new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"--context {args.context} + --new-tokens {args.new_tokens} exceed the model's "
@@ -161,7 +161,7 @@ def _cmd_plan(args) -> int:
         if mode == "specextend" and draft is None:
             continue
         sizes = dict(draft_cfg=draft if mode == "specextend" else None, temperature=args.temperature,
-                     top_p=args.top_p)
+                     top_p=args.top_p, top_k=args.top_k)
         est = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
                               dataclasses.replace(spec, offload=False), args.dtype, mesh_shape=(data, model), **sizes)
         fits = "unknown" if limit is None else "yes" if est.total <= limit else "no"
@@ -188,7 +188,7 @@ def _cmd_generate(args) -> int:
 
     # All that can be checked is checked before the (long) loads of the weights.
     spec = parse_spec(args.spec)
-    Sampler.create(args.temperature, args.top_p)
+    Sampler.create(args.temperature, args.top_p, args.top_k)
     check_seed(args.seed)
     if args.mode != "ar" and not args.draft:
         raise ValueError(f"--mode {args.mode} needs --draft DIR")
@@ -212,7 +212,8 @@ def _cmd_generate(args) -> int:
     draft = loading.load_draft(args.draft, model) if args.draft else None
     stream = None if args.no_stream else text.TextStream(tokenizer)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, mode=args.mode, draft=draft,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, spec=spec, stream=stream)
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, spec=spec,
+                   stream=stream)
     if stream is None:
         print(text.decode(tokenizer, out.tokens[0, : out.lengths[0]].tolist()))
     else:
@@ -402,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the weights and caches are loaded in")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--chat-option", action="append", metavar="NAME=VALUE",
@@ -424,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--small-draft", help="small draft model directory (adds the specextend row)")
     pl.add_argument("--temperature", type=float, default=0.0, help="sampling holds more per step than greedy")
     pl.add_argument("--top-p", type=float, default=1.0, help="below 1, nucleus sampling's buffers")
+    pl.add_argument("--top-k", type=int, default=0, help="above 0, top-k sampling's buffers (as --top-p's)")
     _add_mesh_argument(pl, "device mesh to plan for, per device")
     _add_spec_argument(pl)
     pl.set_defaults(run=_cmd_plan)

@@ -185,7 +185,7 @@ def draft_vocab_size(target_cfg: ModelConfig, dcfg: Any) -> int:
 
 
 def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecConfig | None, max_new_tokens,
-                    temperature, top_p, prefill_chunk, attention: str) -> tuple[SpecConfig, Sampler]:
+                    temperature, top_p, top_k, prefill_chunk, attention: str) -> tuple[SpecConfig, Sampler]:
     """Raises naming the first setting `generate` / `make_generate_fn` cannot run with; returns the SpecConfig
     and the Sampler."""
     _check_mode(mode)
@@ -194,9 +194,10 @@ def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecCon
         raise TypeError(f"spec must be a SpecConfig, got {type(spec).__name__}")
     _positive_int("max_new_tokens", max_new_tokens)
     _positive_int("prefill_chunk", prefill_chunk)
-    sampler = Sampler.create(temperature, top_p)
-    if sampler.greedy and top_p < 1:
-        warn(f"top_p={top_p} has no effect with temperature=0 (greedy decoding)")
+    sampler = Sampler.create(temperature, top_p, top_k)
+    for name, value, default in (("top_p", top_p, 1), ("top_k", top_k, 0)):
+        if sampler.greedy and value != default:
+            warn(f"{name}={value} has no effect with temperature=0 (greedy decoding)")
     resolve_implementation(attention)
     _check_offload(spec, mode)
     if mode != "ar":
@@ -206,9 +207,10 @@ def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecCon
 
 @under_defaults
 def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft: Any = None, mode: str = "ar",
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, spec: SpecConfig | None = None,
-             attention_mask: Any = None, eos_token_ids: int | tuple[int, ...] | None = None,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "auto",
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+             spec: SpecConfig | None = None, attention_mask: Any = None,
+             eos_token_ids: int | tuple[int, ...] | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+             attention: str = "auto",
              stream: Callable[[list[np.ndarray]], None] | None = None, mesh: Any = None,
              progress: bool | None = None) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens after each prompt.
@@ -221,7 +223,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     "specextend" (Cross-model Retrieval, lossless); with a LongSpec draft: "longspec"
     (constant-memory draft, lossless; `longspec.LONGSPEC_TREE` is the paper's tree). Rows stop at any of
     `eos_token_ids` (default: the model's EOS ids; `()` never stops).
-    temperature: 0 for greedy decoding, else sampling (top_p < 1: nucleus) with PRNG `seed`.
+    temperature: 0 for greedy decoding, else sampling with PRNG `seed`, from the `top_k` most likely tokens
+    (0: all) and of those the smallest set whose mass reaches `top_p` (1: all), as transformers' warpers.
     spec: the tree and partial-cache settings of the speculative modes (default `SpecConfig()`).
     attention: "auto" (Pallas kernels on GPU, XLA elsewhere), "xla" or "pallas".
     prefill_chunk: prompt tokens per prefill pass (bounds the activations of long prompts).
@@ -239,7 +242,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     _check_draft(draft, mode)
     draft = None if mode == "ar" else draft  # "ar" ignores a draft
     spec, sampler = _check_settings(target.cfg, mode, getattr(draft, "cfg", None), spec, max_new_tokens,
-                                    temperature, top_p, prefill_chunk, attention)
+                                    temperature, top_p, top_k, prefill_chunk, attention)
     check_seed(seed)
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")
@@ -252,7 +255,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     progress = chunks >= PROGRESS_CHUNKS if progress is None else bool(progress)
     run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, batch.ids.shape[1],
                          chunk, attention, stream is not None, progress)
-    _check_memory(target, draft, batch, max_new_tokens, mode, spec, chunk, temperature, top_p, mesh)
+    _check_memory(target, draft, batch, max_new_tokens, mode, spec, chunk, (temperature, top_p, top_k), mesh)
     params, draft_params = target.params, draft.params if draft is not None else None
     d2t = draft.d2t if draft is not None else None
     # Every transfer explicit (here and the result's), as a caller's `jax.transfer_guard("disallow")` requires.
@@ -309,15 +312,15 @@ def _call_mesh(target: Model, mesh: Any, spec: SpecConfig) -> Any:
 
 
 def _check_memory(target: Model, draft: Any, batch: prompts.PromptBatch, max_new_tokens: int, mode: str,
-                  spec: SpecConfig, chunk: int, temperature: float, top_p: float, mesh: Any) -> None:
+                  spec: SpecConfig, chunk: int, sampling: tuple[float, float, int], mesh: Any) -> None:
     """Refuses a call whose estimated peak does not fit one device's memory, before allocating anything
     (nothing to check where the backend reports no limit)."""
     limit = memory.device_bytes_limit()
     if limit is None:
         return
     est = memory.estimate(target.cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
-                          None if draft is None else draft.cfg, chunk, temperature, top_p,
-                          (1, 1) if mesh is None else (mesh.shape["data"], mesh.shape["model"]))
+                          None if draft is None else draft.cfg, chunk, *sampling,
+                          mesh_shape=(1, 1) if mesh is None else (mesh.shape["data"], mesh.shape["model"]))
     memory.check_fits(est, limit, spec.offload)
 
 
@@ -440,8 +443,8 @@ def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t,
 
 def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None, *, mode: str = "ar",
                      draft_cfg=None, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                     eos_token_ids: int | tuple[int, ...] | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                     attention: str = "auto"):
+                     top_k: int = 0, eos_token_ids: int | tuple[int, ...] | None = None,
+                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "auto"):
     """A pure, jittable `generate_fn(params, draft_params, ids, key) -> (tokens [B, max_new_tokens], lengths [B])`.
 
     For research code that jits (or vmaps) generation itself. ids: `[B, T]`
@@ -467,7 +470,7 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
     if mode != "ar" and draft_cfg is None:
         raise ValueError(f"mode {mode!r} needs draft_cfg (the draft's config: draft.cfg)")
     spec, sampler = _check_settings(target_cfg, mode, draft_cfg, spec_cfg, max_new_tokens, temperature, top_p,
-                                    prefill_chunk, attention)
+                                    top_k, prefill_chunk, attention)
     if spec.offload:
         raise NotImplementedError("SpecConfig(offload=True) needs generate (it allocates the cache in host memory "
                                   "outside jit); make_generate_fn keeps the cache on the device")

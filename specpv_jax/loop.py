@@ -22,8 +22,8 @@ from specpv_jax.config import DraftConfig, LongSpecConfig, ModelConfig, SpecConf
 class Run:
     """The static settings of one generate call; hashable, so it keys the compiled loop.
 
-    Per-call values are arguments of the compiled functions instead: the `Sampler`'s temperature and top_p,
-    the EOS ids (a bucketed length) and the row limit.
+    Per-call values are arguments of the compiled functions instead: the `Sampler`'s temperature, top_p and
+    top_k, the EOS ids (a bucketed length) and the row limit.
 
     mode: the generate mode; out_slots: output slots per row (max_new_tokens rounded
     up to a bucket, so nearby lengths share one compiled loop; the exact limit is

@@ -128,14 +128,15 @@ class Estimate:
 def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int = 1, mode: str = "ar",
              spec: SpecConfig | None = None, dtype: str = "bfloat16",
              draft_cfg: ModelConfig | DraftConfig | LongSpecConfig | None = None, prefill_chunk: int = 512,
-             temperature: float = 0.0, top_p: float = 1.0, mesh_shape: tuple[int, int] = (1, 1)) -> Estimate:
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             mesh_shape: tuple[int, int] = (1, 1)) -> Estimate:
     """Memory a `generate` call of `batch` prompts of `context` tokens needs, by part; on a `(data, model)`
     mesh (`mesh_shape`), what one device of it holds.
 
     draft_cfg: the draft's config: the small draft's for "specextend" (required), the EAGLE-3 head's for
     the EAGLE-3 modes (default `DraftConfig.for_target` with the target's vocabulary), the LongSpec draft's
     for "longspec" (default `LongSpecConfig.for_target`). Sampling (`temperature` > 0) holds probabilities
-    beside the logits, `top_p` < 1 also their sorted copy and order.
+    beside the logits, a top-p or top-k filter (`top_p` < 1, `top_k` > 0) also their sorted copy and order.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
@@ -189,7 +190,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     prefix_tile = cfg.num_kv_heads * group_rows * read_block(allocated_slots(slots), group_rows)
     scores = 2 * batch * (cfg.num_heads * t ** 2 + prefix_tile) * 4
     attention_io = 4 * batch * t * cfg.num_heads * cfg.head_dim * 4  # queries, grouped copy, float32 output sums
-    logit_buffers = 1 if temperature == 0 else 5 if top_p < 1 else 3  # measured: 1, 2.1 and 4.2 (XLA CPU)
+    logit_buffers = 1 if temperature == 0 else 5 if top_p < 1 or top_k > 0 else 3  # measured: 1, 2.1, 4.2 (XLA CPU)
     # A draft level's logits and log-probabilities over its widest frontier (a beam tree's is tree_top_k**2)
     draft_rows = 0 if mode == "ar" else 2 * max(frontier_widths(spec.tree_top_k, spec.tree_depth, spec.tree_beam),
                                                 default=spec.tree_top_k)

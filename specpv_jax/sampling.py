@@ -1,4 +1,4 @@
-"""Token selection: greedy, or temperature + nucleus (top-p) sampling."""
+"""Token selection: greedy, or temperature sampling with optional top-k and nucleus (top-p) filters."""
 
 from __future__ import annotations
 
@@ -10,39 +10,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+NO_TOP_K = np.iinfo(np.int32).max  # `top_k` of a Sampler that keeps every token
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["temperature", "top_p"],
-                   meta_fields=["greedy", "nucleus"])
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["temperature", "top_p", "top_k"],
+                   meta_fields=["greedy", "filtered"])
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """How tokens are chosen: the argmax when `greedy`, else a draw at `temperature` from the smallest set of
-    most likely tokens whose mass reaches `top_p` (only when `nucleus`).
+    """How tokens are chosen: the argmax when `greedy`, else a draw at `temperature` from the `top_k` most
+    likely tokens and, of those, the smallest set whose mass reaches `top_p` (as transformers' top-k then
+    top-p warpers; `filtered` when either applies).
 
-    A pytree: temperature and top_p are float32 leaves, so a jitted loop taking a Sampler compiles once for
-    every value; greedy and nucleus are static. Build one with `Sampler.create`.
+    A pytree: temperature, top_p and top_k are leaves, so a jitted loop taking a Sampler compiles once for
+    every value; greedy and filtered are static. Build one with `Sampler.create`.
     """
 
     temperature: Any
     top_p: Any
+    top_k: Any
     greedy: bool
-    nucleus: bool
+    filtered: bool
 
     @classmethod
-    def create(cls, temperature: float = 0.0, top_p: float = 1.0) -> "Sampler":
-        """Checks the settings; temperature 0 means greedy."""
+    def create(cls, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> "Sampler":
+        """Checks the settings; temperature 0 means greedy, top_k 0 keeps every token."""
         for name, value in (("temperature", temperature), ("top_p", top_p)):
             if np.ndim(value) != 0 or np.asarray(value).dtype.kind not in "iuf":  # not str, bool, None
                 raise TypeError(f"{name} must be a number, got {value!r}")
-        temperature, top_p = float(temperature), float(top_p)
+        if np.ndim(top_k) != 0 or np.asarray(top_k).dtype.kind not in "iu":
+            raise TypeError(f"top_k must be an integer (0: no top-k filter), got {top_k!r}")
+        temperature, top_p, top_k = float(temperature), float(top_p), int(top_k)
         if not 0 <= temperature <= float(np.finfo(np.float32).max):  # float32 is what the loop computes in
             raise ValueError(f"temperature must be finite in float32 (at most 3.4e38) and >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if not 0 <= top_k <= NO_TOP_K:
+            raise ValueError(f"top_k must be >= 0 (0: no top-k filter) and fit int32, got {top_k}")
         top_p = np.float32(top_p)  # a top_p that rounds to 1 keeps every token: no nucleus filter
         # At least float32's smallest normal number: a tiny temperature then samples the argmax instead of
         # overflowing (or, flushed to zero, dividing by zero) into NaN.
         return cls(np.float32(max(temperature, float(np.finfo(np.float32).tiny))), top_p,
-                   greedy=temperature == 0, nucleus=bool(top_p < 1) and temperature > 0)
+                   np.int32(top_k or NO_TOP_K), greedy=temperature == 0,
+                   filtered=bool(top_p < 1 or top_k > 0) and temperature > 0)
 
     def probs(self, logits: jax.Array) -> jax.Array:
         """The distribution tokens are drawn from, `[..., V]` float32 (one-hot at argmax when greedy)."""
@@ -50,8 +59,8 @@ class Sampler:
         if self.greedy:
             return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
         p = jax.nn.softmax((logits - logits.max(-1, keepdims=True)) / self.temperature, axis=-1)
-        if self.nucleus:
-            p = _top_p_filter(p, self.top_p)
+        if self.filtered:
+            p = _top_k_top_p_filter(p, self.top_k, self.top_p)
         return p
 
     def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
@@ -66,12 +75,16 @@ def sample_from(probs: jax.Array, key: jax.Array) -> jax.Array:
     return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
-def _top_p_filter(p: jax.Array, top_p: float) -> jax.Array:
-    """Keeps the smallest set of most likely tokens whose mass reaches top_p; renormalises."""
+def _top_k_top_p_filter(p: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keeps the tokens at least as likely as the `top_k`-th (ties at the edge stay, as in transformers), then
+    of those the smallest set of most likely ones whose mass (within them) reaches `top_p`; renormalises."""
     order = jnp.argsort(-p, axis=-1)
     sorted_p = jnp.take_along_axis(p, order, axis=-1)
-    mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
-    keep_sorted = (mass_before < top_p).at[..., 0].set(True)  # the likeliest stays (a tiny top_p is 0 in float32)
+    kth = jnp.take(sorted_p, jnp.minimum(top_k, p.shape[-1]) - 1, axis=-1)[..., None]
+    in_top_k = sorted_p >= kth  # a prefix of the sorted tokens
+    sorted_p = jnp.where(in_top_k, sorted_p, 0.0)
+    mass_before = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) / sorted_p.sum(-1, keepdims=True)
+    keep_sorted = (in_top_k & (mass_before < top_p)).at[..., 0].set(True)  # a tiny top_p is 0 in float32
     keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
     p = jnp.where(keep, p, 0.0)
     return p / p.sum(-1, keepdims=True)

@@ -118,9 +118,11 @@ def test_long_accepted_paths_commit_correctly(small_vocab, monkeypatch):
     assert eg.stats["mean_accept_len"] > 5.5  # depth 5 + the bonus token, but for the last step
 
 
-@pytest.mark.parametrize("temperature, top_p", [pytest.param(1.0, 1.0, marks=pytest.mark.slow), (0.7, 0.9)])
-def test_sampling_is_lossless(temperature, top_p):
-    """The joint law of the first three new tokens under `eagle` equals the target's, exactly."""
+@pytest.mark.parametrize("temperature, top_p, top_k", [pytest.param(1.0, 1.0, 0, marks=pytest.mark.slow),
+                                                       (0.7, 0.9, 5)])
+def test_sampling_is_lossless(temperature, top_p, top_k):
+    """The joint law of the first three new tokens under `eagle` equals the target's, exactly (top-k and top-p
+    filtered: the target's filtered law)."""
     vocab = 8
     target = make_target(vocab, seed=3, layers=3, sharpen=1.0)  # 3 layers: the head reads three distinct ones
     head = make_head(target, draft_vocab=6, seed=4)
@@ -128,9 +130,14 @@ def test_sampling_is_lossless(temperature, top_p):
     rows = 4096
     spec = SpecConfig(tree_depth=2, tree_top_k=5, tree_nodes=10)
     out = sj.generate(target, [prompt] * rows, 3, draft=head, mode="eagle", spec=spec, temperature=temperature,
-                      top_p=top_p, seed=11, eos_token_ids=())
+                      top_p=top_p, top_k=top_k, seed=11, eos_token_ids=())
     assert out.stats["mean_accept_len"] > 1.3  # drafted tokens are being accepted, so rejection is exercised
     cells = three_token_cells(out.tokens, vocab)
-    assert chi_square_pvalue(cells, three_token_law(target, prompt, Sampler.create(temperature, top_p))) > 1e-3
-    # The same test has power: the law at another temperature is rejected.
-    assert chi_square_pvalue(cells, three_token_law(target, prompt, Sampler.create(temperature * 1.5, top_p))) < 1e-3
+    law = three_token_law(target, prompt, Sampler.create(temperature, top_p, top_k))
+    assert chi_square_pvalue(cells, law) > 1e-3
+    # The same test has power: the law at another temperature is rejected, and so is the unfiltered one.
+    assert chi_square_pvalue(cells, three_token_law(target, prompt, Sampler.create(temperature * 1.5, top_p, top_k))) \
+        < 1e-3
+    if top_k:
+        assert chi_square_pvalue(cells, three_token_law(target, prompt, Sampler.create(temperature, top_p))) < 1e-3
+        assert (law == 0).any()  # the filters leave tokens out

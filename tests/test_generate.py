@@ -62,6 +62,14 @@ def test_bad_modes_and_sampling_parameters(target):
             sj.generate(target, [5, 6], temperature=bad)
     with pytest.raises(TypeError, match="top_p must be a number"):
         sj.generate(target, [5, 6], temperature=1.0, top_p="0.9")
+    for bad in (2.0, True, "5", None):
+        with pytest.raises(TypeError, match=r"top_k must be an integer \(0: no top-k filter\)"):
+            sj.generate(target, [5, 6], temperature=1.0, top_k=bad)
+    for bad in (-1, 2 ** 31):
+        with pytest.raises(ValueError, match="top_k must be >= 0"):
+            sj.generate(target, [5, 6], temperature=1.0, top_k=bad)
+    with pytest.warns(UserWarning, match=r"top_k=5 has no effect with temperature=0 \(greedy decoding\)"):
+        sj.generate(target, [5, 6], 2, top_k=5)
 
 
 @pytest.mark.parametrize("eos", ["</s>", 2 ** 40, -5, 160, True, 5.0, [3, "4"]])
@@ -227,22 +235,26 @@ def test_sampled_first_token_follows_the_model(target, temperature, top_p):
 
 
 def test_new_sampling_values_and_eos_ids_compile_nothing(target):
-    """Temperature, top_p and the EOS ids are arguments of the compiled loop, not part of its key: a research
-    sweep over them compiles once (at 8B, a compile takes minutes). Only greedy vs sampling and top_p < 1 vs 1
-    are static."""
+    """Temperature, top_p, top_k and the EOS ids are arguments of the compiled loop, not part of its key: a
+    research sweep over them compiles once (at 8B, a compile takes minutes). Only greedy vs sampling and
+    filtered (top_p < 1 or top_k > 0) vs not are static."""
     from specpv_jax import host
 
     rows = [[5, 9, 11, 3, 17]] * 64
 
-    def first_tokens(temperature, top_p=0.9, eos=(3,)):
-        return sj.generate(target, rows, 4, temperature=temperature, top_p=top_p, seed=0, eos_token_ids=eos).tokens
+    def first_tokens(temperature, top_p=0.9, eos=(3,), top_k=0):
+        return sj.generate(target, rows, 4, temperature=temperature, top_p=top_p, top_k=top_k, seed=0,
+                           eos_token_ids=eos).tokens
 
     first_tokens(0.7)
     compiled = set(host._EXECUTABLES)
     cold, hot = first_tokens(1e-3, 0.8, (4, 9)), first_tokens(50.0, 0.99, (2, 9, 11, 12, 13, 14, 15))
+    top2, top1 = first_tokens(50.0, 1.0, top_k=2), first_tokens(50.0, 1.0, top_k=1)
     assert set(host._EXECUTABLES) == compiled
-    # The values are used, not frozen at the first call's: near 0 every row takes the argmax, at 50 they spread.
+    # The values are used, not frozen at the first call's: near 0 every row takes the argmax, at 50 they spread,
+    # over two tokens with top_k 2, none with top_k 1.
     assert len(set(cold[:, 0])) == 1 and len(set(hot[:, 0])) > 10
+    assert len(set(top2[:, 0])) == 2 and set(top1[:, 0]) == set(cold[:, 0])
 
 
 def test_the_progress_bar_recompiles_prefill_only(target):
@@ -259,10 +271,25 @@ def test_top_p_keeps_smallest_nucleus():
     np.testing.assert_allclose(np.asarray(p), [0.625, 0.375, 0, 0], atol=1e-6)
 
 
+def test_top_k_keeps_ties_at_its_edge_then_top_p_applies_within():
+    logits = np.log(np.array([0.4, 0.2, 0.2, 0.1, 0.06, 0.04], np.float32))
+    np.testing.assert_allclose(np.asarray(Sampler.create(1.0, top_k=2).probs(logits)), [0.5, 0.25, 0.25, 0, 0, 0],
+                               atol=1e-6)  # the 2nd and 3rd tie: both stay, as in transformers
+    # top-p's mass is taken within the top-k tokens: the likeliest holds 0.4 of all, 0.4 / 0.9 of the top 4
+    np.testing.assert_allclose(np.asarray(Sampler.create(1.0, 0.42).probs(logits)), [2 / 3, 1 / 3, 0, 0, 0, 0],
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(Sampler.create(1.0, 0.42, top_k=4).probs(logits)), [1, 0, 0, 0, 0, 0],
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(Sampler.create(1.0, top_k=6).probs(logits)), np.exp(logits), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(Sampler.create(1.0, top_k=1).probs(np.stack([logits, logits[::-1]]))),
+                               [[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]], atol=1e-6)
+    assert not Sampler.create(0.0, top_k=3).filtered and Sampler.create(1.0, top_k=10 ** 6).filtered
+
+
 def test_top_p_that_rounds_to_one_filters_nothing():
     """float32 holds no number between 1 - 6e-8 and 1: such a top_p keeps every token, without the nucleus's sort
     (and its own compiled loop)."""
-    assert not Sampler.create(1.0, 1 - 1e-9).nucleus and Sampler.create(1.0, 1 - 1e-7).nucleus
+    assert not Sampler.create(1.0, 1 - 1e-9).filtered and Sampler.create(1.0, 1 - 1e-7).filtered
 
 
 def test_bucket_lengths():

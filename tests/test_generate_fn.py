@@ -32,13 +32,13 @@ def test_jitted_generate_fn_equals_generate(mode):
 @pytest.mark.parametrize("mode", ["ar", "exact"])
 def test_vmap_over_keys_draws_independent_samples(mode):
     """Each vmapped sample equals its own call; in exact mode the verification branches (`run_if`) then run
-    for every sample that needs them, with a batched condition."""
+    for every sample that needs them, with a batched condition (ar: from the 16 likeliest tokens)."""
     target = make_target(64, seed=4, layers=2, sharpen=0.5)
     head = make_head(target, seed=3)
     ids = np.random.default_rng(0).integers(0, 64, (1, 300 if mode == "exact" else 10)).astype(np.int32)
     spec = dataclasses.replace(SPEC, bounded_draft=True)
     fn = sj.make_generate_fn(target.cfg, spec, mode=mode, draft_cfg=head.cfg, max_new_tokens=16, temperature=1.0,
-                             eos_token_ids=())
+                             top_k=16 if mode == "ar" else 0, eos_token_ids=())
     draft = {"params": head.params, "d2t": head.d2t}
     keys = jax.random.split(jax.random.key(1), 3)
     tokens, _ = jax.jit(jax.vmap(fn, in_axes=(None, None, None, 0)))(target.params, draft, ids, keys)
@@ -59,7 +59,8 @@ def test_make_generate_fn_checks_its_settings():
     with pytest.raises(ValueError, match="modes"):
         sj.make_generate_fn(target.cfg, mode="medusa")
     for setting, message in [({"max_new_tokens": 0}, "max_new_tokens"), ({"prefill_chunk": 0}, "prefill_chunk"),
-                             ({"temperature": -1.0}, "temperature"), ({"attention": "bogus"}, "bogus"),
+                             ({"temperature": -1.0}, "temperature"), ({"top_k": -1}, "top_k"),
+                             ({"attention": "bogus"}, "bogus"),
                              ({"eos_token_ids": 64}, "eos_token_ids"),
                              ({"mode": "eagle", "draft_cfg": target.cfg}, "needs the config of an EAGLE-3 head"),
                              ({"mode": "eagle", "draft_cfg": misfit},

@@ -87,3 +87,22 @@ def test_bfloat16_close_to_float32(hf_model):
     assert got.dtype == np.float32 and np.isfinite(got).all()
     assert np.abs(got - f32).max() < 0.1 * np.abs(f32).max()
     assert (got.argmax(-1) == f32.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(0.7, 1.0, 20), (1.3, 0.8, 0), (0.6, 0.95, 20), (1.0, 0.3, 3)])
+def test_sampling_filters_match_transformers_warpers(temperature, top_p, top_k):
+    """The distribution a Sampler draws from is transformers' (temperature, then top-k, then top-p warpers)."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    from specpv_jax.sampling import Sampler
+
+    logits = np.random.default_rng(3).normal(0, 3, (6, 1000)).astype(np.float32)
+    logits[:, 10:14] = logits[:, :1] + 1  # ties among the likeliest tokens
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] +
+                                  ([TopKLogitsWarper(top_k)] if top_k else []) +
+                                  ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    ref = torch.softmax(warpers(None, torch.tensor(logits)), -1).numpy()
+    ours = np.asarray(Sampler.create(temperature, top_p, top_k).probs(logits))
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    assert ((ref == 0) == (ours == 0)).all() and (ref == 0).any(axis=-1).all() == (top_k > 0 or top_p < 1)

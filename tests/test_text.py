@@ -178,6 +178,7 @@ def test_cli_generate_checks_the_prompt_and_settings_before_loading_weights(mode
     for argv, message in [
         (generate + ["--temperature", "-1"], "temperature must be finite"),
         (generate + ["--temperature", "0.5", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (generate + ["--temperature", "0.5", "--top-k", "-2"], "top_k must be >= 0"),
         (generate + ["--seed", str(2 ** 70)], "seed must be a 64-bit signed integer"),
         (["generate", str(model_dir), "--prompt-file", str(tmp_path / "long.txt"), "--no-chat"],
          "over the model's max_position_embeddings=2048"),
