@@ -14,22 +14,28 @@ NO_TOP_K = np.iinfo(np.int32).max  # `top_k` of a Sampler that keeps every token
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["temperature", "top_p", "top_k"],
-                   meta_fields=["greedy", "filtered"])
+                   meta_fields=["greedy", "uses_top_p", "uses_top_k"])
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """How tokens are chosen: the argmax when `greedy`, else a draw at `temperature` from the `top_k` most
-    likely tokens and, of those, the smallest set whose mass reaches `top_p` (as transformers' top-k then
-    top-p warpers; `filtered` when either applies).
+    likely tokens (when `uses_top_k`) and, of those, the smallest set whose mass reaches `top_p` (when
+    `uses_top_p`), as transformers' top-k then top-p warpers.
 
     A pytree: temperature, top_p and top_k are leaves, so a jitted loop taking a Sampler compiles once for
-    every value; greedy and filtered are static. Build one with `Sampler.create`.
+    every value; greedy and which filters apply are static. Build one with `Sampler.create`.
     """
 
     temperature: Any
     top_p: Any
     top_k: Any
     greedy: bool
-    filtered: bool
+    uses_top_p: bool
+    uses_top_k: bool
+
+    @property
+    def filtered(self) -> bool:
+        """Whether a top-p or top-k filter applies (the tokens are sorted)."""
+        return self.uses_top_p or self.uses_top_k
 
     @classmethod
     def create(cls, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> "Sampler":
@@ -51,7 +57,7 @@ class Sampler:
         # overflowing (or, flushed to zero, dividing by zero) into NaN.
         return cls(np.float32(max(temperature, float(np.finfo(np.float32).tiny))), top_p,
                    np.int32(top_k or NO_TOP_K), greedy=temperature == 0,
-                   filtered=bool(top_p < 1 or top_k > 0) and temperature > 0)
+                   uses_top_p=bool(top_p < 1) and temperature > 0, uses_top_k=top_k > 0 and temperature > 0)
 
     def probs(self, logits: jax.Array) -> jax.Array:
         """The distribution tokens are drawn from, `[..., V]` float32 (one-hot at argmax when greedy)."""
@@ -59,8 +65,10 @@ class Sampler:
         if self.greedy:
             return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
         p = jax.nn.softmax((logits - logits.max(-1, keepdims=True)) / self.temperature, axis=-1)
-        if self.filtered:
-            p = _top_k_top_p_filter(p, self.top_k, self.top_p)
+        if self.uses_top_p:
+            p = _top_p_filter(p, self.top_p, self.top_k if self.uses_top_k else None)
+        elif self.uses_top_k:
+            p = _top_k_filter(p, self.top_k)
         return p
 
     def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
@@ -75,16 +83,31 @@ def sample_from(probs: jax.Array, key: jax.Array) -> jax.Array:
     return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
-def _top_k_top_p_filter(p: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Keeps the tokens at least as likely as the `top_k`-th (ties at the edge stay, as in transformers), then
-    of those the smallest set of most likely ones whose mass (within them) reaches `top_p`; renormalises."""
+def _top_k_filter(p: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Keeps the tokens at least as likely as the `top_k`-th (ties at the edge stay, as in transformers);
+    renormalises."""
+    ascending = jnp.sort(p, axis=-1)
+    kth = jnp.take(ascending, jnp.maximum(p.shape[-1] - top_k, 0), axis=-1)[..., None]
+    p = jnp.where(p >= kth, p, 0.0)
+    return p / p.sum(-1, keepdims=True)
+
+
+def _top_p_filter(p: jax.Array, top_p: jax.Array, top_k: jax.Array | None = None) -> jax.Array:
+    """Keeps the smallest set of most likely tokens whose mass reaches `top_p`; with `top_k`, of the tokens
+    `_top_k_filter` keeps, the mass taken within them (transformers' top-k warper, then its top-p).
+    Renormalises."""
     order = jnp.argsort(-p, axis=-1)
     sorted_p = jnp.take_along_axis(p, order, axis=-1)
-    kth = jnp.take(sorted_p, jnp.minimum(top_k, p.shape[-1]) - 1, axis=-1)[..., None]
-    in_top_k = sorted_p >= kth  # a prefix of the sorted tokens
-    sorted_p = jnp.where(in_top_k, sorted_p, 0.0)
-    mass_before = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) / sorted_p.sum(-1, keepdims=True)
-    keep_sorted = (in_top_k & (mass_before < top_p)).at[..., 0].set(True)  # a tiny top_p is 0 in float32
+    if top_k is None:
+        mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+        keep_sorted = mass_before < top_p
+    else:
+        kth = jnp.take(sorted_p, jnp.minimum(top_k, p.shape[-1]) - 1, axis=-1)[..., None]
+        in_top_k = sorted_p >= kth  # a prefix of the sorted tokens
+        sorted_p = jnp.where(in_top_k, sorted_p, 0.0)
+        mass_before = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) / sorted_p.sum(-1, keepdims=True)
+        keep_sorted = in_top_k & (mass_before < top_p)
+    keep_sorted = keep_sorted.at[..., 0].set(True)  # the likeliest stays (a tiny top_p is 0 in float32)
     keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
     p = jnp.where(keep, p, 0.0)
     return p / p.sum(-1, keepdims=True)

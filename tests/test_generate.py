@@ -236,8 +236,8 @@ def test_sampled_first_token_follows_the_model(target, temperature, top_p):
 
 def test_new_sampling_values_and_eos_ids_compile_nothing(target):
     """Temperature, top_p, top_k and the EOS ids are arguments of the compiled loop, not part of its key: a
-    research sweep over them compiles once (at 8B, a compile takes minutes). Only greedy vs sampling and
-    filtered (top_p < 1 or top_k > 0) vs not are static."""
+    research sweep over them compiles once (at 8B, a compile takes minutes). Only greedy vs sampling, top_p < 1
+    vs 1 and top_k > 0 vs 0 are static."""
     from specpv_jax import host
 
     rows = [[5, 9, 11, 3, 17]] * 64
@@ -246,7 +246,7 @@ def test_new_sampling_values_and_eos_ids_compile_nothing(target):
         return sj.generate(target, rows, 4, temperature=temperature, top_p=top_p, top_k=top_k, seed=0,
                            eos_token_ids=eos).tokens
 
-    first_tokens(0.7)
+    first_tokens(0.7), first_tokens(0.7, 1.0, top_k=5)
     compiled = set(host._EXECUTABLES)
     cold, hot = first_tokens(1e-3, 0.8, (4, 9)), first_tokens(50.0, 0.99, (2, 9, 11, 12, 13, 14, 15))
     top2, top1 = first_tokens(50.0, 1.0, top_k=2), first_tokens(50.0, 1.0, top_k=1)
@@ -284,6 +284,7 @@ def test_top_k_keeps_ties_at_its_edge_then_top_p_applies_within():
     np.testing.assert_allclose(np.asarray(Sampler.create(1.0, top_k=1).probs(np.stack([logits, logits[::-1]]))),
                                [[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]], atol=1e-6)
     assert not Sampler.create(0.0, top_k=3).filtered and Sampler.create(1.0, top_k=10 ** 6).filtered
+    assert not Sampler.create(1.0, top_k=3).uses_top_p and not Sampler.create(1.0, 0.9).uses_top_k
 
 
 def test_top_p_that_rounds_to_one_filters_nothing():

@@ -169,6 +169,32 @@ def test_generate_refuses_a_run_that_cannot_fit_before_allocating(monkeypatch):
         sj.generate(target, np.arange(500) % 16, 8)
 
 
+@pytest.mark.parametrize("mode", ["eagle", "exact", "specextend", "longspec"])
+def test_generate_estimates_the_draft_it_is_given(monkeypatch, mode):
+    """generate's check counts the draft it runs (an EAGLE-3 head's, a small draft model's, a LongSpec draft's
+    own config), not one shaped like the target."""
+    from specpv_jax.demo import demo_models, draft_for
+
+    models = demo_models()
+    draft = draft_for(models, mode)
+    est = memory.estimate(models.target.cfg, 16, 4, mode=mode, dtype="float32", draft_cfg=draft.cfg,
+                          prefill_chunk=16)  # generate's chunk: the 3-token prompt's 16-token bucket
+    placed = sum(x.nbytes for x in jax.tree.leaves(draft.params))
+    assert est.parts["draft weights"] == placed, (est.parts["draft weights"], placed)
+
+    class Checked(Exception):
+        pass
+
+    def check_fits(checked, limit, offload=False):
+        raise Checked(checked)
+
+    monkeypatch.setattr(memory, "device_bytes_limit", lambda device=None: 2 ** 40)
+    monkeypatch.setattr(memory, "check_fits", check_fits)
+    with pytest.raises(Checked) as checked:  # before anything is compiled or allocated
+        sj.generate(models.target, [1, 2, 3], 4, draft=draft, mode=mode)
+    assert checked.value.args[0] == est
+
+
 def test_plan_prints_every_mode_for_llama_8b_shapes(tmp_path, capsys):
     from specpv_jax.cli import main
 
