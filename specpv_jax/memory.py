@@ -51,13 +51,18 @@ def placed_count(params: Any, model: int = 1) -> int:
 @functools.lru_cache(maxsize=32)
 def draft_param_count(draft_cfg: ModelConfig | DraftConfig | LongSpecConfig, model: int = 1) -> int:
     """Parameters of a draft of `draft_cfg` (a small draft's, an EAGLE-3 head's or a LongSpec draft's) that one
-    device holds when `model` devices along "model" split them; an EAGLE-3 head's embedding is the target's."""
+    device holds when `model` devices along "model" split them. An EAGLE-3 head as wide as its target embeds
+    tokens with the target's table; a narrower or wider one brings its own (`convert.eagle3.check_embedding`)."""
     from specpv_jax.draft import eagle3, longspec
 
     if isinstance(draft_cfg, ModelConfig):
         return param_count(draft_cfg, model)
     init = eagle3.init_params if isinstance(draft_cfg, DraftConfig) else longspec.init_params
-    return placed_count(jax.eval_shape(lambda: init(draft_cfg, jax.random.key(0))), model)
+    shapes = jax.eval_shape(lambda: init(draft_cfg, jax.random.key(0)))
+    if isinstance(draft_cfg, DraftConfig) and draft_cfg.hidden_size != draft_cfg.target_hidden_size:
+        table = (draft_cfg.vocab_size, draft_cfg.hidden_size)
+        shapes["embed_tokens"] = {"embedding": jax.ShapeDtypeStruct(table, np.float32)}
+    return placed_count(shapes, model)
 
 
 def layer_param_count(cfg: ModelConfig, model: int = 1) -> int:

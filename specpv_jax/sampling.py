@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 NO_TOP_K = np.iinfo(np.int32).max  # `top_k` of a Sampler that keeps every token
 
@@ -65,10 +66,8 @@ class Sampler:
         if self.greedy:
             return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
         p = jax.nn.softmax((logits - logits.max(-1, keepdims=True)) / self.temperature, axis=-1)
-        if self.uses_top_p:
-            p = _top_p_filter(p, self.top_p, self.top_k if self.uses_top_k else None)
-        elif self.uses_top_k:
-            p = _top_k_filter(p, self.top_k)
+        if self.filtered:
+            p = _filter(p, self.top_p if self.uses_top_p else None, self.top_k if self.uses_top_k else None)
         return p
 
     def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
@@ -83,31 +82,24 @@ def sample_from(probs: jax.Array, key: jax.Array) -> jax.Array:
     return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
-def _top_k_filter(p: jax.Array, top_k: jax.Array) -> jax.Array:
-    """Keeps the tokens at least as likely as the `top_k`-th (ties at the edge stay, as in transformers);
-    renormalises."""
+def _filter(p: jax.Array, top_p: jax.Array | None, top_k: jax.Array | None) -> jax.Array:
+    """Keeps the tokens at least as likely as the `top_k`-th, then of those the smallest set of most likely
+    ones whose mass within them reaches `top_p` (transformers' top-k warper, then its top-p); renormalises.
+
+    One sort and a threshold: tokens as likely as the last one kept stay too (transformers keeps such ties
+    at the top-k edge, and an arbitrary few of them at the top-p edge).
+    """
+    v = p.shape[-1]
     ascending = jnp.sort(p, axis=-1)
-    kth = jnp.take(ascending, jnp.maximum(p.shape[-1] - top_k, 0), axis=-1)[..., None]
-    p = jnp.where(p >= kth, p, 0.0)
-    return p / p.sum(-1, keepdims=True)
-
-
-def _top_p_filter(p: jax.Array, top_p: jax.Array, top_k: jax.Array | None = None) -> jax.Array:
-    """Keeps the smallest set of most likely tokens whose mass reaches `top_p`; with `top_k`, of the tokens
-    `_top_k_filter` keeps, the mass taken within them (transformers' top-k warper, then its top-p).
-    Renormalises."""
-    order = jnp.argsort(-p, axis=-1)
-    sorted_p = jnp.take_along_axis(p, order, axis=-1)
-    if top_k is None:
-        mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
-        keep_sorted = mass_before < top_p
-    else:
-        kth = jnp.take(sorted_p, jnp.minimum(top_k, p.shape[-1]) - 1, axis=-1)[..., None]
-        in_top_k = sorted_p >= kth  # a prefix of the sorted tokens
-        sorted_p = jnp.where(in_top_k, sorted_p, 0.0)
-        mass_before = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) / sorted_p.sum(-1, keepdims=True)
-        keep_sorted = in_top_k & (mass_before < top_p)
-    keep_sorted = keep_sorted.at[..., 0].set(True)  # the likeliest stays (a tiny top_p is 0 in float32)
-    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
-    p = jnp.where(keep, p, 0.0)
+    kept = ascending > 0  # a suffix of the sorted tokens, as every step below keeps
+    if top_k is not None:
+        kept &= ascending >= jnp.take(ascending, jnp.maximum(v - top_k, 0), axis=-1)[..., None]
+    if top_p is not None:
+        within = jnp.where(kept, ascending, 0.0)
+        mass_above = lax.cumsum(within, axis=within.ndim - 1, reverse=True) - within  # of the likelier tokens
+        if top_k is not None:
+            mass_above = mass_above / within.sum(-1, keepdims=True)
+        kept &= (mass_above < top_p).at[..., -1].set(True)  # the likeliest stays (a tiny top_p is 0 in float32)
+    least = jnp.minimum(v - kept.sum(-1, keepdims=True), v - 1)  # the position of the least likely kept
+    p = jnp.where(p >= jnp.take_along_axis(ascending, least, axis=-1), p, 0.0)
     return p / p.sum(-1, keepdims=True)

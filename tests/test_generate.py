@@ -271,12 +271,14 @@ def test_top_p_keeps_smallest_nucleus():
     np.testing.assert_allclose(np.asarray(p), [0.625, 0.375, 0, 0], atol=1e-6)
 
 
-def test_top_k_keeps_ties_at_its_edge_then_top_p_applies_within():
+def test_top_k_and_top_p_keep_ties_at_their_edge_and_top_p_applies_within_the_top_k():
     logits = np.log(np.array([0.4, 0.2, 0.2, 0.1, 0.06, 0.04], np.float32))
     np.testing.assert_allclose(np.asarray(Sampler.create(1.0, top_k=2).probs(logits)), [0.5, 0.25, 0.25, 0, 0, 0],
                                atol=1e-6)  # the 2nd and 3rd tie: both stay, as in transformers
+    np.testing.assert_allclose(np.asarray(Sampler.create(1.0, 0.5).probs(logits)), [0.5, 0.25, 0.25, 0, 0, 0],
+                               atol=1e-6)  # top-p reaches 0.5 at the 2nd, and the 3rd ties with it
     # top-p's mass is taken within the top-k tokens: the likeliest holds 0.4 of all, 0.4 / 0.9 of the top 4
-    np.testing.assert_allclose(np.asarray(Sampler.create(1.0, 0.42).probs(logits)), [2 / 3, 1 / 3, 0, 0, 0, 0],
+    np.testing.assert_allclose(np.asarray(Sampler.create(1.0, 0.42).probs(logits)), [0.5, 0.25, 0.25, 0, 0, 0],
                                atol=1e-6)
     np.testing.assert_allclose(np.asarray(Sampler.create(1.0, 0.42, top_k=4).probs(logits)), [1, 0, 0, 0, 0, 0],
                                atol=1e-6)

@@ -81,15 +81,15 @@ def test_estimate_covers_what_the_compiled_stages_take():
         assert compiled_peak(exe) <= est.total, est.parts
 
 
-@pytest.mark.parametrize("mode, heads, vocab, temperature, top_p, spec", [
-    ("ar", 16, 64, 0.0, 1.0, None),  # 8 KV heads: each holds its own prefix score tile
-    # top-p sampling holds probabilities, their sorted copy and order beside the logits; exact mode's full
-    # steps verify the provisional tokens too, and keep their partial distributions
-    ("exact", 4, 8192, 1.0, 0.9, sj.SpecConfig(sink_tokens=16, retrieval_tokens=32, window_tokens=16)),
+@pytest.mark.parametrize("mode, heads, vocab, temperature, top_p, top_k, spec", [
+    ("ar", 16, 64, 0.0, 1.0, 0, None),  # 8 KV heads: each holds its own prefix score tile
+    # top-p and top-k sampling hold probabilities, their sorted copy and its prefix sums beside the logits;
+    # exact mode's full steps verify the provisional tokens too, and keep their partial distributions
+    ("exact", 4, 8192, 1.0, 0.9, 20, sj.SpecConfig(sink_tokens=16, retrieval_tokens=32, window_tokens=16)),
     # a beam tree drafts from 64 nodes per level: its draft logits outgrow the 9-node verification's
-    ("eagle", 4, 32768, 0.0, 1.0, sj.SpecConfig(tree_depth=3, tree_top_k=8, tree_nodes=8, tree_beam=True)),
-], ids=["ar", "exact-top-p", "eagle-beam"])
-def test_estimate_covers_kv_heads_sampling_and_drafting(mode, heads, vocab, temperature, top_p, spec):
+    ("eagle", 4, 32768, 0.0, 1.0, 0, sj.SpecConfig(tree_depth=3, tree_top_k=8, tree_nodes=8, tree_beam=True)),
+], ids=["ar", "exact-top-p-top-k", "eagle-beam"])
+def test_estimate_covers_kv_heads_sampling_and_drafting(mode, heads, vocab, temperature, top_p, top_k, spec):
     from specpv_jax import host
 
     target = make_target(vocab, layers=2, heads=heads)
@@ -97,9 +97,11 @@ def test_estimate_covers_kv_heads_sampling_and_drafting(mode, heads, vocab, temp
     rows, n, chunk = (2, 2000, 256) if mode == "ar" else (2, 100, 16)
     host._EXECUTABLES.clear()
     sj.generate(target, np.zeros((rows, n), np.int32), 4, draft=draft, mode=mode, temperature=temperature,
-                top_p=top_p, prefill_chunk=chunk, eos_token_ids=(), attention="xla", progress=False, spec=spec)
+                top_p=top_p, top_k=top_k, prefill_chunk=chunk, eos_token_ids=(), attention="xla", progress=False,
+                spec=spec)
     est = memory.estimate(target.cfg, n, 4, rows, mode, spec=spec, dtype="float32", prefill_chunk=chunk,
-                          temperature=temperature, top_p=top_p, draft_cfg=None if draft is None else draft.cfg)
+                          temperature=temperature, top_p=top_p, top_k=top_k,
+                          draft_cfg=None if draft is None else draft.cfg)
     for exe in host._EXECUTABLES.values():
         assert compiled_peak(exe) <= est.total, est.parts
 
@@ -134,20 +136,25 @@ def placed_elements(params, model: int) -> int:
     return sum(x.size // (model if "model" in spec else 1) for x, spec in zip(jax.tree.leaves(params), specs))
 
 
-@pytest.mark.parametrize("mode, model", [("eagle", 1), ("eagle", 8), ("eagle", 3), ("longspec", 8)])
-def test_draft_weights_per_device_follow_their_placement(mode, model):
+@pytest.mark.parametrize("kind, model", [("eagle3", 1), ("eagle3", 8), ("eagle3", 3), ("longspec", 8), ("narrow", 8)])
+def test_draft_weights_per_device_follow_their_placement(kind, model):
     """A head's weights are counted from its own config and split as `shard_params` places them (before: a
     target-shaped layer with the target's vocabulary, whole on every device: 1.52 GiB per device for a
-    Qwen2.5-7B head on 1x8, where 0.16 GiB is placed)."""
+    Qwen2.5-7B head on 1x8, where 0.16 GiB is placed). A head narrower than its target brings its own embedding."""
     from specpv_jax.config import DraftConfig, LongSpecConfig
     from specpv_jax.draft import eagle3, longspec
 
     cfg = presets.model_config("llama-3.1-8b")
-    if mode == "eagle":
-        draft_cfg, init = DraftConfig.for_target(cfg, draft_vocab_size=32000), eagle3.init_params
-    else:
+    if kind == "longspec":
         draft_cfg, init = LongSpecConfig.for_target(cfg), longspec.init_params
+    else:
+        draft_cfg, init = DraftConfig.for_target(cfg, draft_vocab_size=32000), eagle3.init_params
+        if kind == "narrow":  # half the target's width
+            draft_cfg = dataclasses.replace(draft_cfg, hidden_size=2048, head_dim=64)
     shapes = jax.eval_shape(lambda: init(draft_cfg, jax.random.key(0)))
+    if kind == "narrow":
+        shapes["embed_tokens"] = {"embedding": jax.ShapeDtypeStruct((cfg.vocab_size, 2048), np.float32)}
+    mode = "longspec" if kind == "longspec" else "eagle"
     est = memory.estimate(cfg, 1024, mode=mode, dtype="bfloat16", draft_cfg=draft_cfg, mesh_shape=(1, model))
     assert est.parts["draft weights"] == 2 * placed_elements(shapes, model)
     if model == 8:  # the MLP, projections and LM head split 8 ways; norms and the EAGLE-3 head's fc whole

@@ -89,7 +89,8 @@ def test_bfloat16_close_to_float32(hf_model):
     assert (got.argmax(-1) == f32.argmax(-1)).mean() > 0.9
 
 
-@pytest.mark.parametrize("temperature, top_p, top_k", [(0.7, 1.0, 20), (1.3, 0.8, 0), (0.6, 0.95, 20), (1.0, 0.3, 3)])
+@pytest.mark.parametrize("temperature, top_p, top_k", [(0.7, 1.0, 20), (0.7, 1.0, 3), (1.3, 0.8, 0), (0.6, 0.95, 20),
+                                                       (1.0, 0.3, 3)])
 def test_sampling_filters_match_transformers_warpers(temperature, top_p, top_k):
     """The distribution a Sampler draws from is transformers' (temperature, then top-k, then top-p warpers)."""
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
@@ -98,7 +99,8 @@ def test_sampling_filters_match_transformers_warpers(temperature, top_p, top_k):
     from specpv_jax.sampling import Sampler
 
     logits = np.random.default_rng(3).normal(0, 3, (6, 1000)).astype(np.float32)
-    logits[:, 10:14] = logits[:, :1] + 1  # ties among the likeliest tokens
+    if top_p == 1:  # ties among the likeliest tokens: transformers keeps them all at the top-k edge (as we do),
+        logits[:, 10:14] = logits[:, :1] + 1  # an arbitrary few at the top-p edge (we keep all)
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] +
                                   ([TopKLogitsWarper(top_k)] if top_k else []) +
                                   ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
