@@ -141,7 +141,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     draft_cfg: the draft's config: the small draft's for "specextend" (required), the EAGLE-3 head's for
     the EAGLE-3 modes (default `DraftConfig.for_target` with the target's vocabulary), the LongSpec draft's
     for "longspec" (default `LongSpecConfig.for_target`). Sampling (`temperature` > 0) holds probabilities
-    beside the logits, a top-p or top-k filter (`top_p` < 1, `top_k` > 0) also their sorted copy and order.
+    beside the logits, a top-p or top-k filter (`top_p` < 1, `top_k` > 0) also their sorted copy and its sums.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
