@@ -133,19 +133,27 @@ def check_embedding(cfg: DraftConfig, target: ModelConfig, own_embedding: bool, 
                               f"{target.hidden_size}, and it stores no embed_tokens of its own to embed tokens with")
 
 
-def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32",
-                progress: bool = False) -> tuple[DraftConfig, dict, jax.Array]:
-    """Reads a public-layout EAGLE-3 head for `target`. Returns (config, params, d2t `[V_draft]` int32)."""
+def head_config(head_dir: str | os.PathLike, target: ModelConfig) -> DraftConfig:
+    """The config of a public-layout EAGLE-3 head directory, checked to fit `target` (`load_eagle3` may then
+    take the attention width from the weights)."""
     head_dir = pathlib.Path(head_dir)
-    dtype = check_dtype(dtype)
     try:
-        hf = read_json(head_dir / "config.json")
-        cfg = DraftConfig.from_hf(hf, target)
+        cfg = DraftConfig.from_hf(read_json(head_dir / "config.json"), target)
     except (KeyError, TypeError) as e:
         raise ConversionError(f"{head_dir / 'config.json'}: missing or malformed field {e}") from None
     except ConfigError as e:
         raise ConversionError(f"{head_dir / 'config.json'}: {e}") from None
     check_fits_target(cfg, target, str(head_dir))
+    return cfg
+
+
+def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32",
+                progress: bool = False) -> tuple[DraftConfig, dict, jax.Array]:
+    """Reads a public-layout EAGLE-3 head for `target`. Returns (config, params, d2t `[V_draft]` int32)."""
+    head_dir = pathlib.Path(head_dir)
+    dtype = check_dtype(dtype)
+    hf = read_json(head_dir / "config.json")
+    cfg = head_config(head_dir, target)
     tensors, infos = read_state(head_dir)
     speculators = is_speculators(hf)
     q = infos.get(f"{_layer_key(speculators)}.self_attn.q_proj.weight")

@@ -112,16 +112,13 @@ def export_longspec(out_dir: str | os.PathLike, cfg: LongSpecConfig, params: dic
     return write_safetensors_dir(out_dir, table_to_tensors(draft_table(cfg), params, 1), config, overwrite)
 
 
-def load_longspec(draft_dir: str | os.PathLike, target: ModelConfig, dtype="float32",
-                  progress: bool = False) -> tuple[LongSpecConfig, dict]:
-    """Reads a LongSpec draft directory (released or our layout) for `target`. Returns (config, params)."""
+def longspec_config(draft_dir: str | os.PathLike, target: ModelConfig) -> LongSpecConfig:
+    """The config of a LongSpec draft directory (released or our layout), checked to fit `target`."""
     draft_dir = pathlib.Path(draft_dir)
-    dtype = check_dtype(dtype)
     source = draft_dir / "config.json"
     hf = read_json(source)
     if is_glide_dir(draft_dir):
         cfg = glide_config(hf, target, str(source))
-        table, ignore = glide_table(cfg), GLIDE_UNUSED.search
     else:
         try:
             cfg = LongSpecConfig.from_dict(hf["longspec_config"])
@@ -129,15 +126,27 @@ def load_longspec(draft_dir: str | os.PathLike, target: ModelConfig, dtype="floa
             raise ConversionError(f"{source}: missing or malformed field {e}") from None
         except ConfigError as e:
             raise ConversionError(f"{source}: {e}") from None
-        table, ignore = draft_table(cfg), lambda key: False
     problems = cfg.fit_problems(target)
     if problems:
         raise ConversionError(f"{draft_dir}: this LongSpec draft does not fit the target: " + "; ".join(problems))
+    return cfg
+
+
+def load_longspec(draft_dir: str | os.PathLike, target: ModelConfig, dtype="float32",
+                  progress: bool = False) -> tuple[LongSpecConfig, dict]:
+    """Reads a LongSpec draft directory (released or our layout) for `target`. Returns (config, params)."""
+    draft_dir = pathlib.Path(draft_dir)
+    dtype = check_dtype(dtype)
+    cfg = longspec_config(draft_dir, target)
+    if is_glide_dir(draft_dir):
+        table, ignore = glide_table(cfg), GLIDE_UNUSED.search
+    else:
+        table, ignore = draft_table(cfg), lambda key: False
     files = sorted(draft_dir.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"no model.safetensors in {draft_dir}")
     infos = scan_headers(files)
-    check_tensors(table, infos, 1, "a LongSpec draft", ignore, source=str(source))
+    check_tensors(table, infos, 1, "a LongSpec draft", ignore, source=str(draft_dir / "config.json"))
     with SafetensorsReader(infos) as read:
         params = load_params(table, 1, read, infos, dtype, progress, desc="converting draft")
     return cfg, params

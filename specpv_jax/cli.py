@@ -134,8 +134,8 @@ def mesh_shape(raw: str) -> tuple[int, int]:
 def _cmd_plan(args) -> int:
     import jax
 
-    from specpv_jax import memory
-    from specpv_jax.draft.small import fit_problems
+    from specpv_jax import loading, memory
+    from specpv_jax.config import EAGLE3_MODES, LongSpecConfig, ModelConfig
     from specpv_jax.sampling import Sampler
     from specpv_jax.sharding import default_shape
 
@@ -145,10 +145,11 @@ def _cmd_plan(args) -> int:
     if args.context + args.new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"--context {args.context} + --new-tokens {args.new_tokens} exceed the model's "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
-    draft = _model_config(args.small_draft) if args.small_draft else None
-    problems = fit_problems(draft, cfg) if draft is not None else []
-    if problems:
-        raise ValueError(f"--small-draft {args.small_draft} does not fit the model: {'; '.join(problems)}")
+    draft = loading.draft_config(args.draft, cfg) if args.draft else None
+    # the modes the draft runs (their rows size it; the others a target-shaped one): a small draft model's
+    # specextend row only appears with one
+    drafted = () if draft is None else ("specextend",) if isinstance(draft, ModelConfig) else \
+        ("longspec",) if isinstance(draft, LongSpecConfig) else EAGLE3_MODES
     limit = memory.device_bytes_limit()
     data, model = _mesh_shape(args, spec) or default_shape(jax.device_count(), cfg)
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
@@ -158,9 +159,9 @@ def _cmd_plan(args) -> int:
     print(f"{'mode':>10} {'device':>11} {'with offload: device':>21} {'host':>10}  fits")
     fits_any = False
     for mode in memory.MODES:
-        if mode == "specextend" and draft is None:
+        if mode == "specextend" and "specextend" not in drafted:
             continue
-        sizes = dict(draft_cfg=draft if mode == "specextend" else None, temperature=args.temperature,
+        sizes = dict(draft_cfg=draft if mode in drafted else None, temperature=args.temperature,
                      top_p=args.top_p, top_k=args.top_k)
         est = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
                               dataclasses.replace(spec, offload=False), args.dtype, mesh_shape=(data, model), **sizes)
@@ -423,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=at_least(1), default=1, help="prompts per call")
     pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the weights and caches")
-    pl.add_argument("--small-draft", help="small draft model directory (adds the specextend row)")
+    pl.add_argument("--draft", help="the draft's directory or orbax export (only its config is read): an EAGLE-3 "
+                    "head sizes the eagle/specpv/exact rows, a LongSpec draft the longspec row, a small draft "
+                    "model adds the specextend row; without one, drafts shaped like a target layer")
     pl.add_argument("--temperature", type=float, default=0.0, help="sampling holds more per step than greedy")
     pl.add_argument("--top-p", type=float, default=1.0, help="below 1, nucleus sampling's buffers")
     pl.add_argument("--top-k", type=int, default=0, help="above 0, top-k sampling's buffers (as --top-p's)")

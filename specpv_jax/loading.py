@@ -203,30 +203,73 @@ def _sharing_the_target_embedding(draft: Any, target: Model) -> Any:
     return dataclasses.replace(draft, params={k: v for k, v in draft.params.items() if k != "embed_tokens"})
 
 
-def _read_draft(path: pathlib.Path, target: Model, dtype) -> Any:
-    from convert.eagle3 import load_eagle3
-    from convert.longspec import is_longspec_dir, load_longspec
-    from specpv_jax.draft.longspec import LongSpecDraft
-    from specpv_jax.draft.eagle3 import Eagle3
+def _draft_kind(path: pathlib.Path) -> tuple[str, bool]:
+    """(kind, orbax): what `load_draft` reads `path` as ("eagle3", "small" or "longspec"), and whether it is an
+    orbax export."""
+    from convert.longspec import is_longspec_dir
 
     _check_directory(path, "draft")
     if checkpoint.is_checkpoint(path):
         kind = checkpoint.read_meta(path).get("kind")
-        if kind == "target":
-            return _small_draft(path, dtype, target)
-        if kind == "longspec":
-            return _longspec_from_checkpoint(path, target, dtype)
-        return _eagle3_from_checkpoint(path, target, dtype)
+        return {"target": "small", "longspec": "longspec"}.get(kind, "eagle3"), True
     if (path / "config.json").is_file():
         if is_longspec_dir(path):
-            cfg, params = load_longspec(path, target.cfg, dtype)
-            return LongSpecDraft(cfg, params, str(path))
-        if not _is_eagle3_config(path / "config.json"):
-            return _small_draft(path, dtype, target)
-        cfg, params, d2t = load_eagle3(path, target.cfg, dtype)
-        return Eagle3(cfg, params, d2t, str(path))
+            return "longspec", False
+        return ("eagle3" if _is_eagle3_config(path / "config.json") else "small"), False
     raise FileNotFoundError(f"{path} is not a draft directory: it has neither config.json (EAGLE-3 layout or a "
                             f"plain LLaMA/Qwen model) nor {checkpoint.META_FILE} (specpv-jax orbax export)")
+
+
+def _read_draft(path: pathlib.Path, target: Model, dtype) -> Any:
+    from convert.eagle3 import load_eagle3
+    from convert.longspec import load_longspec
+    from specpv_jax.draft.eagle3 import Eagle3
+    from specpv_jax.draft.longspec import LongSpecDraft
+
+    kind, orbax = _draft_kind(path)
+    if kind == "small":
+        return _small_draft(path, dtype, target)
+    if kind == "longspec":
+        if orbax:
+            return _longspec_from_checkpoint(path, target, dtype)
+        return LongSpecDraft(*load_longspec(path, target.cfg, dtype), str(path))
+    if orbax:
+        return _eagle3_from_checkpoint(path, target, dtype)
+    return Eagle3(*load_eagle3(path, target.cfg, dtype), str(path))
+
+
+def draft_config(path: str | os.PathLike, target: ModelConfig) -> Any:
+    """The config of the draft `load_draft` reads from `path` for a target of config `target`, checked to fit
+    it, reading no weights: a small draft's `ModelConfig`, an EAGLE-3 head's `DraftConfig` or a LongSpec
+    draft's `LongSpecConfig` (what `memory.estimate` sizes a draft by; `specpv-jax plan --draft`)."""
+    from convert.eagle3 import check_fits_target, head_config
+    from convert.hf import read_config
+    from convert.longspec import longspec_config
+    from specpv_jax.config import DraftConfig, LongSpecConfig
+    from specpv_jax.draft.small import fit_problems
+
+    path = _absolute(path)
+    kind, orbax = _draft_kind(path)
+    if not orbax and kind == "eagle3":
+        return head_config(path, target)
+    if not orbax and kind == "longspec":
+        return longspec_config(path, target)
+    if orbax:
+        field, from_dict = {"eagle3": ("draft_config", DraftConfig.from_dict),
+                            "longspec": ("longspec_config", LongSpecConfig.from_dict),
+                            "small": ("model_config", ModelConfig.from_dict)}[kind]
+        meta = checkpoint.read_meta(path, "target" if kind == "small" else kind)
+        cfg = checkpoint.config_from_meta(path, meta, field, from_dict)
+    else:
+        cfg = read_config(path)[0]
+    if kind == "eagle3":
+        check_fits_target(cfg, target, str(path))
+        return cfg
+    problems = cfg.fit_problems(target) if kind == "longspec" else fit_problems(cfg, target)
+    if problems:
+        what = "LongSpec draft" if kind == "longspec" else "draft model"
+        raise ValueError(f"{path}: this {what} does not fit the target: {'; '.join(problems)}")
+    return cfg
 
 
 def _is_eagle3_config(config_json: pathlib.Path) -> bool:
@@ -238,23 +281,18 @@ def _is_eagle3_config(config_json: pathlib.Path) -> bool:
 
 
 def _small_draft(path: pathlib.Path, dtype, target: Model) -> Any:
-    from specpv_jax.draft.small import SmallDraft, fit_problems
+    from specpv_jax.draft.small import SmallDraft
 
+    draft_config(path, target.cfg)  # fits the target: checked before the weights are read
     cfg, params = _load_decoder(path, dtype, False, lambda cfg: None)  # it shares the target's tokenizer
-    problems = fit_problems(cfg, target.cfg)
-    if problems:
-        raise ValueError(f"{path}: this draft model does not fit the target: {'; '.join(problems)}")
     return SmallDraft(cfg, params, str(path))
 
 
 def _eagle3_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
-    from convert.eagle3 import check_d2t, check_embedding, check_fits_target
-    from specpv_jax.config import DraftConfig
+    from convert.eagle3 import check_d2t, check_embedding
     from specpv_jax.draft import eagle3
 
-    meta = checkpoint.read_meta(path, "eagle3")
-    cfg = checkpoint.config_from_meta(path, meta, "draft_config", DraftConfig.from_dict)
-    check_fits_target(cfg, target.cfg, str(path))
+    cfg = draft_config(path, target.cfg)
     expected = {f"params/{k}": v for k, v in _shapes(eagle3.init_params, cfg).items()}
     expected["d2t"] = (cfg.draft_vocab_size,)
     tree = checkpoint.restore(path, expected, {"params/embed_tokens/embedding": (cfg.vocab_size, cfg.hidden_size)})
@@ -264,14 +302,9 @@ def _eagle3_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
 
 
 def _longspec_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
-    from specpv_jax.config import LongSpecConfig
     from specpv_jax.draft import longspec
 
-    meta = checkpoint.read_meta(path, "longspec")
-    cfg = checkpoint.config_from_meta(path, meta, "longspec_config", LongSpecConfig.from_dict)
-    problems = cfg.fit_problems(target.cfg)
-    if problems:
-        raise ValueError(f"{path}: this LongSpec draft does not fit the target: {'; '.join(problems)}")
+    cfg = draft_config(path, target.cfg)
     params = checkpoint.restore(path, {f"params/{k}": v for k, v in _shapes(longspec.init_params, cfg).items()})
     return longspec.LongSpecDraft(cfg, cast_params(params["params"], dtype, str(path)), str(path))
 
