@@ -135,7 +135,7 @@ def _cmd_plan(args) -> int:
     import jax
 
     from specpv_jax import loading, memory
-    from specpv_jax.config import EAGLE3_MODES, LongSpecConfig, ModelConfig
+    from specpv_jax.config import EAGLE3_MODES, DraftConfig, LongSpecConfig, ModelConfig
     from specpv_jax.sampling import Sampler
     from specpv_jax.sharding import default_shape
 
@@ -148,8 +148,8 @@ def _cmd_plan(args) -> int:
     draft = loading.draft_config(args.draft, cfg) if args.draft else None
     # the modes the draft runs (their rows size it; the others a target-shaped one): a small draft model's
     # specextend row only appears with one
-    drafted = () if draft is None else ("specextend",) if isinstance(draft, ModelConfig) else \
-        ("longspec",) if isinstance(draft, LongSpecConfig) else EAGLE3_MODES
+    drafted = {ModelConfig: ("specextend",), LongSpecConfig: ("longspec",), DraftConfig: EAGLE3_MODES}.get(
+        type(draft), ())
     limit = memory.device_bytes_limit()
     data, model = _mesh_shape(args, spec) or default_shape(jax.device_count(), cfg)
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "

@@ -4,9 +4,10 @@ Attention projections are split over heads and the MLP over its hidden units
 along "model" (Megatron-style column/row splits), the token embedding and the
 LM head over the vocabulary (a lookup in the split table costs one all-reduce
 of the looked-up rows); prompts and caches are split over rows along "data"
-and over KV heads along "model". An axis is split only where the mesh divides it; other
-arrays are replicated. XLA's SPMD partitioner then runs the same jitted loop
-on every device, so sharded generation gives the same tokens as one device.
+and over KV heads along "model". An axis is split only where the mesh divides
+it; other arrays are replicated. XLA's SPMD partitioner then runs the same
+jitted loop on every device, so sharded generation gives the same tokens as one
+device.
 `load_target` places each parameter by `param_spec` as it reads it (by default
 on `default_mesh(cfg)`: tensor parallel over whole heads, the rest data
 parallel), and `generate` runs on the mesh the weights are on (`mesh_of`).
