@@ -11,7 +11,9 @@ At each context the caches are filled with random K/V (no prefill), then it time
            as SpecPV's full step runs it (forward, logits, argmax);
   partial  one partial verification: the same tree over the partial cache (sink + retrieval + window + a nearly
            full buffer, `SpecConfig()` defaults);
-  offload  (--offload-contexts) full verification with the cache and block summaries in pinned host memory;
+  offload  (--offload-contexts) full verification with the cache and block summaries in pinned host memory,
+           each layer moved to the device once (as SpecPV's full step reads it; its refresh not run), with the
+           last attention implementation measured (on a GPU the Pallas kernel, `generate`'s default there);
   hf       `transformers` AR decode (torch, sdpa, bf16) on the same device, from a `DynamicCache` of the same
            length, per token (its `generate`, as users run it);
 and prints floor = (weights read + valid K/V bytes) / copy bandwidth, the least an AR step can cost, and the
@@ -42,7 +44,7 @@ from attention_kernels import copy_bandwidth, median_time, random_tree_mask  # n
 from specpv_jax import model as M  # noqa: E402
 from specpv_jax import offload, presets  # noqa: E402
 from specpv_jax.bench import hf_cache_keyword  # noqa: E402
-from specpv_jax.cache import BlockSummary, KVCache  # noqa: E402
+from specpv_jax.cache import BlockSummary, KVCache, blocks_spanned  # noqa: E402
 from specpv_jax.config import DraftConfig, ModelConfig, SpecConfig  # noqa: E402
 from specpv_jax.generate import _ar_decode_fn, _plan  # noqa: E402
 from specpv_jax.sampling import Sampler  # noqa: E402
@@ -98,12 +100,14 @@ def verify(params, cache, *, tree, summary, cfg, impl):
     return jnp.argmax(M.logits(params, cfg, out.hidden), -1), out.cache, out.block_scores
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def verify_offloaded(params, cache, tokens, depth, mask, summary, *, cfg):
-    """Full verification reading the host cache in place: argmax, the tree's new K/V and the scores."""
-    out = M.forward(params, cfg, tokens, cache.length[:, None] + depth, cache, mask, (), "xla", summary,
-                    jnp.ones(tokens.shape, bool), offloaded=True)
-    return jnp.argmax(M.logits(params, cfg, out.hidden), -1), out.new_kv, out.block_scores
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "impl"))
+def verify_offloaded(params, cache, tokens, depth, mask, summary, *, cfg, spec, impl):
+    """SpecPV's offloaded full verification, each layer of the host cache moved to the device once: argmax,
+    the tree's new K/V, the scores and what the step keeps for its refresh (the refresh itself not run)."""
+    keep = offload.keeper(cache.length, spec, blocks_spanned(tokens.shape[1], spec.block_size), cache.max_len)
+    out = M.forward(params, cfg, tokens, cache.length[:, None] + depth, cache, mask, (), impl, summary,
+                    jnp.ones(tokens.shape, bool), offloaded=True, keep=keep)
+    return jnp.argmax(M.logits(params, cfg, out.hidden), -1), out.new_kv, out.block_scores, out.kept
 
 
 def time_donating(step, cache, settings: Settings) -> float:
@@ -214,12 +218,11 @@ def measure(cfg: ModelConfig, contexts, offload_contexts, impls, settings: Setti
                     attempt(row, "partial_s", time_donating, step, partial, settings)
                     del partial
                 del cache
-            if impl == impls[0]:
-                if context in offload_contexts:
-                    attempt(row, "offload_full_s", offloaded_full_seconds, params, cfg, context, tree, spec,
-                            settings)
-                if peer is not None and context in contexts:
-                    attempt(row, "hf_s", peer.step_seconds, context, settings)
+            if impl == impls[-1] and context in offload_contexts:  # generate's default attention on a GPU
+                attempt(row, "offload_full_s", offloaded_full_seconds, params, cfg, context, tree, spec, impl,
+                        settings)
+            if impl == impls[0] and peer is not None and context in contexts:
+                attempt(row, "hf_s", peer.step_seconds, context, settings)
             row["peak_device_gib"] = (peak_device_bytes() or 0) / 2 ** 30 or None
             gc.collect()
             rows.append(row)
@@ -227,13 +230,13 @@ def measure(cfg: ModelConfig, contexts, offload_contexts, impls, settings: Setti
     return facts, rows
 
 
-def offloaded_full_seconds(params, cfg: ModelConfig, context: int, tree, spec: SpecConfig,
+def offloaded_full_seconds(params, cfg: ModelConfig, context: int, tree, spec: SpecConfig, impl: str,
                            settings: Settings) -> float:
     """Median seconds of one full verification streaming a `context`-token host cache (zeros: timing only)."""
     cache = offload.empty_cache(cfg, 1, context + tree[0].shape[1], DTYPE)
     cache = cache.replace(length=jnp.full((1,), context, jnp.int32))
     summary = offload.empty_summary(cache, spec.block_size)
-    fn = functools.partial(verify_offloaded, cfg=cfg)
+    fn = functools.partial(verify_offloaded, cfg=cfg, spec=spec, impl=impl)
     return median_time(fn, (params, cache, *tree, summary), warmup=1, trials=settings.trials, reps=settings.reps)
 
 

@@ -155,13 +155,19 @@ class BlockSummary:
         return summarize_blocks(window(keys), starts, length, self.block)
 
 
+def blocks_spanned(tokens: int, block: int) -> int:
+    """A bound on the `block`-token blocks a span of `tokens` consecutive slots touches (it may start
+    mid-block): the summary blocks a step that wrote that many tokens recomputes."""
+    return tokens // block + 2
+
+
 def fold_keys(kmax: jax.Array, kmin: jax.Array, keys: jax.Array, start: jax.Array, count: jax.Array,
               block: int) -> tuple[jax.Array, jax.Array]:
     """One layer's block summaries `kmax, kmin [B, Hkv, NB, D]`, complete below position `start [B]`, with
     the first `count [B]` of `keys [B, Hkv, W, D]` (at positions `start + [0, W)`) folded in: what they
     would be with those keys in the cache. Only the blocks the W slots can reach change."""
     b, _, w, _ = keys.shape
-    n = w // block + 2  # a span starting mid-block
+    n = blocks_spanned(w, block)
     first = start // block
     rel = (start[:, None] + jnp.arange(w)[None, :]) // block - first[:, None]  # [B, W]: block within the span
     member = (rel[:, :, None] == jnp.arange(n)) & (jnp.arange(w)[None, :, None] < count[:, None, None])  # [B, W, n]

@@ -8,7 +8,8 @@ largest transient (verification logits, a prefill chunk's activations).
 moves to host memory: the full cache and its block summaries, in the
 partial-verification modes; with it the device holds `Estimate.device` (plus
 "offload staging": two layers of the full cache, moved in during full
-verification). On a `data x model` mesh (`mesh_shape`) the parts are one
+verification, and "offload kept": what that step keeps of each layer to rebuild
+the partial cache). On a `data x model` mesh (`mesh_shape`) the parts are one
 device's, as `sharding` places them: weights split along "model" where it
 divides them, caches along "model" where it divides their KV heads and along
 "data" where it divides the rows; activations only along "data" (how XLA splits
@@ -24,9 +25,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from specpv_jax import sharding
+from specpv_jax import offload, sharding
 from specpv_jax.attention import read_block
-from specpv_jax.cache import allocated_slots
+from specpv_jax.cache import allocated_slots, blocks_spanned
 from specpv_jax.config import (EAGLE3_MODES, MODES, PARTIAL_MODES, DraftConfig, LongSpecConfig, ModelConfig,
                                SpecConfig)
 from specpv_jax.loop import output_bucket
@@ -173,8 +174,10 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
         if spec.bounded_draft:  # the head's partial view: the partial cache's slots and one more path (`specpv`)
             parts["bounded draft cache"] = kv(1, spec.static_tokens + spec.buffer_size + spec.tree_depth + 1,
                                               d.num_kv_heads, d.head_dim)
-        if spec.offload:  # a full step's layer on the device and the next one prefetched
+        if spec.offload:  # a full step's layer on the device and the next one prefetched, and what it keeps
             parts["offload staging"] = kv(2, slots)
+            tail = offload.tail_width(spec, blocks_spanned(tree, spec.block_size), allocated_slots(slots))
+            parts["offload kept"] = kv(cfg.num_layers, spec.sink_tokens + spec.retrieval_tokens + tail)
     if mode == "specextend":
         d = draft_cfg
         parts["draft weights"] = draft_param_count(d, model) * size

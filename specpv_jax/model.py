@@ -18,7 +18,7 @@ leading `[L]` axis):
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -151,13 +151,15 @@ class ForwardOut:
     the inputs of the layers named in `capture_layers`; cache: new K/V written at
     `cache.length`, lengths unchanged (the caller commits; offloaded: the cache as given); block_scores:
     `[L, B, Hkv, NB]` retrieval scores when a block summary was given, else None;
-    new_kv: with `collect_kv`, the new tokens' keys (after RoPE) and values, each `[L, B, Hkv, T, D]`."""
+    new_kv: with `collect_kv`, the new tokens' keys (after RoPE) and values, each `[L, B, Hkv, T, D]`;
+    kept: what `forward`'s `keep` picked from each layer, stacked over layers (else None)."""
 
     hidden: jax.Array
     features: jax.Array
     cache: KVCache | None
     block_scores: jax.Array | None = None
     new_kv: tuple[jax.Array, jax.Array] | None = None
+    kept: Any = None
 
 
 def param_dtype(params: Params):
@@ -169,7 +171,7 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
             attention: str = "xla", summary: BlockSummary | None = None,
             score_mask: jax.Array | None = None, committed: jax.Array | None = None,
             extra_kv: tuple[jax.Array, jax.Array] | None = None, write: bool = True, collect_kv: bool = False,
-            offloaded: bool = False) -> ForwardOut:
+            offloaded: bool = False, keep: Callable | None = None) -> ForwardOut:
     """Runs new tokens `ids [B, T]` at `positions [B, T]` over `cache`.
 
     The new tokens attend to the cache prefix `[0, cache.length)` and to each
@@ -186,7 +188,13 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     `collect_kv` returns the new tokens' K/V per layer. `offloaded`: the cache
     and summary live in host memory (`offload`); they are read in place and
     never written (as `write=False`, `collect_kv=True`: the caller writes the
-    returned K/V back), and attention takes the XLA path.
+    returned K/V back), and attention reads the prefix a block at a time on the
+    XLA path. With `keep` (offloaded only), each layer's K/V are moved to the
+    device whole instead, the next layer's move overlapping this one's math;
+    attention runs on that copy (`attention` as given), and `keep(keys, values,
+    scores)` (the copy, each `[B, Hkv, S, D]`, and the layer's block scores)
+    picks what the caller needs from it, returned stacked over layers as
+    `ForwardOut.kept`: a full step reads the host cache once.
     """
     dtype = param_dtype(params)
     b, t = ids.shape
@@ -198,18 +206,30 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     layer = DecoderLayer(cfg, dtype, attention)
     capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
 
+    if keep is not None and not offloaded:
+        raise ValueError("forward: `keep` picks from a host cache's layers; it needs offloaded=True")
     if offloaded:
         write, collect_kv = False, True
+    n_layers = cfg.num_layers
 
     def body(carry, xs):
         x, k_all, v_all, feats = carry
         i, layer_params, extra = xs
         feats = jnp.where((capture == i)[:, None, None, None], x[None], feats)
-        if offloaded:  # the host cache is read in place, never carried through the scan
-            k_all, v_all = cache.k, cache.v
-        x, q, k, v, k_all, v_all = layer.apply({"params": layer_params}, x, cos, sin, k_all, v_all, cache_len,
-                                               new_mask, i, *extra, write, offloaded)
-        if offloaded:
+        if keep is not None:  # the carry holds layer i on the device; layer i + 1 starts moving
+            here = k_all, v_all
+            ahead = jnp.minimum(i + 1, n_layers - 1)
+            k_all, v_all = offload.layer_to_device(cache.k, ahead), offload.layer_to_device(cache.v, ahead)
+            layer_cache, layer_index = here, None
+        elif offloaded:  # the host cache is read in place, never carried through the scan
+            layer_cache, layer_index = (cache.k, cache.v), i
+        else:
+            layer_cache, layer_index = (k_all, v_all), i
+        x, q, k, v, k_out, v_out = layer.apply({"params": layer_params}, x, cos, sin, *layer_cache, cache_len,
+                                               new_mask, layer_index, *extra, write, offloaded and keep is None)
+        if not offloaded:
+            k_all, v_all = k_out, v_out
+        elif keep is None:
             k_all = v_all = None
         scores = None
         if summary is not None:
@@ -218,19 +238,22 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
             if committed is not None:
                 kmax, kmin = fold_keys(kmax, kmin, k, cache_len, committed, summary.block)
             scores = retrieval.block_scores(q, kmax, kmin, score_mask)
-        return (x, k_all, v_all, feats), (scores, (k, v) if collect_kv else None)
+        kept = None if keep is None else keep(*here, scores)
+        return (x, k_all, v_all, feats), (scores, (k, v) if collect_kv else None, kept)
 
     feats = jnp.zeros((capture.shape[0], b, t, cfg.hidden_size), dtype)
     k_all, v_all, cache_len = (None, None, None) if cache is None else (cache.k, cache.v, cache.length)
     if offloaded:
         k_all = v_all = None
+    if keep is not None:
+        k_all, v_all = offload.layer_to_device(cache.k, 0), offload.layer_to_device(cache.v, 0)
     extra = (None, None) if extra_kv is None else extra_kv
-    (x, k_all, v_all, feats), (scores, new_kv) = lax.scan(
-        body, (x, k_all, v_all, feats), (jnp.arange(cfg.num_layers), params["layers"], extra))
+    (x, k_all, v_all, feats), (scores, new_kv, kept) = lax.scan(
+        body, (x, k_all, v_all, feats), (jnp.arange(n_layers), params["layers"], extra))
     hidden = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
     if cache is not None and not offloaded:
         cache = cache.replace(k=k_all, v=v_all)
-    return ForwardOut(hidden=hidden, features=feats, cache=cache, block_scores=scores, new_kv=new_kv)
+    return ForwardOut(hidden=hidden, features=feats, cache=cache, block_scores=scores, new_kv=new_kv, kept=kept)
 
 
 def layer_queries(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, positions: jax.Array) -> jax.Array:

@@ -11,12 +11,13 @@ XLA's host offloading supports. Nothing is computed on host arrays.
 Traffic (host <-> device) by step:
 
 - partial verification: none; it reads only the partial cache.
-- full verification: each layer's attention reads the valid prefix in
-  `attention.read_block` blocks, the next block's copy overlapping the
-  current block's math; `commit_and_refresh` then moves each whole layer to
-  the device once more (the next layer prefetched) to rebuild the partial
-  cache and the summary blocks the step touched, and writes back only the
-  committed tokens' K/V and those summary blocks.
+- full verification: each layer is moved to the device whole and once, the
+  next layer's copy overlapping the current layer's math (`model.forward`'s
+  `keep`); attention runs on that copy, and `keeper` keeps of it what the
+  refresh needs (the sink, the best retrieval candidates, a span at the end of
+  each row). `commit_and_refresh` then rebuilds the partial cache and the
+  summary blocks the step touched from those, and writes back only the span
+  (with the committed tokens' K/V) and those summary blocks.
 - prefill: each chunk's attention reads the prefix before it (host reads grow
   quadratically with prompt / chunk: a larger `prefill_chunk` helps), and the
   chunk's K/V are written with `write_rows`; the decode loop then builds the
@@ -25,6 +26,7 @@ Traffic (host <-> device) by step:
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +34,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from specpv_jax import retrieval
-from specpv_jax.cache import BlockSummary, KVCache, summarize_blocks, write_tokens
+from specpv_jax.cache import BlockSummary, KVCache, summarize_blocks, write_all_layers
 from specpv_jax.config import ModelConfig, SpecConfig
 
 HOST = "pinned_host"
@@ -121,50 +123,98 @@ def committed(new: jax.Array, path: jax.Array, n_missing: jax.Array, m: int) -> 
     return jnp.take_along_axis(new, src[None, :, None, :, None], axis=3)
 
 
-def commit_and_refresh(cache: KVCache, new_k: jax.Array, new_v: jax.Array, start: jax.Array,
+def tail_span(full_len: jax.Array, spec: SpecConfig, summary_blocks: int, size: int) -> tuple[jax.Array, int]:
+    """First slot `[B]` and width of the span at the end of each row that a full step's refresh reads and writes
+    whole: from the first block the partial cache's window or a block its retrieval may newly take can reach
+    (the block holding `full_len - window`), through the committed tokens and the `summary_blocks` summary
+    blocks recomputed from the one holding `full_len`; moved back to end inside a `size`-slot cache."""
+    width = tail_width(spec, summary_blocks, size)
+    block = spec.block_size
+    return jnp.clip((full_len - spec.window_tokens) // block * block, 0, size - width), width
+
+
+def tail_width(spec: SpecConfig, summary_blocks: int, size: int) -> int:
+    """Slots of `tail_span`: the window rounded up to whole blocks, one block more, and the summary blocks."""
+    block = spec.block_size
+    return min(size, -(-spec.window_tokens // block) * block + (summary_blocks + 1) * block)
+
+
+@flax.struct.dataclass
+class Kept:
+    """What a full step keeps on the device from each layer of the host cache as it streams past (`keeper`).
+
+    blocks: `[L, B, Hkv, R_blocks]`, in position order, the best-scoring retrieval candidates under the
+    length before the step (`retrieval.candidate_blocks`); keys, values: `[L, B, Hkv, sink + R + width, D]`,
+    the sink, those blocks' tokens, then the `tail_span`.
+    """
+
+    blocks: jax.Array
+    keys: jax.Array
+    values: jax.Array
+
+
+def keeper(full_len: jax.Array, spec: SpecConfig, summary_blocks: int, size: int):
+    """`model.forward`'s `keep` for an offloaded full step: `keep(keys, values, scores)` (one layer on the
+    device, `[B, Hkv, S, D]`, and its block scores `[B, Hkv, NB]`) -> that layer's `Kept` entries.
+
+    Enough for `commit_and_refresh` without reading the host cache again: candidates under the length the
+    step ends with are those under `full_len [B]` plus blocks inside the tail span; of the former, the
+    retrieval's final choice (top-R) takes only blocks that are also among the top-R here.
+    """
+    first, width = tail_span(full_len, spec, summary_blocks, size)
+    n_best = spec.retrieval_tokens // spec.block_size
+
+    def keep(keys, values, scores):
+        candidate = retrieval.candidate_blocks(full_len, scores.shape[-1], spec)[:, None, :]
+        _, best = lax.top_k(jnp.where(candidate, scores, -jnp.inf), n_best)
+        best = jnp.sort(best, axis=-1)  # [B, Hkv, R_blocks]
+        retrieved = (best[..., None] * spec.block_size + jnp.arange(spec.block_size)).reshape(*best.shape[:2], -1)
+        lead = best.shape[:2]
+        slots = jnp.concatenate([jnp.broadcast_to(jnp.arange(spec.sink_tokens), lead + (spec.sink_tokens,)),
+                                 retrieved,
+                                 jnp.broadcast_to((first[:, None] + jnp.arange(width))[:, None], lead + (width,))],
+                                axis=-1)[..., None]
+        return Kept(blocks=best, keys=jnp.take_along_axis(keys, slots, axis=2),
+                    values=jnp.take_along_axis(values, slots, axis=2))
+
+    return keep
+
+
+def commit_and_refresh(cache: KVCache, kept: Kept, new_k: jax.Array, new_v: jax.Array, start: jax.Array,
                        summary: BlockSummary, summary_blocks: int, partial: KVCache, blocks: jax.Array,
                        spec: SpecConfig) -> tuple[KVCache, BlockSummary, KVCache]:
-    """A full step's commit, summary update and partial refresh for a host cache, one layer at a time.
+    """A full step's commit, summary update and partial refresh for a host cache, from what the step `kept`.
 
-    cache: the host cache, lengths already final; new_k, new_v: `[L, B, Hkv, W, D]`
-    (device) to write at `start [B] + [0, W)` (`committed`); `summary_blocks`
-    blocks from the one holding `start` are recomputed (`BlockSummary.update`);
-    the partial cache is rebuilt from the retrieved `blocks [L, B, Hkv, R_blocks]`
-    (`retrieval.refresh`). Each layer is moved to the device whole (the next one
-    prefetched) and updated there as `commit_path` would (writes past the end
-    dropped); only its rows' windows `[min(start, S - W), + W)`, which hold every
-    written slot, and the summary blocks go back, for every layer at once after
-    the loop: a loop that read one layer of a host buffer while writing another
-    made XLA copy the whole buffer every iteration. (A finished row's `start` may
-    sit closer than W to the end: its window then starts earlier and carries
-    its valid entries back unchanged, where a clamped write of `new` at `start`
-    would overwrite them.)
+    cache: the host cache, lengths already final; kept: from `keeper(start, spec, summary_blocks, S)`;
+    new_k, new_v: `[L, B, Hkv, W, D]` (device) to write at `start [B] + [0, W)` (`committed`); `summary_blocks`
+    blocks from the one holding `start` are recomputed (`BlockSummary.update`); the partial cache is rebuilt
+    from the retrieved `blocks [L, B, Hkv, R_blocks]` (`retrieval.select_blocks` under the final lengths).
+    The tail span is updated on the device as `commit_path` would (writes past the end dropped) and goes back
+    whole with the summary blocks, every layer at once (a loop that read one layer of a host buffer while
+    writing another made XLA copy the whole buffer every iteration). Exact for rows whose final length is
+    past `spec.partial_threshold`, the only ones that verify partially.
     """
-    n_layers, _, _, size, _ = cache.k.shape
-    width = new_k.shape[3]
-    back = jnp.minimum(start, size - width)
+    size = cache.max_len
+    first, width = tail_span(start, spec, summary_blocks, size)
+    head = kept.keys.shape[3] - width  # sink + retrieved candidates, then the tail span
+    tail_k, tail_v = (write_all_layers(x[..., head:, :], new, start - first)
+                      for x, new in ((kept.keys, new_k), (kept.values, new_v)))
     sum_starts = summary.window_starts(start, summary_blocks, size)
-    slots = retrieval.static_slots(cache.length, blocks, spec)
+    kmax, kmin = summary.recompute(tail_k, sum_starts - first, cache.length - first, summary_blocks)
 
-    def window(buf):  # [B, Hkv, S, D] -> each row's [Hkv, W, D] from `back`
-        return jax.vmap(lambda b, s: lax.dynamic_slice_in_dim(b, s, width, axis=1))(buf, back)
-
-    def body(on_device, xs):  # on_device: layer i's keys and values, moved to the device last iteration
-        i, k_new, v_new, slot = xs
-        ahead = (layer_to_device(cache.k, jnp.minimum(i + 1, n_layers - 1)),
-                 layer_to_device(cache.v, jnp.minimum(i + 1, n_layers - 1)))
-        keys = write_tokens(on_device[0][None], 0, k_new, start)[0]
-        values = write_tokens(on_device[1][None], 0, v_new, start)[0]
-        kmax, kmin = summary.recompute(keys[None], sum_starts, cache.length, summary_blocks)
-        static = (jnp.take_along_axis(keys, slot[..., None], axis=2),
-                  jnp.take_along_axis(values, slot[..., None], axis=2))
-        return ahead, (window(keys), window(values), kmax[0], kmin[0], static)
-
-    first = (layer_to_device(cache.k, 0), layer_to_device(cache.v, 0))
-    _, (k_back, v_back, kmax, kmin, (static_k, static_v)) = lax.scan(
-        body, first, (jnp.arange(n_layers), new_k, new_v, slots))
+    slots = retrieval.static_slots(cache.length, blocks, spec)  # [L, B, Hkv, static]
+    block = slots // spec.block_size
+    rank = jax.vmap(jnp.searchsorted)(kept.blocks.reshape(-1, kept.blocks.shape[-1]),
+                                      block.reshape(-1, block.shape[-1])).reshape(block.shape)
+    from_kept = jnp.where(slots < spec.sink_tokens, slots,
+                          spec.sink_tokens + jnp.minimum(rank, kept.blocks.shape[-1] - 1) * spec.block_size
+                          + slots % spec.block_size)
+    tail = slots - first[:, None, None]  # slots in the tail span: from there, after the commit
+    src = jnp.where(tail >= 0, head + jnp.minimum(tail, width - 1), from_kept)[..., None]
+    static_k, static_v = (jnp.take_along_axis(jnp.concatenate([x[..., :head, :], t], axis=3), src, axis=3)
+                          for x, t in ((kept.keys, tail_k), (kept.values, tail_v)))
     block_starts = sum_starts // summary.block
-    return (cache.replace(k=write_rows(cache.k, k_back, back), v=write_rows(cache.v, v_back, back)),
+    return (cache.replace(k=write_rows(cache.k, tail_k, first), v=write_rows(cache.v, tail_v, first)),
             summary.replace(kmax=write_rows(summary.kmax, kmax, block_starts),
                             kmin=write_rows(summary.kmin, kmin, block_starts)),
             retrieval.with_static(partial, static_k, static_v, spec))

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from specpv_jax import model as M
 from specpv_jax import offload, retrieval, verify
-from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_tokens
+from specpv_jax.cache import BlockSummary, KVCache, blocks_spanned, commit_path, write_tokens
 from specpv_jax.config import SpecConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.host import stage_factory
@@ -244,9 +244,11 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     n_missing = st.n_missing if with_missing else jnp.zeros_like(st.n_missing)
     m = missing.shape[1]
     tokens, positions, mask, score_mask = _full_inputs(tree, missing, n_missing, full_len)
+    summary_blocks = blocks_spanned(m + tree.size, spec.block_size)  # the step writes [full_len, + m + N)
+    keep = offload.keeper(full_len, spec, summary_blocks, s.cache.max_len) if run.offload else None
     out = M.forward(params, run.cfg, tokens, positions, s.cache, mask, capture_layers=run.dcfg.feature_layers,
                     attention=run.attention, summary=st.summary, score_mask=score_mask,
-                    committed=n_missing if with_missing else None, offloaded=run.offload)
+                    committed=n_missing if with_missing else None, offloaded=run.offload, keep=keep)
     logits = M.logits(params, run.cfg, out.hidden)
     key, k_tree, k_check = jax.random.split(s.key, 3)
     acc = verify.accept(tree, logits[:, m:], sampler, k_tree)
@@ -280,7 +282,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     cache = cache.replace(length=jnp.where(live, cache_len, full_len))
     draft_cache = s.draft_cache.replace(length=draft_len)
     cache, summary, partial, draft_partial = _refresh(run, st, out, acc.path, cache, draft_cache, n_missing, m,
-                                                      tree.size)
+                                                      summary_blocks)
     cap, pause, backoff = st.provisional_cap, st.pause, st.backoff
     if run.mode == "exact":
         cap, pause, backoff = next_provisional_cap(cap, pause, backoff, n_missing, rejected, first, acc.count + 1,
@@ -301,17 +303,16 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
 
 
 def _refresh(run: Run, st: SpecPVState, out: M.ForwardOut, path: jax.Array, cache: KVCache,
-             draft_cache: KVCache, n_missing: jax.Array, m: int, tree_size: int):
-    """After a full step committed (`cache`, lengths final): the block summaries of the span it wrote, the
-    partial cache rebuilt from its block scores, and the head's bounded cache. Offloaded, this also writes
-    the committed K/V (the re-fed tokens, then the accepted `path`) to the host cache."""
+             draft_cache: KVCache, n_missing: jax.Array, m: int, summary_blocks: int):
+    """After a full step committed (`cache`, lengths final): the `summary_blocks` block summaries from the one
+    holding the old length, the partial cache rebuilt from its block scores, and the head's bounded cache.
+    Offloaded, this also writes the committed K/V (the re-fed tokens, then the accepted `path`) to the host
+    cache, from what the step's forward kept (`offload.keeper`)."""
     spec, full_len = run.spec, st.eagle.cache.length
-    # Blocks the step wrote, [full_len, full_len + m + N): a span that may start mid-block touches at most this many.
-    summary_blocks = (m + tree_size) // spec.block_size + 2
     blocks = retrieval.select_blocks(out.block_scores, cache.length, spec)
     if run.offload:
         new_k, new_v = (offload.committed(x, path, n_missing, m) for x in out.new_kv)
-        cache, summary, partial = offload.commit_and_refresh(cache, new_k, new_v, full_len, st.summary,
+        cache, summary, partial = offload.commit_and_refresh(cache, out.kept, new_k, new_v, full_len, st.summary,
                                                              summary_blocks, st.partial, blocks, spec)
     else:
         summary = st.summary.update(cache, full_len, summary_blocks)

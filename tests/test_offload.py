@@ -75,17 +75,26 @@ def test_host_prefix_attention_matches_the_device_path(monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
-def test_commit_and_refresh_matches_the_device_path():
-    """Commit, summary update and partial refresh of a full step, against `commit_path` + `update` + `refresh`;
-    row 1 sits so close to the end that its write-back window is clamped (a finished row's scratch)."""
-    rng = np.random.default_rng(2)
+@pytest.mark.parametrize("lengths, n_missing, seed", [((300, 505), (3, 0), 2), ((127, 250), (5, 5), 3),
+                                                     ((465, 140), (0, 4), 4)])
+def test_commit_and_refresh_matches_the_device_path(lengths, n_missing, seed):
+    """Commit, summary update and partial refresh of a full step, against `commit_path` + `update` + `refresh`.
+    Row 1 of the first case sits so close to the end that its tail span is clamped (a finished row's scratch);
+    a row just below the partial threshold crosses it; a row whose step made a block a retrieval candidate
+    retrieves it (inside the tail span, not among the blocks the forward kept)."""
+    rng = np.random.default_rng(seed)
     m, n_tree = 5, 6
-    cache = random_cache(rng, size=512, lengths=(300, 505))
+    cache = random_cache(rng, size=512, lengths=lengths)
     full_len = cache.length
     new_k, new_v = (jnp.asarray(rng.standard_normal((2, 2, 2, m + n_tree, 8)), jnp.float32) for _ in range(2))
-    path, count, n_missing = jnp.array([[0, 2, 4], [0, 1, 3]]), jnp.array([2, 1]), jnp.array([3, 0])
+    path, count, n_missing = jnp.array([[0, 2, 4], [0, 1, 3]]), jnp.array([2, 1]), jnp.array(n_missing)
     spec, blocks_to_update = small_spec(), (m + n_tree) // 16 + 2
     scores = jnp.asarray(rng.standard_normal((2, 2, 2, 32)), jnp.float32)
+    end = full_len + n_missing + count + 1
+    newly = (end - spec.window_tokens) // spec.block_size - 1  # the last candidate under `end`
+    assert np.any(newly >= (full_len - spec.window_tokens) // spec.block_size)  # not one under `full_len`
+    assert spec.partial_threshold < np.min(np.asarray(end))
+    scores = scores.at[:, jnp.arange(2), :, newly].set(10.0)
     partial = retrieval.empty_partial(cache, spec)
 
     @jax.jit
@@ -100,16 +109,20 @@ def test_commit_and_refresh_matches_the_device_path():
 
     want, summary, want_summary, blocks, want_partial = device_path(cache)
 
+    # What the step's forward keeps as each layer streams past (from the cache before the step).
+    kept = jax.jit(jax.vmap(offload.keeper(full_len, spec, blocks_to_update, cache.max_len)))(cache.k, cache.v,
+                                                                                            scores)
+
     @jax.jit
     def host_path(host_cache, host_summary):
         k, v = (offload.committed(x, path, n_missing, m) for x in (new_k, new_v))
-        return offload.commit_and_refresh(host_cache.replace(length=want.length), k, v, full_len, host_summary,
-                                          blocks_to_update, partial, blocks, spec)
+        return offload.commit_and_refresh(host_cache.replace(length=want.length), kept, k, v, full_len,
+                                          host_summary, blocks_to_update, partial, blocks, spec)
 
     got, got_summary, got_partial = host_path(in_host_memory(cache), in_host_memory(summary))
     assert got.k.sharding.memory_kind == got_summary.kmax.sharding.memory_kind == offload.HOST
-    # Written back after the layer loop: reading one layer while writing another made XLA copy the whole
-    # host cache every layer.
+    # Written back in one update per buffer: a loop that read one layer while writing another made XLA copy
+    # the whole host cache every layer.
     compiled = host_path.lower(in_host_memory(cache), in_host_memory(summary)).compile().as_text()
     assert f"f32[{','.join(map(str, cache.k.shape))}]" not in cache_copies(compiled)
     for b, n in enumerate(np.asarray(want.length)):
@@ -206,8 +219,10 @@ def host_primitives(jaxpr, found=None) -> set[str]:
     return found
 
 
-def test_offloaded_code_only_slices_updates_and_moves_host_arrays(models):
-    """Nothing is computed on host arrays in jit: they are sliced, updated in place or moved (traced only)."""
+@pytest.fixture(scope="module")
+def traced(models):
+    """The offloaded prefill and exact-mode decode programs (jaxprs), the shapes decode moved from host memory
+    to the device while it was traced, and how many full-step variants it traced."""
     target, head = models
     batch = prompts.prepare([[1] * 300, [2] * 230], target.cfg, NEW_TOKENS, CHUNK)
     eos = _eos_ids(target.cfg, ())
@@ -218,13 +233,36 @@ def test_offloaded_code_only_slices_updates_and_moves_host_arrays(models):
     prefill = jax.make_jaxpr(speculative.eagle_prefill_fn(run.prefill_key))(
         target.params, head.params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), cache, draft_cache)
     n_feats = len(head.cfg.feature_layers)
-    decode = jax.make_jaxpr(specpv.specpv_decode_fn(run))(
-        target.params, head.params, head.d2t, cache, draft_cache, jnp.zeros((2, target.cfg.vocab_size)),
-        jnp.zeros((n_feats, 2, target.cfg.hidden_size)), jax.random.key(0), Sampler.create(), jnp.asarray(eos),
-        jnp.asarray(NEW_TOKENS, jnp.int32), offload.empty_summary(cache, spec.block_size))
-    for jaxpr in (prefill.jaxpr, decode.jaxpr):
+    moved, full_steps = [], []
+    jax.clear_caches()  # a decode program traced before (same shapes) would be reused without tracing
+    with pytest.MonkeyPatch.context() as patch:
+        to_device, keeper = offload.to_device, offload.keeper
+        patch.setattr(offload, "to_device", lambda x: moved.append(x.shape) or to_device(x))
+        patch.setattr(offload, "keeper", lambda *a: full_steps.append(a) or keeper(*a))
+        decode = jax.make_jaxpr(specpv.specpv_decode_fn(run))(
+            target.params, head.params, head.d2t, cache, draft_cache, jnp.zeros((2, target.cfg.vocab_size)),
+            jnp.zeros((n_feats, 2, target.cfg.hidden_size)), jax.random.key(0), Sampler.create(),
+            jnp.asarray(eos), jnp.asarray(NEW_TOKENS, jnp.int32), offload.empty_summary(cache, spec.block_size))
+    return prefill.jaxpr, decode.jaxpr, moved, len(full_steps), cache
+
+
+def test_offloaded_code_only_slices_updates_and_moves_host_arrays(traced):
+    """Nothing is computed on host arrays in jit: they are sliced, updated in place or moved (traced only)."""
+    for jaxpr in traced[:2]:
         used = host_primitives(jaxpr)
         assert HOST_OPS <= used and used <= HOST_OPS | CONTROL_FLOW, used
+
+
+def test_a_full_step_moves_each_layer_of_the_host_cache_once(traced):
+    """Decode moves the host cache to the device only a whole layer at a time: a full step moves each layer's
+    K and V once (before its layer loop and inside it: two moves each as traced), the loop's start its keys
+    once more to build the summaries. (A refresh that went back to the host cache moved everything twice.)"""
+    _, _, moved, full_steps, cache = traced
+    layer = (1,) + cache.k.shape[1:]
+    cache_moves = [shape for shape in moved if shape[1:3] == layer[1:3] and shape[-1] == layer[-1]
+                   and shape[3] != cache.k.shape[3] // SPEC.block_size]  # not the block summaries
+    assert full_steps >= 2  # with and without re-fed tokens (and exact mode's rollback variants)
+    assert cache_moves == [layer] * len(cache_moves) and len(cache_moves) == 2 + 4 * full_steps, cache_moves
 
 
 def test_offload_refuses_other_modes_and_counts_device_memory_only(models):
