@@ -56,8 +56,7 @@ def _ungroup_rows(o: jax.Array, t: int) -> jax.Array:
 
 def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, cache_len: jax.Array | None,
            k_new: jax.Array, v_new: jax.Array, new_mask: jax.Array, scale: float,
-           layer: jax.Array | None = None, impl: str = "xla", host_prefix: bool = False,
-           prefix_from: jax.Array | None = None) -> jax.Array:
+           layer: jax.Array | None = None, impl: str = "xla", prefix_from: jax.Array | None = None) -> jax.Array:
     """Softmax attention over prefix + new tokens.
 
     q: `[B, T, Hq, D]`; k_new, v_new: `[B, Hkv, U, D]` (usually U = T, the new
@@ -70,13 +69,11 @@ def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, c
 
     impl "pallas" runs `pallas_kernels.tree_attention` where its contract fits
     (a cache, U = T new keys, D in {64, 128}); other calls take the XLA path.
-    host_prefix: the cache lives in host memory (`offload`): its blocks are
-    copied to the device one at a time (XLA path only).
     prefix_from: `[B, T]`, query t of row b sees prefix slots from
     `prefix_from[b, t]` on only (a sliding window; XLA path only).
     """
     b, t, hq, d = q.shape
-    if (impl == "pallas" and not host_prefix and prefix_from is None and k_cache is not None
+    if (impl == "pallas" and prefix_from is None and k_cache is not None
             and k_new.shape[2] == t and d in _kernel_head_dims()):
         return _tree_kernel(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale, layer)
     hkv = k_new.shape[1]
@@ -91,7 +88,7 @@ def attend(q: jax.Array, k_cache: jax.Array | None, v_cache: jax.Array | None, c
     o = jnp.einsum("bhmu,bhud->bhmd", p.astype(v_new.dtype), v_new, preferred_element_type=jnp.float32)
     if k_cache is not None:
         lo = None if prefix_from is None else jnp.tile(prefix_from, (1, group))[:, None, :]  # rows (g, t)
-        m, l, o = _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, (m, l, o), host_prefix, lo)
+        m, l, o = _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, (m, l, o), lo)
     return _ungroup_rows(o / l[..., None], t).astype(q.dtype)
 
 
@@ -156,16 +153,14 @@ def read_block(size: int, rows: int) -> int:
     return min(size, -(-even // PREFIX_BLOCK) * PREFIX_BLOCK)
 
 
-def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, host_prefix=False, lo=None):
+def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, lo=None):
     """Folds prefix key blocks `[0, max(cache_len))` into running (max, sum, out) statistics.
 
     The last block may start early to stay inside the buffer; keys it shares with
     the block before are masked, so none is counted twice. `lo [B, 1, rows]`: each
     row's first visible slot (`attend`'s prefix_from; `init` must then hold a
     finite max for every row, as `attend`'s does); blocks before every row's are
-    skipped. With `host_prefix` the cache is in host memory: each block is sliced
-    there and moved to the device, the next block's copy issued before the current
-    block's math so they overlap.
+    skipped.
     """
     size = k_cache.shape[-2]
     if size == 0:
@@ -173,11 +168,10 @@ def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, 
     block = read_block(size, qr.shape[2])
     stacked = layer is not None
 
-    def read(buf, start, move=lambda x: x):  # move: applied right after the slice (to the device, offloaded)
+    def read(buf, start):
         if stacked:
-            return move(lax.dynamic_slice(buf, (layer, 0, 0, start, 0),
-                                          (1,) + buf.shape[1:3] + (block, buf.shape[-1])))[0]
-        return move(lax.dynamic_slice_in_dim(buf, start, block, axis=2))
+            return lax.dynamic_slice(buf, (layer, 0, 0, start, 0), (1,) + buf.shape[1:3] + (block, buf.shape[-1]))[0]
+        return lax.dynamic_slice_in_dim(buf, start, block, axis=2)
 
     def block_start(j):
         return jnp.minimum(j * block, size - block)
@@ -197,29 +191,16 @@ def _prefix_online_softmax(qr, k_cache, v_cache, cache_len, scale, layer, init, 
         pv = jnp.einsum("bhms,bhsd->bhmd", p.astype(v_cache.dtype), values, preferred_element_type=jnp.float32)
         return m_new, l * corr + p.sum(-1), o * corr[..., None] + pv
 
-    if host_prefix:
-        from specpv_jax.offload import to_device  # offload imports the cache, which imports this module
-
     def fetch(j):
-        """Block j's keys and values (offloaded: sliced in host memory, then moved to the device)."""
-        move = to_device if host_prefix else (lambda x: x)
-        return read(k_cache, block_start(j), move), read(v_cache, block_start(j), move)
+        return read(k_cache, block_start(j)), read(v_cache, block_start(j))
 
     if block == size:
         # One step reads the whole buffer (every decode step's case): no loop. A loop whose trip count is known
         # only at run time costs a GPU a host round trip per trip; rows past their length are masked as in it.
         return fold(0, *fetch(0), init)
     n_blocks = (jnp.max(cache_len) + block - 1) // block
-    if not host_prefix:
-        first = 0 if lo is None else jnp.clip(jnp.min(lo) // block, 0, n_blocks)
-        return lax.fori_loop(first, n_blocks, lambda j, c: fold(j, *fetch(j), c), init)
-
-    def prefetching(j, carry):
-        stats, (keys, values) = carry
-        ahead = fetch(j + 1)  # the last iteration fetches a block it does not use (clamped in range)
-        return fold(j, keys, values, stats), ahead
-
-    return lax.fori_loop(0, n_blocks, prefetching, (init, fetch(0)))[0]
+    first = 0 if lo is None else jnp.clip(jnp.min(lo) // block, 0, n_blocks)
+    return lax.fori_loop(first, n_blocks, lambda j, c: fold(j, *fetch(j), c), init)
 
 
 def attend_dense(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale, prefix_from=None):

@@ -103,11 +103,11 @@ class prefill_progress:
                 _PrefillBar.bar = None
 
 
-def tick(_) -> None:
-    """Advances the active prefill bar by one chunk (a `jax.debug.callback` target)."""
+def tick(_, share: float = 1) -> None:
+    """Advances the active prefill bar by `share` of a chunk (a `jax.debug.callback` target)."""
     with _PrefillBar.lock:
         if _PrefillBar.bar is not None:
-            _PrefillBar.bar.update(1)
+            _PrefillBar.bar.update(share)
 
 
 class _Stream:

@@ -5,6 +5,7 @@ Their host side (compiled executables, progress bar, streaming) is in `host`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -74,14 +75,17 @@ def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cach
     final hidden state `[B, H]` and captured features `[n, B, H]` of each row's
     last prompt token, and `extra`.
 
-    With `run.offload` the cache is in host memory: each chunk attends to it in
-    place and its K/V are then written there (`offload.write_rows`; the chunk
-    divides T <= the cache's slots, so every write fits). Each chunk reads the
-    whole prefix before it from host memory, so a larger chunk means less traffic.
+    With `run.offload` the cache is in host memory, which the target fills a
+    layer at a time (`model.forward_by_layer`, every chunk of a layer before the
+    next): each layer's K/V are written there once and never read back. The
+    prompt's hidden states and captured features `[1 + n, B, T, H]` stay on the
+    device meanwhile; `consume` then takes the chunks in order.
     """
     cfg, chunk = run.cfg, run.chunk
     b, t = ids.shape
     next_ids = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
+    if run.offload:
+        return _prefill_by_layer(params, run, ids, next_ids, lengths, cache, capture_layers, consume, extra)
 
     def body(c, carry):
         cache, last, last_feats, extra = carry
@@ -89,12 +93,7 @@ def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cach
         ids_c = lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
         pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
         out = M.forward(params, cfg, ids_c, pos, cache.replace(length=jnp.full((b,), start, jnp.int32)),
-                        capture_layers=capture_layers, attention=run.attention, offloaded=run.offload)
-        new_cache = out.cache
-        if run.offload:
-            k, v = out.new_kv
-            new_cache = new_cache.replace(k=offload.write_rows(new_cache.k, k, start),
-                                          v=offload.write_rows(new_cache.v, v, start))
+                        capture_layers=capture_layers, attention=run.attention)
         if consume is not None:
             extra = consume(extra, start, lax.dynamic_slice_in_dim(next_ids, start, chunk, axis=1), out.features)
         if run.progress:
@@ -104,13 +103,40 @@ def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cach
         pick = jnp.clip(idx, 0, chunk - 1)
         h = jnp.take_along_axis(out.hidden, pick[:, None, None], axis=1)[:, 0]
         f = jnp.take_along_axis(out.features, pick[None, :, None, None], axis=2)[:, :, 0]
-        return (new_cache, jnp.where(here[:, None], h, last), jnp.where(here[None, :, None], f, last_feats), extra)
+        return (out.cache, jnp.where(here[:, None], h, last), jnp.where(here[None, :, None], f, last_feats), extra)
 
     dtype = M.param_dtype(params)
     init = (cache, jnp.zeros((b, cfg.hidden_size), dtype),
             jnp.zeros((len(capture_layers), b, cfg.hidden_size), dtype), extra)
     cache, last, last_feats, extra = lax.fori_loop(0, t // chunk, body, init)
     return cache.replace(length=lengths.astype(jnp.int32)), last, last_feats, extra
+
+
+def _prefill_by_layer(params: M.Params, run: Run, ids: jax.Array, next_ids: jax.Array, lengths: jax.Array,
+                      cache: KVCache, capture_layers: tuple[int, ...], consume: Callable | None, extra: Any):
+    """`prefill` into a host-memory cache (`run.offload`), a layer at a time."""
+    chunk, n_layers, t = run.chunk, run.cfg.num_layers, ids.shape[1]
+
+    def store(cache, layer, k, v):
+        return cache.replace(k=offload.write_rows(cache.k, k[None], 0, layer),
+                             v=offload.write_rows(cache.v, v[None], 0, layer))
+
+    def tick(c):  # each layer's pass over a chunk: its share of the chunk on the bar
+        jax.debug.callback(functools.partial(host.tick, share=1 / n_layers), c)
+
+    x, feats, cache = M.forward_by_layer(params, run.cfg, ids, chunk, cache.max_len, store, cache, capture_layers,
+                                         run.attention, tick if run.progress else None)
+    if consume is not None:
+        def feed(c, extra):
+            start = c * chunk
+            return consume(extra, start, lax.dynamic_slice_in_dim(next_ids, start, chunk, axis=1),
+                           lax.dynamic_slice_in_dim(feats, start, chunk, axis=2))
+
+        extra = lax.fori_loop(0, t // chunk, feed, extra)
+    last = lengths - 1
+    hidden = M.final_norm(params, run.cfg, jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
+    return (cache.replace(length=lengths.astype(jnp.int32)), hidden,
+            jnp.take_along_axis(feats, last[None, :, None, None], axis=2)[:, :, 0], extra)
 
 
 @flax.struct.dataclass

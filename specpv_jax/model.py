@@ -61,8 +61,6 @@ class Attention(nn.Module):
     cache in place; the other order makes it copy the whole cache per layer.)
     `k_extra, v_extra [B, Hkv, U, D]` optionally add context keys before the new
     ones (the draft's tree levels); `new_mask` then spans `[B, T, U + T]`.
-    `host_prefix`: the cache is in host memory (`offload`: read block by block,
-    never written here).
     Returns `(out, q, k_new, v_new, k_cache, v_cache)` (q after RoPE, `[B, T, Hq, D]`).
     """
 
@@ -79,7 +77,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, h, cos, sin, k_cache, v_cache, cache_len, new_mask, layer=None, k_extra=None, v_extra=None,
-                 write=True, host_prefix=False, prefix_from=None):
+                 write=True, prefix_from=None):
         b, t, _ = h.shape
         q = _dense(self.num_heads * self.head_dim, self.qkv_bias, self.dtype, "q_proj")(h)
         k = _dense(self.num_kv_heads * self.head_dim, self.qkv_bias, self.dtype, "k_proj")(h)
@@ -93,7 +91,7 @@ class Attention(nn.Module):
         q = rope.apply_rope(q, cos, sin)
         k = rope.apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
-        if write and k_cache is not None and not host_prefix:
+        if write and k_cache is not None:
             k_cache = write_tokens(k_cache, layer, k, cache_len)
             v_cache = write_tokens(v_cache, layer, v, cache_len)
         keys, values = k, v
@@ -101,7 +99,7 @@ class Attention(nn.Module):
             keys = jnp.concatenate([k_extra.astype(k.dtype), k], axis=2)
             values = jnp.concatenate([v_extra.astype(v.dtype), v], axis=2)
         out = attend(q, k_cache, v_cache, cache_len, keys, values, new_mask, scale=self.head_dim ** -0.5, layer=layer,
-                     impl=self.attention, host_prefix=host_prefix, prefix_from=prefix_from)
+                     impl=self.attention, prefix_from=prefix_from)
         out = _dense(self.out_features, self.o_bias, self.dtype, "o_proj")(out.reshape(b, t, -1))
         return out, q, k, v, k_cache, v_cache
 
@@ -131,15 +129,15 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, k_cache, v_cache, cache_len, new_mask, layer=None, k_extra=None, v_extra=None,
-                 write=True, host_prefix=False):
+                 write=True):
         """k_cache, v_cache: `[B, Hkv, S, D]`, or the stacked `[L, ...]` cache read at `layer`;
-        None for cache-free self-attention (training). k_extra, v_extra, write, host_prefix: as in `Attention`."""
+        None for cache-free self-attention (training). k_extra, v_extra, write: as in `Attention`."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         attn, q, k, v, k_cache, v_cache = Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm,
             eps, self.dtype, self.attention, name="self_attn")(h, cos, sin, k_cache, v_cache, cache_len, new_mask,
-                                                                layer, k_extra, v_extra, write, host_prefix)
+                                                                layer, k_extra, v_extra, write)
         x = x + attn
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(h), q, k, v, k_cache, v_cache
@@ -186,26 +184,23 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     `[L, B, Hkv, U, D]`) adds keys between the prefix and the new tokens (a
     draft tree's earlier levels); `new_mask` is then `[B, T, U + T]`.
     `collect_kv` returns the new tokens' K/V per layer. `offloaded`: the cache
-    and summary live in host memory (`offload`); they are read in place and
-    never written (as `write=False`, `collect_kv=True`: the caller writes the
-    returned K/V back), and attention reads the prefix a block at a time on the
-    XLA path. With `keep` (offloaded only), each layer's K/V are moved to the
-    device whole instead, the next layer's move overlapping this one's math;
-    attention runs on that copy (`attention` as given), and `keep(keys, values,
-    scores)` (the copy, each `[B, Hkv, S, D]`, and the layer's block scores)
-    picks what the caller needs from it, returned stacked over layers as
-    `ForwardOut.kept`: a full step reads the host cache once.
+    and summary live in host memory (`offload`); they are never written (as
+    `write=False`, `collect_kv=True`: the caller writes the returned K/V back),
+    and each layer's K/V are moved to the device whole and once, the next
+    layer's move overlapping this one's math; attention runs on that copy.
+    `keep(keys, values, scores)` (offloaded only; the copy, each `[B, Hkv, S,
+    D]`, and the layer's block scores) picks what the caller needs from it,
+    returned stacked over layers as `ForwardOut.kept`.
     """
     dtype = param_dtype(params)
     b, t = ids.shape
     if new_mask is None:
         new_mask = causal_mask(b, t)
-    x = jnp.take(params["embed_tokens"]["embedding"], ids, axis=0)
+    x = embed(params, ids)
     cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim),
                             rope.attention_scaling(cfg.rope), dtype)
     layer = DecoderLayer(cfg, dtype, attention)
     capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
-
     if keep is not None and not offloaded:
         raise ValueError("forward: `keep` picks from a host cache's layers; it needs offloaded=True")
     if offloaded:
@@ -216,21 +211,16 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
         x, k_all, v_all, feats = carry
         i, layer_params, extra = xs
         feats = jnp.where((capture == i)[:, None, None, None], x[None], feats)
-        if keep is not None:  # the carry holds layer i on the device; layer i + 1 starts moving
-            here = k_all, v_all
+        if offloaded:  # the carry holds layer i on the device; layer i + 1 starts moving
+            here, layer_index = (k_all, v_all), None
             ahead = jnp.minimum(i + 1, n_layers - 1)
             k_all, v_all = offload.layer_to_device(cache.k, ahead), offload.layer_to_device(cache.v, ahead)
-            layer_cache, layer_index = here, None
-        elif offloaded:  # the host cache is read in place, never carried through the scan
-            layer_cache, layer_index = (cache.k, cache.v), i
         else:
-            layer_cache, layer_index = (k_all, v_all), i
-        x, q, k, v, k_out, v_out = layer.apply({"params": layer_params}, x, cos, sin, *layer_cache, cache_len,
-                                               new_mask, layer_index, *extra, write, offloaded and keep is None)
+            here, layer_index = (k_all, v_all), i
+        x, q, k, v, k_out, v_out = layer.apply({"params": layer_params}, x, cos, sin, *here, cache_len,
+                                               new_mask, layer_index, *extra, write)
         if not offloaded:
             k_all, v_all = k_out, v_out
-        elif keep is None:
-            k_all = v_all = None
         scores = None
         if summary is not None:
             kmax, kmin = ((offload.layer_to_device(summary.kmax, i), offload.layer_to_device(summary.kmin, i))
@@ -244,16 +234,77 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     feats = jnp.zeros((capture.shape[0], b, t, cfg.hidden_size), dtype)
     k_all, v_all, cache_len = (None, None, None) if cache is None else (cache.k, cache.v, cache.length)
     if offloaded:
-        k_all = v_all = None
-    if keep is not None:
         k_all, v_all = offload.layer_to_device(cache.k, 0), offload.layer_to_device(cache.v, 0)
     extra = (None, None) if extra_kv is None else extra_kv
     (x, k_all, v_all, feats), (scores, new_kv, kept) = lax.scan(
         body, (x, k_all, v_all, feats), (jnp.arange(n_layers), params["layers"], extra))
-    hidden = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
+    hidden = final_norm(params, cfg, x)
     if cache is not None and not offloaded:
         cache = cache.replace(k=k_all, v=v_all)
     return ForwardOut(hidden=hidden, features=feats, cache=cache, block_scores=scores, new_kv=new_kv, kept=kept)
+
+
+def embed(params: Params, ids: jax.Array) -> jax.Array:
+    """Token embeddings `[..., H]` of `ids [...]`."""
+    return jnp.take(params["embed_tokens"]["embedding"], ids, axis=0)
+
+
+def final_norm(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """The last layer's output `x [..., H]` after the final norm (the hidden state the LM head reads)."""
+    return RMSNorm(cfg.rms_norm_eps, param_dtype(params)).apply({"params": params["norm"]}, x)
+
+
+def forward_by_layer(params: Params, cfg: ModelConfig, ids: jax.Array, chunk: int, slots: int,
+                     store: Callable, stored: Any, capture_layers: Sequence[int] = (), attention: str = "xla",
+                     tick: Callable | None = None) -> tuple[jax.Array, jax.Array, Any]:
+    """A prompt `ids [B, T]` (positions `0..T-1`, T a multiple of `chunk`) run a layer at a time: each layer
+    takes every chunk, in order, before the next layer starts (the same computation as `forward` chunk by
+    chunk over a `slots`-slot cache). A layer's K/V live on the device only while it runs, in a `slots`-slot
+    buffer, then go to `store(stored, layer, k, v) -> stored` (k, v `[B, Hkv, slots, D]`, zeros past T): a
+    prefill that never reads back the cache it fills (offload's, in host memory, which a chunk-at-a-time
+    prefill would read whole for every chunk). `tick(chunk)` runs after each chunk of each layer (inside jit).
+
+    Returns x `[B, T, H]` (the last layer's output, before `final_norm`), the inputs of the layers in
+    `capture_layers` `[n, B, T, H]`, and what `store` returned.
+    """
+    dtype = param_dtype(params)
+    b, t = ids.shape
+    inverse_frequencies, scaling = rope.inverse_frequencies(cfg.rope, cfg.head_dim), rope.attention_scaling(cfg.rope)
+    layer = DecoderLayer(cfg, dtype, attention)
+    capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
+    mask = causal_mask(b, chunk)
+
+    def run_layer(carry, xs):
+        x, feats, k_buf, v_buf, stored = carry
+        i, layer_params = xs
+        if capture_layers:  # rewrites slot 0 with what it holds when layer i is not captured (in place)
+            slot = jnp.argmax(capture == i)
+            feats = lax.dynamic_update_index_in_dim(feats, jnp.where(jnp.any(capture == i), x, feats[slot]), slot, 0)
+
+        def run_chunk(c, carry):
+            x, k_buf, v_buf = carry
+            # Opaque: XLA's CPU constant folding (jax 0.10.2) turned a one-chunk prompt's output to NaN, its
+            # start (0) known and its prefix attention fully masked.
+            start = lax.optimization_barrier(c * chunk)
+            positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+            cos, sin = rope.cos_sin(positions, inverse_frequencies, scaling, dtype)
+            x_c, _, _, _, k_buf, v_buf = layer.apply(
+                {"params": layer_params}, lax.dynamic_slice_in_dim(x, start, chunk, axis=1), cos, sin, k_buf, v_buf,
+                jnp.full((b,), start, jnp.int32), mask, 0)
+            if tick is not None:
+                tick(c)
+            return lax.dynamic_update_slice_in_dim(x, x_c, start, axis=1), k_buf, v_buf
+
+        # The buffers go from layer to layer: each chunk reads only slots the layer's earlier chunks wrote.
+        x, k_buf, v_buf = lax.fori_loop(0, t // chunk, run_chunk, (x, k_buf, v_buf))
+        return (x, feats, k_buf, v_buf, store(stored, i, k_buf[0], v_buf[0])), None
+
+    x = embed(params, ids)
+    feats = jnp.zeros((capture.shape[0], b, t, cfg.hidden_size), dtype)
+    k_buf, v_buf = (jnp.zeros((1, b, cfg.num_kv_heads, slots, cfg.head_dim), dtype) for _ in range(2))
+    (x, feats, _, _, stored), _ = lax.scan(run_layer, (x, feats, k_buf, v_buf, stored),
+                                           (jnp.arange(cfg.num_layers), params["layers"]))
+    return x, feats, stored
 
 
 def layer_queries(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, positions: jax.Array) -> jax.Array:

@@ -18,10 +18,9 @@ Traffic (host <-> device) by step:
   each row). `commit_and_refresh` then rebuilds the partial cache and the
   summary blocks the step touched from those, and writes back only the span
   (with the committed tokens' K/V) and those summary blocks.
-- prefill: each chunk's attention reads the prefix before it (host reads grow
-  quadratically with prompt / chunk: a larger `prefill_chunk` helps), and the
-  chunk's K/V are written with `write_rows`; the decode loop then builds the
-  summaries with one more pass (`summarize`).
+- prefill: a layer at a time (`model.forward_by_layer`), each layer's K/V
+  written with `write_rows` once its last chunk has run, nothing read back;
+  the decode loop then builds the summaries with one more pass (`summarize`).
 """
 
 from __future__ import annotations

@@ -88,13 +88,15 @@ def test_estimate_covers_what_the_compiled_stages_take():
     ("exact", 4, 8192, 1.0, 0.9, 20, sj.SpecConfig(sink_tokens=16, retrieval_tokens=32, window_tokens=16)),
     # a beam tree drafts from 64 nodes per level: its draft logits outgrow the 9-node verification's
     ("eagle", 4, 32768, 0.0, 1.0, 0, sj.SpecConfig(tree_depth=3, tree_top_k=8, tree_nodes=8, tree_beam=True)),
-], ids=["ar", "exact-top-p-top-k", "eagle-beam"])
+    # offloaded, prefill holds the prompt's hidden states and features; a full step two layers and what it keeps
+    ("exact", 4, 64, 0.0, 1.0, 0, sj.SpecConfig(sink_tokens=16, retrieval_tokens=32, window_tokens=16, offload=True)),
+], ids=["ar", "exact-top-p-top-k", "eagle-beam", "exact-offload"])
 def test_estimate_covers_kv_heads_sampling_and_drafting(mode, heads, vocab, temperature, top_p, top_k, spec):
     from specpv_jax import host
 
     target = make_target(vocab, layers=2, heads=heads)
     draft = make_head(target) if mode != "ar" else None
-    rows, n, chunk = (2, 2000, 256) if mode == "ar" else (2, 100, 16)
+    rows, n, chunk = (2, 2000, 256) if mode == "ar" or spec.offload else (2, 100, 16)
     host._EXECUTABLES.clear()
     sj.generate(target, np.zeros((rows, n), np.int32), 4, draft=draft, mode=mode, temperature=temperature,
                 top_p=top_p, top_k=top_k, prefill_chunk=chunk, eos_token_ids=(), attention="xla", progress=False,

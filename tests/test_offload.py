@@ -3,6 +3,7 @@ versions, and generation against the same run with the cache on the device."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -14,8 +15,7 @@ from test_eagle import make_head, make_target
 from test_specpv import cache_copies, random_cache, small_spec
 
 import specpv_jax as sj
-from specpv_jax import attention, memory, offload, prompts, retrieval, specpv, speculative
-from specpv_jax.attention import attend, causal_mask
+from specpv_jax import memory, offload, prompts, retrieval, specpv, speculative
 from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_all_layers
 from specpv_jax.draft import eagle3
 from specpv_jax.generate import _eos_ids, _plan
@@ -50,29 +50,6 @@ def test_write_rows_matches_the_device_write():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="cannot write"):
         offload.write_rows(in_host_memory(buf), jnp.zeros((3, 2, 2, 65, 4)), 0)
-
-
-def test_host_prefix_attention_matches_the_device_path(monkeypatch):
-    rng = np.random.default_rng(1)
-    size, t = 2560, 5  # 1024-key blocks: three, the last one clamped into the buffer
-    monkeypatch.setattr(attention, "SCORE_TILE", 1024 * t * 2)
-    assert attention.read_block(size, t * 2) == 1024
-    k_cache, v_cache = (jnp.asarray(rng.standard_normal((2, 2, 2, size, 8)), jnp.float32) for _ in range(2))
-    q = jnp.asarray(rng.standard_normal((2, t, 4, 8)), jnp.float32)
-    k_new, v_new = (jnp.asarray(rng.standard_normal((2, 2, t, 8)), jnp.float32) for _ in range(2))
-    lengths = jnp.array([size - 3, 1024 + 7], jnp.int32)
-
-    @jax.jit
-    def both(k_host, v_host, layer):
-        args = (q, k_new, v_new, causal_mask(2, t), 0.3)
-
-        def run(kc, vc, host):
-            return attend(args[0], kc, vc, lengths, *args[1:4], scale=args[4], layer=layer, host_prefix=host)
-
-        return run(k_host, v_host, True), run(k_cache, v_cache, False)
-
-    got, want = both(in_host_memory(k_cache), in_host_memory(v_cache), jnp.int32(1))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("lengths, n_missing, seed", [((300, 505), (3, 0), 2), ((127, 250), (5, 5), 3),
@@ -160,6 +137,59 @@ def decode(target, head, rows, mode, spec):
     return timed_call(specpv.specpv_decode_fn(run), *args)[0]
 
 
+def prefill(target, head, batch, spec, chunk):
+    """`generate`'s EAGLE-3 prefill of `batch`: (target cache, head cache, logits, last features)."""
+    run, max_len = _plan(target.cfg, spec, "exact", head.cfg, NEW_TOKENS, batch.ids.shape[1], chunk, "xla")
+    b = batch.batch
+    cache = (offload.empty_cache(target.cfg, b, max_len, jnp.float32) if run.offload
+             else KVCache.for_model(target.cfg, b, max_len))
+    return speculative.eagle_prefill_fn(run.prefill_key)(target.params, head.params, jnp.asarray(batch.ids),
+                                                         jnp.asarray(batch.lengths), cache,
+                                                         eagle3.empty_cache(head.cfg, b, max_len, head.params))
+
+
+@pytest.mark.parametrize("chunk, chunks", [(CHUNK, 3), (512, 1)])
+def test_offloaded_prefill_runs_a_layer_at_a_time_with_the_same_results(models, chunk, chunks):
+    """Into host memory the target prefills a layer at a time (each layer's K/V written once, never read
+    back): the caches, logits and features equal the chunk-at-a-time prefill's on the device. With several
+    chunks each layer's later chunks read its earlier ones; a prompt of one chunk was NaN once (XLA CPU)."""
+    target, head = models
+    rng = np.random.default_rng(0)
+    batch = prompts.prepare([list(rng.integers(1, 16, 300)), list(rng.integers(1, 16, 230))], target.cfg,
+                            NEW_TOKENS, chunk)
+    assert batch.ids.shape[1] // chunk == chunks
+    with jax.default_matmul_precision("default"):  # as users run it (this suite's default is "highest")
+        want = prefill(target, head, batch, SPEC, chunk)
+        got = prefill(target, head, batch, dataclasses.replace(SPEC, offload=True), chunk)
+    assert got[0].k.sharding.memory_kind == offload.HOST
+    for b, n in enumerate(batch.lengths):
+        for name in ("k", "v"):
+            np.testing.assert_allclose(np.asarray(getattr(got[0], name))[:, b, :, :n],
+                                       np.asarray(getattr(want[0], name))[:, b, :, :n], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(getattr(got[1], name))[:, b, :, :n - 1],
+                                       np.asarray(getattr(want[1], name))[:, b, :, :n - 1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got[0].length), batch.lengths)
+    np.testing.assert_array_equal(np.asarray(got[1].length), np.asarray(want[1].length))
+    np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[3]), np.asarray(want[3]), rtol=1e-6, atol=1e-6)
+
+
+def test_offloaded_prefill_fills_the_progress_bar(models, monkeypatch):
+    """Each layer's pass over a chunk ticks its share: the bar ends at the prompt's chunks."""
+    from specpv_jax import host
+
+    target, head = models
+    ticks = []
+    monkeypatch.setattr(host, "tick", lambda _, share=1: ticks.append(share))
+    monkeypatch.setattr(host, "_EXECUTABLES", collections.OrderedDict())  # traced anew, with the tick above
+    jax.clear_caches()
+    rows = [[1] * 300]
+    sj.generate(target, rows, 4, draft=head, mode="exact", spec=dataclasses.replace(SPEC, offload=True),
+                eos_token_ids=(), prefill_chunk=CHUNK, progress=True)
+    chunks = prompts.prepare(rows, target.cfg, 4, CHUNK).ids.shape[1] // CHUNK
+    assert len(ticks) == chunks * target.cfg.num_layers and sum(ticks) == pytest.approx(chunks)
+
+
 @pytest.mark.parametrize("mode", ["exact", "specpv"])
 def test_offloaded_generation_equals_the_device_cache(models, mode):
     target, head = models
@@ -221,8 +251,8 @@ def host_primitives(jaxpr, found=None) -> set[str]:
 
 @pytest.fixture(scope="module")
 def traced(models):
-    """The offloaded prefill and exact-mode decode programs (jaxprs), the shapes decode moved from host memory
-    to the device while it was traced, and how many full-step variants it traced."""
+    """The offloaded prefill and exact-mode decode programs (jaxprs), and for each the shapes it moved from
+    host memory to the device while it was traced; how many full-step variants decode traced; the cache."""
     target, head = models
     batch = prompts.prepare([[1] * 300, [2] * 230], target.cfg, NEW_TOKENS, CHUNK)
     eos = _eos_ids(target.cfg, ())
@@ -230,36 +260,39 @@ def traced(models):
     run, max_len = _plan(target.cfg, spec, "exact", head.cfg, NEW_TOKENS, batch.ids.shape[1], CHUNK, "xla")
     cache = offload.empty_cache(target.cfg, 2, max_len, jnp.float32)
     draft_cache = eagle3.empty_cache(head.cfg, 2, max_len, head.params)
-    prefill = jax.make_jaxpr(speculative.eagle_prefill_fn(run.prefill_key))(
-        target.params, head.params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), cache, draft_cache)
     n_feats = len(head.cfg.feature_layers)
-    moved, full_steps = [], []
-    jax.clear_caches()  # a decode program traced before (same shapes) would be reused without tracing
+    moved, full_steps = {"prefill": [], "decode": []}, []
+    jax.clear_caches()  # a program traced before (same shapes) would be reused without tracing
     with pytest.MonkeyPatch.context() as patch:
         to_device, keeper = offload.to_device, offload.keeper
-        patch.setattr(offload, "to_device", lambda x: moved.append(x.shape) or to_device(x))
         patch.setattr(offload, "keeper", lambda *a: full_steps.append(a) or keeper(*a))
+        patch.setattr(offload, "to_device", lambda x: moved["prefill"].append(x.shape) or to_device(x))
+        prefill = jax.make_jaxpr(speculative.eagle_prefill_fn(run.prefill_key))(
+            target.params, head.params, jnp.asarray(batch.ids), jnp.asarray(batch.lengths), cache, draft_cache)
+        patch.setattr(offload, "to_device", lambda x: moved["decode"].append(x.shape) or to_device(x))
         decode = jax.make_jaxpr(specpv.specpv_decode_fn(run))(
             target.params, head.params, head.d2t, cache, draft_cache, jnp.zeros((2, target.cfg.vocab_size)),
             jnp.zeros((n_feats, 2, target.cfg.hidden_size)), jax.random.key(0), Sampler.create(),
             jnp.asarray(eos), jnp.asarray(NEW_TOKENS, jnp.int32), offload.empty_summary(cache, spec.block_size))
-    return prefill.jaxpr, decode.jaxpr, moved, len(full_steps), cache
+    return {"prefill": prefill.jaxpr, "decode": decode.jaxpr}, moved, len(full_steps), cache
 
 
 def test_offloaded_code_only_slices_updates_and_moves_host_arrays(traced):
     """Nothing is computed on host arrays in jit: they are sliced, updated in place or moved (traced only)."""
-    for jaxpr in traced[:2]:
-        used = host_primitives(jaxpr)
-        assert HOST_OPS <= used and used <= HOST_OPS | CONTROL_FLOW, used
+    used = {name: host_primitives(jaxpr) for name, jaxpr in traced[0].items()}
+    assert all(found <= HOST_OPS | CONTROL_FLOW for found in used.values()), used
+    assert used["decode"] >= HOST_OPS and "dynamic_update_slice" in used["prefill"], used
 
 
-def test_a_full_step_moves_each_layer_of_the_host_cache_once(traced):
-    """Decode moves the host cache to the device only a whole layer at a time: a full step moves each layer's
-    K and V once (before its layer loop and inside it: two moves each as traced), the loop's start its keys
-    once more to build the summaries. (A refresh that went back to the host cache moved everything twice.)"""
-    _, _, moved, full_steps, cache = traced
+def test_host_cache_traffic(traced):
+    """Prefill only writes the host cache (a layer at a time: a chunk at a time read it whole per chunk).
+    Decode moves it to the device only a whole layer at a time: a full step moves each layer's K and V once
+    (before its layer loop and inside it: two moves each as traced), the loop's start its keys once more to
+    build the summaries. (A refresh that went back to the host cache moved everything twice.)"""
+    _, moved, full_steps, cache = traced
+    assert moved["prefill"] == []
     layer = (1,) + cache.k.shape[1:]
-    cache_moves = [shape for shape in moved if shape[1:3] == layer[1:3] and shape[-1] == layer[-1]
+    cache_moves = [shape for shape in moved["decode"] if shape[1:3] == layer[1:3] and shape[-1] == layer[-1]
                    and shape[3] != cache.k.shape[3] // SPEC.block_size]  # not the block summaries
     assert full_steps >= 2  # with and without re-fed tokens (and exact mode's rollback variants)
     assert cache_moves == [layer] * len(cache_moves) and len(cache_moves) == 2 + 4 * full_steps, cache_moves
