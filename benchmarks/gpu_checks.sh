@@ -37,6 +37,7 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND within min(SECONDS, budge
 step env 20 python3 -c "import jax, flax, transformers, torch
 print(jax.__version__, jax.devices(), flax.__version__, transformers.__version__, torch.__version__)"
 step attention_kernels 150 python3 benchmarks/attention_kernels.py --out "$work/attention_kernels.json"
+step offload_generate 120 python3 benchmarks/offload_generate.py --context 16384 --out "$work/offload_generate.json"
 step scale 190 python3 benchmarks/scale.py --contexts 32768 131072 --offload-contexts 131072 \
   --out "$work/scale.json"
 step decode_profile 210 python3 benchmarks/decode_profile.py --out "$work/decode_profile.json"
