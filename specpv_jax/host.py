@@ -103,11 +103,11 @@ class prefill_progress:
                 _PrefillBar.bar = None
 
 
-def tick(_, share: float = 1) -> None:
-    """Advances the active prefill bar by `share` of a chunk (a `jax.debug.callback` target)."""
+def tick(_, chunks=1) -> None:
+    """Advances the active prefill bar by `chunks` (a `jax.debug.callback` target)."""
     with _PrefillBar.lock:
         if _PrefillBar.bar is not None:
-            _PrefillBar.bar.update(share)
+            _PrefillBar.bar.update(int(chunks))
 
 
 class _Stream:

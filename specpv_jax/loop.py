@@ -5,7 +5,6 @@ Their host side (compiled executables, progress bar, streaming) is in `host`."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -121,8 +120,8 @@ def _prefill_by_layer(params: M.Params, run: Run, ids: jax.Array, next_ids: jax.
         return cache.replace(k=offload.write_rows(cache.k, k[None], 0, layer),
                              v=offload.write_rows(cache.v, v[None], 0, layer))
 
-    def tick(c):  # each layer's pass over a chunk: its share of the chunk on the bar
-        jax.debug.callback(functools.partial(host.tick, share=1 / n_layers), c)
+    def tick(step):  # the bar counts chunks: L layer-chunk steps make one, advanced in whole chunks
+        jax.debug.callback(host.tick, step, (step + 1) // n_layers - step // n_layers)
 
     x, feats, cache = M.forward_by_layer(params, run.cfg, ids, chunk, cache.max_len, store, cache, capture_layers,
                                          run.attention, tick if run.progress else None)

@@ -202,8 +202,9 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     # A draft level's logits and log-probabilities over its widest frontier (a beam tree's is tree_top_k**2)
     draft_rows = 0 if mode == "ar" else 2 * max(frontier_widths(spec.tree_top_k, spec.tree_depth, spec.tree_beam),
                                                 default=spec.tree_top_k)
-    # Offloaded, prefill goes a layer at a time: the prompt's hidden states and captured features stay resident.
-    by_layer = (1 + len(d.feature_layers)) * batch * context * h * size if spec.offload and mode in PARTIAL_MODES else 0
+    # Offloaded, prefill goes a layer at a time: the prompt's hidden states (twice: XLA copies the loop's; CPU,
+    # measured) and captured features stay resident.
+    by_layer = (2 + len(d.feature_layers)) * batch * context * h * size if spec.offload and mode in PARTIAL_MODES else 0
     temporaries = max(logit_buffers * batch * tree * v * 4, batch * draft_rows * v * 4,
                       batch * t * (2 * h + 2 * cfg.intermediate_size) * 4 + by_layer) + scores + attention_io
     activations = temporaries // rows + layer_param_count(cfg, model) * size

@@ -262,7 +262,8 @@ def forward_by_layer(params: Params, cfg: ModelConfig, ids: jax.Array, chunk: in
     chunk over a `slots`-slot cache). A layer's K/V live on the device only while it runs, in a `slots`-slot
     buffer, then go to `store(stored, layer, k, v) -> stored` (k, v `[B, Hkv, slots, D]`, zeros past T): a
     prefill that never reads back the cache it fills (offload's, in host memory, which a chunk-at-a-time
-    prefill would read whole for every chunk). `tick(chunk)` runs after each chunk of each layer (inside jit).
+    prefill would read whole for every chunk). `tick(step)` runs after each chunk of each layer (inside jit;
+    `step` counts them from 0, layer-major).
 
     Returns x `[B, T, H]` (the last layer's output, before `final_norm`), the inputs of the layers in
     `capture_layers` `[n, B, T, H]`, and what `store` returned.
@@ -274,29 +275,33 @@ def forward_by_layer(params: Params, cfg: ModelConfig, ids: jax.Array, chunk: in
     capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
     mask = causal_mask(b, chunk)
 
+    n_chunks = t // chunk
+
     def run_layer(carry, xs):
         x, feats, k_buf, v_buf, stored = carry
         i, layer_params = xs
-        if capture_layers:  # rewrites slot 0 with what it holds when layer i is not captured (in place)
-            slot = jnp.argmax(capture == i)
-            feats = lax.dynamic_update_index_in_dim(feats, jnp.where(jnp.any(capture == i), x, feats[slot]), slot, 0)
+        captured, slot = jnp.any(capture == i), jnp.argmax(capture == i)
 
         def run_chunk(c, carry):
-            x, k_buf, v_buf = carry
+            x, feats, k_buf, v_buf = carry
             # Opaque: XLA's CPU constant folding (jax 0.10.2) turned a one-chunk prompt's output to NaN, its
             # start (0) known and its prefix attention fully masked.
             start = lax.optimization_barrier(c * chunk)
+            x_c = lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
+            if capture_layers:  # a chunk at a time: a whole-prompt select would copy x (and XLA did, twice)
+                at = (slot, 0, start, 0)
+                held = lax.dynamic_slice(feats, at, (1, b, chunk, x.shape[2]))
+                feats = lax.dynamic_update_slice(feats, jnp.where(captured, x_c[None], held), at)
             positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
             cos, sin = rope.cos_sin(positions, inverse_frequencies, scaling, dtype)
-            x_c, _, _, _, k_buf, v_buf = layer.apply(
-                {"params": layer_params}, lax.dynamic_slice_in_dim(x, start, chunk, axis=1), cos, sin, k_buf, v_buf,
-                jnp.full((b,), start, jnp.int32), mask, 0)
+            x_c, _, _, _, k_buf, v_buf = layer.apply({"params": layer_params}, x_c, cos, sin, k_buf, v_buf,
+                                                     jnp.full((b,), start, jnp.int32), mask, 0)
             if tick is not None:
-                tick(c)
-            return lax.dynamic_update_slice_in_dim(x, x_c, start, axis=1), k_buf, v_buf
+                tick(i * n_chunks + c)
+            return lax.dynamic_update_slice_in_dim(x, x_c, start, axis=1), feats, k_buf, v_buf
 
         # The buffers go from layer to layer: each chunk reads only slots the layer's earlier chunks wrote.
-        x, k_buf, v_buf = lax.fori_loop(0, t // chunk, run_chunk, (x, k_buf, v_buf))
+        x, feats, k_buf, v_buf = lax.fori_loop(0, n_chunks, run_chunk, (x, feats, k_buf, v_buf))
         return (x, feats, k_buf, v_buf, store(stored, i, k_buf[0], v_buf[0])), None
 
     x = embed(params, ids)

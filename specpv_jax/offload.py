@@ -81,8 +81,8 @@ def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array | int, layer: ja
 
     `dynamic_update_slice` clamps a start that leaves too little room instead of
     dropping the overflow (as `write_tokens` does), so callers keep
-    `start + T <= S`: prefill chunks (T = chunk divides the padded prompt, <= S),
-    summary blocks (`BlockSummary.window_starts`), `commit_and_refresh`'s windows.
+    `start + T <= S`: prefill's layers (whole, at 0), summary blocks
+    (`BlockSummary.window_starts`), `commit_and_refresh`'s tail spans.
     """
     if new.shape[3] > buf.shape[3] or new.shape[0] > buf.shape[0]:
         raise ValueError(f"cannot write {new.shape} into {buf.shape}")
@@ -202,12 +202,11 @@ def commit_and_refresh(cache: KVCache, kept: Kept, new_k: jax.Array, new_v: jax.
     kmax, kmin = summary.recompute(tail_k, sum_starts - first, cache.length - first, summary_blocks)
 
     slots = retrieval.static_slots(cache.length, blocks, spec)  # [L, B, Hkv, static]
-    block = slots // spec.block_size
-    rank = jax.vmap(jnp.searchsorted)(kept.blocks.reshape(-1, kept.blocks.shape[-1]),
-                                      block.reshape(-1, block.shape[-1])).reshape(block.shape)
+    block, n_kept = slots // spec.block_size, kept.blocks.shape[-1]
+    rank = jnp.zeros_like(block) if n_kept == 0 else jax.vmap(jnp.searchsorted)(
+        kept.blocks.reshape(-1, n_kept), block.reshape(-1, block.shape[-1])).reshape(block.shape)
     from_kept = jnp.where(slots < spec.sink_tokens, slots,
-                          spec.sink_tokens + jnp.minimum(rank, kept.blocks.shape[-1] - 1) * spec.block_size
-                          + slots % spec.block_size)
+                          spec.sink_tokens + jnp.clip(rank, 0, n_kept - 1) * spec.block_size + slots % spec.block_size)
     tail = slots - first[:, None, None]  # slots in the tail span: from there, after the commit
     src = jnp.where(tail >= 0, head + jnp.minimum(tail, width - 1), from_kept)[..., None]
     static_k, static_v = (jnp.take_along_axis(jnp.concatenate([x[..., :head, :], t], axis=3), src, axis=3)

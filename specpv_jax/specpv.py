@@ -22,8 +22,9 @@ draft's) and truncates at the first disagreement, emitting the target's token
 there.
 
 With `SpecConfig(offload=True)` the full cache and its block summaries live in
-host memory (`offload`): partial steps never touch them; full steps read them in
-place and write back through `offload.commit_and_refresh`.
+host memory (`offload`): partial steps never touch them; full steps move each
+layer to the device once (`offload.keeper` keeps what the refresh needs) and
+write back through `offload.commit_and_refresh`.
 """
 
 from __future__ import annotations

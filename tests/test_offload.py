@@ -12,14 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_eagle import make_head, make_target
+from test_memory import compiled_peak
 from test_specpv import cache_copies, random_cache, small_spec
 
 import specpv_jax as sj
-from specpv_jax import memory, offload, prompts, retrieval, specpv, speculative
+from specpv_jax import host, memory, offload, prompts, retrieval, specpv, speculative
 from specpv_jax.cache import BlockSummary, KVCache, commit_path, write_all_layers
+from specpv_jax.config import DraftConfig, ModelConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.generate import _eos_ids, _plan
 from specpv_jax.host import timed_call
+from specpv_jax.model import init_params
 from specpv_jax.sampling import Sampler
 
 SPEC = small_spec()  # partial threshold 128 tokens: partial steps at once, full steps every ~20 tokens
@@ -52,9 +55,10 @@ def test_write_rows_matches_the_device_write():
         offload.write_rows(in_host_memory(buf), jnp.zeros((3, 2, 2, 65, 4)), 0)
 
 
-@pytest.mark.parametrize("lengths, n_missing, seed", [((300, 505), (3, 0), 2), ((127, 250), (5, 5), 3),
-                                                     ((465, 140), (0, 4), 4)])
-def test_commit_and_refresh_matches_the_device_path(lengths, n_missing, seed):
+@pytest.mark.parametrize("lengths, n_missing, seed, retrieved", [
+    ((300, 505), (3, 0), 2, 64), ((127, 250), (5, 5), 3, 64), ((465, 140), (0, 4), 4, 64),
+    ((300, 200), (2, 1), 5, 0)])  # no retrieval: sink and window only
+def test_commit_and_refresh_matches_the_device_path(lengths, n_missing, seed, retrieved):
     """Commit, summary update and partial refresh of a full step, against `commit_path` + `update` + `refresh`.
     Row 1 of the first case sits so close to the end that its tail span is clamped (a finished row's scratch);
     a row just below the partial threshold crosses it; a row whose step made a block a retrieval candidate
@@ -65,11 +69,11 @@ def test_commit_and_refresh_matches_the_device_path(lengths, n_missing, seed):
     full_len = cache.length
     new_k, new_v = (jnp.asarray(rng.standard_normal((2, 2, 2, m + n_tree, 8)), jnp.float32) for _ in range(2))
     path, count, n_missing = jnp.array([[0, 2, 4], [0, 1, 3]]), jnp.array([2, 1]), jnp.array(n_missing)
-    spec, blocks_to_update = small_spec(), (m + n_tree) // 16 + 2
+    spec, blocks_to_update = small_spec(retrieval_tokens=retrieved), (m + n_tree) // 16 + 2
     scores = jnp.asarray(rng.standard_normal((2, 2, 2, 32)), jnp.float32)
     end = full_len + n_missing + count + 1
     newly = (end - spec.window_tokens) // spec.block_size - 1  # the last candidate under `end`
-    assert np.any(newly >= (full_len - spec.window_tokens) // spec.block_size)  # not one under `full_len`
+    assert np.any(newly >= (full_len - spec.window_tokens) // spec.block_size) or not retrieved  # new under `end`
     assert spec.partial_threshold < np.min(np.asarray(end))
     scores = scores.at[:, jnp.arange(2), :, newly].set(10.0)
     partial = retrieval.empty_partial(cache, spec)
@@ -174,20 +178,66 @@ def test_offloaded_prefill_runs_a_layer_at_a_time_with_the_same_results(models, 
     np.testing.assert_allclose(np.asarray(got[3]), np.asarray(want[3]), rtol=1e-6, atol=1e-6)
 
 
-def test_offloaded_prefill_fills_the_progress_bar(models, monkeypatch):
-    """Each layer's pass over a chunk ticks its share: the bar ends at the prompt's chunks."""
-    from specpv_jax import host
+def test_the_estimate_covers_the_offloaded_prefill():
+    """Prefilled a layer at a time, the prompt's hidden states and features stay on the device: at a width where
+    they dominate, the compiled prefill's device memory (the host cache aside) fits the estimate's."""
+    cfg = ModelConfig(arch="llama", vocab_size=16, hidden_size=512, intermediate_size=512, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=16384)
+    dcfg = DraftConfig.for_target(cfg, 16)
+    spec, rows, context, chunk = dataclasses.replace(SPEC, offload=True), 2, 8192, 128
+    run, max_len = _plan(cfg, spec, "exact", dcfg, NEW_TOKENS, context, chunk, "xla")
+    cache = offload.empty_cache(cfg, rows, max_len, jnp.float32)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    dparams = jax.eval_shape(lambda: eagle3.init_params(dcfg, jax.random.key(1)))
+    ids = jax.ShapeDtypeStruct((rows, context), jnp.int32)
+    compiled = speculative.eagle_prefill_fn(run.prefill_key).lower(
+        params, dparams, ids, jax.ShapeDtypeStruct((rows,), jnp.int32), cache,
+        jax.eval_shape(lambda: eagle3.empty_cache(dcfg, rows, max_len, dparams))).compile()
+    est = memory.estimate(cfg, context, NEW_TOKENS, rows, "exact", spec=spec, dtype="float32",
+                          prefill_chunk=chunk, draft_cfg=dcfg)
+    hidden_states = rows * context * cfg.hidden_size * 4
+    assert est.parts["activations"] > 4 * hidden_states  # they dominate the transient
+    assert compiled_peak(compiled) - (cache.k.nbytes + cache.v.nbytes) <= est.device, est.parts
 
+
+def test_offloaded_prefill_fills_the_progress_bar(models, monkeypatch):
+    """Each layer's pass over a chunk ticks: every `num_layers` of them advance the bar by a chunk, so it ends
+    at the prompt's chunks."""
     target, head = models
     ticks = []
-    monkeypatch.setattr(host, "tick", lambda _, share=1: ticks.append(share))
+    monkeypatch.setattr(host, "tick", lambda _, chunks=1: ticks.append(int(chunks)))
     monkeypatch.setattr(host, "_EXECUTABLES", collections.OrderedDict())  # traced anew, with the tick above
     jax.clear_caches()
     rows = [[1] * 300]
     sj.generate(target, rows, 4, draft=head, mode="exact", spec=dataclasses.replace(SPEC, offload=True),
                 eos_token_ids=(), prefill_chunk=CHUNK, progress=True)
     chunks = prompts.prepare(rows, target.cfg, 4, CHUNK).ids.shape[1] // CHUNK
-    assert len(ticks) == chunks * target.cfg.num_layers and sum(ticks) == pytest.approx(chunks)
+    assert len(ticks) == chunks * target.cfg.num_layers and sum(ticks) == chunks  # whole chunks: no float drift
+
+
+def test_offloaded_steps_run_the_pallas_kernel_with_the_same_tokens(monkeypatch):
+    """Offloaded, prefill and full steps attend to device copies of the cache, so `attention="pallas"` runs the
+    kernel there too (interpret mode on the CPU; head dim 64, its contract) and gives the device run's tokens."""
+    import pallas_kernels
+
+    target = make_target(64, layers=2, head_dim=64, sharpen=8.0, seed=5)
+    head = make_head(target, draft_vocab=40)
+    kernel, caches = pallas_kernels.tree_attention, []
+    monkeypatch.setattr(pallas_kernels, "tree_attention", lambda q, k, *a, **kw: caches.append(k.ndim) or kernel(
+        q, k, *a, **kw))
+    rng = np.random.default_rng(0)
+    rows = [list(rng.integers(1, 64, 300)), list(rng.integers(1, 64, 230))]
+    tokens = {}
+    for offloaded in (False, True):
+        caches.clear()
+        monkeypatch.setattr(host, "_EXECUTABLES", collections.OrderedDict())  # traced anew, through the spy
+        jax.clear_caches()
+        tokens[offloaded] = sj.generate(target, rows, 24, draft=head, mode="exact", prefill_chunk=CHUNK,
+                                        spec=dataclasses.replace(SPEC, offload=offloaded), eos_token_ids=(),
+                                        attention="pallas", progress=False).tokens
+        # Offloaded: one layer's copy ([B, Hkv, S, D]) in full steps, a one-layer stack in prefill.
+        assert caches and (4 in caches) == offloaded, caches
+    np.testing.assert_array_equal(tokens[True], tokens[False])
 
 
 @pytest.mark.parametrize("mode", ["exact", "specpv"])
