@@ -273,9 +273,7 @@ def forward_by_layer(params: Params, cfg: ModelConfig, ids: jax.Array, chunk: in
     inverse_frequencies, scaling = rope.inverse_frequencies(cfg.rope, cfg.head_dim), rope.attention_scaling(cfg.rope)
     layer = DecoderLayer(cfg, dtype, attention)
     capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
-    mask = causal_mask(b, chunk)
-
-    n_chunks = t // chunk
+    mask, n_chunks = causal_mask(b, chunk), t // chunk
 
     def run_layer(carry, xs):
         x, feats, k_buf, v_buf, stored = carry
