@@ -25,6 +25,7 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from scale import DTYPE, QUICK_SHAPES, peak_device_bytes  # noqa: E402
 
@@ -43,7 +44,7 @@ def random_models(cfg: ModelConfig, seed: int = 0) -> tuple[sj.Model, eagle3.Eag
     dcfg = DraftConfig.for_target(cfg, min(DRAFT_VOCAB, cfg.vocab_size))
     ids = np.sort(np.random.default_rng(seed).choice(cfg.vocab_size, dcfg.draft_vocab_size, replace=False))
     head = eagle3.Eagle3(dcfg, eagle3.init_params(dcfg, jax.random.key(seed + 1), DTYPE),
-                         jax.numpy.asarray(eagle3.d2t_from_token_ids(ids)))
+                         jnp.asarray(eagle3.d2t_from_token_ids(ids)))
     return target, head
 
 

@@ -278,7 +278,6 @@ def forward_by_layer(params: Params, cfg: ModelConfig, ids: jax.Array, chunk: in
     def run_layer(carry, xs):
         x, feats, k_buf, v_buf, stored = carry
         i, layer_params = xs
-        captured, slot = jnp.any(capture == i), jnp.argmax(capture == i)
 
         def run_chunk(c, carry):
             x, feats, k_buf, v_buf = carry
@@ -287,9 +286,9 @@ def forward_by_layer(params: Params, cfg: ModelConfig, ids: jax.Array, chunk: in
             start = lax.optimization_barrier(c * chunk)
             x_c = lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
             if capture_layers:  # a chunk at a time: a whole-prompt select would copy x (and XLA did, twice)
-                at = (slot, 0, start, 0)
+                at = (jnp.argmax(capture == i), 0, start, 0)
                 held = lax.dynamic_slice(feats, at, (1, b, chunk, x.shape[2]))
-                feats = lax.dynamic_update_slice(feats, jnp.where(captured, x_c[None], held), at)
+                feats = lax.dynamic_update_slice(feats, jnp.where(jnp.any(capture == i), x_c[None], held), at)
             positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
             cos, sin = rope.cos_sin(positions, inverse_frequencies, scaling, dtype)
             x_c, _, _, _, k_buf, v_buf = layer.apply({"params": layer_params}, x_c, cos, sin, k_buf, v_buf,

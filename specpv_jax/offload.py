@@ -205,8 +205,8 @@ def commit_and_refresh(cache: KVCache, kept: Kept, new_k: jax.Array, new_v: jax.
     block, n_kept = slots // spec.block_size, kept.blocks.shape[-1]
     rank = jnp.zeros_like(block) if n_kept == 0 else jax.vmap(jnp.searchsorted)(
         kept.blocks.reshape(-1, n_kept), block.reshape(-1, block.shape[-1])).reshape(block.shape)
-    from_kept = jnp.where(slots < spec.sink_tokens, slots,
-                          spec.sink_tokens + jnp.clip(rank, 0, n_kept - 1) * spec.block_size + slots % spec.block_size)
+    in_kept = spec.sink_tokens + jnp.minimum(rank, max(n_kept - 1, 0)) * spec.block_size + slots % spec.block_size
+    from_kept = jnp.where(slots < spec.sink_tokens, slots, in_kept)
     tail = slots - first[:, None, None]  # slots in the tail span: from there, after the commit
     src = jnp.where(tail >= 0, head + jnp.minimum(tail, width - 1), from_kept)[..., None]
     static_k, static_v = (jnp.take_along_axis(jnp.concatenate([x[..., :head, :], t], axis=3), src, axis=3)
