@@ -7,6 +7,10 @@
     out.tokens, out.stats
 """
 
+from specpv_jax import xla_cpu
+
+xla_cpu.configure()  # first: before anything can start JAX's backends
+
 from specpv_jax.config import DraftConfig, ModelConfig, RopeConfig, SpecConfig
 from specpv_jax.demo import DemoModels, demo_models
 from specpv_jax.generate import GenerateOutput, fidelity, forward_logits, generate, make_generate_fn

@@ -281,9 +281,7 @@ def forward_by_layer(params: Params, cfg: ModelConfig, ids: jax.Array, chunk: in
 
         def run_chunk(c, carry):
             x, feats, k_buf, v_buf = carry
-            # Opaque: XLA's CPU constant folding (jax 0.10.2) turned a one-chunk prompt's output to NaN, its
-            # start (0) known and its prefix attention fully masked.
-            start = lax.optimization_barrier(c * chunk)
+            start = c * chunk
             x_c = lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
             if capture_layers:  # a chunk at a time: a whole-prompt select would copy x (and XLA did, twice)
                 at = (jnp.argmax(capture == i), 0, start, 0)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.metadata
 import pathlib
 
 import jax
 import pytest
+
+importlib.import_module("specpv_jax")  # before JAX starts: it sets XLA:CPU flags (specpv_jax/xla_cpu.py)
 
 # fp32 parity needs full-precision matmuls on GPUs too (no TF32).
 jax.config.update("jax_default_matmul_precision", "highest")

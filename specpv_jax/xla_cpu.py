@@ -1,0 +1,59 @@
+"""XLA:CPU settings the library needs: jaxlib 0.10.2-0.11.x's YNNPACK fusions off.
+
+From 0.10.2 XLA:CPU hands some dots and reductions to YNNPACK by default, and for some
+shapes they compute wrong values: a batched dot of two broadcasts returns NaN (below; the offloaded prefill of
+a one-chunk prompt ran into it), sums come out silently wrong (jax-ml/jax#39103), programs crash
+(jax-ml/jax#39257, #40412). Every jaxlib this package allows has the NaN (0.10.2 and 0.11.2 checked)::
+
+    def f(s):  # s [2, 2, 1024, 512]; jit(f)(ones) is all NaN, its true value all zeros
+        p = jnp.broadcast_to(s.max(-1, keepdims=True), s.shape)
+        return jnp.einsum("bhms,bhsd->bhmd", p, jnp.zeros((2, 2, 512, 16), jnp.float32))
+
+`import specpv_jax` therefore adds `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK fusion) to XLA_FLAGS
+when JAX has not started its backends yet (XLA reads the variable once, then); the fusions' speed on the demo
+models is in BENCHMARKS.md ("XLA:CPU's YNNPACK fusions"). Left alone: XLA_FLAGS that already set the flag, the
+environment variable SPECPV_JAX_CPU_YNN=1 (keep XLA's default), and jaxlib versions outside 0.10.2-0.11.x
+(XLA aborts on a flag it does not know). Started too late on a CPU, the library warns.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+FLAG = "xla_cpu_experimental_ynn_fusion_type"
+KEEP_ENV = "SPECPV_JAX_CPU_YNN"
+AFFECTED = ((0, 10, 2), (0, 12, 0))  # [first, end) jaxlib versions
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def needed(jaxlib_version: str, environ) -> bool:
+    """Whether the flag should be added for this jaxlib and environment (XLA_FLAGS, SPECPV_JAX_CPU_YNN)."""
+    return (AFFECTED[0] <= _version(jaxlib_version) < AFFECTED[1] and environ.get(KEEP_ENV, "") in ("", "0")
+            and FLAG not in environ.get("XLA_FLAGS", ""))
+
+
+def configure() -> str:
+    """Turns the fusions off where `needed` says so (before JAX's backends start). Returns what it did: "set",
+    "not needed", or "late" (JAX already started; warned when its default backend is the CPU)."""
+    import jaxlib
+    from jax._src import xla_bridge
+
+    if not needed(jaxlib.__version__, os.environ):
+        return "not needed"
+    if xla_bridge.backends_are_initialized():
+        import jax
+
+        if jax.default_backend() == "cpu":
+            from specpv_jax.warning import warn
+
+            warn(f"JAX started before specpv_jax was imported, so XLA:CPU keeps its YNNPACK fusions, which in "
+                 f"jaxlib {jaxlib.__version__} compute NaN or wrong values for some shapes (specpv_jax/xla_cpu.py)."
+                 f" Import specpv_jax before running JAX code, or start Python with "
+                 f"XLA_FLAGS=--{FLAG}= (or {KEEP_ENV}=1 to keep them and silence this)")
+        return "late"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{FLAG}=".strip()
+    return "set"
