@@ -133,16 +133,24 @@ def check_embedding(cfg: DraftConfig, target: ModelConfig, own_embedding: bool, 
                               f"{target.hidden_size}, and it stores no embed_tokens of its own to embed tokens with")
 
 
-def head_config(head_dir: str | os.PathLike, target: ModelConfig) -> DraftConfig:
-    """The config of a public-layout EAGLE-3 head directory, checked to fit `target` (`load_eagle3` may then
-    take the attention width from the weights)."""
+def head_config(head_dir: str | os.PathLike, target: ModelConfig,
+                infos: dict[str, TensorInfo] | None = None) -> DraftConfig:
+    """The config of a public-layout EAGLE-3 head directory, checked to fit `target`. The attention width is
+    q_proj's rows / heads where the weights say (whether a config's head_dim is used varies): `infos`, else the
+    safetensors headers (no tensor data read; a torch pickle's head keeps its config's)."""
     head_dir = pathlib.Path(head_dir)
     try:
-        cfg = DraftConfig.from_hf(read_json(head_dir / "config.json"), target)
+        hf = read_json(head_dir / "config.json")
+        cfg = DraftConfig.from_hf(hf, target)
     except (KeyError, TypeError) as e:
         raise ConversionError(f"{head_dir / 'config.json'}: missing or malformed field {e}") from None
     except ConfigError as e:
         raise ConversionError(f"{head_dir / 'config.json'}: {e}") from None
+    if infos is None:
+        infos = scan_headers(sorted(head_dir.glob("*.safetensors")))
+    q = infos.get(f"{_layer_key(is_speculators(hf))}.self_attn.q_proj.weight")
+    if q is not None and len(q.shape) == 2 and q.shape[0] % cfg.num_heads == 0:
+        cfg = dataclasses.replace(cfg, head_dim=q.shape[0] // cfg.num_heads)
     check_fits_target(cfg, target, str(head_dir))
     return cfg
 
@@ -152,13 +160,8 @@ def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32
     """Reads a public-layout EAGLE-3 head for `target`. Returns (config, params, d2t `[V_draft]` int32)."""
     head_dir = pathlib.Path(head_dir)
     dtype = check_dtype(dtype)
-    hf = read_json(head_dir / "config.json")
-    cfg = head_config(head_dir, target)
     tensors, infos = read_state(head_dir)
-    speculators = is_speculators(hf)
-    q = infos.get(f"{_layer_key(speculators)}.self_attn.q_proj.weight")
-    if q is not None and len(q.shape) == 2 and q.shape[0] % cfg.num_heads == 0:
-        cfg = dataclasses.replace(cfg, head_dim=q.shape[0] // cfg.num_heads)  # whether config head_dim is used varies
+    cfg = head_config(head_dir, target, infos)
     extras = {"d2t", "t2d", "embed_tokens.weight"}
     fc = infos.get("fc.weight")
     if fc is not None and len(fc.shape) == 2 and fc.shape[1] != len(cfg.feature_layers) * target.hidden_size:
@@ -166,7 +169,7 @@ def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32
             f"{head_dir}: fc.weight {fc.shape} takes {fc.shape[1]} feature values, but {len(cfg.feature_layers)} "
             f"feature layers {cfg.feature_layers} of a hidden-size-{target.hidden_size} target give "
             f"{len(cfg.feature_layers) * target.hidden_size}")
-    table = head_table(cfg, speculators)
+    table = head_table(cfg, is_speculators(read_json(head_dir / "config.json")))
     check_tensors(table, infos, 1, "an EAGLE-3 head", ignore=lambda k: k in extras,
                   source=f"{head_dir / 'config.json'}")
     check_embedding(cfg, target, "embed_tokens.weight" in infos, str(head_dir))

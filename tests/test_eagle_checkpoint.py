@@ -19,6 +19,7 @@ from convert.hf import ConversionError, hf_config
 from specpv_jax.attention import causal_mask
 from specpv_jax.checkpoint import CheckpointError
 from specpv_jax.config import ConfigError, DraftConfig, ModelConfig, RopeConfig
+from specpv_jax import loading
 from specpv_jax.draft import eagle3
 from test_eagle import make_target
 
@@ -290,6 +291,7 @@ def test_heads_with_wider_attention_heads_load(target, tmp_path, config_head_dim
         (out / "config.json").write_text(json.dumps(config))
     head = sj.load_draft(out, target)
     assert head.cfg == cfg
+    assert loading.draft_config(out, target.cfg) == cfg  # what `plan --draft` sizes it by, no weights read
     jax.tree.map(np.testing.assert_array_equal, head.params, params)
 
 
