@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # runs), and the CPU backend's LLVM at -O0 (tests/test_offload.py: 88 -> 70 s; the models are too small to care).
 TEST_WORKERS ?= 2
 PYTEST_ENV := XLA_FLAGS="--xla_backend_optimization_level=0 $(XLA_FLAGS)"
-PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist worksteal
+# --durations: each run lists its slowest tests (what to trim if the suite nears its 20 minutes)
+PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 PYTEST := $(PYTEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
 # `make test-next`: the suite on the newest JAX PyPI serves for Python >= 3.12 (0.11.x, as on our GPU machine),
 # less the torch parity tests (no CPU torch for 3.12 on this machine's registries). Another interpreter:

@@ -133,11 +133,19 @@ def check_embedding(cfg: DraftConfig, target: ModelConfig, own_embedding: bool, 
                               f"{target.hidden_size}, and it stores no embed_tokens of its own to embed tokens with")
 
 
-def head_config(head_dir: str | os.PathLike, target: ModelConfig,
-                infos: dict[str, TensorInfo] | None = None) -> DraftConfig:
-    """The config of a public-layout EAGLE-3 head directory, checked to fit `target`. The attention width is
-    q_proj's rows / heads where the weights say (whether a config's head_dim is used varies): `infos`, else the
-    safetensors headers (no tensor data read; a torch pickle's head keeps its config's)."""
+def _attention_width(cfg: DraftConfig, hf: dict, infos: dict[str, TensorInfo]) -> DraftConfig:
+    """`cfg` with head_dim = q_proj's rows / heads where the weights say (whether a config's head_dim is used
+    varies)."""
+    q = infos.get(f"{_layer_key(is_speculators(hf))}.self_attn.q_proj.weight")
+    if q is not None and len(q.shape) == 2 and q.shape[0] % cfg.num_heads == 0:
+        return dataclasses.replace(cfg, head_dim=q.shape[0] // cfg.num_heads)
+    return cfg
+
+
+def head_config(head_dir: str | os.PathLike, target: ModelConfig) -> DraftConfig:
+    """The config of a public-layout EAGLE-3 head directory, checked to fit `target`, its attention width read
+    off q_proj in the safetensors headers (no tensor data read; a torch pickle's is known once `load_eagle3`
+    reads it)."""
     head_dir = pathlib.Path(head_dir)
     try:
         hf = read_json(head_dir / "config.json")
@@ -146,11 +154,7 @@ def head_config(head_dir: str | os.PathLike, target: ModelConfig,
         raise ConversionError(f"{head_dir / 'config.json'}: missing or malformed field {e}") from None
     except ConfigError as e:
         raise ConversionError(f"{head_dir / 'config.json'}: {e}") from None
-    if infos is None:
-        infos = scan_headers(sorted(head_dir.glob("*.safetensors")))
-    q = infos.get(f"{_layer_key(is_speculators(hf))}.self_attn.q_proj.weight")
-    if q is not None and len(q.shape) == 2 and q.shape[0] % cfg.num_heads == 0:
-        cfg = dataclasses.replace(cfg, head_dim=q.shape[0] // cfg.num_heads)
+    cfg = _attention_width(cfg, hf, scan_headers(sorted(head_dir.glob("*.safetensors"))))
     check_fits_target(cfg, target, str(head_dir))
     return cfg
 
@@ -160,8 +164,10 @@ def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32
     """Reads a public-layout EAGLE-3 head for `target`. Returns (config, params, d2t `[V_draft]` int32)."""
     head_dir = pathlib.Path(head_dir)
     dtype = check_dtype(dtype)
+    cfg = head_config(head_dir, target)  # checked before any weight is read
+    hf = read_json(head_dir / "config.json")
     tensors, infos = read_state(head_dir)
-    cfg = head_config(head_dir, target, infos)
+    cfg = _attention_width(cfg, hf, infos)  # a torch pickle's, now known
     extras = {"d2t", "t2d", "embed_tokens.weight"}
     fc = infos.get("fc.weight")
     if fc is not None and len(fc.shape) == 2 and fc.shape[1] != len(cfg.feature_layers) * target.hidden_size:
@@ -169,7 +175,7 @@ def load_eagle3(head_dir: str | os.PathLike, target: ModelConfig, dtype="float32
             f"{head_dir}: fc.weight {fc.shape} takes {fc.shape[1]} feature values, but {len(cfg.feature_layers)} "
             f"feature layers {cfg.feature_layers} of a hidden-size-{target.hidden_size} target give "
             f"{len(cfg.feature_layers) * target.hidden_size}")
-    table = head_table(cfg, is_speculators(read_json(head_dir / "config.json")))
+    table = head_table(cfg, is_speculators(hf))
     check_tensors(table, infos, 1, "an EAGLE-3 head", ignore=lambda k: k in extras,
                   source=f"{head_dir / 'config.json'}")
     check_embedding(cfg, target, "embed_tokens.weight" in infos, str(head_dir))

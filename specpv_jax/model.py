@@ -281,7 +281,10 @@ def forward_by_layer(params: Params, cfg: ModelConfig, ids: jax.Array, chunk: in
 
         def run_chunk(c, carry):
             x, feats, k_buf, v_buf = carry
-            start = c * chunk
+            # Opaque to XLA: with a one-chunk prompt's start (0) known, the prefix attention's masked values fold
+            # to a constant zero broadcast, whose dot jaxlib 0.10.2-0.11.x's YNNPACK fusion returns as NaN (where
+            # they are on: SPECPV_JAX_CPU_YNN=1, or JAX started before the import; specpv_jax/xla_cpu.py).
+            start = lax.optimization_barrier(c * chunk)
             x_c = lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
             if capture_layers:  # a chunk at a time: a whole-prompt select would copy x (and XLA did, twice)
                 at = (jnp.argmax(capture == i), 0, start, 0)

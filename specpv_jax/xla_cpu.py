@@ -11,9 +11,9 @@ a one-chunk prompt ran into it), sums come out silently wrong (jax-ml/jax#39103)
 
 `import specpv_jax` therefore adds `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK fusion) to XLA_FLAGS
 when JAX has not started its backends yet (XLA reads the variable once, then); the fusions' speed on the demo
-models is in BENCHMARKS.md ("XLA:CPU's YNNPACK fusions"). Left alone: XLA_FLAGS that already set the flag, the
-environment variable SPECPV_JAX_CPU_YNN=1 (keep XLA's default), and jaxlib versions outside 0.10.2-0.11.x
-(XLA aborts on a flag it does not know). Started too late on a CPU, the library warns.
+models is in BENCHMARKS.md ("XLA:CPU's YNNPACK fusions"). Left alone: XLA_FLAGS that already set the flag,
+SPECPV_JAX_CPU_YNN=1 (or true, yes, on) in the environment (keep XLA's default), and jaxlib versions outside
+0.10.2-0.11.x (XLA aborts on a flag it does not know). Started too late on a CPU, the library warns.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def _version(text: str) -> tuple[int, ...]:
 
 def needed(jaxlib_version: str, environ) -> bool:
     """Whether the flag should be added for this jaxlib and environment (XLA_FLAGS, SPECPV_JAX_CPU_YNN)."""
-    return (AFFECTED[0] <= _version(jaxlib_version) < AFFECTED[1] and environ.get(KEEP_ENV, "") in ("", "0")
-            and FLAG not in environ.get("XLA_FLAGS", ""))
+    keep = environ.get(KEEP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    affected = AFFECTED[0] <= _version(jaxlib_version) < AFFECTED[1]
+    return affected and not keep and FLAG not in environ.get("XLA_FLAGS", "")
 
 
 def configure() -> str:

@@ -170,6 +170,16 @@ def test_mismatched_heads_are_named(target, tmp_path, config, state_edit, messag
         sj.load_draft(head_dir, target)
 
 
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_a_config_that_does_not_fit_is_named_before_the_weights_are_read(target, tmp_path, fmt):
+    """Weights that cannot be read (or a missing torch) must not hide what the config already says."""
+    head_dir = write_head(tmp_path / "head", public_config(hidden_act="gelu"), fmt=fmt)
+    weights = head_dir / ("pytorch_model.bin" if fmt == "bin" else "model.safetensors")
+    weights.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConversionError, match="hidden_act='gelu'"):
+        sj.load_draft(head_dir, target)
+
+
 def test_orbax_head_must_match_its_config(target, tmp_path):
     sj.save_draft(sj.load_draft(write_head(tmp_path / "head"), target), tmp_path / "orbax")
     meta_path = tmp_path / "orbax" / "specpv_config.json"
