@@ -12,8 +12,10 @@ a one-chunk prompt ran into it), sums come out silently wrong (jax-ml/jax#39103)
 `import specpv_jax` therefore adds `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK fusion) to XLA_FLAGS
 when JAX has not started its backends yet (XLA reads the variable once, then); the fusions' speed on the demo
 models is in BENCHMARKS.md ("XLA:CPU's YNNPACK fusions"). Left alone: XLA_FLAGS that already set the flag,
-SPECPV_JAX_CPU_YNN=1 (or true, yes, on) in the environment (keep XLA's default), and jaxlib versions outside
-0.10.2-0.11.x (XLA aborts on a flag it does not know). Started too late on a CPU, the library warns.
+SPECPV_JAX_CPU_YNN=1 (or true, yes, on) in the environment (keep XLA's default), jaxlib versions outside
+0.10.2-0.11.x (XLA aborts on a flag it does not know), and machines whose JAX defaults to a GPU or TPU (an
+installed plugin or libtpu, unless JAX_PLATFORMS puts the CPU first: their runtimes are XLA builds of their own,
+and the CPU backend there runs little). Started too late on a CPU, the library warns.
 """
 
 from __future__ import annotations
@@ -30,11 +32,24 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
-def needed(jaxlib_version: str, environ) -> bool:
-    """Whether the flag should be added for this jaxlib and environment (XLA_FLAGS, SPECPV_JAX_CPU_YNN)."""
+def accelerator_installed() -> bool:
+    """Whether a GPU or TPU runtime for JAX is installed (a `jax_plugins` package such as CUDA's, or libtpu):
+    JAX then defaults to it, and it is a separate XLA build that reads XLA_FLAGS too."""
+    import importlib.metadata
+    import importlib.util
+
+    return (importlib.util.find_spec("jax_plugins") is not None or importlib.util.find_spec("libtpu") is not None
+            or bool(importlib.metadata.entry_points(group="jax_plugins")))
+
+
+def needed(jaxlib_version: str, environ, accelerator: bool) -> bool:
+    """Whether the flag should be added for this jaxlib, environment (XLA_FLAGS, SPECPV_JAX_CPU_YNN,
+    JAX_PLATFORMS) and `accelerator_installed()`: where JAX's default backend will be the CPU."""
     keep = environ.get(KEEP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
     affected = AFFECTED[0] <= _version(jaxlib_version) < AFFECTED[1]
-    return affected and not keep and FLAG not in environ.get("XLA_FLAGS", "")
+    platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
+    cpu = platforms.split(",")[0].strip() == "cpu" if platforms else not accelerator
+    return affected and cpu and not keep and FLAG not in environ.get("XLA_FLAGS", "")
 
 
 def configure() -> str:
@@ -43,7 +58,7 @@ def configure() -> str:
     import jaxlib
     from jax._src import xla_bridge
 
-    if not needed(jaxlib.__version__, os.environ):
+    if not needed(jaxlib.__version__, os.environ, accelerator_installed()):
         return "not needed"
     if xla_bridge.backends_are_initialized():
         import jax

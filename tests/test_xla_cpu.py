@@ -27,40 +27,50 @@ def broadcast_dot(s):
 
 
 def run(code: str, *args: str, **env) -> subprocess.CompletedProcess:
-    """A fresh Python running `code` (or `-m` `args`) with `env` and neither variable set unless given."""
+    """A fresh Python on the CPU backend running `code` (or `-m` `args`) with `env`, neither variable set unless
+    given."""
     environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.KEEP_ENV)}
     command = ["-m", *args] if args else ["-c", code]
-    done = subprocess.run([sys.executable, "-W", "always", *command], env={**environ, "PYTHONPATH": ROOT, **env},
+    done = subprocess.run([sys.executable, "-W", "always", *command],
+                          env={**environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **env},
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-@pytest.mark.parametrize("version, environ, want", [
-    ("0.10.2", {}, True),
-    ("0.11.2", {"XLA_FLAGS": "--xla_backend_optimization_level=0"}, True),
-    ("0.11.3.dev20261201", {xla_cpu.KEEP_ENV: "0"}, True),
-    ("0.10.1", {}, False),  # before YNNPACK fusions: the flag is not needed (and older XLAs abort on it)
-    ("0.12.0", {}, False),  # not known to have it or the bug
-    ("0.10.2", {xla_cpu.KEEP_ENV: "1"}, False),
-    ("0.10.2", {xla_cpu.KEEP_ENV: " True"}, False),
-    ("0.10.2", {xla_cpu.KEEP_ENV: "off"}, True),
-    ("0.11.2.dev20260101+cuda", {}, True),
-    ("0.10.2", {"XLA_FLAGS": f"--{xla_cpu.FLAG}=LIBRARY_FUSION_TYPE_REDUCE"}, False),  # the caller's choice
+@pytest.mark.parametrize("version, environ, accelerator, want", [
+    ("0.10.2", {}, False, True),
+    ("0.11.2", {"XLA_FLAGS": "--xla_backend_optimization_level=0"}, False, True),
+    ("0.11.3.dev20261201", {xla_cpu.KEEP_ENV: "0"}, False, True),
+    ("0.11.2.dev20260101+cuda", {}, False, True),
+    ("0.10.1", {}, False, False),  # before YNNPACK fusions: the flag is not needed (and older XLAs abort on it)
+    ("0.12.0", {}, False, False),  # not known to have it or the bug
+    ("0.10.2", {xla_cpu.KEEP_ENV: "1"}, False, False),
+    ("0.10.2", {xla_cpu.KEEP_ENV: " True"}, False, False),
+    ("0.10.2", {xla_cpu.KEEP_ENV: "off"}, False, True),
+    ("0.10.2", {"XLA_FLAGS": f"--{xla_cpu.FLAG}=LIBRARY_FUSION_TYPE_REDUCE"}, False, False),  # the caller's choice
+    ("0.11.2", {}, True, False),  # a GPU or TPU runtime installed: JAX defaults to it
+    ("0.11.2", {"JAX_PLATFORMS": "cpu"}, True, True),
+    ("0.11.2", {"JAX_PLATFORMS": "cuda,cpu"}, True, False),
+    ("0.10.2", {"JAX_PLATFORMS": "tpu"}, False, False),
 ])
-def test_which_jaxlibs_and_environments_get_the_flag(version, environ, want):
-    assert xla_cpu.needed(version, environ) is want
+def test_which_jaxlibs_and_environments_get_the_flag(version, environ, accelerator, want):
+    assert xla_cpu.needed(version, environ, accelerator) is want
 
 
-def test_every_jaxlib_pyproject_allows_gets_the_flag():
+def test_every_jaxlib_pyproject_allows_gets_the_flag_on_a_cpu():
     """pyproject's jax range lies inside the affected one (widen both together)."""
-    assert xla_cpu.needed(jaxlib.__version__, {})
+    assert xla_cpu.needed(jaxlib.__version__, {}, accelerator=False)
     assert '"jax>=0.10.2,<0.12"' in open(os.path.join(ROOT, "pyproject.toml")).read()
 
 
+ON_CPU = not xla_cpu.accelerator_installed()
+
+
 def test_this_suite_runs_without_the_fusions():
-    """Test modules import specpv_jax before JAX starts (conftest too): the flag is set, the repro exact."""
-    assert NO_YNN in os.environ["XLA_FLAGS"].split()
+    """Test modules import specpv_jax before JAX starts (conftest too): on a CPU machine the flag is set (not
+    on a GPU or TPU one); the repro is exact."""
+    assert (NO_YNN in os.environ.get("XLA_FLAGS", "").split()) is ON_CPU
     np.testing.assert_array_equal(np.asarray(jax.jit(broadcast_dot)(np.ones((2, 2, 1024, 512), np.float32))), 0)
 
 
@@ -86,6 +96,13 @@ def test_import_after_jax_started_on_a_cpu_warns():
     done = run(REPRO.format(before="import jax; jax.devices()"))
     assert "SpecPVWarning: JAX started before specpv_jax was imported" in done.stderr, done.stderr
     assert "flags ''" in done.stdout
+
+
+def test_a_machine_with_a_gpu_or_tpu_runtime_is_left_alone(tmp_path):
+    """JAX defaults to the accelerator there, whose runtime is an XLA build of its own that reads XLA_FLAGS."""
+    (tmp_path / "jax_plugins").mkdir()  # what a CUDA or ROCm plugin installs (here with no plugin in it)
+    done = run(REPRO.format(before=""), JAX_PLATFORMS="", PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    assert "flags ''" in done.stdout and "SpecPVWarning" not in done.stderr
 
 
 def test_the_caller_can_keep_the_fusions():
