@@ -1,9 +1,9 @@
 """XLA:CPU settings the library needs: jaxlib 0.10.2-0.11.x's YNNPACK fusions off.
 
-From 0.10.2 XLA:CPU hands some dots and reductions to YNNPACK by default, and for some
-shapes they compute wrong values: a batched dot of two broadcasts returns NaN (below; the offloaded prefill of
-a one-chunk prompt ran into it), sums come out silently wrong (jax-ml/jax#39103), programs crash
-(jax-ml/jax#39257, #40412). Every jaxlib this package allows has the NaN (0.10.2 and 0.11.2 checked)::
+From 0.10.2 XLA:CPU hands some dots and reductions to YNNPACK by default, and for some shapes they compute
+wrong values: a batched dot of two broadcasts returns NaN (below; the offloaded prefill of a one-chunk prompt
+ran into it), sums come out silently wrong (jax-ml/jax#39103), programs crash (jax-ml/jax#39257, #40412).
+Every jaxlib this package allows has the NaN (0.10.2 and 0.11.2 checked)::
 
     def f(s):  # s [2, 2, 1024, 512]; jit(f)(ones) is all NaN, its true value all zeros
         p = jnp.broadcast_to(s.max(-1, keepdims=True), s.shape)
