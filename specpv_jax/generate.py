@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from specpv_jax import host, longspec, memory, offload, prompts, sharding, specextend, specpv, speculative
+from specpv_jax import host, longspec, memory, offload, prompts, sharding, specextend, specpv, speculative, xla_cpu
 from specpv_jax import model as M
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
@@ -239,6 +239,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     """
     if not isinstance(target, Model):
         raise TypeError(f"target must be a model from sj.load_target, got {type(target).__name__}")
+    xla_cpu.check_backend()
     _check_draft(draft, mode)
     draft = None if mode == "ar" else draft  # "ar" ignores a draft
     spec, sampler = _check_settings(target.cfg, mode, getattr(draft, "cfg", None), spec, max_new_tokens,
@@ -467,6 +468,7 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
     (a `sharding.make_mesh` mesh) so the kernel runs per shard, as in `generate`.
     """
     _check_mode(mode)
+    xla_cpu.check_backend()
     if mode != "ar" and draft_cfg is None:
         raise ValueError(f"mode {mode!r} needs draft_cfg (the draft's config: draft.cfg)")
     spec, sampler = _check_settings(target_cfg, mode, draft_cfg, spec_cfg, max_new_tokens, temperature, top_p,

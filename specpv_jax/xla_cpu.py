@@ -15,7 +15,8 @@ models is in BENCHMARKS.md ("XLA:CPU's YNNPACK fusions"). Left alone: XLA_FLAGS 
 SPECPV_JAX_CPU_YNN=1 (or true, yes, on) in the environment (keep XLA's default), jaxlib versions outside
 0.10.2-0.11.x (XLA aborts on a flag it does not know), and machines whose JAX defaults to a GPU or TPU (an
 installed plugin or libtpu, unless JAX_PLATFORMS puts the CPU first: their runtimes are XLA builds of their own,
-and the CPU backend there runs little). Started too late on a CPU, the library warns.
+and the CPU backend there runs little). Started too late on a CPU, the library warns; so does the first
+`generate` (or `make_generate_fn`) on a CPU where the fusions stayed on (a GPU runtime installed, no GPU).
 """
 
 from __future__ import annotations
@@ -52,6 +53,34 @@ def needed(jaxlib_version: str, environ, accelerator: bool) -> bool:
     return affected and cpu and not keep and FLAG not in environ.get("XLA_FLAGS", "")
 
 
+_warned = False
+
+
+def _warn_once(why: str, fix: str) -> None:
+    global _warned
+    if not _warned:
+        import jaxlib
+
+        from specpv_jax.warning import warn
+
+        _warned = True
+        warn(f"{why}, so XLA:CPU keeps its YNNPACK fusions, which in jaxlib {jaxlib.__version__} compute NaN or "
+             f"wrong values for some shapes (specpv_jax/xla_cpu.py). {fix} (or {KEEP_ENV}=1 to keep them and "
+             f"silence this)")
+
+
+def check_backend() -> None:
+    """Warns (once) where a run is about to go on the CPU with the fusions on although the caller did not ask
+    for them: a GPU or TPU runtime is installed (so `configure` left XLA_FLAGS alone) but JAX fell back to the
+    CPU (or JAX started before the import, already warned)."""
+    import jax
+    import jaxlib
+
+    if not _warned and needed(jaxlib.__version__, os.environ, accelerator=False) and jax.default_backend() == "cpu":
+        _warn_once("JAX runs on the CPU, a GPU or TPU runtime installed (the import left XLA_FLAGS alone)",
+                   f"Start Python with XLA_FLAGS=--{FLAG}= or JAX_PLATFORMS=cpu")
+
+
 def configure() -> str:
     """Turns the fusions off where `needed` says so (before JAX's backends start). Returns what it did: "set",
     "not needed", or "late" (JAX already started; warned when its default backend is the CPU)."""
@@ -64,12 +93,8 @@ def configure() -> str:
         import jax
 
         if jax.default_backend() == "cpu":
-            from specpv_jax.warning import warn
-
-            warn(f"JAX started before specpv_jax was imported, so XLA:CPU keeps its YNNPACK fusions, which in "
-                 f"jaxlib {jaxlib.__version__} compute NaN or wrong values for some shapes (specpv_jax/xla_cpu.py)."
-                 f" Import specpv_jax before running JAX code, or start Python with "
-                 f"XLA_FLAGS=--{FLAG}= (or {KEEP_ENV}=1 to keep them and silence this)")
+            _warn_once("JAX started before specpv_jax was imported", f"Import specpv_jax before running JAX code, or "
+                       f"start Python with XLA_FLAGS=--{FLAG}=")
         return "late"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{FLAG}=".strip()
     return "set"

@@ -92,21 +92,31 @@ def test_import_before_jax_starts_appends_the_flag_and_the_result_is_exact():
     assert "SpecPVWarning" not in done.stderr
 
 
-def test_import_after_jax_started_on_a_cpu_warns():
-    done = run(REPRO.format(before="import jax; jax.devices()"))
+BUILD = """
+from specpv_jax.demo import DEMO_CONFIG
+specpv_jax.make_generate_fn(DEMO_CONFIG, max_new_tokens=4)
+"""
+
+
+def test_import_after_jax_started_on_a_cpu_warns_once():
+    done = run(REPRO.format(before="import jax; jax.devices()") + BUILD)
     assert "SpecPVWarning: JAX started before specpv_jax was imported" in done.stderr, done.stderr
-    assert "flags ''" in done.stdout
+    assert done.stderr.count("SpecPVWarning") == 1 and "flags ''" in done.stdout
 
 
-def test_a_machine_with_a_gpu_or_tpu_runtime_is_left_alone(tmp_path):
-    """JAX defaults to the accelerator there, whose runtime is an XLA build of its own that reads XLA_FLAGS."""
+def test_a_machine_with_a_gpu_or_tpu_runtime_is_left_alone_and_warned_when_jax_falls_back_to_the_cpu(tmp_path):
+    """JAX defaults to the accelerator there, whose runtime is an XLA build of its own that reads XLA_FLAGS; where
+    none is found JAX runs on the CPU, fusions on: the first run says so."""
     (tmp_path / "jax_plugins").mkdir()  # what a CUDA or ROCm plugin installs (here with no plugin in it)
     done = run(REPRO.format(before=""), JAX_PLATFORMS="", PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
     assert "flags ''" in done.stdout and "SpecPVWarning" not in done.stderr
+    done = run(REPRO.format(before="") + BUILD, JAX_PLATFORMS="", PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    assert "SpecPVWarning: JAX runs on the CPU, a GPU or TPU runtime installed" in done.stderr, done.stderr
+    assert "JAX_PLATFORMS=cpu" in done.stderr
 
 
 def test_the_caller_can_keep_the_fusions():
-    done = run(REPRO.format(before="import jax; jax.devices()"), **{xla_cpu.KEEP_ENV: "1"})
+    done = run(REPRO.format(before="import jax; jax.devices()") + BUILD, **{xla_cpu.KEEP_ENV: "1"})
     assert "flags ''" in done.stdout and "SpecPVWarning" not in done.stderr
 
 
