@@ -21,7 +21,7 @@ NO_YNN = f"--{xla_cpu.FLAG}="
 
 
 def broadcast_dot(s):
-    """All zeros: a batched dot of two broadcasts (NaN from jaxlib 0.10.2's YNNPACK reduce fusion at this size)."""
+    """All zeros: a batched dot of two broadcasts (NaN from jaxlib 0.10.2-0.11.x's YNNPACK fusions at this size)."""
     p = jnp.broadcast_to(s.max(-1, keepdims=True), s.shape)
     return jnp.einsum("bhms,bhsd->bhmd", p, jnp.zeros((2, 2, 512, 16), jnp.float32))
 
@@ -43,7 +43,7 @@ def run(code: str, *args: str, **env) -> subprocess.CompletedProcess:
     ("0.11.2", {"XLA_FLAGS": "--xla_backend_optimization_level=0"}, False, True),
     ("0.11.3.dev20261201", {xla_cpu.KEEP_ENV: "0"}, False, True),
     ("0.11.2.dev20260101+cuda", {}, False, True),
-    ("0.10.1", {}, False, False),  # before YNNPACK fusions: the flag is not needed (and older XLAs abort on it)
+    ("0.10.1", {}, False, False),  # correct there: the regressions came with 0.10.2
     ("0.12.0", {}, False, False),  # not known to have it or the bug
     ("0.10.2", {xla_cpu.KEEP_ENV: "1"}, False, False),
     ("0.10.2", {xla_cpu.KEEP_ENV: " True"}, False, False),
