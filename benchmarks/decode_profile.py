@@ -52,6 +52,7 @@ from scale import (DTYPE, QUICK_SHAPES, ar_decoder, random_cache, read_bytes_per
 
 from specpv_jax import model as M  # noqa: E402
 from specpv_jax import presets  # noqa: E402
+from specpv_jax.attention import resolve_implementation  # noqa: E402
 from specpv_jax.config import ModelConfig  # noqa: E402
 
 TOP = 12  # kernels listed per row
@@ -238,7 +239,7 @@ def main(argv=None) -> None:
     if args.quick:
         hf_config.update(QUICK_SHAPES)
         args.layers, args.context, args.tokens, trials = [2, 1], 256, 4, 2
-    impl = args.attention or ("pallas" if jax.default_backend() == "gpu" else "xla")
+    impl = args.attention or resolve_implementation("auto")
     copy_bps = copy_bandwidth(64 << 20 if args.quick else 1 << 30, dict(warmup=2, trials=5, reps=10))
     layers = sorted(set(args.layers), reverse=True)
     # the variants at the most layers first (the default leading), then the default at the other layer counts

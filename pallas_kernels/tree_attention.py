@@ -38,6 +38,10 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DEFAULT_BLOCK_K = {"gpu": 64, "mosaic_gpu": 64, "tpu": 512}
 _MAX_BLOCK_M = 128  # rows per program: larger tiles spill registers on Triton
 _TARGET_PROGRAMS = 256  # about two programs per SM on a 132-SM H100
+# The NVIDIA compute capabilities each compiled GPU kernel runs on: jaxlib's Triton refuses GPUs older than Ampere
+# (FAILED_PRECONDITION when the kernel compiles: free Colab's T4 is 7.5), and the Mosaic GPU kernel's wgmma is
+# Hopper's alone.
+CUDA_CAPABILITIES = {"gpu": ((8, 0), None), "mosaic_gpu": ((9, 0), (10, 0))}
 
 
 # ----------------------------------------------------------------------------- merging
@@ -129,6 +133,35 @@ def _check_args(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, layer
         if x.dtype != q.dtype:
             raise ValueError(f"{name} dtype {x.dtype} must match q dtype {q.dtype}")
     return B, T, Hq, Hkv, S, D
+
+
+def cuda_capability(device=None) -> tuple[int, int] | None:
+    """The CUDA compute capability of `device` (default: JAX's first device), e.g. (9, 0); None where it is
+    not an NVIDIA GPU or does not say."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform != "gpu" or "cuda" not in str(device.client.platform_version).lower():
+        return None
+    try:
+        major, minor = (int(x) for x in str(getattr(device, "compute_capability", "")).split("."))
+    except ValueError:
+        return None
+    return major, minor
+
+
+def device_problem(platform: str, device=None) -> str | None:
+    """Why `platform`'s compiled kernel cannot run on `device` (default: JAX's first device); None when nothing
+    is known against it (an NVIDIA GPU in range, or another device: a TPU, a ROCm GPU)."""
+    capability = cuda_capability(device) if platform in CUDA_CAPABILITIES else None
+    if capability is None:
+        return None
+    low, high = CUDA_CAPABILITIES[platform]
+    if capability >= low and (high is None or capability < high):
+        return None
+    kernel = {"gpu": "The Triton tree-attention kernel", "mosaic_gpu": "The Mosaic GPU tree-attention kernel"}[platform]
+    needs = f"{low[0]}.{low[1]} or newer" if high is None else f"{low[0]}.x (Hopper)"
+    device = jax.devices()[0] if device is None else device
+    return (f"{kernel} needs an NVIDIA GPU of compute capability {needs}; {device.device_kind} is "
+            f"{capability[0]}.{capability[1]}: take the XLA path (attention=\"xla\", which \"auto\" picks there)")
 
 
 def _concrete(x) -> int | None:
@@ -364,6 +397,8 @@ def tree_attention(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, *,
                          f"on {platform}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    if not interpret and (problem := device_problem(platform)) is not None:
+        raise ValueError(problem)
     if platform == "mosaic_gpu":
         prefix_mosaic_gpu.check_args(k_cache, block_k, bool(interpret))
     k5, v5, layer = _stack_layer(k_cache, v_cache, layer)

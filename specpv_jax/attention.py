@@ -29,12 +29,21 @@ IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
 def resolve_implementation(impl: str) -> str:
-    """"auto" -> the Pallas kernel on GPU, XLA elsewhere. On TPU "auto" stays on XLA until the Mosaic kernel
-    (`pallas_kernels.prefix_tpu`, tested in the TPU interpreter) has run on a TPU; "pallas" runs it there."""
+    """"auto" -> the Pallas (Triton) kernel on an NVIDIA GPU it runs on (compute capability 8.0 and up), XLA
+    elsewhere: on older GPUs (Colab's T4), on ROCm GPUs, where the kernel has not run, and on TPU, until the
+    Mosaic kernel (`pallas_kernels.prefix_tpu`, tested in the TPU interpreter) has run on one. "pallas" asks
+    for the kernel wherever it may run, and raises naming the GPU where it cannot."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r} (choose from {', '.join(IMPLEMENTATIONS)})")
+    if jax.default_backend() != "gpu":
+        return "xla" if impl == "auto" else impl
+    from pallas_kernels.tree_attention import cuda_capability, device_problem  # imported only on a GPU
+
+    problem = device_problem("gpu")
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return "pallas" if problem is None and cuda_capability() is not None else "xla"
+    if impl == "pallas" and problem is not None:
+        raise ValueError(problem)
     return impl
 
 

@@ -116,9 +116,34 @@ def test_read_block_fits_the_tile_in_equal_blocks():
 
 
 def test_implementation_names():
-    assert resolve_implementation("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    from pallas_kernels.tree_attention import cuda_capability
+
+    assert resolve_implementation("auto") == ("pallas" if (cuda_capability() or (0, 0)) >= (8, 0) else "xla")
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         resolve_implementation("flash")
+
+
+def test_auto_takes_the_kernel_only_on_a_gpu_it_runs_on(monkeypatch):
+    """"auto": the Triton kernel on NVIDIA GPUs of compute capability 8.0 and up, XLA on older ones (jaxlib's
+    Triton refuses them when the kernel compiles: free Colab's T4) and on ROCm GPUs (where the kernel has not
+    run); "pallas" on a T4 is refused by generate before anything is compiled."""
+    from test_tree_attention import fake_gpu
+
+    target = make_target(16, seed=0)
+    gpus = {"t4": fake_gpu("7.5", "Tesla T4"), "a100": fake_gpu("8.0", "NVIDIA A100-SXM4-40GB"),
+            "h100": fake_gpu("9.0", "NVIDIA H100 80GB HBM3"), "mi250": fake_gpu("gfx90a", "MI250X", "rocm 60300")}
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    picks = {}
+    for name, device in gpus.items():
+        monkeypatch.setattr(jax, "devices", lambda *a, device=device: [device])
+        picks[name] = resolve_implementation("auto")
+        if name != "t4":
+            assert resolve_implementation("pallas") == "pallas"
+        assert resolve_implementation("xla") == "xla"
+    assert picks == {"t4": "xla", "a100": "pallas", "h100": "pallas", "mi250": "xla"}
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpus["t4"]])
+    with pytest.raises(ValueError, match=r"Triton tree-attention kernel needs .* 8\.0 or newer; Tesla T4 is 7\.5"):
+        sj.generate(target, [1, 2, 3], 4, attention="pallas")
 
 
 def test_pallas_dispatch_generates_the_same_tokens(monkeypatch):

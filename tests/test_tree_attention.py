@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels import merge_attention, tree_attention, tree_attention_reference
+from pallas_kernels.tree_attention import cuda_capability, device_problem
 
 BLOCK_K = 128  # tests use one block size; prefix lengths avoid its multiples
 # Interpret mode copies the whole K/V arrays once per grid program; this caps that traffic per example.
@@ -392,6 +394,34 @@ def test_bad_mosaic_gpu_options_name_the_problem():
     short = {**args, "k_cache": args["k_cache"][:, :, :60], "v_cache": args["v_cache"][:, :, :60]}
     with pytest.raises(ValueError, match="multiple of 8 .* got S=60"):
         call(tree_attention, short, platform="mosaic_gpu", interpret=False)
+
+
+def fake_gpu(capability: str, kind: str, platform_version: str = "cuda 12080"):
+    """A stand-in for a `jax.Device` of a GPU (what `cuda_capability` reads)."""
+    return types.SimpleNamespace(platform="gpu", client=types.SimpleNamespace(platform_version=platform_version),
+                                 compute_capability=capability, device_kind=kind)
+
+
+def test_kernels_name_a_gpu_they_cannot_run_on(monkeypatch):
+    """Triton kernels need compute capability 8.0 (jaxlib refuses older GPUs when the kernel compiles), the
+    Mosaic GPU kernel's wgmma Hopper: refused before tracing, naming the GPU; ROCm, TPU and CPU devices are
+    not judged."""
+    assert device_problem("gpu", fake_gpu("9.0", "NVIDIA H100 80GB HBM3")) is None
+    assert device_problem("gpu", fake_gpu("8.0", "NVIDIA A100-SXM4-40GB")) is None
+    assert device_problem("gpu", fake_gpu("10.0", "NVIDIA B200")) is None
+    assert device_problem("mosaic_gpu", fake_gpu("9.0", "NVIDIA H200")) is None
+    assert "compute capability 9.x (Hopper); NVIDIA B200 is 10.0" in device_problem("mosaic_gpu",
+                                                                                    fake_gpu("10.0", "NVIDIA B200"))
+    assert device_problem("gpu", fake_gpu("gfx90a", "AMD Instinct MI250X", "rocm 60300")) is None
+    assert device_problem("gpu", jax.devices()[0]) is None and cuda_capability(jax.devices()[0]) is None
+    assert cuda_capability(fake_gpu("7.5", "Tesla T4")) == (7, 5)
+    assert device_problem("tpu", fake_gpu("7.5", "Tesla T4")) is None
+    args, t4 = make_inputs(BASE, jnp.float16), fake_gpu("7.5", "Tesla T4")
+    monkeypatch.setattr(jax, "devices", lambda *a: [t4])
+    for platform in ("gpu", "mosaic_gpu"):
+        with pytest.raises(ValueError, match=r"compute capability (8\.0 or newer|9\.x \(Hopper\)); Tesla T4 is 7\.5"):
+            call(tree_attention, args, platform=platform, interpret=False)
+    call(tree_attention, args, platform="gpu", interpret=True)  # the interpreter runs anywhere
 
 
 LLAMA8B = dict(Hq=32, Hkv=8, D=128)
