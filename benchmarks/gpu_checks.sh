@@ -36,7 +36,10 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND within min(SECONDS, budge
 }
 step env 20 python3 -c "import os, specpv_jax, jax, flax, transformers, torch
 print(jax.__version__, jax.devices(), flax.__version__, transformers.__version__, torch.__version__)
-print('XLA_FLAGS after import specpv_jax (expected unset on a GPU machine):', repr(os.environ.get('XLA_FLAGS')))"
+print('XLA_FLAGS after import specpv_jax (expected unset on a GPU machine):', repr(os.environ.get('XLA_FLAGS')))
+from specpv_jax.attention import resolve_implementation
+from pallas_kernels.tree_attention import cuda_capability
+print('compute capability', cuda_capability(), 'attention auto ->', resolve_implementation('auto'))"
 step attention_kernels 150 python3 benchmarks/attention_kernels.py --out "$work/attention_kernels.json"
 step offload_generate 120 python3 benchmarks/offload_generate.py --context 16384 --out "$work/offload_generate.json"
 step scale 190 python3 benchmarks/scale.py --contexts 32768 131072 --offload-contexts 131072 \
