@@ -150,12 +150,13 @@ def _cmd_plan(args) -> int:
     # specextend row only appears with one
     drafted = {ModelConfig: ("specextend",), LongSpecConfig: ("longspec",), DraftConfig: EAGLE3_MODES}.get(
         type(draft), ())
-    limit = memory.device_bytes_limit()
+    limit, host_limit = memory.device_bytes_limit(), memory.host_bytes_limit()
     data, model = _mesh_shape(args, spec) or default_shape(jax.device_count(), cfg)
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
           f"context {args.context}, {args.new_tokens} new tokens, batch {args.batch}, {args.dtype}; "
           f"{f'per device of a {data}x{model} mesh; ' if data * model > 1 else ''}device limit "
-          f"{memory.gib(limit) if limit else 'not reported by this backend'}")
+          f"{memory.gib(limit) if limit else 'not reported by this backend'}; host limit for offload "
+          f"{f'{memory.gib(host_limit.bytes)} ({host_limit.source})' if host_limit else 'unknown'}")
     print(f"{'mode':>10} {'device':>11} {'with offload: device':>21} {'host':>10}  fits")
     fits_any = False
     for mode in memory.MODES:
@@ -171,7 +172,8 @@ def _cmd_plan(args) -> int:
             off = memory.estimate(cfg, args.context, args.new_tokens, args.batch, mode,
                                   dataclasses.replace(spec, offload=True), args.dtype, **sizes)
             offload = (memory.gib(off.device), memory.gib(off.host))
-            fits = "with offload" if fits == "no" and off.device <= limit else fits
+            host_fits = host_limit is None or off.host <= host_limit.bytes
+            fits = "with offload" if fits == "no" and off.device <= limit and host_fits else fits
         fits_any |= fits != "no"
         print(f"{mode:>10} {memory.gib(est.total):>11} {offload[0]:>21} {offload[1]:>10}  {fits}")
     if not fits_any:

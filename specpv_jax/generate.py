@@ -314,15 +314,16 @@ def _call_mesh(target: Model, mesh: Any, spec: SpecConfig) -> Any:
 
 def _check_memory(target: Model, draft: Any, batch: prompts.PromptBatch, max_new_tokens: int, mode: str,
                   spec: SpecConfig, chunk: int, sampling: tuple[float, float, int], mesh: Any) -> None:
-    """Refuses a call whose estimated peak does not fit one device's memory, before allocating anything
-    (nothing to check where the backend reports no limit)."""
+    """Refuses a call whose estimated peak does not fit one device's memory (or, offloaded, the host's), before
+    allocating anything (nothing to check where the backend reports no limit)."""
     limit = memory.device_bytes_limit()
-    if limit is None:
+    host_limit = memory.host_bytes_limit() if spec.offload else None
+    if limit is None and host_limit is None:
         return
     est = memory.estimate(target.cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
                           None if draft is None else draft.cfg, chunk, *sampling,
                           mesh_shape=(1, 1) if mesh is None else (mesh.shape["data"], mesh.shape["model"]))
-    memory.check_fits(est, limit, spec.offload)
+    memory.check_fits(est, limit, spec.offload, host_limit)
 
 
 def _nonfinite_logits(target: Model) -> FloatingPointError:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import os
+import pathlib
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -218,9 +220,43 @@ def device_bytes_limit(device=None) -> int | None:
     return stats.get("bytes_limit")
 
 
-def check_fits(est: Estimate, limit: int | None, offload: bool = False) -> None:
+# XLA's pool of pinned host memory on a GPU (what `memory_kind="pinned_host"` arrays come from): 64 GiB unless
+# this variable, read once when the GPU client starts, gives another size in GiB.
+PINNED_POOL_VARIABLE, PINNED_POOL_GIB = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", 64
+
+
+@dataclasses.dataclass(frozen=True)
+class HostLimit:
+    """The host memory an offloaded cache may take (bytes), and what sets it (for messages)."""
+
+    bytes: int
+    source: str
+
+
+def host_bytes_limit(platform: str | None = None, environ: Mapping[str, str] = os.environ,
+                     meminfo: str | os.PathLike = "/proc/meminfo") -> HostLimit | None:
+    """The host memory offload may fill: the memory available now (`meminfo`'s MemAvailable: pinned memory
+    cannot be swapped out) and, on a GPU (`platform`, default JAX's), XLA's pinned pool; None where neither
+    is known (no /proc/meminfo, not a GPU)."""
+    limits = []
+    try:
+        fields = dict(line.split(":", 1) for line in pathlib.Path(meminfo).read_text().splitlines() if ":" in line)
+        limits.append(HostLimit(int(fields["MemAvailable"].split()[0]) * 1024, "the host's available memory"))
+    except (OSError, KeyError, ValueError):
+        pass
+    if (platform or jax.default_backend()) == "gpu":
+        try:
+            pool = int(environ.get(PINNED_POOL_VARIABLE, PINNED_POOL_GIB))
+        except ValueError:  # XLA, too, falls back to its default
+            pool = PINNED_POOL_GIB
+        limits.append(HostLimit(pool << 30, f"XLA's pinned host memory pool ({PINNED_POOL_VARIABLE}={pool})"))
+    return min(limits, key=lambda limit: limit.bytes, default=None)
+
+
+def check_fits(est: Estimate, limit: int | None, offload: bool = False, host_limit: HostLimit | None = None) -> None:
     """Raises `MemoryError` naming the parts when `est` exceeds `limit` bytes (None: no check); with
-    `offload`, only the device's parts (`est.device`) count."""
+    `offload`, only the device's parts (`est.device`) count there, and the host's (`est.host`) must fit
+    `host_limit` (None: no check)."""
     need = est.device if offload else est.total
     if limit is not None and need > limit:
         parts = {k: v for k, v in est.parts.items() if not (offload and k in est.host_parts)}
@@ -228,6 +264,12 @@ def check_fits(est: Estimate, limit: int | None, offload: bool = False) -> None:
         raise MemoryError(f"mode {est.mode!r} needs about {gib(need)} of device memory, the device has "
                           f"{gib(limit)} ({biggest}); use a shorter context, a smaller batch, bfloat16, or "
                           f"several devices (mesh)")
+    if offload and host_limit is not None and est.host > host_limit.bytes:
+        parts = ", ".join(f"{k} {gib(est.parts[k])}" for k in est.host_parts)
+        raise MemoryError(f"mode {est.mode!r} with offload keeps about {gib(est.host)} in host memory ({parts}), "
+                          f"more than {host_limit.source} allows: {gib(host_limit.bytes)}; use a shorter "
+                          f"context or a smaller batch" + (f", or raise {PINNED_POOL_VARIABLE} (GiB, set before "
+                                                           f"JAX starts)" if "pool" in host_limit.source else ""))
 
 
 def gib(n: int) -> str:

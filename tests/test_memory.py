@@ -194,7 +194,7 @@ def test_generate_estimates_the_draft_it_is_given(monkeypatch, mode):
     class Checked(Exception):
         pass
 
-    def check_fits(checked, limit, offload=False):
+    def check_fits(checked, *limits):
         raise Checked(checked)
 
     monkeypatch.setattr(memory, "device_bytes_limit", lambda device=None: 2 ** 40)
@@ -299,6 +299,41 @@ def test_plan_with_offload_plans_one_device(capsys, monkeypatch):
     assert main(["plan", "--model", "llama-3.1-8b", "--context", "65536", "--spec", "offload=true",
                  "--mesh", "1x8"]) == 1
     assert "--spec offload=true runs on one device, not a 1x8 mesh" in capsys.readouterr().err
+
+
+def test_plan_says_with_offload_only_where_the_host_holds_the_cache(capsys, monkeypatch):
+    """At 64K, Llama-3.1-8B's ar needs 23.8 GiB, specpv offloaded 21.9 GiB on the device and 8.6 in host
+    memory: on a 22.5 GiB device that fits with offload where the host can take 8.6 GiB, and nowhere else."""
+    from specpv_jax.cli import main
+
+    monkeypatch.setattr(memory, "device_bytes_limit", lambda device=None: 45 << 29)
+    fits = {}
+    for host_gib in (100, 4):
+        monkeypatch.setattr(memory, "host_bytes_limit", lambda host_gib=host_gib: memory.HostLimit(
+            host_gib << 30, "the host's available memory"))
+        main(["plan", "--model", "llama-3.1-8b", "--context", "65536"])
+        out = capsys.readouterr().out
+        assert f"host limit for offload {host_gib}.00 GiB (the host's available memory)" in out.splitlines()[0]
+        fits[host_gib] = {line.split()[0]: line.rsplit("  ", 1)[-1] for line in out.splitlines()[2:]}
+    assert fits[100]["ar"] == fits[4]["ar"] == "no"
+    assert fits[100]["specpv"] == "with offload" and fits[4]["specpv"] == "no"
+
+
+def test_host_limit_is_the_available_memory_and_on_a_gpu_the_pinned_pool(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       263856128 kB\nMemAvailable:   16777216 kB\nBuffers: 1 kB\n")
+    assert memory.host_bytes_limit("cpu", {}, meminfo) == memory.HostLimit(16 << 30, "the host's available memory")
+    assert memory.host_bytes_limit("gpu", {}, meminfo).bytes == 16 << 30  # less than the pool's 64 GiB
+    meminfo.write_text("MemAvailable:   209715200 kB\n")  # 200 GiB
+    pool = memory.host_bytes_limit("gpu", {}, meminfo)
+    assert pool == memory.HostLimit(64 << 30, "XLA's pinned host memory pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=64)")
+    assert memory.host_bytes_limit("gpu", {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "150"}, meminfo).bytes == 150 << 30
+    assert memory.host_bytes_limit("gpu", {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "lots"}, meminfo).bytes == 64 << 30
+    assert memory.host_bytes_limit("tpu", {}, meminfo).bytes == 200 << 30
+    missing = tmp_path / "absent"
+    assert memory.host_bytes_limit("cpu", {}, missing) is None
+    assert memory.host_bytes_limit("gpu", {}, missing).bytes == 64 << 30
+    assert memory.host_bytes_limit() is None or memory.host_bytes_limit().bytes > 0  # this machine's
 
 
 def test_plan_takes_a_preset_name(capsys):

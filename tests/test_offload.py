@@ -365,6 +365,24 @@ def test_offload_refuses_other_modes_and_counts_device_memory_only(models):
         memory.check_fits(est, est.device)
 
 
+def test_an_offloaded_run_the_host_cannot_hold_is_refused_before_allocating(models, monkeypatch):
+    """Pinned host memory is bounded (the host's RAM; on a GPU XLA's pool, 64 GiB by default): a run whose
+    full cache and summaries exceed it is refused naming them and the limit, before the cache is allocated."""
+    target, head = models
+    pool = memory.HostLimit(1 << 10, "XLA's pinned host memory pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=64)")
+    monkeypatch.setattr(memory, "host_bytes_limit", lambda: pool)
+
+    def allocate(*args):
+        raise AssertionError("allocated")
+
+    monkeypatch.setattr(offload, "empty_cache", allocate)
+    with pytest.raises(MemoryError, match=r"mode 'exact' with offload keeps about .* GiB in host memory \(full "
+                                          r"cache .* GiB, block summaries .* GiB\), more than XLA's pinned host "
+                                          r"memory pool .*: 0.00 GiB; .* raise XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"):
+        sj.generate(target, np.arange(1, 400) % 16, 8, draft=head, mode="exact",
+                    spec=dataclasses.replace(SPEC, offload=True))
+
+
 def test_a_context_below_the_partial_threshold_keeps_its_cache_on_the_device(models):
     """Every step there would be a full verification reading host memory; the eagle loop with the cache on
     the device gives the same tokens and needs less device memory than offload's partial cache and staging."""
