@@ -28,11 +28,12 @@ SCORE_TILE = 1 << 21
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
-def resolve_implementation(impl: str) -> str:
-    """"auto" -> the Pallas (Triton) kernel on an NVIDIA GPU it runs on (compute capability 8.0 and up), XLA
-    elsewhere: on older GPUs (Colab's T4), on ROCm GPUs, where the kernel has not run, and on TPU, until the
-    Mosaic kernel (`pallas_kernels.prefix_tpu`, tested in the TPU interpreter) has run on one. "pallas" asks
-    for the kernel wherever it may run, and raises naming the GPU where it cannot."""
+def resolve_implementation(impl: str, dtype=None) -> str:
+    """"auto" -> the Pallas (Triton) kernel for 16-bit weights (`dtype`; None: any) on an NVIDIA GPU it runs
+    on (compute capability 8.0 and up), XLA elsewhere: on older GPUs (Colab's T4), on ROCm GPUs and for
+    float32, where the kernel has not run, and on TPU, until the Mosaic kernel (`pallas_kernels.prefix_tpu`,
+    tested in the TPU interpreter) has run on one. "pallas" asks for the kernel wherever it may run, and
+    raises naming the GPU where it cannot."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r} (choose from {', '.join(IMPLEMENTATIONS)})")
     if jax.default_backend() != "gpu":
@@ -41,7 +42,8 @@ def resolve_implementation(impl: str) -> str:
 
     problem = device_problem("gpu")
     if impl == "auto":
-        return "pallas" if problem is None and cuda_capability() is not None else "xla"
+        half = dtype is None or jnp.dtype(dtype).itemsize == 2
+        return "pallas" if half and problem is None and cuda_capability() is not None else "xla"
     if impl == "pallas" and problem is not None:
         raise ValueError(problem)
     return impl

@@ -124,9 +124,9 @@ def test_implementation_names():
 
 
 def test_auto_takes_the_kernel_only_on_a_gpu_it_runs_on(monkeypatch):
-    """"auto": the Triton kernel on NVIDIA GPUs of compute capability 8.0 and up, XLA on older ones (jaxlib's
-    Triton refuses them when the kernel compiles: free Colab's T4) and on ROCm GPUs (where the kernel has not
-    run); "pallas" on a T4 is refused by generate before anything is compiled."""
+    """"auto": the Triton kernel for 16-bit weights on NVIDIA GPUs of compute capability 8.0 and up, XLA on
+    older ones (jaxlib's Triton refuses them when the kernel compiles: free Colab's T4) and on ROCm GPUs
+    (where the kernel has not run); "pallas" on a T4 is refused by generate before anything is compiled."""
     from test_tree_attention import fake_gpu
 
     target = make_target(16, seed=0)
@@ -141,6 +141,11 @@ def test_auto_takes_the_kernel_only_on_a_gpu_it_runs_on(monkeypatch):
             assert resolve_implementation("pallas") == "pallas"
         assert resolve_implementation("xla") == "xla"
     assert picks == {"t4": "xla", "a100": "pallas", "h100": "pallas", "mi250": "xla"}
+    # the kernel has run compiled in bfloat16 only: float32 weights stay on XLA unless "pallas" is asked for
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpus["h100"]])
+    assert [resolve_implementation("auto", dtype) for dtype in ("bfloat16", jnp.float16, "float32")] == [
+        "pallas", "pallas", "xla"]
+    assert resolve_implementation("pallas", "float32") == "pallas"
     monkeypatch.setattr(jax, "devices", lambda *a: [gpus["t4"]])
     with pytest.raises(ValueError, match=r"Triton tree-attention kernel needs .* 8\.0 or newer; Tesla T4 is 7\.5"):
         sj.generate(target, [1, 2, 3], 4, attention="pallas")

@@ -498,6 +498,16 @@ def test_compiled_bf16(case, platform):
 
 @pytest.mark.gpu
 @pytest.mark.filterwarnings(TRITON_DEPRECATION)
+@pytest.mark.parametrize("case", GPU_CASES[:3], ids=lambda c: f"T{c.T}-S{c.S}-D{c.D}")
+def test_compiled_fp32_triton(case):
+    """float32 caches through the Triton kernel at its default key block, as attention="pallas" runs float32
+    weights ("auto" keeps them on XLA: this had not run on a GPU, whose shared memory a float32 tile may
+    overfill)."""
+    check(case, jnp.float32, 1e-4, 1e-4, block_k=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings(TRITON_DEPRECATION)
 @pytest.mark.parametrize("platform", GPU_KERNELS)
 @pytest.mark.parametrize("T", [3, 20])
 def test_compiled_nan_past_cache_len_and_stacked_layer(platform, T):
