@@ -255,7 +255,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     chunks = batch.ids.shape[1] // chunk
     progress = chunks >= PROGRESS_CHUNKS if progress is None else bool(progress)
     run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, batch.ids.shape[1],
-                         chunk, attention, target.dtype, stream is not None, progress)
+                         chunk, attention, stream is not None, progress, target.dtype)
     _check_memory(target, draft, batch, max_new_tokens, mode, spec, chunk, (temperature, top_p, top_k), mesh)
     params, draft_params = target.params, draft.params if draft is not None else None
     d2t = draft.d2t if draft is not None else None
@@ -379,8 +379,9 @@ def _check_offload(spec: SpecConfig, mode: str) -> None:
 
 
 def _plan(cfg: ModelConfig, spec: SpecConfig, mode: str, dcfg, max_new_tokens: int, prompt_len: int, chunk: int,
-          attention: str, dtype, stream: bool = False, progress: bool = False) -> tuple[Run, int]:
-    """The static settings of a call (target weights of `dtype`) and the cache length it needs."""
+          attention: str, stream: bool = False, progress: bool = False, dtype=None) -> tuple[Run, int]:
+    """The static settings of a call (target weights of `dtype`, for "auto" attention) and the cache length it
+    needs."""
     speculative_mode = mode != "ar"
     mode = memory.loop_mode(spec, mode, prompt_len, max_new_tokens)
     run = Run(cfg=cfg, out_slots=output_bucket(max_new_tokens), chunk=chunk, mode=mode,
@@ -494,7 +495,7 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
         chunk = min(prefill_chunk, t)
         padded = jnp.pad(ids, ((0, 0), (0, -t % chunk)))
         run, max_len = _plan(target_cfg, spec, mode, draft_cfg, max_new_tokens, padded.shape[1], chunk, attention,
-                             M.param_dtype(params))
+                             dtype=M.param_dtype(params))
         out, _, _, _ = _prefill_and_decode(run, max_len, untimed, params, draft_params.get("params"),
                                            draft_params.get("d2t"), padded, jnp.full((b,), t, jnp.int32), key,
                                            sampler, jnp.asarray(eos), jnp.asarray(max_new_tokens, jnp.int32))

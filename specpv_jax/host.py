@@ -117,6 +117,8 @@ class _Stream:
     function: Callable | None = None
     error: BaseException | None = None
     delivering = threading.local()  # `.active`: this thread is inside the function now
+    sent: np.ndarray | None = None  # `[B]`: each row's tokens delivered so far
+    order = threading.Lock()  # one delivery at a time (unordered callbacks may run on several threads)
 
 
 @dataclasses.dataclass
@@ -137,25 +139,32 @@ def streaming_to(stream: Callable) -> Iterator[StreamCall]:
     # JAX moves the runtime token of ordered callbacks to the device implicitly the first time: a caller's
     # `jax.transfer_guard("disallow")` would refuse it (our own arguments are placed explicitly).
     with _Stream.lock, jax.transfer_guard_host_to_device("allow"):
-        _Stream.function, _Stream.error = stream, None
+        _Stream.function, _Stream.error, _Stream.sent = stream, None, None
         try:
             yield call
         finally:
             jax.effects_barrier()  # unordered callbacks may still be queued
             call.error = _Stream.error
-            _Stream.function, _Stream.error = None, None
+            _Stream.function, _Stream.error, _Stream.sent = None, None, None
 
 
-def deliver(tokens, before, after) -> None:
-    """Hands each row's `tokens[before:after]` to the streaming call's function (a `jax.debug.callback` target)."""
-    if _Stream.function is None or _Stream.error is not None:
-        return
-    # Whatever it raises (KeyboardInterrupt too) is kept for `generate` to re-raise after the loop: raised through
-    # the runtime it would arrive as an opaque XLA error.
-    _Stream.delivering.active = True
-    try:
-        _Stream.function([row[b:a] for row, b, a in zip(np.asarray(tokens), np.asarray(before), np.asarray(after))])
-    except BaseException as e:
-        _Stream.error = e
-    finally:
-        _Stream.delivering.active = False
+def deliver(tokens, count) -> None:
+    """Hands the streaming call's function each row's tokens of `tokens [B, N]` below `count [B]` not yet handed
+    over (a `jax.debug.callback` target, with the output buffer after a step). Each report carries all of
+    them, so reports that arrive out of order (unordered callbacks) still deliver every token once, in order:
+    a late one finds nothing new."""
+    with _Stream.order:
+        if _Stream.function is None or _Stream.error is not None:
+            return
+        tokens, count = np.asarray(tokens), np.asarray(count)
+        sent = np.zeros_like(count) if _Stream.sent is None else _Stream.sent
+        _Stream.sent = np.maximum(sent, count)
+        # Whatever it raises (KeyboardInterrupt too) is kept for `generate` to re-raise after the loop: raised
+        # through the runtime it would arrive as an opaque XLA error.
+        _Stream.delivering.active = True
+        try:
+            _Stream.function([row[b:a] for row, b, a in zip(tokens, sent, count)])
+        except BaseException as e:
+            _Stream.error = e
+        finally:
+            _Stream.delivering.active = False

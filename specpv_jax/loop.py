@@ -212,19 +212,18 @@ def decode_loop(run: Run, step: Callable, state: Any, out_of: Callable[[Any], Ou
     empty): only tokens in the output buffer, so exact mode streams confirmed tokens.
     """
     # Ordered effects exist for one device only, and their token does not compile beside offload's host-memory
-    # outputs (JAX 0.10-0.11); unordered, each step's callback still runs after the previous step's.
+    # outputs (JAX 0.10-0.11); unordered reports may arrive out of order, which `host.deliver` absorbs.
     ordered = jax.device_count() == 1 and not run.offload
 
     def reporting_step(s):
-        before = out_of(s).num_out
         s = step(s)
-        _report(out_of(s), before, ordered)
+        _report(out_of(s), ordered)
         return s
 
     if run.stream:
-        _report(out_of(state), jnp.zeros_like(out_of(state).num_out), ordered)
+        _report(out_of(state), ordered)
     return lax.while_loop(lambda s: ~jnp.all(out_of(s).done), reporting_step if run.stream else step, state)
 
 
-def _report(out: Output, before: jax.Array, ordered: bool) -> None:
-    jax.debug.callback(host.deliver, out.tokens, before, out.num_out, ordered=ordered)
+def _report(out: Output, ordered: bool) -> None:
+    jax.debug.callback(host.deliver, out.tokens, out.num_out, ordered=ordered)

@@ -108,6 +108,22 @@ def test_stream_delivers_exactly_the_output(mode):
     assert got == [out.tokens[b, : out.lengths[b]].tolist() for b in range(2)]
 
 
+def test_reports_arriving_out_of_order_deliver_each_token_once_in_order():
+    """Unordered callbacks (several devices, offload) may run a step's report before the previous step's: the
+    later report delivers both steps' tokens, the late one nothing, and a step that emitted nothing for a row
+    gives it an empty array."""
+    from specpv_jax import host
+
+    got, stream = _collect()
+    buffer = np.array([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])
+    calls = []
+    with host.streaming_to(lambda rows: (calls.append([r.tolist() for r in rows]), stream(rows))):
+        for count in ([1, 1], [3, 2], [2, 2], [5, 2], [4, 4]):  # the third and fifth arrive late
+            host.deliver(buffer, np.array(count))
+    assert got == [[10, 11, 12, 13, 14], [20, 21, 22, 23]]
+    assert calls == [[[10], [20]], [[11, 12], [21]], [[], []], [[13, 14], []], [[], [22, 23]]]
+
+
 def test_exact_mode_streams_only_confirmed_tokens():
     """With rollbacks of provisional tokens, the stream still equals the final output token for token."""
     target = make_target(8, seed=3, layers=7, sharpen=1.0)
