@@ -19,6 +19,46 @@ def test_the_four_notebooks_exist_with_stripped_outputs():
         assert code and all(not c.outputs and c.execution_count is None for c in code), f"{path.name}: outputs"
 
 
+INSTALLS = [  # the preinstalled jax (None: none), plugin modules installed -> the jax requirement pip is given
+    ("0.11.2", {"jax_cuda12_plugin"}, None),
+    ("0.10.2", set(), None),
+    ("0.9.1", {"jax_cuda12_plugin"}, "jax[cuda12]"),
+    ("0.12.0", {"jax_cuda13_plugin", "jax_cuda12_plugin"}, "jax[cuda13]"),
+    ("0.8.0", {"libtpu"}, "jax[tpu]"),
+    (None, set(), "jax"),
+]
+
+
+@pytest.mark.parametrize("version, modules, jax", INSTALLS)
+def test_install_cell_replaces_a_jax_out_of_range_with_its_plugin(version, modules, jax, monkeypatch):
+    """Every notebook's install cell leaves a jax in pyproject's range alone and otherwise names jax with the
+    plugin installed beside it (pip would replace jax alone, leaving a plugin that does not match it)."""
+    import importlib.metadata
+    import importlib.util
+    import subprocess
+    import tomllib
+
+    cells = {"".join(nbformat.read(p, as_version=4).cells[1].source) for p in NOTEBOOKS}
+    assert len(cells) == 1
+    (cell,) = cells
+    pyproject = tomllib.loads((NOTEBOOKS[0].parent.parent / "pyproject.toml").read_text())
+    (jax_range,) = [d.removeprefix("jax") for d in pyproject["project"]["dependencies"] if d.startswith("jax>")]
+
+    def version_of(name):
+        if name != "jax" or version is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version
+
+    pip = []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in modules else None)
+    monkeypatch.setattr(importlib.metadata, "version", version_of)
+    monkeypatch.setattr(subprocess, "run", lambda args, check: pip.append(args))
+    exec(cell, {})
+    (args,) = pip
+    assert args[1:5] == ["-m", "pip", "install", "-q"] and args[-1].startswith("git+")
+    assert args[5:-1] == ([] if jax is None else [jax + jax_range])
+
+
 # The training notebook repeats what tests/test_train.py checks; it runs with `make test-slow`. (The
 # long-context one, 31 s, runs in `make test`: it calls bench functions that tests alone would not keep it in
 # step with.)
