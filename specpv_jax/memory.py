@@ -227,10 +227,12 @@ PINNED_POOL_VARIABLE, PINNED_POOL_GIB = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", 64
 
 @dataclasses.dataclass(frozen=True)
 class HostLimit:
-    """The host memory an offloaded cache may take (bytes), and what sets it (for messages)."""
+    """The host memory an offloaded cache may take (bytes), what sets it, and the variable that raises it (for
+    messages)."""
 
     bytes: int
     source: str
+    variable: str | None = None
 
 
 def host_bytes_limit(platform: str | None = None, environ: Mapping[str, str] = os.environ,
@@ -249,7 +251,8 @@ def host_bytes_limit(platform: str | None = None, environ: Mapping[str, str] = o
             pool = int(environ.get(PINNED_POOL_VARIABLE, PINNED_POOL_GIB))
         except ValueError:  # XLA, too, falls back to its default
             pool = PINNED_POOL_GIB
-        limits.append(HostLimit(pool << 30, f"XLA's pinned host memory pool ({PINNED_POOL_VARIABLE}={pool})"))
+        limits.append(HostLimit(pool << 30, f"XLA's pinned host memory pool ({PINNED_POOL_VARIABLE}={pool})",
+                                PINNED_POOL_VARIABLE))
     return min(limits, key=lambda limit: limit.bytes, default=None)
 
 
@@ -266,10 +269,10 @@ def check_fits(est: Estimate, limit: int | None, offload: bool = False, host_lim
                           f"several devices (mesh)")
     if offload and host_limit is not None and est.host > host_limit.bytes:
         parts = ", ".join(f"{k} {gib(est.parts[k])}" for k in est.host_parts)
+        remedy = "" if host_limit.variable is None else f", or raise {host_limit.variable} (GiB; set before JAX starts)"
         raise MemoryError(f"mode {est.mode!r} with offload keeps about {gib(est.host)} in host memory ({parts}), "
-                          f"more than {host_limit.source} allows: {gib(host_limit.bytes)}; use a shorter "
-                          f"context or a smaller batch" + (f", or raise {PINNED_POOL_VARIABLE} (GiB, set before "
-                                                           f"JAX starts)" if "pool" in host_limit.source else ""))
+                          f"more than {host_limit.source} allows: {gib(host_limit.bytes)}; use a shorter context or "
+                          f"a smaller batch{remedy}")
 
 
 def gib(n: int) -> str:

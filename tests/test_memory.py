@@ -326,7 +326,8 @@ def test_host_limit_is_the_available_memory_and_on_a_gpu_the_pinned_pool(tmp_pat
     assert memory.host_bytes_limit("gpu", {}, meminfo).bytes == 16 << 30  # less than the pool's 64 GiB
     meminfo.write_text("MemAvailable:   209715200 kB\n")  # 200 GiB
     pool = memory.host_bytes_limit("gpu", {}, meminfo)
-    assert pool == memory.HostLimit(64 << 30, "XLA's pinned host memory pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=64)")
+    assert pool == memory.HostLimit(64 << 30, "XLA's pinned host memory pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=64)",
+                                    "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB")
     assert memory.host_bytes_limit("gpu", {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "150"}, meminfo).bytes == 150 << 30
     assert memory.host_bytes_limit("gpu", {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "lots"}, meminfo).bytes == 64 << 30
     assert memory.host_bytes_limit("tpu", {}, meminfo).bytes == 200 << 30

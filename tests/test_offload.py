@@ -369,7 +369,8 @@ def test_an_offloaded_run_the_host_cannot_hold_is_refused_before_allocating(mode
     """Pinned host memory is bounded (the host's RAM; on a GPU XLA's pool, 64 GiB by default): a run whose
     full cache and summaries exceed it is refused naming them and the limit, before the cache is allocated."""
     target, head = models
-    pool = memory.HostLimit(1 << 10, "XLA's pinned host memory pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=64)")
+    pool = memory.HostLimit(1 << 10, "XLA's pinned host memory pool (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=64)",
+                            "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB")
     monkeypatch.setattr(memory, "host_bytes_limit", lambda: pool)
 
     def allocate(*args):
