@@ -51,7 +51,7 @@ def longspec_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array, s
     ring = longspec.commit(dparams, dcfg, params["embed_tokens"]["embedding"], s.ring, path_tokens, count)
     emitted = acc.emitted(tree)
     return LongSpecState(cache=cache, ring=ring, root=jnp.where(live, acc.bonus, s.root),
-                         out=s.out.append(emitted, acc.count + 1, eos, acc.finite), key=key)
+                         out=s.out.append(emitted, acc.count + 1, eos, acc.finite, tree.draft_nan), key=key)
 
 
 @stage_factory

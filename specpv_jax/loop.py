@@ -144,7 +144,8 @@ class Output:
     limit: tokens wanted per row (traced, <= N); steps: `append` calls (the loop's iterations, except in
     exact mode, whose partial steps hold tokens back: `specpv.Counters` counts its steps); row_steps: the
     appends' live rows; emitted: tokens they emitted; finite: whether every target logit that chose a token
-    was finite (a model overflowing its dtype gives NaN, whose argmax is token 0)."""
+    was finite (a model overflowing its dtype gives NaN, whose argmax is token 0); draft_nan_steps: appends
+    whose tree came from NaN draft log-probabilities in a live row (`Tree.draft_nan`)."""
 
     tokens: jax.Array
     num_out: jax.Array
@@ -154,6 +155,7 @@ class Output:
     row_steps: jax.Array
     emitted: jax.Array
     finite: jax.Array
+    draft_nan_steps: jax.Array
 
     @classmethod
     def start(cls, run: Run, first: jax.Array, eos: jax.Array, limit: jax.Array, logits: jax.Array) -> "Output":
@@ -165,7 +167,7 @@ class Output:
         return cls(tokens=jnp.full((b, run.out_slots), pad, jnp.int32).at[:, 0].set(first),
                    num_out=jnp.ones((b,), jnp.int32), done=jnp.isin(first, eos) | (limit <= 1),
                    limit=jnp.asarray(limit, jnp.int32), steps=zero, row_steps=zero, emitted=zero,
-                   finite=jnp.isfinite(logits).all())
+                   finite=jnp.isfinite(logits).all(), draft_nan_steps=zero)
 
     def kept(self, new: jax.Array, count: jax.Array, eos: jax.Array, ahead: Any = 0) -> tuple[jax.Array, jax.Array]:
         """How many of `new [B, P]`'s first `count [B]` tokens a row keeps after `ahead [B]` tokens not yet
@@ -177,9 +179,11 @@ class Output:
         count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, count)
         return jnp.where(self.done, 0, jnp.minimum(count, self.limit - self.num_out - ahead)), hit_eos
 
-    def append(self, new: jax.Array, count: jax.Array, eos: jax.Array, finite: jax.Array) -> "Output":
+    def append(self, new: jax.Array, count: jax.Array, eos: jax.Array, finite: jax.Array,
+               draft_nan: jax.Array | None = None) -> "Output":
         """Appends `new [B, P]` (first `count [B]` valid) to live rows, stopping at EOS and at `limit`; `finite`:
-        whether the target's logits that chose them were all finite."""
+        whether the target's logits that chose them were all finite; `draft_nan [B]`: the tree's
+        `Tree.draft_nan`, for speculative steps."""
         b, p = new.shape
         live = ~self.done
         slot = jnp.arange(p)[None, :]
@@ -187,10 +191,12 @@ class Output:
         dest = jnp.where(slot < count[:, None], self.num_out[:, None] + slot, self.tokens.shape[1])
         tokens = self.tokens.at[jnp.arange(b)[:, None], dest].set(new, mode="drop")
         num_out = self.num_out + count
+        nan_step = jnp.zeros((), jnp.int32) if draft_nan is None else jnp.any(live & draft_nan).astype(jnp.int32)
         return self.replace(tokens=tokens, num_out=num_out,
                             done=self.done | (live & (hit_eos | (num_out >= self.limit))),
                             steps=self.steps + 1, row_steps=self.row_steps + live.sum(),
-                            emitted=self.emitted + count.sum(), finite=self.finite & finite)
+                            emitted=self.emitted + count.sum(), finite=self.finite & finite,
+                            draft_nan_steps=self.draft_nan_steps + nan_step)
 
 
 def run_if(pred: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:

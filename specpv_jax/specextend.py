@@ -65,7 +65,7 @@ def specextend_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array,
 
     emitted = acc.emitted(tree)
     return SpecExtendState(cache=cache, draft=draft, pending=emitted, pending_count=acc.count + 1,
-                           out=s.out.append(emitted, acc.count + 1, eos, acc.finite), key=key)
+                           out=s.out.append(emitted, acc.count + 1, eos, acc.finite, tree.draft_nan), key=key)
 
 
 @stage_factory

@@ -169,7 +169,7 @@ def partial_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree:
         missing_q = missing_q.at[rows, dest].set(q, mode="drop")
 
     emitted, feats = acc.emitted(tree), acc.along_path(flat_features(out.features))
-    out_buf = s.out.append(emitted, count, eos, acc.finite) if run.mode == "specpv" else s.out
+    out_buf = s.out.append(emitted, count, eos, acc.finite, tree.draft_nan) if run.mode == "specpv" else s.out
     kept = (out_buf.num_out - s.out.num_out if run.mode == "specpv"  # exact: provisional, after the others
             else s.out.kept(emitted, count, eos, ahead=st.n_missing)[0])
     c = st.counters
@@ -289,7 +289,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
         cap, pause, backoff = next_provisional_cap(cap, pause, backoff, n_missing, rejected, first, acc.count + 1,
                                                    spec.max_missing)
     finite = jnp.isfinite(logits).all()  # all of them: the missing tokens' logits decide exact mode's rollbacks
-    out_buf = s.out.append(out_tokens, out_count, eos, finite)
+    out_buf = s.out.append(out_tokens, out_count, eos, finite, tree.draft_nan)
     # This step's own tokens kept: those appended after the confirmed provisional ones.
     kept = jnp.maximum(out_buf.num_out - s.out.num_out - (out_count - count), 0)
     c = st.counters

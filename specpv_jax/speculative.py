@@ -91,7 +91,7 @@ def eagle_step(params, dparams, d2t, run: Run, sampler: Sampler, eos: jax.Array,
     emitted, feats = acc.emitted(tree), acc.along_path(flat_features(out.features))
     return EagleState(cache=cache, draft_cache=draft_cache.keep_finished(live, s.draft_cache),
                       pair_feats=feats, pair_tokens=emitted, pair_count=acc.count + 1, root=acc.bonus,
-                      out=s.out.append(emitted, acc.count + 1, eos, acc.finite), key=key)
+                      out=s.out.append(emitted, acc.count + 1, eos, acc.finite, tree.draft_nan), key=key)
 
 
 @stage_factory

@@ -31,7 +31,8 @@ class Tree:
     tokens: `[B, N]` int32; parents: `[B, N]` (the root is its own parent);
     depth: `[B, N]` (root 0); mask: `[B, N, N]` bool, row i = i and its ancestors;
     children: `[B, N, top_k]` child nodes in index order, -1 padded; max_depth: the deepest a node can be
-    (static).
+    (static); draft_nan: `[B]` bool (`grow_tree`'s trees), whether the drafter's log-probabilities held NaN
+    (a draft overflowing its dtype: its tokens are then arbitrary).
     """
 
     tokens: jax.Array
@@ -40,6 +41,7 @@ class Tree:
     mask: jax.Array
     children: jax.Array
     max_depth: int = flax.struct.field(pytree_node=False)
+    draft_nan: jax.Array | None = None
 
     @property
     def size(self) -> int:
@@ -145,6 +147,7 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
     branch = branching(k, depth, beam)
     _, level_start = candidate_layout(k, depth)
     scores, ids = lax.top_k(first_logprobs, k)  # [B, k]
+    nan = jnp.isnan(first_logprobs).any(-1)  # an inf or NaN logit leaves NaN in log_softmax (an -inf one does not)
     tokens = to_target(ids)
     cand_tokens, cand_scores, cand_parent = [tokens], [scores], [jnp.full((b, k), -1, jnp.int32)]
     frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))  # candidate ids
@@ -160,6 +163,7 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
                                        lambda c: (nothing, c), carry)
         else:
             logprobs, carry = expand_level(carry)
+        nan |= jnp.isnan(logprobs).any((1, 2))
         child_scores, child_ids = lax.top_k(logprobs, branch)  # [B, f, branch]
         flat_scores = (scores[:, :, None] + child_scores).reshape(b, f * branch)
         flat_tokens = to_target(child_ids).reshape(b, f * branch)
@@ -181,4 +185,4 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
         ancestors = (jnp.take_along_axis(ancestors, parent[:, :, None], axis=1)
                      | (jnp.arange(slots)[None, None] == parent_slot[:, :, None]))
     return select_tree(root, jnp.concatenate(cand_tokens, 1), jnp.concatenate(cand_scores, 1),
-                       jnp.concatenate(cand_parent, 1), nodes, k, depth, beam)
+                       jnp.concatenate(cand_parent, 1), nodes, k, depth, beam).replace(draft_nan=nan)

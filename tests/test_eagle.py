@@ -141,3 +141,27 @@ def test_sampling_is_lossless(temperature, top_p, top_k):
     if top_k:
         assert chi_square_pvalue(cells, three_token_law(target, prompt, Sampler.create(temperature, top_p))) < 1e-3
         assert (law == 0).any()  # the filters leave tokens out
+
+
+@pytest.mark.parametrize("mode", ["eagle", "specpv", "exact"])
+def test_a_draft_whose_log_probabilities_are_nan_is_reported(mode):
+    """A draft overflowing its dtype (here an infinite LM-head weight) proposes arbitrary tokens from NaN
+    log-probabilities: verification keeps the target's tokens, the steps are counted, and generate warns
+    naming the dtype and the remedy; a sound head counts none."""
+    from test_specpv import small_spec
+
+    target = make_target(16, seed=5)
+    head = make_head(target, seed=6)
+    broken = eagle3.Eagle3(head.cfg, {**head.params, "lm_head": {"kernel": head.params["lm_head"]["kernel"]
+                                                                 .at[:, 0].set(jnp.inf)}}, head.d2t)
+    spec, prompt = small_spec(), np.arange(200) % 16
+    ar = sj.generate(target, prompt, 24, eos_token_ids=())
+    sound = sj.generate(target, prompt, 24, draft=head, mode=mode, spec=spec, eos_token_ids=())
+    with pytest.warns(sj.SpecPVWarning, match=r"the draft's log-probabilities were NaN in \d+ of \d+ steps "
+                                              r"\(its weights in float32\).*dtype=\"float32\""):
+        out = sj.generate(target, prompt, 24, draft=broken, mode=mode, spec=spec, eos_token_ids=())
+    assert sound.stats["draft_nan_steps"] == 0 and out.stats["draft_nan_steps"] > 0
+    if mode != "specpv":  # lossless
+        np.testing.assert_array_equal(out.tokens, ar.tokens)
+    if mode == "eagle":  # every step drafts from NaN
+        assert out.stats["draft_nan_steps"] == out.stats["steps"]
