@@ -147,7 +147,8 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
     branch = branching(k, depth, beam)
     _, level_start = candidate_layout(k, depth)
     scores, ids = lax.top_k(first_logprobs, k)  # [B, k]
-    nan = jnp.isnan(first_logprobs).any(-1)  # an inf or NaN logit leaves NaN in log_softmax (an -inf one does not)
+    # A drafter's inf or NaN logit (not an -inf one) makes its whole log_softmax row NaN: one entry tells.
+    nan = jnp.isnan(first_logprobs[:, 0])
     tokens = to_target(ids)
     cand_tokens, cand_scores, cand_parent = [tokens], [scores], [jnp.full((b, k), -1, jnp.int32)]
     frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))  # candidate ids
@@ -163,7 +164,7 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
                                        lambda c: (nothing, c), carry)
         else:
             logprobs, carry = expand_level(carry)
-        nan |= jnp.isnan(logprobs).any((1, 2))
+        nan |= jnp.isnan(logprobs[:, :, 0]).any(1)
         child_scores, child_ids = lax.top_k(logprobs, branch)  # [B, f, branch]
         flat_scores = (scores[:, :, None] + child_scores).reshape(b, f * branch)
         flat_tokens = to_target(child_ids).reshape(b, f * branch)

@@ -297,7 +297,8 @@ def test_output_keeps_tokens_to_eos_and_within_the_limit():
     i32 = lambda *x: jnp.asarray(x, jnp.int32)  # noqa: E731
     zero = jnp.zeros((), jnp.int32)
     out = Output(tokens=jnp.zeros((4, 10), jnp.int32), num_out=i32(1, 6, 3, 2), done=jnp.asarray([0, 0, 0, 1], bool),
-                 limit=i32(10, 8, 10, 10), steps=zero, row_steps=zero, emitted=zero, finite=jnp.asarray(True))
+                 limit=i32(10, 8, 10, 10), steps=zero, row_steps=zero, emitted=zero, finite=jnp.asarray(True),
+                 draft_nan_steps=zero)
     new, count, eos = jnp.asarray([[4, 5, 6], [4, 5, 6], [4, 9, 6], [4, 5, 6]]), i32(3, 3, 3, 3), i32(9)
     kept, hit_eos = out.kept(new, count, eos)
     assert kept.tolist() == [3, 2, 2, 0] and hit_eos.tolist() == [False, False, True, False]
@@ -305,6 +306,9 @@ def test_output_keeps_tokens_to_eos_and_within_the_limit():
     after = out.append(new, count, eos, jnp.asarray(True))
     assert after.num_out.tolist() == [4, 8, 5, 2] and int(after.emitted) == 7
     assert after.done.tolist() == [False, True, True, True] and int(after.row_steps) == 3
+    nan_rows = jnp.asarray([False, True, True, True])  # a draft's NaN in finished rows only: not counted
+    assert int(after.append(new, count, eos, jnp.asarray(True), nan_rows).draft_nan_steps) == 0
+    assert int(after.append(new, count, eos, jnp.asarray(True), ~nan_rows).draft_nan_steps) == 1
 
 
 def test_exact_batch_with_eos_equals_ar(models):
