@@ -151,6 +151,7 @@ def cuda_capability(device=None) -> tuple[int, int] | None:
 def device_problem(platform: str, device=None) -> str | None:
     """Why `platform`'s compiled kernel cannot run on `device` (default: JAX's first device); None when nothing
     is known against it (an NVIDIA GPU in range, or another device: a TPU, a ROCm GPU)."""
+    device = jax.devices()[0] if device is None else device
     capability = cuda_capability(device) if platform in CUDA_CAPABILITIES else None
     if capability is None:
         return None
@@ -159,7 +160,6 @@ def device_problem(platform: str, device=None) -> str | None:
         return None
     kernel = {"gpu": "The Triton tree-attention kernel", "mosaic_gpu": "The Mosaic GPU tree-attention kernel"}[platform]
     needs = f"{low[0]}.{low[1]} or newer" if high is None else f"{low[0]}.x (Hopper)"
-    device = jax.devices()[0] if device is None else device
     return (f"{kernel} needs an NVIDIA GPU of compute capability {needs}; {device.device_kind} is "
             f"{capability[0]}.{capability[1]}: take the XLA path (attention=\"xla\", which \"auto\" picks there)")
 

@@ -40,10 +40,11 @@ def resolve_implementation(impl: str, dtype=None) -> str:
         return "xla" if impl == "auto" else impl
     from pallas_kernels.tree_attention import cuda_capability, device_problem  # imported only on a GPU
 
-    problem = device_problem("gpu")
+    device = jax.devices()[0]
+    problem = device_problem("gpu", device)
     if impl == "auto":
         half = dtype is None or jnp.dtype(dtype).itemsize == 2
-        return "pallas" if half and problem is None and cuda_capability() is not None else "xla"
+        return "pallas" if half and problem is None and cuda_capability(device) is not None else "xla"
     if impl == "pallas" and problem is not None:
         raise ValueError(problem)
     return impl
