@@ -282,16 +282,17 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     out, counters = jax.device_get(_readable((out, counters)))
     if not bool(out.finite):
         raise _nonfinite_logits(target)
+    steps = _step_stats(out, counters, mode != "ar")
     if int(out.draft_nan_steps):
         dtype = jax.tree.leaves(draft.params)[0].dtype
         where = f", from {draft.source}" if getattr(draft, "source", "") else ""
-        warn(f"the draft's log-probabilities were NaN in {int(out.draft_nan_steps)} of {int(out.steps)} steps (its "
+        warn(f"the draft's log-probabilities were NaN in {int(out.draft_nan_steps)} of {steps['steps']} steps (its "
              f"weights in {dtype.name}{where}): it overflows its dtype, so it proposed arbitrary tokens and decoding "
              f"ran about as fast as ar or slower (the tokens are still the target's); load it in float32: "
              f"sj.load_draft(path, target, dtype=\"float32\")")
     num_out = np.asarray(out.num_out)
     stats = {"mode": mode, "mesh": None if mesh is None else tuple(mesh.shape.values()),
-             "new_tokens": int(num_out.sum()), **_step_stats(out, counters, mode != "ar"),
+             "new_tokens": int(num_out.sum()), **steps,
              "draft_nan_steps": int(out.draft_nan_steps),
              "prefill_s": prefill_s, "time_s": decode_s,
              # The first token of each row comes from prefill.

@@ -144,8 +144,8 @@ class Output:
     limit: tokens wanted per row (traced, <= N); steps: `append` calls (the loop's iterations, except in
     exact mode, whose partial steps hold tokens back: `specpv.Counters` counts its steps); row_steps: the
     appends' live rows; emitted: tokens they emitted; finite: whether every target logit that chose a token
-    was finite (a model overflowing its dtype gives NaN, whose argmax is token 0); draft_nan_steps: appends
-    whose tree came from NaN draft log-probabilities in a live row (`Tree.draft_nan`)."""
+    was finite (a model overflowing its dtype gives NaN, whose argmax is token 0); draft_nan_steps: speculative
+    steps whose tree came from NaN draft log-probabilities in a live row (`Tree.draft_nan`)."""
 
     tokens: jax.Array
     num_out: jax.Array
@@ -191,12 +191,16 @@ class Output:
         dest = jnp.where(slot < count[:, None], self.num_out[:, None] + slot, self.tokens.shape[1])
         tokens = self.tokens.at[jnp.arange(b)[:, None], dest].set(new, mode="drop")
         num_out = self.num_out + count
-        nan_step = jnp.zeros((), jnp.int32) if draft_nan is None else jnp.any(live & draft_nan).astype(jnp.int32)
-        return self.replace(tokens=tokens, num_out=num_out,
-                            done=self.done | (live & (hit_eos | (num_out >= self.limit))),
-                            steps=self.steps + 1, row_steps=self.row_steps + live.sum(),
-                            emitted=self.emitted + count.sum(), finite=self.finite & finite,
-                            draft_nan_steps=self.draft_nan_steps + nan_step)
+        out = self if draft_nan is None else self.count_draft_nan(draft_nan)
+        return out.replace(tokens=tokens, num_out=num_out,
+                           done=self.done | (live & (hit_eos | (num_out >= self.limit))),
+                           steps=self.steps + 1, row_steps=self.row_steps + live.sum(),
+                           emitted=self.emitted + count.sum(), finite=self.finite & finite)
+
+    def count_draft_nan(self, draft_nan: jax.Array) -> "Output":
+        """Counts a step whose tree came from NaN draft log-probabilities (`draft_nan [B]`, `Tree.draft_nan`) in a
+        live row; `append` calls it, exact mode's partial steps (which append nothing) too."""
+        return self.replace(draft_nan_steps=self.draft_nan_steps + jnp.any(~self.done & draft_nan).astype(jnp.int32))
 
 
 def run_if(pred: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:

@@ -169,7 +169,8 @@ def partial_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree:
         missing_q = missing_q.at[rows, dest].set(q, mode="drop")
 
     emitted, feats = acc.emitted(tree), acc.along_path(flat_features(out.features))
-    out_buf = s.out.append(emitted, count, eos, acc.finite, tree.draft_nan) if run.mode == "specpv" else s.out
+    out_buf = (s.out.append(emitted, count, eos, acc.finite, tree.draft_nan) if run.mode == "specpv"
+               else s.out.count_draft_nan(tree.draft_nan))
     kept = (out_buf.num_out - s.out.num_out if run.mode == "specpv"  # exact: provisional, after the others
             else s.out.kept(emitted, count, eos, ahead=st.n_missing)[0])
     c = st.counters

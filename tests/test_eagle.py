@@ -163,5 +163,4 @@ def test_a_draft_whose_log_probabilities_are_nan_is_reported(mode):
     assert sound.stats["draft_nan_steps"] == 0 and out.stats["draft_nan_steps"] > 0
     if mode != "specpv":  # lossless
         np.testing.assert_array_equal(out.tokens, ar.tokens)
-    if mode == "eagle":  # every step drafts from NaN
-        assert out.stats["draft_nan_steps"] == out.stats["steps"]
+    assert out.stats["draft_nan_steps"] == out.stats["steps"]  # every step drafts from NaN (exact: partial too)
