@@ -13,7 +13,9 @@ choice). `specpv-bd` is `specpv` with the bounded draft cache; `draft` is
 classic draft-model speculation with the small draft model (it attends to its
 whole cache), `specextend` the same pair with Cross-model Retrieval;
 `longspec` the LongSpec draft, `longspec-plain` its ablation trained without
-anchor-offset positions. Writes
+anchor-offset positions. Every mode drafts the same tree (`--tree`) except
+`specextend-ref` and `longspec-ref`: those peers with their reference code's
+own trees (`specextend.SPECEXTEND_TREE`, `longspec.LONGSPEC_TREE`). Writes
 `bench.json`, `bench.md` and `bench.png` into `--out`.
 """
 
@@ -32,9 +34,11 @@ import numpy as np
 from specpv_jax import config
 
 TREE_FIELDS = ("tree_depth", "tree_top_k", "tree_nodes")  # --tree's three numbers
-MODES = ("ar", "eagle", "specpv", "specpv-bd", "exact", "draft", "specextend", "longspec", "longspec-plain")
+MODES = ("ar", "eagle", "specpv", "specpv-bd", "exact", "draft", "specextend", "specextend-ref", "longspec",
+         "longspec-ref", "longspec-plain")
 DEFAULT_MODES = config.MODES  # generate's
-SMALL_DRAFT_MODES = ("draft", "specextend")
+SMALL_DRAFT_MODES = ("draft", "specextend", "specextend-ref")
+REFERENCE_TREE_FIELDS = TREE_FIELDS + ("tree_threshold", "tree_beam")
 DRAFT_OPTIONS = {"eagle3": "--draft", "small": "--small-draft", "longspec": "--longspec-draft",
                  "longspec_plain": "--longspec-plain-draft"}
 
@@ -45,7 +49,9 @@ def draft_kind(mode: str) -> str | None:
         return None
     if mode in SMALL_DRAFT_MODES:
         return "small"
-    return {"longspec": "longspec", "longspec-plain": "longspec_plain"}.get(mode, "eagle3")
+    if mode.startswith("longspec"):
+        return "longspec_plain" if mode == "longspec-plain" else "longspec"
+    return "eagle3"
 
 
 TIMED_ROUNDS = 2  # after a warm-up round (a fresh executable's first run pays one-time costs)
@@ -68,7 +74,8 @@ def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec):
 
     drafts: {"eagle3": head, "small": small draft model, "longspec": ..., "longspec_plain": ...};
     "specpv-bd" is specpv with the bounded draft cache, "draft" classic draft-model speculation
-    (specextend without retrieval), "longspec-plain" longspec with the ablation draft.
+    (specextend without retrieval), "*-ref" a peer with its reference code's tree, "longspec-plain"
+    longspec with the ablation draft.
     """
     from specpv_jax.generate import generate
 
@@ -83,6 +90,13 @@ def generate_mode(mode: str, spec):
         return "specpv", dataclasses.replace(spec, bounded_draft=True)
     if mode == "draft":
         mode, spec = "specextend", dataclasses.replace(spec, draft_chunks=0)
+    if mode.endswith("-ref"):
+        from specpv_jax.longspec import LONGSPEC_TREE
+        from specpv_jax.specextend import SPECEXTEND_TREE
+
+        mode = mode.removesuffix("-ref")
+        tree = {"specextend": SPECEXTEND_TREE, "longspec": LONGSPEC_TREE}[mode]
+        spec = dataclasses.replace(spec, **{name: getattr(tree, name) for name in REFERENCE_TREE_FIELDS})
     mode = "longspec" if mode == "longspec-plain" else mode
     return mode, spec if mode in config.PARTIAL_MODES else dataclasses.replace(spec, offload=False)
 
@@ -329,7 +343,7 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
     title = (f"{target.cfg.arch} {target.cfg.num_layers} layers x {target.cfg.hidden_size} on {device}, "
              f"{new_tokens} new tokens")
     print(title)
-    rows = []
+    rows, width = [], max(len(m) for m in [*modes, "hf-assisted"])
     write_results(args.out, rows, title, device, contexts, new_tokens, modes)  # no stale results if the first fails
     for context in contexts:
         if args.tune:  # on the bench's own prompt: random ids would draft and retrieve unlike real text
@@ -342,7 +356,7 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
         ar_speed = None
         outputs = fastest_runs(target, drafts, prompt, new_tokens, modes, spec)
         for mode in modes:
-            out = outputs[mode]
+            out, mode_spec = outputs[mode], generate_mode(mode, spec)[1]
             s = out.stats
             ar_speed = s["tokens_per_s"] if mode == "ar" else ar_speed
             row = dict(context=context, mode=mode, tokens_per_s=s["tokens_per_s"],
@@ -352,21 +366,22 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                        accept_partial=s["mean_accept_len_partial"] if s["partial_verifications"] else None,
                        full=s["full_verifications"], partial=s["partial_verifications"],
                        fidelity=sj.fidelity(target, prompt, out), retrieval_tokens=spec.retrieval_tokens,
-                       tree=[getattr(spec, name) for name in TREE_FIELDS],
-                       spec=dataclasses.asdict(generate_mode(mode, spec)[1]))
+                       tree=[getattr(mode_spec, name) for name in TREE_FIELDS],
+                       spec=dataclasses.asdict(mode_spec))
             rows.append(row)
             vs_ar = f"x{row['vs_ar']:.2f} vs ar  " if row["vs_ar"] is not None else ""
-            print(f"{context:>7} {mode:>10} {row['tokens_per_s']:>8.1f} tok/s  {vs_ar}"
+            print(f"{context:>7} {mode:>{width}} {row['tokens_per_s']:>8.1f} tok/s  {vs_ar}"
                   f"accept {row['accept']:.2f}  fidelity {row['fidelity']:.3f}", flush=True)
         if hf:
             rows.append(dict(context=context, mode="transformers", tokens_per_s=hf,
                              vs_ar=hf / ar_speed if ar_speed else None))
-            print(f"{context:>7} {'hf':>10} {hf:>8.1f} tok/s  (transformers greedy)", flush=True)
+            print(f"{context:>7} {'hf':>{width}} {hf:>8.1f} tok/s  (transformers greedy)", flush=True)
         if assistant_dir:
             assisted = hf_assisted_tokens_per_s(hf_dir, assistant_dir, prompt, new_tokens)
             rows.append(dict(context=context, mode="transformers-assisted", tokens_per_s=assisted,
                              vs_ar=assisted / ar_speed if ar_speed else None, vs_hf=assisted / hf))
-            print(f"{context:>7} {'hf-assisted':>10} {assisted:>8.1f} tok/s  x{assisted / hf:.2f} vs hf", flush=True)
+            print(f"{context:>7} {'hf-assisted':>{width}} {assisted:>8.1f} tok/s  x{assisted / hf:.2f} vs hf",
+                  flush=True)
         write_results(args.out, rows, title, device, contexts, new_tokens, modes)  # a later failure keeps these
     print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
     return rows

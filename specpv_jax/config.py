@@ -723,9 +723,11 @@ class SpecConfig:
     its whole cache (cheaper drafting at long context; acceptance may change).
     `offload` (modes "specpv", "exact"): the target's full cache and block summaries
     live in host memory; see `specpv_jax.offload`.
-    `tree_threshold` (dynamic tree, OPT-tree style): drafting stops early, before
-    `tree_depth` levels, once no frontier node's path probability reaches it
-    (0 drafts every level); the tree keeps its `tree_nodes` budget.
+    `tree_threshold` (dynamic tree, OPT-tree's rule): a row stops drafting, before
+    `tree_depth` levels, once a level raised the expected accepted length of its
+    best `tree_nodes`-node tree (the sum of their path probabilities) by no more
+    than this (0 drafts every level; SpecExtend's reference: 0.7 with top-k 50,
+    depth 10, 50 nodes).
     SpecExtend's Cross-model Retrieval (small-draft modes): the draft's working
     cache holds the `draft_chunks` best `chunk_tokens`-token chunks of the
     context, re-chosen every `retrieve_every` steps by the target's attention,

@@ -6,7 +6,8 @@ the tree against its full cache (on GPU the Pallas kernel's hybrid tree
 attention: split-K prefix part with LSE, dense tree part, merged exactly), the
 accepted path is committed, and every `retrieve_every` steps the draft's
 working cache is rebuilt around the context the target attends to (Cross-model
-Retrieval). Lossless: acceptance is the same rule as every other mode.
+Retrieval). Lossless: acceptance is the same rule as every other mode. The
+reference code's OPT-tree is `SPECEXTEND_TREE`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from specpv_jax.host import stage_factory
 from specpv_jax.loop import Output, Run, decode_loop, prefill
 from specpv_jax.sampling import Sampler
 from specpv_jax.speculative import verify_tree
+
+# The reference code's OPT-tree (50 nodes per level of 50 x 50 children, gain threshold 0.7): the same nodes
+# as our top-k tree with these settings. Its max_depth=10 counts a last level it drafts and then drops.
+SPECEXTEND_TREE = SpecConfig(tree_top_k=50, tree_depth=9, tree_nodes=50, tree_threshold=0.7)
 
 
 @flax.struct.dataclass

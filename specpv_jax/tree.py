@@ -14,7 +14,6 @@ token); nodes 1..n follow in candidate order, so parents precede children.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable
 
 import flax.struct
@@ -117,6 +116,14 @@ def path_nodes(tree_mask_row: jax.Array, depth: jax.Array, max_depth: int) -> ja
     return jnp.argmax(hit, axis=1).astype(jnp.int32)
 
 
+def expected_length(cand_scores: list[jax.Array], nodes: int) -> jax.Array:
+    """The expected accepted length `[B]` of the best `nodes`-node tree from the candidates so far (each
+    `[B, n]`, cumulative log-probabilities): the sum of their path probabilities (OPT-tree's weight)."""
+    scores = jnp.concatenate(cand_scores, 1)
+    best, _ = lax.top_k(scores, min(nodes, scores.shape[1]))
+    return jnp.exp(best.astype(jnp.float32)).sum(1)
+
+
 # expand(level, slot, tokens [B, f], parent [B, f], mask [B, f, slots + f], carry) -> (logprobs [B, f, V_d], carry)
 Expand = Callable[[int, int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -135,9 +142,11 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
     `parent` is each node's index in the previous frontier (0 at level 1).
     Children are scored by cumulative log-probability. A top-k tree keeps all
     f x top_k of them as candidates and expands the best top_k; a beam tree keeps
-    and expands the best top_k**2 of f x top_k**2. With `threshold > 0` levels stop
-    once no frontier path probability reaches it (later levels propose nothing).
-    The `nodes` best candidates make the tree; `to_target` maps drafter ids to target ids.
+    and expands the best top_k**2 of f x top_k**2. With `threshold > 0` (OPT-tree's
+    rule) a row stops drafting once a level raised its expected accepted length
+    (`expected_length`) by no more than `threshold`; its later levels propose
+    nothing, and `expand` runs while any row goes on. The `nodes` best
+    candidates make the tree; `to_target` maps drafter ids to target ids.
     """
     k = top_k
     b = root.shape[0]
@@ -152,16 +161,19 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
     tokens = to_target(ids)
     cand_tokens, cand_scores, cand_parent = [tokens], [scores], [jnp.full((b, k), -1, jnp.int32)]
     frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))  # candidate ids
+    expected = jnp.zeros((b,), jnp.float32)
     parent = jnp.zeros((b, k), jnp.int32)
     ancestors = jnp.zeros((b, k, slots), bool)  # frontier-chain ancestors' slots in the level buffers
     for level in range(1, depth):
         f = widths[level - 1]
         mask = jnp.concatenate([ancestors, jnp.broadcast_to(jnp.eye(f, dtype=bool), (b, f, f))], axis=-1)
         expand_level = functools.partial(expand, level, first_slot[level - 1], tokens, parent, mask)
-        if threshold > 0:
+        if threshold > 0:  # OPT-tree: on while the last level added more than `threshold` to the expected length
+            expected, before = expected_length(cand_scores, nodes), expected
+            go = expected - before > threshold  # [B]; a row that stopped gains nothing after
             nothing = jnp.full((b, f, first_logprobs.shape[-1]), -jnp.inf, first_logprobs.dtype)
-            logprobs, carry = lax.cond(jnp.any(scores >= math.log(threshold)), expand_level,
-                                       lambda c: (nothing, c), carry)
+            logprobs, carry = lax.cond(jnp.any(go), expand_level, lambda c: (nothing, c), carry)
+            logprobs = jnp.where(go[:, None, None], logprobs, -jnp.inf)
         else:
             logprobs, carry = expand_level(carry)
         nan |= jnp.isnan(logprobs[:, :, 0]).any(1)

@@ -199,6 +199,20 @@ def test_bench_takes_each_modes_fastest_timed_run_in_turns(monkeypatch):
     assert {mode: out.stats["tokens_per_s"] for mode, out in best.items()} == {"ar": 30, "eagle": 20}
 
 
+def test_bench_reference_tree_modes_run_each_peer_with_its_reference_codes_tree():
+    from specpv_jax import bench
+    from specpv_jax.longspec import LONGSPEC_TREE
+    from specpv_jax.specextend import SPECEXTEND_TREE
+
+    base = sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=6, retrieval_tokens=512, draft_chunks=8)
+    for mode, name, tree, draft in (("specextend-ref", "specextend", SPECEXTEND_TREE, "small"),
+                                    ("longspec-ref", "longspec", LONGSPEC_TREE, "longspec")):
+        got_name, spec = bench.generate_mode(mode, base)
+        assert (got_name, bench.draft_kind(mode)) == (name, draft)
+        assert spec == dataclasses.replace(tree, retrieval_tokens=512, draft_chunks=8)  # the rest: the bench's
+    assert bench.generate_mode("specextend", base) == ("specextend", base)
+
+
 def test_bench_without_torch_skips_the_transformers_rows(tmp_path, monkeypatch, capsys):
     """torch is optional: without it the bench runs our modes and says why the transformers rows are missing."""
     import sys

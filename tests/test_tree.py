@@ -167,7 +167,9 @@ def fake_drafter(top_k, depth, beam):
         f = tokens.shape[1]
         assert mask.shape == (tokens.shape[0], f, slots + f) and buf.shape[1] == slots
         ancestors = jnp.sum(jnp.where(mask[..., :slots], (buf[:, None, :] + 1) * weights_of_slot, 0), axis=-1)
-        assert np.all(np.asarray(mask[..., slots:]) == np.eye(f, dtype=bool))
+        own = mask[..., slots:]
+        if not isinstance(own, jax.core.Tracer):  # (a dynamic tree expands under lax.cond)
+            assert np.all(np.asarray(own) == np.eye(f, dtype=bool))
         rows = (ancestors + (tokens + 1) * 31 ** level) % ROWS
         return jnp.asarray(TABLE)[rows], buf.at[:, slot: slot + f].set(tokens)
 
@@ -194,3 +196,46 @@ def test_grow_tree_follows_eagle3_and_longspec_rules(top_k, depth, beam):
         assert set(paths.values()) <= set(reference) and len(set(paths.values())) == nodes
         np.testing.assert_allclose(sorted((reference[p] for p in paths.values()), reverse=True), best, rtol=1e-6)
         assert np.asarray(tree.children).shape[-1] == (top_k * top_k if beam else top_k)
+
+
+def reference_opt_tree(root_row, top_k, depth, nodes, threshold):
+    """OPT-tree's rule over TABLE, in plain Python: levels are added (EAGLE-3's top-k rule) while the last one
+    raised the expected accepted length (the sum of the `nodes` best path probabilities) by more than
+    `threshold`; returns the tree's paths (the `nodes` best candidates then) and the levels drafted."""
+    level = sorted(((TABLE[root_row, t], (t,)) for t in range(VOCAB)), reverse=True)[:top_k]
+    cands = dict((p, s) for s, p in level)
+    expected = lambda: sum(np.exp(sorted(cands.values(), reverse=True)[:nodes]))  # noqa: E731
+    weight, levels = expected(), 1
+    while levels < depth and weight > threshold:
+        children = [(s + TABLE[path_row(p), t], p + (t,)) for s, p in sorted(level, reverse=True)[:top_k]
+                    for t in np.argsort(-TABLE[path_row(p)], kind="stable")[:top_k].tolist()]
+        level = children
+        cands.update((p, s) for s, p in children)
+        weight, gain, levels = expected(), expected() - weight, levels + 1
+        if gain <= threshold:
+            break
+    best = sorted(cands, key=cands.get, reverse=True)[:nodes]
+    return set(best), levels
+
+
+@pytest.mark.parametrize("threshold, roots", [(0.03, [0, 1, 10, 12]), (0.3, [28, 29])])
+def test_dynamic_trees_follow_opt_tree_row_by_row(threshold, roots):
+    """`threshold`: each row's tree is OPT-tree's (levels while the last one added more than `threshold` to the
+    expected accepted length, then the best `nodes`), whatever the other rows of the batch do (here they stop
+    at different levels)."""
+    top_k, depth, nodes = 3, 5, 20
+    expand, buf = fake_drafter(top_k, depth, False)
+    tree = tree_lib.grow_tree(jnp.zeros(len(roots), jnp.int32), jnp.asarray(TABLE[roots]), expand,
+                              jnp.zeros((len(roots), buf.shape[1]), jnp.int32), top_k, depth, nodes,
+                              threshold=threshold)
+    levels = []
+    for r, root_row in enumerate(roots):
+        want, drafted = reference_opt_tree(root_row, top_k, depth, nodes, threshold)
+        tokens, parents = np.asarray(tree.tokens[r]), np.asarray(tree.parents[r])
+        paths = {}
+        for i in range(1, nodes + 1):
+            paths[i] = (paths[parents[i]] if parents[i] else ()) + (int(tokens[i]),)
+        assert want <= set(paths.values()), (threshold, root_row)
+        assert max(len(p) for p in want) <= drafted
+        levels.append(drafted)
+    assert len(set(levels)) > 1 and max(levels) < depth
