@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The test extras (pytest, torch as a parity oracle, ...) go in only for the targets that test: the demo
+# needs none of them, and torch from PyPI is a multi-GB CUDA build on Linux.
+TEST_STAMP := $(VENV)/.installed-test
 # Most test time is XLA compilation of tiny models: two pytest-xdist workers (one compiles while the other
 # runs), and the CPU backend's LLVM at -O0 (tests/test_offload.py: 88 -> 70 s; the models are too small to care).
 TEST_WORKERS ?= 2
@@ -26,16 +29,20 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
 
 demo: install
 	$(BIN)/specpv-jax demo
 
-test: install
+test: $(TEST_STAMP)
 	$(PYTEST) -m "not slow" tests
 
-test-slow: install
+test-slow: $(TEST_STAMP)
 	$(PYTEST) -m slow tests
 
 test-next:
@@ -51,7 +58,7 @@ test-min:
 	$(MIN)/bin/python -m pip install -q -c $(MIN)/floors.txt -e '.[test]'
 	$(PYTEST_ENV) $(MIN)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow" tests
 
-bench: install
+bench: $(TEST_STAMP)
 	$(BIN)/specpv-jax bench
 
 clean:

@@ -312,9 +312,13 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
     blocking = next((p for p in (args.out, *args.out.parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise ValueError(f"--out {args.out}: {blocking} is a file; results go into a directory")
-    if args.target:
-        target = sj.load_target(args.target)
+    if args.target:  # what can be checked without the weights is, before they load
+        from specpv_jax.cli import _model_config
+
         paths = {kind: getattr(args, option.lstrip("-").replace("-", "_")) for kind, option in DRAFT_OPTIONS.items()}
+        _check_runs(modes, {kind for kind, path in paths.items() if path}, args, contexts, new_tokens,
+                    _model_config(args.target).max_position_embeddings)
+        target = sj.load_target(args.target)
         drafts = {kind: sj.load_draft(path, target) for kind, path in paths.items() if path}
     else:
         models = sj.demo_models()
@@ -324,16 +328,8 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
     if args.target and not args.modes:
         modes = [m for m in modes if m == "ar" or draft_kind(m) in drafts]
     modes = sorted(modes, key=lambda m: m != "ar")  # ar first: the others' speeds are ratios to it
-    too_long = [c for c in contexts if c + new_tokens > target.cfg.max_position_embeddings]
-    if too_long:
-        raise ValueError(f"--contexts {' '.join(map(str, too_long))} plus {new_tokens} new tokens exceed the "
-                         f"model's max_position_embeddings ({target.cfg.max_position_embeddings})")
-    for m in modes:
-        if m != "ar" and drafts.get(draft_kind(m)) is None:
-            raise ValueError(f"mode {m} needs {DRAFT_OPTIONS[draft_kind(m)]}"
-                             + (" with --target" if args.target else " (missing from the demo assets)"))
-    if args.tune and "eagle3" not in drafts:
-        raise ValueError("--tune picks a tree for the EAGLE-3 modes: it needs --draft")
+    _check_runs(modes, {kind for kind, draft in drafts.items() if draft is not None}, args, contexts, new_tokens,
+                target.cfg.max_position_embeddings)
     prompts = prompts_for(target, contexts)
     hf_dir = None if args.no_hf or not _torch_installed() else _hf_dir(target, scratch / "target")
     assistant_dir = _hf_dir(drafts["small"], scratch / "small_draft") if hf_dir and "small" in drafts and any(
@@ -385,6 +381,21 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
         write_results(args.out, rows, title, device, contexts, new_tokens, modes)  # a later failure keeps these
     print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
     return rows
+
+
+def _check_runs(modes: list[str], drafts: set[str], args, contexts: list[int], new_tokens: int,
+                max_positions: int) -> None:
+    """Refuses contexts past the target's positions and modes whose draft (a kind in `drafts`) is missing."""
+    too_long = [c for c in contexts if c + new_tokens > max_positions]
+    if too_long:
+        raise ValueError(f"--contexts {' '.join(map(str, too_long))} plus {new_tokens} new tokens exceed the "
+                         f"model's max_position_embeddings ({max_positions})")
+    for m in modes:
+        if m != "ar" and draft_kind(m) not in drafts and (args.modes or not args.target):
+            raise ValueError(f"mode {m} needs {DRAFT_OPTIONS[draft_kind(m)]}"
+                             + (" with --target" if args.target else " (missing from the demo assets)"))
+    if args.tune and "eagle3" not in drafts:
+        raise ValueError("--tune picks a tree for the EAGLE-3 modes: it needs --draft")
 
 
 def write_results(out: pathlib.Path, rows: list[dict], title: str, device: str, contexts: list[int],

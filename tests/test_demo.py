@@ -418,6 +418,9 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
         (["generate", target, "--prompt", "x", "--mesh", "1x2", "--mode", "exact", "--draft", str(ASSETS / "eagle3"),
           "--spec", "offload=true"], "--spec offload=true runs on one device, not a 1x2 mesh: leave out --mesh"),
         (["bench", "--draft", str(ASSETS / "eagle3")], "--draft needs --target"),
+        (["bench", "--target", target, "--modes", "ar", "eagle"], "mode eagle needs --draft with --target"),
+        (["bench", "--target", target, "--contexts", "40000"],
+         "--contexts 40000 plus 64 new tokens exceed the model's max_position_embeddings (32768)"),
         (["bench", "--out", str(tmp_path / "afile")], "is a file"),
         (["bench", "--out", str(tmp_path / "afile" / "results")], "afile is a file"),
     ]:

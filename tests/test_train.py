@@ -280,6 +280,23 @@ def test_head_training_raises_accuracy():
         eagle.train_head(head, params, TINY_CFG, np.arange(5), _repeating_batches(4, 32), TrainConfig(1, 4, 32))
 
 
+def test_a_head_checkpoint_is_not_resumed_for_another_target(tmp_path):
+    """A work directory holds a head trained against one target: another target of the same shapes (a base
+    model's instruct tune) is refused rather than resumed on other features."""
+    head = eagle.new_head(TINY_CFG, np.arange(TINY_CFG.vocab_size, dtype=np.int32), seed=7)
+    tc = TrainConfig(2, 2, 16, save_every=1)
+    for seed, steps in ((6, 1), (6, 2), (8, 2)):
+        target = model.init_params(TINY_CFG, jax.random.key(seed))
+        run = lambda: eagle.train_head(head, target, TINY_CFG, np.arange(TINY_CFG.vocab_size),  # noqa: E731
+                                       _repeating_batches(2, 16), dataclasses.replace(tc, steps=steps), steps=2,
+                                       checkpoint_dir=tmp_path, progress=False)
+        if seed == 6:
+            run()
+        else:
+            with pytest.raises(ValueError, match=r"another training run \(its target differ"):
+                run()
+
+
 def test_positions_the_draft_vocabulary_cannot_hit_count_as_misses_and_train_nothing():
     """Where the target's argmax lies outside the draft vocabulary no draft token can be accepted: accuracy
     counts a miss there (it scored the argmax within the draft vocabulary: 0.73 with 2 draft tokens on a random
@@ -389,3 +406,41 @@ def test_train_draft_save_every_reaches_both_stages(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert [tc.save_every for tc in seen] == [TrainConfig.save_every] * 2
+
+
+def test_a_later_phase_starts_over_when_its_starting_weights_changed(tmp_path, capsys):
+    """Two chained phases, each resumable: extending the first changes the second's starting weights, so the
+    second starts over (it resumed its old final state, throwing the extra training away); other
+    differences are still refused."""
+    def loss(p, batch):
+        return jnp.sum((p["w"] - batch) ** 2), {}
+
+    def batches():
+        return (np.full(3, float(i), np.float32) for i in range(100))
+
+    def recipe(first_steps, work):
+        first, _ = fit(loss, {"w": jnp.zeros(3)}, batches(), TrainConfig(first_steps, 1, 1, lr=0.1, warmup=1),
+                       checkpoint_dir=work / "first", progress=False)
+        return fit(loss, first, batches(), TrainConfig(3, 1, 1, lr=0.05, warmup=1), desc="second",
+                   checkpoint_dir=work / "second")
+
+    recipe(2, tmp_path / "w")
+    extended, history = recipe(5, tmp_path / "w")
+    assert "second: " + str(tmp_path / "w" / "second") + " holds this run from other starting weights" in \
+        capsys.readouterr().err
+    straight, _ = recipe(5, tmp_path / "fresh")
+    assert len(history) == 3
+    np.testing.assert_allclose(extended["w"], straight["w"], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"another training run \(its data differ"):
+        fit(loss, {"w": jnp.ones(3)}, batches(), TrainConfig(3, 1, 1, lr=0.05, warmup=1),
+            checkpoint_dir=tmp_path / "w" / "second", progress=False, run={"data": "other"})
+
+
+def test_params_digest_tells_weights_apart_from_a_sample():
+    from specpv_jax.train.trainer import params_digest
+
+    big = jax.random.normal(jax.random.key(0), (300, 500))
+    assert params_digest({"a": big}) == params_digest({"a": big + 0})
+    assert params_digest({"a": big}) != params_digest({"a": big * 1.001})  # a fine-tune moves every weight
+    assert params_digest({"a": big}) != params_digest({"b": big})
+    assert params_digest({"a": big}) != params_digest({"a": big.astype(jnp.bfloat16)})

@@ -29,7 +29,7 @@ from specpv_jax.model import Params
 from specpv_jax.speculative import flat_features
 from specpv_jax.train import corpus
 from specpv_jax.train.lm import positions_for
-from specpv_jax.train.trainer import TrainConfig, digest, fit
+from specpv_jax.train.trainer import TrainConfig, digest, fit, params_digest
 
 STEP_WEIGHT = 0.8
 
@@ -116,7 +116,7 @@ def train_head(head: eagle3.Eagle3, target: Params, tcfg: ModelConfig, draft_ids
     params, history = fit(lambda p, ids: ttt_loss(p, head.cfg, target, tcfg, draft_ids, ids, steps),
                           head.params, batches, tc, desc, checkpoint_dir, progress,
                           run={"head": head.cfg.to_dict(), "draft_ids": digest(np.asarray(draft_ids)),
-                               "unroll": steps, **(run or {})})
+                               "unroll": steps, "target": params_digest(target), **(run or {})})
     return dataclasses.replace(head, params=params), history
 
 

@@ -24,7 +24,7 @@ from specpv_jax.config import LongSpecConfig, ModelConfig
 from specpv_jax.draft import longspec
 from specpv_jax.model import Params
 from specpv_jax.train import corpus
-from specpv_jax.train.trainer import TrainConfig, digest, fit
+from specpv_jax.train.trainer import TrainConfig, digest, fit, params_digest
 
 MAX_SINK = 4
 MAX_OFFSET = 30000
@@ -82,7 +82,8 @@ def train_longspec(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarra
     cfg = LongSpecConfig.for_target(tcfg, window)
     params = longspec.init_params(cfg, jax.random.key(tc.seed))
     data = batches(token_docs, tc.batch, tc.length, tcfg.max_position_embeddings, tc.seed + 5, anchor_offset)
-    run = {"draft": cfg.to_dict(), "anchor_offset": anchor_offset, "data": digest(*token_docs)}
+    run = {"draft": cfg.to_dict(), "anchor_offset": anchor_offset, "data": digest(*token_docs),
+           "target": params_digest(target)}
     params, history = fit(lambda p, batch: loss(p, cfg, target, tcfg, *batch), params, data, tc, desc, work,
                           progress, run=run)
     return longspec.LongSpecDraft(cfg, params, source="trained"), history

@@ -68,7 +68,9 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
     `checkpoint_dir` must hold this run's state: the same `tc` but for `steps` (a
     run may be extended; its learning rate then follows the longer schedule from the
     resumed step, a jump back up the cosine) and the same `run` (JSON-able facts that
-    identify it, such as a hash of the data), else it is refused.
+    identify it, such as a hash of the data), else it is refused. A run whose only
+    difference is its starting `params` (a later phase of a recipe whose earlier
+    phase was extended) starts over: its checkpoints there are deleted.
     """
     from tqdm.auto import tqdm
 
@@ -77,8 +79,14 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
     manager = _manager(checkpoint_dir)
     if manager is not None:
         settings = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("steps", "save_every")}  # may grow
-        identity = json.loads(json.dumps({"train": settings, **(run or {})}))
-        _check_same_run(pathlib.Path(checkpoint_dir), identity, resuming=manager.latest_step() is not None)
+        identity = json.loads(json.dumps({"train": settings, "start": params_digest(params), **(run or {})}))
+        if not _same_run(pathlib.Path(checkpoint_dir), identity, resuming=manager.latest_step() is not None):
+            for saved in manager.all_steps():
+                manager.delete(saved)
+            _same_run(pathlib.Path(checkpoint_dir), identity, resuming=False)
+            if progress:
+                tqdm.write(f"{desc}: {checkpoint_dir} holds this run from other starting weights (an earlier phase "
+                           f"trained further): it starts over", file=sys.stderr)
         if manager.latest_step() is not None:
             state = _restore(manager, state)
             if int(state["step"]) > tc.steps:
@@ -145,19 +153,32 @@ def digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_same_run(directory: pathlib.Path, identity: dict, resuming: bool) -> None:
-    """Records `identity` in `directory` for a new run; refuses to resume a different one."""
+def params_digest(params: Any, samples: int = 4096) -> str:
+    """A short hash of a pytree of weights: each leaf's path, shape, dtype and at most `samples` evenly strided
+    entries (tells trained weights apart without reading a whole 8B target to the host)."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        flat = jnp.ravel(leaf)
+        h.update(f"{jax.tree_util.keystr(path)} {flat.size} {jnp.shape(leaf)} {flat.dtype}".encode()
+                 + np.asarray(flat[:: max(1, flat.size // samples)]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _same_run(directory: pathlib.Path, identity: dict, resuming: bool) -> bool:
+    """Records `identity` in `directory` for a new run; refuses to resume a different one; False for the same
+    run from other starting weights (its "start"; a record from before starts were recorded resumes)."""
     record = directory / RUN_FILE
     if not resuming or not record.is_file():  # (a directory from before run records resumes unchecked)
         directory.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(identity, indent=1, sort_keys=True))
-        return
+        return True
     stored = json.loads(record.read_text())
-    differ = sorted(k for k in identity.keys() | stored.keys() if identity.get(k) != stored.get(k))
+    differ = sorted(k for k in (identity.keys() | stored.keys()) - {"start"} if identity.get(k) != stored.get(k))
     if differ:
         raise ValueError(f"{directory} holds the checkpoint of another training run (its {', '.join(differ)} "
                          f"differ from this one's); resume with the same settings and data, or use an empty "
                          f"work directory")
+    return stored.get("start", identity["start"]) == identity["start"]
 
 
 def _manager(directory):
