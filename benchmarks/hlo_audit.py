@@ -73,7 +73,8 @@ def main(argv=None):
     weight_shapes = {tuple(d for d in leaf.shape[1:] if d != 1) for leaf in jax.tree.leaves(params["layers"])}
     report = {}
     for mode in args.modes:
-        fn = sj.make_generate_fn(cfg, spec, mode=mode, draft_cfg=dcfg, max_new_tokens=64, eos_token_ids=())
+        fn = sj.make_generate_fn(cfg, spec, mode=mode, draft_cfg=dcfg if mode != "ar" else None, max_new_tokens=64,
+                                 eos_token_ids=())
         text = jax.jit(fn).lower(params, draft if mode != "ar" else None, ids, jax.random.key(0)).compile().as_text()
         found = hlo.loop_copies(text, int(args.min_mb * 2 ** 20))
         report[mode] = [dict(dataclasses.asdict(f), label=label(f, weight_shapes, cfg)) for f in found]

@@ -785,7 +785,8 @@ class SpecConfig:
 
     @classmethod
     def tuned(cls, target, draft, context, **options) -> "SpecConfig":
-        """The tree size and partial budget that ran fastest here on `context` (a prompt or a length).
+        """The tree size and partial budget that ran fastest here on `context`: a prompt (token ids) of the
+        length to be run, or a length (random ids then, which draft and retrieve unlike text).
 
         Times short generations of a few candidates; see `specpv_jax.tuning.tune` for the options.
         """

@@ -200,8 +200,14 @@ def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecCon
             warn(f"{name}={value} has no effect with temperature=0 (greedy decoding)")
     resolve_implementation(attention)
     _check_offload(spec, mode)
+    if mode == "ar" and dcfg is not None:
+        warn("mode='ar' decodes with the target alone: the draft has no effect (the modes that use it: "
+             f"{', '.join(m for m, k in DRAFT_KINDS.items() if k == _CONFIG_KINDS.get(type(dcfg)))})")
     if mode != "ar":
         _check_draft_config(target_cfg, dcfg, mode, spec)
+    if spec.bounded_draft and mode not in PARTIAL_MODES:
+        warn(f"SpecConfig(bounded_draft=True) has no effect in mode {mode!r}: it bounds the EAGLE-3 head's "
+             f"partial steps ({' and '.join(PARTIAL_MODES)})")
     return spec, sampler
 
 
@@ -241,9 +247,9 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
         raise TypeError(f"target must be a model from sj.load_target, got {type(target).__name__}")
     xla_cpu.check_backend()
     _check_draft(draft, mode)
-    draft = None if mode == "ar" else draft  # "ar" ignores a draft
     spec, sampler = _check_settings(target.cfg, mode, getattr(draft, "cfg", None), spec, max_new_tokens,
                                     temperature, top_p, top_k, prefill_chunk, attention)
+    draft = None if mode == "ar" else draft  # "ar" ignores a draft (`_check_settings` warned)
     check_seed(seed)
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")

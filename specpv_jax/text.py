@@ -23,6 +23,11 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool = True, template_options
             raise ValueError(f"the chat template of the tokenizer in {tokenizer.name_or_path} failed: "
                              f"{type(e).__name__}: {e} (encode without it: chat=False, --no-chat)") from e
         return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    if chat and template_options:
+        from specpv_jax.warning import warn
+
+        warn(f"template options {', '.join(template_options)} have no effect: the tokenizer in "
+             f"{tokenizer.name_or_path} has no chat template, so the text is encoded as it is")
     ids = list(tokenizer(text)["input_ids"])
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and ids[:2] == [bos, bos] and text.startswith(tokenizer.bos_token):

@@ -164,3 +164,15 @@ def test_a_draft_whose_log_probabilities_are_nan_is_reported(mode):
     if mode != "specpv":  # lossless
         np.testing.assert_array_equal(out.tokens, ar.tokens)
     assert out.stats["draft_nan_steps"] == out.stats["steps"]  # every step drafts from NaN (exact: partial too)
+
+
+def test_settings_without_effect_are_said():
+    """A draft given to mode="ar" and a bounded draft cache outside the partial modes change nothing: both warn."""
+    target = make_target(16, seed=5)
+    head = make_head(target, seed=6)
+    with pytest.warns(sj.SpecPVWarning, match=r"mode='ar' decodes with the target alone: the draft has no effect "
+                                              r"\(the modes that use it: eagle, specpv, exact\)"):
+        out = sj.generate(target, [5, 6, 7], 4, draft=head, eos_token_ids=())
+    np.testing.assert_array_equal(out.tokens, sj.generate(target, [5, 6, 7], 4, eos_token_ids=()).tokens)
+    with pytest.warns(sj.SpecPVWarning, match=r"bounded_draft=True\) has no effect in mode 'eagle'"):
+        sj.make_generate_fn(target.cfg, sj.SpecConfig(bounded_draft=True), mode="eagle", draft_cfg=head.cfg)

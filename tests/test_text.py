@@ -49,6 +49,10 @@ def test_chat_template_options_reach_the_template(model_dir):
     assert parse_chat_options(["style=plain", "n=3"]) == {"style": "plain", "n": 3}
     with pytest.raises(ValueError, match="expected NAME=VALUE"):
         parse_chat_options(["enable_thinking"])
+    model.tokenizer.chat_template = None  # options for a template that is not there: said, not dropped silently
+    with pytest.warns(sj.SpecPVWarning, match="template options enable_thinking have no effect: the tokenizer "
+                                              "in .* has no chat template"):
+        assert text.encode_prompt(model.tokenizer, "w7 w8", template_options=options)[-2:] == [7, 8]
 
 
 def test_a_typed_bos_is_not_doubled_without_the_chat_template():
