@@ -487,6 +487,9 @@ def _show_warning(command: str, show: Callable) -> Callable:
 @under_defaults
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers says at import that without torch it has no models: we read only its configs and tokenizers
+    # (bench checks for torch itself where its peer needs it)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning(args.command, warnings.showwarning)

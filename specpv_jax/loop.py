@@ -65,8 +65,9 @@ def output_bucket(max_new: int) -> int:
 
 def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cache: KVCache,
             capture_layers: tuple[int, ...] = (), consume: Callable | None = None,
-            extra: Any = None) -> tuple[KVCache, jax.Array, jax.Array, Any]:
-    """Feeds right-padded prompts `ids [B, T]` (T a multiple of `run.chunk`) in chunks.
+            extra: Any = None, window: int | None = None) -> tuple[KVCache, jax.Array, jax.Array, Any]:
+    """Feeds right-padded prompts `ids [B, T]` (T a multiple of `run.chunk`) in chunks (each token seeing the
+    `window` latest positions only, itself included, if given: `model.forward`'s).
 
     `consume(extra, start, next_ids [B, C], features [n, B, C, H]) -> extra` sees
     each chunk's captured features with the token that follows each position
@@ -84,6 +85,8 @@ def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cach
     b, t = ids.shape
     next_ids = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
     if run.offload:
+        if window is not None:
+            raise ValueError("prefill: window= needs the cache on the device, not offloaded")
         return _prefill_by_layer(params, run, ids, next_ids, lengths, cache, capture_layers, consume, extra)
 
     def body(c, carry):
@@ -92,7 +95,7 @@ def prefill(params: M.Params, run: Run, ids: jax.Array, lengths: jax.Array, cach
         ids_c = lax.dynamic_slice_in_dim(ids, start, chunk, axis=1)
         pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
         out = M.forward(params, cfg, ids_c, pos, cache.replace(length=jnp.full((b,), start, jnp.int32)),
-                        capture_layers=capture_layers, attention=run.attention)
+                        capture_layers=capture_layers, attention=run.attention, window=window)
         if consume is not None:
             extra = consume(extra, start, lax.dynamic_slice_in_dim(next_ids, start, chunk, axis=1), out.features)
         if run.progress:

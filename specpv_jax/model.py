@@ -129,15 +129,15 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, k_cache, v_cache, cache_len, new_mask, layer=None, k_extra=None, v_extra=None,
-                 write=True):
+                 write=True, prefix_from=None):
         """k_cache, v_cache: `[B, Hkv, S, D]`, or the stacked `[L, ...]` cache read at `layer`;
-        None for cache-free self-attention (training). k_extra, v_extra, write: as in `Attention`."""
+        None for cache-free self-attention (training). k_extra, v_extra, write, prefix_from: as in `Attention`."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         attn, q, k, v, k_cache, v_cache = Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm,
             eps, self.dtype, self.attention, name="self_attn")(h, cos, sin, k_cache, v_cache, cache_len, new_mask,
-                                                                layer, k_extra, v_extra, write)
+                                                                layer, k_extra, v_extra, write, prefix_from)
         x = x + attn
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(cfg.hidden_size, cfg.intermediate_size, self.dtype, name="mlp")(h), q, k, v, k_cache, v_cache
@@ -169,7 +169,7 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
             attention: str = "xla", summary: BlockSummary | None = None,
             score_mask: jax.Array | None = None, committed: jax.Array | None = None,
             extra_kv: tuple[jax.Array, jax.Array] | None = None, write: bool = True, collect_kv: bool = False,
-            offloaded: bool = False, keep: Callable | None = None) -> ForwardOut:
+            offloaded: bool = False, keep: Callable | None = None, window: int | None = None) -> ForwardOut:
     """Runs new tokens `ids [B, T]` at `positions [B, T]` over `cache`.
 
     The new tokens attend to the cache prefix `[0, cache.length)` and to each
@@ -190,12 +190,19 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     layer's move overlapping this one's math; attention runs on that copy.
     `keep(keys, values, scores)` (offloaded only; the copy, each `[B, Hkv, S,
     D]`, and the layer's block scores) picks what the caller needs from it,
-    returned stacked over layers as `ForwardOut.kept`.
+    returned stacked over layers as `ForwardOut.kept`. `window`: each new token sees only the positions less
+    than `window` before its own (a sliding window over prefix and new tokens; XLA attention).
     """
     dtype = param_dtype(params)
     b, t = ids.shape
     if new_mask is None:
         new_mask = causal_mask(b, t)
+    prefix_from = None
+    if window is not None:
+        if extra_kv is not None or offloaded:
+            raise ValueError("forward: window= takes the new tokens and an on-device cache only")
+        new_mask = new_mask & (positions[:, :, None] - positions[:, None, :] < window)
+        prefix_from = positions - (window - 1)
     x = embed(params, ids)
     cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim),
                             rope.attention_scaling(cfg.rope), dtype)
@@ -218,7 +225,7 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
         else:
             here, layer_index = (k_all, v_all), i
         x, q, k, v, k_out, v_out = layer.apply({"params": layer_params}, x, cos, sin, *here, cache_len,
-                                               new_mask, layer_index, *extra, write)
+                                               new_mask, layer_index, *extra, write, prefix_from)
         if not offloaded:
             k_all, v_all = k_out, v_out
         scores = None

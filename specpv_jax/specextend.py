@@ -31,6 +31,10 @@ from specpv_jax.speculative import verify_tree
 # The reference code's OPT-tree (50 nodes per level of 50 x 50 children, gain threshold 0.7): the same nodes
 # as our top-k tree with these settings. Its max_depth=10 counts a last level it drafts and then drops.
 SPECEXTEND_TREE = SpecConfig(tree_top_k=50, tree_depth=9, tree_nodes=50, tree_threshold=0.7)
+# With retrieval the draft prefills the prompt through a sliding window, as the reference does: a small draft
+# trained on short texts then never relates positions further apart than that (its decoding attends to a
+# working cache of about 1.2K positions).
+DRAFT_PREFILL_WINDOW = 512
 
 
 @flax.struct.dataclass
@@ -79,7 +83,8 @@ def specextend_prefill_fn(run: Run, spec: SpecConfig):
     def fn(params, dparams, ids, lengths, cache, draft_cache):
         cache, last, _, _ = prefill(params, run, ids, lengths, cache)
         draft_run = Run(cfg=run.dcfg, out_slots=0, chunk=run.chunk, attention=run.attention)
-        draft_cache, _, _, _ = prefill(dparams, draft_run, ids, lengths, draft_cache)
+        draft_cache, _, _, _ = prefill(dparams, draft_run, ids, lengths, draft_cache,
+                                       window=DRAFT_PREFILL_WINDOW if spec.draft_chunks else None)
         return cache, small.start(run.dcfg, spec, draft_cache), M.logits(params, run.cfg, last)
 
     return jax.jit(fn, donate_argnums=(4, 5))

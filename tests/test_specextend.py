@@ -250,3 +250,23 @@ def test_dynamic_tree_stops_drafting_below_the_threshold(threshold):
     deepest = np.asarray(tree.tokens[0])[np.asarray(tree.depth[0]) == depth]
     assert (13 in deepest) == (threshold < 0.289)
     assert 12 in np.asarray(tree.tokens[0])  # level 2 was drafted either way
+
+
+def test_windowed_prefill_sees_the_latest_window_positions_only():
+    """`prefill(window=)` chunk by chunk over a cache (SpecExtend's draft prefill) computes what one pass over the
+    whole prompt computes under a band mask: each token sees itself and the window - 1 positions before it."""
+    from specpv_jax import model as M
+    from specpv_jax.loop import Run, prefill
+
+    target = make_target(16, seed=1)
+    cfg, window, t = target.cfg, 20, 96
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 16, (2, t)), jnp.int32)
+    lengths = jnp.asarray([t, 70], jnp.int32)
+    gap = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+    band = jnp.broadcast_to((gap >= 0) & (gap < window), (2, t, t))
+    whole = M.forward(target.params, cfg, ids, jnp.broadcast_to(jnp.arange(t), (2, t)), None, band).hidden
+    cache = KVCache.for_model(cfg, 2, t, jnp.float32)
+    _, last, _, _ = prefill(target.params, Run(cfg=cfg, out_slots=0, chunk=32), ids, lengths, cache, window=window)
+    np.testing.assert_allclose(last, whole[jnp.arange(2), lengths - 1], atol=1e-5)
+    _, unbounded, _, _ = prefill(target.params, Run(cfg=cfg, out_slots=0, chunk=32), ids, lengths, cache)
+    assert np.abs(unbounded - last).max() > 1e-3  # the window is what made the difference
