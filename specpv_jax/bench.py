@@ -85,7 +85,8 @@ def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec):
 
 
 def generate_mode(mode: str, spec):
-    """The `generate` mode and `SpecConfig` a bench mode runs with (`offload` only where the mode offloads)."""
+    """The `generate` mode and `SpecConfig` a bench mode runs with (`offload` and `bounded_draft` only in the
+    modes with partial steps)."""
     if mode == "specpv-bd":
         return "specpv", dataclasses.replace(spec, bounded_draft=True)
     if mode == "draft":
@@ -98,7 +99,8 @@ def generate_mode(mode: str, spec):
         tree = {"specextend": SPECEXTEND_TREE, "longspec": LONGSPEC_TREE}[mode]
         spec = dataclasses.replace(spec, **{name: getattr(tree, name) for name in REFERENCE_TREE_FIELDS})
     mode = "longspec" if mode == "longspec-plain" else mode
-    return mode, spec if mode in config.PARTIAL_MODES else dataclasses.replace(spec, offload=False)
+    return mode, spec if mode in config.PARTIAL_MODES else dataclasses.replace(spec, offload=False,
+                                                                             bounded_draft=False)
 
 
 def hf_decode_tokens_per_s(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens: int) -> float:

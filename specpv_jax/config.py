@@ -727,7 +727,7 @@ class SpecConfig:
     `tree_depth` levels, once a level raised the expected accepted length of its
     best `tree_nodes`-node tree (the sum of their path probabilities) by no more
     than this (0 drafts every level; SpecExtend's reference: 0.7 with top-k 50,
-    depth 10, 50 nodes).
+    9 levels, 50 nodes: `specextend.SPECEXTEND_TREE`).
     SpecExtend's Cross-model Retrieval (small-draft modes): the draft's working
     cache holds the `draft_chunks` best `chunk_tokens`-token chunks of the
     context, re-chosen every `retrieve_every` steps by the target's attention,

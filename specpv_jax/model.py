@@ -191,7 +191,8 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     `keep(keys, values, scores)` (offloaded only; the copy, each `[B, Hkv, S,
     D]`, and the layer's block scores) picks what the caller needs from it,
     returned stacked over layers as `ForwardOut.kept`. `window`: each new token sees only the positions less
-    than `window` before its own (a sliding window over prefix and new tokens; XLA attention).
+    than `window` before its own (a sliding window over prefix and new tokens; XLA attention), for caches
+    whose slot i holds position i (as `loop.prefill` fills them).
     """
     dtype = param_dtype(params)
     b, t = ids.shape

@@ -31,10 +31,10 @@ from specpv_jax.speculative import verify_tree
 # The reference code's OPT-tree (50 nodes per level of 50 x 50 children, gain threshold 0.7): the same nodes
 # as our top-k tree with these settings. Its max_depth=10 counts a last level it drafts and then drops.
 SPECEXTEND_TREE = SpecConfig(tree_top_k=50, tree_depth=9, tree_nodes=50, tree_threshold=0.7)
-# With retrieval the draft prefills the prompt through a sliding window, as the reference does: a small draft
-# trained on short texts then never relates positions further apart than that (its decoding attends to a
-# working cache of about 1.2K positions).
-DRAFT_PREFILL_WINDOW = 512
+# With retrieval the draft prefills the prompt through a sliding window, as the reference does (flash-attn's
+# window_size=(512, -1): each token and the 512 before it): a small draft trained on short texts then never
+# relates positions further apart than that (its decoding attends to a working cache of about 1.2K positions).
+DRAFT_PREFILL_WINDOW = 513
 
 
 @flax.struct.dataclass

@@ -211,6 +211,10 @@ def test_bench_reference_tree_modes_run_each_peer_with_its_reference_codes_tree(
         assert (got_name, bench.draft_kind(mode)) == (name, draft)
         assert spec == dataclasses.replace(tree, retrieval_tokens=512, draft_chunks=8)  # the rest: the bench's
     assert bench.generate_mode("specextend", base) == ("specextend", base)
+    # --spec bounded_draft=true reaches the modes with partial steps only (the others would warn it does nothing)
+    bounded = dataclasses.replace(base, bounded_draft=True)
+    assert bench.generate_mode("eagle", bounded) == ("eagle", base)
+    assert bench.generate_mode("specpv", bounded) == ("specpv", bounded)
 
 
 def test_bench_without_torch_skips_the_transformers_rows(tmp_path, monkeypatch, capsys):

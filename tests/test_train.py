@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import specpv_jax as sj
 from specpv_jax import model
 from specpv_jax.config import ModelConfig, RopeConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.speculative import flat_features
 from specpv_jax.train import corpus, demo_models, eagle, lm, tokenizer
-from specpv_jax.train.trainer import TrainConfig, fit
+from specpv_jax.train.trainer import TrainConfig, fit, params_digest
 
 TINY_CFG = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
                        num_kv_heads=2, head_dim=8, max_position_embeddings=512, rope=RopeConfig(theta=10000.0))
@@ -174,7 +175,7 @@ def test_a_resumed_run_continues_the_batch_stream(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds step 10, beyond the 8 steps asked for"):  # not a silent 10
         fit(loss, {"w": jnp.zeros(3)}, batches(), dataclasses.replace(tc, steps=8), checkpoint_dir=tmp_path / "w",
             progress=False)
-    with pytest.raises(ValueError, match=r"another training run \(its data, train differ"):
+    with pytest.raises(ValueError, match=r"another training run \(its train differ"):  # (no "data" recorded)
         fit(loss, {"w": jnp.zeros(3)}, batches(), dataclasses.replace(tc, lr=0.2), checkpoint_dir=tmp_path / "w",
             progress=False, run={"data": "other"})
 
@@ -287,14 +288,18 @@ def test_a_head_checkpoint_is_not_resumed_for_another_target(tmp_path):
     tc = TrainConfig(2, 2, 16, save_every=1)
     for seed, steps in ((6, 1), (6, 2), (8, 2)):
         target = model.init_params(TINY_CFG, jax.random.key(seed))
-        run = lambda: eagle.train_head(head, target, TINY_CFG, np.arange(TINY_CFG.vocab_size),  # noqa: E731
-                                       _repeating_batches(2, 16), dataclasses.replace(tc, steps=steps), steps=2,
-                                       checkpoint_dir=tmp_path, progress=False)
+        run = lambda **kw: eagle.train_head(head, target, TINY_CFG, np.arange(TINY_CFG.vocab_size),  # noqa: E731
+                                            _repeating_batches(2, 16), dataclasses.replace(tc, steps=steps),
+                                            steps=2, checkpoint_dir=tmp_path, progress=False, **kw)
         if seed == 6:
             run()
         else:
             with pytest.raises(ValueError, match=r"another training run \(its target differ"):
                 run()
+    # A recipe whose earlier phase made the target (the demo models' YaRN target) starts the head over instead.
+    with pytest.warns(sj.SpecPVWarning, match=r"its target changed\): it starts over"):
+        _, history = run(restart_on=("target",))
+    assert len(history) == 2
 
 
 def test_positions_the_draft_vocabulary_cannot_hit_count_as_misses_and_train_nothing():
@@ -408,39 +413,63 @@ def test_train_draft_save_every_reaches_both_stages(tmp_path, monkeypatch):
     assert [tc.save_every for tc in seen] == [TrainConfig.save_every] * 2
 
 
-def test_a_later_phase_starts_over_when_its_starting_weights_changed(tmp_path, capsys):
+def test_a_later_phase_starts_over_when_its_starting_weights_changed(tmp_path):
     """Two chained phases, each resumable: extending the first changes the second's starting weights, so the
-    second starts over (it resumed its old final state, throwing the extra training away); other
-    differences are still refused."""
+    second starts over (it resumed its old final state, throwing the extra training away). Only keys named
+    in restart_on do that: other differences, and the same one not named, are refused."""
     def loss(p, batch):
         return jnp.sum((p["w"] - batch) ** 2), {}
 
     def batches():
         return (np.full(3, float(i), np.float32) for i in range(100))
 
+    second = TrainConfig(3, 1, 1, lr=0.05, warmup=1)
+
     def recipe(first_steps, work):
         first, _ = fit(loss, {"w": jnp.zeros(3)}, batches(), TrainConfig(first_steps, 1, 1, lr=0.1, warmup=1),
                        checkpoint_dir=work / "first", progress=False)
-        return fit(loss, first, batches(), TrainConfig(3, 1, 1, lr=0.05, warmup=1), desc="second",
-                   checkpoint_dir=work / "second")
+        return fit(loss, first, batches(), second, desc="second", checkpoint_dir=work / "second", progress=False,
+                   run={"start": params_digest(first)}, restart_on=("start",))
 
     recipe(2, tmp_path / "w")
-    extended, history = recipe(5, tmp_path / "w")
-    assert "second: " + str(tmp_path / "w" / "second") + " holds this run from other starting weights" in \
-        capsys.readouterr().err
+    with pytest.warns(sj.SpecPVWarning, match="second: .* held this run trained from an earlier phase's older "
+                                              "output \\(its start changed\\): it starts over"):
+        extended, history = recipe(5, tmp_path / "w")
     straight, _ = recipe(5, tmp_path / "fresh")
     assert len(history) == 3
     np.testing.assert_allclose(extended["w"], straight["w"], rtol=1e-6)
-    with pytest.raises(ValueError, match=r"another training run \(its data differ"):
-        fit(loss, {"w": jnp.ones(3)}, batches(), TrainConfig(3, 1, 1, lr=0.05, warmup=1),
-            checkpoint_dir=tmp_path / "w" / "second", progress=False, run={"data": "other"})
+    for tc, restart_on in ((dataclasses.replace(second, lr=0.5), ("start",)), (second, ())):
+        with pytest.raises(ValueError, match=r"another training run \(its start(, train)? differ"):
+            fit(loss, {"w": jnp.ones(3)}, batches(), tc, checkpoint_dir=tmp_path / "w" / "second", progress=False,
+                run={"start": "other"}, restart_on=restart_on)
 
 
 def test_params_digest_tells_weights_apart_from_a_sample():
-    from specpv_jax.train.trainer import params_digest
-
     big = jax.random.normal(jax.random.key(0), (300, 500))
     assert params_digest({"a": big}) == params_digest({"a": big + 0})
     assert params_digest({"a": big}) != params_digest({"a": big * 1.001})  # a fine-tune moves every weight
     assert params_digest({"a": big}) != params_digest({"b": big})
     assert params_digest({"a": big}) != params_digest({"a": big.astype(jnp.bfloat16)})
+
+
+def test_a_record_from_an_older_version_checks_the_keys_it_holds(tmp_path):
+    """A work directory whose run.json predates a key (the target's digest, say) resumes, and records it from then
+    on; a key it holds is still checked."""
+    import json
+
+    def loss(p, batch):
+        return jnp.sum((p["w"] - batch) ** 2), {}
+
+    def batches():
+        return (np.full(3, float(i), np.float32) for i in range(100))
+
+    tc = TrainConfig(2, 1, 1, lr=0.1, warmup=1)
+    fit(loss, {"w": jnp.zeros(3)}, batches(), tc, checkpoint_dir=tmp_path, progress=False, run={"data": "d"})
+    record = json.loads((tmp_path / "run.json").read_text())
+    (tmp_path / "run.json").write_text(json.dumps({"train": record["train"]}))  # as an older version wrote it
+    _, history = fit(loss, {"w": jnp.zeros(3)}, batches(), dataclasses.replace(tc, steps=3), checkpoint_dir=tmp_path,
+                     progress=False, run={"data": "d", "target": "t"})
+    assert len(history) == 1 and json.loads((tmp_path / "run.json").read_text())["target"] == "t"
+    with pytest.raises(ValueError, match=r"its target differ"):
+        fit(loss, {"w": jnp.zeros(3)}, batches(), dataclasses.replace(tc, steps=4), checkpoint_dir=tmp_path,
+            progress=False, run={"data": "d", "target": "u"})

@@ -34,7 +34,7 @@ from specpv_jax import checkpoint
 from specpv_jax.config import ModelConfig, RopeConfig
 from specpv_jax.model import init_params
 from specpv_jax.train import corpus, eagle, lm, longspec, tokenizer
-from specpv_jax.train.trainer import TrainConfig
+from specpv_jax.train.trainer import TrainConfig, params_digest
 
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets" / "demo"
 
@@ -160,7 +160,7 @@ def train_demo_models(out: str | pathlib.Path = ASSETS, work: str | pathlib.Path
                             corpus.batches(train_ids, r.target_long_batch, r.long_length + 1, r.seed + 1),
                             TrainConfig(r.target_long_steps, r.target_long_batch, r.long_length,
                                         lr=r.target_lr / 10, warmup=5, seed=r.seed), work / "target_long",
-                            progress, desc="target-yarn")
+                            progress, desc="target-yarn", run={"start": params_digest(params)}, restart_on=("start",))
     stage_done("target_long")
 
     _log(f"eagle3: TTT x{r.unroll}, {r.head_steps} steps of {r.head_batch} x {r.short_length} tokens, then "
@@ -169,7 +169,7 @@ def train_demo_models(out: str | pathlib.Path = ASSETS, work: str | pathlib.Path
         params, long_cfg, train_ids, r.draft_vocab_size,
         TrainConfig(r.head_steps, r.head_batch, r.short_length, lr=r.head_lr, seed=r.seed),
         TrainConfig(r.head_long_steps, r.head_long_batch, r.long_length, lr=r.head_lr / 10, warmup=5, seed=r.seed),
-        r.context, r.unroll, work, progress)
+        r.context, r.unroll, work, progress, restart_on=("target",))
     draft_ids = head.d2t + np.arange(head.cfg.draft_vocab_size)
     stage_done("eagle3_long")
 
@@ -228,7 +228,7 @@ def train_longspec_drafts(params, cfg: ModelConfig, train_ids: list[np.ndarray],
         _log(f"{name}: {r.longspec_steps} steps of {r.longspec_batch} x {r.longspec_length} tokens, "
              f"window {r.longspec_window}, anchor-offset positions {'on' if anchor else 'off'}")
         drafts[name], _ = longspec.train_longspec(params, cfg, train_ids, tc, anchor, r.longspec_window,
-                                                  work / name, progress, desc=name)
+                                                  work / name, progress, desc=name, restart_on=("target",))
     return drafts
 
 

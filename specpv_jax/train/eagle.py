@@ -106,17 +106,19 @@ def ttt_loss(head: Params, dcfg: DraftConfig, target: Params, tcfg: ModelConfig,
 
 def train_head(head: eagle3.Eagle3, target: Params, tcfg: ModelConfig, draft_ids: np.ndarray,
                batches: Iterator[np.ndarray], tc: TrainConfig, steps: int = 5, checkpoint_dir=None,
-               progress: bool = True, desc: str = "eagle3",
-               run: dict | None = None) -> tuple[eagle3.Eagle3, list[dict]]:
+               progress: bool = True, desc: str = "eagle3", run: dict | None = None,
+               restart_on: tuple[str, ...] = ()) -> tuple[eagle3.Eagle3, list[dict]]:
     """Trains `head` on `[tc.batch, tc.length]` windows with TTT (`steps` unrolled); the target is frozen.
-    run: facts identifying the run beyond the head, its vocabulary and `tc` (see `trainer.fit`)."""
+    run: facts identifying the run beyond the head, its vocabulary, the target ("target") and `tc`;
+    restart_on: see `trainer.fit`."""
     draft_ids = jnp.asarray(draft_ids, jnp.int32)
     if draft_ids.shape != (head.cfg.draft_vocab_size,):
         raise ValueError(f"draft_ids has shape {draft_ids.shape}, expected ({head.cfg.draft_vocab_size},)")
     params, history = fit(lambda p, ids: ttt_loss(p, head.cfg, target, tcfg, draft_ids, ids, steps),
                           head.params, batches, tc, desc, checkpoint_dir, progress,
                           run={"head": head.cfg.to_dict(), "draft_ids": digest(np.asarray(draft_ids)),
-                               "unroll": steps, "target": params_digest(target), **(run or {})})
+                               "unroll": steps, "target": params_digest(target), **(run or {})},
+                          restart_on=restart_on)
     return dataclasses.replace(head, params=params), history
 
 
@@ -139,12 +141,14 @@ def new_head(target_cfg: ModelConfig, draft_ids: np.ndarray, seed: int = 0) -> e
 
 def train_eagle3(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarray], draft_vocab_size: int,
                  short: TrainConfig, long: TrainConfig | None = None, context: int | None = None, steps: int = 5,
-                 work=None, progress: bool = True) -> tuple[eagle3.Eagle3, dict]:
+                 work=None, progress: bool = True, restart_on: tuple[str, ...] = ()) -> tuple[eagle3.Eagle3, dict]:
     """The whole head recipe: draft vocabulary from token frequencies, TTT at `short.length`, then
     (with `long` and `context`) SpecPV's YaRN fine-tune at `long.length` stretching RoPE to `context`.
 
     The head starts from the target's RoPE without any scaling the target may carry.
-    work: directory for resumable checkpoints (`eagle3/`, `eagle3_long/`). Returns (head, last metrics).
+    work: directory for resumable checkpoints (`eagle3/`, `eagle3_long/`); the YaRN phase starts over when
+    the first one was trained further. restart_on: ("target",) where the target comes from an earlier phase
+    of the caller's recipe (see `trainer.fit`). Returns (head, last metrics).
     """
     work = pathlib.Path(work) if work is not None else None
     data = {"data": digest(*token_docs)}
@@ -155,10 +159,11 @@ def train_eagle3(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarray]
     short_batches = corpus.batches(token_docs, short.batch, short.length, short.seed + 2)
     long_batches = corpus.batches(token_docs, long.batch, long.length, long.seed + 3) if stretch else None
     head, hist = train_head(head, target, tcfg, draft_ids, short_batches, short, steps,
-                            work / "eagle3" if work else None, progress, run=data)
+                            work / "eagle3" if work else None, progress, run=data, restart_on=restart_on)
     if stretch:
         head = dataclasses.replace(head, cfg=yarn_config(head.cfg, short.length, context))
         head, more = train_head(head, target, tcfg, draft_ids, long_batches, long, steps,
-                                work / "eagle3_long" if work else None, progress, desc="eagle3-yarn", run=data)
+                                work / "eagle3_long" if work else None, progress, desc="eagle3-yarn",
+                                run={**data, "start": params_digest(head.params)}, restart_on=(*restart_on, "start"))
         hist = hist + more
     return head, (hist[-1] if hist else {})

@@ -31,9 +31,12 @@ def lm_loss(params: Params, cfg: ModelConfig, ids: jax.Array) -> tuple[jax.Array
 
 
 def train_lm(params: Params, cfg: ModelConfig, batches: Iterator[np.ndarray], tc: TrainConfig,
-             checkpoint_dir=None, progress: bool = True, desc: str = "target") -> tuple[Params, list[dict]]:
-    """Trains (or fine-tunes) a target on `[tc.batch, tc.length + 1]` token windows."""
-    return fit(lambda p, ids: lm_loss(p, cfg, ids), params, batches, tc, desc, checkpoint_dir, progress)
+             checkpoint_dir=None, progress: bool = True, desc: str = "target", run: dict | None = None,
+             restart_on: tuple[str, ...] = ()) -> tuple[Params, list[dict]]:
+    """Trains (or fine-tunes) a target on `[tc.batch, tc.length + 1]` token windows; run, restart_on: see
+    `trainer.fit`."""
+    return fit(lambda p, ids: lm_loss(p, cfg, ids), params, batches, tc, desc, checkpoint_dir, progress, run,
+               restart_on)
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -74,9 +74,11 @@ def loss(params: Params, cfg: LongSpecConfig, target: Params, tcfg: ModelConfig,
 
 def train_longspec(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarray], tc: TrainConfig,
                    anchor_offset: bool = True, window: int = 512, work=None, progress: bool = True,
-                   desc: str = "longspec") -> tuple[longspec.LongSpecDraft, list[dict]]:
+                   desc: str = "longspec",
+                   restart_on: tuple[str, ...] = ()) -> tuple[longspec.LongSpecDraft, list[dict]]:
     """Trains a LongSpec draft for a frozen target on `[tc.batch, tc.length]` windows (LongSpec trains on
-    <= 1200 tokens). work: a directory for resumable checkpoints. Returns (draft, metrics history)."""
+    <= 1200 tokens). work: a directory for resumable checkpoints; restart_on: see `trainer.fit` (its run holds
+    the target's digest as "target"). Returns (draft, metrics history)."""
     if tc.length > 1200:
         raise ValueError(f"LongSpec trains on short windows (<= 1200 tokens), got length {tc.length}")
     cfg = LongSpecConfig.for_target(tcfg, window)
@@ -85,5 +87,5 @@ def train_longspec(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarra
     run = {"draft": cfg.to_dict(), "anchor_offset": anchor_offset, "data": digest(*token_docs),
            "target": params_digest(target)}
     params, history = fit(lambda p, batch: loss(p, cfg, target, tcfg, *batch), params, data, tc, desc, work,
-                          progress, run=run)
+                          progress, run=run, restart_on=restart_on)
     return longspec.LongSpecDraft(cfg, params, source="trained"), history

@@ -59,7 +59,7 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainConfig, desc: str = "train",
         checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-        run: dict | None = None) -> tuple[Any, list[dict]]:
+        run: dict | None = None, restart_on: tuple[str, ...] = ()) -> tuple[Any, list[dict]]:
     """Minimises `loss_fn(params, batch) -> (loss, metrics)` for `tc.steps` steps (a batch: an array or a
     tuple of arrays).
 
@@ -69,9 +69,11 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
     `checkpoint_dir` must hold this run's state: the same `tc` but for `steps` (a
     run may be extended; its learning rate then follows the longer schedule from the
     resumed step, a jump back up the cosine) and the same `run` (JSON-able facts that
-    identify it, such as a hash of the data), else it is refused. A run whose only
-    difference is its starting `params` (a later phase of a recipe whose earlier
-    phase was extended) starts over: its checkpoints there are deleted.
+    identify it, such as a hash of the data), else it is refused (a record from an
+    older version checks the keys it holds). `restart_on` names keys of `run` that
+    an earlier phase of the same recipe decides (a digest of the weights it made:
+    `params_digest`): where only they differ, that phase was trained further, and
+    this run starts over, its checkpoints there deleted (with a warning).
     """
     from tqdm.auto import tqdm
 
@@ -80,14 +82,17 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
     manager = _manager(checkpoint_dir)
     if manager is not None:
         settings = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("steps", "save_every")}  # may grow
-        identity = json.loads(json.dumps({"train": settings, "start": params_digest(params), **(run or {})}))
-        if not _same_run(pathlib.Path(checkpoint_dir), identity, resuming=manager.latest_step() is not None):
+        identity = json.loads(json.dumps({"train": settings, **(run or {})}))
+        changed = _check_same_run(pathlib.Path(checkpoint_dir), identity, manager.latest_step() is not None,
+                                  restart_on)
+        if changed:
+            from specpv_jax.warning import warn
+
             for saved in manager.all_steps():
                 manager.delete(saved)
-            _same_run(pathlib.Path(checkpoint_dir), identity, resuming=False)
-            if progress:
-                tqdm.write(f"{desc}: {checkpoint_dir} holds this run from other starting weights (an earlier phase "
-                           f"trained further): it starts over", file=sys.stderr)
+            _check_same_run(pathlib.Path(checkpoint_dir), identity, False, ())
+            warn(f"{desc}: {checkpoint_dir} held this run trained from an earlier phase's older output (its "
+                 f"{', '.join(changed)} changed): it starts over")
         if manager.latest_step() is not None:
             state = _restore(manager, state)
             if int(state["step"]) > tc.steps:
@@ -155,8 +160,8 @@ def digest(*arrays: np.ndarray) -> str:
 
 
 def params_digest(params: Any, samples: int = 4096) -> str:
-    """A short hash of a pytree of weights: each leaf's path, shape, dtype and at most `samples` evenly strided
-    entries (tells trained weights apart without reading a whole 8B target to the host)."""
+    """A short hash of a pytree of weights: each leaf's path, shape, dtype and `samples` to `2 * samples` evenly
+    strided entries (tells trained weights apart without reading a whole 8B target to the host)."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         leaf = jnp.asarray(leaf)
@@ -170,21 +175,21 @@ def _strided(x: jax.Array, step: int) -> jax.Array:
     return x.reshape(-1)[::step]  # one fused gather: the flattened copy of a large leaf is never made
 
 
-def _same_run(directory: pathlib.Path, identity: dict, resuming: bool) -> bool:
-    """Records `identity` in `directory` for a new run; refuses to resume a different one; False for the same
-    run from other starting weights (its "start"; a record from before starts were recorded resumes)."""
+def _check_same_run(directory: pathlib.Path, identity: dict, resuming: bool, restart_on: tuple[str, ...]) -> list:
+    """Records `identity` in `directory`; refuses to resume a different run. Returns the keys of `restart_on`
+    that differ where only such keys do (the run must start over), else []."""
     record = directory / RUN_FILE
-    if not resuming or not record.is_file():  # (a directory from before run records resumes unchecked)
-        directory.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(identity, indent=1, sort_keys=True))
-        return True
-    stored = json.loads(record.read_text())
-    differ = sorted(k for k in (identity.keys() | stored.keys()) - {"start"} if identity.get(k) != stored.get(k))
+    stored = json.loads(record.read_text()) if resuming and record.is_file() else identity  # (older: unchecked)
+    differ = sorted(k for k in stored if identity.get(k) != stored[k])  # keys an older record lacks: unchecked
+    if differ and set(differ) <= set(restart_on):
+        return differ  # the caller deletes the checkpoints, then records the new run
     if differ:
         raise ValueError(f"{directory} holds the checkpoint of another training run (its {', '.join(differ)} "
                          f"differ from this one's); resume with the same settings and data, or use an empty "
                          f"work directory")
-    return stored.get("start", identity["start"]) == identity["start"]
+    directory.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(identity, indent=1, sort_keys=True))  # (an older record gains the new keys)
+    return []
 
 
 def _manager(directory):
