@@ -114,11 +114,11 @@ def train_head(head: eagle3.Eagle3, target: Params, tcfg: ModelConfig, draft_ids
     draft_ids = jnp.asarray(draft_ids, jnp.int32)
     if draft_ids.shape != (head.cfg.draft_vocab_size,):
         raise ValueError(f"draft_ids has shape {draft_ids.shape}, expected ({head.cfg.draft_vocab_size},)")
+    run = None if checkpoint_dir is None else {  # (no digests to take without checkpoints)
+        "head": head.cfg.to_dict(), "draft_ids": digest(np.asarray(draft_ids)), "unroll": steps,
+        "target": params_digest(target), **(run or {})}
     params, history = fit(lambda p, ids: ttt_loss(p, head.cfg, target, tcfg, draft_ids, ids, steps),
-                          head.params, batches, tc, desc, checkpoint_dir, progress,
-                          run={"head": head.cfg.to_dict(), "draft_ids": digest(np.asarray(draft_ids)),
-                               "unroll": steps, "target": params_digest(target), **(run or {})},
-                          restart_on=restart_on)
+                          head.params, batches, tc, desc, checkpoint_dir, progress, run, restart_on)
     return dataclasses.replace(head, params=params), history
 
 
@@ -164,6 +164,7 @@ def train_eagle3(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarray]
         head = dataclasses.replace(head, cfg=yarn_config(head.cfg, short.length, context))
         head, more = train_head(head, target, tcfg, draft_ids, long_batches, long, steps,
                                 work / "eagle3_long" if work else None, progress, desc="eagle3-yarn",
-                                run={**data, "start": params_digest(head.params)}, restart_on=(*restart_on, "start"))
+                                run=None if work is None else {**data, "start": params_digest(head.params)},
+                                restart_on=(*restart_on, "start"))
         hist = hist + more
     return head, (hist[-1] if hist else {})

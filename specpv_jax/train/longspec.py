@@ -84,8 +84,8 @@ def train_longspec(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarra
     cfg = LongSpecConfig.for_target(tcfg, window)
     params = longspec.init_params(cfg, jax.random.key(tc.seed))
     data = batches(token_docs, tc.batch, tc.length, tcfg.max_position_embeddings, tc.seed + 5, anchor_offset)
-    run = {"draft": cfg.to_dict(), "anchor_offset": anchor_offset, "data": digest(*token_docs),
-           "target": params_digest(target)}
+    run = None if work is None else {"draft": cfg.to_dict(), "anchor_offset": anchor_offset,
+                                     "data": digest(*token_docs), "target": params_digest(target)}
     params, history = fit(lambda p, batch: loss(p, cfg, target, tcfg, *batch), params, data, tc, desc, work,
                           progress, run=run, restart_on=restart_on)
     return longspec.LongSpecDraft(cfg, params, source="trained"), history
