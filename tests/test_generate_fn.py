@@ -20,10 +20,12 @@ def test_jitted_generate_fn_equals_generate(mode):
     target = make_target(96, seed=2, layers=4)
     head = make_head(target, seed=3)
     ids = np.random.default_rng(0).integers(0, 96, (2, 150)).astype(np.int32)
-    fn = sj.make_generate_fn(target.cfg, SPEC, mode=mode, draft_cfg=head.cfg, max_new_tokens=20, eos_token_ids=())
+    draft = None if mode == "ar" else head
+    fn = sj.make_generate_fn(target.cfg, SPEC, mode=mode, draft_cfg=getattr(draft, "cfg", None), max_new_tokens=20,
+                             eos_token_ids=())
     user_fn = jax.jit(lambda p, d, x, k: fn(p, d, x, k))  # the user's own outer jit
     tokens, lengths = user_fn(target.params, {"params": head.params, "d2t": head.d2t}, ids, jax.random.key(0))
-    ref = sj.generate(target, ids, max_new_tokens=20, mode=mode, draft=head, spec=SPEC, eos_token_ids=())
+    ref = sj.generate(target, ids, max_new_tokens=20, mode=mode, draft=draft, spec=SPEC, eos_token_ids=())
     assert tokens.shape == (2, 20)
     np.testing.assert_array_equal(np.asarray(lengths), ref.lengths)
     np.testing.assert_array_equal(np.asarray(tokens), ref.tokens)
@@ -36,8 +38,9 @@ def test_vmap_over_keys_draws_independent_samples(mode):
     target = make_target(64, seed=4, layers=2, sharpen=0.5)
     head = make_head(target, seed=3)
     ids = np.random.default_rng(0).integers(0, 64, (1, 300 if mode == "exact" else 10)).astype(np.int32)
-    spec = dataclasses.replace(SPEC, bounded_draft=True)
-    fn = sj.make_generate_fn(target.cfg, spec, mode=mode, draft_cfg=head.cfg, max_new_tokens=16, temperature=1.0,
+    spec = dataclasses.replace(SPEC, bounded_draft=mode != "ar")
+    fn = sj.make_generate_fn(target.cfg, spec, mode=mode, draft_cfg=None if mode == "ar" else head.cfg,
+                             max_new_tokens=16, temperature=1.0,
                              top_k=16 if mode == "ar" else 0, eos_token_ids=())
     draft = {"params": head.params, "d2t": head.d2t}
     keys = jax.random.split(jax.random.key(1), 3)
@@ -104,7 +107,8 @@ def test_stream_delivers_exactly_the_output(mode):
     head = make_head(target, seed=3)
     got, stream = _collect()
     prompts = [list(range(5, 30)), list(range(40, 52))]
-    out = sj.generate(target, prompts, 17, mode=mode, draft=head, spec=SPEC, eos_token_ids=(), stream=stream)
+    out = sj.generate(target, prompts, 17, mode=mode, draft=None if mode == "ar" else head, spec=SPEC,
+                      eos_token_ids=(), stream=stream)
     assert got == [out.tokens[b, : out.lengths[b]].tolist() for b in range(2)]
 
 

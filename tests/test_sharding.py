@@ -64,7 +64,8 @@ def test_two_processes_load_generate_and_save_as_one(tmp_path):
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     for mode in ("ar", "exact"):
-        out = sj.generate(target, prompts, 16, draft=head, mode=mode, spec=sj.SpecConfig(**spec), eos_token_ids=(5,))
+        out = sj.generate(target, prompts, 16, draft=None if mode == "ar" else head, mode=mode,
+                          spec=sj.SpecConfig(**spec), eos_token_ids=(5,))
         np.save(tmp_path / f"tokens_{mode}.npy", out.tokens)
     with socket.socket() as s:
         s.bind(("localhost", 0))
