@@ -156,8 +156,6 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
     branch = branching(k, depth, beam)
     _, level_start = candidate_layout(k, depth)
     scores, ids = lax.top_k(first_logprobs, k)  # [B, k]
-    # A drafter's inf or NaN logit (not an -inf one) makes its whole log_softmax row NaN: one entry tells.
-    nan = jnp.isnan(first_logprobs[:, 0])
     tokens = to_target(ids)
     cand_tokens, cand_scores, cand_parent = [tokens], [scores], [jnp.full((b, k), -1, jnp.int32)]
     frontier = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))  # candidate ids
@@ -176,7 +174,6 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
             logprobs = jnp.where(go[:, None, None], logprobs, -jnp.inf)
         else:
             logprobs, carry = expand_level(carry)
-        nan |= jnp.isnan(logprobs[:, :, 0]).any(1)
         child_scores, child_ids = lax.top_k(logprobs, branch)  # [B, f, branch]
         flat_scores = (scores[:, :, None] + child_scores).reshape(b, f * branch)
         flat_tokens = to_target(child_ids).reshape(b, f * branch)
@@ -197,5 +194,10 @@ def grow_tree(root: jax.Array, first_logprobs: jax.Array, expand: Expand, carry:
         parent_slot = first_slot[level - 1] + parent
         ancestors = (jnp.take_along_axis(ancestors, parent[:, :, None], axis=1)
                      | (jnp.arange(slots)[None, None] == parent_slot[:, :, None]))
-    return select_tree(root, jnp.concatenate(cand_tokens, 1), jnp.concatenate(cand_scores, 1),
-                       jnp.concatenate(cand_parent, 1), nodes, k, depth, beam).replace(draft_nan=nan)
+    cand_scores = jnp.concatenate(cand_scores, 1)
+    # A drafter's inf or NaN logit (not an -inf one) makes its whole log_softmax row NaN, and so the scores of
+    # the candidates it proposes. (Checked here, not on each level's [B, f, V] log-probabilities: XLA then kept
+    # every level's alive to the end, 2 MB a level at 2 x 8 x 32K.)
+    nan = jnp.isnan(cand_scores).any(1)
+    return select_tree(root, jnp.concatenate(cand_tokens, 1), cand_scores, jnp.concatenate(cand_parent, 1), nodes,
+                       k, depth, beam).replace(draft_nan=nan)
