@@ -157,6 +157,15 @@ def reference_tree(root_row, top_k, depth, beam):
     return cands
 
 
+def tree_paths(tree, row: int, nodes: int) -> set[tuple[int, ...]]:
+    """The token paths (root excluded) of `tree`'s nodes 1..nodes in `row`."""
+    tokens, parents = np.asarray(tree.tokens[row]), np.asarray(tree.parents[row])
+    paths = {}
+    for i in range(1, nodes + 1):
+        paths[i] = (paths[parents[i]] if parents[i] else ()) + (int(tokens[i]),)
+    return set(paths.values())
+
+
 def fake_drafter(top_k, depth, beam):
     """An `Expand` over TABLE: each node reads its ancestors' tokens from the buffer slots its mask marks."""
     slots = tree_lib.frontier_slots(top_k, depth, beam)
@@ -188,13 +197,10 @@ def test_grow_tree_follows_eagle3_and_longspec_rules(top_k, depth, beam):
     for nodes in (total, max(total // 3, 1)):
         tree = tree_lib.grow_tree(jnp.zeros(1, jnp.int32), jnp.asarray(TABLE[:1]), expand, buf, top_k, depth,
                                   nodes, beam=beam)
-        tokens, parents = np.asarray(tree.tokens[0]), np.asarray(tree.parents[0])
-        paths = {}
-        for i in range(1, nodes + 1):
-            paths[i] = (paths[parents[i]] if parents[i] else ()) + (int(tokens[i]),)
+        paths = tree_paths(tree, 0, nodes)
         best = sorted(reference.values(), reverse=True)[:nodes]
-        assert set(paths.values()) <= set(reference) and len(set(paths.values())) == nodes
-        np.testing.assert_allclose(sorted((reference[p] for p in paths.values()), reverse=True), best, rtol=1e-6)
+        assert paths <= set(reference) and len(paths) == nodes
+        np.testing.assert_allclose(sorted((reference[p] for p in paths), reverse=True), best, rtol=1e-6)
         assert np.asarray(tree.children).shape[-1] == (top_k * top_k if beam else top_k)
 
 
@@ -231,11 +237,7 @@ def test_dynamic_trees_follow_opt_tree_row_by_row(threshold, roots):
     levels = []
     for r, root_row in enumerate(roots):
         want, drafted = reference_opt_tree(root_row, top_k, depth, nodes, threshold)
-        tokens, parents = np.asarray(tree.tokens[r]), np.asarray(tree.parents[r])
-        paths = {}
-        for i in range(1, nodes + 1):
-            paths[i] = (paths[parents[i]] if parents[i] else ()) + (int(tokens[i]),)
-        assert want <= set(paths.values()), (threshold, root_row)
+        assert want <= tree_paths(tree, r, nodes), (threshold, root_row)
         assert max(len(p) for p in want) <= drafted
         levels.append(drafted)
     assert len(set(levels)) > 1 and max(levels) < depth

@@ -90,7 +90,7 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
 
             for saved in manager.all_steps():
                 manager.delete(saved)
-            _check_same_run(pathlib.Path(checkpoint_dir), identity, False, ())
+            _record_run(pathlib.Path(checkpoint_dir), identity)
             warn(f"{desc}: {checkpoint_dir} held this run trained from an earlier phase's older output (its "
                  f"{', '.join(changed)} changed): it starts over")
         if manager.latest_step() is not None:
@@ -177,19 +177,23 @@ def _strided(x: jax.Array, step: int) -> jax.Array:
 
 def _check_same_run(directory: pathlib.Path, identity: dict, resuming: bool, restart_on: tuple[str, ...]) -> list:
     """Records `identity` in `directory`; refuses to resume a different run. Returns the keys of `restart_on`
-    that differ where only such keys do (the run must start over), else []."""
+    that differ where only such keys do (the run must start over: the caller records it then), else []."""
     record = directory / RUN_FILE
     stored = json.loads(record.read_text()) if resuming and record.is_file() else identity  # (older: unchecked)
     differ = sorted(k for k in stored if identity.get(k) != stored[k])  # keys an older record lacks: unchecked
     if differ and set(differ) <= set(restart_on):
-        return differ  # the caller deletes the checkpoints, then records the new run
+        return differ
     if differ:
         raise ValueError(f"{directory} holds the checkpoint of another training run (its {', '.join(differ)} "
                          f"differ from this one's); resume with the same settings and data, or use an empty "
                          f"work directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(identity, indent=1, sort_keys=True))  # (an older record gains the new keys)
+    _record_run(directory, identity)  # (an older record gains the new keys)
     return []
+
+
+def _record_run(directory: pathlib.Path, identity: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / RUN_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True))
 
 
 def _manager(directory):
