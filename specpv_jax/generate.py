@@ -564,30 +564,30 @@ def _step_stats(out: Output, counters, speculative_mode: bool) -> dict[str, Any]
 
 @stage_factory
 def _chunk_fn(cfg: ModelConfig, attention: str, argmax: bool):
-    def fn(params, ids, start, cache):
+    def fn(params, ids, start, lengths, cache):
         b, t = ids.shape
         pos = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         out = M.forward(params, cfg, ids, pos, cache.replace(length=jnp.full((b,), start, jnp.int32)),
                         attention=attention)
         logits = M.logits(params, cfg, out.hidden)
-        return out.cache, jnp.argmax(logits, -1).astype(jnp.int32) if argmax else logits, jnp.isfinite(logits).all()
-    return jax.jit(fn, donate_argnums=(3,))
+        finite = (jnp.isfinite(logits).all(-1) | (pos >= lengths[:, None])).all()  # padding's logits are dropped
+        return out.cache, jnp.argmax(logits, -1).astype(jnp.int32) if argmax else logits, finite
+    return jax.jit(fn, donate_argnums=(4,))
 
 
-def _full_context_pass(target: Model, input_ids: Any, chunk: int, attention: str, argmax: bool) -> np.ndarray:
-    """The target's logits (or their argmax) at every prompt position; raises where they are not finite."""
-    _positive_int("chunk", chunk)
-    batch = prompts.prepare(input_ids, target.cfg, 0, chunk)
-    if len(set(batch.lengths.tolist())) != 1:
-        raise prompts.PromptError("all prompts must have the same length here")
-    t = int(batch.lengths[0])
+def _full_context_pass(target: Model, batch: prompts.PromptBatch, chunk: int, attention: str,
+                       argmax: bool) -> np.ndarray:
+    """The target's logits (or their argmax) `[B, max(lengths), ...]` at every position of right-padded prompts
+    (past a row's length: the padding's, to drop); raises where a row's own are not finite."""
+    t = int(batch.lengths.max())
     chunk = min(chunk, batch.ids.shape[1])
     cache = KVCache.for_model(target.cfg, batch.batch, batch.ids.shape[1], target.dtype)
     fn = _chunk_fn(target.cfg, resolve_implementation(attention, target.dtype), argmax)
+    lengths = jax.device_put(batch.lengths)
     out, finite, pending = [], [], None  # each chunk's result is read while the next runs
     for start in range(0, t, chunk):  # transfers explicit, as a caller's `jax.transfer_guard("disallow")` requires
         cache, part, part_finite = fn(target.params, *jax.device_put((batch.ids[:, start:start + chunk],
-                                                                      np.int32(start))), cache)
+                                                                      np.int32(start))), lengths, cache)
         part.copy_to_host_async()
         finite.append(part_finite)
         if pending is not None:
@@ -601,10 +601,29 @@ def _full_context_pass(target: Model, input_ids: Any, chunk: int, attention: str
 
 @under_defaults
 def forward_logits(target: Model, input_ids: Any, chunk: int = DEFAULT_PREFILL_CHUNK,
-                   attention: str = "auto") -> np.ndarray:
-    """Full-context reference logits `[B, T, V]` float32 for equal-length prompts `[B, T]` (or `[T]`), computed
-    `chunk` tokens at a time with `attention` ("auto", "xla" or "pallas", as in `generate`)."""
-    return _full_context_pass(target, input_ids, chunk, attention, argmax=False)
+                   attention: str = "auto", attention_mask: Any = None) -> np.ndarray:
+    """Full-context reference logits `[B, T, V]` float32, computed `chunk` tokens at a time with `attention`
+    ("auto", "xla" or "pallas", as in `generate`).
+
+    input_ids and attention_mask: as `generate` takes them. The logits are laid out as the ids were given:
+    with a mask, `[B, T, V]` of input_ids' shape, zero where the mask is 0; ragged rows, right-padded with
+    zeros to the longest.
+    """
+    _positive_int("chunk", chunk)
+    batch = prompts.prepare(input_ids, target.cfg, 0, chunk, attention_mask)
+    logits = _full_context_pass(target, batch, chunk, attention, argmax=False)
+    if attention_mask is None:
+        ragged = len(set(batch.lengths.tolist())) > 1
+        return np.where(_within(batch.lengths, logits.shape[1])[..., None], logits, 0) if ragged else logits
+    mask = np.asarray(jax.device_get(attention_mask)).astype(bool).reshape(-1, np.shape(attention_mask)[-1])
+    laid_out = np.zeros(mask.shape + logits.shape[2:], logits.dtype)
+    laid_out[mask] = logits[_within(batch.lengths, logits.shape[1])]  # row by row, in order: the runs of ones
+    return laid_out
+
+
+def _within(lengths: np.ndarray, t: int) -> np.ndarray:
+    """`[B, t]` bool: the positions below each row's length."""
+    return np.arange(t)[None, :] < lengths[:, None]
 
 
 @under_defaults
@@ -612,7 +631,7 @@ def fidelity(target: Model, input_ids: Any, output: GenerateOutput, attention_ma
              chunk: int = DEFAULT_PREFILL_CHUNK) -> float:
     """Fraction of generated tokens equal to the full-context target's argmax given the same prefix.
 
-    Teacher-forced: each row's prompt + generated tokens go through the target in
+    Teacher-forced: every row's prompt + generated tokens go through the target in
     one pass (`chunk` tokens at a time). 1.0 for any lossless greedy generation; `specpv` trades some for
     speed. input_ids and attention_mask: as given to `generate` for `output`.
     """
@@ -620,13 +639,13 @@ def fidelity(target: Model, input_ids: Any, output: GenerateOutput, attention_ma
     batch = prompts.prepare(input_ids, target.cfg, 0, chunk, attention_mask)
     if batch.batch != output.tokens.shape[0]:
         raise prompts.PromptError(f"{batch.batch} prompts for an output of {output.tokens.shape[0]} rows")
-    matched = total = 0
-    for b, n in enumerate(batch.lengths):
-        generated = output.tokens[b, : output.lengths[b]]
-        if generated.size == 0:
-            continue
-        sequence = np.concatenate([batch.ids[b, :n], generated])[None]
-        predicted = _full_context_pass(target, sequence, chunk, "auto", argmax=True)[0, n - 1: n - 1 + generated.size]
-        matched += int((predicted == generated).sum())
-        total += generated.size
-    return matched / total if total else 1.0
+    generated = [output.tokens[b, :n] for b, n in enumerate(output.lengths)]
+    total = sum(g.size for g in generated)
+    if not total:
+        return 1.0
+    sequences = [np.concatenate([batch.ids[b, :n], g]) for b, (n, g) in enumerate(zip(batch.lengths, generated))]
+    predicted = _full_context_pass(target, prompts.prepare(sequences, target.cfg, 0, chunk), chunk, "auto",
+                                   argmax=True)
+    matched = sum(int((predicted[b, n - 1: n - 1 + g.size] == g).sum())
+                  for b, (n, g) in enumerate(zip(batch.lengths, generated)))
+    return matched / total

@@ -312,6 +312,26 @@ def test_fidelity(target):
     assert sj.fidelity(target, prompts, sj.GenerateOutput(wrong, out.lengths, out.stats)) == 23 / 24
 
 
+def test_forward_logits_of_ragged_and_padded_prompts_are_each_prompts_own(target):
+    """Ragged rows come back right-padded with zeros, padded rows (a mask) in their own layout with zeros
+    where the mask is 0; each row's logits are those of the prompt alone."""
+    short, long = [5, 9, 11], [7, 8, 3, 4, 12, 6]
+    alone = [sj.forward_logits(target, p)[0] for p in (short, long)]
+    ragged = sj.forward_logits(target, [short, long])
+    assert ragged.shape == (2, 6, 160)
+    np.testing.assert_allclose(ragged[0, :3], alone[0], atol=1e-5)
+    np.testing.assert_allclose(ragged[1], alone[1], atol=1e-5)
+    assert not ragged[0, 3:].any()
+    ids = np.array([[0, 0, 0] + short, long])  # the short row left-padded
+    mask = (np.arange(6) >= np.array([[3], [0]])).astype(np.int32)
+    padded = sj.forward_logits(target, ids, attention_mask=mask)
+    assert padded.shape == (2, 6, 160)
+    np.testing.assert_allclose(padded[0, 3:], alone[0], atol=1e-5)
+    np.testing.assert_allclose(padded[1], alone[1], atol=1e-5)
+    assert not padded[0, :3].any()
+    np.testing.assert_array_equal(sj.forward_logits(target, ids[0], attention_mask=mask[0])[0, 3:], padded[0, 3:])
+
+
 def test_nearby_lengths_share_compiled_loops(target):
     """Prompt lengths and max_new_tokens are bucketed: a new value inside the buckets compiles nothing."""
     from specpv_jax import host
