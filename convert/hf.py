@@ -56,8 +56,10 @@ def read_json(path: pathlib.Path) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConversionError(f"{path} not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:  # a directory, unreadable
+        raise ConversionError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{path} must hold a JSON object (field: value, ...), got a {type(data).__name__}")
     return data
@@ -114,8 +116,11 @@ def param_table(cfg: ModelConfig) -> list[Entry]:
 
 
 def safetensors_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
-    """The checkpoint's shard files (from the index when there is one)."""
-    index = model_dir / "model.safetensors.index.json"
+    """The checkpoint's weight files: `model.safetensors` when there is one (transformers' choice over an index
+    beside it), else the shards the index lists, else every `*.safetensors`."""
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
     if index.exists():
         weight_map = read_json(index)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
@@ -317,6 +322,9 @@ def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool
     model_dir = pathlib.Path(model_dir)
     cfg, _ = read_config(model_dir)
     found = scan_headers(safetensors_files(model_dir))
+    if "fc.weight" in found and "model.embed_tokens.weight" not in found:  # EAGLE-1/2's config.json is LLaMA's
+        raise ConversionError(f"{model_dir} holds an EAGLE-1/2 draft head (fc.weight, layers.0.*), not a LLaMA/Qwen "
+                              f"model: only EAGLE-3 heads are supported")
     if dtype is None:
         stored = {info.dtype for key, info in found.items() if not IGNORED.match(key)}
         dtype = STORED_DTYPES.get(stored.pop(), "float32") if len(stored) == 1 else "float32"
@@ -325,7 +333,7 @@ def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool
     tied_head = cfg.tie_word_embeddings and "lm_head.weight" in found
     # A tied model's stored copy of the embedding as lm_head is redundant; a different head is not.
     check_tensors(table, found, cfg.num_layers, f"a {cfg.arch} model with this config",
-                  ignore=lambda k: tied_head and k == "lm_head.weight")
+                  ignore=lambda k: tied_head and k == "lm_head.weight", source=str(model_dir / "config.json"))
     with SafetensorsReader(found) as read:
         if tied_head and not _same_tensor(read("lm_head.weight"), read("model.embed_tokens.weight")):
             raise ConversionError(
@@ -342,8 +350,15 @@ def _same_tensor(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def hf_config(cfg: ModelConfig) -> dict:
-    """A transformers-readable config.json dict for `cfg` (the inverse of `ModelConfig.from_hf`)."""
+    """A transformers-readable config.json dict for `cfg` (the inverse of `ModelConfig.from_hf`); raises for a
+    `cfg` whose attention flags its architecture cannot express."""
     arch = {v: k for k, v in ARCHITECTURES.items()}[cfg.arch]
+    expressible = {"qwen2": (True, False, False), "qwen3": (cfg.qkv_bias, cfg.qkv_bias, True),
+                   "llama": (cfg.qkv_bias, cfg.qkv_bias, False)}[cfg.arch]
+    if (cfg.qkv_bias, cfg.o_bias, cfg.qk_norm) != expressible:
+        raise ConversionError(f"{arch} has no layout for qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, "
+                              f"qk_norm={cfg.qk_norm} (ModelConfig(arch={cfg.arch!r}) needs "
+                              f"(qkv_bias, o_bias, qk_norm) = {expressible})")
     rope = cfg.rope.to_hf()
     out = {
         "architectures": [arch], "model_type": cfg.arch, "hidden_act": "silu",
@@ -393,5 +408,6 @@ def export_hf(out_dir: str | pathlib.Path, cfg: ModelConfig, params: dict, overw
 
     The result loads with `transformers` (`AutoModelForCausalLM.from_pretrained`) and with `load_target`.
     """
-    return write_safetensors_dir(out_dir, table_to_tensors(param_table(cfg), params, cfg.num_layers),
-                                 hf_config(cfg), overwrite)
+    config = hf_config(cfg)  # first: it refuses a config transformers has no layout for
+    return write_safetensors_dir(out_dir, table_to_tensors(param_table(cfg), params, cfg.num_layers), config,
+                                 overwrite)

@@ -144,6 +144,10 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file, not a directory")
     occupied = out.exists() and bool(_contents(out))
+    killed = sorted(p.name for p in out.glob(".partial-*")) if occupied and not replaceable(out) else []
+    if killed:  # an in-place save killed while moving its files up, marker files last: `out` holds the first
+        raise CheckpointError(f"{out} holds part of a checkpoint that a save killed while moving it into place "
+                              f"left, beside {', '.join(killed)} (the rest): delete what {out} holds and save again")
     if occupied and not overwrite:
         raise CheckpointError(f"{out} already exists and is not empty (pass overwrite=True / --force to replace it)")
     if source:
@@ -166,6 +170,10 @@ def check_destination(out_dir: str | os.PathLike, overwrite: bool = False,
             f"{out} is not a model directory (no {META_FILE} or config.json; it holds "
             f"{', '.join(held[:5])}{', ...' if len(held) > 5 else ''}): overwrite/--force replaces only a "
             f"model directory, never a directory of other things; write to a new directory inside it")
+    if out.is_dir() and not occupied:  # filled in place (`atomic_directory`): nothing above it is written
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise CheckpointError(f"cannot write to {out}: it is not a writable directory")
+        return out
     parent = next(p for p in out.parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot create {out}: {parent} is not a writable directory")
@@ -276,8 +284,10 @@ def read_meta(path: str | os.PathLike, kind: str | None = None) -> dict[str, Any
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a specpv-jax checkpoint (no {META_FILE})") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
+    except OSError as e:  # a directory, unreadable
+        raise CheckpointError(f"cannot read {meta_path}: {e.strerror or e}") from None
     version = meta.get("format_version", 0) if isinstance(meta, dict) else None
     if (not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(version, int)
             or isinstance(version, bool) or version > FORMAT_VERSION):

@@ -27,6 +27,35 @@ class ConfigError(ValueError):
     """A configuration that names something unsupported or inconsistent."""
 
 
+def _check_positive(config, names: tuple[str, ...]) -> None:
+    """Raises naming the first of the numeric fields `names` of `config` that is not positive and finite."""
+    for name in names:
+        value = getattr(config, name)
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"{type(config).__name__}.{name} must be positive, got {value!r}")
+
+
+def _check_field_types(config) -> None:
+    """Raises naming a field whose value is not of its annotated type (`int`, `bool`, `float`, `int | None`);
+    numpy scalars become Python ones, so that equal configs hash equally under jit."""
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), field.type
+        if value is None and kind.endswith("| None"):
+            continue
+        kind = kind.removesuffix(" | None")
+        if kind == "bool" and isinstance(value, (bool, np.bool_)):
+            value = bool(value)
+        elif kind == "int" and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            value = int(value)
+        elif (kind == "float" and isinstance(value, (int, float, np.integer, np.floating))
+              and not isinstance(value, bool)):
+            value = float(value)
+        elif kind in ("bool", "int", "float"):
+            raise ConfigError(f"{type(config).__name__}.{field.name} must be {'an' if kind == 'int' else 'a'} {kind}, "
+                              f"got {value!r}")
+        object.__setattr__(config, field.name, value)
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding parameters, in the Hugging Face conventions.
@@ -52,10 +81,19 @@ class RopeConfig:
     def __post_init__(self):
         if self.kind not in ROPE_KINDS:
             raise ConfigError(f"unsupported RoPE type {self.kind!r} (supported: {', '.join(ROPE_KINDS)})")
+        _check_field_types(self)
         if self.kind != "default" and self.original_max_position_embeddings is None:
             raise ConfigError(f"RoPE type {self.kind!r} needs original_max_position_embeddings")
-        if self.theta <= 0 or self.factor <= 0:
-            raise ConfigError(f"RoPE theta and factor must be positive, got theta={self.theta}, factor={self.factor}")
+        optional = ("original_max_position_embeddings", "attention_factor")
+        _check_positive(self, ("theta", "factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow")
+                        + tuple(name for name in optional if getattr(self, name) is not None))
+        for name in ("mscale", "mscale_all_dim"):  # 0 means unset, as in transformers
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < float("inf"):
+                raise ConfigError(f"RopeConfig.{name} must be >= 0 and finite, got {value!r}")
+        if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"RoPE llama3 high_freq_factor ({self.high_freq_factor}) must exceed low_freq_factor "
+                              f"({self.low_freq_factor})")
 
     def to_hf(self) -> dict[str, Any]:
         """The `rope_parameters` / `rope_scaling` dict of a config.json (the inverse of reading one)."""
@@ -264,7 +302,7 @@ def rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
         return _rope_config(hf, r)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:  # float(None), int("x"), ...
+    except (TypeError, ValueError, ArithmeticError) as e:  # float(None), int("x"), int(inf), x / 0, ...
         raise ConfigError(f"malformed RoPE settings in config.json {r}: {e}") from None
 
 
@@ -309,14 +347,6 @@ def _positive_int(hf: Mapping[str, Any], name: str) -> int:
 def _positive_int_or(hf: Mapping[str, Any], name: str, default: int) -> int:
     """Optional field `name` of a config.json: a positive integer, `default` when absent or null."""
     return default if hf.get(name) is None else _positive_int(hf, name)
-
-
-def _check_positive(config, names: tuple[str, ...]) -> None:
-    """Raises naming the first of the numeric fields `names` of `config` that is not positive and finite."""
-    for name in names:
-        value = getattr(config, name)
-        if not 0 < value < float("inf"):
-            raise ConfigError(f"{type(config).__name__}.{name} must be positive, got {value!r}")
 
 
 def _positive_float(hf: Mapping[str, Any], name: str, default: float) -> float:
@@ -680,27 +710,6 @@ class LongSpecConfig:
         if unknown:
             raise ConfigError(f"unknown LongSpecConfig fields: {sorted(unknown)}")
         return cls(**d)
-
-
-def _check_field_types(config) -> None:
-    """Raises naming a field whose value is not of its annotated type (`int`, `bool`, `float`, `int | None`);
-    numpy scalars become Python ones, so that equal configs hash equally under jit."""
-    for field in dataclasses.fields(config):
-        value, kind = getattr(config, field.name), field.type
-        if value is None and kind.endswith("| None"):
-            continue
-        kind = kind.removesuffix(" | None")
-        if kind == "bool" and isinstance(value, (bool, np.bool_)):
-            value = bool(value)
-        elif kind == "int" and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-            value = int(value)
-        elif (kind == "float" and isinstance(value, (int, float, np.integer, np.floating))
-              and not isinstance(value, bool)):
-            value = float(value)
-        elif kind in ("bool", "int", "float"):
-            raise ConfigError(f"{type(config).__name__}.{field.name} must be {'an' if kind == 'int' else 'a'} {kind}, "
-                              f"got {value!r}")
-        object.__setattr__(config, field.name, value)
 
 
 @dataclasses.dataclass(frozen=True)

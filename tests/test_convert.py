@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file, save_file
 
 import specpv_jax as sj
@@ -276,7 +277,24 @@ def test_config_weights_mismatch(hf_copy):
     assert "model.layers.0.mlp.gate_proj.weight: shape (96, 64)" in convert_error(hf_copy)
 
 
+def test_a_single_weights_file_wins_over_an_index_as_in_transformers(hf_model, tmp_path):
+    """A model saved whole over a sharded one (a merged fine-tune saved in place) leaves the old index: the
+    weights are the single file's, as transformers loads them, not the shards the index names."""
+    _, hf = hf_model("llama-mha")
+    d = tmp_path / "model"
+    hf.save_pretrained(d, max_shard_size="50KB")
+    with torch.no_grad():
+        hf.model.norm.weight.mul_(3.0)
+        try:
+            save_file({k: v.contiguous().numpy() for k, v in hf.state_dict().items()}, d / "model.safetensors")
+            expected = hf(torch.as_tensor(IDS)).logits.numpy()
+        finally:
+            hf.model.norm.weight.div_(3.0)
+    np.testing.assert_allclose(sj.forward_logits(sj.load_target(d, progress=False), IDS), expected, atol=1e-4)
+
+
 def test_index_naming_a_missing_shard(hf_copy):
+    (hf_copy / "model.safetensors").rename(hf_copy / "model-00001-of-00002.safetensors")
     (hf_copy / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
     assert "shard files that do not exist: ['model-00002-of-00002.safetensors']" in convert_error(hf_copy)
@@ -287,6 +305,20 @@ def test_no_weights_and_bad_json(hf_copy):
     assert "no *.safetensors files" in (msg := convert_error(hf_copy)) and "pytorch_model.bin" in msg
     (hf_copy / "config.json").write_text("{not json")
     assert "config.json is not valid JSON" in convert_error(hf_copy)
+    (hf_copy / "config.json").write_bytes(b'{"model_type": "caf\xe9"}')  # Latin-1, not UTF-8
+    assert f"{hf_copy / 'config.json'} is not valid JSON: 'utf-8' codec can't decode" in convert_error(hf_copy)
+
+
+def test_a_generation_config_that_is_a_directory_is_named(hf_copy):
+    (hf_copy / "generation_config.json").unlink(missing_ok=True)
+    (hf_copy / "generation_config.json").mkdir()
+    assert f"cannot read {hf_copy / 'generation_config.json'}: Is a directory" in convert_error(hf_copy)
+
+
+def test_an_eagle_1_or_2_head_is_named(hf_copy, tmp_path):
+    edit_weights(hf_copy, lambda t: t.update({"fc.weight": np.zeros((64, 128), np.float32)}) or
+                 t.pop("model.embed_tokens.weight"))
+    assert "holds an EAGLE-1/2 draft head (fc.weight, layers.0.*), not a LLaMA/Qwen model" in convert_error(hf_copy)
 
 
 def test_not_a_model_directory(tmp_path):
@@ -393,6 +425,16 @@ def test_tied_config_with_a_different_stored_head_is_refused(hf_copy):
     ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None},
      "rope_scaling of type 'yarn' needs original_max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": "1"},
+      "rope_parameters": None}, "RopeConfig.mscale must be a float, got '1'"),
+    ({"rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 0}, "rope_parameters": None},
+     "malformed RoPE settings"),  # factor from max_position_embeddings / 0
+    ({"rope_scaling": {"rope_type": "yarn", "factor": float("inf"), "original_max_position_embeddings": 64},
+      "rope_parameters": None}, "RopeConfig.factor must be positive, got inf"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}}, "RopeConfig.theta must be positive, got nan"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
+                       "low_freq_factor": 4.0, "high_freq_factor": 4.0}, "rope_parameters": None},
+     "high_freq_factor (4.0) must exceed low_freq_factor (4.0)"),
 ])
 def test_malformed_config_fields_are_named(hf_copy, changes, message):
     edit_config(hf_copy, **changes)
@@ -413,6 +455,7 @@ def test_rms_norm_eps_defaults_as_in_transformers(hf_copy):
 
 
 def test_index_must_name_shards_in_the_directory(hf_copy):
+    (hf_copy / "model.safetensors").rename(hf_copy / "model-00001-of-00002.safetensors")
     (hf_copy / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.norm.weight": "../elsewhere/model.safetensors"}}))
     assert "weight_map must name shard files in" in convert_error(hf_copy)
@@ -490,6 +533,32 @@ def test_leftovers_of_a_killed_in_place_save_do_not_block_the_next(hf_model, tmp
     assert sj.load_target(tmp_path / "ckpt").cfg == target.cfg
 
 
+def test_an_empty_directory_in_a_read_only_one_is_filled(hf_model, tmp_path, monkeypatch):
+    """Filling an empty directory in place writes nothing beside it: a mount point the user owns under a
+    root-owned /mnt takes a checkpoint (faked: tests run as root, for whom os.access allows all)."""
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    out = tmp_path / "disk"
+    out.mkdir()
+    access = checkpoint.os.access
+    monkeypatch.setattr(checkpoint.os, "access", lambda p, mode: pathlib.Path(p) != tmp_path and access(p, mode))
+    assert sj.save_target(target, out) == out
+    assert sj.load_target(out).cfg == target.cfg
+    with pytest.raises(CheckpointError, match=f"cannot create {tmp_path / 'new'}: {tmp_path} is not a writable"):
+        sj.save_target(target, tmp_path / "new")
+
+
+def test_a_save_killed_while_moving_into_place_is_named(hf_model, tmp_path):
+    """Killed between moving params/ up and its marker file: neither "pass --force" (refused as no model
+    directory) nor a load names what is there; the save does."""
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    (tmp_path / "out" / "params").mkdir(parents=True)
+    (tmp_path / "out" / ".partial-0123abcd").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(CheckpointError, match=r"holds part of a checkpoint that a save killed while moving it "
+                                                  r"into place left, beside \.partial-0123abcd"):
+            sj.save_target(target, tmp_path / "out", overwrite=overwrite)
+
+
 def test_the_working_directory_is_never_replaced(hf_model, tmp_path, monkeypatch):
     target = sj.load_target(hf_model("llama-mha")[0], progress=False)
     sj.save_target(target, tmp_path / "ckpt")
@@ -513,6 +582,16 @@ def test_a_failure_while_moving_into_an_empty_directory_leaves_it_empty(hf_model
     with pytest.raises(OSError, match="disk gone"):
         sj.save_target(target, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("arch, flags", [("qwen3", {}), ("llama", {"qk_norm": True}), ("qwen2", {}),
+                                         ("llama", {"qkv_bias": True})])
+def test_export_hf_refuses_flags_its_architecture_cannot_hold(tmp_path, arch, flags):
+    cfg = ModelConfig(arch=arch, vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=4, max_position_embeddings=32, **flags)
+    with pytest.raises(ConversionError, match=r"has no layout for .*needs \(qkv_bias, o_bias, qk_norm\) = "):
+        export_hf(tmp_path / "out", cfg, {})
+    assert not (tmp_path / "out").exists()
 
 
 def test_numpy_eos_ids_become_python_ints():
