@@ -22,8 +22,10 @@ import uuid
 from typing import Any, Callable, Iterator, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 
 from specpv_jax import sharding
@@ -186,10 +188,11 @@ def save(out_dir: str | os.PathLike, params: Any, meta: dict[str, Any],
     out = pathlib.Path(out_dir).resolve()  # now: replacing the working directory would leave nothing to resolve
     with atomic_directory(out, overwrite) as tmp:
         _save_params(tmp / "params", params, out)
+        sums = checksums(params)  # multi-host: a collective, as the save above
         if jax.process_index() == 0:  # multi-host: every process wrote its shards above, one writes the rest
             if tokenizer_dir is not None:
                 _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp / "tokenizer")
-            meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+            meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "checksums": sums}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out
 
@@ -334,12 +337,56 @@ def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
     abstract = jax.tree.map(lambda m, w: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=w), tree, where)
     _drop_failed_read_reports()  # before reading: in-flight reads report as soon as one fails (or on Ctrl-C)
     try:
-        return ocp.StandardCheckpointer().restore(path / "params", abstract)
+        params = ocp.StandardCheckpointer().restore(path / "params", abstract)
     except Exception as e:  # orbax and TensorStore raise several types
         error = CheckpointError(f"cannot read the parameters in {path / 'params'} (the checkpoint is damaged): "
                                 f"{_first_line(e)}")
-    gc.collect()  # the failed reads, orphaned with the exception, report now (and are dropped)
-    raise error
+        params = None
+    if params is None:
+        gc.collect()  # the failed reads, orphaned with the exception, report now (and are dropped)
+        raise error
+    _check_checksums(path, params)
+    return params
+
+
+def checksums(tree: Any) -> dict[str, int]:
+    """`{"a/b/c": checksum}` for every leaf of a tree of arrays: the leaf's bits as unsigned words, each times an
+    odd weight from its position, summed modulo 2**32 (a changed word always changes it; odd weights are
+    invertible). Computed where the leaves are, in one program: one number per leaf is read back."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    arrays = [x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x)) for _, x in leaves]
+    sums = jax.device_get([s.addressable_data(0) for s in _checksums(arrays)])  # multi-host: each has them all
+    return {key_name(path): int(s) for (path, _), s in zip(leaves, sums)}
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
+    return [_checksum(x) for x in leaves]
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = x.dtype.itemsize
+    words = lax.bitcast_convert_type(x, jnp.uint32 if size == 8 else jnp.dtype(f"uint{8 * size}")).astype(jnp.uint32)
+    index, stride = jnp.zeros(words.shape, jnp.uint32), 1  # row-major position, modulo 2**32, without a reshape
+    for axis in reversed(range(words.ndim)):
+        index = index + lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    return jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
+
+
+def _check_checksums(path: pathlib.Path, params: Any) -> None:
+    """Raises naming the leaves whose data differ from what was saved (a checkpoint written before checksums
+    were recorded is not checked)."""
+    stored = read_meta(path).get("checksums")
+    if not isinstance(stored, dict):
+        return
+    damaged = [k for k, s in checksums(params).items() if stored.get(k, s) != s]
+    if damaged:
+        raise CheckpointError(f"{path / 'params'} is damaged: the data of {', '.join(damaged[:8])}"
+                              f"{f' and {len(damaged) - 8} more' if len(damaged) > 8 else ''} differ from what "
+                              f"was saved (their checksums in {META_FILE})")
 
 
 def _drop_failed_read_reports() -> None:

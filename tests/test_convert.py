@@ -410,6 +410,35 @@ def test_damaged_orbax_checkpoint_is_named(hf_copy, tmp_path):
         sj.load_target(tmp_path / "ckpt")
 
 
+def test_flipped_bytes_in_an_orbax_checkpoint_are_caught(hf_model, tmp_path):
+    """Bytes flipped inside orbax's data files can still decode (weights near 1e38, logits exact zeros: a
+    silent wrong answer); each leaf's checksum, recorded at save, catches it before anything else reads them."""
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+    sj.save_target(target, tmp_path / "ckpt")
+    meta = checkpoint.read_meta(tmp_path / "ckpt")
+    assert meta.pop("checksums") == checkpoint.checksums(target.params)
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "older")
+    (tmp_path / "older" / checkpoint.META_FILE).write_text(json.dumps(meta))
+    assert sj.load_target(tmp_path / "older").cfg == target.cfg  # saved before checksums: read unchecked
+    data = max((p for p in (tmp_path / "ckpt" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    flipped = bytearray(data.read_bytes())
+    at = len(flipped) // 3
+    flipped[at: at + 64] = bytes(b ^ 0xFF for b in flipped[at: at + 64])
+    data.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"ckpt/params is damaged: the data of .* differ from what "
+                                              r"was saved \(their checksums in specpv_config.json\)"):
+        sj.load_target(tmp_path / "ckpt")
+
+
+def test_checksums_see_every_word_and_its_place():
+    x = jnp.arange(24, dtype=jnp.float32).reshape(2, 3, 4)
+    base = checkpoint.checksums({"x": x})["x"]
+    assert checkpoint.checksums({"x": x.at[1, 2, 3].add(1e-6)})["x"] != base  # the last bit of one word
+    assert checkpoint.checksums({"x": x[::-1]})["x"] != base  # the same words elsewhere
+    halves = jnp.array([1.0, 2.0], jnp.bfloat16)
+    assert checkpoint.checksums({"h": halves})["h"] != checkpoint.checksums({"h": halves[::-1]})["h"]
+
+
 def test_tied_config_with_a_different_stored_head_is_refused(hf_copy):
     tied = sj.forward_logits(sj.load_target(hf_copy, progress=False), IDS)
     edit_weights(hf_copy, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
