@@ -460,7 +460,8 @@ def test_tied_config_with_a_different_stored_head_is_refused(hf_copy):
      "malformed RoPE settings"),  # factor from max_position_embeddings / 0
     ({"rope_scaling": {"rope_type": "yarn", "factor": float("inf"), "original_max_position_embeddings": 64},
       "rope_parameters": None}, "RopeConfig.factor must be positive, got inf"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}}, "RopeConfig.theta must be positive, got nan"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}},
+     "RopeConfig.theta must be positive, got nan"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
                        "low_freq_factor": 4.0, "high_freq_factor": 4.0}, "rope_parameters": None},
      "high_freq_factor (4.0) must exceed low_freq_factor (4.0)"),
