@@ -329,6 +329,11 @@ def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool
         stored = {info.dtype for key, info in found.items() if not IGNORED.match(key)}
         dtype = STORED_DTYPES.get(stored.pop(), "float32") if len(stored) == 1 else "float32"
     dtype = check_dtype(dtype)
+    stored_layers = 1 + max((int(m[1]) for k in found if (m := re.match(r"model\.layers\.(\d+)\.", k))), default=-1)
+    if stored_layers != cfg.num_layers:  # (checked first: listing every missing layer's keys could take hours)
+        held = f"model.layers.0 to {stored_layers - 1}" if stored_layers else "no model.layers.*"
+        raise ConversionError(f"{model_dir / 'config.json'} says num_hidden_layers={cfg.num_layers}, but the "
+                              f"weights hold {held}")
     table = param_table(cfg)
     tied_head = cfg.tie_word_embeddings and "lm_head.weight" in found
     # A tied model's stored copy of the embedding as lm_head is redundant; a different head is not.

@@ -272,7 +272,9 @@ def test_accelerator_and_cpu_conversions_agree():
 
 def test_config_weights_mismatch(hf_copy):
     edit_config(hf_copy, num_hidden_layers=3)
-    assert "missing tensors: model.layers.2." in convert_error(hf_copy)
+    assert "config.json says num_hidden_layers=3, but the weights hold model.layers.0 to 1" in convert_error(hf_copy)
+    edit_config(hf_copy, num_hidden_layers=30_000_000)  # named at once (listing the missing keys took hours)
+    assert "num_hidden_layers=30000000, but the weights hold model.layers.0 to 1" in convert_error(hf_copy)
     edit_config(hf_copy, num_hidden_layers=2, intermediate_size=100)
     assert "model.layers.0.mlp.gate_proj.weight: shape (96, 64)" in convert_error(hf_copy)
 
