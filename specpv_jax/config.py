@@ -316,19 +316,19 @@ def _rope_config(hf: Mapping[str, Any], r: Mapping[str, Any]) -> RopeConfig:
     if kind not in ROPE_KINDS:
         raise ConfigError(f"unsupported rope_scaling type {kind!r} in config.json "
                           f"(supported: {', '.join(ROPE_KINDS)})")
-    orig = r.get("original_max_position_embeddings")
-    if orig is None:
+    if r.get("original_max_position_embeddings") is None:
         raise ConfigError(f"rope_scaling of type {kind!r} needs original_max_position_embeddings")
+    orig = _positive_int(r, "original_max_position_embeddings")
     if kind == "llama3":
         return RopeConfig(theta=theta, kind=kind, factor=float(r["factor"]),
-                          original_max_position_embeddings=int(orig),
+                          original_max_position_embeddings=orig,
                           low_freq_factor=float(r["low_freq_factor"]),
                           high_freq_factor=float(r["high_freq_factor"]))
     factor = r.get("factor")
     if factor is None:
         factor = hf["max_position_embeddings"] / orig
     return RopeConfig(
-        theta=theta, kind=kind, factor=float(factor), original_max_position_embeddings=int(orig),
+        theta=theta, kind=kind, factor=float(factor), original_max_position_embeddings=orig,
         beta_fast=float(r.get("beta_fast") or 32.0), beta_slow=float(r.get("beta_slow") or 1.0),
         attention_factor=r.get("attention_factor"), mscale=r.get("mscale"),
         mscale_all_dim=r.get("mscale_all_dim"), truncate=bool(r.get("truncate", True)))

@@ -459,7 +459,9 @@ def test_tied_config_with_a_different_stored_head_is_refused(hf_copy):
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": "1"},
       "rope_parameters": None}, "RopeConfig.mscale must be a float, got '1'"),
     ({"rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 0}, "rope_parameters": None},
-     "malformed RoPE settings"),  # factor from max_position_embeddings / 0
+     "original_max_position_embeddings must be a positive integer, got 0"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64.5},
+      "rope_parameters": None}, "original_max_position_embeddings must be a positive integer, got 64.5"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": float("inf"), "original_max_position_embeddings": 64},
       "rope_parameters": None}, "RopeConfig.factor must be positive, got inf"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}},
