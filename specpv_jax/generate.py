@@ -253,7 +253,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     check_seed(seed)
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")
-    mesh = _call_mesh(target, mesh, spec)
+    mesh = _call_mesh(target, draft, mesh, spec)
     cfg = target.cfg
     batch = prompts.prepare(input_ids, cfg, max_new_tokens, prefill_chunk, attention_mask)
     eos = _eos_ids(cfg, eos_token_ids)
@@ -297,7 +297,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
              f"ran about as fast as ar or slower (the tokens are still the target's); load it in float32: "
              f"sj.load_draft(path, target, dtype=\"float32\")")
     num_out = np.asarray(out.num_out)
-    stats = {"mode": mode, "mesh": None if mesh is None else tuple(mesh.shape.values()),
+    stats = {"mode": mode, "mesh": None if mesh is None else (mesh.shape["data"], mesh.shape["model"]),
              "new_tokens": int(num_out.sum()), **steps,
              "draft_nan_steps": int(out.draft_nan_steps),
              "prefill_s": prefill_s, "time_s": decode_s,
@@ -306,7 +306,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     return GenerateOutput(tokens=np.asarray(out.tokens)[:, : int(num_out.max())], lengths=num_out, stats=stats)
 
 
-def _call_mesh(target: Model, mesh: Any, spec: SpecConfig) -> Any:
+def _call_mesh(target: Model, draft: Any, mesh: Any, spec: SpecConfig) -> Any:
     """The mesh a generate call runs on (None: one device): `mesh`, else the target's, else the default."""
     placed = sharding.mesh_of(target.params)
     if mesh is None:
@@ -321,7 +321,7 @@ def _call_mesh(target: Model, mesh: Any, spec: SpecConfig) -> Any:
         warn(f"the target's weights are {where} and generate runs on a {_named(mesh)} mesh: they are copied there "
              f"on every call; place them once with sj.load_target(..., mesh=mesh) or sj.Model(target.cfg, "
              f"sj.sharding.shard_params(target.params, mesh))")
-    note = None if mesh is None else sharding.unsplit_cache_note(target.cfg, mesh)
+    note = None if mesh is None else sharding.unsplit_cache_note(target.cfg, mesh, getattr(draft, "cfg", None))
     if note:
         warn(note)
     return mesh

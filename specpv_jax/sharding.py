@@ -70,16 +70,24 @@ def default_mesh(cfg: Any = None) -> Mesh | None:
     return make_mesh(*default_shape(jax.device_count(), cfg, per_host)) if jax.device_count() > 1 else None
 
 
-def unsplit_cache_note(cfg: Any, mesh: Any) -> str | None:
-    """Why `mesh` cannot split `cfg`'s KV cache along "model" (its model axis does not divide the KV heads:
-    `cache_sharding` splits whole heads only, the projections split on), with a mesh shape that can; None
-    when it can."""
+def unsplit_cache_note(cfg: Any, mesh: Any, draft_cfg: Any = None) -> str | None:
+    """Why `mesh` cannot split the KV cache of `cfg` (the target's) or `draft_cfg` (its draft's, if it has KV
+    heads) along "model" (its model axis does not divide the KV heads: `cache_sharding` splits whole heads
+    only, the projections split on), with a mesh shape that can; None when it can."""
     model = mesh.shape["model"]
-    if cfg.num_kv_heads % model == 0:
+    unsplit = [(who, c) for who, c in (("target", cfg), ("draft", draft_cfg))
+               if getattr(c, "num_kv_heads", None) and c.num_kv_heads % model]
+    if not unsplit:
         return None
-    data, split = default_shape(mesh.size, cfg)
-    return (f"a model axis of {model} does not divide the target's {cfg.num_kv_heads} KV heads: every device "
-            f"holds the whole KV cache, gathered once per call; a {data}x{split} mesh splits whole heads")
+    heads = [h for c in (cfg, draft_cfg) if getattr(c, "num_kv_heads", None) for h in (c.num_heads, c.num_kv_heads)]
+    split = max(m for m in range(1, mesh.size + 1) if mesh.size % m == 0 and all(h % m == 0 for h in heads))
+    gathered = {"target": "once per call", "draft": "as the draft uses it"}
+    whose = " and ".join(f"the {who}'s {c.num_kv_heads}" for who, c in unsplit)
+    which = " and ".join(who for who, _ in unsplit)
+    when = " and ".join(gathered[who] for who, _ in unsplit)
+    return (f"a model axis of {model} does not divide {whose} KV heads: every device holds the whole {which} KV "
+            f"cache{'s' * (len(unsplit) > 1)}, gathered {when}; a {mesh.size // split}x{split} mesh splits whole "
+            f"heads")
 
 
 def mesh_of(params: Any) -> Mesh | None:
@@ -96,9 +104,9 @@ def check_mesh(mesh: Any) -> None:
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (sj.sharding.make_mesh), got {type(mesh).__name__}")
     types = tuple(getattr(t, "name", str(t)) for t in getattr(mesh, "axis_types", ()))
-    if sorted(mesh.axis_names) != sorted(AXES) or any(t != "Auto" for t in types):
-        raise ValueError(f"mesh has axes {dict(mesh.shape)} of types {types}; generate needs axes {AXES} of "
-                         f"type Auto: sj.sharding.make_mesh(data, model, devices) makes one")
+    if tuple(mesh.axis_names) != AXES or any(t != "Auto" for t in types):
+        raise ValueError(f"mesh has axes {dict(mesh.shape)} of types {types}; generate needs axes {AXES}, in "
+                         f"that order, of type Auto: sj.sharding.make_mesh(data, model, devices) makes one")
 
 
 def _split(shape: tuple[int, ...], axis: int | None, name: str, mesh: Mesh) -> P:

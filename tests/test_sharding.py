@@ -124,7 +124,8 @@ def test_generate_names_a_mesh_it_cannot_use():
     target = make_target(64, layers=2)
     devices = np.array(jax.devices()[:1]).reshape(1, 1)
     for mesh, message in [(jax.make_mesh((1, 1), ("data", "model")), r"of types \('Explicit', 'Explicit'\)"),
-                          (Mesh(devices, ("batch", "tp")), r"axes \{'batch': 1, 'tp': 1\}"), ("2x4", "must be a")]:
+                          (Mesh(devices, ("batch", "tp")), r"axes \{'batch': 1, 'tp': 1\}"), ("2x4", "must be a"),
+                          (Mesh(devices, ("model", "data")), r"needs axes \('data', 'model'\), in that order")]:
         with pytest.raises((ValueError, TypeError), match=message):
             sj.generate(target, [1, 2, 3], 4, mesh=mesh)
     one = make_mesh(devices=jax.devices()[:1])
@@ -140,7 +141,16 @@ def test_a_model_axis_that_splits_kv_heads_is_named():
 
     qwen = SimpleNamespace(num_heads=28, num_kv_heads=4)
     assert unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 1, "model": 8}, size=8)) == (
-        "a model axis of 8 does not divide the target's 4 KV heads: every device holds the whole KV cache, "
+        "a model axis of 8 does not divide the target's 4 KV heads: every device holds the whole target KV cache, "
         "gathered once per call; a 2x4 mesh splits whole heads")
     assert unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 2, "model": 4}, size=8)) is None
+    # A small draft with 2 KV heads (Qwen2.5-0.5B's) under it: gathered at every use in the decode loop.
+    small = SimpleNamespace(num_heads=14, num_kv_heads=2)
+    assert unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 2, "model": 4}, size=8), small) == (
+        "a model axis of 4 does not divide the draft's 2 KV heads: every device holds the whole draft KV cache, "
+        "gathered as the draft uses it; a 4x2 mesh splits whole heads")
+    assert "the target's 4 and the draft's 2 KV heads: every device holds the whole target and draft KV caches, " \
+        "gathered once per call and as the draft uses it; a 4x2" in \
+        unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 1, "model": 8}, size=8), small)
+    assert unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 4, "model": 2}, size=8), small) is None
 
