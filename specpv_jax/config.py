@@ -830,11 +830,13 @@ class SpecConfig:
         """Partial verification needs a context longer than this (sink + retrieval + window)."""
         return self.static_tokens
 
-    @property
-    def draft_working_tokens(self) -> int:
-        """Slots of a retrieving draft's working cache: the chosen chunks, the chunk in progress at the
-        last retrieval, and what `retrieve_every` steps can add before the next."""
-        return (self.draft_chunks + 1) * self.chunk_tokens + self.retrieve_every * (self.tree_depth + 1)
+    def draft_working_slots(self, cache_slots: int) -> int:
+        """Slots of a retrieving draft's working cache beside a `cache_slots`-slot cache of the whole sequence:
+        the chosen chunks, the chunk in progress at the last retrieval, and what `retrieve_every` steps can add
+        before the next, in whole chunks; never more than the whole sequence's, in whole chunks."""
+        c = self.chunk_tokens
+        wanted = (self.draft_chunks + 1) * c + self.retrieve_every * (self.tree_depth + 1)
+        return min(-(-wanted // c), -(-cache_slots // c)) * c
 
     @property
     def max_missing(self) -> int:

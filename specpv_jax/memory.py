@@ -148,6 +148,14 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+    counts = {"context": (context, 1), "new_tokens": (new_tokens, 0), "batch": (batch, 1),
+              "prefill_chunk": (prefill_chunk, 1), "mesh_shape[0]": (mesh_shape[0], 1),
+              "mesh_shape[1]": (mesh_shape[1], 1)}
+    for name, (n, least) in counts.items():
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < least:
+            raise ValueError(f"estimate: {name} must be an integer >= {least}, got {n!r}")
+    if not jax.numpy.issubdtype(jax.numpy.dtype(dtype), jax.numpy.floating):
+        raise ValueError(f"estimate: dtype must be a floating type, got {dtype!r}")
     if mode == "specextend" and draft_cfg is None:
         raise ValueError("mode 'specextend' needs the small draft's config (draft_cfg)")
     spec = spec or SpecConfig()
@@ -184,7 +192,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
         d = draft_cfg
         parts["draft weights"] = draft_param_count(d, model) * size
         parts["draft cache"] = kv(d.num_layers, slots, d.num_kv_heads, d.head_dim) + (
-            kv(d.num_layers, spec.draft_working_tokens, d.num_kv_heads, d.head_dim) if spec.draft_chunks else 0)
+            kv(d.num_layers, spec.draft_working_slots(slots), d.num_kv_heads, d.head_dim) if spec.draft_chunks else 0)
     if mode == "longspec":  # one layer plus a cross-attention's q/o; a ring of `window` slots at any context
         d = draft_cfg or LongSpecConfig.for_target(cfg)
         parts["draft weights"] = draft_param_count(d, model) * size

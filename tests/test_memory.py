@@ -174,6 +174,21 @@ def test_longspec_draft_cache_is_constant():
     assert long.parts["draft weights"] < memory.estimate(cfg, 1024, mode="eagle").parts["draft weights"]
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"context": 0}, "context must be an integer >= 1, got 0"),
+    ({"new_tokens": -1}, "new_tokens must be an integer >= 0, got -1"),
+    ({"batch": -2}, "batch must be an integer >= 1, got -2"),  # it gave less than batch 1
+    ({"prefill_chunk": 0}, "prefill_chunk must be an integer >= 1"),  # ZeroDivisionError
+    ({"mesh_shape": (0, 8)}, r"mesh_shape\[0\] must be an integer >= 1"),
+    ({"dtype": "int8"}, "dtype must be a floating type, got 'int8'"),
+])
+def test_estimate_names_bad_input(kwargs, message):
+    cfg = ModelConfig.from_hf(LLAMA_31_8B)
+    with pytest.raises(ValueError, match=message):
+        memory.estimate(cfg, **{"context": 1024, **kwargs})
+    assert memory.estimate(cfg, 1024, new_tokens=0).total > 0
+
+
 def test_generate_refuses_a_run_that_cannot_fit_before_allocating(monkeypatch):
     target = make_target(16, layers=2)
     monkeypatch.setattr(memory, "device_bytes_limit", lambda device=None: 10_000)

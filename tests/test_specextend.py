@@ -193,8 +193,13 @@ def test_draft_memory_does_not_grow_with_context(pair):
         cache = KVCache.for_model(draft.cfg, 1, n + 64)
         state = small.start(draft.cfg, spec, cache.replace(length=jnp.asarray([n])))
         sizes.append(state.work.k.shape)
-        assert int(state.work.length[0]) < spec.draft_working_tokens
+        assert int(state.work.length[0]) < state.work.max_len == spec.draft_working_slots(n + 64)
     assert sizes[0] == sizes[1]
+    # ...and never more than the whole sequence's: hardly ever retrieving (retrieve_every=10**6) sized it
+    # for 5M slots, and the process was killed for memory at a 300-token prompt
+    rare = dataclasses.replace(spec, retrieve_every=10**6)
+    cache = KVCache.for_model(draft.cfg, 1, 300 + 64)
+    assert small.start(draft.cfg, rare, cache.replace(length=jnp.asarray([300]))).work.max_len == cache.max_len
     jax.clear_caches()
 
 

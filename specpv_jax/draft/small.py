@@ -150,8 +150,7 @@ def start(cfg: ModelConfig, spec: SpecConfig, cache: KVCache) -> DraftState:
 def _retrieve(cfg: ModelConfig, spec: SpecConfig, store: KVCache, scores: jax.Array) -> KVCache:
     c = spec.chunk_tokens
     chunks, n = select_chunks(scores, store.length // c, spec.draft_chunks)
-    size = -(-spec.draft_working_tokens // c) * c
-    return rebuild(cfg, store, chunks, n, c, size)
+    return rebuild(cfg, store, chunks, n, c, spec.draft_working_slots(store.max_len))
 
 
 def retrieve(cfg: ModelConfig, spec: SpecConfig, state: DraftState, q: jax.Array, target_keys: jax.Array,
