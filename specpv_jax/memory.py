@@ -208,15 +208,18 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     prefix_tile = cfg.num_kv_heads * group_rows * read_block(allocated_slots(slots), group_rows)
     scores = 2 * batch * (cfg.num_heads * t ** 2 + prefix_tile) * 4
     attention_io = 4 * batch * t * cfg.num_heads * cfg.head_dim * 4  # queries, grouped copy, float32 output sums
-    logit_buffers = 1 if temperature == 0 else 5 if top_p < 1 or top_k > 0 else 3  # measured: 1, 2.1, 4.2 (XLA CPU)
+    # float32 logit buffers, measured on XLA CPU: greedy 1 and `isfinite`'s bool mask beside it; sampling 2.1;
+    # filtered 4.2
+    logit_buffers = 1.25 if temperature == 0 else 5 if top_p < 1 or top_k > 0 else 3
     # A draft level's logits and log-probabilities over its widest frontier (a beam tree's is tree_top_k**2)
     draft_rows = 0 if mode == "ar" else 2 * max(frontier_widths(spec.tree_top_k, spec.tree_depth, spec.tree_beam),
                                                 default=spec.tree_top_k)
     # Offloaded, prefill goes a layer at a time: the prompt's hidden states (twice: XLA copies the loop's; CPU,
     # measured) and captured features stay resident.
     by_layer = (2 + len(d.feature_layers)) * batch * context * h * size if spec.offload and mode in PARTIAL_MODES else 0
-    temporaries = max(logit_buffers * batch * tree * v * 4, batch * draft_rows * v * 4,
+    temporaries = max(int(logit_buffers * batch * tree * v * 4), batch * draft_rows * v * 4,
                       batch * t * (2 * h + 2 * cfg.intermediate_size) * 4 + by_layer) + scores + attention_io
+    temporaries += batch * v * 4  # the prompts' last logits, from prefill into the decode loop
     activations = temporaries // rows + layer_param_count(cfg, model) * size
     parts["activations"] = activations * 11 // 10  # 10% to spare: how XLA assigns buffers varies (CPU: 3-5% more)
     return Estimate(label, parts, ("full cache", "block summaries") if mode in PARTIAL_MODES else ())
