@@ -316,11 +316,16 @@ def _call_mesh(target: Model, draft: Any, mesh: Any, spec: SpecConfig) -> Any:
     if spec.offload and mesh is not None and mesh.size > 1:
         raise NotImplementedError("SpecConfig(offload=True) runs on one device: load the target with (or pass) "
                                   "mesh=sharding.make_mesh(devices=jax.local_devices()[:1])")
-    if mesh is not None and placed != mesh and (placed is not None or mesh.size > 1):
-        where = f"on a {_named(placed)} mesh" if placed is not None else "not on a mesh"
-        warn(f"the target's weights are {where} and generate runs on a {_named(mesh)} mesh: they are copied there "
-             f"on every call; place them once with sj.load_target(..., mesh=mesh) or sj.Model(target.cfg, "
-             f"sj.sharding.shard_params(target.params, mesh))")
+    remedies = {"target": "sj.load_target(..., mesh=mesh) or sj.Model(target.cfg, "
+                          "sj.sharding.shard_params(target.params, mesh))",
+                "draft": "sj.load_draft(path, target) with the target on it (a draft follows its target), or "
+                         "dataclasses.replace(draft, params=sj.sharding.shard_params(draft.params, mesh))"}
+    for who, weights in (("target", target.params), ("draft", getattr(draft, "params", None))):
+        at = None if weights is None else sharding.mesh_of(weights)
+        if weights is not None and mesh is not None and at != mesh and (at is not None or mesh.size > 1):
+            where = f"on a {_named(at)} mesh" if at is not None else "not on a mesh"
+            warn(f"the {who}'s weights are {where} and generate runs on a {_named(mesh)} mesh: they are copied "
+                 f"there on every call; place them once with {remedies[who]}")
     note = None if mesh is None else sharding.unsplit_cache_note(target.cfg, mesh, getattr(draft, "cfg", None))
     if note:
         warn(note)

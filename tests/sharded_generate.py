@@ -5,6 +5,7 @@ test); by default ar and exact on 2x4.
 """
 
 import dataclasses
+import importlib
 import pathlib
 import sys
 import tempfile
@@ -88,6 +89,15 @@ def loaded_on_mesh(target, head, prompts, spec, expected) -> None:
             warnings.simplefilter("always")
             sj.generate(target, prompts[:1], 2, mesh=make_mesh(2, 4))  # weights from init_params: one device
         assert any("weights are not on a mesh and generate runs on a 2x4 mesh" in str(w.message) for w in caught)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # a draft loaded before its target was placed
+            importlib.import_module("specpv_jax.generate")._call_mesh(loaded, head, None, spec)
+        messages = [str(w.message) for w in caught]
+        assert any(m.startswith("the draft's weights are not on a mesh and generate runs on a 2x4 mesh: they are "
+                                "copied there on every call") for m in messages), messages
+        assert any(m.startswith("a model axis of 4 does not divide the draft's 2 KV heads") for m in messages), \
+            messages
         sj.save_target(loaded, pathlib.Path(tmp, "resaved"))  # from shards
         one = sj.load_target(pathlib.Path(tmp, "resaved"), mesh=make_mesh(devices=jax.devices()[:1]))
         assert sharding.mesh_of(one.params).size == 1
