@@ -341,12 +341,11 @@ def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
     except Exception as e:  # orbax and TensorStore raise several types
         error = CheckpointError(f"cannot read the parameters in {path / 'params'} (the checkpoint is damaged): "
                                 f"{_first_line(e)}")
-        params = None
-    if params is None:
-        gc.collect()  # the failed reads, orphaned with the exception, report now (and are dropped)
-        raise error
-    _check_checksums(path, params)
-    return params
+    else:
+        _check_checksums(path, params)
+        return params
+    gc.collect()  # the failed reads, orphaned with the exception, report now (and are dropped)
+    raise error
 
 
 def checksums(tree: Any) -> dict[str, int]:

@@ -56,11 +56,14 @@ def default_shape(devices: int, cfg: Any = None, per_host: int | None = None) ->
     whole heads (Llama-3.1-8B's 8 KV heads: 1 x 8 on eight devices, 3 x 2 on six); the rest along "data".
     per_host: devices per host when there are several hosts; "model" then stays within one (its all-reduces
     every layer would otherwise cross the network), dividing `per_host`."""
-    heads = (cfg.num_heads, cfg.num_kv_heads) if cfg is not None else ()
-    limit = per_host or devices
-    model = max(m for m in range(1, limit + 1)
-                if devices % m == 0 and limit % m == 0 and all(h % m == 0 for h in heads))
+    model = _whole_head_split(devices, (cfg.num_heads, cfg.num_kv_heads) if cfg is not None else (), per_host)
     return devices // model, model
+
+
+def _whole_head_split(devices: int, heads: tuple[int, ...], per_host: int | None = None) -> int:
+    """The most of `devices` (dividing `per_host` too, if given) that divide every count in `heads`."""
+    limit = per_host or devices
+    return max(m for m in range(1, limit + 1) if devices % m == 0 and limit % m == 0 and all(h % m == 0 for h in heads))
 
 
 def default_mesh(cfg: Any = None) -> Mesh | None:
@@ -79,8 +82,8 @@ def unsplit_cache_note(cfg: Any, mesh: Any, draft_cfg: Any = None) -> str | None
                if getattr(c, "num_kv_heads", None) and c.num_kv_heads % model]
     if not unsplit:
         return None
-    heads = [h for c in (cfg, draft_cfg) if getattr(c, "num_kv_heads", None) for h in (c.num_heads, c.num_kv_heads)]
-    split = max(m for m in range(1, mesh.size + 1) if mesh.size % m == 0 and all(h % m == 0 for h in heads))
+    split = _whole_head_split(mesh.size, tuple(h for c in (cfg, draft_cfg) if getattr(c, "num_kv_heads", None)
+                                               for h in (c.num_heads, c.num_kv_heads)))
     gathered = {"target": "once per call", "draft": "as the draft uses it"}
     whose = " and ".join(f"the {who}'s {c.num_kv_heads}" for who, c in unsplit)
     which = " and ".join(who for who, _ in unsplit)
