@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
 
 import specpv_jax as sj
@@ -282,6 +281,8 @@ def test_config_weights_mismatch(hf_copy):
 def test_a_single_weights_file_wins_over_an_index_as_in_transformers(hf_model, tmp_path):
     """A model saved whole over a sharded one (a merged fine-tune saved in place) leaves the old index: the
     weights are the single file's, as transformers loads them, not the shards the index names."""
+    import torch  # (in the test: `make test-next` runs this module where there is no torch)
+
     _, hf = hf_model("llama-mha")
     d = tmp_path / "model"
     hf.save_pretrained(d, max_shard_size="50KB")
