@@ -319,8 +319,11 @@ def test_a_generation_config_that_is_a_directory_is_named(hf_copy):
 
 
 def test_an_eagle_1_or_2_head_is_named(hf_copy, tmp_path):
-    edit_weights(hf_copy, lambda t: t.update({"fc.weight": np.zeros((64, 128), np.float32)}) or
-                 t.pop("model.embed_tokens.weight"))
+    def as_eagle_1(tensors):  # EAGLE-1/2 heads: an fc layer, no embedding of their own
+        tensors["fc.weight"] = np.zeros((64, 128), np.float32)
+        del tensors["model.embed_tokens.weight"]
+
+    edit_weights(hf_copy, as_eagle_1)
     assert "holds an EAGLE-1/2 draft head (fc.weight, layers.0.*), not a LLaMA/Qwen model" in convert_error(hf_copy)
 
 
