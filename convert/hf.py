@@ -12,7 +12,7 @@ import functools
 import json
 import pathlib
 import re
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -260,9 +260,9 @@ def _convert(layers: list[np.ndarray], dtype, transpose: bool, stacked: bool, wh
 
 def load_params(table: list[Entry], num_layers: int, read: Callable[[str], np.ndarray],
                 found: dict[str, TensorInfo], dtype, progress: bool = True, desc: str = "converting",
-                mesh: Mesh | None = None) -> dict:
+                mesh: Mesh | None = None, cfg: Any = None) -> dict:
     """Reads (`read(key)`), transposes, stacks and casts every table entry into a nested param dict, placed
-    on `mesh` as `sharding.param_specs` splits it (None: on the default device).
+    on `mesh` as `sharding.param_specs` splits a model of `cfg` (None: on the default device).
 
     Raises ConversionError naming the file (from `found`) and key of a tensor with NaN or Inf, or of one
     with values beyond the range of `dtype`.
@@ -279,7 +279,7 @@ def load_params(table: list[Entry], num_layers: int, read: Callable[[str], np.nd
                 layers.append(read(key))
                 bar.update(1)
             shape = ((num_layers,) if e.per_layer else ()) + e.shape
-            where = None if mesh is None else NamedSharding(mesh, sharding.param_spec(e.path, shape, mesh))
+            where = None if mesh is None else NamedSharding(mesh, sharding.param_spec(e.path, shape, mesh, cfg))
             value, finite_stored, finite_cast = _convert(layers, dtype, e.transpose, e.per_layer, where)
             checks.append((keys, finite_stored, finite_cast))
             node = params
@@ -345,7 +345,7 @@ def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool
                 f"{model_dir / 'config.json'} sets tie_word_embeddings=true, but {found['lm_head.weight'].file.name} "
                 f"holds an lm_head.weight that differs from model.embed_tokens.weight: set tie_word_embeddings "
                 f"to false to use the stored head, or remove it to use the embedding")
-        return cfg, load_params(table, cfg.num_layers, read, found, dtype, progress, mesh=mesh)
+        return cfg, load_params(table, cfg.num_layers, read, found, dtype, progress, mesh=mesh, cfg=cfg)
 
 
 def _same_tensor(a: np.ndarray, b: np.ndarray) -> bool:

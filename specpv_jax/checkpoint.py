@@ -320,9 +320,9 @@ def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
-            optional: dict[str, tuple[int, ...]] | None = None, mesh: Mesh | None = None) -> Any:
+            optional: dict[str, tuple[int, ...]] | None = None, mesh: Mesh | None = None, cfg: Any = None) -> Any:
     """The checkpoint's parameter tree, on the default device, or read straight into its shards on `mesh`
-    (as `sharding.param_specs` splits it).
+    (as `sharding.param_specs` splits a model of `cfg`).
 
     expected: `flat_shapes` of the tree its configs imply (`optional`: leaves it may hold
     too); any difference from the stored tree is an error naming the keys, raised
@@ -333,7 +333,7 @@ def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
     _check_shapes(path, flat_shapes(tree), expected, optional or {})
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # multi-host: this process's own
     where = (jax.tree.map(lambda m: device, tree) if mesh is None else
-             jax.tree.map(lambda m, spec: NamedSharding(mesh, spec), tree, sharding.param_specs(tree, mesh)))
+             jax.tree.map(lambda m, spec: NamedSharding(mesh, spec), tree, sharding.param_specs(tree, mesh, cfg)))
     abstract = jax.tree.map(lambda m, w: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=w), tree, where)
     _drop_failed_read_reports()  # before reading: in-flight reads report as soon as one fails (or on Ctrl-C)
     try:

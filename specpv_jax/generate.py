@@ -268,7 +268,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     # Every transfer explicit (here and the result's), as a caller's `jax.transfer_guard("disallow")` requires.
     rows = scalars = None
     if mesh is not None:
-        params, draft_params = sharding.shard_params(params, mesh), sharding.shard_params(draft_params, mesh)
+        params = sharding.shard_params(params, mesh, cfg)
+        draft_params = None if draft is None else sharding.shard_params(draft_params, mesh, draft.cfg)
         rows = tuple(sharding.batch_sharding(x.shape, mesh) for x in (batch.ids, batch.lengths))
         scalars = NamedSharding(mesh, P())
     ids, lengths = jax.device_put((batch.ids, batch.lengths), rows)
@@ -317,9 +318,9 @@ def _call_mesh(target: Model, draft: Any, mesh: Any, spec: SpecConfig) -> Any:
         raise NotImplementedError("SpecConfig(offload=True) runs on one device: load the target with (or pass) "
                                   "mesh=sharding.make_mesh(devices=jax.local_devices()[:1])")
     remedies = {"target": "sj.load_target(..., mesh=mesh) or sj.Model(target.cfg, "
-                          "sj.sharding.shard_params(target.params, mesh))",
+                          "sj.sharding.shard_params(target.params, mesh, target.cfg))",
                 "draft": "sj.load_draft(path, target) with the target on it (a draft follows its target), or "
-                         "dataclasses.replace(draft, params=sj.sharding.shard_params(draft.params, mesh))"}
+                         "dataclasses.replace(draft, params=sj.sharding.shard_params(draft.params, mesh, draft.cfg))"}
     for who, weights in (("target", target.params), ("draft", getattr(draft, "params", None))):
         at = None if weights is None else sharding.mesh_of(weights)
         if weights is not None and mesh is not None and at != mesh and (at is not None or mesh.size > 1):

@@ -1,11 +1,14 @@
-"""Copies and materialized slices inside the loops of a compiled program, read off its optimized HLO text.
+"""Copies, materialized slices and all-gathers inside the loops of a compiled program, read off its optimized
+HLO text.
 
 Decoding is bound by memory traffic, so a loop that copies a KV cache, or cuts a
 layer's weights out of the stacked parameters into a new buffer, pays for it at
 every step. XLA inserts such copies where it cannot update or read a buffer in
 place (a buffer written inside a `lax.cond` branch, on JAX 0.10.2's XLA; a
 loop carry swapped with another); they show only in the compiled program,
-which differs by backend and XLA version. Tests check the decode loops with
+which differs by backend and XLA version. On a mesh, an all-gather in a loop
+copies from the other devices at every step (a cache the partitioner split
+one way and reads another). Tests check the decode loops with
 `loop_copies`; `benchmarks/hlo_audit.py` reports them for a backend at real
 model shapes.
 """
@@ -23,9 +26,9 @@ PASS_THROUGH = ("bitcast", "reshape", "copy", "convert")  # a CPU computes bf16 
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    """kind: "copy" (a standalone copy) or "slice" (a slice, or a fusion whose result is one, bitcast or
-    converted: a new buffer holding part of a larger one); shape: as HLO prints it ("f32[8,1,2,1280,16]");
-    computation: the loop body, branch or called computation it runs in."""
+    """kind: "copy" (a standalone copy), "slice" (a slice, or a fusion whose result is one, bitcast or
+    converted: a new buffer holding part of a larger one) or "all-gather" (its result); shape: as HLO prints
+    it ("f32[8,1,2,1280,16]"); computation: the loop body, branch or called computation it runs in."""
 
     kind: str
     shape: str
@@ -66,8 +69,8 @@ def _root_op(lines: list[str]) -> str:
 
 
 def loop_copies(hlo: str, min_bytes: int = 0) -> list[Finding]:
-    """Copies and materialized slices of at least `min_bytes` outside the entry computation: in loop bodies,
-    conditional branches and called computations (a fusion's body counts as the fusion).
+    """Copies, materialized slices and all-gathers of at least `min_bytes` outside the entry computation: in
+    loop bodies, conditional branches and called computations (a fusion's body counts as the fusion).
 
     hlo: `jax.jit(f).lower(...).compile().as_text()`.
     """
@@ -90,6 +93,8 @@ def loop_copies(hlo: str, min_bytes: int = 0) -> list[Finding]:
             elif re.search(r" (dynamic-slice|slice)\(", ln) or (
                     called and _root_op(comps.get(called.group(1), [])) in ("dynamic-slice", "slice")):
                 kind = "slice"
+            elif re.search(r" all-gather(-done)?\(", ln):
+                kind = "all-gather"
             else:
                 continue
             found.append(Finding(kind, f"{m.group(1)}[{m.group(2)}]", nbytes, name))

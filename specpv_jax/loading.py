@@ -136,7 +136,7 @@ def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
     if checkpoint.is_checkpoint(path):
         meta = checkpoint.read_meta(path, "target")
         cfg = checkpoint.config_from_meta(path, meta, "model_config", ModelConfig.from_dict)
-        params = checkpoint.restore(path, _shapes(init_params, cfg), mesh=place(cfg))
+        params = checkpoint.restore(path, _shapes(init_params, cfg), mesh=place(cfg), cfg=cfg)
         return cfg, cast_params(params, dtype, str(path))
     if (path / "config.json").is_file():
         cfg, params = load_hf_model(path, dtype, progress=progress, mesh=place(read_config(path)[0]))
@@ -188,7 +188,7 @@ def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None)
     draft = _read_draft(_absolute(path), target, dtype or target.dtype)
     mesh = sharding.mesh_of(target.params)
     if mesh is not None:
-        draft = dataclasses.replace(draft, params=sharding.shard_params(draft.params, mesh))
+        draft = dataclasses.replace(draft, params=sharding.shard_params(draft.params, mesh, draft.cfg))
     return _sharing_the_target_embedding(draft, target)
 
 

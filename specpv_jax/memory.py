@@ -43,12 +43,13 @@ def param_count(cfg: ModelConfig, model: int = 1) -> int:
     return sum(n * (cfg.num_layers if per_layer else 1) for n, per_layer in _tensor_sizes(cfg, model))
 
 
-def placed_count(params: Any, model: int = 1) -> int:
-    """Elements of the parameter tree `params` (arrays or `jax.ShapeDtypeStruct`s) that one device holds when
-    `model` devices along "model" split them (`sharding.param_spec`)."""
-    return sum(jax.tree.leaves(jax.tree_util.tree_map_with_path(
-        lambda path, x: x.size // (model if sharding.model_splits(sharding.key_names(path), x.shape, model) else 1),
-        params)))
+def placed_count(params: Any, cfg: Any, model: int = 1) -> int:
+    """Elements of the parameter tree `params` (arrays or `jax.ShapeDtypeStruct`s) of a model of `cfg` that one
+    device holds when `model` devices along "model" split them (`sharding.param_spec`)."""
+    def on_one_device(path, x):
+        return x.size // (model if sharding.model_splits(sharding.key_names(path), x.shape, model, cfg) else 1)
+
+    return sum(jax.tree.leaves(jax.tree_util.tree_map_with_path(on_one_device, params)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -65,7 +66,7 @@ def draft_param_count(draft_cfg: ModelConfig | DraftConfig | LongSpecConfig, mod
     if isinstance(draft_cfg, DraftConfig) and draft_cfg.hidden_size != draft_cfg.target_hidden_size:
         table = (draft_cfg.vocab_size, draft_cfg.hidden_size)
         shapes["embed_tokens"] = {"embedding": jax.ShapeDtypeStruct(table, np.float32)}
-    return placed_count(shapes, model)
+    return placed_count(shapes, draft_cfg, model)
 
 
 def layer_param_count(cfg: ModelConfig, model: int = 1) -> int:
@@ -77,7 +78,7 @@ def _tensor_sizes(cfg: ModelConfig, model: int = 1) -> list[tuple[int, bool]]:
     """(elements on one device of `model` along "model", per layer) of each tensor of `cfg`."""
     from convert.hf import param_table
 
-    return [(int(np.prod(e.shape)) // (model if sharding.model_splits(e.path, e.shape, model) else 1), e.per_layer)
+    return [(int(np.prod(e.shape)) // (model if sharding.model_splits(e.path, e.shape, model, cfg) else 1), e.per_layer)
             for e in param_table(cfg)]
 
 

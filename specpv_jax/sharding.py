@@ -1,6 +1,6 @@
 """Tensor- and batch-parallel placement: a ("data", "model") device mesh and partition specs.
 
-Attention projections are split over heads and the MLP over its hidden units
+Attention projections are split over whole heads and the MLP over its hidden units
 along "model" (Megatron-style column/row splits), the token embedding and the
 LM head over the vocabulary (a lookup in the split table costs one all-reduce
 of the looked-up rows); prompts and caches are split over rows along "data"
@@ -84,13 +84,10 @@ def unsplit_cache_note(cfg: Any, mesh: Any, draft_cfg: Any = None) -> str | None
         return None
     split = _whole_head_split(mesh.size, tuple(h for c in (cfg, draft_cfg) if getattr(c, "num_kv_heads", None)
                                                for h in (c.num_heads, c.num_kv_heads)))
-    gathered = {"target": "once per call", "draft": "as the draft uses it"}
     whose = " and ".join(f"the {who}'s {c.num_kv_heads}" for who, c in unsplit)
     which = " and ".join(who for who, _ in unsplit)
-    when = " and ".join(gathered[who] for who, _ in unsplit)
     return (f"a model axis of {model} does not divide {whose} KV heads: every device holds the whole {which} KV "
-            f"cache{'s' * (len(unsplit) > 1)}, gathered {when}; a {mesh.size // split}x{split} mesh splits whole "
-            f"heads")
+            f"cache{'s' * (len(unsplit) > 1)}; a {mesh.size // split}x{split} mesh splits whole heads")
 
 
 def mesh_of(params: Any) -> Mesh | None:
@@ -106,10 +103,14 @@ def check_mesh(mesh: Any) -> None:
     """Raises unless `mesh` is a mesh `generate` can place arrays on: axes named `AXES`, of Auto type."""
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (sj.sharding.make_mesh), got {type(mesh).__name__}")
-    types = tuple(getattr(t, "name", str(t)) for t in getattr(mesh, "axis_types", ()))
+    types = _axis_types(mesh)
     if tuple(mesh.axis_names) != AXES or any(t != "Auto" for t in types):
         raise ValueError(f"mesh has axes {dict(mesh.shape)} of types {types}; generate needs axes {AXES}, in "
                          f"that order, of type Auto: sj.sharding.make_mesh(data, model, devices) makes one")
+
+
+def _axis_types(mesh: Any) -> tuple[str, ...]:
+    return tuple(getattr(t, "name", str(t)) for t in getattr(mesh, "axis_types", ()))
 
 
 def _split(shape: tuple[int, ...], axis: int | None, name: str, mesh: Mesh) -> P:
@@ -119,17 +120,29 @@ def _split(shape: tuple[int, ...], axis: int | None, name: str, mesh: Mesh) -> P
     return P(*spec)
 
 
-def model_splits(names: tuple[str, ...], shape: tuple[int, ...], model: int) -> bool:
-    """Whether the parameter at key path `names` (e.g. ("layers", "mlp", "up_proj", "kernel")) is split over
-    `model` devices along "model": it has a model axis and `model` divides it."""
+def model_splits(names: tuple[str, ...], shape: tuple[int, ...], model: int, cfg: Any) -> bool:
+    """Whether the parameter at key path `names` (e.g. ("layers", "mlp", "up_proj", "kernel")) of a model of
+    `cfg` (a ModelConfig, DraftConfig or LongSpecConfig) is split over `model` devices along "model": it has a
+    model axis, `model` divides it, and for an attention projection its heads (whole heads only: split
+    mid-head, the K/V projections would have XLA re-split the cache along head_dim and gather it back at
+    every read)."""
     axis = _MODEL_AXIS.get(tuple(names[-2:]))
-    return axis is not None and shape[axis] % model == 0
+    heads = _heads(names, cfg)
+    return axis is not None and shape[axis] % model == 0 and (heads is None or heads % model == 0)
 
 
-def param_spec(names: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """The PartitionSpec of the parameter at key path `names`."""
+def _heads(names: tuple[str, ...], cfg: Any) -> int | None:
+    """The heads along an attention projection's model axis (None for other parameters)."""
+    projection = names[-2]
+    if projection in ("q_proj", "o_proj"):
+        return cfg.cross_heads if "cross_attn" in names else cfg.num_heads
+    return cfg.num_kv_heads if projection in ("k_proj", "v_proj") else None
+
+
+def param_spec(names: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, cfg: Any) -> P:
+    """The PartitionSpec of the parameter at key path `names` of a model of `cfg`."""
     spec = [None] * len(shape)
-    if model_splits(names, shape, mesh.shape["model"]):
+    if model_splits(names, shape, mesh.shape["model"], cfg):
         spec[_MODEL_AXIS[tuple(names[-2:])]] = "model"
     return P(*spec)
 
@@ -139,14 +152,15 @@ def key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(getattr(k, "key", str(k)) for k in path)
 
 
-def param_specs(params: Any, mesh: Mesh) -> Any:
-    """A PartitionSpec per parameter leaf (same tree as `params`)."""
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: param_spec(key_names(path), leaf.shape, mesh), params)
+def param_specs(params: Any, mesh: Mesh, cfg: Any) -> Any:
+    """A PartitionSpec per parameter leaf of a model of `cfg` (same tree as `params`)."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: param_spec(key_names(path), leaf.shape, mesh, cfg),
+                                            params)
 
 
-def shard_params(params: Any, mesh: Mesh) -> Any:
-    """`params` placed on `mesh` (a no-op for arrays already placed so)."""
-    specs = param_specs(params, mesh)
+def shard_params(params: Any, mesh: Mesh, cfg: Any) -> Any:
+    """`params` of a model of `cfg` placed on `mesh` (a no-op for arrays already placed so)."""
+    specs = param_specs(params, mesh, cfg)
     return jax.tree.map(lambda x, s: place(x, NamedSharding(mesh, s)), params, specs)
 
 
@@ -178,6 +192,18 @@ def cache_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
     spec = list(_split(shape, 1, "data", mesh))
     spec[2] = _split(shape, 2, "model", mesh)[2]
     return NamedSharding(mesh, P(*spec))
+
+
+def constrain_kv(x: jax.Array, heads_axis: int) -> jax.Array:
+    """In jit under a context mesh of our axes (`jax.set_mesh`, as `generate` runs; else `x` unchanged): K/V `x`
+    (rows at `heads_axis - 1`, KV heads at `heads_axis`) held as `cache_sharding` places caches."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or tuple(mesh.axis_names) != AXES or any(t != "Auto" for t in _axis_types(mesh)):
+        return x
+    rows, heads = attention_axes(mesh, x.shape[heads_axis - 1], x.shape[heads_axis])
+    spec = [None] * x.ndim
+    spec[heads_axis - 1], spec[heads_axis] = rows, heads
+    return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def attention_axes(mesh: Any, batch: int, kv_heads: int) -> tuple[str | None, str | None]:

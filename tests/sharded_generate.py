@@ -21,7 +21,8 @@ from test_memory import compiled_peak
 import pallas_kernels
 import specpv_jax as sj
 from convert.hf import _to_param_on_device, export_hf
-from specpv_jax import host, memory, sharding
+from specpv_jax import hlo, host, memory, sharding
+from specpv_jax.cache import allocated_slots
 from specpv_jax.model import init_params
 from specpv_jax.sharding import make_mesh
 
@@ -47,7 +48,7 @@ def tied_embedding_split(prompts, one) -> None:
     params = init_params(cfg, jax.random.key(3))
     params["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"] * 40  # clear argmax margins
     expected = sj.generate(sj.Model(cfg, params), prompts, 16, mesh=one, eos_token_ids=(5,))
-    placed = sj.Model(cfg, sharding.shard_params(params, make_mesh(1, 8)))
+    placed = sj.Model(cfg, sharding.shard_params(params, make_mesh(1, 8), cfg))
     assert placed.params["embed_tokens"]["embedding"].addressable_shards[0].data.shape == (4, 64)
     with jax.transfer_guard("disallow"):
         out = sj.generate(placed, prompts, 16, eos_token_ids=(5,))
@@ -155,8 +156,13 @@ def main() -> None:
             np.testing.assert_array_equal(out.tokens, expected[mode].tokens)
             est = memory.estimate(target.cfg, 300, 24, len(prompts), mode, spec, "float32",
                                   None if draft is None else draft.cfg, mesh_shape=(data, model))
+            slots = allocated_slots(memory.cache_length(spec, memory.loop_mode(spec, mode, 512, 24), 512, 24))
             for key in set(host._EXECUTABLES) - compiled:  # each stage's per-device peak within the estimate
+                text = host._EXECUTABLES[key].as_text()
                 assert compiled_peak(host._EXECUTABLES[key]) <= est.total, (mode, data, model, est.parts)
+                # no cache gathered in a loop, the draft's included where "model" does not divide its 2 KV heads
+                gathered = [f.shape for f in hlo.loop_copies(text) if f.kind == "all-gather" and slots in f.dims]
+                assert not gathered, (mode, data, model, gathered)
             print(f"{mode} {data}x{model}: same tokens", flush=True)
     if every:
         pallas_per_shard(one)

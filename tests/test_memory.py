@@ -133,13 +133,14 @@ def test_per_device_parts_follow_the_sharding_rule():
     assert per_device(8, data=8, model=1)["activations"] > memory.layer_param_count(cfg) * 2
 
 
-def placed_elements(params, model: int) -> int:
-    """Elements of `params` on one device, read off `sharding.param_specs` (as `shard_params` places them)."""
+def placed_elements(params, model: int, cfg) -> int:
+    """Elements of `params` of a model of `cfg` on one device, read off `sharding.param_specs` (as
+    `shard_params` places them)."""
     from jax.sharding import PartitionSpec as P
 
     from specpv_jax import sharding
 
-    specs = sharding.param_specs(params, SimpleNamespace(shape={"model": model}))  # only its size is read
+    specs = sharding.param_specs(params, SimpleNamespace(shape={"model": model}), cfg)  # only its size is read
     specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
     return sum(x.size // (model if "model" in spec else 1) for x, spec in zip(jax.tree.leaves(params), specs))
 
@@ -164,7 +165,7 @@ def test_draft_weights_per_device_follow_their_placement(kind, model):
         shapes["embed_tokens"] = {"embedding": jax.ShapeDtypeStruct((cfg.vocab_size, 2048), np.float32)}
     mode = "longspec" if kind == "longspec" else "eagle"
     est = memory.estimate(cfg, 1024, mode=mode, dtype="bfloat16", draft_cfg=draft_cfg, mesh_shape=(1, model))
-    assert est.parts["draft weights"] == 2 * placed_elements(shapes, model)
+    assert est.parts["draft weights"] == 2 * placed_elements(shapes, model, draft_cfg)
     if model == 8:  # the MLP, projections and LM head split 8 ways; norms and the EAGLE-3 head's fc whole
         assert est.parts["draft weights"] < memory.estimate(cfg, 1024, mode=mode, draft_cfg=draft_cfg).parts[
             "draft weights"] / 4
@@ -287,7 +288,7 @@ def test_weights_per_device_follow_their_placement(name, model):
     cfg = presets.model_config(name)
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     est = memory.estimate(cfg, 1024, mode="ar", dtype="bfloat16", mesh_shape=(1, model))
-    assert est.parts["weights"] == 2 * placed_elements(shapes, model)
+    assert est.parts["weights"] == 2 * placed_elements(shapes, model, cfg)
 
 
 def test_plan_per_device_of_a_mesh(capsys):

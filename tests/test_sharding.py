@@ -92,14 +92,23 @@ def test_two_processes_load_generate_and_save_as_one(tmp_path):
     assert not list(tmp_path.glob(".saved*"))  # no partial directory left
 
 
-def test_param_specs_split_heads_and_mlp_where_the_mesh_divides():
-    params = make_target(16, layers=2).params
+def test_param_specs_split_whole_heads_and_mlp_where_the_mesh_divides():
+    from types import SimpleNamespace
+
+    target = make_target(16, layers=2)  # 4 query heads, 2 KV heads of 16
     mesh = make_mesh(devices=jax.devices()[:1])
-    specs = param_specs(params, mesh)
+    specs = param_specs(target.params, mesh, target.cfg)
     attn, mlp = specs["layers"]["self_attn"], specs["layers"]["mlp"]
     assert attn["q_proj"]["kernel"] == P(None, None, "model") and attn["o_proj"]["kernel"] == P(None, "model", None)
+    assert attn["k_proj"]["kernel"] == P(None, None, "model")
     assert mlp["down_proj"]["kernel"] == P(None, "model", None) and specs["lm_head"]["kernel"] == P(None, "model")
     assert specs["embed_tokens"]["embedding"] == P("model", None)  # [V, H]: over the vocabulary, as the LM head
+    # Four devices along "model" divide the K/V projections' 32 columns but not their 2 heads: split mid-head,
+    # XLA re-split the cache along head_dim to match and gathered it back in every decode step.
+    four = param_specs(target.params, SimpleNamespace(shape={"model": 4}), target.cfg)["layers"]
+    assert four["self_attn"]["q_proj"]["kernel"] == P(None, None, "model")
+    assert four["self_attn"]["k_proj"]["kernel"] == four["self_attn"]["v_proj"]["kernel"] == P(None, None, None)
+    assert four["mlp"]["up_proj"]["kernel"] == P(None, None, "model")
     with pytest.raises(ValueError, match="a 3 x 1 mesh needs 3 devices, 1 given"):
         make_mesh(3, 1, devices=jax.devices()[:1])
 
@@ -134,23 +143,23 @@ def test_generate_names_a_mesh_it_cannot_use():
 
 def test_a_model_axis_that_splits_kv_heads_is_named():
     """Qwen2.5-7B's 4 KV heads on a 1x8 mesh: the projections split mid-head, the cache cannot (it was
-    replicated on all 8 devices and gathered once per call, without a word)."""
+    replicated on all 8 devices, without a word)."""
     from types import SimpleNamespace
 
     from specpv_jax.sharding import unsplit_cache_note
 
     qwen = SimpleNamespace(num_heads=28, num_kv_heads=4)
     assert unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 1, "model": 8}, size=8)) == (
-        "a model axis of 8 does not divide the target's 4 KV heads: every device holds the whole target KV cache, "
-        "gathered once per call; a 2x4 mesh splits whole heads")
+        "a model axis of 8 does not divide the target's 4 KV heads: every device holds the whole target KV cache; "
+        "a 2x4 mesh splits whole heads")
     assert unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 2, "model": 4}, size=8)) is None
-    # A small draft with 2 KV heads (Qwen2.5-0.5B's) under it: gathered at every use in the decode loop.
+    # A small draft with 2 KV heads (Qwen2.5-0.5B's) under it.
     small = SimpleNamespace(num_heads=14, num_kv_heads=2)
     assert unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 2, "model": 4}, size=8), small) == (
-        "a model axis of 4 does not divide the draft's 2 KV heads: every device holds the whole draft KV cache, "
-        "gathered as the draft uses it; a 4x2 mesh splits whole heads")
-    assert "the target's 4 and the draft's 2 KV heads: every device holds the whole target and draft KV caches, " \
-        "gathered once per call and as the draft uses it; a 4x2" in \
+        "a model axis of 4 does not divide the draft's 2 KV heads: every device holds the whole draft KV cache; "
+        "a 4x2 mesh splits whole heads")
+    assert "the target's 4 and the draft's 2 KV heads: every device holds the whole target and draft KV caches; " \
+        "a 4x2" in \
         unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 1, "model": 8}, size=8), small)
     assert unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 4, "model": 2}, size=8), small) is None
 

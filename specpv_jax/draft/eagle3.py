@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specpv_jax import rope
+from specpv_jax import rope, sharding
 from specpv_jax.attention import causal_mask
 from specpv_jax.cache import KVCache
 from specpv_jax.config import DraftConfig, SpecConfig
@@ -105,8 +105,18 @@ def head_forward(params: Params, cfg: DraftConfig, embed: jax.Array, tokens: jax
         if k_extra is None:
             new_mask &= positions[:, :, None] - positions[:, None, :] < cfg.sliding_window
     out, k, v, cache = MidLayer(cfg, dtype).apply({"params": params["midlayer"]}, emb, hidden.astype(dtype), cos,
-                                                  sin, cache, new_mask, k_extra, v_extra, write, prefix_from)
+                                                  sin, _pin(cache), new_mask, k_extra, v_extra, write, prefix_from)
+    k, v, cache = sharding.constrain_kv(k, 1), sharding.constrain_kv(v, 1), _pin(cache)
     return (_final_norm(params, cfg, out) if cfg.norm_output else out), k, v, cache
+
+
+def _pin(cache: KVCache | None) -> KVCache | None:
+    """The head's cache held as placed (`sharding.constrain_kv`): on a mesh whose model axis does not divide its
+    KV heads (the cache whole on every device), XLA otherwise re-splits it in the decode loop and gathers it
+    back once per call."""
+    if cache is None:
+        return None
+    return cache.replace(k=sharding.constrain_kv(cache.k, -3), v=sharding.constrain_kv(cache.v, -3))
 
 
 def _project_features(params: Params, cfg: DraftConfig, features: jax.Array) -> jax.Array:
