@@ -77,6 +77,7 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
 def _masked_attention(s: jax.Array, mask: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Softmax of fp32 logits s [B, Hkv, G, T, K] under `mask` (broadcastable) over v [B, Hkv, K, D]; fp32."""
     s = jnp.where(mask, s, -jnp.inf)
+    v = jnp.where(jnp.any(jnp.broadcast_to(mask, s.shape), axis=(-3, -2))[..., None], v, 0)  # 0 x NaN is NaN
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.where(mask, jnp.exp(s - m), 0.0)
@@ -96,8 +97,8 @@ def _check_args(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, layer
     B, T, Hq, D = q.shape
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim D={D} (q shape {q.shape}) is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    if T < 1:
-        raise ValueError(f"q must have at least one tree node, got shape {q.shape}")
+    if T < 1 or B < 1:
+        raise ValueError(f"q must have at least one row and one tree node, got shape {q.shape}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must have the same shape")
     if layer is None and k_cache.ndim != 4:
@@ -123,9 +124,11 @@ def _check_args(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, layer
         raise ValueError(f"tree_mask must be [B, T, T] = {(B, T, T)}, got shape {tree_mask.shape}")
     if tree_mask.dtype != jnp.bool_:
         raise ValueError(f"tree_mask must be bool, got {tree_mask.dtype}")
-    if cache_len.shape != (B,) or not jnp.issubdtype(cache_len.dtype, jnp.integer):
+    if not hasattr(cache_len, "shape") or cache_len.shape != (B,) or not jnp.issubdtype(cache_len.dtype,
+                                                                                          jnp.integer):
         raise ValueError(f"cache_len must be an integer array of shape [B] = {(B,)}, "
-                         f"got {cache_len.dtype}{list(cache_len.shape)}")
+                         f"got {getattr(cache_len, 'dtype', type(cache_len).__name__)}"
+                         f"{list(getattr(cache_len, 'shape', ()))}")
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"q dtype {q.dtype} is not supported; supported: "
                          f"{[jnp.dtype(d).name for d in SUPPORTED_DTYPES]}")
@@ -390,9 +393,10 @@ def tree_attention(q, k_cache, v_cache, cache_len, k_tree, v_tree, tree_mask, *,
         raise ValueError(f"platform must be one of {tuple(DEFAULT_BLOCK_K)}, got {platform!r}")
     block_k = DEFAULT_BLOCK_K[platform] if block_k is None else block_k
     smallest = {"tpu": 128, "mosaic_gpu": 64}.get(platform, 16)  # a TPU key block is the logits' lane axis
-    if not isinstance(block_k, int) or block_k < smallest or block_k & (block_k - 1):
+    if isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < smallest or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of two >= {smallest} on {platform}, got {block_k}")
-    if num_splits is not None and (platform == "tpu" or not isinstance(num_splits, int) or num_splits < 1):
+    if num_splits is not None and (platform == "tpu" or isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or num_splits < 1):
         raise ValueError(f"num_splits must be >= 1 and applies to the GPU kernels only, got {num_splits} "
                          f"on {platform}")
     if interpret is None:

@@ -230,5 +230,6 @@ def attend_dense(q, k_cache, v_cache, cache_len, k_new, v_new, new_mask, scale, 
     scores = jnp.einsum("bthgd,bhsd->bhgts", qg, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
+    v = jnp.where(allowed.any(axis=1)[:, None, :, None], v, 0)  # a slot no query sees is never read: 0 x NaN is NaN
     out = jnp.einsum("bhgts,bhsd->bthgd", probs, v.astype(jnp.float32))
     return out.reshape(b, t, hq, d).astype(q.dtype)

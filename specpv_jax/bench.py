@@ -329,7 +329,7 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                   "longspec_plain": models.longspec_plain}
     if args.target and not args.modes:
         modes = [m for m in modes if m == "ar" or draft_kind(m) in drafts]
-    modes = sorted(modes, key=lambda m: m != "ar")  # ar first: the others' speeds are ratios to it
+    modes = ["ar", *(m for m in modes if m != "ar")]  # ar first, always: the others' speeds are ratios to it
     _check_runs(modes, {kind for kind, draft in drafts.items() if draft is not None}, args, contexts, new_tokens,
                 target.cfg.max_position_embeddings)
     prompts = prompts_for(target, contexts)
@@ -358,7 +358,7 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
             s = out.stats
             ar_speed = s["tokens_per_s"] if mode == "ar" else ar_speed
             row = dict(context=context, mode=mode, tokens_per_s=s["tokens_per_s"],
-                       vs_ar=s["tokens_per_s"] / ar_speed if ar_speed else None,
+                       vs_ar=s["tokens_per_s"] / ar_speed,
                        vs_hf=s["tokens_per_s"] / hf if hf else None, accept=s["mean_accept_len"],
                        accept_full=s["mean_accept_len_full"] if s["full_verifications"] else None,
                        accept_partial=s["mean_accept_len_partial"] if s["partial_verifications"] else None,
@@ -367,19 +367,20 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                        tree=[getattr(mode_spec, name) for name in TREE_FIELDS],
                        spec=dataclasses.asdict(mode_spec))
             rows.append(row)
-            vs_ar = f"x{row['vs_ar']:.2f} vs ar  " if row["vs_ar"] is not None else ""
-            print(f"{context:>7} {mode:>{width}} {row['tokens_per_s']:>8.1f} tok/s  {vs_ar}"
+            vs_hf = f"x{row['vs_hf']:.2f} vs hf  " if row["vs_hf"] is not None else ""
+            print(f"{context:>7} {mode:>{width}} {row['tokens_per_s']:>8.1f} tok/s  x{row['vs_ar']:.2f} vs ar  {vs_hf}"
                   f"accept {row['accept']:.2f}  fidelity {row['fidelity']:.3f}", flush=True)
         if hf:
             rows.append(dict(context=context, mode="transformers", tokens_per_s=hf,
-                             vs_ar=hf / ar_speed if ar_speed else None))
-            print(f"{context:>7} {'hf':>{width}} {hf:>8.1f} tok/s  (transformers greedy)", flush=True)
+                             vs_ar=hf / ar_speed))
+            print(f"{context:>7} {'hf':>{width}} {hf:>8.1f} tok/s  x{hf / ar_speed:.2f} vs ar  (transformers greedy)",
+                  flush=True)
         if assistant_dir:
             assisted = hf_assisted_tokens_per_s(hf_dir, assistant_dir, prompt, new_tokens)
             rows.append(dict(context=context, mode="transformers-assisted", tokens_per_s=assisted,
-                             vs_ar=assisted / ar_speed if ar_speed else None, vs_hf=assisted / hf))
-            print(f"{context:>7} {'hf-assisted':>{width}} {assisted:>8.1f} tok/s  x{assisted / hf:.2f} vs hf",
-                  flush=True)
+                             vs_ar=assisted / ar_speed, vs_hf=assisted / hf))
+            print(f"{context:>7} {'hf-assisted':>{width}} {assisted:>8.1f} tok/s  x{assisted / ar_speed:.2f} vs ar  "
+                  f"x{assisted / hf:.2f} vs hf", flush=True)
         write_results(args.out, rows, title, device, contexts, new_tokens, modes)  # a later failure keeps these
     print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
     return rows

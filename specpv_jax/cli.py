@@ -185,7 +185,7 @@ def _cmd_generate(args) -> int:
     import jax
 
     from specpv_jax import loading, prompts, text
-    from specpv_jax.generate import check_seed, generate
+    from specpv_jax.generate import check_mode_and_draft, check_seed, generate
     from specpv_jax.sampling import Sampler
     from specpv_jax.sharding import make_mesh
 
@@ -207,9 +207,11 @@ def _cmd_generate(args) -> int:
         raise ValueError("--chat-option sets chat-template variables: it does not combine with --no-chat")
     shape = _mesh_shape(args, spec)
     _require_tokenizer(args.model, "generate encodes the prompt with them")
+    cfg = _model_config(args.model)
+    check_mode_and_draft(cfg, args.mode, loading.draft_config(args.draft, cfg) if args.draft else None, spec)
     tokenizer = loading.load_tokenizer(args.model)
     ids = text.encode_prompt(tokenizer, prompt, chat=not args.no_chat, template_options=template_options)
-    prompts.prepare([ids], _model_config(args.model), args.max_new_tokens, chunk=1)  # ids and length
+    prompts.prepare([ids], cfg, args.max_new_tokens, chunk=1)  # ids and length
     mesh = make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]]) if shape else None
     model = loading.load_target(args.model, dtype=args.dtype, mesh=mesh)  # generate runs where the model is
     draft = loading.load_draft(args.draft, model) if args.draft else None
@@ -231,7 +233,11 @@ def _require_tokenizer(model: str, why: str) -> None:
     """Raises, before any loading, when the model directory `model` has no tokenizer files."""
     from specpv_jax import checkpoint, loading
 
-    if pathlib.Path(model).is_dir() and loading.tokenizer_directory(model) is None:
+    if pathlib.Path(model).is_file():
+        raise NotADirectoryError(f"{model} is a file; pass the model directory")
+    if not pathlib.Path(model).exists():
+        raise FileNotFoundError(f"model directory {model} does not exist")
+    if loading.tokenizer_directory(model) is None:
         where = pathlib.Path(model) / "tokenizer" if checkpoint.is_checkpoint(model) else model
         raise ValueError(f"{model} has no tokenizer files ({', '.join(checkpoint.TOKENIZER_MARKERS)}); {why}: "
                          f"copy them from the model's Hugging Face directory into {where}")
@@ -248,6 +254,8 @@ def _mesh_shape(args, spec) -> tuple[int, int] | None:
 
 
 def _read_prompt(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
     try:
         return pathlib.Path(path).read_text(encoding="utf-8-sig")  # without a byte-order mark
     except UnicodeDecodeError as e:
@@ -306,6 +314,9 @@ def _cmd_train_draft(args) -> int:
     if args.long_context is not None and args.long_context <= args.length:
         raise ValueError(f"--long-context {args.long_context} must exceed --length {args.length} (the YaRN "
                          f"fine-tune stretches RoPE beyond the trained length)")
+    if args.long_context is not None and args.long_length <= args.length:
+        raise ValueError(f"--long-length {args.long_length} must exceed --length {args.length} (the YaRN fine-tune "
+                         f"trains the positions beyond those the first phase trained)")
     if args.long_context is not None and args.long_length > args.long_context:
         raise ValueError(f"--long-length {args.long_length} must not exceed --long-context {args.long_context} "
                          f"(the positions the YaRN fine-tune stretches RoPE to)")
@@ -319,7 +330,8 @@ def _cmd_train_draft(args) -> int:
     if longest > positions:
         raise ValueError(f"{'--long-context' if args.long_context else '--length'} {longest} exceeds the target's "
                          f"max_position_embeddings ({positions}): the head drafts within the target's positions")
-    data = corpus.read_text_files(args.data, exclude=tuple(d for d in (args.out, args.work) if d is not None))
+    written = [args.out] + ([] if args.work is None else [pathlib.Path(args.work, d) for d in eagle.WORK_DIRS])
+    data = corpus.read_text_files(args.data, exclude=tuple(written))
     for what, names in (("not UTF-8 text", data.not_text), ("empty", data.empty)):
         if names:
             print(f"train-draft: skipped {len(names)} {what} file(s): {_listed(names)}", file=sys.stderr)
@@ -330,7 +342,11 @@ def _cmd_train_draft(args) -> int:
         raise ValueError(f"the tokenizer in {args.target} gives token ids the model does not have (up to "
                          f"{max(i for _, i in outside)} in {outside[0][0]}; vocab_size {target.cfg.vocab_size}): "
                          f"the tokenizer does not belong to this model")
-    print(f"train-draft: {len(data.docs)} files, {sum(d.size for d in token_docs)} tokens", file=sys.stderr)
+    tokens = sum(d.size for d in token_docs)
+    for name, length in [("--length", args.length)] + [("--long-length", args.long_length)] * bool(args.long_context):
+        if tokens < length:
+            raise ValueError(f"--data holds {tokens} tokens, fewer than one {name} window of {length}")
+    print(f"train-draft: {len(data.docs)} files, {tokens} tokens", file=sys.stderr)
     head, metrics = eagle.train_eagle3(target.params, target.cfg, token_docs,
                                        min(args.draft_vocab, target.cfg.vocab_size), short, long, args.long_context,
                                        args.unroll, args.work)
@@ -396,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="HF directory or orbax checkpoint")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-file", help="a UTF-8 file holding the prompt text")
+    src.add_argument("--prompt-file", help="a UTF-8 file holding the prompt text (-: standard input)")
     g.add_argument("--max-new-tokens", type=at_least(1), default=256, help="tokens to generate at most")
     g.add_argument("--mode", default="ar", choices=MODES,
                    help="ar; eagle, specpv, exact (with an EAGLE-3 --draft); specextend (with a small draft "
@@ -446,7 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", required=True, help="HF directory or orbax checkpoint (with tokenizer files)")
     t.add_argument("--data", nargs="+", required=True, help="text files or directories of them")
     t.add_argument("--out", required=True, help="output directory (public EAGLE-3 layout)")
-    t.add_argument("--steps", type=at_least(1), default=1000, help="training steps")
+    t.add_argument("--steps", type=at_least(1), default=1000,
+                   help="training steps (resumed with more: the cosine schedule stretches to them, so the learning "
+                        "rate rises again from the resumed step)")
     t.add_argument("--batch", type=at_least(1), default=8, help="sequences per step")
     t.add_argument("--length", type=at_least(2), default=512, help="training sequence length")
     t.add_argument("--lr", type=positive_number, default=2e-3,
@@ -494,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning(args.command, warnings.showwarning)
             return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: what was interrupted has said what it kept (train-draft: its --work)
+        print(f"specpv-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `specpv-jax generate ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -184,6 +184,16 @@ def draft_vocab_size(target_cfg: ModelConfig, dcfg: Any) -> int:
     return dcfg.vocab_size if isinstance(dcfg, ModelConfig) else target_cfg.vocab_size  # LongSpec: the target's
 
 
+def check_mode_and_draft(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecConfig) -> None:
+    """Raises unless `mode` runs on a target of `target_cfg` with a draft of config `dcfg` (its kind and fit;
+    `loading.draft_config` reads one without its weights) under `spec` (offload's modes, the tree's width):
+    what the CLI checks before loading any weights."""
+    _check_mode(mode)
+    _check_offload(spec, mode)
+    if mode != "ar":
+        _check_draft_config(target_cfg, dcfg, mode, spec)
+
+
 def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecConfig | None, max_new_tokens,
                     temperature, top_p, top_k, prefill_chunk, attention: str) -> tuple[SpecConfig, Sampler]:
     """Raises naming the first setting `generate` / `make_generate_fn` cannot run with; returns the SpecConfig
@@ -199,12 +209,10 @@ def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecCon
         if sampler.greedy and value != default:
             warn(f"{name}={value} has no effect with temperature=0 (greedy decoding)")
     resolve_implementation(attention)
-    _check_offload(spec, mode)
+    check_mode_and_draft(target_cfg, mode, dcfg, spec)
     if mode == "ar" and dcfg is not None:
         warn("mode='ar' decodes with the target alone: the draft has no effect (the modes that use it: "
              f"{', '.join(m for m, k in DRAFT_KINDS.items() if k == _CONFIG_KINDS.get(type(dcfg)))})")
-    if mode != "ar":
-        _check_draft_config(target_cfg, dcfg, mode, spec)
     if spec.bounded_draft and mode not in PARTIAL_MODES:
         warn(f"SpecConfig(bounded_draft=True) has no effect in mode {mode!r}: it bounds the EAGLE-3 head's "
              f"partial steps ({' and '.join(PARTIAL_MODES)})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -115,10 +116,11 @@ def test_run_demo_prints_a_row_per_mode(capsys):
 def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     from specpv_jax.cli import main
 
-    assert main(["bench", "--contexts", "300", "--new-tokens", "8", "--modes", "eagle", "ar", "specextend",
-                 "--tree", "3", "3", "8", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--contexts", "300", "--new-tokens", "8", "--modes", "eagle", "specextend",
+                 "--tree", "3", "3", "8", "--out", str(tmp_path)]) == 0  # ar runs too: the ratios' baseline
     printed = capsys.readouterr().out
-    assert "x1.00 vs ar" in printed and "(transformers greedy)" in printed
+    assert "x1.00 vs ar" in printed and re.search(r"hf .* tok/s  x[\d.]+ vs ar  \(transformers greedy\)", printed)
+    assert re.search(r"eagle .* x[\d.]+ vs ar  x[\d.]+ vs hf", printed), printed
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["contexts"] == [300] and data["pending"] == [] and data["modes"] == ["ar", "eagle", "specextend"]
     assert [(r["context"], r["mode"]) for r in data["rows"]] == [
@@ -357,6 +359,15 @@ def test_cli_generate_passes_spec_fields(monkeypatch, capsys):
     assert capsys.readouterr().out.strip()  # the generated text
 
 
+def test_cli_reads_a_prompt_file_named_dash_from_stdin(monkeypatch):
+    import io
+
+    from specpv_jax import cli
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a prompt\n"))
+    assert cli._read_prompt("-") == "a prompt\n"
+
+
 def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, capsys):
     from specpv_jax import loading
     from specpv_jax.checkpoint import META_FILE
@@ -398,6 +409,15 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
           "--long-context", "1024"], "--data: no such file or directory"),
         (["plan", "--model", str(tmp_path / "afile"), "--context", "9"], "afile is a file; pass the model directory"),
         (["generate", target, "--prompt-file", str(tmp_path / "latin1.txt")], "latin1.txt is not UTF-8 text"),
+        # a missing model said "this model has no tokenizer files; pass token ids instead of text"
+        (["generate", str(tmp_path / "nomodel"), "--prompt", "x"], f"model directory {tmp_path / 'nomodel'} does not"),
+        (["generate", "llama-3.1-8b", "--prompt", "x"], "model directory llama-3.1-8b does not exist"),
+        (["generate", str(tmp_path / "afile"), "--prompt", "x"], "afile is a file; pass the model directory"),
+        # refused before the weights load (they were loaded first)
+        (["generate", target, "--prompt", "x", "--mode", "eagle", "--draft", str(ASSETS / "eagle3"), "--spec",
+          "offload=true"], "SpecConfig(offload=True) works with modes specpv and exact"),
+        (["generate", target, "--prompt", "x", "--mode", "longspec", "--draft", str(ASSETS / "eagle3")],
+         "mode 'longspec' needs the config of a LongSpec draft, got DraftConfig"),
         (["generate", target, "--prompt", "  "], "the prompt is empty"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "out")], "already exists"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"),

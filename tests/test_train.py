@@ -178,6 +178,14 @@ def test_a_resumed_run_continues_the_batch_stream(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"another training run \(its train differ"):  # (no "data" recorded)
         fit(loss, {"w": jnp.zeros(3)}, batches(), dataclasses.replace(tc, lr=0.2), checkpoint_dir=tmp_path / "w",
             progress=False, run={"data": "other"})
+    (tmp_path / "w" / "run.json").write_text('{"train": ')  # damaged: the error names it (it said "Expecting value")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'w' / 'run.json'} is damaged"):
+        fit(loss, {"w": jnp.zeros(3)}, batches(), tc, checkpoint_dir=tmp_path / "w", progress=False)
+    # Interrupted before a run shorter than --save-every saved its only step, its last: that step is named.
+    with pytest.raises(KeyboardInterrupt):
+        fit(loss, {"w": jnp.zeros(3)}, batches(stop_at=2), dataclasses.replace(tc, save_every=200),
+            checkpoint_dir=tmp_path / "short")
+    assert "nothing saved yet (the first save is at step 10)" in capsys.readouterr().err
 
 
 def test_fit_progress_bar_ends_on_the_last_steps_metrics(capsys):
@@ -207,7 +215,8 @@ def test_a_non_finite_loss_at_a_save_step_is_not_saved(tmp_path):
         return jnp.sum(p["w"] * batch[0]), {}
 
     batches = iter([np.ones(1), np.ones(1), np.full(1, np.nan), np.ones(1)])
-    with pytest.raises(FloatingPointError, match="step 2"):
+    with pytest.raises(FloatingPointError, match="step 2; lower the learning rate and start again in another "
+                                                 f"checkpoint directory \\({tmp_path} holds this run's steps"):
         fit(loss, {"w": jnp.ones(3)}, batches, TrainConfig(4, 1, 1, save_every=3), checkpoint_dir=tmp_path,
             progress=False)
     assert ocp.CheckpointManager(tmp_path).latest_step() is None
@@ -279,6 +288,32 @@ def test_head_training_raises_accuracy():
     assert float(m1["acc2"]) > float(m0["acc2"]) + 0.3
     with pytest.raises(ValueError, match="draft_ids"):
         eagle.train_head(head, params, TINY_CFG, np.arange(5), _repeating_batches(4, 32), TrainConfig(1, 4, 32))
+
+
+def test_the_frozen_target_goes_to_the_training_step_as_an_argument(monkeypatch):
+    """Closed over by the loss, the target's weights were compiled into the jitted step as constants: a second
+    copy of the target in host memory (32 GB for an 8B target in float32) and a compile several times slower."""
+    import re
+
+    from specpv_jax.train import trainer
+
+    params = model.init_params(TINY_CFG, jax.random.key(6))
+    head = eagle.new_head(TINY_CFG, np.arange(TINY_CFG.vocab_size, dtype=np.int32), seed=7)
+    lowered, jit = [], jax.jit
+
+    def lowering_jit(fn, **options):
+        jitted = jit(fn, **options)
+
+        def call(*args):
+            lowered.append(jitted.lower(*args).as_text())
+            return jitted(*args)
+        return call
+
+    monkeypatch.setattr(trainer.jax, "jit", lowering_jit)
+    eagle.train_head(head, params, TINY_CFG, np.arange(TINY_CFG.vocab_size), _repeating_batches(4, 32),
+                     TrainConfig(1, 4, 32), steps=2, progress=False)
+    constants = [len(c) // 2 for text in lowered for c in re.findall(r'dense<"0x([0-9A-F]+)"', text)]
+    assert lowered and max(constants, default=0) < 1024, sorted(constants)[-3:]  # the embedding alone: 8 KiB
 
 
 def test_a_head_checkpoint_is_not_resumed_for_another_target(tmp_path):
@@ -377,6 +412,10 @@ def test_cli_train_draft(tiny_assets, tmp_path, capsys):
             "--batch", "2", "--length", "32", "--unroll", "2", "--draft-vocab", "100"]
     assert main(args + ["--data", str(data / "missing.txt")]) == 1
     assert "missing.txt" in capsys.readouterr().err
+    assert main(args + ["--data", str(data), "--long-context", "1024", "--long-length", "32"]) == 1
+    assert "--long-length 32 must exceed --length 32" in capsys.readouterr().err
+    assert main(args + ["--data", str(data), "--long-context", "1024", "--long-length", "1000"]) == 1
+    assert "fewer than one --long-length window of 1000" in capsys.readouterr().err
     assert main(args + ["--data", str(data), "--long-context", "1024", "--long-steps", "2", "--long-length",
                         "64"]) == 0
     head = sj.load_draft(tmp_path / "head", sj.load_target(out / "target"))
@@ -387,6 +426,20 @@ def test_cli_train_draft(tiny_assets, tmp_path, capsys):
     capsys.readouterr()
     assert main(args + work) == 0
     assert "held the finished run: no new steps" in capsys.readouterr().out
+    # --work inside (here: equal to) --data: its checkpoints are left out of the data, not the whole of --data
+    assert main(args + ["--data", str(data), "--work", str(data), "--force"]) == 0
+    assert "no text to train on" not in capsys.readouterr().err
+
+
+def test_cli_reports_an_interrupt_in_one_line(monkeypatch, capsys):
+    from specpv_jax import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_demo", interrupted)
+    assert cli.main(["demo"]) == 130
+    assert capsys.readouterr().err == "specpv-jax demo: interrupted\n"
 
 
 def test_train_draft_save_every_reaches_both_stages(tmp_path, monkeypatch):

@@ -211,6 +211,7 @@ def test_nan_past_cache_len_is_never_used(platform):
                 "v_cache": jnp.where(valid, clean["v_cache"], jnp.inf)}
     out, lse = call(tree_attention, poisoned, **kernel_options(platform, case.num_splits))
     ref_out, ref_lse = call(tree_attention_reference, clean)
+    np.testing.assert_array_equal(call(tree_attention_reference, poisoned)[0], ref_out)  # the oracle, too
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=2e-5)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-6, atol=2e-5)
 
@@ -326,6 +327,8 @@ BAD_ARGUMENTS = {
                         r"cache_len must be an integer array of shape \[B\]"),
     "cache_len dtype": (lambda a: {**a, "cache_len": a["cache_len"].astype(jnp.float32)},
                         r"cache_len must be an integer"),
+    "cache_len list": (lambda a: {**a, "cache_len": [10, 20]}, r"cache_len must be an integer array .* got list"),
+    "no rows": (lambda a: {k: v[:0] for k, v in a.items()}, r"q must have at least one row"),
     "cache dtype": (lambda a: {**a, "k_cache": a["k_cache"].astype(jnp.bfloat16)},
                     r"k_cache dtype bfloat16 must match q"),
     "q dtype": (lambda a: {**a, "q": a["q"].astype(jnp.int32)}, r"q dtype int32 is not supported"),
@@ -348,8 +351,9 @@ def test_bad_options_name_the_problem():
         call(tree_attention, args, layer=0)
     with pytest.raises(ValueError, match="block_k must be a power of two >= 16"):
         call(tree_attention, args, block_k=48)
-    with pytest.raises(ValueError, match="num_splits must be >= 1"):
-        call(tree_attention, args, num_splits=0)
+    for splits in (0, True):
+        with pytest.raises(ValueError, match="num_splits must be >= 1"):
+            call(tree_attention, args, num_splits=splits)
     with pytest.raises(ValueError, match="platform must be one of .*'cuda'"):
         call(tree_attention, args, platform="cuda")
     with pytest.raises(ValueError, match="block_k must be a power of two >= 128 on tpu, got 64"):

@@ -32,6 +32,7 @@ from specpv_jax.train.lm import positions_for
 from specpv_jax.train.trainer import TrainConfig, digest, fit, params_digest
 
 STEP_WEIGHT = 0.8
+WORK_DIRS = ("eagle3", "eagle3_long")  # under `train_eagle3(work=)`: the TTT phase's checkpoints, the YaRN one's
 
 
 def draft_vocabulary(token_docs: list[np.ndarray], vocab_size: int, draft_vocab_size: int) -> np.ndarray:
@@ -117,8 +118,9 @@ def train_head(head: eagle3.Eagle3, target: Params, tcfg: ModelConfig, draft_ids
     run = None if checkpoint_dir is None else {  # (no digests to take without checkpoints)
         "head": head.cfg.to_dict(), "draft_ids": digest(np.asarray(draft_ids)), "unroll": steps,
         "target": params_digest(target), **(run or {})}
-    params, history = fit(lambda p, ids: ttt_loss(p, head.cfg, target, tcfg, draft_ids, ids, steps),
-                          head.params, batches, tc, desc, checkpoint_dir, progress, run, restart_on)
+    params, history = fit(lambda p, ids, frozen: ttt_loss(p, head.cfg, frozen[0], tcfg, frozen[1], ids, steps),
+                          head.params, batches, tc, desc, checkpoint_dir, progress, run, restart_on,
+                          frozen=(target, draft_ids))
     return dataclasses.replace(head, params=params), history
 
 
@@ -146,7 +148,7 @@ def train_eagle3(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarray]
     (with `long` and `context`) SpecPV's YaRN fine-tune at `long.length` stretching RoPE to `context`.
 
     The head starts from the target's RoPE without any scaling the target may carry.
-    work: directory for resumable checkpoints (`eagle3/`, `eagle3_long/`); the YaRN phase starts over when
+    work: directory for resumable checkpoints (`WORK_DIRS`: `eagle3/`, `eagle3_long/`); the YaRN phase starts over when
     the first one was trained further. restart_on: ("target",) where the target comes from an earlier phase
     of the caller's recipe (see `trainer.fit`). Returns (head, last metrics).
     """
@@ -159,11 +161,11 @@ def train_eagle3(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarray]
     short_batches = corpus.batches(token_docs, short.batch, short.length, short.seed + 2)
     long_batches = corpus.batches(token_docs, long.batch, long.length, long.seed + 3) if stretch else None
     head, hist = train_head(head, target, tcfg, draft_ids, short_batches, short, steps,
-                            work / "eagle3" if work else None, progress, run=data, restart_on=restart_on)
+                            work / WORK_DIRS[0] if work else None, progress, run=data, restart_on=restart_on)
     if stretch:
         head = dataclasses.replace(head, cfg=yarn_config(head.cfg, short.length, context))
         head, more = train_head(head, target, tcfg, draft_ids, long_batches, long, steps,
-                                work / "eagle3_long" if work else None, progress, desc="eagle3-yarn",
+                                work / WORK_DIRS[1] if work else None, progress, desc="eagle3-yarn",
                                 run=None if work is None else {**data, "start": params_digest(head.params)},
                                 restart_on=(*restart_on, "start"))
         hist = hist + more

@@ -86,6 +86,6 @@ def train_longspec(target: Params, tcfg: ModelConfig, token_docs: list[np.ndarra
     data = batches(token_docs, tc.batch, tc.length, tcfg.max_position_embeddings, tc.seed + 5, anchor_offset)
     run = None if work is None else {"draft": cfg.to_dict(), "anchor_offset": anchor_offset,
                                      "data": digest(*token_docs), "target": params_digest(target)}
-    params, history = fit(lambda p, batch: loss(p, cfg, target, tcfg, *batch), params, data, tc, desc, work,
-                          progress, run=run, restart_on=restart_on)
+    params, history = fit(lambda p, batch, target: loss(p, cfg, target, tcfg, *batch), params, data, tc, desc,
+                          work, progress, run=run, restart_on=restart_on, frozen=target)
     return longspec.LongSpecDraft(cfg, params, source="trained"), history

@@ -59,9 +59,11 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainConfig, desc: str = "train",
         checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-        run: dict | None = None, restart_on: tuple[str, ...] = ()) -> tuple[Any, list[dict]]:
+        run: dict | None = None, restart_on: tuple[str, ...] = (), frozen: Any = None) -> tuple[Any, list[dict]]:
     """Minimises `loss_fn(params, batch) -> (loss, metrics)` for `tc.steps` steps (a batch: an array or a
-    tuple of arrays).
+    tuple of arrays); with `frozen` (weights the loss reads but does not train, such as a target's),
+    `loss_fn(params, batch, frozen)`. Frozen weights go to the jitted step as an argument: closed over by
+    `loss_fn`, they would be compiled into it as constants, a second copy of them in host memory.
 
     Returns the final params and the metrics history (one dict of floats per
     step). Raises if the loss becomes non-finite, naming the step. A resumed run
@@ -105,8 +107,9 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
                            f"(saved every {tc.save_every} steps)", file=sys.stderr)
 
     @jax.jit
-    def step(state, batch):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+    def step(state, batch, frozen):
+        loss_of = loss_fn if frozen is None else lambda params, batch: loss_fn(params, batch, frozen)
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"], batch)
         updates, opt_state = opt.update(grads, state["opt"], state["params"])
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return {"params": optax.apply_updates(state["params"], updates), "opt": opt_state,
@@ -117,7 +120,10 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
     def record(i: int, metrics: dict) -> None:
         metrics = {k: float(v) for k, v in metrics.items()}
         if not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"{desc}: loss became {metrics['loss']} at step {i}; lower the learning rate")
+            again = "" if manager is None else (f" and start again in another checkpoint directory ({checkpoint_dir} "
+                                                f"holds this run's steps, which another learning rate may not resume)")
+            raise FloatingPointError(f"{desc}: loss became {metrics['loss']} at step {i}; lower the learning "
+                                     f"rate{again}")
         history.append(metrics)
         bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k != "grad_norm"}, refresh=False)
 
@@ -126,7 +132,7 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
     try:
         with tqdm(desc=desc, initial=start, total=tc.steps, disable=not progress) as bar:
             for i in range(start, tc.steps):
-                state, metrics = step(state, jax.tree.map(jnp.asarray, next(batches)))
+                state, metrics = step(state, jax.tree.map(jnp.asarray, next(batches)), frozen)
                 if pending is not None:
                     record(*pending)
                 pending = (i, metrics)
@@ -142,7 +148,7 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
             manager.wait_until_finished()
             saved = manager.latest_step()
             where = (f"{checkpoint_dir} holds step {saved}: the same command resumes there" if saved else
-                     f"nothing saved yet (the first save is at step {tc.save_every})")
+                     f"nothing saved yet (the first save is at step {min(tc.save_every, tc.steps)})")
             tqdm.write(f"{desc}: interrupted; {where}", file=sys.stderr)
         raise
     finally:  # an interrupted run keeps the checkpoint being written
@@ -179,7 +185,11 @@ def _check_same_run(directory: pathlib.Path, identity: dict, resuming: bool, res
     """Records `identity` in `directory`; refuses to resume a different run. Returns the keys of `restart_on`
     that differ where only such keys do (the run must start over: the caller records it then), else []."""
     record = directory / RUN_FILE
-    stored = json.loads(record.read_text()) if resuming and record.is_file() else identity  # (older: unchecked)
+    try:
+        stored = json.loads(record.read_text()) if resuming and record.is_file() else identity  # (older: unchecked)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{record} is damaged ({e}): it records which run {directory}'s checkpoints belong to; "
+                         f"delete {directory} to start over") from None
     differ = sorted(k for k in stored if identity.get(k) != stored[k])  # keys an older record lacks: unchecked
     if differ and set(differ) <= set(restart_on):
         return differ
@@ -193,7 +203,9 @@ def _check_same_run(directory: pathlib.Path, identity: dict, resuming: bool, res
 
 def _record_run(directory: pathlib.Path, identity: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / RUN_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True))
+    partial = directory / f".{RUN_FILE}.partial"
+    partial.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    partial.replace(directory / RUN_FILE)  # whole or not at all, if killed while writing
 
 
 def _manager(directory):
