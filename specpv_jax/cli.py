@@ -110,16 +110,25 @@ def parse_spec(assignments: list[str] | None, **fields):
 
 def parse_chat_options(assignments: list[str] | None) -> dict:
     """Chat-template variables from `--chat-option NAME=VALUE` strings: a VALUE that reads as JSON (false, 3,
-    "x") is that value, any other a string."""
+    "x") or as a Python boolean (False) is that value, any other a string."""
+    from specpv_jax.text import TEMPLATE_CALL_ARGUMENTS
+
     options = {}
     for item in assignments or ():
         name, sep, raw = item.partition("=")
-        if not (sep and name.strip().isidentifier()):
+        name = name.strip()
+        if not (sep and name.isidentifier()):
             raise ValueError(f"--chat-option {item!r}: expected NAME=VALUE, e.g. --chat-option enable_thinking=false")
+        if name in TEMPLATE_CALL_ARGUMENTS:
+            raise ValueError(f"--chat-option {name}: generate sets it when it applies the chat template (a user "
+                             f"turn, then the generation prompt); --no-chat encodes the prompt as it is")
+        if raw.strip() in ("True", "False"):  # enable_thinking=False: Python's spelling (as a string, it was true)
+            options[name] = raw.strip() == "True"
+            continue
         try:
-            options[name.strip()] = json.loads(raw)
+            options[name] = json.loads(raw)
         except json.JSONDecodeError:
-            options[name.strip()] = raw
+            options[name] = raw
     return options
 
 
@@ -200,6 +209,10 @@ def _cmd_generate(args) -> int:
     if args.draft and not pathlib.Path(args.draft).is_dir():
         raise FileNotFoundError(f"draft directory {args.draft} does not exist")
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes of another encoding, passed through by the console's decoding
+        raise ValueError(f"--prompt is not UTF-8 text (character {e.start}); pass UTF-8 text") from None
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     template_options = parse_chat_options(args.chat_option)
@@ -254,9 +267,11 @@ def _mesh_shape(args, spec) -> tuple[int, int] | None:
 
 
 def _read_prompt(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
+    import io
+
     try:
+        if path == "-":  # strict UTF-8 as from a file (the console's decoding lets undecodable bytes through)
+            return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig").read()
         return pathlib.Path(path).read_text(encoding="utf-8-sig")  # without a byte-order mark
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompt-file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from specpv_jax import text
 from specpv_jax.config import MODES, PARTIAL_MODES, DraftConfig, ModelConfig, RopeConfig, SpecConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.jax_settings import under_defaults
@@ -133,7 +134,7 @@ def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...]
     base = rows[0]["tokens_per_s"]
     first = outputs[modes[0]]
     print(f"\n--- {modes[0]} wrote ({first.lengths[0]} tokens) ---\n"
-          f"{models.tokenizer.decode(first.tokens[0, :first.lengths[0]])}\n---\n")
+          f"{text.decode(models.tokenizer, first.tokens[0, :first.lengths[0]].tolist())}\n---\n")
     width = max(8, *(len(m) for m in modes))
     print(f"{'mode':>{width}} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'full':>5} {'partial':>8} {'fidelity':>9}")
     for r in rows:

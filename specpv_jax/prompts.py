@@ -7,6 +7,7 @@ so a token's position equals its index and each row keeps its own cache length.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -105,6 +106,9 @@ def prepare(input_ids: Any, cfg: ModelConfig, max_new_tokens: int, chunk: int,
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise PromptError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if isinstance(input_ids, Mapping):  # a tokenizer's whole output (a BatchEncoding) read as its keys: "is text"
+        raise PromptError("input_ids is a mapping (a tokenizer's output?): pass its ['input_ids'], and its "
+                          "['attention_mask'] as attention_mask= for padded rows")
     rows = _rows(input_ids, attention_mask)
     if not rows:
         raise PromptError("input_ids is empty: give at least one prompt")

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
+TEMPLATE_CALL_ARGUMENTS = ("conversation", "tokenize", "add_generation_prompt")  # what encode_prompt passes
+
+
 def encode_prompt(tokenizer: Any, text: str, chat: bool = True, template_options: dict | None = None) -> list[int]:
     """Token ids for `text`, wrapped in the tokenizer's chat template when it has one and `chat` is set.
 
@@ -49,7 +52,9 @@ class TextStream:
     prints what is held back once generation ends. The window keeps `CONTEXT`
     tokens before the unprinted ones (a token's text can depend on those before
     it, e.g. a SentencePiece word's leading space), so each call decodes a few
-    tokens, not all those so far.
+    tokens, not all those so far. Printed text is not taken back: a run of byte
+    tokens that is not valid UTF-8 (random ids) prints its start as it came, where
+    a byte-fallback decoder (Llama-2's) turns the whole run into U+FFFD at the end.
     """
 
     CONTEXT = 8
@@ -65,8 +70,13 @@ class TextStream:
         text = decode(self.tokenizer, self.ids[self.start:])
         self._print(text.rstrip("\ufffd"))
         if self.printed == len(text) and len(self.ids) - self.start >= 2 * self.CONTEXT:
-            self.start = len(self.ids) - self.CONTEXT  # all printed: slide the window
-            self.printed = len(decode(self.tokenizer, self.ids[self.start:]))
+            # All printed: slide the window, to a token that starts a character. Cut mid-character, a byte-fallback
+            # decoder (SentencePiece's) turns the whole run of byte tokens after the cut into U+FFFD.
+            for start in range(len(self.ids) - self.CONTEXT, self.start, -1):
+                rest = decode(self.tokenizer, self.ids[start:])
+                if not rest.startswith("\ufffd"):
+                    self.start, self.printed = start, len(rest)
+                    break
 
     def flush(self) -> None:
         """Prints the rest, an incomplete last character included (as U+FFFD)."""

@@ -364,7 +364,7 @@ def test_cli_reads_a_prompt_file_named_dash_from_stdin(monkeypatch):
 
     from specpv_jax import cli
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("a prompt\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"a prompt\n")))
     assert cli._read_prompt("-") == "a prompt\n"
 
 

@@ -33,6 +33,7 @@ def target(hf_model):
     (["def", "add"], {}, "input_ids is text"),
     ([["def"], ["add", "(a)"]], {}, "input_ids is text"),
     (np.array([b"def", b"add"]), {}, "input_ids is text"),
+    ({"input_ids": [[5, 6]], "attention_mask": [[1, 1]]}, {}, r"a tokenizer's output\?\): pass its \['input_ids'\]"),
     (np.zeros((1, 2, 3), np.int32), {}, r"input_ids must have shape \[T\] or \[B, T\], got \(1, 2, 3\)"),
     (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 0, 1]])}, "not one contiguous run of ones"),
     (np.array([[5, 6, 7]]), {"attention_mask": np.array([[1, 1]])}, r"attention_mask shape \(1, 2\) does not match"),

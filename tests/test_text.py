@@ -156,6 +156,26 @@ def test_text_stream_prints_what_decode_gives_from_a_bounded_window(kind):
     assert text.decode(tokenizer, tokenizer("a , x")["input_ids"]) == "a , x"  # no clean-up of spaces
 
 
+def test_text_stream_slides_its_window_to_a_character_start_under_byte_fallback():
+    """Llama-2 / Mistral style tokenizers spell characters outside their vocabulary as byte tokens <0xNN>, and
+    their ByteFallback decoder turns a whole run of them into U+FFFD when one byte is invalid: the window slid
+    to a token mid-character, and the rest of the run printed as U+FFFD ('ok สวัส������ done')."""
+    from tokenizers import decoders, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, **{f"<0x{i:02X}>": 2 + i for i in range(256)}}
+    vocab.update({c: len(vocab) + i for i, c in enumerate("▁abcdefghijklmnopqrstuvwxyz")})
+    tok = Tokenizer(models.BPE(vocab, [], byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
+    sample = "ok สวัสดีครับ done नमस्ते दुनिया 東京 🙂 " * 3  # 3- and 4-byte characters
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    assert text.decode(tokenizer, ids) == sample
+    for step in (1, 4):
+        assert _streamed(tokenizer, ids, step) == sample
+
+
 def test_a_failing_chat_template_is_named(model_dir):
     tokenizer = sj.load_target(model_dir, progress=False).tokenizer
     tokenizer.chat_template = "{{ raise_exception('System role not supported') }}"
@@ -189,6 +209,9 @@ def test_cli_generate_checks_the_prompt_and_settings_before_loading_weights(mode
         (generate, "chat template of the tokenizer in"),
         (generate + ["--no-chat", "--chat-option", "enable_thinking=false"], "does not combine with --no-chat"),
         (generate + ["--chat-option", "enable_thinking"], "expected NAME=VALUE"),
+        # a name the template call sets: "got multiple values for keyword argument", with a traceback
+        (generate + ["--chat-option", "add_generation_prompt=false"], "generate sets it when it applies the chat"),
+        (generate + ["--prompt", "w7 \udcff"], "--prompt is not UTF-8 text (character 3)"),  # a console's surrogate
     ]:
         assert cli.main(argv) == 1, argv
         assert message in capsys.readouterr().err, argv
@@ -196,9 +219,18 @@ def test_cli_generate_checks_the_prompt_and_settings_before_loading_weights(mode
         cli.main(generate + ["--no-chat"])
 
 
-def test_prompt_file_byte_order_mark_is_not_text(tmp_path):
+def test_prompt_file_byte_order_mark_is_not_text(tmp_path, monkeypatch):
+    import io
+
     (tmp_path / "p.txt").write_bytes("\ufeffw7 w8".encode("utf-8"))
     assert cli._read_prompt(str(tmp_path / "p.txt")) == "w7 w8"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffw7\r\nw8".encode("utf-8"))))
+    assert cli._read_prompt("-") == "w7\nw8"  # - reads standard input as a file is read
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"w7 \xff")))
+    with pytest.raises(ValueError, match="--prompt-file - is not UTF-8 text"):
+        cli._read_prompt("-")
+    assert cli.parse_chat_options(["enable_thinking=False", "x=True", "y=false"]) == {
+        "enable_thinking": False, "x": True, "y": False}  # Python's spelling too (the string "False" is true)
 
 
 def test_convert_without_a_tokenizer_says_so(hf_model, tmp_path, capsys):
