@@ -429,14 +429,20 @@ def _first_line(e: BaseException) -> str:
 
 
 def _check_shapes(path: pathlib.Path, stored: dict, expected: dict, optional: dict) -> None:
-    allowed = {**optional, **expected}
-    problems = [f"missing {k} {shape}" for k, shape in expected.items() if k not in stored]
-    problems += [f"unexpected {k} {shape}" for k, shape in stored.items() if k not in allowed]
-    problems += [f"{k} has shape {stored[k]}, the configuration implies {shape}"
-                 for k, shape in allowed.items() if k in stored and stored[k] != shape]
+    problems = shape_problems(stored, expected, optional)
     if problems:
-        raise CheckpointError(f"{path}: the stored parameters do not match {META_FILE}: " + "; ".join(problems[:8])
-                              + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
+        raise CheckpointError(f"{path}: the stored parameters do not match {META_FILE}: {problems}")
+
+
+def shape_problems(found: dict, expected: dict, optional: dict | None = None) -> str:
+    """How the `flat_shapes` `found` differ from `expected` (and the leaves `optional` allows), at most eight
+    named; "" where they do not."""
+    allowed = {**(optional or {}), **expected}
+    problems = [f"missing {k} {shape}" for k, shape in expected.items() if k not in found]
+    problems += [f"unexpected {k} {shape}" for k, shape in found.items() if k not in allowed]
+    problems += [f"{k} has shape {found[k]}, the configuration implies {shape}"
+                 for k, shape in allowed.items() if k in found and found[k] != shape]
+    return "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
 
 
 def tokenizer_dir(path: str | os.PathLike) -> pathlib.Path | None:

@@ -19,7 +19,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from specpv_jax import host, longspec, memory, offload, prompts, sharding, specextend, specpv, speculative, xla_cpu
+from specpv_jax import checkpoint, host, longspec, memory, offload, prompts, sharding, specextend, specpv, speculative
+from specpv_jax import xla_cpu
 from specpv_jax import model as M
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
@@ -131,6 +132,32 @@ DRAFT_KINDS = {"eagle": "eagle3", "specpv": "eagle3", "exact": "eagle3", "specex
 _DRAFT_NAMES = {"eagle3": "an EAGLE-3 head", "small": "a small draft model (a plain LLaMA/Qwen directory)",
                 "longspec": "a LongSpec draft"}
 _CONFIG_KINDS = {DraftConfig: "eagle3", ModelConfig: "small", LongSpecConfig: "longspec"}
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return checkpoint.flat_shapes(jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0))))
+
+
+def check_params(cfg: ModelConfig, params: Any) -> None:
+    """Raises naming the leaves where `params` is not the tree a model of `cfg` has: an embedding resized for
+    added tokens under the old vocab_size (it drafted and emitted ids past it, or read past the table), a
+    missing or wrongly shaped weight, an extra leaf no layer reads (a LoRA adapter would be silently ignored),
+    a flax {"params": ...} wrapper."""
+    if not hasattr(params, "keys"):
+        raise TypeError(f"params must be the target's parameter tree (target.params), got {type(params).__name__}")
+    if set(params.keys()) == {"params"}:
+        raise ValueError("params is flax's variables {'params': ...}: pass the tree inside, variables['params']")
+    problems = checkpoint.shape_problems(checkpoint.flat_shapes(params), _param_shapes(cfg))
+    if problems:
+        raise ValueError(f"the target's params do not match its config: {problems}")
+
+
+def _check_untraced(fn: str, *values: Any) -> None:
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values)):
+        raise TypeError(f"{fn} runs its own compiled programs and takes concrete arrays, not values traced by "
+                        f"jit, vmap or grad: sj.make_generate_fn makes a function to jit or vmap, and "
+                        f"model.forward(params, cfg, ids, positions, None) is differentiable")
 
 
 def _check_mode(mode: str) -> None:
@@ -253,6 +280,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     """
     if not isinstance(target, Model):
         raise TypeError(f"target must be a model from sj.load_target, got {type(target).__name__}")
+    _check_untraced("generate", input_ids, target.params)
+    check_params(target.cfg, target.params)
     xla_cpu.check_backend()
     _check_draft(draft, mode)
     spec, sampler = _check_settings(target.cfg, mode, getattr(draft, "cfg", None), spec, max_new_tokens,
@@ -499,6 +528,8 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
     (a `sharding.make_mesh` mesh) so the kernel runs per shard, as in `generate`.
     """
     _check_mode(mode)
+    if not isinstance(target_cfg, ModelConfig):
+        raise TypeError(f"target_cfg must be the target's ModelConfig (target.cfg), got {type(target_cfg).__name__}")
     xla_cpu.check_backend()
     if mode != "ar" and draft_cfg is None:
         raise ValueError(f"mode {mode!r} needs draft_cfg (the draft's config: draft.cfg)")
@@ -514,6 +545,7 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
 
     @under_defaults
     def generate_fn(params, draft_params, ids, key):
+        check_params(target_cfg, params)
         _check_call(target_cfg, mode, max_new_tokens, draft_params, ids, key)
         return traced(params, draft_params if isinstance(draft_params, dict) else {}, ids, key)
 
@@ -552,6 +584,9 @@ def _check_call(cfg: ModelConfig, mode: str, max_new_tokens: int, draft_params, 
     if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
                                             or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,)))):
         raise ValueError(f"key must be a PRNG key (jax.random.key(seed)), got {type(key).__name__}")
+    if key.shape != (() if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else (2,)):
+        raise ValueError(f"key must be one PRNG key, got a batch of shape {key.shape}: vmap the function over keys "
+                         f"for several samples")
 
 
 def _step_stats(out: Output, counters, speculative_mode: bool) -> dict[str, Any]:
@@ -624,6 +659,8 @@ def forward_logits(target: Model, input_ids: Any, chunk: int = DEFAULT_PREFILL_C
     zeros to the longest.
     """
     _positive_int("chunk", chunk)
+    _check_untraced("forward_logits", input_ids, target.params)
+    check_params(target.cfg, target.params)
     batch = prompts.prepare(input_ids, target.cfg, 0, chunk, attention_mask)
     logits = _full_context_pass(target, batch, chunk, attention, argmax=False)
     if attention_mask is None:

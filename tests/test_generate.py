@@ -50,6 +50,26 @@ def test_bad_prompts_are_clear_errors(target, ids, kwargs, message):
         sj.generate(target, ids, **kwargs)
 
 
+def test_params_that_do_not_fit_the_config_are_named(target):
+    """Before: a LoRA-style extra leaf was ignored in silence, a flax {"params": ...} wrapper gave KeyError
+    'embed_tokens', a too-small embedding was read past its end (NaN, blamed on overflowing weights), and generate
+    under the caller's jit failed converting a tracer."""
+    params = target.params
+    lora = {**params, "layers": {**params["layers"], "lora_a": np.zeros((target.cfg.num_layers, 4), np.float32)}}
+    small = {**params, "embed_tokens": {"embedding": params["embed_tokens"]["embedding"][:100]}}
+    for bad, message in [(lora, r"unexpected layers/lora_a \(2, 4\)"),
+                         (small, r"embed_tokens/embedding has shape \(100, 64\), the configuration implies \(160, "),
+                         ({"params": params}, r"params is flax's variables")]:
+        with pytest.raises(ValueError, match=message):
+            sj.generate(sj.Model(target.cfg, bad), [5, 6], 4)
+        with pytest.raises(ValueError, match=message):
+            sj.forward_logits(sj.Model(target.cfg, bad), [5, 6])
+    with pytest.raises(TypeError, match="not values traced by jit, vmap or grad: sj.make_generate_fn"):
+        jax.jit(lambda ids: sj.generate(target, ids, 4).tokens)(np.array([[5, 6]]))
+    with pytest.raises(TypeError, match="forward_logits runs its own compiled programs"):
+        jax.grad(lambda p: sj.forward_logits(sj.Model(target.cfg, p), [5, 6]).sum())(params)
+
+
 def test_bad_modes_and_sampling_parameters(target):
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         sj.generate(target, [5, 6], mode="fast")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -70,6 +71,8 @@ def test_make_generate_fn_checks_its_settings():
                               r"feature layers \[5\] are outside the target's 2 layers")]:
         with pytest.raises(ValueError, match=message):  # when the function is made, not when it first runs
             sj.make_generate_fn(target.cfg, **setting)
+    with pytest.raises(TypeError, match=r"target_cfg must be the target's ModelConfig \(target.cfg\), got Model"):
+        sj.make_generate_fn(target)  # (was "'Model' object has no attribute 'eos_token_ids'")
 
 
 def test_make_generate_fn_checks_its_arguments():
@@ -87,6 +90,14 @@ def test_make_generate_fn_checks_its_arguments():
             fn(target.params, missing, ids, key)
     with pytest.raises(ValueError, match="key must be a PRNG key"):
         fn(target.params, draft, ids, 0)
+    with pytest.raises(ValueError, match=r"key must be one PRNG key, got a batch of shape \(2,\): vmap"):
+        fn(target.params, draft, ids, jax.random.split(key))  # (failed inside the loop: "split accepts a single key")
+    resized = {**target.params, "embed_tokens": {"embedding": jnp.zeros((80, 64))}}  # tokens added, config not
+    with pytest.raises(ValueError, match=r"embed_tokens/embedding has shape \(80, 64\), the configuration implies "
+                                         r"\(64, 64\)"):  # (it emitted ids past the vocabulary, silently)
+        jax.jit(fn)(resized, draft, ids, key)
+    with pytest.raises(TypeError, match=r"params must be the target's parameter tree \(target.params\), got Model"):
+        fn(target, draft, ids, key)
 
 
 def _collect():
