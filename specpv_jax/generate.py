@@ -525,7 +525,9 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
         sample = jax.vmap(sampler, in_axes=(None, None, None, 0))
 
     On several devices with attention="pallas", call it under `with jax.set_mesh(mesh):`
-    (a `sharding.make_mesh` mesh) so the kernel runs per shard, as in `generate`.
+    (a `sharding.make_mesh` mesh) so the kernel runs per shard, as in `generate`. Weights placed on
+    another mesh than the one traced under can fail to compile (JAX's IndivisibleError): place them on it
+    (`sharding.shard_params(params, mesh, cfg)`).
     """
     _check_mode(mode)
     if not isinstance(target_cfg, ModelConfig):
