@@ -153,8 +153,8 @@ def check_params(cfg: ModelConfig, params: Any) -> None:
         raise ValueError(f"the target's params do not match its config: {problems}")
 
 
-def _check_untraced(fn: str, *values: Any) -> None:
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values)):
+def _check_untraced(fn: str, input_ids: Any, params: Any) -> None:
+    if isinstance(input_ids, jax.core.Tracer) or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
         raise TypeError(f"{fn} runs its own compiled programs and takes concrete arrays, not values traced by "
                         f"jit, vmap or grad: sj.make_generate_fn makes a function to jit or vmap, and "
                         f"model.forward(params, cfg, ids, positions, None) is differentiable")
