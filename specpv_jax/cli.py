@@ -271,7 +271,7 @@ def _read_prompt(path: str) -> str:
 
     try:
         if path == "-":  # strict UTF-8 as from a file (the console's decoding lets undecodable bytes through)
-            return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig").read()
+            return io.TextIOWrapper(io.BytesIO(sys.stdin.buffer.read()), encoding="utf-8-sig").read()
         return pathlib.Path(path).read_text(encoding="utf-8-sig")  # without a byte-order mark
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompt-file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None

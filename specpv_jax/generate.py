@@ -28,7 +28,7 @@ from specpv_jax.config import EAGLE3_MODES, MODES, PARTIAL_MODES, DraftConfig, L
 from specpv_jax.draft import eagle3, small
 from specpv_jax.host import prefill_progress, stage_factory, timed_call
 from specpv_jax.jax_settings import under_defaults
-from specpv_jax.loading import Model
+from specpv_jax.loading import Model, param_shapes
 from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill
 from specpv_jax.sampling import Sampler
 from specpv_jax.warning import warn
@@ -134,11 +134,6 @@ _DRAFT_NAMES = {"eagle3": "an EAGLE-3 head", "small": "a small draft model (a pl
 _CONFIG_KINDS = {DraftConfig: "eagle3", ModelConfig: "small", LongSpecConfig: "longspec"}
 
 
-@functools.lru_cache(maxsize=16)
-def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    return checkpoint.flat_shapes(jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0))))
-
-
 def check_params(cfg: ModelConfig, params: Any) -> None:
     """Raises naming the leaves where `params` is not the tree a model of `cfg` has: an embedding resized for
     added tokens under the old vocab_size (it drafted and emitted ids past it, or read past the table), a
@@ -148,7 +143,7 @@ def check_params(cfg: ModelConfig, params: Any) -> None:
         raise TypeError(f"params must be the target's parameter tree (target.params), got {type(params).__name__}")
     if set(params.keys()) == {"params"}:
         raise ValueError("params is flax's variables {'params': ...}: pass the tree inside, variables['params']")
-    problems = checkpoint.shape_problems(checkpoint.flat_shapes(params), _param_shapes(cfg))
+    problems = checkpoint.shape_problems(checkpoint.flat_shapes(params), param_shapes(M.init_params, cfg))
     if problems:
         raise ValueError(f"the target's params do not match its config: {problems}")
 

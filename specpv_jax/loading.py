@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import tempfile
@@ -136,7 +137,7 @@ def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
     if checkpoint.is_checkpoint(path):
         meta = checkpoint.read_meta(path, "target")
         cfg = checkpoint.config_from_meta(path, meta, "model_config", ModelConfig.from_dict)
-        params = checkpoint.restore(path, _shapes(init_params, cfg), mesh=place(cfg), cfg=cfg)
+        params = checkpoint.restore(path, param_shapes(init_params, cfg), mesh=place(cfg), cfg=cfg)
         return cfg, cast_params(params, dtype, str(path))
     if (path / "config.json").is_file():
         cfg, params = load_hf_model(path, dtype, progress=progress, mesh=place(read_config(path)[0]))
@@ -154,8 +155,10 @@ def _check_directory(path: pathlib.Path, what: str) -> None:
         raise NotADirectoryError(f"{path} is a file; pass the {what} directory")
 
 
-def _shapes(init_params, cfg) -> dict[str, tuple[int, ...]]:
-    """The parameter shapes `init_params(cfg, key)` makes, flattened as `checkpoint.restore` expects them."""
+@functools.lru_cache(maxsize=32)
+def param_shapes(init_params, cfg) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes `init_params(cfg, key)` makes, flattened as `checkpoint.restore` expects them (a
+    cached dict: do not modify)."""
     return checkpoint.flat_shapes(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
 
 
@@ -293,7 +296,7 @@ def _eagle3_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
     from specpv_jax.draft import eagle3
 
     cfg = draft_config(path, target.cfg)
-    expected = {f"params/{k}": v for k, v in _shapes(eagle3.init_params, cfg).items()}
+    expected = {f"params/{k}": v for k, v in param_shapes(eagle3.init_params, cfg).items()}
     expected["d2t"] = (cfg.draft_vocab_size,)
     tree = checkpoint.restore(path, expected, {"params/embed_tokens/embedding": (cfg.vocab_size, cfg.hidden_size)})
     check_embedding(cfg, target.cfg, "embed_tokens" in tree["params"], str(path))
@@ -305,7 +308,7 @@ def _longspec_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
     from specpv_jax.draft import longspec
 
     cfg = draft_config(path, target.cfg)
-    params = checkpoint.restore(path, {f"params/{k}": v for k, v in _shapes(longspec.init_params, cfg).items()})
+    params = checkpoint.restore(path, {f"params/{k}": v for k, v in param_shapes(longspec.init_params, cfg).items()})
     return longspec.LongSpecDraft(cfg, cast_params(params["params"], dtype, str(path)), str(path))
 
 

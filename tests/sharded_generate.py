@@ -23,6 +23,8 @@ import specpv_jax as sj
 from convert.hf import _to_param_on_device, export_hf
 from specpv_jax import hlo, host, memory, sharding
 from specpv_jax.cache import allocated_slots
+from specpv_jax.generate import DEFAULT_PREFILL_CHUNK
+from specpv_jax.prompts import bucket_length
 from specpv_jax.model import init_params
 from specpv_jax.sharding import make_mesh
 
@@ -156,7 +158,8 @@ def main() -> None:
             np.testing.assert_array_equal(out.tokens, expected[mode].tokens)
             est = memory.estimate(target.cfg, 300, 24, len(prompts), mode, spec, "float32",
                                   None if draft is None else draft.cfg, mesh_shape=(data, model))
-            slots = allocated_slots(memory.cache_length(spec, memory.loop_mode(spec, mode, 512, 24), 512, 24))
+            bucket = bucket_length(300, DEFAULT_PREFILL_CHUNK)  # the longest prompt's
+            slots = allocated_slots(memory.cache_length(spec, memory.loop_mode(spec, mode, bucket, 24), bucket, 24))
             for key in set(host._EXECUTABLES) - compiled:  # each stage's per-device peak within the estimate
                 text = host._EXECUTABLES[key].as_text()
                 assert compiled_peak(host._EXECUTABLES[key]) <= est.total, (mode, data, model, est.parts)
