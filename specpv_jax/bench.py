@@ -98,6 +98,8 @@ def generate_mode(mode: str, spec):
         mode = mode.removesuffix("-ref")
         tree = {"specextend": SPECEXTEND_TREE, "longspec": LONGSPEC_TREE}[mode]
         spec = dataclasses.replace(spec, **{name: getattr(tree, name) for name in REFERENCE_TREE_FIELDS})
+    if mode == "ar":
+        return mode, config.SpecConfig()  # the target alone: the speculative settings do not apply
     mode = "longspec" if mode == "longspec-plain" else mode
     return mode, spec if mode in config.PARTIAL_MODES else dataclasses.replace(spec, offload=False,
                                                                              bounded_draft=False)
@@ -364,7 +366,7 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                        accept_partial=s["mean_accept_len_partial"] if s["partial_verifications"] else None,
                        full=s["full_verifications"], partial=s["partial_verifications"],
                        fidelity=sj.fidelity(target, prompt, out), retrieval_tokens=spec.retrieval_tokens,
-                       tree=[getattr(mode_spec, name) for name in TREE_FIELDS],
+                       tree=None if mode == "ar" else [getattr(mode_spec, name) for name in TREE_FIELDS],
                        spec=dataclasses.asdict(mode_spec))
             rows.append(row)
             vs_hf = f"x{row['vs_hf']:.2f} vs hf  " if row["vs_hf"] is not None else ""

@@ -206,6 +206,9 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"--mode {args.mode} needs --draft DIR")
     if args.mode == "ar" and args.draft:
         raise ValueError("--mode ar uses no draft: leave out --draft, or choose a speculative --mode")
+    if args.mode == "ar" and args.spec:
+        raise ValueError("--mode ar decodes with the target alone: --spec sets the speculative modes' tree and "
+                         "caches (leave it out, or choose a speculative --mode)")
     if args.draft and not pathlib.Path(args.draft).is_dir():
         raise FileNotFoundError(f"draft directory {args.draft} does not exist")
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt

@@ -217,6 +217,7 @@ def test_bench_reference_tree_modes_run_each_peer_with_its_reference_codes_tree(
     bounded = dataclasses.replace(base, bounded_draft=True)
     assert bench.generate_mode("eagle", bounded) == ("eagle", base)
     assert bench.generate_mode("specpv", bounded) == ("specpv", bounded)
+    assert bench.generate_mode("ar", bounded) == ("ar", sj.SpecConfig())  # the target alone: no tree, no cache
 
 
 def test_bench_without_torch_skips_the_transformers_rows(tmp_path, monkeypatch, capsys):
@@ -312,7 +313,7 @@ def test_bench_takes_spec_fields_but_not_the_ones_it_sets(tmp_path, monkeypatch,
         (2, 2, 4, True, 10)]
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     assert [(r["mode"], r["spec"]["tree_beam"], r["spec"]["bounded_draft"], r["spec"]["offload"], r["tree"])
-            for r in rows] == [("ar", True, False, False, [2, 2, 4]), ("eagle", True, False, False, [2, 2, 4]),
+            for r in rows] == [("ar", False, False, False, None), ("eagle", True, False, False, [2, 2, 4]),
                                ("specpv-bd", True, True, True, [2, 2, 4])]  # offload where the mode offloads
 
 
@@ -391,6 +392,8 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
     for argv, message in [
         (["generate", target, "--prompt", "x", "--mode", "eagle"], "--mode eagle needs --draft DIR"),
         (["generate", target, "--prompt", "x", "--draft", str(ASSETS / "eagle3")], "--mode ar uses no draft"),
+        (["generate", target, "--prompt", "x", "--spec", "tree_nodes=30"],
+         "--mode ar decodes with the target alone: --spec sets the speculative modes' tree and caches"),
         (["generate", target, "--prompt", "x", "--mode", "eagle", "--draft", str(tmp_path / "nope")], "does not exist"),
         (["generate", target, "--prompt-file", str(tmp_path / "nope.txt")],
          "--prompt-file " + str(tmp_path / "nope.txt") + ": No such file"),
