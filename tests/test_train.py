@@ -162,6 +162,10 @@ def test_a_resumed_run_continues_the_batch_stream(tmp_path, capsys):
 
     tc = TrainConfig(10, 1, 1, lr=0.1, warmup=1, save_every=5)
     straight, _ = fit(loss, {"w": jnp.zeros(3)}, batches(), tc, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # no checkpoint directory: says so, and how to get one
+        fit(loss, {"w": jnp.zeros(3)}, batches(stop_at=3), tc)
+    assert "train: interrupted; nothing saved (a checkpoint directory, train-draft's --work DIR, makes a run " \
+           "resumable)" in capsys.readouterr().err
     with pytest.raises(KeyboardInterrupt):  # stopped at step 8, saved at 5
         fit(loss, {"w": jnp.zeros(3)}, batches(stop_at=8), tc, checkpoint_dir=tmp_path / "w")
     assert f"train: interrupted; {tmp_path / 'w'} holds step 5: the same command resumes there" in \

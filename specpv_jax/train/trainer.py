@@ -144,11 +144,14 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
             if pending is not None:
                 record(*pending)  # before the bar closes, so that its last line shows the last step
     except KeyboardInterrupt:
-        if manager is not None and progress:
-            manager.wait_until_finished()
-            saved = manager.latest_step()
-            where = (f"{checkpoint_dir} holds step {saved}: the same command resumes there" if saved else
-                     f"nothing saved yet (the first save is at step {min(tc.save_every, tc.steps)})")
+        if progress:
+            if manager is None:
+                where = "nothing saved (a checkpoint directory, train-draft's --work DIR, makes a run resumable)"
+            else:
+                manager.wait_until_finished()
+                saved = manager.latest_step()
+                where = (f"{checkpoint_dir} holds step {saved}: the same command resumes there" if saved else
+                         f"nothing saved yet (the first save is at step {min(tc.save_every, tc.steps)})")
             tqdm.write(f"{desc}: interrupted; {where}", file=sys.stderr)
         raise
     finally:  # an interrupted run keeps the checkpoint being written
