@@ -26,6 +26,7 @@ from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
 from specpv_jax.config import EAGLE3_MODES, MODES, PARTIAL_MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3, small
+from specpv_jax.draft import longspec as draft_longspec
 from specpv_jax.host import prefill_progress, stage_factory, timed_call
 from specpv_jax.jax_settings import under_defaults
 from specpv_jax.loading import Model, param_shapes
@@ -139,13 +140,31 @@ def check_params(cfg: ModelConfig, params: Any) -> None:
     added tokens under the old vocab_size (it drafted and emitted ids past it, or read past the table), a
     missing or wrongly shaped weight, an extra leaf no layer reads (a LoRA adapter would be silently ignored),
     a flax {"params": ...} wrapper."""
+    _check_tree("the target's params", "target.params", params, param_shapes(M.init_params, cfg))
+
+
+def check_draft_params(dcfg: Any, params: Any, d2t: Any = None) -> None:
+    """`check_params` for a draft of config `dcfg` (an EAGLE-3 head's, a LongSpec draft's or a small draft
+    model's): its weights, and an EAGLE-3 head's `d2t` table `[draft_vocab_size]`."""
+    init = {DraftConfig: eagle3.init_params, LongSpecConfig: draft_longspec.init_params}.get(type(dcfg),
+                                                                                         M.init_params)
+    own_embedding = {"embed_tokens/embedding": (dcfg.vocab_size, dcfg.hidden_size)}  # a head may have its own
+    _check_tree("the draft's params", "draft.params", params, param_shapes(init, dcfg),
+                own_embedding if isinstance(dcfg, DraftConfig) else None)
+    if isinstance(dcfg, DraftConfig) and np.shape(d2t) != (dcfg.draft_vocab_size,):
+        raise ValueError(f"the draft's d2t has shape {np.shape(d2t)}, its config implies "
+                         f"({dcfg.draft_vocab_size},) (draft_vocab_size)")
+
+
+def _check_tree(what: str, attribute: str, params: Any, expected: dict, optional: dict | None = None) -> None:
     if not hasattr(params, "keys"):
-        raise TypeError(f"params must be the target's parameter tree (target.params), got {type(params).__name__}")
+        raise TypeError(f"{what} must be a parameter tree ({attribute}), got {type(params).__name__}")
     if set(params.keys()) == {"params"}:
-        raise ValueError("params is flax's variables {'params': ...}: pass the tree inside, variables['params']")
-    problems = checkpoint.shape_problems(checkpoint.flat_shapes(params), param_shapes(M.init_params, cfg))
+        raise ValueError(f"{what} are flax's variables {{'params': ...}}: pass the tree inside, "
+                         f"variables['params']")
+    problems = checkpoint.shape_problems(checkpoint.flat_shapes(params), expected, optional)
     if problems:
-        raise ValueError(f"the target's params do not match its config: {problems}")
+        raise ValueError(f"{what} do not match its config: {problems}")
 
 
 def _check_untraced(fn: str, input_ids: Any, params: Any) -> None:
@@ -282,6 +301,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     spec, sampler = _check_settings(target.cfg, mode, getattr(draft, "cfg", None), spec, max_new_tokens,
                                     temperature, top_p, top_k, prefill_chunk, attention)
     draft = None if mode == "ar" else draft  # "ar" ignores a draft (`_check_settings` warned)
+    if draft is not None:
+        check_draft_params(draft.cfg, draft.params, getattr(draft, "d2t", None))
     check_seed(seed)
     if stream is not None and not callable(stream):
         raise TypeError(f"stream must be a function of the new tokens per row, got {type(stream).__name__}")
@@ -544,6 +565,8 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
     def generate_fn(params, draft_params, ids, key):
         check_params(target_cfg, params)
         _check_call(target_cfg, mode, max_new_tokens, draft_params, ids, key)
+        if mode != "ar":
+            check_draft_params(draft_cfg, draft_params["params"], draft_params.get("d2t"))
         return traced(params, draft_params if isinstance(draft_params, dict) else {}, ids, key)
 
     @jax.jit  # a call outside the user's jit is one program too (and makes no implicit transfers of its own)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
@@ -59,7 +60,7 @@ def test_params_that_do_not_fit_the_config_are_named(target):
     small = {**params, "embed_tokens": {"embedding": params["embed_tokens"]["embedding"][:100]}}
     for bad, message in [(lora, r"unexpected layers/lora_a \(2, 4\)"),
                          (small, r"embed_tokens/embedding has shape \(100, 64\), the configuration implies \(160, "),
-                         ({"params": params}, r"params is flax's variables")]:
+                         ({"params": params}, r"the target's params are flax's variables")]:
         with pytest.raises(ValueError, match=message):
             sj.generate(sj.Model(target.cfg, bad), [5, 6], 4)
         with pytest.raises(ValueError, match=message):
@@ -69,6 +70,42 @@ def test_params_that_do_not_fit_the_config_are_named(target):
     with pytest.raises(TypeError, match="forward_logits runs its own compiled programs"):
         jax.grad(lambda p: sj.forward_logits(sj.Model(target.cfg, p), [5, 6]).sum())(params)
 
+
+
+def test_draft_params_that_do_not_fit_the_draft_config_are_named():
+    """A draft's weights are checked as the target's (they were not: an extra leaf was ignored in silence)."""
+    from test_eagle import make_head, make_target
+
+    from specpv_jax.config import LongSpecConfig
+    from specpv_jax.draft import longspec
+    from specpv_jax.draft.small import SmallDraft
+
+    target = make_target(16)
+    head = make_head(target, seed=2)
+    ls_cfg = LongSpecConfig.for_target(target.cfg, window=16)
+    ls = longspec.LongSpecDraft(ls_cfg, longspec.init_params(ls_cfg, jax.random.key(3)))
+    spec = sj.SpecConfig(tree_depth=2, tree_top_k=2, tree_nodes=3)
+    layers = head.params["midlayer"]
+    cases = [
+        ("eagle", dataclasses.replace(head, params={**head.params, "lora_a": np.zeros(3, np.float32)}),
+         r"the draft's params do not match its config: unexpected lora_a \(3,\)"),
+        ("eagle", dataclasses.replace(head, d2t=head.d2t[:-1]), r"the draft's d2t has shape \(\d+,\), its config implies"),
+        ("eagle", dataclasses.replace(head, params={"params": head.params}), "the draft's params are flax's variables"),
+        ("eagle", dataclasses.replace(head, params={**head.params, "midlayer": {k: v for k, v in layers.items() if k != "mlp"}}),
+         "the draft's params do not match its config: missing midlayer/mlp/"),
+        ("longspec", dataclasses.replace(ls, params={**ls.params, "extra": np.zeros(2, np.float32)}), r"unexpected extra \(2,\)"),
+        ("specextend", SmallDraft(target.cfg, {**target.params, "extra": np.zeros(2, np.float32)}),
+         r"unexpected extra \(2,\)")]
+    for mode, draft, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sj.generate(target, [5, 6, 7], 4, draft=draft, mode=mode, spec=spec)
+    fn = sj.make_generate_fn(target.cfg, spec, mode="longspec", draft_cfg=ls_cfg, max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"unexpected extra \(2,\)"):
+        fn(target.params, {"params": {**ls.params, "extra": np.zeros(2, np.float32)}}, np.array([[5, 6, 7]]),
+           jax.random.key(0))
+    with_own_embedding = {**head.params, "embed_tokens": {"embedding": target.params["embed_tokens"]["embedding"]}}
+    out = sj.generate(target, [5, 6, 7], 4, draft=dataclasses.replace(head, params=with_own_embedding), mode="eagle", spec=spec)
+    assert out.tokens.shape == (1, 4)  # an EAGLE-3 head may carry its own embedding
 
 def test_bad_modes_and_sampling_parameters(target):
     with pytest.raises(ValueError, match="unknown mode 'fast'"):

@@ -96,7 +96,7 @@ def test_make_generate_fn_checks_its_arguments():
     with pytest.raises(ValueError, match=r"embed_tokens/embedding has shape \(80, 64\), the configuration implies "
                                          r"\(64, 64\)"):  # (it emitted ids past the vocabulary, silently)
         jax.jit(fn)(resized, draft, ids, key)
-    with pytest.raises(TypeError, match=r"params must be the target's parameter tree \(target.params\), got Model"):
+    with pytest.raises(TypeError, match=r"the target's params must be a parameter tree \(target.params\), got Model"):
         fn(target, draft, ids, key)
 
 
