@@ -86,8 +86,11 @@ def unsplit_cache_note(cfg: Any, mesh: Any, draft_cfg: Any = None) -> str | None
                                                for h in (c.num_heads, c.num_kv_heads)))
     whose = " and ".join(f"the {who}'s {c.num_kv_heads}" for who, c in unsplit)
     which = " and ".join(who for who, _ in unsplit)
+    remedy = (f"a {mesh.size // split}x{split} mesh splits whole heads" if split > 1 else
+              f"no model axis over {mesh.size} devices does ({mesh.size}x1 splits the batch's rows alone; "
+              f"fewer devices, sharding.make_mesh(devices=...), can split the heads)")
     return (f"a model axis of {model} does not divide {whose} KV heads: every device holds the whole {which} KV "
-            f"cache{'s' * (len(unsplit) > 1)}; a {mesh.size // split}x{split} mesh splits whole heads")
+            f"cache{'s' * (len(unsplit) > 1)}; {remedy}")
 
 
 def mesh_of(params: Any) -> Mesh | None:

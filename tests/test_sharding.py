@@ -162,4 +162,9 @@ def test_a_model_axis_that_splits_kv_heads_is_named():
         "a 4x2" in \
         unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 1, "model": 8}, size=8), small)
     assert unsplit_cache_note(qwen, SimpleNamespace(shape={"data": 4, "model": 2}, size=8), small) is None
+    # 3 KV heads on 8 devices: no model axis splits them (it suggested "a 8x1 mesh", which at batch 1 splits nothing)
+    assert unsplit_cache_note(SimpleNamespace(num_heads=24, num_kv_heads=3),
+                              SimpleNamespace(shape={"data": 1, "model": 8}, size=8)).endswith(
+        "; no model axis over 8 devices does (8x1 splits the batch's rows alone; fewer devices, "
+        "sharding.make_mesh(devices=...), can split the heads)")
 
