@@ -297,11 +297,20 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     return st.replace(
         eagle=EagleState(cache=cache, draft_cache=draft_cache, pair_feats=pair_feats, pair_tokens=emitted,
                          pair_count=count, root=root, out=out_buf, key=key),
-        partial=partial, summary=summary, ready=cache.length > spec.partial_threshold, draft_partial=draft_partial,
+        partial=partial, summary=summary, ready=_ready(cache, draft_cache, draft_partial, spec),
+        draft_partial=draft_partial,
         n_missing=jnp.where(live, 0, st.n_missing), provisional_cap=cap, pause=pause, backoff=backoff,
         counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
                            full_accepted=c.full_accepted + kept.sum(),
                            rollbacks=c.rollbacks + rejected.sum()))
+
+
+def _ready(cache: KVCache, draft_cache: KVCache, draft_partial: KVCache | None, spec: SpecConfig) -> jax.Array:
+    """`[B]` whether the partial caches just rebuilt hold a full retrieval budget: the target's past the
+    threshold, and the head's bounded one too (its cache lags the target's by the tokens just committed; one
+    block short, it was filled with a sink block twice)."""
+    ready = cache.length > spec.partial_threshold
+    return ready if draft_partial is None else ready & (draft_cache.length > spec.partial_threshold)
 
 
 def _refresh(run: Run, st: SpecPVState, out: M.ForwardOut, path: jax.Array, cache: KVCache,

@@ -197,6 +197,31 @@ def test_draft_partial_cache_holds_each_token_once():
     np.testing.assert_array_equal(positions, np.broadcast_to(expected, positions.shape))
 
 
+def test_bounded_draft_partial_steps_start_once_the_heads_cache_holds_a_full_budget(models, monkeypatch):
+    """The head's cache lags the target's by the tokens a full step just committed: with the target just past
+    the threshold and the head not, the head's bounded cache was one block short and took sink block 0 twice
+    (its keys counted twice in the partial steps' drafts)."""
+    from specpv_jax import specpv
+
+    target, head = models
+    spec = small_spec(bounded_draft=True, tree_nodes=7)  # a spec of its own: traced afresh with the spy below
+    static = spec.static_tokens
+    duplicated = []
+    real = specpv.partial_step
+
+    def spy(params, run, sampler, eos, st, tree):
+        rows = st.draft_partial.k[0, 0, 0, :static]  # [static, D]: equal rows are a token held twice
+        same = (rows[:, None] == rows[None]).all(-1) & ~jnp.eye(static, dtype=bool)
+        jax.debug.callback(lambda d: duplicated.append(bool(d)), same.any())
+        return real(params, run, sampler, eos, st, tree)
+
+    monkeypatch.setattr(specpv, "partial_step", spy)
+    for length in (119, 127):  # the head at 127 when the target passed 128
+        out = sj.generate(target, np.random.default_rng(length).integers(0, 16, length), 24, draft=head,
+                          mode="specpv", spec=spec, eos_token_ids=())
+        assert out.stats["partial_verifications"] > 0
+    assert duplicated and not any(duplicated)
+
 @pytest.fixture(scope="module")
 def models():
     target = make_target(16)
