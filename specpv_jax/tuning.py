@@ -46,7 +46,8 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
          verbose: bool = False) -> tuple[SpecConfig, list[Trial]]:
     """Returns the fastest `SpecConfig` found and every trial.
 
-    context: a prompt (token ids) or a length, for which random ids are used.
+    context: a prompt (token ids `[T]`, or `[B, T]` for rows of one length) or a length, for which random ids
+    are used.
     trees: (depth, top_k, nodes) candidates (default: SpecPV's set on GPU/TPU, small trees on CPU).
     """
     from specpv_jax.generate import draft_vocab_size, fidelity, generate
@@ -55,6 +56,10 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
         prompt = np.random.default_rng(0).integers(0, target.cfg.vocab_size, int(context))
     else:
         prompt = np.asarray(context)
+        if prompt.ndim not in (1, 2) or not np.issubdtype(prompt.dtype, np.integer):
+            raise ValueError(f"context must be a length or token ids [T] or [B, T], got an array of shape "
+                             f"{prompt.shape}, dtype {prompt.dtype}")
+    length = prompt.shape[-1]  # a row's: partial steps start once every row is past the threshold
     trees = trees or (CPU_TREES if jax.default_backend() == "cpu" else GPU_TREES)
     base = base or SpecConfig()
     trials: list[Trial] = []
@@ -72,7 +77,7 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
                   + (f", fidelity {trial.fidelity:.3f}" if trial.fidelity is not None else ""))
         return trial
 
-    usable = [b for b in budgets if _budget(base, b, prompt.size) is not None]
+    usable = [b for b in budgets if _budget(base, b, length) is not None]
     default_budget = max(usable) if usable else base.retrieval_tokens
     vocab = draft_vocab_size(target.cfg, draft.cfg)
 
@@ -95,7 +100,7 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
     best = _fastest(sorted(tree_trials, key=lambda t: t.spec.tree_nodes)).spec
     if not usable:  # the context is below every budget's threshold: partial steps never start
         if verbose:
-            print(f"  {prompt.size} tokens: too short for partial steps with any budget in {list(budgets)} "
+            print(f"  {length} tokens: too short for partial steps with any budget in {list(budgets)} "
                   f"(each needs a context past sink + budget + window); tuned the tree only")
         return best, trials
     budget_trials = [run(dataclasses.replace(best, retrieval_tokens=b), True) for b in usable]

@@ -494,6 +494,33 @@ def test_tune_breaks_near_ties_toward_the_smaller_tree_and_larger_budget(monkeyp
     assert (spec.tree_nodes, spec.retrieval_tokens) == picked
 
 
+def test_tune_judges_budgets_by_a_rows_length(monkeypatch):
+    """Two rows of 200 tokens are a context of 200 (it counted 400: a budget whose threshold, 288, no row
+    reaches was tried, fidelity 1.0 without a partial step, and could win)."""
+    import importlib
+    import types
+
+    from specpv_jax.tuning import tune
+
+    generate_module = importlib.import_module("specpv_jax.generate")
+    tried = []
+
+    def timed(target, prompt, *args, spec, **kwargs):
+        tried.append((np.shape(prompt), spec.retrieval_tokens))
+        return types.SimpleNamespace(stats={"tokens_per_s": 100.0, "mean_accept_len": 2.0})
+
+    monkeypatch.setattr(generate_module, "generate", timed)
+    monkeypatch.setattr(generate_module, "fidelity", lambda *a: 1.0)
+    target = types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=16))
+    draft = types.SimpleNamespace(cfg=None)
+    spec, trials = tune(target, draft, np.zeros((2, 200), np.int32), trees=((2, 2, 3),), budgets=(64, 256),
+                        base=small_spec(window=16, sink=16))
+    assert [t.spec.retrieval_tokens for t in trials] == [64, 64] and spec.retrieval_tokens == 64  # tree, budget
+    assert {shape for shape, _ in tried} == {(2, 200)}
+    with pytest.raises(ValueError, match=r"context must be a length or token ids \[T\] or \[B, T\], got an array "
+                                         r"of shape \(1, 1, 4\)"):
+        tune(target, draft, np.zeros((1, 1, 4), np.int32))
+
 @pytest.mark.slow
 def test_exact_greedy_equals_ar_at_20k(models):
     """The long end of the range (run with `make test-slow`)."""
