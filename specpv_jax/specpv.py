@@ -54,7 +54,8 @@ MAX_BACKOFF = 64
 @flax.struct.dataclass
 class Counters:
     """Per-kind step counts; `*_rows` count live rows verified, `*_accepted` the tokens they accepted (drafted +
-    bonus, or a rolled-back row's correction) as far as the output keeps them (to EOS, within max_new_tokens).
+    bonus, or a rolled-back row's correction) as far as the output keeps them (to EOS, within max_new_tokens;
+    exact mode's partial steps: as far as it would keep them, provisional tokens a later full step may roll back).
     rollbacks: rows whose provisional tokens a full step rejected (exact mode)."""
 
     full: jax.Array
