@@ -780,6 +780,11 @@ class SpecConfig:
             if value < 0 or value % self.block_size:
                 raise ConfigError(f"SpecConfig.{name}={value} must be a non-negative multiple of "
                                   f"block_size={self.block_size}")
+        if self.window_tokens < self.tree_depth + 1:
+            enough = -(-(self.tree_depth + 1) // self.block_size) * self.block_size
+            raise ConfigError(f"SpecConfig.window_tokens={self.window_tokens} must hold the tree_depth + 1 = "
+                              f"{self.tree_depth + 1} tokens a step commits, e.g. {enough} (a full step scores the "
+                              f"blocks before their keys are in its block summaries: retrieved, they were stale)")
         for name in ("chunk_tokens", "retrieve_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"SpecConfig.{name} must be a positive integer, got {getattr(self, name)!r}")

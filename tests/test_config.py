@@ -271,6 +271,16 @@ def test_spec_config_block_size_divides_the_cache_blocks():
     assert SpecConfig(block_size=64, sink_tokens=64, retrieval_tokens=512, window_tokens=64).block_size == 64
 
 
+def test_spec_config_window_holds_the_tokens_a_step_commits():
+    """A full step scores blocks before its accepted path's keys are folded into their summaries: with a window
+    shorter than the path, a block holding it could be retrieved on stale extrema (window 0: 1 of 3 full steps)."""
+    with pytest.raises(ConfigError, match=r"window_tokens=0 must hold the tree_depth \+ 1 = 8 tokens a step "
+                                          r"commits, e.g. 16"):
+        SpecConfig(window_tokens=0)
+    with pytest.raises(ConfigError, match=r"window_tokens=16 must hold the tree_depth \+ 1 = 21 .* e.g. 32"):
+        SpecConfig(window_tokens=16, tree_depth=20, tree_nodes=20)
+    assert SpecConfig(window_tokens=16, tree_depth=15).window_tokens == 16
+
 def test_spec_config_takes_numpy_scalars_as_python_ones():
     spec = SpecConfig(tree_nodes=np.int64(30), bounded_draft=np.bool_(True), tree_threshold=0)
     plain = SpecConfig(tree_nodes=30, bounded_draft=True)
