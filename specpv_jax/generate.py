@@ -394,10 +394,19 @@ def _check_memory(target: Model, draft: Any, batch: prompts.PromptBatch, max_new
     host_limit = memory.host_bytes_limit() if spec.offload else None
     if limit is None and host_limit is None:
         return
-    est = memory.estimate(target.cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec, target.dtype,
-                          None if draft is None else draft.cfg, chunk, *sampling,
-                          mesh_shape=(1, 1) if mesh is None else (mesh.shape["data"], mesh.shape["model"]))
-    memory.check_fits(est, limit, spec.offload, host_limit)
+    mesh_shape = (1, 1) if mesh is None else (mesh.shape["data"], mesh.shape["model"])
+
+    def estimate(spec: SpecConfig) -> memory.Estimate:
+        return memory.estimate(target.cfg, batch.ids.shape[1], max_new_tokens, batch.batch, mode, spec,
+                               target.dtype, None if draft is None else draft.cfg, chunk, *sampling,
+                               mesh_shape=mesh_shape, draft_params=None if draft is None else draft.params)
+
+    est, offloaded = estimate(spec), None
+    if limit is not None and est.total > limit and not spec.offload and mode in PARTIAL_MODES and \
+            mesh_shape == (1, 1):  # would offload fit?
+        offloaded, host_limit = estimate(dataclasses.replace(spec, offload=True)), memory.host_bytes_limit()
+    memory.check_fits(est, limit, spec.offload, host_limit, wide=jnp.dtype(target.dtype).itemsize > 2,
+                      offloaded=offloaded)
 
 
 def _nonfinite_logits(target: Model) -> FloatingPointError:

@@ -138,7 +138,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
              spec: SpecConfig | None = None, dtype: str = "bfloat16",
              draft_cfg: ModelConfig | DraftConfig | LongSpecConfig | None = None, prefill_chunk: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             mesh_shape: tuple[int, int] = (1, 1)) -> Estimate:
+             mesh_shape: tuple[int, int] = (1, 1), draft_params: Any = None) -> Estimate:
     """Memory a `generate` call of `batch` prompts of `context` tokens needs, by part; on a `(data, model)`
     mesh (`mesh_shape`), what one device of it holds.
 
@@ -146,6 +146,9 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     the EAGLE-3 modes (default `DraftConfig.for_target` with the target's vocabulary), the LongSpec draft's
     for "longspec" (default `LongSpecConfig.for_target`). Sampling (`temperature` > 0) holds probabilities
     beside the logits, a top-p or top-k filter (`top_p` < 1, `top_k` > 0) also their sorted copy and its sums.
+    draft_params: the draft's parameter tree (arrays or `jax.ShapeDtypeStruct`s), where it is loaded: its
+    weights and caches are then counted at its dtype (a float32 draft beside a bfloat16 target) and with the
+    leaves it has (an EAGLE-3 head's own embedding table); default: a draft of `draft_cfg` in `dtype`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
@@ -169,36 +172,44 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     data, model = mesh_shape
     rows = data if batch % data == 0 else 1
 
-    def kv(layers: int, slots: int, kv_heads: int = cfg.num_kv_heads, head_dim: int = cfg.head_dim) -> int:
+    draft_size = size if draft_params is None else np.dtype(jax.tree.leaves(draft_params)[0].dtype).itemsize
+
+    def kv(layers: int, slots: int, kv_heads: int = cfg.num_kv_heads, head_dim: int = cfg.head_dim,
+           itemsize: int = size) -> int:
         """One device's share of a stacked cache: rows along "data", KV heads along "model" where they divide."""
         heads = model if kv_heads % model == 0 else 1
-        return kv_bytes(layers, batch, kv_heads, slots, head_dim, size) // (rows * heads)
+        return kv_bytes(layers, batch, kv_heads, slots, head_dim, itemsize) // (rows * heads)
+
+    def draft_weights(d) -> int:
+        count = draft_param_count(d, model) if draft_params is None else placed_count(draft_params, d, model)
+        return count * draft_size
 
     parts = {"weights": param_count(cfg, model) * size, "full cache": kv(cfg.num_layers, slots)}
     if mode in EAGLE3_MODES:
         d = draft_cfg or DraftConfig.for_target(cfg, v)
-        parts["draft weights"] = draft_param_count(d, model) * size
-        parts["draft cache"] = kv(1, slots, d.num_kv_heads, d.head_dim)
+        parts["draft weights"] = draft_weights(d)
+        parts["draft cache"] = kv(1, slots, d.num_kv_heads, d.head_dim, draft_size)
     if mode in PARTIAL_MODES:
         parts["partial cache"] = kv(cfg.num_layers, spec.static_tokens + spec.buffer_size)
         parts["block summaries"] = kv(cfg.num_layers, slots // spec.block_size)
         if spec.bounded_draft:  # the head's partial view: the partial cache's slots and one more path (`specpv`)
             parts["bounded draft cache"] = kv(1, spec.static_tokens + spec.buffer_size + spec.tree_depth + 1,
-                                              d.num_kv_heads, d.head_dim)
+                                              d.num_kv_heads, d.head_dim, draft_size)
         if spec.offload:  # a full step's layer on the device and the next one prefetched, and what it keeps
             parts["offload staging"] = kv(2, slots)
             tail = offload.tail_width(spec, blocks_spanned(tree, spec.block_size), allocated_slots(slots))
             parts["offload kept"] = kv(cfg.num_layers, spec.sink_tokens + spec.retrieval_tokens + tail)
     if mode == "specextend":
         d = draft_cfg
-        parts["draft weights"] = draft_param_count(d, model) * size
-        parts["draft cache"] = kv(d.num_layers, slots, d.num_kv_heads, d.head_dim) + (
-            kv(d.num_layers, spec.draft_working_slots(slots), d.num_kv_heads, d.head_dim) if spec.draft_chunks else 0)
+        parts["draft weights"] = draft_weights(d)
+        parts["draft cache"] = kv(d.num_layers, slots, d.num_kv_heads, d.head_dim, draft_size) + (
+            kv(d.num_layers, spec.draft_working_slots(slots), d.num_kv_heads, d.head_dim, draft_size)
+            if spec.draft_chunks else 0)
     if mode == "longspec":  # one layer plus a cross-attention's q/o; a ring of `window` slots at any context
         d = draft_cfg or LongSpecConfig.for_target(cfg)
-        parts["draft weights"] = draft_param_count(d, model) * size
+        parts["draft weights"] = draft_weights(d)
         ring_heads = model if d.num_kv_heads % model == 0 else 1
-        parts["draft cache"] = 2 * batch * d.num_kv_heads * d.window * d.head_dim * size // (rows * ring_heads)
+        parts["draft cache"] = 2 * batch * d.num_kv_heads * d.window * d.head_dim * draft_size // (rows * ring_heads)
     if mode == "exact" and temperature > 0:  # each provisional token's partial distribution, for its re-check
         parts["provisional distributions"] = batch * spec.max_missing * v * 4 // rows
     t = max(tree, prefill_chunk)
@@ -268,17 +279,24 @@ def host_bytes_limit(platform: str | None = None, environ: Mapping[str, str] = o
     return min(limits, key=lambda limit: limit.bytes, default=None)
 
 
-def check_fits(est: Estimate, limit: int | None, offload: bool = False, host_limit: HostLimit | None = None) -> None:
+def check_fits(est: Estimate, limit: int | None, offload: bool = False, host_limit: HostLimit | None = None,
+               *, wide: bool = True, offloaded: Estimate | None = None) -> None:
     """Raises `MemoryError` naming the parts when `est` exceeds `limit` bytes (None: no check); with
     `offload`, only the device's parts (`est.device`) count there, and the host's (`est.host`) must fit
-    `host_limit` (None: no check)."""
+    `host_limit` (None: no check). The advice suggests bfloat16 where the weights are `wide` (wider than 16
+    bits), and offload where `offloaded` (the same call's estimate with it) fits both limits."""
     need = est.device if offload else est.total
     if limit is not None and need > limit:
         parts = {k: v for k, v in est.parts.items() if not (offload and k in est.host_parts)}
         biggest = ", ".join(f"{k} {gib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+        remedies = ["a shorter context", "a smaller batch"] + ["bfloat16"] * wide + ["several devices (mesh)"] * (
+            not offload)
+        if offloaded is not None and offloaded.device <= limit and (
+                host_limit is None or offloaded.host <= host_limit.bytes):
+            remedies.insert(0, f"SpecConfig(offload=True) (about {gib(offloaded.device)} on the device, "
+                               f"{gib(offloaded.host)} in host memory)")
         raise MemoryError(f"mode {est.mode!r} needs about {gib(need)} of device memory, the device has "
-                          f"{gib(limit)} ({biggest}); use a shorter context, a smaller batch, bfloat16, or "
-                          f"several devices (mesh)")
+                          f"{gib(limit)} ({biggest}); use {', '.join(remedies[:-1])} or {remedies[-1]}")
     if offload and host_limit is not None and est.host > host_limit.bytes:
         parts = ", ".join(f"{k} {gib(est.parts[k])}" for k in est.host_parts)
         remedy = "" if host_limit.variable is None else f", or raise {host_limit.variable} (GiB; set before JAX starts)"

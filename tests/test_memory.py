@@ -216,7 +216,7 @@ def test_generate_estimates_the_draft_it_is_given(monkeypatch, mode):
     class Checked(Exception):
         pass
 
-    def check_fits(checked, *limits):
+    def check_fits(checked, *limits, **advice):
         raise Checked(checked)
 
     monkeypatch.setattr(memory, "device_bytes_limit", lambda device=None: 2 ** 40)
@@ -225,6 +225,54 @@ def test_generate_estimates_the_draft_it_is_given(monkeypatch, mode):
         sj.generate(models.target, [1, 2, 3], 4, draft=draft, mode=mode)
     assert checked.value.args[0] == est
 
+
+def test_estimate_counts_a_loaded_draft_at_its_dtype_with_its_own_embedding():
+    """A float32 head beside a bfloat16 target (what generate's NaN warning advises) was counted in bfloat16,
+    and a same-width head's own embedding table not at all: about 2 GiB under for Llama-3.1-8B at 64K."""
+    from specpv_jax.config import DraftConfig
+    from specpv_jax.draft import eagle3
+
+    cfg = ModelConfig.from_hf(LLAMA_31_8B)
+    head = DraftConfig.for_target(cfg, cfg.vocab_size)
+    shapes = jax.eval_shape(lambda: eagle3.init_params(head, jax.random.key(0)))  # float32
+    assumed = memory.estimate(cfg, 65536, mode="exact", draft_cfg=head)  # bfloat16, as the target
+    loaded = memory.estimate(cfg, 65536, mode="exact", draft_cfg=head, draft_params=shapes)
+    for part in ("draft weights", "draft cache"):
+        assert loaded.parts[part] == 2 * assumed.parts[part]
+    assert loaded.parts["full cache"] == assumed.parts["full cache"]
+    own = {**shapes, "embed_tokens": {"embedding": jax.ShapeDtypeStruct((cfg.vocab_size, cfg.hidden_size),
+                                                                        np.float32)}}
+    with_table = memory.estimate(cfg, 65536, mode="exact", draft_cfg=head, draft_params=own)
+    assert with_table.parts["draft weights"] - loaded.parts["draft weights"] == cfg.vocab_size * cfg.hidden_size * 4
+
+
+def test_a_refusal_advises_what_would_fit(monkeypatch):
+    """Offload where it fits, bfloat16 only for wider weights, no mesh under offload (which runs on one
+    device); the advice had been the same list whatever the call."""
+    target = make_target(16, layers=8, heads=8, head_dim=64)  # a cache large beside the activations
+    head = make_head(target)
+    spec = sj.SpecConfig(tree_depth=2, tree_top_k=2, tree_nodes=3, sink_tokens=16, retrieval_tokens=32,
+                         window_tokens=16)
+    prompt = np.arange(2000) % 16
+    kw = dict(draft=head, mode="exact", spec=spec, prefill_chunk=64)
+    est, off = (memory.estimate(target.cfg, 2000, 8, mode="exact", spec=dataclasses.replace(spec, offload=offload),
+                                dtype="float32", draft_cfg=head.cfg, prefill_chunk=64, draft_params=head.params)
+                for offload in (False, True))
+    assert off.device < 0.7 * est.total
+    monkeypatch.setattr(memory, "device_bytes_limit", lambda device=None: (off.device + est.total) // 2)
+    monkeypatch.setattr(memory, "host_bytes_limit", lambda platform=None: None)
+    with pytest.raises(MemoryError, match=r"; use SpecConfig\(offload=True\) \(about .* GiB on the device, .* GiB in "
+                                          r"host memory\), a shorter context, a smaller batch, bfloat16 or several "
+                                          r"devices \(mesh\)$"):
+        sj.generate(target, prompt, 8, **kw)
+    monkeypatch.setattr(memory, "device_bytes_limit", lambda device=None: off.device // 2)
+    with pytest.raises(MemoryError, match=r"; use a shorter context, a smaller batch, bfloat16 or several devices"):
+        sj.generate(target, prompt, 8, **kw)  # offload would not fit either: not suggested
+    with pytest.raises(MemoryError, match=r"; use a shorter context, a smaller batch or bfloat16$"):  # no mesh
+        sj.generate(target, prompt, 8, **{**kw, "spec": dataclasses.replace(spec, offload=True)})
+    half = sj.Model(target.cfg, jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), target.params))
+    with pytest.raises(MemoryError, match=r"; use a shorter context, a smaller batch or several devices \(mesh\)$"):
+        sj.generate(half, prompt, 8, prefill_chunk=64)  # already 16-bit
 
 @pytest.mark.parametrize("name", ["eagle3", "small_draft", "longspec"])
 def test_draft_config_reads_what_load_draft_loads(tmp_path, name):
