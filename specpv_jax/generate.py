@@ -402,11 +402,12 @@ def _check_memory(target: Model, draft: Any, batch: prompts.PromptBatch, max_new
                                mesh_shape=mesh_shape, draft_params=None if draft is None else draft.params)
 
     est, offloaded = estimate(spec), None
-    if limit is not None and est.total > limit and not spec.offload and mode in PARTIAL_MODES and \
+    held = 0 if limit is None else memory.device_bytes_held_beside((target.params, getattr(draft, "params", None)))
+    if limit is not None and est.total > limit - held and not spec.offload and mode in PARTIAL_MODES and \
             mesh_shape == (1, 1):  # would offload fit?
         offloaded, host_limit = estimate(dataclasses.replace(spec, offload=True)), memory.host_bytes_limit()
     memory.check_fits(est, limit, spec.offload, host_limit, wide=jnp.dtype(target.dtype).itemsize > 2,
-                      offloaded=offloaded)
+                      offloaded=offloaded, held=held)
 
 
 def _nonfinite_logits(target: Model) -> FloatingPointError:

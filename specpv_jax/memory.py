@@ -243,6 +243,21 @@ def device_bytes_limit(device=None) -> int | None:
     return stats.get("bytes_limit")
 
 
+def device_bytes_held_beside(own: Any, device=None) -> int:
+    """Bytes the device holds in arrays other than those of the pytree `own` (another model, outputs kept
+    alive), where the backend reports its use (GPU, TPU; else 0)."""
+    device = device or jax.local_devices()[0]
+    in_use = (device.memory_stats() or {}).get("bytes_in_use")
+    return 0 if in_use is None else max(in_use - bytes_on(own, device), 0)
+
+
+def bytes_on(tree: Any, device) -> int:
+    """Bytes of the arrays of `tree` in `device`'s own memory (its shard of each; not host memory kinds)."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+               if isinstance(x, jax.Array) and device in x.sharding.device_set
+               and getattr(x.sharding, "memory_kind", None) in (None, "device"))
+
+
 # XLA's pool of pinned host memory on a GPU (what `memory_kind="pinned_host"` arrays come from): 64 GiB unless
 # this variable, read once when the GPU client starts, gives another size in GiB.
 PINNED_POOL_VARIABLE, PINNED_POOL_GIB = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", 64
@@ -280,23 +295,26 @@ def host_bytes_limit(platform: str | None = None, environ: Mapping[str, str] = o
 
 
 def check_fits(est: Estimate, limit: int | None, offload: bool = False, host_limit: HostLimit | None = None,
-               *, wide: bool = True, offloaded: Estimate | None = None) -> None:
-    """Raises `MemoryError` naming the parts when `est` exceeds `limit` bytes (None: no check); with
-    `offload`, only the device's parts (`est.device`) count there, and the host's (`est.host`) must fit
-    `host_limit` (None: no check). The advice suggests bfloat16 where the weights are `wide` (wider than 16
-    bits), and offload where `offloaded` (the same call's estimate with it) fits both limits."""
+               *, wide: bool = True, offloaded: Estimate | None = None, held: int = 0) -> None:
+    """Raises `MemoryError` naming the parts when `est` exceeds `limit` bytes less the `held` bytes other
+    arrays take (None: no check); with `offload`, only the device's parts (`est.device`) count there, and the
+    host's (`est.host`) must fit `host_limit` (None: no check). The advice suggests bfloat16 where the weights
+    are `wide` (wider than 16 bits), and offload where `offloaded` (the same call's estimate with it) fits."""
     need = est.device if offload else est.total
-    if limit is not None and need > limit:
+    if limit is not None and need > limit - held:
         parts = {k: v for k, v in est.parts.items() if not (offload and k in est.host_parts)}
         biggest = ", ".join(f"{k} {gib(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
         remedies = ["a shorter context", "a smaller batch"] + ["bfloat16"] * wide + ["several devices (mesh)"] * (
             not offload)
-        if offloaded is not None and offloaded.device <= limit and (
+        if offloaded is not None and offloaded.device <= limit - held and (
                 host_limit is None or offloaded.host <= host_limit.bytes):
             remedies.insert(0, f"SpecConfig(offload=True) (about {gib(offloaded.device)} on the device, "
                                f"{gib(offloaded.host)} in host memory)")
-        raise MemoryError(f"mode {est.mode!r} needs about {gib(need)} of device memory, the device has "
-                          f"{gib(limit)} ({biggest}); use {', '.join(remedies[:-1])} or {remedies[-1]}")
+        # held: most often a model loaded twice, or the outputs of earlier runs still referenced
+        has = f"{gib(limit)}, {gib(held)} of it taken by other arrays" if held else gib(limit)
+        free = "free the other arrays (del the names that keep them), or " if held else ""
+        raise MemoryError(f"mode {est.mode!r} needs about {gib(need)} of device memory, the device has {has} "
+                          f"({biggest}); {free}use {', '.join(remedies[:-1])} or {remedies[-1]}")
     if offload and host_limit is not None and est.host > host_limit.bytes:
         parts = ", ".join(f"{k} {gib(est.parts[k])}" for k in est.host_parts)
         remedy = "" if host_limit.variable is None else f", or raise {host_limit.variable} (GiB; set before JAX starts)"

@@ -274,6 +274,33 @@ def test_a_refusal_advises_what_would_fit(monkeypatch):
     with pytest.raises(MemoryError, match=r"; use a shorter context, a smaller batch or several devices \(mesh\)$"):
         sj.generate(half, prompt, 8, prefill_chunk=64)  # already 16-bit
 
+def test_arrays_beside_the_models_count_against_the_device(monkeypatch):
+    """Memory other arrays hold (a model loaded twice: the convert notebook on a 40 GB A100) was left out of
+    the check: the run was let through and failed allocating."""
+    target = make_target(16, layers=2)
+    cpu = jax.devices()[0]
+    assert memory.bytes_on(target.params, cpu) == sum(x.nbytes for x in jax.tree.leaves(target.params))
+    host = jax.device_put(np.zeros(1000, np.float32), jax.sharding.SingleDeviceSharding(cpu, memory_kind="pinned_host"))
+    assert memory.bytes_on({"host": host, "p": target.params}, cpu) == memory.bytes_on(target.params, cpu)
+
+    class Device:  # another device, reporting what it holds
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    assert memory.device_bytes_held_beside(target.params, Device(None)) == 0
+    assert memory.device_bytes_held_beside(target.params, Device({"bytes_in_use": 10_000})) == 10_000
+    est = memory.estimate(target.cfg, 16, 4, dtype="float32", prefill_chunk=16)
+    monkeypatch.setattr(memory, "device_bytes_limit", lambda device=None: 2 * est.total)
+    monkeypatch.setattr(memory, "device_bytes_held_beside", lambda own, device=None: int(1.5 * est.total))
+    with pytest.raises(MemoryError, match=r"the device has .* GiB, .* GiB of it taken by other arrays .*; free "
+                                          r"the other arrays \(del the names that keep them\), or use a shorter"):
+        sj.generate(target, [1, 2, 3], 4)
+    monkeypatch.setattr(memory, "device_bytes_held_beside", lambda own, device=None: int(0.5 * est.total))
+    assert sj.generate(target, [1, 2, 3], 4).tokens.shape == (1, 4)
+
 @pytest.mark.parametrize("name", ["eagle3", "small_draft", "longspec"])
 def test_draft_config_reads_what_load_draft_loads(tmp_path, name):
     """`loading.draft_config` (plan --draft) reads the config of each kind of draft, from its directory and its
