@@ -281,6 +281,7 @@ def test_spec_config_window_holds_the_tokens_a_step_commits():
         SpecConfig(window_tokens=16, tree_depth=20, tree_nodes=20)
     assert SpecConfig(window_tokens=16, tree_depth=15).window_tokens == 16
 
+
 def test_spec_config_takes_numpy_scalars_as_python_ones():
     spec = SpecConfig(tree_nodes=np.int64(30), bounded_draft=np.bool_(True), tree_threshold=0)
     plain = SpecConfig(tree_nodes=30, bounded_draft=True)

@@ -71,7 +71,6 @@ def test_params_that_do_not_fit_the_config_are_named(target):
         jax.grad(lambda p: sj.forward_logits(sj.Model(target.cfg, p), [5, 6]).sum())(params)
 
 
-
 def test_draft_params_that_do_not_fit_the_draft_config_are_named():
     """A draft's weights are checked as the target's (they were not: an extra leaf was ignored in silence)."""
     from test_eagle import make_head, make_target
@@ -85,27 +84,28 @@ def test_draft_params_that_do_not_fit_the_draft_config_are_named():
     ls_cfg = LongSpecConfig.for_target(target.cfg, window=16)
     ls = longspec.LongSpecDraft(ls_cfg, longspec.init_params(ls_cfg, jax.random.key(3)))
     spec = sj.SpecConfig(tree_depth=2, tree_top_k=2, tree_nodes=3)
-    layers = head.params["midlayer"]
+    extra, no_mlp = np.zeros(2, np.float32), {k: v for k, v in head.params["midlayer"].items() if k != "mlp"}
     cases = [
-        ("eagle", dataclasses.replace(head, params={**head.params, "lora_a": np.zeros(3, np.float32)}),
-         r"the draft's params do not match its config: unexpected lora_a \(3,\)"),
-        ("eagle", dataclasses.replace(head, d2t=head.d2t[:-1]), r"the draft's d2t has shape \(\d+,\), its config implies"),
+        ("eagle", dataclasses.replace(head, params={**head.params, "lora_a": extra}),
+         r"the draft's params do not match its config: unexpected lora_a \(2,\)"),
+        ("eagle", dataclasses.replace(head, d2t=head.d2t[:-1]),
+         r"the draft's d2t has shape \(\d+,\), its config implies"),
         ("eagle", dataclasses.replace(head, params={"params": head.params}), "the draft's params are flax's variables"),
-        ("eagle", dataclasses.replace(head, params={**head.params, "midlayer": {k: v for k, v in layers.items() if k != "mlp"}}),
+        ("eagle", dataclasses.replace(head, params={**head.params, "midlayer": no_mlp}),
          "the draft's params do not match its config: missing midlayer/mlp/"),
-        ("longspec", dataclasses.replace(ls, params={**ls.params, "extra": np.zeros(2, np.float32)}), r"unexpected extra \(2,\)"),
-        ("specextend", SmallDraft(target.cfg, {**target.params, "extra": np.zeros(2, np.float32)}),
-         r"unexpected extra \(2,\)")]
+        ("longspec", dataclasses.replace(ls, params={**ls.params, "extra": extra}), r"unexpected extra \(2,\)"),
+        ("specextend", SmallDraft(target.cfg, {**target.params, "extra": extra}), r"unexpected extra \(2,\)")]
     for mode, draft, message in cases:
         with pytest.raises(ValueError, match=message):
             sj.generate(target, [5, 6, 7], 4, draft=draft, mode=mode, spec=spec)
     fn = sj.make_generate_fn(target.cfg, spec, mode="longspec", draft_cfg=ls_cfg, max_new_tokens=4)
     with pytest.raises(ValueError, match=r"unexpected extra \(2,\)"):
-        fn(target.params, {"params": {**ls.params, "extra": np.zeros(2, np.float32)}}, np.array([[5, 6, 7]]),
-           jax.random.key(0))
-    with_own_embedding = {**head.params, "embed_tokens": {"embedding": target.params["embed_tokens"]["embedding"]}}
-    out = sj.generate(target, [5, 6, 7], 4, draft=dataclasses.replace(head, params=with_own_embedding), mode="eagle", spec=spec)
+        fn(target.params, {"params": {**ls.params, "extra": extra}}, np.array([[5, 6, 7]]), jax.random.key(0))
+    own_embedding = {**head.params, "embed_tokens": {"embedding": target.params["embed_tokens"]["embedding"]}}
+    out = sj.generate(target, [5, 6, 7], 4, draft=dataclasses.replace(head, params=own_embedding), mode="eagle",
+                      spec=spec)
     assert out.tokens.shape == (1, 4)  # an EAGLE-3 head may carry its own embedding
+
 
 def test_bad_modes_and_sampling_parameters(target):
     with pytest.raises(ValueError, match="unknown mode 'fast'"):

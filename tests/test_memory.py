@@ -274,6 +274,7 @@ def test_a_refusal_advises_what_would_fit(monkeypatch):
     with pytest.raises(MemoryError, match=r"; use a shorter context, a smaller batch or several devices \(mesh\)$"):
         sj.generate(half, prompt, 8, prefill_chunk=64)  # already 16-bit
 
+
 def test_arrays_beside_the_models_count_against_the_device(monkeypatch):
     """Memory other arrays hold (a model loaded twice: the convert notebook on a 40 GB A100) was left out of
     the check: the run was let through and failed allocating."""
@@ -300,6 +301,7 @@ def test_arrays_beside_the_models_count_against_the_device(monkeypatch):
         sj.generate(target, [1, 2, 3], 4)
     monkeypatch.setattr(memory, "device_bytes_held_beside", lambda own, device=None: int(0.5 * est.total))
     assert sj.generate(target, [1, 2, 3], 4).tokens.shape == (1, 4)
+
 
 @pytest.mark.parametrize("name", ["eagle3", "small_draft", "longspec"])
 def test_draft_config_reads_what_load_draft_loads(tmp_path, name):

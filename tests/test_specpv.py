@@ -222,6 +222,7 @@ def test_bounded_draft_partial_steps_start_once_the_heads_cache_holds_a_full_bud
         assert out.stats["partial_verifications"] > 0
     assert duplicated and not any(duplicated)
 
+
 @pytest.fixture(scope="module")
 def models():
     target = make_target(16)
@@ -520,6 +521,7 @@ def test_tune_judges_budgets_by_a_rows_length(monkeypatch):
     with pytest.raises(ValueError, match=r"context must be a length or token ids \[T\] or \[B, T\], got an array "
                                          r"of shape \(1, 1, 4\)"):
         tune(target, draft, np.zeros((1, 1, 4), np.int32))
+
 
 @pytest.mark.slow
 def test_exact_greedy_equals_ar_at_20k(models):
