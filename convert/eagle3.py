@@ -225,4 +225,7 @@ def export_eagle3(out_dir: str | os.PathLike, cfg: DraftConfig, params: dict, d2
     t2d = np.zeros(cfg.vocab_size, bool)
     t2d[d2t + np.arange(d2t.size)] = True
     tensors["d2t"], tensors["t2d"] = d2t, t2d
-    return write_safetensors_dir(out_dir, tensors, cfg.to_hf(), overwrite)
+    hf = cfg.to_hf()
+    if "embed_tokens" not in params and cfg.target_hidden_size == cfg.hidden_size:
+        del hf["target_hidden_size"]  # with it, the EAGLE reference keeps a random table, not the target's
+    return write_safetensors_dir(out_dir, tensors, hf, overwrite)

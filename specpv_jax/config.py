@@ -406,7 +406,9 @@ def _feature_layers(hf: Mapping[str, Any], target: ModelConfig) -> tuple[int, ..
         raise ConfigError(f"eagle_aux_hidden_state_layer_ids={list(top)} (layer inputs) and eagle_config's "
                           f"{[i - 1 for i in nested]} (layer outputs) name different layers")
     found = top if top is not None else nested
-    return found if found is not None else DraftConfig.default_feature_layers(target.num_layers)
+    # in layer order, as the serving frameworks capture them (appended while walking the layers), whatever
+    # order the config lists them in: listed out of order, the fc's input was permuted
+    return tuple(sorted(found)) if found is not None else DraftConfig.default_feature_layers(target.num_layers)
 
 
 def _speculators_layer(layer) -> dict[str, Any]:
@@ -608,7 +610,8 @@ class DraftConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """config.json in the public EAGLE-3 layout (readable by the EAGLE reference code, and SpecForge where
-        `fc_norm`); raises for the variants its readers have no field for."""
+        `fc_norm`; llama3 or yarn RoPE scaling only by vLLM, SGLang and ours: the reference allows linear and
+        dynamic); raises for the variants its readers have no field for."""
         unwritable = [name for name in ("norm_before_residual", "norm_output", "norm_before_fc", "qk_norm",
                                         "sliding_window") if getattr(self, name)]
         if unwritable:

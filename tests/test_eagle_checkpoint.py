@@ -140,6 +140,9 @@ def test_export_and_orbax_round_trips(target, tmp_path):
     exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
     assert exported["d2t"].dtype == torch.int64 and exported["t2d"].dtype == torch.bool
     assert set(exported) == set(public_state())
+    # no table of its own: no target_hidden_size either, which makes the EAGLE reference keep a random table
+    # instead of copying the target's (cnets.py: `load_emb and not hasattr(config, "target_hidden_size")`)
+    assert "target_hidden_size" not in json.loads((tmp_path / "exported" / "config.json").read_text())
 
 
 @pytest.mark.parametrize("config, state_edit, message", [
@@ -459,6 +462,9 @@ def test_feature_layers_from_either_field(target):
     assert DraftConfig.from_hf(public_config(eagle_aux_hidden_state_layer_ids=[1, 3, 6]),
                                target.cfg).feature_layers == (1, 3, 6)
     assert DraftConfig.from_hf(public_config(eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 2, 5]}),
+                               target.cfg).feature_layers == (1, 3, 6)
+    # listed out of order: captured in layer order all the same (the fc's input was permuted)
+    assert DraftConfig.from_hf(public_config(eagle_aux_hidden_state_layer_ids=[6, 1, 3]),
                                target.cfg).feature_layers == (1, 3, 6)
 
 
