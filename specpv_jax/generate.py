@@ -26,10 +26,9 @@ from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
 from specpv_jax.config import EAGLE3_MODES, MODES, PARTIAL_MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
 from specpv_jax.draft import eagle3, small
-from specpv_jax.draft import longspec as draft_longspec
 from specpv_jax.host import prefill_progress, stage_factory, timed_call
 from specpv_jax.jax_settings import under_defaults
-from specpv_jax.loading import Model, param_shapes
+from specpv_jax.loading import Model, draft_param_shapes, param_shapes
 from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill
 from specpv_jax.sampling import Sampler
 from specpv_jax.warning import warn
@@ -146,11 +145,7 @@ def check_params(cfg: ModelConfig, params: Any) -> None:
 def check_draft_params(dcfg: Any, params: Any, d2t: Any = None) -> None:
     """`check_params` for a draft of config `dcfg` (an EAGLE-3 head's, a LongSpec draft's or a small draft
     model's): its weights, and an EAGLE-3 head's `d2t` table `[draft_vocab_size]`."""
-    init = {DraftConfig: eagle3.init_params, LongSpecConfig: draft_longspec.init_params}.get(type(dcfg),
-                                                                                         M.init_params)
-    own_embedding = {"embed_tokens/embedding": (dcfg.vocab_size, dcfg.hidden_size)}  # a head may have its own
-    _check_tree("the draft's params", "draft.params", params, param_shapes(init, dcfg),
-                own_embedding if isinstance(dcfg, DraftConfig) else None)
+    _check_tree("the draft's params", "draft.params", params, *draft_param_shapes(dcfg))
     if isinstance(dcfg, DraftConfig) and np.shape(d2t) != (dcfg.draft_vocab_size,):
         raise ValueError(f"the draft's d2t has shape {np.shape(d2t)}, its config implies "
                          f"({dcfg.draft_vocab_size},) (draft_vocab_size)")

@@ -162,6 +162,17 @@ def param_shapes(init_params, cfg) -> dict[str, tuple[int, ...]]:
     return checkpoint.flat_shapes(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
 
 
+def draft_param_shapes(dcfg: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(expected, optional) flattened parameter shapes of a draft of `dcfg` (a small draft model's
+    ModelConfig, a LongSpec draft's or an EAGLE-3 head's config): an EAGLE-3 head may carry its own embedding."""
+    from specpv_jax.config import DraftConfig, LongSpecConfig
+    from specpv_jax.draft import eagle3, longspec
+
+    if isinstance(dcfg, DraftConfig):
+        return param_shapes(eagle3.init_params, dcfg), {"embed_tokens/embedding": (dcfg.vocab_size, dcfg.hidden_size)}
+    return param_shapes(longspec.init_params if isinstance(dcfg, LongSpecConfig) else init_params, dcfg), {}
+
+
 @under_defaults
 def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
     """Exports a target model as an orbax checkpoint that restores without HF files or torch (with its
@@ -296,9 +307,9 @@ def _eagle3_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
     from specpv_jax.draft import eagle3
 
     cfg = draft_config(path, target.cfg)
-    expected = {f"params/{k}": v for k, v in param_shapes(eagle3.init_params, cfg).items()}
+    expected, optional = ({f"params/{k}": v for k, v in shapes.items()} for shapes in draft_param_shapes(cfg))
     expected["d2t"] = (cfg.draft_vocab_size,)
-    tree = checkpoint.restore(path, expected, {"params/embed_tokens/embedding": (cfg.vocab_size, cfg.hidden_size)})
+    tree = checkpoint.restore(path, expected, optional)
     check_embedding(cfg, target.cfg, "embed_tokens" in tree["params"], str(path))
     return eagle3.Eagle3(cfg, cast_params(tree["params"], dtype, str(path)), check_d2t(tree["d2t"], cfg, str(path)),
                          str(path))
@@ -308,7 +319,7 @@ def _longspec_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
     from specpv_jax.draft import longspec
 
     cfg = draft_config(path, target.cfg)
-    params = checkpoint.restore(path, {f"params/{k}": v for k, v in param_shapes(longspec.init_params, cfg).items()})
+    params = checkpoint.restore(path, {f"params/{k}": v for k, v in draft_param_shapes(cfg)[0].items()})
     return longspec.LongSpecDraft(cfg, cast_params(params["params"], dtype, str(path)), str(path))
 
 
