@@ -103,6 +103,19 @@ def test_ring_holds_the_last_window_tokens_at_their_positions(pair):
         np.testing.assert_allclose(ring.v[0, r][:, keep % cfg.window], v[0], atol=1e-6)
 
 
+def test_ring_slots_write_each_slot_once():
+    """A step committing more tokens than the ring holds (a 9-token path, window 4) writes only the last 4: two
+    writes to one index land in an unspecified order on GPU."""
+    w, t = 4, 9
+    lengths, counts = jnp.asarray([0, 3, 10, 5, 7], jnp.int32), jnp.asarray([9, 4, 2, 0, 6], jnp.int32)
+    slots = np.asarray(L.ring_slots(lengths, counts, t, w))
+    for row, n, length in zip(slots, np.asarray(counts), np.asarray(lengths)):
+        written = row[row < w]
+        assert sorted(written.tolist()) == sorted(set(written.tolist()))
+        kept = np.arange(max(n - w, 0), n)
+        np.testing.assert_array_equal(row[kept], (length + kept) % w)
+
+
 @pytest.mark.parametrize("spec, length", [pytest.param(TREE, 5, marks=pytest.mark.slow), (TREE, 300),
                                           (LONGSPEC_TREE, 120)],
                          ids=["short", "ring-wraps", "paper-tree"])

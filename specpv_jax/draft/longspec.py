@@ -163,12 +163,21 @@ def empty_ring(cfg: LongSpecConfig, batch: int, dtype) -> KVCache:
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32))
 
 
+def ring_slots(length: jax.Array, count: jax.Array, t: int, w: int) -> jax.Array:
+    """`[B, T]` the ring slot of each of `t` new entries, `w` (dropped) for those past `count [B]` and those the
+    last `w` of them overwrite."""
+    i = jnp.arange(t)[None, :]
+    kept = (i < count[:, None]) & (i >= count[:, None] - w)
+    return jnp.where(kept, (length[:, None] + i) % w, w)
+
+
 def ring_write(ring: KVCache, k: jax.Array, v: jax.Array, count: jax.Array) -> KVCache:
-    """Appends the first `count [B]` of `k, v [B, Hkv, T, D]` (T <= window) at positions `ring.length + t`."""
+    """Appends the first `count [B]` of `k, v [B, Hkv, T, D]` at positions `ring.length + t`: of more than the
+    `window` slots, the last `window` (each slot is written once: which of two writes to one index lands is
+    unspecified on GPU)."""
     b, h, t, _ = k.shape
     w = ring.k.shape[3]
-    pos = ring.length[:, None] + jnp.arange(t)[None, :]
-    slot = jnp.where(jnp.arange(t)[None, :] < count[:, None], pos % w, w)[:, None, :]  # w: dropped
+    slot = ring_slots(ring.length, count, t, w)[:, None, :]
     rows, heads = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
     return ring.replace(k=ring.k.at[0, rows, heads, slot].set(k.astype(ring.k.dtype), mode="drop"),
                         v=ring.v.at[0, rows, heads, slot].set(v.astype(ring.v.dtype), mode="drop"),
