@@ -728,8 +728,9 @@ class SpecConfig:
     best children overall; LongSpec's [4, 16, 16, 16, 16] is
     `SpecConfig(tree_depth=5, tree_top_k=4, tree_nodes=68, tree_beam=True)`.
     Partial verification (SpecPV): the partial cache holds `sink_tokens` +
-    `retrieval_tokens` (in `block_size` blocks) + `window_tokens` + a buffer of
-    `buffer_tokens` (None: 20 + tree_nodes + 1) for tokens accepted in partial mode.
+    `retrieval_tokens` (in `block_size` blocks) + `window_tokens` (at least the
+    `tree_depth + 1` tokens a step commits) + a buffer of `buffer_tokens`
+    (None: 20 + tree_nodes + 1) for tokens accepted in partial mode.
     `bounded_draft`: in partial steps the EAGLE-3 head, too, attends only to sink +
     the blocks retrieved for the target's last layer + its recent window, not to
     its whole cache (cheaper drafting at long context; acceptance may change).
@@ -783,11 +784,6 @@ class SpecConfig:
             if value < 0 or value % self.block_size:
                 raise ConfigError(f"SpecConfig.{name}={value} must be a non-negative multiple of "
                                   f"block_size={self.block_size}")
-        if self.window_tokens < self.tree_depth + 1:
-            enough = -(-(self.tree_depth + 1) // self.block_size) * self.block_size
-            raise ConfigError(f"SpecConfig.window_tokens={self.window_tokens} must hold the tree_depth + 1 = "
-                              f"{self.tree_depth + 1} tokens a step commits, e.g. {enough} (a full step scores the "
-                              f"blocks before their keys are in its block summaries: retrieved, they were stale)")
         for name in ("chunk_tokens", "retrieve_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"SpecConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -799,6 +795,16 @@ class SpecConfig:
         if self.buffer_tokens is not None and self.buffer_tokens < self.tree_nodes + 1:
             raise ConfigError(f"SpecConfig.buffer_tokens={self.buffer_tokens} must hold at least one tree "
                               f"(tree_nodes + 1 = {self.tree_nodes + 1})")
+
+    def check_partial(self) -> None:
+        """Raises unless partial verification (modes "specpv", "exact") can run with these settings: its window
+        must hold the `tree_depth + 1` tokens a step commits (a full step scores the blocks before their keys
+        are in its block summaries: retrieved, they were stale)."""
+        if self.window_tokens < self.tree_depth + 1:
+            enough = -(-(self.tree_depth + 1) // self.block_size) * self.block_size
+            raise ConfigError(f"SpecConfig.window_tokens={self.window_tokens} must hold the tree_depth + 1 = "
+                              f"{self.tree_depth + 1} tokens a step commits, e.g. {enough} (a full step scores the "
+                              f"blocks before their keys are in its block summaries: retrieved, they were stale)")
 
     @classmethod
     def tuned(cls, target, draft, context, **options) -> "SpecConfig":

@@ -225,7 +225,7 @@ def check_mode_and_draft(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: Sp
     `loading.draft_config` reads one without its weights) under `spec` (offload's modes, the tree's width):
     what the CLI checks before loading any weights."""
     _check_mode(mode)
-    _check_offload(spec, mode)
+    _check_spec_for_mode(spec, mode)
     if mode != "ar":
         _check_draft_config(target_cfg, dcfg, mode, spec)
 
@@ -451,7 +451,9 @@ def _named(mesh) -> str:
     return "x".join(str(n) for n in mesh.shape.values())
 
 
-def _check_offload(spec: SpecConfig, mode: str) -> None:
+def _check_spec_for_mode(spec: SpecConfig, mode: str) -> None:
+    if mode in PARTIAL_MODES:
+        spec.check_partial()
     if spec.offload and mode not in PARTIAL_MODES:
         raise ValueError(f"SpecConfig(offload=True) works with modes {' and '.join(PARTIAL_MODES)} (a partial cache "
                          f"on the device), not {mode!r}")

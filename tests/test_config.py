@@ -273,13 +273,24 @@ def test_spec_config_block_size_divides_the_cache_blocks():
 
 def test_spec_config_window_holds_the_tokens_a_step_commits():
     """A full step scores blocks before its accepted path's keys are folded into their summaries: with a window
-    shorter than the path, a block holding it could be retrieved on stale extrema (window 0: 1 of 3 full steps)."""
+    shorter than the path, a block holding it could be retrieved on stale extrema (window 0: 1 of 3 full steps).
+    Modes without a partial cache take any tree."""
     with pytest.raises(ConfigError, match=r"window_tokens=0 must hold the tree_depth \+ 1 = 8 tokens a step "
                                           r"commits, e.g. 16"):
-        SpecConfig(window_tokens=0)
+        SpecConfig(window_tokens=0).check_partial()
     with pytest.raises(ConfigError, match=r"window_tokens=16 must hold the tree_depth \+ 1 = 21 .* e.g. 32"):
-        SpecConfig(window_tokens=16, tree_depth=20, tree_nodes=20)
-    assert SpecConfig(window_tokens=16, tree_depth=15).window_tokens == 16
+        SpecConfig(window_tokens=16, tree_depth=20, tree_nodes=20).check_partial()
+    SpecConfig(window_tokens=16, tree_depth=15).check_partial()
+    from specpv_jax.generate import check_mode_and_draft
+
+    target_cfg = ModelConfig(arch="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+                             num_heads=2, num_kv_heads=2, head_dim=8, max_position_embeddings=4096)
+    draft_cfg = DraftConfig.for_target(target_cfg, 32)
+    deep = SpecConfig(tree_depth=130, tree_top_k=1, tree_nodes=130)  # a chain longer than the default window
+    check_mode_and_draft(target_cfg, "eagle", draft_cfg, deep)  # only the partial modes have a window
+    for mode in ("specpv", "exact"):
+        with pytest.raises(ConfigError, match="window_tokens=128 must hold the tree_depth"):
+            check_mode_and_draft(target_cfg, mode, draft_cfg, deep)
 
 
 def test_spec_config_takes_numpy_scalars_as_python_ones():
