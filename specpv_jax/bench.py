@@ -5,8 +5,8 @@
     specpv-jax bench --target DIR --draft DIR --contexts 16384 32768
 
 Per context: decode tokens/s of each mode (the fastest of two runs after a
-warm-up, the modes taking turns; prefill excluded), speedup over our `ar` and over `transformers`
-greedy generate (torch CPU, from a prefilled cache, so decoding alone is
+warm-up, the modes and `transformers` taking turns; prefill excluded), speedup over our `ar` and
+over `transformers` greedy generate (torch CPU, from a prefilled cache, so decoding alone is
 timed), mean accepted length in full and partial verifications, their counts,
 and fidelity (share of tokens equal to the full-context target's greedy
 choice). `specpv-bd` is `specpv` with the bounded draft cache; `draft` is
@@ -57,16 +57,23 @@ def draft_kind(mode: str) -> str | None:
 TIMED_ROUNDS = 2  # after a warm-up round (a fresh executable's first run pays one-time costs)
 
 
-def fastest_runs(target, drafts: dict, prompt, new_tokens, modes, spec) -> dict:
+def fastest_runs(target, drafts: dict, prompt, new_tokens, modes, spec, peers=None) -> tuple[dict, dict]:
     """Each mode's fastest run (by decode tokens/s) of `TIMED_ROUNDS` rounds over all `modes` after a warm-up
-    round: round robin, so that a slow spell of a shared machine does not fall on one mode's runs alone."""
-    best = {}
+    round: round robin, so that a slow spell of a shared machine does not fall on one mode's runs alone.
+    `peers` ({name: fn() -> decode tokens/s}, transformers) take their turns in each round too.
+
+    Returns ({mode: its fastest `GenerateOutput`}, {peer: its best tokens/s})."""
+    best, best_peer = {}, {}
     for round_ in range(1 + TIMED_ROUNDS):
         for mode in modes:
             out = run_mode(target, drafts, prompt, new_tokens, mode, spec)
             if round_ and (mode not in best or out.stats["tokens_per_s"] > best[mode].stats["tokens_per_s"]):
                 best[mode] = out
-    return best
+        for name, run in (peers or {}).items():
+            speed = run()
+            if round_:
+                best_peer[name] = max(speed, best_peer.get(name, speed))
+    return best, best_peer
 
 
 def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec):
@@ -105,8 +112,9 @@ def generate_mode(mode: str, spec):
                                                                              bounded_draft=False)
 
 
-def hf_decode_tokens_per_s(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens: int) -> float:
-    """Greedy `transformers` generate from a prefilled cache (a copy per run), so only decoding is timed."""
+def hf_decode_timer(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens: int):
+    """A function timing one greedy `transformers` generate from a prefilled cache (a copy per run, so only
+    decoding is timed): its decode tokens/s."""
     import copy
 
     import torch
@@ -125,10 +133,9 @@ def hf_decode_tokens_per_s(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens:
             model.generate(ids, attention_mask=torch.ones_like(ids), **{keyword: cache},
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
-        return time.perf_counter() - start
+        return new_tokens / (time.perf_counter() - start)
 
-    timed()  # warm-up
-    return new_tokens / timed()
+    return timed
 
 
 def hf_cache_keyword(model) -> str:
@@ -352,9 +359,9 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
         else:
             spec = budget_for(context, base, 0.25 if args.budget_fraction is None else args.budget_fraction)
         prompt = prompts[context]
-        hf = hf_decode_tokens_per_s(hf_dir, prompt, new_tokens) if hf_dir else None
-        ar_speed = None
-        outputs = fastest_runs(target, drafts, prompt, new_tokens, modes, spec)
+        peers = {"transformers": hf_decode_timer(hf_dir, prompt, new_tokens)} if hf_dir else {}
+        outputs, peer_speeds = fastest_runs(target, drafts, prompt, new_tokens, modes, spec, peers)
+        hf, ar_speed = peer_speeds.get("transformers"), None
         for mode in modes:
             out, mode_spec = outputs[mode], generate_mode(mode, spec)[1]
             s = out.stats

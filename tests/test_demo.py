@@ -188,17 +188,21 @@ def test_bench_of_an_orbax_target_deletes_its_transformers_copy(tmp_path, monkey
 
 
 def test_bench_takes_each_modes_fastest_timed_run_in_turns(monkeypatch):
-    """Modes take turns (a slow spell of the machine spreads over them); the warm-up round is not reported."""
+    """Modes, and transformers beside them, take turns (a slow spell of the machine spreads over them: timed
+    apart, transformers' one run gave 28-84 tok/s beside our ar's 464-509); the warm-up round is not reported."""
     from types import SimpleNamespace
 
     from specpv_jax import bench
 
     calls, speeds = [], iter([900, 900, 10, 20, 30, 5])  # warm-up ar, eagle; round 1; round 2
+    hf_speeds = iter([1000, 7, 9])
     monkeypatch.setattr(bench, "run_mode", lambda *args: calls.append(args[4]) or SimpleNamespace(
         stats={"tokens_per_s": next(speeds)}))
-    best = bench.fastest_runs(None, {}, None, 4, ["ar", "eagle"], None)
-    assert calls == ["ar", "eagle"] * 3
+    best, peers = bench.fastest_runs(None, {}, None, 4, ["ar", "eagle"], None,
+                                     {"transformers": lambda: calls.append("hf") or next(hf_speeds)})
+    assert calls == ["ar", "eagle", "hf"] * 3
     assert {mode: out.stats["tokens_per_s"] for mode, out in best.items()} == {"ar": 30, "eagle": 20}
+    assert peers == {"transformers": 9}
 
 
 def test_bench_reference_tree_modes_run_each_peer_with_its_reference_codes_tree():
@@ -303,7 +307,7 @@ def test_bench_takes_spec_fields_but_not_the_ones_it_sets(tmp_path, monkeypatch,
     sj.save_draft(make_head(target), tmp_path / "draft")
     used = []
     real = bench.fastest_runs
-    monkeypatch.setattr(bench, "fastest_runs", lambda *a: used.append(a[-1]) or real(*a))
+    monkeypatch.setattr(bench, "fastest_runs", lambda *a: used.append(a[5]) or real(*a))
     # buffer_tokens=10 holds this 5-node tree, not the default 61-node one: --tree applies first
     assert main(["bench", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
                  "--contexts", "40", "--new-tokens", "4", "--modes", "ar", "eagle", "specpv-bd", "--no-hf",
