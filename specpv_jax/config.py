@@ -316,15 +316,19 @@ def _rope_config(hf: Mapping[str, Any], r: Mapping[str, Any]) -> RopeConfig:
     if kind not in ROPE_KINDS:
         raise ConfigError(f"unsupported rope_scaling type {kind!r} in config.json "
                           f"(supported: {', '.join(ROPE_KINDS)})")
-    if r.get("original_max_position_embeddings") is None:
-        raise ConfigError(f"rope_scaling of type {kind!r} needs original_max_position_embeddings")
-    orig = _positive_int(r, "original_max_position_embeddings")
+    # transformers' default: the model was pretrained at the length it now runs at
+    orig = _positive_int({"original_max_position_embeddings": hf.get("max_position_embeddings")}
+                         if r.get("original_max_position_embeddings") is None else r,
+                         "original_max_position_embeddings")
     if kind == "llama3":
         return RopeConfig(theta=theta, kind=kind, factor=float(r["factor"]),
                           original_max_position_embeddings=orig,
                           low_freq_factor=float(r["low_freq_factor"]),
                           high_freq_factor=float(r["high_freq_factor"]))
-    factor = r.get("factor")
+    if "factor" not in r:  # transformers reads it unchecked (a KeyError); null asks for the ratio below
+        raise ConfigError(f"the RoPE settings of type {kind!r} in config.json have no factor (null: "
+                          f"max_position_embeddings / original_max_position_embeddings)")
+    factor = r["factor"]
     if factor is None:
         factor = hf["max_position_embeddings"] / orig
     return RopeConfig(

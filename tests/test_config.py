@@ -62,6 +62,29 @@ def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
 
 
 @needs_transformers_5
+def test_rope_settings_without_their_original_length_take_max_positions_as_in_transformers():
+    """yarn and llama3 settings without original_max_position_embeddings: transformers takes
+    max_position_embeddings (they were refused); a yarn block without factor is refused, as there (a KeyError)."""
+    import transformers
+
+    qwen = hf_dict("qwen3-gqa4-headdim")
+    qwen["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": qwen["rope_parameters"]["rope_theta"]}
+    llama = hf_dict("llama-gqa2-tied-llama3")
+    del llama["rope_parameters"]["original_max_position_embeddings"]
+    for cfg, config_class in ((qwen, transformers.Qwen3Config), (llama, transformers.LlamaConfig)):
+        ours = ModelConfig.from_hf(cfg).rope
+        theirs = config_class.from_dict(cfg).rope_parameters
+        assert (ours.kind, ours.factor, ours.original_max_position_embeddings) == (
+            theirs["rope_type"], theirs["factor"], theirs["original_max_position_embeddings"])
+        assert ours.original_max_position_embeddings == cfg["max_position_embeddings"]
+    del qwen["rope_scaling"]["factor"]
+    with pytest.raises(ConfigError, match="the RoPE settings of type 'yarn' in config.json have no factor"):
+        ModelConfig.from_hf(qwen)
+    qwen["rope_scaling"].update(factor=None, original_max_position_embeddings=qwen["max_position_embeddings"] // 4)
+    assert ModelConfig.from_hf(qwen).rope.factor == 4.0  # null: the ratio (DeepSeek-V3's configs)
+
+
+@needs_transformers_5
 def test_rope_scaling_without_theta_beside_another_saved_theta_is_refused():
     """transformers takes rope_scaling whole, so a YaRN block without rope_theta added to a transformers-5 config
     saved with theta 1e6 runs at theta 10000 there (logits 0.19 apart from ours, which kept 1e6): refused,
