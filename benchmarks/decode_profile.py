@@ -207,9 +207,11 @@ def summarize(copy_bps: float, rows: list[dict]) -> str:
         per_layer = {k: None if a[k] is None else (a[k] - b[k]) / (a["layers"] - b["layers"])
                      for k in ("wall_s", "busy_s", "floor_s")}
         rest = {k: None if a[k] is None else a[k] - a["layers"] * per_layer[k] for k in per_layer}
+        # a layer costing more than the smaller run's whole step: the two runs' noise, not a negative time
+        fit = lambda s: "noise" if s is not None and s < 0 else ms(s)  # noqa: E731
         for what, figures in (("per layer", per_layer), ("the rest", rest)):
-            lines.append(f"{what} (default): wall {ms(figures['wall_s'])}, busy {ms(figures['busy_s'])}, "
-                         f"floor {ms(figures['floor_s'])}")
+            lines.append(f"{what} (default): wall {fit(figures['wall_s'])}, busy {fit(figures['busy_s'])}, "
+                         f"floor {fit(figures['floor_s'])}")
     for r in rows:
         if r["trace_lines"]:
             lines.append(f"device lines traced ({r['variant']}, {r['layers']} layers): {', '.join(r['trace_lines'])}")

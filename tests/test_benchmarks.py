@@ -93,6 +93,21 @@ planes { name: "/device:GPU:0"
 """
 
 
+def test_decode_profile_calls_a_negative_remainder_noise(monkeypatch):
+    """Per layer and "the rest" come from the slope between two layer counts: with a per-layer slope above the
+    smaller run's whole step (noise on a shared CPU) the rest was printed as a negative time."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    for name in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    decode_profile = importlib.import_module("decode_profile")
+    row = dict(variant="default", context=64, attention="xla", loops=1, instructions=10, traced_wall_s=None,
+               busy_s=None, kernel_s=None, launches=None, copies=0, floor_s=None, trace_lines=[], top=[])
+    text = decode_profile.summarize(1e9, [{**row, "layers": 1, "wall_s": 3.69e-3},
+                                          {**row, "layers": 2, "wall_s": 10.04e-3}])
+    assert "per layer (default): wall 6.35, busy -, floor -" in text
+    assert "the rest (default): wall noise, busy -, floor -" in text
+
+
 def test_decode_profile_reads_kernels_off_a_gpu_trace(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     for name in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE"):  # the scripts set them on import: undone after
