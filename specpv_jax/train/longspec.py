@@ -8,7 +8,9 @@ target runs at the same positions, since the draft's cross-attention queries
 meet the target's rotated keys. Token i's cross-attention sees the target's
 last-layer K/V of tokens j <= i - lag, lag ~ U{1..4} per row: at inference a
 tree node of depth d sees the target's cache d + 1 positions back. The loss is
-the cross-entropy against the target's next-token distribution.
+the cross-entropy against the target's next-token distribution (distillation: the
+draft is judged by agreeing with the target; LongSpec's reference trains on the
+text's own next tokens, and keeps the tokens that see no target key in its loss).
 """
 
 from __future__ import annotations
