@@ -40,8 +40,9 @@ PROGRESS_CHUNKS = 16  # prompts of this many prefill chunks (8K tokens by defaul
 
 @dataclasses.dataclass(frozen=True)
 class GenerateOutput:
-    """tokens: `[B, n_new]` int32, n_new = max(lengths); after a row's end, the model's pad id (else its
-    first EOS id): read each row up to `lengths [B]` (EOS included); stats: counters and timings."""
+    """tokens: `[B, n_new]` int32, n_new = max(lengths); after a row's end, the model's pad id (else the first
+    of the call's `eos_token_ids`, 0 if none): read each row up to `lengths [B]` (EOS included); stats:
+    counters and timings."""
 
     tokens: np.ndarray
     lengths: np.ndarray
@@ -276,7 +277,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     temperature: 0 for greedy decoding, else sampling with PRNG `seed`, from the `top_k` most likely tokens
     (0: all) and of those the smallest set whose mass reaches `top_p` (1: all), as transformers' warpers.
     spec: the tree and partial-cache settings of the speculative modes (default `SpecConfig()`).
-    attention: "auto" (Pallas kernels on GPU, XLA elsewhere), "xla" or "pallas".
+    attention: "auto" (the Pallas kernel for 16-bit weights on NVIDIA GPUs of compute capability 8.0 and up,
+    XLA elsewhere: `attention.resolve_implementation`), "xla" or "pallas".
     prefill_chunk: prompt tokens per prefill pass (bounds the activations of long prompts).
     stream: called on the host with each row's newly emitted tokens as
     generation goes (exact mode: confirmed tokens only; a new function needs no recompilation, and

@@ -7,7 +7,8 @@ of the looked-up rows); prompts and caches are split over rows along "data"
 and over KV heads along "model". An axis is split only where the mesh divides
 it; other arrays are replicated. XLA's SPMD partitioner then runs the same
 jitted loop on every device, so sharded generation gives the same tokens as one
-device.
+device in float32 (in bfloat16 split matrix products round differently: near-ties
+may go the other way).
 `load_target` places each parameter by `param_spec` as it reads it (by default
 on `default_mesh(cfg)`: tensor parallel over whole heads, the rest data
 parallel), and `generate` runs on the mesh the weights are on (`mesh_of`).

@@ -4,7 +4,8 @@ SpecPV picks its node count from {40, 48, 50, 56, 60} by timing the target on a
 GPU. Here every candidate runs a short real generation (so the timing includes
 drafting, acceptance and the switching between full and partial steps): first
 the tree shapes at a default budget, then the partial budgets with the best
-tree, keeping the fastest budget whose fidelity stays above `min_fidelity`.
+tree, keeping the fastest budget whose fidelity stays above `min_fidelity` (if none does, the most
+faithful, with a warning).
 Candidates within `TIE` of the fastest count as tied (timing noise): the
 smaller tree, or the larger budget, wins a tie, so repeated tuning agrees more often.
 """
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 from specpv_jax.config import ConfigError, SpecConfig
+from specpv_jax.warning import warn
 
 # (tree_depth, tree_top_k, tree_nodes). A 2-core CPU is compute-bound in verification: small trees win there.
 GPU_TREES = ((7, 10, 40), (7, 10, 48), (7, 10, 50), (7, 10, 56), (7, 10, 60))
@@ -44,7 +46,8 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
          trees: Sequence[tuple[int, int, int]] | None = None, budgets: Sequence[int] = BUDGETS,
          new_tokens: int = 32, min_fidelity: float = 0.99, base: SpecConfig | None = None,
          verbose: bool = False) -> tuple[SpecConfig, list[Trial]]:
-    """Returns the fastest `SpecConfig` found and every trial.
+    """Returns the fastest `SpecConfig` found and every trial. If no budget keeps `min_fidelity`, the most
+    faithful one, with a `SpecPVWarning`.
 
     context: a prompt (token ids `[T]`, or `[B, T]` for rows of one length) or a length, for which random ids
     are used.
@@ -107,8 +110,8 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
     good = [t for t in budget_trials if t.fidelity >= min_fidelity]
     if not good:
         good = [max(budget_trials, key=lambda t: t.fidelity)]
-        if verbose:
-            print(f"  no budget reaches fidelity {min_fidelity}; taking the most faithful, {good[0].fidelity:.3f}")
+        warn(f"no partial budget in {list(usable)} kept fidelity >= {min_fidelity} at {length} tokens; tuned to the "
+             f"most faithful, retrieval_tokens={good[0].spec.retrieval_tokens} (fidelity {good[0].fidelity:.3f})")
     return _fastest(sorted(good, key=lambda t: -t.spec.retrieval_tokens)).spec, trials
 
 

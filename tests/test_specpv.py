@@ -448,7 +448,8 @@ def test_tuned_picks_a_timed_candidate(models):
     from specpv_jax.tuning import tune
 
     base = small_spec(retrieval_tokens=32, window=16, sink=16)
-    spec, trials = tune(target, head, 300, trees=((2, 2, 3), (3, 2, 5)), budgets=(32,), new_tokens=16, base=base)
+    spec, trials = tune(target, head, 300, trees=((2, 2, 3), (3, 2, 5)), budgets=(32,), new_tokens=16, base=base,
+                        min_fidelity=0.0)  # a random model's fidelity at budget 32: 0.19
     assert len(trials) == 3 and all(t.tokens_per_s > 0 for t in trials)
     assert (spec.tree_depth, spec.tree_top_k, spec.tree_nodes) in ((2, 2, 3), (3, 2, 5))
     assert all(t.fidelity is not None for t in trials[2:])  # budgets are judged on fidelity too
@@ -493,6 +494,27 @@ def test_tune_breaks_near_ties_toward_the_smaller_tree_and_larger_budget(monkeyp
                         base=small_spec(retrieval_tokens=64, window=16, sink=16))
     assert [t.tokens_per_s for t in trials] == list(speeds)
     assert (spec.tree_nodes, spec.retrieval_tokens) == picked
+
+
+def test_tune_warns_when_no_budget_keeps_the_fidelity(monkeypatch):
+    """No budget at fidelity >= 0.99: the most faithful is returned, and said so (only `verbose` printed it)."""
+    import importlib
+    import types
+
+    from specpv_jax.tuning import tune
+
+    generate_module = importlib.import_module("specpv_jax.generate")
+    fidelities = iter([0.9, 0.95])  # budgets 32 and 64
+    monkeypatch.setattr(generate_module, "generate", lambda *a, **k: types.SimpleNamespace(
+        stats={"tokens_per_s": 100.0, "mean_accept_len": 2.0}))
+    monkeypatch.setattr(generate_module, "fidelity", lambda *a: next(fidelities))
+    target = types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=16))
+    with pytest.warns(sj.SpecPVWarning, match=r"no partial budget in \[32, 64\] kept fidelity >= 0.99 at 300 "
+                                              r"tokens; tuned to the most faithful, retrieval_tokens=64 "
+                                              r"\(fidelity 0.950\)"):
+        spec, _ = tune(target, types.SimpleNamespace(cfg=None), 300, trees=((2, 2, 3),), budgets=(32, 64),
+                       base=small_spec(retrieval_tokens=64, window=16, sink=16))
+    assert spec.retrieval_tokens == 64
 
 
 def test_tune_judges_budgets_by_a_rows_length(monkeypatch):
