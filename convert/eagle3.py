@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from convert.hf import (ConversionError, Entry, TensorInfo, check_dtype, check_tensors, load_params, read_json,
                         scan_headers, table_to_tensors, write_safetensors_dir)
 from specpv_jax.config import ConfigError, DraftConfig, ModelConfig, is_speculators
+from specpv_jax.draft.eagle3 import d2t_problem
 
 TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
                 "bool": "BOOL"}
@@ -202,16 +203,11 @@ def check_d2t(d2t, cfg: DraftConfig, where: str) -> jax.Array:
     """The draft-to-target offsets `d2t [V_draft]` as int32 on the device, once they map every draft id into
     the target's vocabulary; raises naming `where` otherwise."""
     d2t = np.asarray(d2t)
-    if d2t.dtype.kind not in "iu":
-        raise ConversionError(f"{where}: d2t must hold integer offsets, got dtype {d2t.dtype}")
-    d2t = d2t.astype(np.int64)
     if d2t.shape != (cfg.draft_vocab_size,):
         raise ConversionError(f"{where}: d2t has shape {d2t.shape}, expected ({cfg.draft_vocab_size},)")
-    target_ids = d2t + np.arange(d2t.size)
-    if target_ids.min() < 0 or target_ids.max() >= cfg.vocab_size:
-        raise ConversionError(f"{where}: d2t maps draft ids outside the target vocabulary [0, {cfg.vocab_size})")
-    if np.unique(target_ids).size != target_ids.size:  # the tree's siblings would repeat a token
-        raise ConversionError(f"{where}: d2t maps two draft ids to one target id")
+    problem = d2t_problem(d2t, cfg.vocab_size)
+    if problem:
+        raise ConversionError(f"{where}: {problem}")
     return jax.device_put(d2t.astype(np.int32))
 
 

@@ -146,10 +146,19 @@ def check_params(cfg: ModelConfig, params: Any) -> None:
 def check_draft_params(dcfg: Any, params: Any, d2t: Any = None) -> None:
     """`check_params` for a draft of config `dcfg` (an EAGLE-3 head's, a LongSpec draft's or a small draft
     model's): its weights, and an EAGLE-3 head's `d2t` table `[draft_vocab_size]`."""
+    if isinstance(dcfg, DraftConfig) and dcfg.hidden_size != dcfg.target_hidden_size and hasattr(params, "keys") \
+            and "embed_tokens" not in params:
+        raise ValueError(f"this EAGLE-3 head has hidden size {dcfg.hidden_size}, the target {dcfg.target_hidden_size}, "
+                         f"and its params hold no embed_tokens of its own to embed tokens with")
     _check_tree("the draft's params", "draft.params", params, *draft_param_shapes(dcfg))
-    if isinstance(dcfg, DraftConfig) and np.shape(d2t) != (dcfg.draft_vocab_size,):
+    if not isinstance(dcfg, DraftConfig):
+        return
+    if np.shape(d2t) != (dcfg.draft_vocab_size,):
         raise ValueError(f"the draft's d2t has shape {np.shape(d2t)}, its config implies "
                          f"({dcfg.draft_vocab_size},) (draft_vocab_size)")
+    problem = None if isinstance(d2t, jax.core.Tracer) else eagle3.d2t_problem(jax.device_get(d2t), dcfg.vocab_size)
+    if problem:
+        raise ValueError(f"the draft's {problem}")
 
 
 def _check_tree(what: str, attribute: str, params: Any, expected: dict, optional: dict | None = None) -> None:
@@ -158,6 +167,11 @@ def _check_tree(what: str, attribute: str, params: Any, expected: dict, optional
     if set(params.keys()) == {"params"}:
         raise ValueError(f"{what} are flax's variables {{'params': ...}}: pass the tree inside, "
                          f"variables['params']")
+    not_float = [checkpoint.key_name(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                 if not jnp.issubdtype(getattr(leaf, "dtype", np.dtype(object)), jnp.floating)]
+    if not_float:
+        raise ValueError(f"{what} must be floating-point arrays; not so: {', '.join(not_float[:5])}"
+                         + (f" and {len(not_float) - 5} more" if len(not_float) > 5 else ""))
     problems = checkpoint.shape_problems(checkpoint.flat_shapes(params), expected, optional)
     if problems:
         raise ValueError(f"{what} do not match its config: {problems}")
@@ -602,7 +616,7 @@ def _check_call(cfg: ModelConfig, mode: str, max_new_tokens: int, draft_params, 
         wanted = '{"params": draft.params, "d2t": draft.d2t}' if mode in EAGLE3_MODES else '{"params": draft.params}'
         raise ValueError(f"mode {mode!r} needs draft_params={wanted}")
     shape, dtype = np.shape(ids), ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype
-    if len(shape) != 2 or shape[1] == 0 or not jnp.issubdtype(dtype, jnp.integer):
+    if len(shape) != 2 or 0 in shape or not jnp.issubdtype(dtype, jnp.integer):
         raise prompts.PromptError(f"ids must be a non-empty integer array [B, T], got shape {shape}, dtype {dtype}")
     if shape[1] + max_new_tokens > cfg.max_position_embeddings:
         raise prompts.PromptError(f"{shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's "

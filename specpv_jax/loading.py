@@ -164,12 +164,16 @@ def param_shapes(init_params, cfg) -> dict[str, tuple[int, ...]]:
 
 def draft_param_shapes(dcfg: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """(expected, optional) flattened parameter shapes of a draft of `dcfg` (a small draft model's
-    ModelConfig, a LongSpec draft's or an EAGLE-3 head's config): an EAGLE-3 head may carry its own embedding."""
+    ModelConfig, a LongSpec draft's or an EAGLE-3 head's config): an EAGLE-3 head may carry its own embedding
+    (must, if its width differs from the target's)."""
     from specpv_jax.config import DraftConfig, LongSpecConfig
     from specpv_jax.draft import eagle3, longspec
 
-    if isinstance(dcfg, DraftConfig):
-        return param_shapes(eagle3.init_params, dcfg), {"embed_tokens/embedding": (dcfg.vocab_size, dcfg.hidden_size)}
+    if isinstance(dcfg, DraftConfig):  # a head as wide as its target may use the target's embedding
+        embedding = {"embed_tokens/embedding": (dcfg.vocab_size, dcfg.hidden_size)}
+        if dcfg.hidden_size != dcfg.target_hidden_size:
+            return {**param_shapes(eagle3.init_params, dcfg), **embedding}, {}
+        return param_shapes(eagle3.init_params, dcfg), embedding
     return param_shapes(longspec.init_params if isinstance(dcfg, LongSpecConfig) else init_params, dcfg), {}
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -60,7 +61,11 @@ def test_params_that_do_not_fit_the_config_are_named(target):
     small = {**params, "embed_tokens": {"embedding": params["embed_tokens"]["embedding"][:100]}}
     for bad, message in [(lora, r"unexpected layers/lora_a \(2, 4\)"),
                          (small, r"embed_tokens/embedding has shape \(100, 64\), the configuration implies \(160, "),
-                         ({"params": params}, r"the target's params are flax's variables")]:
+                         ({"params": params}, r"the target's params are flax's variables"),
+                         (jax.tree.map(lambda x: x.astype(jnp.int32), params),  # a deep jax error, was
+                          r"the target's params must be floating-point arrays; not so: embed_tokens/embedding, "),
+                         ({**params, "norm": {"scale": [1.0] * 64}},
+                          r"must be floating-point arrays; not so: norm/scale/0, norm/scale/1, .* and 59 more")]:
         with pytest.raises(ValueError, match=message):
             sj.generate(sj.Model(target.cfg, bad), [5, 6], 4)
         with pytest.raises(ValueError, match=message):
@@ -76,7 +81,8 @@ def test_draft_params_that_do_not_fit_the_draft_config_are_named():
     from test_eagle import make_head, make_target
 
     from specpv_jax.config import LongSpecConfig
-    from specpv_jax.draft import longspec
+    from specpv_jax.draft import eagle3, longspec
+    from specpv_jax.draft.eagle3 import Eagle3
     from specpv_jax.draft.small import SmallDraft
 
     target = make_target(16)
@@ -85,12 +91,21 @@ def test_draft_params_that_do_not_fit_the_draft_config_are_named():
     ls = longspec.LongSpecDraft(ls_cfg, longspec.init_params(ls_cfg, jax.random.key(3)))
     spec = sj.SpecConfig(tree_depth=2, tree_top_k=2, tree_nodes=3)
     extra, no_mlp = np.zeros(2, np.float32), {k: v for k, v in head.params["midlayer"].items() if k != "mlp"}
+    narrow = dataclasses.replace(head.cfg, hidden_size=32, head_dim=8)
     cases = [
         ("eagle", dataclasses.replace(head, params={**head.params, "lora_a": extra}),
          r"the draft's params do not match its config: unexpected lora_a \(2,\)"),
         ("eagle", dataclasses.replace(head, d2t=head.d2t[:-1]),
          r"the draft's d2t has shape \(\d+,\), its config implies"),
         ("eagle", dataclasses.replace(head, params={"params": head.params}), "the draft's params are flax's variables"),
+        # d2t's values (a NaN-draft warning blamed the head's dtype; a float table, a deep indexing error)
+        ("eagle", dataclasses.replace(head, d2t=jnp.full_like(head.d2t, 15)),
+         r"the draft's d2t maps draft ids outside the target vocabulary \[0, 16\)"),
+        ("eagle", dataclasses.replace(head, d2t=head.d2t.astype(jnp.float32)), "d2t must hold integer offsets"),
+        ("eagle", dataclasses.replace(head, d2t=jnp.zeros_like(head.d2t).at[1].set(-1)),
+         "d2t maps two draft ids to one target id"),
+        ("eagle", Eagle3(narrow, eagle3.init_params(narrow, jax.random.key(4)), head.d2t),  # a deep flax error, was
+         "this EAGLE-3 head has hidden size 32, the target 64, and its params hold no embed_tokens of its own"),
         ("eagle", dataclasses.replace(head, params={**head.params, "midlayer": no_mlp}),
          "the draft's params do not match its config: missing midlayer/mlp/"),
         ("longspec", dataclasses.replace(ls, params={**ls.params, "extra": extra}), r"unexpected extra \(2,\)"),

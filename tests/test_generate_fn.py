@@ -81,6 +81,7 @@ def test_make_generate_fn_checks_its_arguments():
     fn = sj.make_generate_fn(target.cfg, SPEC, mode="eagle", draft_cfg=head.cfg, max_new_tokens=8)
     draft, key, ids = {"params": head.params, "d2t": head.d2t}, jax.random.key(0), np.full((1, 6), 5, np.int32)
     for bad, message in [(ids.astype(np.float32), "integer array"), (ids[0], r"\[B, T\]"), (ids[:, :0], "non-empty"),
+                         (ids[:0], r"non-empty integer array \[B, T\], got shape \(0, 6\)"),  # was: modulo by zero
                          (ids + 64, "outside the vocabulary"),
                          (np.full((1, target.cfg.max_position_embeddings - 7), 5), "max_position_embeddings")]:
         with pytest.raises(ValueError, match=message):

@@ -228,6 +228,19 @@ def identity_d2t(cfg: DraftConfig) -> jax.Array:
     return jnp.zeros((cfg.draft_vocab_size,), jnp.int32)
 
 
+def d2t_problem(d2t: np.ndarray, vocab_size: int) -> str | None:
+    """What is wrong with draft-to-target offsets `d2t [V_draft]` (integers mapping draft id i to target id
+    i + d2t[i], each a different id of the target's `vocab_size`), or None."""
+    if d2t.dtype.kind not in "iu":
+        return f"d2t must hold integer offsets, got dtype {d2t.dtype}"
+    target_ids = d2t.astype(np.int64) + np.arange(d2t.size)
+    if target_ids.min() < 0 or target_ids.max() >= vocab_size:
+        return f"d2t maps draft ids outside the target vocabulary [0, {vocab_size})"
+    if np.unique(target_ids).size != target_ids.size:  # the tree's siblings would repeat a token
+        return "d2t maps two draft ids to one target id"
+    return None
+
+
 def d2t_from_token_ids(token_ids: np.ndarray) -> np.ndarray:
     """Offsets `d2t` for a draft vocabulary made of the given (sorted, distinct) target ids."""
     token_ids = np.asarray(token_ids, np.int64)
