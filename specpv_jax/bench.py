@@ -324,11 +324,15 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
     if blocking is not None and not blocking.is_dir():
         raise ValueError(f"--out {args.out}: {blocking} is a file; results go into a directory")
     if args.target:  # what can be checked without the weights is, before they load
+        from specpv_jax import loading
         from specpv_jax.cli import _model_config
 
         paths = {kind: getattr(args, option.lstrip("-").replace("-", "_")) for kind, option in DRAFT_OPTIONS.items()}
+        target_cfg = _model_config(args.target)
         _check_runs(modes, {kind for kind, path in paths.items() if path}, args, contexts, new_tokens,
-                    _model_config(args.target).max_position_embeddings)
+                    target_cfg.max_position_embeddings)
+        _check_specs(modes, base, target_cfg, {kind: loading.draft_config(path, target_cfg)
+                                               for kind, path in paths.items() if path})
         target = sj.load_target(args.target)
         drafts = {kind: sj.load_draft(path, target) for kind, path in paths.items() if path}
     else:
@@ -336,6 +340,7 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
         target = models.target
         drafts = {"eagle3": models.eagle3, "small": models.small_draft, "longspec": models.longspec,
                   "longspec_plain": models.longspec_plain}
+        _check_specs(modes, base, target.cfg, {kind: draft.cfg for kind, draft in drafts.items()})
     if args.target and not args.modes:
         modes = [m for m in modes if m == "ar" or draft_kind(m) in drafts]
     modes = ["ar", *(m for m in modes if m != "ar")]  # ar first, always: the others' speeds are ratios to it
@@ -393,6 +398,18 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
         write_results(args.out, rows, title, device, contexts, new_tokens, modes)  # a later failure keeps these
     print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
     return rows
+
+
+def _check_specs(modes: list[str], base, target_cfg, draft_cfgs: dict) -> None:
+    """Refuses, before anything runs, a mode whose settings `generate` would refuse (a tree wider than the
+    draft's vocabulary, a window shorter than the tree's path, ...); modes without their draft are skipped
+    (`_check_runs` says so)."""
+    from specpv_jax.generate import check_mode_and_draft
+
+    for m in modes:
+        name, spec = generate_mode(m, base)
+        if name == "ar" or draft_kind(m) in draft_cfgs:
+            check_mode_and_draft(target_cfg, name, draft_cfgs.get(draft_kind(m)), spec)
 
 
 def _check_runs(modes: list[str], drafts: set[str], args, contexts: list[int], new_tokens: int,

@@ -145,6 +145,7 @@ def _cmd_plan(args) -> int:
 
     from specpv_jax import loading, memory
     from specpv_jax.config import EAGLE3_MODES, DraftConfig, LongSpecConfig, ModelConfig
+    from specpv_jax.generate import check_mode_and_draft
     from specpv_jax.sampling import Sampler
     from specpv_jax.sharding import default_shape
 
@@ -159,6 +160,9 @@ def _cmd_plan(args) -> int:
     # specextend row only appears with one
     drafted = {ModelConfig: ("specextend",), LongSpecConfig: ("longspec",), DraftConfig: EAGLE3_MODES}.get(
         type(draft), ())
+    for mode in drafted:  # what generate would refuse is refused here too (the tree against the draft, ...)
+        check_mode_and_draft(cfg, mode, draft, dataclasses.replace(spec, offload=False))
+    spec.check_partial()  # every plan has rows for the partial modes
     limit, host_limit = memory.device_bytes_limit(), memory.host_bytes_limit()
     data, model = _mesh_shape(args, spec) or default_shape(jax.device_count(), cfg)
     print(f"{cfg.arch}, {cfg.num_layers} layers x {cfg.hidden_size}, {memory.param_count(cfg) / 1e9:.2f} B params; "
@@ -317,6 +321,9 @@ def _cmd_train_draft(args) -> int:
         if work_dir == out_dir or out_dir in work_dir.parents or work_dir in out_dir.parents:
             raise ValueError(f"--work {args.work} and --out {args.out} must be separate directories (writing the "
                              f"head replaces --out whole)")
+        blocking = next((p for p in (work_dir, *work_dir.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():  # found only after loading and tokenizing, was
+            raise ValueError(f"--work {args.work}: {blocking} is a file; checkpoints go into a directory")
     elif args.save_every is not None:
         raise ValueError("--save-every sets how often --work DIR is saved: add --work")
     if args.long_context is None:
@@ -541,5 +548,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The `specpv-jax` command: `main`'s status as the exit code. After Ctrl-C the process ends at once: an
+    XLA compilation interrupted part-way crashes the interpreter's shutdown (a segfault, status 139)."""
+    status = main()
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

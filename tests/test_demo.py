@@ -272,6 +272,28 @@ def test_bench_results_say_which_contexts_ran(tmp_path, monkeypatch):
         assert len((out / "bench.md").read_text().splitlines()) == 4 + len(done)
 
 
+def test_bench_refuses_what_generate_would_before_loading_or_writing(tmp_path, capsys, monkeypatch):
+    """A setting generate refuses for one of the modes stops the bench before it loads a model or writes its
+    results (it loaded every model and wrote empty ones)."""
+    from test_eagle import make_head
+
+    from specpv_jax.cli import main
+
+    target = make_target(64, layers=2)
+    sj.save_target(target, tmp_path / "target")
+    sj.save_draft(make_head(target), tmp_path / "draft")
+    monkeypatch.setattr(sj, "load_target", lambda *a, **k: pytest.fail("loaded the target"))
+    for extra, message in ((["--spec", "window_tokens=0"], "window_tokens=0 must hold the tree_depth + 1"),
+                           (["--tree", "1", "80", "10"], "tree_top_k=80 exceeds the draft's vocabulary of 64")):
+        assert main(["bench", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
+                     "--modes", "ar", "specpv", "--contexts", "64", "--no-hf", *extra,
+                     "--out", str(tmp_path / "out")]) == 1
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+    assert main(["bench", "--spec", "window_tokens=0", "--out", str(tmp_path / "out")]) == 1  # the demo models
+    assert "window_tokens=0 must hold" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_bench_checks_contexts_against_the_model(tmp_path, capsys):
     from specpv_jax.cli import main
 
@@ -434,6 +456,9 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
           "50"], "--save-every sets how often --work DIR is saved: add --work"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--work",
           str(tmp_path / "new" / "ckpt")], "must be separate directories"),
+        # found once the target had loaded and the data was tokenized: "[Errno 20] Not a directory"
+        (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--work",
+          str(tmp_path / "afile" / "ckpt")], f"--work {tmp_path / 'afile' / 'ckpt'}: {tmp_path / 'afile'} is a file"),
         (["train-draft", "--target", target, "--data", str(tmp_path / "out" / "keep.txt"), "--out", str(tmp_path),
           "--force"], "is not a model directory"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"), "--length", "4",

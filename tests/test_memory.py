@@ -14,6 +14,7 @@ from test_eagle import make_head, make_target
 import specpv_jax as sj
 from specpv_jax import memory, presets
 from specpv_jax.cache import KVCache
+from specpv_jax.demo import ASSETS
 from specpv_jax.config import ModelConfig
 from specpv_jax.model import init_params
 
@@ -459,6 +460,13 @@ def test_plan_takes_spec_fields(capsys):
     assert float(small["specpv"][3]) < float(default["specpv"][3])  # ... also with the full cache offloaded
     assert main(["plan", "--model", "llama-3.1-8b", "--context", "1024", "--spec", "offload=perhaps"]) == 1
     assert "offload takes true or false" in capsys.readouterr().err
+    # what generate refuses, plan refuses (it printed rows for them, exit status 0)
+    assert main(["plan", "--model", "llama-3.1-8b", "--context", "1024", "--spec", "window_tokens=0"]) == 1
+    assert "window_tokens=0 must hold the tree_depth + 1 = 8 tokens" in capsys.readouterr().err
+    head = str(ASSETS / "eagle3")
+    assert main(["plan", "--model", str(ASSETS / "target"), "--draft", head, "--context", "1024", "--spec",
+                 "tree_top_k=5000", "--spec", "tree_nodes=10"]) == 1
+    assert "tree_top_k=5000 exceeds the draft's vocabulary of 2048 tokens" in capsys.readouterr().err
 
 
 def test_plan_counts_the_padded_prompt_generate_allocates(capsys):
