@@ -202,16 +202,16 @@ def _save_params(path: pathlib.Path, params: Any, out: pathlib.Path) -> None:
     so that the caller's clean-up is not racing them."""
     checkpointer = ocp.StandardCheckpointer()
     try:
-        with _orbax_errors_unlogged():  # each writer thread logs the failure with a page-long traceback
+        with orbax_errors_unlogged():  # each writer thread logs the failure with a page-long traceback
             checkpointer.save(path, params)
             checkpointer.wait_until_finished()
     except BaseException as e:  # orbax and TensorStore raise several types; Ctrl-C stops only this thread
-        with contextlib.suppress(Exception), _orbax_errors_unlogged():
+        with contextlib.suppress(Exception), orbax_errors_unlogged():
             checkpointer.close()
         _quiet_orphaned_writes()
         if not isinstance(e, Exception):
             raise
-        raise CheckpointError(f"cannot write the parameters of {out}: {_first_line(e)}") from None
+        raise CheckpointError(f"cannot write the parameters of {out}: {first_line(e)}") from None
     checkpointer.close()
 
 
@@ -229,7 +229,7 @@ def _quiet_orphaned_writes() -> None:
 
 
 @contextlib.contextmanager
-def _orbax_errors_unlogged() -> Iterator[None]:
+def orbax_errors_unlogged() -> Iterator[None]:
     """Drops orbax's error log records (its threads' reports of an error the caller raises itself)."""
     def keep(record: logging.LogRecord) -> bool:
         return record.levelno < logging.ERROR or "orbax" not in record.pathname
@@ -340,7 +340,7 @@ def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
         params = ocp.StandardCheckpointer().restore(path / "params", abstract)
     except Exception as e:  # orbax and TensorStore raise several types
         error = CheckpointError(f"cannot read the parameters in {path / 'params'} (the checkpoint is damaged): "
-                                f"{_first_line(e)}")
+                                f"{first_line(e)}")
     else:
         _check_checksums(path, params)
         return params
@@ -415,17 +415,17 @@ def _stored_tree(path: pathlib.Path) -> Any:
     try:
         metadata = ocp.StandardCheckpointer().metadata(path / "params")
     except Exception as e:  # orbax raises several types for a missing or damaged directory
-        raise CheckpointError(f"{damaged}: {_first_line(e)}") from None
+        raise CheckpointError(f"{damaged}: {first_line(e)}") from None
     tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)
     if tree is None:
         raise CheckpointError(damaged)
     return tree
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """An exception's message cut to its first sentence (TensorStore's run to a page) and its cause's."""
     text = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
-    return text + (f" ({_first_line(e.__cause__)})" if e.__cause__ is not None else "")
+    return text + (f" ({first_line(e.__cause__)})" if e.__cause__ is not None else "")
 
 
 def _check_shapes(path: pathlib.Path, stored: dict, expected: dict, optional: dict) -> None:

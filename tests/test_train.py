@@ -11,6 +11,7 @@ import pytest
 
 import specpv_jax as sj
 from specpv_jax import model
+from specpv_jax.checkpoint import CheckpointError
 from specpv_jax.config import ModelConfig, RopeConfig
 from specpv_jax.draft import eagle3
 from specpv_jax.speculative import flat_features
@@ -190,6 +191,28 @@ def test_a_resumed_run_continues_the_batch_stream(tmp_path, capsys):
         fit(loss, {"w": jnp.zeros(3)}, batches(stop_at=2), dataclasses.replace(tc, save_every=200),
             checkpoint_dir=tmp_path / "short")
     assert "nothing saved yet (the first save is at step 10)" in capsys.readouterr().err
+
+
+def test_a_failed_save_names_the_directory_and_the_step_to_resume(tmp_path, monkeypatch):
+    """A full disk under --work: one error naming the directory and the step a rerun resumes from (it was
+    TensorStore's RESOURCE_EXHAUSTED after 31 tracebacks of orbax's writer threads)."""
+    import orbax.checkpoint as ocp
+
+    def loss(p, batch):
+        return jnp.sum((p["w"] - batch) ** 2), {}
+
+    save = ocp.CheckpointManager.save
+
+    def fills_the_disk(manager, step, *args, **kwargs):
+        if step > 5:
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "opt.1.0.mu": No space left on device')
+        return save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", fills_the_disk)
+    message = f"cannot save the training state to {tmp_path / 'w'}: RESOURCE_EXHAUSTED: .*; the same command resumes"
+    with pytest.raises(CheckpointError, match=message + " from step 5"):
+        fit(loss, {"w": jnp.zeros(3)}, iter([np.ones(3, np.float32)] * 10), TrainConfig(10, 1, 1, save_every=5),
+            checkpoint_dir=tmp_path / "w", progress=False)
 
 
 def test_fit_progress_bar_ends_on_the_last_steps_metrics(capsys):

@@ -7,6 +7,7 @@ CPU run can be interrupted and continued with the same command.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -139,7 +140,8 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
                 if manager is not None and ((i + 1) % tc.save_every == 0 or i + 1 == tc.steps):
                     record(*pending)  # a checkpoint never holds the update of a non-finite loss
                     pending = None
-                    manager.save(i + 1, args=_save_args(state))
+                    with _save_errors(manager, checkpoint_dir):
+                        manager.save(i + 1, args=_save_args(state))
                 bar.update()
             if pending is not None:
                 record(*pending)  # before the bar closes, so that its last line shows the last step
@@ -156,7 +158,8 @@ def fit(loss_fn: LossFn, params: Any, batches: Iterator[np.ndarray], tc: TrainCo
         raise
     finally:  # an interrupted run keeps the checkpoint being written
         if manager is not None:
-            manager.wait_until_finished()
+            with _save_errors(manager, checkpoint_dir):
+                manager.wait_until_finished()
     return state["params"], history
 
 
@@ -218,6 +221,23 @@ def _manager(directory):
 
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+
+@contextlib.contextmanager
+def _save_errors(manager, checkpoint_dir) -> Iterator[None]:
+    """A failed save to `checkpoint_dir` (a full disk; orbax writes in the background, so it may surface at the
+    next save) as one error naming the directory and the step a rerun resumes from, without the page-long
+    reports of orbax's writer threads."""
+    from specpv_jax import checkpoint
+
+    try:
+        with checkpoint.orbax_errors_unlogged():
+            yield
+    except Exception as e:
+        saved = manager.latest_step()
+        raise checkpoint.CheckpointError(
+            f"cannot save the training state to {checkpoint_dir}: {checkpoint.first_line(e)}; "
+            + (f"the same command resumes from step {saved}" if saved else "no step saved yet")) from None
 
 
 def _save_args(state):
