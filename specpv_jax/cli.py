@@ -213,8 +213,8 @@ def _cmd_generate(args) -> int:
     if args.mode == "ar" and args.spec:
         raise ValueError("--mode ar decodes with the target alone: --spec sets the speculative modes' tree and "
                          "caches (leave it out, or choose a speculative --mode)")
-    if args.draft and not pathlib.Path(args.draft).is_dir():
-        raise FileNotFoundError(f"draft directory {args.draft} does not exist")
+    if args.draft:
+        loading.check_directory(pathlib.Path(args.draft), "draft")
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
     try:
         prompt.encode("utf-8")

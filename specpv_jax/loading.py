@@ -133,7 +133,7 @@ def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
     model."""
     from convert.hf import load_hf_model, read_config  # convert -> params -> model: imported lazily
 
-    _check_directory(path, "model")
+    check_directory(path, "model")
     if checkpoint.is_checkpoint(path):
         meta = checkpoint.read_meta(path, "target")
         cfg = checkpoint.config_from_meta(path, meta, "model_config", ModelConfig.from_dict)
@@ -146,7 +146,8 @@ def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
                             f"nor {checkpoint.META_FILE} (specpv-jax orbax export)")
 
 
-def _check_directory(path: pathlib.Path, what: str) -> None:
+def check_directory(path: pathlib.Path, what: str) -> None:
+    """Raises unless `path` is a directory, naming a file in its place or what an interrupted overwrite left."""
     if not path.exists():
         old = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
         hint = f" ({old[0]} holds the checkpoint an interrupted overwrite was replacing)" if old else ""
@@ -226,7 +227,7 @@ def _draft_kind(path: pathlib.Path) -> tuple[str, bool]:
     orbax export."""
     from convert.longspec import is_longspec_dir
 
-    _check_directory(path, "draft")
+    check_directory(path, "draft")
     if checkpoint.is_checkpoint(path):
         kind = checkpoint.read_meta(path).get("kind")
         return {"target": "small", "longspec": "longspec"}.get(kind, "eagle3"), True

@@ -48,7 +48,10 @@ def bucket_length(n: int, chunk: int) -> int:
 
 def _numpy(x: Any) -> np.ndarray:
     """`x` as a numpy array; a JAX array is fetched explicitly, as a caller's `jax.transfer_guard` requires."""
-    return np.asarray(jax.device_get(x) if isinstance(x, jax.Array) else x)
+    try:
+        return np.asarray(jax.device_get(x) if isinstance(x, jax.Array) else x)
+    except ValueError as e:  # [1, [2, 3]]: numpy's "inhomogeneous shape"
+        raise PromptError(f"input_ids must be token ids [T], rows of them, or [B, T]: {e}") from None
 
 
 def _rows(input_ids: Any, attention_mask: Any) -> list[np.ndarray]:
@@ -93,6 +96,8 @@ def _check_dtype(a: np.ndarray) -> None:
     if a.dtype.kind in "US":
         raise PromptError("input_ids is text: encode it into token ids first, e.g. "
                           "target.tokenizer(text)['input_ids']")
+    if a.dtype == object and all(isinstance(i, int) for i in a.flat):  # Python ints past int64
+        raise PromptError(f"input_ids holds ids too large for any vocabulary (e.g. {max(a.flat, key=abs)})")
     if a.size and not np.issubdtype(a.dtype, np.integer):
         raise PromptError(f"input_ids must be integer token ids, got dtype {a.dtype}")
 

@@ -442,6 +442,8 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
         (["generate", str(tmp_path / "nomodel"), "--prompt", "x"], f"model directory {tmp_path / 'nomodel'} does not"),
         (["generate", "llama-3.1-8b", "--prompt", "x"], "model directory llama-3.1-8b does not exist"),
         (["generate", str(tmp_path / "afile"), "--prompt", "x"], "afile is a file; pass the model directory"),
+        (["generate", target, "--prompt", "x", "--mode", "eagle", "--draft", str(tmp_path / "afile")],
+         "afile is a file; pass the draft directory"),  # was: "does not exist"
         # refused before the weights load (they were loaded first)
         (["generate", target, "--prompt", "x", "--mode", "eagle", "--draft", str(ASSETS / "eagle3"), "--spec",
           "offload=true"], "SpecConfig(offload=True) works with modes specpv and exact"),

@@ -31,6 +31,8 @@ def target(hf_model):
     (np.zeros((0, 4), np.int32), {}, "input_ids is empty"),
     ([[5, 6], []], {}, "prompt 1 is empty"),
     (np.array([5.0, 6.0]), {}, "input_ids must be integer token ids, got dtype float64"),
+    ([5, [6, 7]], {}, r"input_ids must be token ids \[T\], rows of them, or \[B, T\]: setting an array"),  # numpy's
+    ([5, 2 ** 70], {}, "input_ids holds ids too large for any vocabulary"),  # was: "got dtype object"
     ("def add(a, b):", {}, "input_ids is text: encode it into token ids first"),
     (["def", "add"], {}, "input_ids is text"),
     ([["def"], ["add", "(a)"]], {}, "input_ids is text"),
