@@ -323,6 +323,8 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     eos = _eos_ids(cfg, eos_token_ids)
     chunk = min(prefill_chunk, batch.ids.shape[1])
     chunks = batch.ids.shape[1] // chunk
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):  # "no" is truthy
+        raise TypeError(f"progress must be True, False or None (by the prompt's length), got {progress!r}")
     progress = chunks >= PROGRESS_CHUNKS if progress is None else bool(progress)
     run, max_len = _plan(cfg, spec, mode, draft.cfg if mode != "ar" else None, max_new_tokens, batch.ids.shape[1],
                          chunk, attention, stream is not None, progress, target.dtype)

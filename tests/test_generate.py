@@ -127,6 +127,8 @@ def test_draft_params_that_do_not_fit_the_draft_config_are_named():
 def test_bad_modes_and_sampling_parameters(target):
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         sj.generate(target, [5, 6], mode="fast")
+    with pytest.raises(TypeError, match="progress must be True, False or None .*, got 'no'"):  # it showed the bar
+        sj.generate(target, [5, 6], 2, progress="no")
     for bad in (-1.0, 1e39):  # 1e39 is finite in Python, not in float32, where the loop computes
         with pytest.raises(ValueError, match=r"temperature must be finite in float32 \(at most 3.4e38\) and >= 0"):
             sj.generate(target, [5, 6], temperature=bad)
