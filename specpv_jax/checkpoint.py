@@ -220,19 +220,26 @@ def _not_an_orphaned_write(record: logging.LogRecord) -> bool:
     return not ("never retrieved" in message and "orbax" in message)
 
 
+def _not_an_orbax_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or "orbax" not in record.pathname
+
+
 def _quiet_orphaned_writes() -> None:
-    """From here on, drops asyncio's reports of orbax write tasks whose error nobody retrieved (each a page
-    long, when collected, up to the process's exit): those of the failed save the caller reports."""
-    logger = logging.getLogger("asyncio")
-    if _not_an_orphaned_write not in logger.filters:
-        logger.addFilter(_not_an_orphaned_write)
+    """From here on, drops the reports of the failed save the caller reports: asyncio's of orbax write tasks
+    whose error nobody retrieved (each a page long, when collected, up to the process's exit), and orbax's own
+    of its commit thread, which may still be running (after Ctrl-C: 'cannot schedule new futures after
+    shutdown')."""
+    for logger, keep in ((logging.getLogger("asyncio"), _not_an_orphaned_write),
+                         (logging.getLogger("absl"), _not_an_orbax_error)):
+        if keep not in logger.filters:
+            logger.addFilter(keep)
 
 
 @contextlib.contextmanager
 def orbax_errors_unlogged() -> Iterator[None]:
     """Drops orbax's error log records (its threads' reports of an error the caller raises itself)."""
-    def keep(record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or "orbax" not in record.pathname
+    def keep(record: logging.LogRecord) -> bool:  # its own: `_quiet_orphaned_writes`'s may come and stay
+        return _not_an_orbax_error(record)
 
     logger = logging.getLogger("absl")  # orbax logs through absl, which logs through this logger
     logger.addFilter(keep)

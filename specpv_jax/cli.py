@@ -8,7 +8,9 @@ import functools
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
 import warnings
 from typing import Callable
 
@@ -548,9 +550,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def redeliver_interrupts(passed_on: Callable) -> Callable:
+    """An unraisable-exception hook that raises again, in the main thread, a Ctrl-C that Python would drop: one
+    that lands in a garbage-collector callback (JAX runs one at each full collection; a `convert` went on to the
+    end). Every other report goes to `passed_on`."""
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):  # raised in this hook, it would be dropped too
+            threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+        else:
+            passed_on(unraisable)
+    return hook
+
+
 def entry() -> None:
     """The `specpv-jax` command: `main`'s status as the exit code. After Ctrl-C the process ends at once: an
     XLA compilation interrupted part-way crashes the interpreter's shutdown (a segfault, status 139)."""
+    sys.unraisablehook = redeliver_interrupts(sys.unraisablehook)
     status = main()
     if status == 130:
         sys.stdout.flush()

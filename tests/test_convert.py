@@ -547,6 +547,31 @@ def test_a_failed_write_is_a_checkpoint_error_and_leaves_nothing(hf_model, tmp_p
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["empty"]
 
 
+def test_an_interrupted_save_leaves_nothing_and_quiets_orbax_after(hf_model, tmp_path, monkeypatch):
+    """Ctrl-C during the save: orbax's commit thread, still running after our clean-up, logged a page-long
+    traceback ('cannot schedule new futures after shutdown', 1 of 10 interrupted converts)."""
+    import logging
+
+    target = sj.load_target(hf_model("llama-mha")[0], progress=False)
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "save", interrupted)
+    absl = logging.getLogger("absl")
+    for logger in (absl, logging.getLogger("asyncio")):
+        monkeypatch.setattr(logger, "filters", [])
+    with pytest.raises(KeyboardInterrupt):
+        sj.save_target(target, tmp_path / "ck")
+    assert list(tmp_path.iterdir()) == []
+
+    def record(path):
+        return logging.LogRecord("absl", logging.ERROR, path, 239, "Failed to run 2 Handler Commit operations",
+                                 None, None)
+    assert not absl.filter(record("/site-packages/orbax/checkpoint/_src/checkpointers/async_checkpointer.py"))
+    assert absl.filter(record("/site-packages/other/module.py"))
+
+
 def test_an_interrupted_overwrites_old_copy_is_pointed_out(hf_model, tmp_path):
     target = sj.load_target(hf_model("llama-mha")[0], progress=False)
     (tmp_path / ".ckpt.old-0123abcd" / "params").mkdir(parents=True)  # a kill during the old copy's deletion

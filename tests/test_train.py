@@ -484,6 +484,38 @@ def test_the_command_ends_at_once_after_an_interrupt(monkeypatch):
         assert exits == left
 
 
+def test_an_interrupt_in_a_gc_callback_is_raised_again(monkeypatch):
+    """Ctrl-C that lands in a garbage-collector callback (JAX runs one at each full collection) is printed as
+    'Exception ignored' and dropped by Python: a `convert` interrupted while loading went on to the end. The
+    command's unraisable-exception hook raises it again in the main thread."""
+    import gc
+    import signal
+    import sys
+    import time
+
+    from specpv_jax import cli
+
+    passed_on = []
+    monkeypatch.setattr(sys, "unraisablehook", cli.redeliver_interrupts(passed_on.append))
+    armed = [True]
+
+    def ctrl_c_while_collecting(phase, info):
+        if phase == "stop" and armed:
+            armed.clear()
+            signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    gc.callbacks.append(ctrl_c_while_collecting)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gc.collect()
+            time.sleep(10)  # the interrupt comes back within it
+    finally:
+        gc.callbacks.remove(ctrl_c_while_collecting)
+        signal.signal(signal.SIGINT, previous)
+    assert not armed and passed_on == []
+
+
 def test_train_draft_save_every_reaches_both_stages(tmp_path, monkeypatch):
     from specpv_jax.cli import main
     from specpv_jax.demo import ASSETS
