@@ -438,14 +438,3 @@ def write_results(out: pathlib.Path, rows: list[dict], title: str, device: str, 
          "new_tokens": new_tokens, "modes": modes, "rows": rows}, indent=2))
     write_markdown(rows, out / "bench.md", title)
     plot(rows, out / "bench.png", title)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    run(p.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

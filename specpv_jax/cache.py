@@ -1,8 +1,9 @@
 """KV-cache pytrees. Shapes are static; validity is tracked by per-row lengths.
 
-One layout, `KVCache` (`k, v [L, B, Hkv, S, D]`, `length [B]`), serves three roles:
+One layout, `KVCache` (`k, v [L, B, Hkv, S, D]`, `length [B]`), serves every cache:
 the target's full cache over the whole context, SpecPV's partial cache (S =
-sink + retrieval + window + buffer slots) and the EAGLE-3 head's cache (L = 1).
+sink + retrieval + window + buffer slots), the EAGLE-3 head's cache (L = 1), a
+small draft model's caches (SpecExtend) and LongSpec's ring of recent K/V.
 `BlockSummary` keeps per-block key extrema of the full cache for retrieval.
 """
 

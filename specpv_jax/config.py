@@ -27,6 +27,11 @@ class ConfigError(ValueError):
     """A configuration that names something unsupported or inconsistent."""
 
 
+def is_integer(x: Any) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _check_positive(config, names: tuple[str, ...]) -> None:
     """Raises naming the first of the numeric fields `names` of `config` that is not positive and finite."""
     for name in names:
@@ -45,7 +50,7 @@ def _check_field_types(config) -> None:
         kind = kind.removesuffix(" | None")
         if kind == "bool" and isinstance(value, (bool, np.bool_)):
             value = bool(value)
-        elif kind == "int" and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        elif kind == "int" and is_integer(value):
             value = int(value)
         elif (kind == "float" and isinstance(value, (int, float, np.integer, np.floating))
               and not isinstance(value, bool)):
@@ -54,6 +59,29 @@ def _check_field_types(config) -> None:
             raise ConfigError(f"{type(config).__name__}.{field.name} must be {'an' if kind == 'int' else 'a'} {kind}, "
                               f"got {value!r}")
         object.__setattr__(config, field.name, value)
+
+
+class _Serialised:
+    """`to_dict` / `from_dict` (our own checkpoint metadata, not the Hugging Face layout) for a config
+    dataclass whose fields are plain values, tuples and a `rope: RopeConfig`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Inverse of `to_dict`; raises naming fields the class does not have."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        d = dict(d)
+        if "rope" in fields:
+            d["rope"] = RopeConfig(**d.get("rope", {}))
+        for name in d:  # JSON has no tuples
+            if fields[name].startswith("tuple"):
+                d[name] = tuple(d[name])
+        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +140,7 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Serialised):
     """Decoder shape and semantics for LLaMA-3.x, Qwen2 and Qwen3."""
 
     arch: str
@@ -146,17 +174,12 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
-                   for t in self.eos_token_ids):
+        if not all(is_integer(t) for t in self.eos_token_ids):
             raise ConfigError(f"ModelConfig.eos_token_ids must be token ids, got {self.eos_token_ids!r}")
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))  # numpy: JSON-able
         for tok in self.eos_token_ids:
             if not 0 <= tok < self.vocab_size:
                 raise ConfigError(f"eos_token_id {tok} is outside the vocabulary (size {self.vocab_size})")
-
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None) -> "ModelConfig":
@@ -199,21 +222,6 @@ class ModelConfig:
             eos_token_ids=_as_ids(eos),
             pad_token_id=_first(hf.get("pad_token_id")),
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Inverse of `to_dict` (our own serialisation, not the HF layout)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ConfigError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        d = dict(d)
-        d["rope"] = RopeConfig(**d.get("rope", {}))
-        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
-        return cls(**d)
 
 
 def _architecture(hf: Mapping[str, Any]) -> str:
@@ -440,7 +448,7 @@ def _speculators_layer(layer) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class DraftConfig:
+class DraftConfig(_Serialised):
     """EAGLE-3 head: one decoder layer over (token embedding, fused target features).
 
     feature_layers: target layers whose *inputs* are concatenated (3 x target
@@ -638,19 +646,9 @@ class DraftConfig:
             hf["rope_scaling"] = {"type": self.rope.kind, **self.rope.to_hf()}
         return hf
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DraftConfig":
-        d = dict(d)
-        d["rope"] = RopeConfig(**d.get("rope", {}))
-        d["feature_layers"] = tuple(d["feature_layers"])
-        return cls(**d)
-
 
 @dataclasses.dataclass(frozen=True)
-class LongSpecConfig:
+class LongSpecConfig(_Serialised):
     """LongSpec draft: one layer of sliding-window self-attention (`num_heads` / `num_kv_heads` x
     `head_dim`, over the last `window` tokens), cross-attention onto the target's last-layer K/V
     (`cross_heads` query heads of the target's `target_head_dim`, grouped over its
@@ -676,11 +674,10 @@ class LongSpecConfig:
     final_norm: bool = True
 
     def __post_init__(self):
-        for name in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "cross_heads",
-                     "target_kv_heads", "target_head_dim", "vocab_size", "window"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"LongSpecConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        _check_positive(self, ("rms_norm_eps",))
+        _check_field_types(self)
+        _check_positive(self, ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                               "cross_heads", "target_kv_heads", "target_head_dim", "vocab_size", "window",
+                               "rms_norm_eps"))
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"LongSpec num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                               f"({self.num_kv_heads})")
@@ -705,18 +702,6 @@ class LongSpecConfig:
                   ("target_head_dim", self.target_head_dim, target.head_dim),
                   ("rope", self.rope, target.rope)]
         return [f"{name} {mine} != the target's {theirs}" for name, mine, theirs in checks if mine != theirs]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LongSpecConfig":
-        d = dict(d)
-        d["rope"] = RopeConfig(**d.get("rope", {}))
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown LongSpecConfig fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -770,9 +755,8 @@ class SpecConfig:
 
     def __post_init__(self):
         _check_field_types(self)
-        for name in ("tree_depth", "tree_top_k", "tree_nodes", "block_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"SpecConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        _check_positive(self, ("tree_depth", "tree_top_k", "tree_nodes", "block_size", "chunk_tokens",
+                               "retrieve_every"))
         from specpv_jax.attention import PREFIX_BLOCK
 
         if PREFIX_BLOCK % self.block_size:  # block summaries tile the caches, allocated in PREFIX_BLOCK multiples
@@ -788,10 +772,7 @@ class SpecConfig:
             if value < 0 or value % self.block_size:
                 raise ConfigError(f"SpecConfig.{name}={value} must be a non-negative multiple of "
                                   f"block_size={self.block_size}")
-        for name in ("chunk_tokens", "retrieve_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"SpecConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not isinstance(self.draft_chunks, int) or self.draft_chunks < 0:
+        if self.draft_chunks < 0:
             raise ConfigError(f"SpecConfig.draft_chunks must be a non-negative integer (0 = no retrieval), "
                               f"got {self.draft_chunks!r}")
         if not 0.0 <= self.tree_threshold < 1.0:

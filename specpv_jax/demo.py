@@ -24,7 +24,6 @@ from specpv_jax.loading import Model, load_draft, load_target
 from specpv_jax.model import init_params
 
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets" / "demo"
-DEMO_MODES = MODES
 # A small tree: on a 2-core CPU and this small target, the default 7/10/60 tree costs more per step than the
 # tokens it saves (BENCHMARKS.md, "Demo models"). Pass spec=SpecConfig() for the paper's tree.
 DEMO_SPEC = SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=6)
@@ -102,7 +101,7 @@ def draft_for(models: DemoModels, mode: str):
     return {"ar": None, "specextend": models.small_draft, "longspec": models.longspec}.get(mode, models.eagle3)
 
 
-def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...] = DEMO_MODES,
+def run_demo(context: int = 16384, new_tokens: int = 128, modes: tuple[str, ...] = MODES,
              spec: SpecConfig | None = None, progress: bool = True) -> list[dict]:
     """Continues a held-out module's source (`context` tokens) with each of `modes` on the demo models and
     prints the code written, then a table: tokens/s, speedup over the first mode, mean accepted length,

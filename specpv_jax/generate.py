@@ -24,7 +24,8 @@ from specpv_jax import xla_cpu
 from specpv_jax import model as M
 from specpv_jax.attention import resolve_implementation
 from specpv_jax.cache import KVCache
-from specpv_jax.config import EAGLE3_MODES, MODES, PARTIAL_MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
+from specpv_jax.config import (EAGLE3_MODES, MODES, PARTIAL_MODES, DraftConfig, LongSpecConfig, ModelConfig, SpecConfig,
+                               is_integer)
 from specpv_jax.draft import eagle3, small
 from specpv_jax.host import prefill_progress, stage_factory, timed_call
 from specpv_jax.jax_settings import under_defaults
@@ -82,9 +83,8 @@ def ar_step(params: M.Params, run: Run, sampler: Sampler, eos: jax.Array, s: ARS
 @stage_factory
 def _ar_decode_fn(run: Run):
     def fn(params, cache, logits, key, sampler, eos, limit):
-        key, sub = jax.random.split(key)
-        first = sampler.sample(logits, sub)
-        state = ARState(cache=cache, out=Output.start(run, first, eos, limit, logits), last=first, key=key)
+        first, out, key = Output.first_token(run, sampler, logits, key, eos, limit)
+        state = ARState(cache=cache, out=out, last=first, key=key)
         state = decode_loop(run, functools.partial(ar_step, params, run, sampler, eos), state)
         return state.out, state.cache  # returning the cache lets it be donated
     return jax.jit(fn, donate_argnums=(1,))
@@ -93,18 +93,14 @@ def _ar_decode_fn(run: Run):
 # --------------------------------------------------------------------------- public API
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def check_seed(seed) -> None:
     """Raises unless `seed` is a 64-bit signed integer (a bool is not one)."""
-    if not _is_int(seed) or not -2 ** 63 <= seed < 2 ** 63:
+    if not is_integer(seed) or not -2 ** 63 <= seed < 2 ** 63:
         raise ValueError(f"seed must be a 64-bit signed integer, got {seed!r}")
 
 
 def _positive_int(name: str, value) -> int:
-    if not _is_int(value) or value < 1:
+    if not is_integer(value) or value < 1:
         raise prompts.PromptError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
@@ -119,9 +115,9 @@ def _eos_ids(cfg: ModelConfig, eos_token_ids) -> np.ndarray:
     if eos_token_ids is None:
         ids = cfg.eos_token_ids
     else:
-        ids = (eos_token_ids,) if _is_int(eos_token_ids) else eos_token_ids
+        ids = (eos_token_ids,) if is_integer(eos_token_ids) else eos_token_ids
         if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, np.ndarray)) or not all(
-                _is_int(i) and 0 <= i < cfg.vocab_size for i in ids):
+                is_integer(i) and 0 <= i < cfg.vocab_size for i in ids):
             raise ValueError(f"eos_token_ids must be a token id or a sequence of them, each in "
                              f"[0, {cfg.vocab_size}); got {eos_token_ids!r}")
     ids = [int(i) for i in ids]
@@ -249,7 +245,6 @@ def _check_settings(target_cfg: ModelConfig, mode: str, dcfg: Any, spec: SpecCon
                     temperature, top_p, top_k, prefill_chunk, attention: str) -> tuple[SpecConfig, Sampler]:
     """Raises naming the first setting `generate` / `make_generate_fn` cannot run with; returns the SpecConfig
     and the Sampler."""
-    _check_mode(mode)
     spec = SpecConfig() if spec is None else spec
     if not isinstance(spec, SpecConfig):
         raise TypeError(f"spec must be a SpecConfig, got {type(spec).__name__}")
@@ -518,7 +513,7 @@ def _prefill_and_decode(run: Run, max_len: int, call, params, draft_params, d2t,
         return out, None, prefill_s, decode_s
     if run.mode == "specextend":
         draft_cache = empty(lambda: KVCache.for_model(run.dcfg, b, max_len, M.param_dtype(draft_params)))
-        prefill_fn = specextend.specextend_prefill_fn(run.prefill_key, run.spec)
+        prefill_fn = specextend.specextend_prefill_fn(run.prefill_key, specextend.prefill_spec(run.spec))
         (cache, draft_state, logits), prefill_s = call(prefill_fn, params, draft_params, ids, lengths, cache,
                                                        draft_cache)
         (out, _, _), decode_s = call(specextend.specextend_decode_fn(decode), params, draft_params, cache, draft_state,
@@ -636,7 +631,7 @@ def _check_call(cfg: ModelConfig, mode: str, max_new_tokens: int, draft_params, 
 
 def _step_stats(out: Output, counters, speculative_mode: bool) -> dict[str, Any]:
     """Verification counts and mean accepted lengths (tokens per verification and row)."""
-    if counters is None:  # ar and eagle: every step is one target pass per live row
+    if counters is None:  # all but specpv and exact: every step is one target pass per live row
         rows = int(out.row_steps)
         mean = int(out.emitted) / rows if rows else 0.0
         full = int(out.steps) if speculative_mode else 0

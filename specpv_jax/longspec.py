@@ -42,6 +42,8 @@ class LongSpecState:
 
 
 def longspec_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array, s: LongSpecState) -> LongSpecState:
+    """Draft a tree from the ring and the target's cache, verify it against the full cache, commit the accepted
+    path and write the draft's K/V of its tokens into the ring."""
     cfg, dcfg = run.cfg, run.dcfg
     tree = longspec.draft_tree(dparams, dcfg, run.spec, params, cfg, s.ring, s.cache, s.root)
     live = ~s.out.done
@@ -67,11 +69,11 @@ def longspec_prefill_fn(run: Run):
 
 @stage_factory
 def longspec_decode_fn(run: Run):
+    """Jitted `fn(params, dparams, cache, ring, logits, key, sampler, eos, limit) -> (Output, cache, ring)`: the
+    `longspec` loop from `longspec_prefill_fn`'s results (cache and ring donated)."""
     def fn(params, dparams, cache, ring, logits, key, sampler, eos, limit):
-        key, sub = jax.random.split(key)
-        first = sampler.sample(logits, sub)
-        state = LongSpecState(cache=cache, ring=ring, root=first, out=Output.start(run, first, eos, limit, logits),
-                              key=key)
+        first, out, key = Output.first_token(run, sampler, logits, key, eos, limit)
+        state = LongSpecState(cache=cache, ring=ring, root=first, out=out, key=key)
         state = decode_loop(run, functools.partial(longspec_step, params, dparams, run, sampler, eos), state)
         return state.out, state.cache, state.ring
 

@@ -16,6 +16,7 @@ from specpv_jax import model as M
 from specpv_jax import host, offload
 from specpv_jax.cache import KVCache
 from specpv_jax.config import DraftConfig, LongSpecConfig, ModelConfig, SpecConfig
+from specpv_jax.sampling import Sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,15 @@ class Output:
                    num_out=jnp.ones((b,), jnp.int32), done=jnp.isin(first, eos) | (limit <= 1),
                    limit=jnp.asarray(limit, jnp.int32), steps=zero, row_steps=zero, emitted=zero,
                    finite=jnp.isfinite(logits).all(), draft_nan_steps=zero)
+
+    @classmethod
+    def first_token(cls, run: Run, sampler: Sampler, logits: jax.Array, key: jax.Array, eos: jax.Array,
+                    limit: jax.Array) -> tuple[jax.Array, "Output", jax.Array]:
+        """Samples each row's first token `[B]` from the prefill `logits [B, V]`, as every mode does (the same
+        seed, the same first token); returns it, the buffer holding it (`start`) and the key to go on with."""
+        key, sub = jax.random.split(key)
+        first = sampler.sample(logits, sub)
+        return first, cls.start(run, first, eos, limit, logits), key
 
     def kept(self, new: jax.Array, count: jax.Array, eos: jax.Array, ahead: Any = 0) -> tuple[jax.Array, jax.Array]:
         """How many of `new [B, P]`'s first `count [B]` tokens a row keeps after `ahead [B]` tokens not yet

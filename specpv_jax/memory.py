@@ -31,7 +31,7 @@ from specpv_jax import offload, sharding
 from specpv_jax.attention import read_block
 from specpv_jax.cache import allocated_slots, blocks_spanned
 from specpv_jax.config import (EAGLE3_MODES, MODES, PARTIAL_MODES, DraftConfig, LongSpecConfig, ModelConfig,
-                               SpecConfig)
+                               SpecConfig, is_integer)
 from specpv_jax.loop import output_bucket
 from specpv_jax.prompts import bucket_length
 from specpv_jax.tree import frontier_widths
@@ -156,7 +156,7 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
               "prefill_chunk": (prefill_chunk, 1), "mesh_shape[0]": (mesh_shape[0], 1),
               "mesh_shape[1]": (mesh_shape[1], 1)}
     for name, (n, least) in counts.items():
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < least:
+        if not is_integer(n) or n < least:
             raise ValueError(f"estimate: {name} must be an integer >= {least}, got {n!r}")
     if not jax.numpy.issubdtype(jax.numpy.dtype(dtype), jax.numpy.floating):
         raise ValueError(f"estimate: dtype must be a floating type, got {dtype!r}")

@@ -205,8 +205,7 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
         new_mask = new_mask & (positions[:, :, None] - positions[:, None, :] < window)
         prefix_from = positions - (window - 1)
     x = embed(params, ids)
-    cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim),
-                            rope.attention_scaling(cfg.rope), dtype)
+    cos, sin = rope.tables(cfg.rope, cfg.head_dim, positions, dtype)
     layer = DecoderLayer(cfg, dtype, attention)
     capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
     if keep is not None and not offloaded:
@@ -278,7 +277,6 @@ def forward_by_layer(params: Params, cfg: ModelConfig, ids: jax.Array, chunk: in
     """
     dtype = param_dtype(params)
     b, t = ids.shape
-    inverse_frequencies, scaling = rope.inverse_frequencies(cfg.rope, cfg.head_dim), rope.attention_scaling(cfg.rope)
     layer = DecoderLayer(cfg, dtype, attention)
     capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
     mask, n_chunks = causal_mask(b, chunk), t // chunk
@@ -299,7 +297,7 @@ def forward_by_layer(params: Params, cfg: ModelConfig, ids: jax.Array, chunk: in
                 held = lax.dynamic_slice(feats, at, (1, b, chunk, x.shape[2]))
                 feats = lax.dynamic_update_slice(feats, jnp.where(jnp.any(capture == i), x_c[None], held), at)
             positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
-            cos, sin = rope.cos_sin(positions, inverse_frequencies, scaling, dtype)
+            cos, sin = rope.tables(cfg.rope, cfg.head_dim, positions, dtype)
             x_c, _, _, _, k_buf, v_buf = layer.apply({"params": layer_params}, x_c, cos, sin, k_buf, v_buf,
                                                      jnp.full((b,), start, jnp.int32), mask, 0)
             if tick is not None:
@@ -333,8 +331,7 @@ def layer_queries(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, po
     q = q.reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": attn["q_norm"]}, q)
-    cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim),
-                            rope.attention_scaling(cfg.rope), dtype)
+    cos, sin = rope.tables(cfg.rope, cfg.head_dim, positions, dtype)
     return rope.apply_rope(q, cos, sin)
 
 

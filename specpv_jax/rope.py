@@ -88,8 +88,18 @@ def cos_sin(positions: jax.Array, inv_freq: np.ndarray, scaling: float, dtype) -
     return (jnp.cos(emb) * scaling).astype(dtype), (jnp.sin(emb) * scaling).astype(dtype)
 
 
+def tables(config: RopeConfig, head_dim: int, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables `[B, T, head_dim]` of the RoPE `config` at integer positions `[B, T]`, cast to `dtype`."""
+    return cos_sin(positions, inverse_frequencies(config, head_dim), attention_scaling(config), dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """`x [..., D]`'s halves swapped, the second negated (HF `rotate_half`): `x * cos + rotate_half(x) * sin`
+    rotates each pair (i, i + D/2) by its angle."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotates `x [B, T, H, D]` with tables `[B, T, D]` (HF `rotate_half` layout)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]

@@ -52,6 +52,8 @@ class SpecExtendState:
 
 def specextend_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array,
                     s: SpecExtendState) -> SpecExtendState:
+    """The draft takes in the pending tokens and grows a tree, the target verifies it against the full cache and
+    commits the accepted path; every `retrieve_every` steps the draft's working cache is chosen again."""
     cfg, dcfg, spec = run.cfg, run.dcfg, run.spec
     draft, logprobs = small.advance(dparams, dcfg, s.draft, s.pending, s.pending_count, run.attention)
     root = jnp.take_along_axis(s.pending, (s.pending_count - 1)[:, None], axis=1)[:, 0]
@@ -77,9 +79,17 @@ def specextend_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array,
                            out=s.out.append(emitted, acc.count + 1, eos, acc.finite, tree.draft_nan), key=key)
 
 
+def prefill_spec(spec: SpecConfig) -> SpecConfig:
+    """The settings of `spec` that prefill reads (the draft's first working cache, `small.start`), the others at
+    their defaults: one compiled prefill serves every tree and every other mode's budget."""
+    return SpecConfig(tree_depth=spec.tree_depth, tree_top_k=1, tree_nodes=1, chunk_tokens=spec.chunk_tokens,
+                      draft_chunks=spec.draft_chunks, retrieve_every=spec.retrieve_every)
+
+
 @stage_factory
 def specextend_prefill_fn(run: Run, spec: SpecConfig):
-    """Prefills the target and the draft over the prompts; returns (cache, draft state, last logits `[B, V]`)."""
+    """Prefills the target and the draft over the prompts; returns (cache, draft state, last logits `[B, V]`).
+    `spec`: `prefill_spec`'s."""
     def fn(params, dparams, ids, lengths, cache, draft_cache):
         cache, last, _, _ = prefill(params, run, ids, lengths, cache)
         draft_run = Run(cfg=run.dcfg, out_slots=0, chunk=run.chunk, attention=run.attention)
@@ -92,14 +102,15 @@ def specextend_prefill_fn(run: Run, spec: SpecConfig):
 
 @stage_factory
 def specextend_decode_fn(run: Run):
+    """Jitted `fn(params, dparams, cache, draft_state, logits, key, sampler, eos, limit) -> (Output, cache,
+    draft_state)`: the `specextend` loop from `specextend_prefill_fn`'s results (cache and draft state donated)."""
     def fn(params, dparams, cache, draft_state, logits, key, sampler, eos, limit):
-        key, sub = jax.random.split(key)
-        first = sampler.sample(logits, sub)
+        first, out, key = Output.first_token(run, sampler, logits, key, eos, limit)
         b = first.shape[0]
         pending = jnp.zeros((b, run.spec.tree_depth + 1), jnp.int32).at[:, 0].set(first)
         state = SpecExtendState(cache=cache, draft=draft_state, pending=pending,
                                 pending_count=jnp.ones((b,), jnp.int32),
-                                out=Output.start(run, first, eos, limit, logits), key=key)
+                                out=out, key=key)
         state = decode_loop(run, functools.partial(specextend_step, params, dparams, run, sampler, eos), state)
         return state.out, state.cache, state.draft
 

@@ -115,8 +115,7 @@ def initial_state(run: Run, cache: KVCache, draft_cache: KVCache, logits: jax.Ar
 
     The head still owes the pair (last prompt feature, first token).
     """
-    key, sub = jax.random.split(key)
-    first = sampler.sample(logits, sub)
+    first, out, key = Output.first_token(run, sampler, logits, key, eos, limit)
     b = first.shape[0]
     p = run.spec.tree_depth + 1
     feats = jnp.zeros((b, p, last_feats.shape[0] * run.cfg.hidden_size), last_feats.dtype)
@@ -124,7 +123,7 @@ def initial_state(run: Run, cache: KVCache, draft_cache: KVCache, logits: jax.Ar
     return EagleState(cache=cache, draft_cache=draft_cache, pair_feats=feats,
                       pair_tokens=jnp.zeros((b, p), jnp.int32).at[:, 0].set(first),
                       pair_count=jnp.ones((b,), jnp.int32), root=first,
-                      out=Output.start(run, first, eos, limit, logits), key=key)
+                      out=out, key=key)
 
 
 @stage_factory

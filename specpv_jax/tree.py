@@ -29,7 +29,8 @@ class Tree:
 
     tokens: `[B, N]` int32; parents: `[B, N]` (the root is its own parent);
     depth: `[B, N]` (root 0); mask: `[B, N, N]` bool, row i = i and its ancestors;
-    children: `[B, N, top_k]` child nodes in index order, -1 padded; max_depth: the deepest a node can be
+    children: `[B, N, W]` child nodes in index order, -1 padded (W: `tree.branching`, top_k, or top_k**2 in a
+    beam tree); max_depth: the deepest a node can be
     (static); draft_nan: `[B]` bool (`grow_tree`'s trees), whether the drafter's log-probabilities held NaN
     (a draft overflowing its dtype: its tokens are then arbitrary).
     """

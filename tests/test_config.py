@@ -7,7 +7,7 @@ import pytest
 
 from conftest import HF_SPECS, needs_transformers_5
 from specpv_jax import rope
-from specpv_jax.config import ConfigError, DraftConfig, ModelConfig, RopeConfig, SpecConfig
+from specpv_jax.config import ConfigError, DraftConfig, LongSpecConfig, ModelConfig, RopeConfig, SpecConfig
 
 
 def hf_dict(name):
@@ -16,7 +16,7 @@ def hf_dict(name):
 
 def test_reads_every_architecture():
     llama = ModelConfig.from_hf({**hf_dict("llama-gqa4-yarn-bias"), "architectures": ["LlamaForCausalLM"]})
-    assert (llama.arch, llama.num_heads, llama.num_kv_heads, llama.q_per_kv) == ("llama", 8, 2, 4)
+    assert (llama.arch, llama.num_heads, llama.num_kv_heads) == ("llama", 8, 2)
     assert llama.qkv_bias and llama.o_bias and not llama.qk_norm
     qwen2 = ModelConfig.from_hf({**hf_dict("qwen2-gqa2-tied"), "architectures": ["Qwen2ForCausalLM"]})
     assert qwen2.qkv_bias and not qwen2.o_bias and qwen2.tie_word_embeddings
@@ -118,6 +118,13 @@ def test_dict_round_trip():
     cfg = ModelConfig.from_hf(hf_dict("qwen3-gqa2-tied-yarn"))
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     hash(cfg)  # static under jit
+    head = DraftConfig.for_target(cfg, 64)
+    long = LongSpecConfig.for_target(cfg, window=np.int64(16))  # numpy ints, as for the other configs
+    assert long == LongSpecConfig.for_target(cfg, window=16) and type(long.window) is int
+    for config in (head, long):
+        assert type(config).from_dict(config.to_dict()) == config
+        with pytest.raises(ConfigError, match=rf"unknown {type(config).__name__} fields: \['windw'\]"):
+            type(config).from_dict({**config.to_dict(), "windw": 8})
 
 
 @pytest.mark.parametrize("change, message", [

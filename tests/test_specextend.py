@@ -100,13 +100,20 @@ def pair():
     sj.SpecConfig(**TREE, draft_chunks=0),                                    # classic: the draft sees everything
     sj.SpecConfig(**TREE, chunk_tokens=16, draft_chunks=4, tree_beam=True),   # a beam tree
 ], ids=["retrieval", "full-draft-cache", "beam-tree"])
-def test_greedy_specextend_equals_ar(pair, spec):
+def test_greedy_specextend_equals_ar(pair, spec, monkeypatch):
+    from specpv_jax import specextend
+
     target, draft = pair
     prompt = np.random.default_rng(1).integers(0, 16, 1500)
     ar = sj.generate(target, prompt, 40, eos_token_ids=())
+    prefill_specs = []
+    original = specextend.specextend_prefill_fn
+    monkeypatch.setattr(specextend, "specextend_prefill_fn",
+                        lambda run, s: prefill_specs.append(s) or original(run, s))
     out = sj.generate(target, prompt, 40, draft=draft, mode="specextend", spec=spec, eos_token_ids=())
     np.testing.assert_array_equal(out.tokens, ar.tokens)
     assert out.stats["steps"] < 40
+    assert prefill_specs == [specextend.prefill_spec(spec)]
 
 
 def test_greedy_specextend_batch_equals_ar(pair):
@@ -120,6 +127,26 @@ def test_greedy_specextend_batch_equals_ar(pair):
     np.testing.assert_array_equal(out.lengths, ar.lengths)
     for r in range(3):
         np.testing.assert_array_equal(out.tokens[r, : ar.lengths[r]], ar.tokens[r, : ar.lengths[r]])
+
+
+def test_tree_and_budget_settings_compile_no_new_prefill(pair):
+    """Prefill was compiled again for each SpecConfig, though it reads only the retrieval settings and the tree's
+    depth (a sweep over trees or budgets recompiled it each time): generate keys it on `prefill_spec`'s (checked
+    in `test_greedy_specextend_equals_ar`), which starts the draft as the whole SpecConfig does."""
+    from specpv_jax import specextend
+
+    target, draft = pair
+    spec = sj.SpecConfig(**TREE, chunk_tokens=16, draft_chunks=4, retrieve_every=2)
+    others = [dataclasses.replace(spec, tree_nodes=5, tree_top_k=2, tree_threshold=0.3, tree_beam=True,
+                                  retrieval_tokens=512, window_tokens=64, sink_tokens=0, bounded_draft=True)]
+    assert {specextend.prefill_spec(s) for s in [spec, *others]} == {specextend.prefill_spec(spec)}
+    assert specextend.prefill_spec(dataclasses.replace(spec, retrieve_every=3)) != specextend.prefill_spec(spec)
+    cache = KVCache.for_model(draft.cfg, 1, 600)
+    cache = cache.replace(k=jax.random.normal(jax.random.key(0), cache.k.shape), length=jnp.asarray([500]))
+    start = jax.jit(small.start, static_argnums=(0, 1))
+    started, reduced = (start(draft.cfg, s, cache) for s in (spec, specextend.prefill_spec(spec)))
+    for a, b in zip(jax.tree.leaves(started), jax.tree.leaves(reduced)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_target_as_its_own_draft_accepts_every_token(pair):

@@ -97,8 +97,7 @@ def head_forward(params: Params, cfg: DraftConfig, embed: jax.Array, tokens: jax
     if hidden.shape[-1] != cfg.hidden_size:  # the EAGLE-3 reference's rule, kept for heads it trained
         hidden = _project_features(params, cfg, hidden.astype(dtype))
     emb = jnp.take(embed, tokens, axis=0).astype(dtype)
-    cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim),
-                            rope.attention_scaling(cfg.rope), dtype)
+    cos, sin = rope.tables(cfg.rope, cfg.head_dim, positions, dtype)
     prefix_from = None
     if cfg.sliding_window is not None:
         prefix_from = positions - (cfg.sliding_window - 1)

@@ -72,16 +72,11 @@ def _dense(p: Params, x: jax.Array) -> jax.Array:
     return y + p["bias"] if "bias" in p else y
 
 
-def _tables(cfg: LongSpecConfig, positions: jax.Array, head_dim: int, dtype):
-    return rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, head_dim), rope.attention_scaling(cfg.rope),
-                        dtype)
-
-
 def self_kv(params: Params, cfg: LongSpecConfig, embed: jax.Array, tokens: jax.Array, positions: jax.Array):
     """Self-attention keys (rotated) and values of `tokens [B, T]` at `positions [B, T]`: `[B, Hkv, T, D]` each."""
     dtype = _dtype(params)
     x = jnp.take(embed, tokens, axis=0).astype(dtype)
-    cos, sin = _tables(cfg, positions, cfg.head_dim, dtype)
+    cos, sin = rope.tables(cfg.rope, cfg.head_dim, positions, dtype)
     return _kv(params, cfg, _norm(params["input_layernorm"], x, cfg.rms_norm_eps), cos, sin)
 
 
@@ -104,13 +99,13 @@ def layer(params: Params, cfg: LongSpecConfig, embed: jax.Array, tokens: jax.Arr
     dtype, eps = _dtype(params), cfg.rms_norm_eps
     b, t = tokens.shape
     x = jnp.take(embed, tokens, axis=0).astype(dtype)
-    cos, sin = _tables(cfg, positions, cfg.head_dim, dtype)
+    cos, sin = rope.tables(cfg.rope, cfg.head_dim, positions, dtype)
     h = _norm(params["input_layernorm"], x, eps)
     q = rope.apply_rope(_dense(params["self_attn"]["q_proj"], h).reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
     k, v = _kv(params, cfg, h, cos, sin)
     x = x + _dense(params["self_attn"]["o_proj"], self_attend(q, k, v).reshape(b, t, -1))
     if cfg.target_head_dim != cfg.head_dim:
-        cos, sin = _tables(cfg, positions, cfg.target_head_dim, dtype)
+        cos, sin = rope.tables(cfg.rope, cfg.target_head_dim, positions, dtype)
     h = _norm(params["cross_layernorm"], x, eps)
     qc = _dense(params["cross_attn"]["q_proj"], h).reshape(b, t, cfg.cross_heads, cfg.target_head_dim)
     x = x + _dense(params["cross_attn"]["o_proj"], cross_attend(rope.apply_rope(qc, cos, sin)).reshape(b, t, -1))

@@ -69,13 +69,11 @@ def rotate_keys(cfg: ModelConfig, keys: jax.Array, positions: jax.Array, inverse
     The forward pass rotates keys as `m R(p) k` (m: the RoPE attention scaling), so
     the inverse is `R(-p) y / m^2`.
     """
-    scaling = rope.attention_scaling(cfg.rope)
-    cos, sin = rope.cos_sin(positions, rope.inverse_frequencies(cfg.rope, cfg.head_dim), scaling, jnp.float32)
+    cos, sin = rope.tables(cfg.rope, cfg.head_dim, positions, jnp.float32)
     cos, sin = cos[None, :, None], sin[None, :, None]
     x = keys.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    turned = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    out = (x * cos - turned * sin) / scaling ** 2 if inverse else x * cos + turned * sin
+    turned = rope.rotate_half(x)
+    out = (x * cos - turned * sin) / rope.attention_scaling(cfg.rope) ** 2 if inverse else x * cos + turned * sin
     return out.astype(keys.dtype)
 
 
