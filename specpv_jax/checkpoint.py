@@ -99,13 +99,17 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
         raise
 
 
-def _remove(tree: pathlib.Path) -> None:
-    """Deletes the directory `tree`, trying again while something (a writer thread still finishing) refills it."""
-    for wait in (0.0, 0.1, 0.5, 2.0):
-        time.sleep(wait)
-        shutil.rmtree(tree, ignore_errors=True)
-        if not tree.exists():
+def _remove(tree: pathlib.Path, settle: float = 1.0, give_up: float = 10.0) -> None:
+    """Deletes the directory `tree`, and again until it has stayed away for `settle` seconds: writes still in
+    flight after a failed save (orbax's, on a full disk) made its directories again after the first deletion."""
+    start = gone = time.monotonic()
+    while time.monotonic() - start < give_up:
+        if tree.exists():
+            shutil.rmtree(tree, ignore_errors=True)
+            gone = time.monotonic()
+        elif time.monotonic() - gone >= settle:
             return
+        time.sleep(0.05)
     warn(f"could not delete {tree}, left by a failed save: delete it")
 
 
@@ -201,6 +205,7 @@ def _save_params(path: pathlib.Path, params: Any, out: pathlib.Path) -> None:
     """Orbax writes `params` to `path`; on failure (a full disk) its writer threads are done before this raises,
     so that the caller's clean-up is not racing them."""
     checkpointer = ocp.StandardCheckpointer()
+    _drop_failed_io_reports()  # before writing: in-flight writes report as soon as one fails (a full disk)
     try:
         with orbax_errors_unlogged():  # each writer thread logs the failure with a page-long traceback
             checkpointer.save(path, params)
@@ -342,7 +347,7 @@ def restore(path: str | os.PathLike, expected: dict[str, tuple[int, ...]],
     where = (jax.tree.map(lambda m: device, tree) if mesh is None else
              jax.tree.map(lambda m, spec: NamedSharding(mesh, spec), tree, sharding.param_specs(tree, mesh, cfg)))
     abstract = jax.tree.map(lambda m, w: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=w), tree, where)
-    _drop_failed_read_reports()  # before reading: in-flight reads report as soon as one fails (or on Ctrl-C)
+    _drop_failed_io_reports()  # before reading: in-flight reads report as soon as one fails (or on Ctrl-C)
     try:
         params = ocp.StandardCheckpointer().restore(path / "params", abstract)
     except Exception as e:  # orbax and TensorStore raise several types
@@ -395,24 +400,24 @@ def _check_checksums(path: pathlib.Path, params: Any) -> None:
                               f"was saved (their checksums in {META_FILE})")
 
 
-def _drop_failed_read_reports() -> None:
-    """Quiets the reads a failed orbax restore leaves behind: each reports its own TensorStore error, a page
-    long, when collected, and those still in flight report that orbax's event loop is closed when they finish
-    (`restore`'s error names the problem). From here on the process's unraisable-exception hook drops those
-    reports (and passes on every other)."""
-    if not getattr(sys.unraisablehook, "drops_failed_reads", False):
+def _drop_failed_io_reports() -> None:
+    """Quiets the reads and writes a failed orbax restore or save leaves behind: each reports its own
+    TensorStore error, a page long, when collected, and those still in flight report that orbax's event loop
+    is closed when they finish (the caller's error names the problem). From here on the process's
+    unraisable-exception hook drops those reports (and passes on every other)."""
+    if not getattr(sys.unraisablehook, "drops_failed_io", False):
         passed_on = sys.unraisablehook
 
         def hook(unraisable) -> None:
-            if not _failed_read(unraisable):
+            if not _failed_io(unraisable):
                 passed_on(unraisable)
 
-        hook.drops_failed_reads = True
+        hook.drops_failed_io = True
         sys.unraisablehook = hook
 
 
-def _failed_read(unraisable) -> bool:
-    code = getattr(unraisable.object, "cr_code", None)  # an orphaned orbax read coroutine
+def _failed_io(unraisable) -> bool:
+    code = getattr(unraisable.object, "cr_code", None)  # an orphaned orbax read or write coroutine
     closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
     return closed or (code is not None and "orbax" in code.co_filename)
 

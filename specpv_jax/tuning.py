@@ -55,7 +55,9 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
     """
     from specpv_jax.generate import draft_vocab_size, fidelity, generate
 
-    if isinstance(context, (int, np.integer)):
+    if isinstance(context, (int, np.integer)) and not isinstance(context, bool):
+        if context < 1:
+            raise ValueError(f"context must be a positive length or token ids, got {context}")
         prompt = np.random.default_rng(0).integers(0, target.cfg.vocab_size, int(context))
     else:
         prompt = np.asarray(context)

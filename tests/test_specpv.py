@@ -467,6 +467,9 @@ def test_tuning_skips_trees_wider_than_the_draft_vocabulary():
     assert [t.spec.tree_top_k for t in trials] == [4] and spec.tree_top_k == 4
     with pytest.raises(ValueError, match="no candidate tree fits: each needs tree_top_k <= the draft's 6 tokens"):
         tune(target, head, 40, trees=((2, 8, 8),), budgets=(), new_tokens=4)
+    for context in (0, -5):  # numpy's "negative dimensions are not allowed", or an empty prompt
+        with pytest.raises(ValueError, match=f"context must be a positive length or token ids, got {context}"):
+            tune(target, head, context)
 
 
 @pytest.mark.parametrize("speeds, picked", [  # tokens/s of trees of 5 and 3 nodes, then of budgets 32 and 64
