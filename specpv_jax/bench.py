@@ -354,6 +354,10 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
     device = jax.devices()[0].device_kind
     title = (f"{target.cfg.arch} {target.cfg.num_layers} layers x {target.cfg.hidden_size} on {device}, "
              f"{new_tokens} new tokens")
+    if hf_dir:  # the peer's speed on a CPU follows its threads
+        import torch
+
+        title += f"; transformers: torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(title)
     rows, width = [], max(len(m) for m in [*modes, "hf-assisted"])
     write_results(args.out, rows, title, device, contexts, new_tokens, modes)  # no stale results if the first fails

@@ -114,6 +114,8 @@ def test_run_demo_prints_a_row_per_mode(capsys):
 
 @pytest.mark.torch  # the bench's transformers peer
 def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
+    import torch
+
     from specpv_jax.cli import main
 
     assert main(["bench", "--contexts", "300", "--new-tokens", "8", "--modes", "eagle", "specextend",
@@ -122,6 +124,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     assert "x1.00 vs ar" in printed and re.search(r"hf .* tok/s  x[\d.]+ vs ar  \(transformers greedy\)", printed)
     assert re.search(r"eagle .* x[\d.]+ vs ar  x[\d.]+ vs hf", printed), printed
     data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["title"].endswith(f"; transformers: torch {torch.__version__}, {torch.get_num_threads()} threads")
     assert data["contexts"] == [300] and data["pending"] == [] and data["modes"] == ["ar", "eagle", "specextend"]
     assert [(r["context"], r["mode"]) for r in data["rows"]] == [
         (300, m) for m in ("ar", "eagle", "specextend", "transformers", "transformers-assisted")]
