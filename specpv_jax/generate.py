@@ -29,7 +29,7 @@ from specpv_jax.config import (EAGLE3_MODES, MODES, PARTIAL_MODES, DraftConfig, 
 from specpv_jax.draft import eagle3, small
 from specpv_jax.host import prefill_progress, stage_factory, timed_call
 from specpv_jax.jax_settings import under_defaults
-from specpv_jax.loading import Model, draft_param_shapes, param_shapes
+from specpv_jax.loading import Model, check_model, draft_param_shapes, param_shapes
 from specpv_jax.loop import Output, Run, decode_loop, output_bucket, prefill
 from specpv_jax.sampling import Sampler
 from specpv_jax.warning import warn
@@ -298,8 +298,7 @@ def generate(target: Model, input_ids: Any, max_new_tokens: int = 256, *, draft:
     progress: a progress bar over prefill chunks (default: for prompts of
     `PROGRESS_CHUNKS` chunks or more). Returns `GenerateOutput(tokens [B, n_new], lengths [B], stats)`.
     """
-    if not isinstance(target, Model):
-        raise TypeError(f"target must be a model from sj.load_target, got {type(target).__name__}")
+    check_model(target)
     _check_untraced("generate", input_ids, target.params)
     check_params(target.cfg, target.params)
     xla_cpu.check_backend()
@@ -698,6 +697,7 @@ def forward_logits(target: Model, input_ids: Any, chunk: int = DEFAULT_PREFILL_C
     with a mask, `[B, T, V]` of input_ids' shape, zero where the mask is 0; ragged rows, right-padded with
     zeros to the longest.
     """
+    check_model(target)
     _positive_int("chunk", chunk)
     _check_untraced("forward_logits", input_ids, target.params)
     check_params(target.cfg, target.params)

@@ -179,9 +179,16 @@ def draft_param_shapes(dcfg: Any) -> tuple[dict[str, tuple[int, ...]], dict[str,
 
 
 @under_defaults
+def check_model(model: Any, argument: str = "target") -> None:
+    """Raises unless `model` is a loaded target (`load_target`'s `Model`); `argument` names it."""
+    if not isinstance(model, Model):
+        raise TypeError(f"{argument} must be a model from sj.load_target, got {type(model).__name__}")
+
+
 def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
     """Exports a target model as an orbax checkpoint that restores without HF files or torch (with its
     tokenizer files); `overwrite` replaces a model directory at `out_dir` (never a directory of other files)."""
+    check_model(model, "model")
     source = pathlib.Path(model.source) if model.source else None
     tok_dir = tokenizer_directory(source) if source is not None else None
     checkpoint.check_destination(out_dir, overwrite, source=model.source)
@@ -204,6 +211,7 @@ def load_draft(path: str | os.PathLike, target: Model, dtype: str | None = None)
     dtype: None uses the target's dtype. The draft's parameters go on the mesh the
     target's are placed on (`load_target`), split the same way.
     """
+    check_model(target)
     draft = _read_draft(_absolute(path), target, dtype or target.dtype)
     mesh = sharding.mesh_of(target.params)
     if mesh is not None:
@@ -331,6 +339,8 @@ def _longspec_from_checkpoint(path: pathlib.Path, target: Model, dtype) -> Any:
 def save_draft(draft: Any, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
     """Exports a draft as an orbax checkpoint (`export_eagle3` writes the public layout instead); `overwrite`
     as in `save_target`."""
+    if getattr(draft, "kind", None) not in ("eagle3", "small", "longspec"):
+        raise TypeError(f"draft must be a draft from sj.load_draft, got {type(draft).__name__}")
     if draft.kind == "small":
         return save_target(Model(draft.cfg, draft.params, source=draft.source), out_dir, overwrite)
     checkpoint.check_destination(out_dir, overwrite, source=draft.source)

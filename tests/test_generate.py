@@ -156,8 +156,14 @@ def test_bad_eos_ids_are_named(target, eos):
 
 
 def test_other_bad_arguments_are_named(target):
-    with pytest.raises(TypeError, match="target must be a model from sj.load_target, got str"):
-        sj.generate("path/to/model", [5, 6])
+    for call in (lambda: sj.generate("path/to/model", [5, 6]), lambda: sj.forward_logits("path/to/model", [5, 6]),
+                 lambda: sj.load_draft("path/to/draft", "path/to/model")):  # an AttributeError each
+        with pytest.raises(TypeError, match="target must be a model from sj.load_target, got str"):
+            call()
+    with pytest.raises(TypeError, match="model must be a model from sj.load_target, got str"):
+        sj.save_target("path/to/model", "out")
+    with pytest.raises(TypeError, match="draft must be a draft from sj.load_draft, got str"):
+        sj.save_draft("path/to/draft", "out")
     with pytest.raises(TypeError, match="stream must be a function"):
         sj.generate(target, [5, 6], stream=[])
     with pytest.raises(ValueError, match="seed must be a 64-bit signed integer, got 1.5"):
