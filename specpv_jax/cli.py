@@ -252,13 +252,10 @@ def _cmd_generate(args) -> int:
 
 
 def _require_tokenizer(model: str, why: str) -> None:
-    """Raises, before any loading, when the model directory `model` has no tokenizer files."""
+    """Raises, before any loading, unless `model` is a target's directory with tokenizer files."""
     from specpv_jax import checkpoint, loading
 
-    if pathlib.Path(model).is_file():
-        raise NotADirectoryError(f"{model} is a file; pass the model directory")
-    if not pathlib.Path(model).exists():
-        raise FileNotFoundError(f"model directory {model} does not exist")
+    loading.check_target_directory(model)
     if loading.tokenizer_directory(model) is None:
         where = pathlib.Path(model) / "tokenizer" if checkpoint.is_checkpoint(model) else model
         raise ValueError(f"{model} has no tokenizer files ({', '.join(checkpoint.TOKENIZER_MARKERS)}); {why}: "

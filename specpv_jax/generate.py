@@ -206,8 +206,8 @@ def _check_draft_config(target_cfg: ModelConfig, dcfg: Any, mode: str, spec: Spe
     has the `spec.tree_branching` tokens a node expands to."""
     kind = _CONFIG_KINDS.get(type(dcfg))
     if kind != DRAFT_KINDS[mode]:
-        raise ValueError(f"mode {mode!r} needs the config of {_DRAFT_NAMES[DRAFT_KINDS[mode]]}, "
-                         f"got {type(dcfg).__name__}")
+        got = f"that of {_DRAFT_NAMES[kind]}" if kind else type(dcfg).__name__
+        raise ValueError(f"mode {mode!r} needs the config of {_DRAFT_NAMES[DRAFT_KINDS[mode]]}, got {got}")
     problems = small.fit_problems(dcfg, target_cfg) if kind == "small" else dcfg.fit_problems(target_cfg)
     if problems:
         raise ValueError(f"the draft does not fit this target: {'; '.join(problems)}; "

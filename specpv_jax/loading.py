@@ -133,7 +133,7 @@ def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
     model."""
     from convert.hf import load_hf_model, read_config  # convert -> params -> model: imported lazily
 
-    check_directory(path, "model")
+    check_target_directory(path)
     if checkpoint.is_checkpoint(path):
         meta = checkpoint.read_meta(path, "target")
         cfg = checkpoint.config_from_meta(path, meta, "model_config", ModelConfig.from_dict)
@@ -144,6 +144,23 @@ def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
         return cfg, params
     raise FileNotFoundError(f"{path} is not a model directory: it has neither config.json (Hugging Face) "
                             f"nor {checkpoint.META_FILE} (specpv-jax orbax export)")
+
+
+def check_target_directory(path: str | os.PathLike) -> None:
+    """Raises unless `path` is a directory; one of a draft (an EAGLE-3 head, a LongSpec draft, in their
+    public layouts) is named as such, not as an unsupported architecture."""
+    from convert.longspec import is_longspec_dir
+
+    path = pathlib.Path(path)
+    check_directory(path, "model")
+    config_json = path / "config.json"
+    if checkpoint.is_checkpoint(path) or not config_json.is_file():
+        return  # an orbax export names its own kind (`checkpoint.read_meta`)
+    draft = "a LongSpec draft" if is_longspec_dir(path) else "an EAGLE-3 head" if _is_eagle3_config(config_json) \
+        else None
+    if draft:
+        raise ValueError(f"{path} holds {draft}, not a target model: it loads as a draft, "
+                         f"sj.load_draft(path, target) (the CLI's --draft), which sj.save_draft exports as orbax")
 
 
 def check_directory(path: pathlib.Path, what: str) -> None:

@@ -511,6 +511,19 @@ def test_convert_refuses_to_replace_its_source(hf_copy, tmp_path, capsys):
     assert "cannot create" in capsys.readouterr().err
 
 
+def test_a_draft_directory_given_as_the_target_is_named(capsys):
+    """It was 'unsupported architecture LlamaForCausalLMEagle3' (convert, load_target) or 'has no tokenizer
+    files' (generate)."""
+    from specpv_jax import cli
+    from specpv_jax.demo import ASSETS
+
+    for name, what in (("eagle3", "an EAGLE-3 head"), ("longspec", "a LongSpec draft")):
+        with pytest.raises(ValueError, match=f"holds {what}, not a target model: it loads as a draft"):
+            sj.load_target(ASSETS / name)
+        assert cli.main(["generate", str(ASSETS / name), "--prompt", "hi"]) == 1
+        assert f"holds {what}, not a target model" in capsys.readouterr().err
+
+
 def test_checkpoint_of_wrong_kind(tmp_path):
     checkpoint.save(tmp_path / "ck", {"w": np.zeros(2, np.float32)}, {"kind": "eagle3"})
     with pytest.raises(CheckpointError, match="holds a 'eagle3' checkpoint"):

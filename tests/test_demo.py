@@ -451,7 +451,7 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
         (["generate", target, "--prompt", "x", "--mode", "eagle", "--draft", str(ASSETS / "eagle3"), "--spec",
           "offload=true"], "SpecConfig(offload=True) works with modes specpv and exact"),
         (["generate", target, "--prompt", "x", "--mode", "longspec", "--draft", str(ASSETS / "eagle3")],
-         "mode 'longspec' needs the config of a LongSpec draft, got DraftConfig"),
+         "mode 'longspec' needs the config of a LongSpec draft, got that of an EAGLE-3 head"),
         (["generate", target, "--prompt", "  "], "the prompt is empty"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "out")], "already exists"),
         (["train-draft", "--target", target, "--data", "x.txt", "--out", str(tmp_path / "new"),
