@@ -22,12 +22,14 @@ own trees (`specextend.SPECEXTEND_TREE`, `longspec.LONGSPEC_TREE`). Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
 import pathlib
 import tempfile
 import time
+from typing import Iterator
 
 import numpy as np
 
@@ -112,6 +114,21 @@ def generate_mode(mode: str, spec):
                                                                              bounded_draft=False)
 
 
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' advice to its users kept out of the bench's output: the deprecation of generate's arguments
+    beside a generation config, and that a draft (the demo's small one) runs past its trained length, as it does
+    in our specextend."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
 def hf_decode_timer(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens: int):
     """A function timing one greedy `transformers` generate from a prefilled cache (a copy per run, so only
     decoding is timed): its decode tokens/s."""
@@ -129,7 +146,7 @@ def hf_decode_timer(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens: int):
     def timed():
         cache = copy.deepcopy(prefilled)
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), _transformers_quiet():
             model.generate(ids, attention_mask=torch.ones_like(ids), **{keyword: cache},
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
@@ -160,7 +177,7 @@ def hf_assisted_tokens_per_s(hf_dir: pathlib.Path, assistant_dir: pathlib.Path, 
 
     def timed(n):
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), _transformers_quiet():
             model.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, max_new_tokens=n,
                            min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
         return time.perf_counter() - start
@@ -342,7 +359,11 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                   "longspec_plain": models.longspec_plain}
         _check_specs(modes, base, target.cfg, {kind: draft.cfg for kind, draft in drafts.items()})
     if args.target and not args.modes:
-        modes = [m for m in modes if m == "ar" or draft_kind(m) in drafts]
+        skipped = [m for m in modes if m != "ar" and draft_kind(m) not in drafts]
+        if skipped:
+            print("not run, no draft given for them: "
+                  + ", ".join(f"{m} ({DRAFT_OPTIONS[draft_kind(m)]})" for m in skipped))
+        modes = [m for m in modes if m not in skipped]
     modes = ["ar", *(m for m in modes if m != "ar")]  # ar first, always: the others' speeds are ratios to it
     _check_runs(modes, {kind for kind, draft in drafts.items() if draft is not None}, args, contexts, new_tokens,
                 target.cfg.max_position_embeddings)

@@ -172,9 +172,25 @@ def test_assisted_timing_is_measured_again_after_a_busy_moment(monkeypatch):
 
 
 @pytest.mark.torch
-def test_bench_of_an_orbax_target_deletes_its_transformers_copy(tmp_path, monkeypatch):
+def test_bench_keeps_transformers_advice_out_of_its_output():
+    """The peers' runs printed transformers' deprecation of generate's arguments and that the demo's small
+    draft ran past its trained length."""
+    import logging
+
+    import transformers
+
+    from specpv_jax.bench import _transformers_quiet
+
+    logger = transformers.logging.get_logger("transformers.generation.utils")
+    before = transformers.logging.get_verbosity()
+    with _transformers_quiet():
+        assert not logger.isEnabledFor(logging.WARNING) and logger.isEnabledFor(logging.ERROR)
+    assert transformers.logging.get_verbosity() == before
+
+
+def test_bench_of_an_orbax_target_deletes_its_transformers_copy(tmp_path, monkeypatch, capsys):
     """transformers' side of the bench needs an HF directory: one exported for the run, deleted after it (an 8B
-    model's copy is 16 GB)."""
+    model's copy is 16 GB). The modes without their draft are named (they were left out in silence)."""
     import tempfile
 
     from specpv_jax.cli import main
@@ -188,6 +204,8 @@ def test_bench_of_an_orbax_target_deletes_its_transformers_copy(tmp_path, monkey
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["ar", "transformers"]
     assert not list((tmp_path / "tmp").rglob("*.safetensors"))
+    assert ("not run, no draft given for them: eagle (--draft), specpv (--draft), exact (--draft), specextend "
+            "(--small-draft), longspec (--longspec-draft)") in capsys.readouterr().out
 
 
 def test_bench_takes_each_modes_fastest_timed_run_in_turns(monkeypatch):
