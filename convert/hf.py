@@ -311,6 +311,13 @@ def check_dtype(dtype) -> jnp.dtype:
     return resolved
 
 
+def stored_dtype(found: dict) -> str | None:
+    """The one floating dtype ("float32", "bfloat16", "float16") the tensors `scan_headers` found are stored in;
+    None for a mix or another type."""
+    stored = {info.dtype for key, info in found.items() if not IGNORED.match(key)}
+    return STORED_DTYPES.get(stored.pop()) if len(stored) == 1 else None
+
+
 def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool = True,
                   mesh: Mesh | None = None) -> tuple[ModelConfig, dict]:
     """Converts an HF model directory into `(ModelConfig, params)`; dtype None keeps the stored one (float32
@@ -325,10 +332,7 @@ def load_hf_model(model_dir: str | pathlib.Path, dtype="float32", progress: bool
     if "fc.weight" in found and "model.embed_tokens.weight" not in found:  # EAGLE-1/2's config.json is LLaMA's
         raise ConversionError(f"{model_dir} holds an EAGLE-1/2 draft head (fc.weight, layers.0.*), not a LLaMA/Qwen "
                               f"model: only EAGLE-3 heads are supported")
-    if dtype is None:
-        stored = {info.dtype for key, info in found.items() if not IGNORED.match(key)}
-        dtype = STORED_DTYPES.get(stored.pop(), "float32") if len(stored) == 1 else "float32"
-    dtype = check_dtype(dtype)
+    dtype = check_dtype(dtype or stored_dtype(found) or "float32")
     stored_layers = 1 + max((int(m[1]) for k in found if (m := re.match(r"model\.layers\.(\d+)\.", k))), default=-1)
     if stored_layers != cfg.num_layers:  # (checked first: listing every missing layer's keys could take hours)
         held = f"model.layers.0 to {stored_layers - 1}" if stored_layers else "no model.layers.*"

@@ -198,6 +198,7 @@ def _cmd_plan(args) -> int:
 
 def _cmd_generate(args) -> int:
     import jax
+    import jax.numpy as jnp
 
     from specpv_jax import loading, prompts, text
     from specpv_jax.generate import check_mode_and_draft, check_seed, generate
@@ -235,7 +236,13 @@ def _cmd_generate(args) -> int:
     ids = text.encode_prompt(tokenizer, prompt, chat=not args.no_chat, template_options=template_options)
     prompts.prepare([ids], cfg, args.max_new_tokens, chunk=1)  # ids and length
     mesh = make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]]) if shape else None
-    model = loading.load_target(args.model, dtype=args.dtype, mesh=mesh)  # generate runs where the model is
+    stored = loading.stored_dtype(args.model) if args.dtype is None else None
+    dtype = args.dtype or "float32"
+    if stored and jnp.dtype(stored).itemsize < jnp.dtype(dtype).itemsize:
+        print(f"note: {args.model} stores {stored}, loaded as {dtype} (--dtype's default) at "
+              f"{jnp.dtype(dtype).itemsize // jnp.dtype(stored).itemsize}x its size: --dtype {stored} keeps it",
+              file=sys.stderr)
+    model = loading.load_target(args.model, dtype=dtype, mesh=mesh)  # generate runs where the model is
     draft = loading.load_draft(args.draft, model) if args.draft else None
     stream = None if args.no_stream else text.TextStream(tokenizer)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, mode=args.mode, draft=draft,
@@ -442,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ar; eagle, specpv, exact (with an EAGLE-3 --draft); specextend (with a small draft "
                         "model --draft); longspec (with a LongSpec --draft)")
     g.add_argument("--draft", help="EAGLE-3 head, small draft model or LongSpec draft directory, or an orbax export")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype the weights and caches are loaded in")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the weights and caches are loaded in (default: float32)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")

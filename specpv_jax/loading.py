@@ -146,6 +146,18 @@ def _load_decoder(path: pathlib.Path, dtype: str | None, progress: bool,
                             f"nor {checkpoint.META_FILE} (specpv-jax orbax export)")
 
 
+def stored_dtype(path: str | os.PathLike) -> str | None:
+    """The dtype a target directory's weights are stored in (`load_target(dtype=None)` keeps it), read without
+    loading them; None when they mix dtypes."""
+    from convert.hf import safetensors_files, scan_headers
+    from convert.hf import stored_dtype as of_tensors
+
+    path = pathlib.Path(path)
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.read_meta(path, "target").get("dtype")
+    return of_tensors(scan_headers(safetensors_files(path)))
+
+
 def check_target_directory(path: str | os.PathLike) -> None:
     """Raises unless `path` is a directory; one of a draft (an EAGLE-3 head, a LongSpec draft, in their
     public layouts) is named as such, not as an unsupported architecture."""

@@ -90,6 +90,21 @@ def test_cli_generate_from_text(model_dir, capsys):
     assert "specpv-jax generate: warning: top_p=0.5 has no effect with temperature=0" in out.err
 
 
+def test_cli_generate_notes_a_model_loaded_at_twice_its_stored_size(model_dir, tmp_path, capsys):
+    """--dtype defaults to float32: a bfloat16 checkpoint (an 8B model: 16 GB) took twice its size, unsaid."""
+    from specpv_jax import loading
+
+    sj.save_target(sj.load_target(model_dir, dtype="bfloat16", progress=False), tmp_path / "bf16")
+    assert (loading.stored_dtype(tmp_path / "bf16"), loading.stored_dtype(model_dir)) == ("bfloat16", "float32")
+    run = ["--prompt", "w7 w8 w9", "--max-new-tokens", "2", "--no-stream"]
+    for model, dtype, noted in ((tmp_path / "bf16", [], True), (tmp_path / "bf16", ["--dtype", "float32"], False),
+                                (model_dir, [], False)):
+        assert cli.main(["generate", str(model), *run, *dtype]) == 0
+        err = capsys.readouterr().err
+        assert (f"note: {model} stores bfloat16, loaded as float32 (--dtype's default) at 2x its size: --dtype "
+                f"bfloat16 keeps it" in err) == noted, err
+
+
 def test_text_stream_holds_back_incomplete_characters(capsys):
     class Bytes:  # a byte-level tokenizer: id = byte
         def decode(self, ids, **_):
