@@ -14,6 +14,7 @@ import threading
 import warnings
 from typing import Callable
 
+from specpv_jax.config import PARTIAL_MODES
 from specpv_jax.generate import MODES
 from specpv_jax.jax_settings import under_defaults
 
@@ -235,6 +236,10 @@ def _cmd_generate(args) -> int:
     tokenizer = loading.load_tokenizer(args.model)
     ids = text.encode_prompt(tokenizer, prompt, chat=not args.no_chat, template_options=template_options)
     prompts.prepare([ids], cfg, args.max_new_tokens, chunk=1)  # ids and length
+    if args.mode in PARTIAL_MODES and len(ids) + args.max_new_tokens <= spec.partial_threshold:
+        print(f"note: {args.mode} verifies against the partial cache only past {spec.partial_threshold} tokens of "
+              f"context (sink + retrieval + window): at {len(ids)} + {args.max_new_tokens} new tokens every "
+              f"verification is a full one, as in --mode eagle", file=sys.stderr)
     mesh = make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]]) if shape else None
     stored = loading.stored_dtype(args.model) if args.dtype is None else None
     dtype = args.dtype or "float32"

@@ -404,7 +404,16 @@ def test_cli_generate_passes_spec_fields(monkeypatch, capsys):
                  "--prompt", "def add(a, b):", "--no-chat", "--no-stream", "--max-new-tokens", "6",
                  "--spec", "tree_depth=3", "--spec", "tree_top_k=3", "--spec", "tree_nodes=8"]) == 0
     assert specs == [sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=8)]
-    assert capsys.readouterr().out.strip()  # the generated text
+    out = capsys.readouterr()
+    assert out.out.strip()  # the generated text
+    assert "partial cache" not in out.err
+    # specpv on a prompt that never reaches the partial cache says so (its stats showed 0 partial steps, unsaid)
+    assert main(["generate", str(ASSETS / "target"), "--draft", str(ASSETS / "eagle3"), "--mode", "specpv",
+                 "--prompt", "def add(a, b):", "--no-chat", "--no-stream", "--max-new-tokens", "6",
+                 "--spec", "tree_depth=3", "--spec", "tree_top_k=3", "--spec", "tree_nodes=8"]) == 0
+    assert re.search(r"note: specpv verifies against the partial cache only past 4256 tokens of context \(sink \+ "
+                     r"retrieval \+ window\): at \d+ \+ 6 new tokens every verification is a full one",
+                     capsys.readouterr().err)
 
 
 def test_cli_reads_a_prompt_file_named_dash_from_stdin(monkeypatch):
