@@ -14,7 +14,7 @@ import threading
 import warnings
 from typing import Callable
 
-from specpv_jax.config import PARTIAL_MODES
+from specpv_jax.config import PARTIAL_MODES, spec_fields_read
 from specpv_jax.generate import MODES
 from specpv_jax.jax_settings import under_defaults
 
@@ -80,6 +80,11 @@ def _model_config(path: str):
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
+def _spec_names(assignments: list[str] | None) -> list[str]:
+    """The fields `--spec FIELD=VALUE` strings name."""
+    return [item.partition("=")[0].strip().replace("-", "_") for item in assignments or ()]
+
+
 def parse_spec(assignments: list[str] | None, **fields):
     """A `SpecConfig` from `--spec FIELD=VALUE` strings, each value read as its field's type, and `fields`.
 
@@ -89,9 +94,9 @@ def parse_spec(assignments: list[str] | None, **fields):
 
     defaults = {f.name: f.default for f in dataclasses.fields(SpecConfig)}
     values = {}
-    for item in assignments or ():
-        name, sep, raw = item.partition("=")
-        name, raw = name.strip().replace("-", "_"), raw.strip()
+    for item, name in zip(assignments or (), _spec_names(assignments)):
+        _, sep, raw = item.partition("=")
+        raw = raw.strip()
         if not (sep and name):
             raise ValueError(f"--spec {item!r}: expected FIELD=VALUE, e.g. --spec tree_nodes=30")
         if name not in defaults:
@@ -205,11 +210,12 @@ def _cmd_generate(args) -> int:
     from specpv_jax.generate import check_mode_and_draft, check_seed, generate
     from specpv_jax.sampling import Sampler
     from specpv_jax.sharding import make_mesh
+    from specpv_jax.warning import warn
 
     # All that can be checked is checked before the (long) loads of the weights.
     spec = parse_spec(args.spec)
     Sampler.create(args.temperature, args.top_p, args.top_k)
-    check_seed(args.seed)
+    check_seed(args.seed or 0)
     if args.mode != "ar" and not args.draft:
         raise ValueError(f"--mode {args.mode} needs --draft DIR")
     if args.mode == "ar" and args.draft:
@@ -217,6 +223,12 @@ def _cmd_generate(args) -> int:
     if args.mode == "ar" and args.spec:
         raise ValueError("--mode ar decodes with the target alone: --spec sets the speculative modes' tree and "
                          "caches (leave it out, or choose a speculative --mode)")
+    unread = [name for name in _spec_names(args.spec) if name not in spec_fields_read(args.mode)]
+    if unread:
+        raise ValueError(f"--mode {args.mode} does not read --spec " + ", ".join(
+            f"{name} (read by {', '.join(m for m in MODES if name in spec_fields_read(m))})" for name in unread))
+    if args.seed is not None and args.temperature == 0:
+        warn(f"--seed {args.seed} has no effect with --temperature 0 (greedy decoding)")
     if args.draft:
         loading.check_directory(pathlib.Path(args.draft), "draft")
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
@@ -251,7 +263,7 @@ def _cmd_generate(args) -> int:
     draft = loading.load_draft(args.draft, model) if args.draft else None
     stream = None if args.no_stream else text.TextStream(tokenizer)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, mode=args.mode, draft=draft,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, spec=spec,
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed or 0, spec=spec,
                    stream=stream)
     if stream is None:
         print(text.decode(tokenizer, out.tokens[0, : out.lengths[0]].tolist()))
@@ -459,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--seed", type=int, help="sampling seed (default: 0)")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--chat-option", action="append", metavar="NAME=VALUE",
                    help="a variable the chat template reads, VALUE as JSON where it parses (repeatable), e.g. "

@@ -83,11 +83,12 @@ def test_cli_generate_from_text(model_dir, capsys):
     assert 1 <= len(words) <= 6 and all(w.startswith("w") for w in words)
     assert "tokens_per_s" in out.err
     assert cli.main(["generate", str(model_dir), "--prompt", "w7 w8 w9", "--max-new-tokens", "6", "--no-stream",
-                     "--top-p", "0.5"]) == 0
+                     "--top-p", "0.5", "--seed", "3"]) == 0
     out = capsys.readouterr()
     assert out.out.split() == words  # streamed text == text printed at the end
     # The library's warnings read as the command's (their file and line would be the CLI's own).
     assert "specpv-jax generate: warning: top_p=0.5 has no effect with temperature=0" in out.err
+    assert "specpv-jax generate: warning: --seed 3 has no effect with --temperature 0 (greedy decoding)" in out.err
 
 
 def test_cli_generate_notes_a_model_loaded_at_twice_its_stored_size(model_dir, tmp_path, capsys):
