@@ -229,6 +229,11 @@ def _cmd_generate(args) -> int:
             f"{name} (read by {', '.join(m for m in MODES if name in spec_fields_read(m))})" for name in unread))
     if args.seed is not None and args.temperature == 0:
         warn(f"--seed {args.seed} has no effect with --temperature 0 (greedy decoding)")
+    tree = ("tree_depth", "tree_top_k", "tree_nodes")
+    if args.mode != "ar" and jax.default_backend() == "cpu" and not set(tree) & set(_spec_names(args.spec)):
+        print(f"note: on a CPU the default tree ({', '.join(f'{n}={getattr(spec, n)}' for n in tree)}, for GPUs) "
+              f"costs more per step than it saves; a small one drafts faster here: --spec tree_depth=3 --spec "
+              f"tree_top_k=3 --spec tree_nodes=6", file=sys.stderr)
     if args.draft:
         loading.check_directory(pathlib.Path(args.draft), "draft")
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt

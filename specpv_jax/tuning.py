@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from specpv_jax.config import ConfigError, SpecConfig
 from specpv_jax.warning import warn
@@ -45,13 +46,14 @@ def _budget(spec: SpecConfig, retrieval: int, context: int) -> SpecConfig | None
 def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "specpv",
          trees: Sequence[tuple[int, int, int]] | None = None, budgets: Sequence[int] = BUDGETS,
          new_tokens: int = 32, min_fidelity: float = 0.99, base: SpecConfig | None = None,
-         verbose: bool = False) -> tuple[SpecConfig, list[Trial]]:
+         verbose: bool = False, progress: bool = True) -> tuple[SpecConfig, list[Trial]]:
     """Returns the fastest `SpecConfig` found and every trial. If no budget keeps `min_fidelity`, the most
     faithful one, with a `SpecPVWarning`.
 
     context: a prompt (token ids `[T]`, or `[B, T]` for rows of one length) or a length, for which random ids
     are used.
     trees: (depth, top_k, nodes) candidates (default: SpecPV's set on GPU/TPU, small trees on CPU).
+    verbose: prints each trial; progress: a progress bar over the trials (each compiles and runs twice).
     """
     from specpv_jax.generate import draft_vocab_size, fidelity, generate
 
@@ -76,6 +78,7 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
         trial = Trial(spec, out.stats["tokens_per_s"], out.stats["mean_accept_len"],
                       fidelity(target, prompt, out) if with_fidelity else None)
         trials.append(trial)
+        bar.update()
         if verbose:
             print(f"  depth {spec.tree_depth} top-k {spec.tree_top_k} nodes {spec.tree_nodes} retrieval "
                   f"{spec.retrieval_tokens}: {trial.tokens_per_s:.1f} tok/s, accept {trial.mean_accept_len:.2f}"
@@ -101,14 +104,17 @@ def tune(target: Any, draft: Any, context: int | Sequence[int], mode: str = "spe
         branching = "tree_top_k**2 (a beam tree below level 1)" if base.tree_beam else "tree_top_k"
         raise ValueError(f"no candidate tree fits: each needs {branching} <= the draft's {vocab} tokens"
                          + (f" and tree_nodes < buffer_tokens={base.buffer_tokens}" if base.buffer_tokens else ""))
+    bar = tqdm(total=len(candidates) + len(usable), desc="tuning", unit="trial", leave=False, disable=not progress)
     tree_trials = [run(spec, False) for spec in candidates]
     best = _fastest(sorted(tree_trials, key=lambda t: t.spec.tree_nodes)).spec
     if not usable:  # the context is below every budget's threshold: partial steps never start
+        bar.close()
         if verbose:
             print(f"  {length} tokens: too short for partial steps with any budget in {list(budgets)} "
                   f"(each needs a context past sink + budget + window); tuned the tree only")
         return best, trials
     budget_trials = [run(dataclasses.replace(best, retrieval_tokens=b), True) for b in usable]
+    bar.close()
     good = [t for t in budget_trials if t.fidelity >= min_fidelity]
     if not good:
         good = [max(budget_trials, key=lambda t: t.fidelity)]

@@ -416,6 +416,20 @@ def test_cli_generate_passes_spec_fields(monkeypatch, capsys):
                      capsys.readouterr().err)
 
 
+def test_cli_generate_on_a_cpu_points_to_a_small_tree(capsys):
+    """The default tree (7/10/60) ran every speculative mode 2-5x slower than ar on a CPU, unsaid."""
+    from specpv_jax.cli import main
+
+    run = ["generate", str(ASSETS / "target"), "--draft", str(ASSETS / "eagle3"), "--mode", "eagle", "--prompt",
+           "x", "--max-new-tokens", "100000"]  # refused after the note, before anything compiles
+    for tree, noted in (([], True), (["--spec", "tree_nodes=8"], False)):
+        assert main([*run, *tree]) == 1
+        err = capsys.readouterr().err
+        assert ("note: on a CPU the default tree (tree_depth=7, tree_top_k=10, tree_nodes=60, for GPUs) costs more "
+                "per step than it saves" in err) == (noted and jax.default_backend() == "cpu"), err
+        assert "over the model's max_position_embeddings" in err
+
+
 def test_cli_reads_a_prompt_file_named_dash_from_stdin(monkeypatch):
     import io
 

@@ -494,10 +494,27 @@ def test_tune_breaks_near_ties_toward_the_smaller_tree_and_larger_budget(monkeyp
     monkeypatch.setattr(generate_module, "fidelity", lambda *a: 1.0)
     target = types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=16))
     draft = types.SimpleNamespace(cfg=None)  # proposing from the target's vocabulary
+    from specpv_jax import tuning
+
+    bars = []
+
+    class Bar:  # tuning ran for minutes without a word (verbose=False)
+        def __init__(self, total, disable, **_):
+            self.total, self.disable, self.n, self.closed = total, disable, 0, False
+            bars.append(self)
+
+        def update(self):
+            self.n += 1
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tuning, "tqdm", Bar)
     spec, trials = tune(target, draft, 300, trees=((3, 2, 5), (2, 2, 3)), budgets=(32, 64),
                         base=small_spec(retrieval_tokens=64, window=16, sink=16))
     assert [t.tokens_per_s for t in trials] == list(speeds)
     assert (spec.tree_nodes, spec.retrieval_tokens) == picked
+    assert [(b.total, b.n, b.closed, b.disable) for b in bars] == [(4, 4, True, False)]
 
 
 def test_tune_warns_when_no_budget_keeps_the_fidelity(monkeypatch):
