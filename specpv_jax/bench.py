@@ -393,7 +393,7 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
         outputs, peer_speeds = fastest_runs(target, drafts, prompt, new_tokens, modes, spec, peers)
         hf, ar_speed = peer_speeds.get("transformers"), None
         for mode in modes:
-            out, mode_spec = outputs[mode], generate_mode(mode, spec)[1]
+            (run_as, mode_spec), out = generate_mode(mode, spec), outputs[mode]
             s = out.stats
             ar_speed = s["tokens_per_s"] if mode == "ar" else ar_speed
             row = dict(context=context, mode=mode, tokens_per_s=s["tokens_per_s"],
@@ -402,7 +402,8 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                        accept_full=s["mean_accept_len_full"] if s["full_verifications"] else None,
                        accept_partial=s["mean_accept_len_partial"] if s["partial_verifications"] else None,
                        full=s["full_verifications"], partial=s["partial_verifications"],
-                       fidelity=sj.fidelity(target, prompt, out), retrieval_tokens=spec.retrieval_tokens,
+                       fidelity=sj.fidelity(target, prompt, out),
+                       retrieval_tokens=mode_spec.retrieval_tokens if run_as in config.PARTIAL_MODES else None,
                        tree=None if mode == "ar" else [getattr(mode_spec, name) for name in TREE_FIELDS],
                        spec=dataclasses.asdict(mode_spec))
             rows.append(row)
