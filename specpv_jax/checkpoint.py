@@ -10,6 +10,7 @@ never leaves a half-written checkpoint under the requested name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -92,10 +93,12 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False,
         ocp.multihost.sync_global_processes(f"specpv_replaced_{suffix}")
     except BaseException:
         if primary:
-            _remove(tmp)
-            for parent in created:
-                with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
-                    parent.rmdir()
+            try:
+                _remove(tmp)
+            finally:  # also after a second Ctrl-C during the removal
+                for parent in created:
+                    with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                        parent.rmdir()
         raise
 
 
@@ -103,14 +106,19 @@ def _remove(tree: pathlib.Path, settle: float = 1.0, give_up: float = 10.0) -> N
     """Deletes the directory `tree`, and again until it has stayed away for `settle` seconds: writes still in
     flight after a failed save (orbax's, on a full disk) made its directories again after the first deletion."""
     start = gone = time.monotonic()
-    while time.monotonic() - start < give_up:
-        if tree.exists():
-            shutil.rmtree(tree, ignore_errors=True)
-            gone = time.monotonic()
-        elif time.monotonic() - gone >= settle:
-            return
-        time.sleep(0.05)
-    warn(f"could not delete {tree}, left by a failed save: delete it")
+    try:
+        while time.monotonic() - start < give_up:
+            if tree.exists():
+                shutil.rmtree(tree, ignore_errors=True)
+                gone = time.monotonic()
+            elif time.monotonic() - gone >= settle:
+                return
+            time.sleep(0.05)
+    except KeyboardInterrupt:  # a second Ctrl-C: delete what is there now, and stop
+        shutil.rmtree(tree, ignore_errors=True)
+        raise
+    if tree.exists():
+        warn(f"could not delete {tree}, left by a failed save: delete it")
 
 
 def _shared_suffix() -> str:
@@ -213,7 +221,7 @@ def _save_params(path: pathlib.Path, params: Any, out: pathlib.Path) -> None:
     except BaseException as e:  # orbax and TensorStore raise several types; Ctrl-C stops only this thread
         with contextlib.suppress(Exception), orbax_errors_unlogged():
             checkpointer.close()
-        _quiet_orphaned_writes()
+        _quiet_orphaned_writes(path)
         if not isinstance(e, Exception):
             raise
         raise CheckpointError(f"cannot write the parameters of {out}: {first_line(e)}") from None
@@ -229,21 +237,31 @@ def _not_an_orbax_error(record: logging.LogRecord) -> bool:
     return record.levelno < logging.ERROR or "orbax" not in record.pathname
 
 
-def _quiet_orphaned_writes() -> None:
-    """From here on, drops the reports of the failed save the caller reports: asyncio's of orbax write tasks
-    whose error nobody retrieved (each a page long, when collected, up to the process's exit), and orbax's own
-    of its commit thread, which may still be running (after Ctrl-C: 'cannot schedule new futures after
-    shutdown')."""
-    for logger, keep in ((logging.getLogger("asyncio"), _not_an_orphaned_write),
-                         (logging.getLogger("absl"), _not_an_orbax_error)):
-        if keep not in logger.filters:
-            logger.addFilter(keep)
+@dataclasses.dataclass(frozen=True)
+class _NotAboutSave:
+    """A log filter dropping orbax's error records that name the directory `path` (a failed save's)."""
+
+    path: str
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _not_an_orbax_error(record) or self.path not in record.getMessage()
+
+
+def _quiet_orphaned_writes(path: pathlib.Path) -> None:
+    """From here on, drops the reports of the failed save to `path` the caller reports: asyncio's of orbax
+    write tasks whose error nobody retrieved (each a page long, when collected, up to the process's exit), and
+    orbax's own of its commit thread, which may still be running (after Ctrl-C: 'cannot schedule new futures
+    after shutdown'); orbax's errors about other saves are still logged."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if _not_an_orphaned_write not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_not_an_orphaned_write)
+    logging.getLogger("absl").addFilter(_NotAboutSave(str(path)))
 
 
 @contextlib.contextmanager
 def orbax_errors_unlogged() -> Iterator[None]:
     """Drops orbax's error log records (its threads' reports of an error the caller raises itself)."""
-    def keep(record: logging.LogRecord) -> bool:  # its own: `_quiet_orphaned_writes`'s may come and stay
+    def keep(record: logging.LogRecord) -> bool:  # its own: a nested use's removal leaves this one's
         return _not_an_orbax_error(record)
 
     logger = logging.getLogger("absl")  # orbax logs through absl, which logs through this logger
@@ -417,6 +435,8 @@ def _drop_failed_io_reports() -> None:
 
 
 def _failed_io(unraisable) -> bool:
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):  # Ctrl-C, wherever it lands, is not a failed read
+        return False
     code = getattr(unraisable.object, "cr_code", None)  # an orphaned orbax read or write coroutine
     closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
     return closed or (code is not None and "orbax" in code.co_filename)

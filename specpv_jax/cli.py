@@ -14,7 +14,7 @@ import threading
 import warnings
 from typing import Callable
 
-from specpv_jax.config import PARTIAL_MODES, spec_fields_read
+from specpv_jax.config import PARTIAL_MODES, SpecConfig, spec_fields_read
 from specpv_jax.generate import MODES
 from specpv_jax.jax_settings import under_defaults
 
@@ -90,8 +90,6 @@ def parse_spec(assignments: list[str] | None, **fields):
 
     `buffer_tokens=none` restores that field's automatic size; booleans take true/false (yes/no, on/off, 1/0).
     """
-    from specpv_jax.config import SpecConfig
-
     defaults = {f.name: f.default for f in dataclasses.fields(SpecConfig)}
     values = {}
     for item, name in zip(assignments or (), _spec_names(assignments)):
@@ -223,10 +221,12 @@ def _cmd_generate(args) -> int:
     if args.mode == "ar" and args.spec:
         raise ValueError("--mode ar decodes with the target alone: --spec sets the speculative modes' tree and "
                          "caches (leave it out, or choose a speculative --mode)")
-    unread = [name for name in _spec_names(args.spec) if name not in spec_fields_read(args.mode)]
+    unread = [name for name in dict.fromkeys(_spec_names(args.spec))
+              if name not in spec_fields_read(args.mode) and getattr(spec, name) != getattr(SpecConfig(), name)]
     if unread:
-        raise ValueError(f"--mode {args.mode} does not read --spec " + ", ".join(
-            f"{name} (read by {', '.join(m for m in MODES if name in spec_fields_read(m))})" for name in unread))
+        warn(f"--mode {args.mode} does not read --spec " + ", ".join(
+            f"{name} (read by {', '.join(m for m in MODES if name in spec_fields_read(m))})" for name in unread)
+             + ": no effect")
     if args.seed is not None and args.temperature == 0:
         warn(f"--seed {args.seed} has no effect with --temperature 0 (greedy decoding)")
     tree = ("tree_depth", "tree_top_k", "tree_nodes")

@@ -207,13 +207,13 @@ def draft_param_shapes(dcfg: Any) -> tuple[dict[str, tuple[int, ...]], dict[str,
     return param_shapes(longspec.init_params if isinstance(dcfg, LongSpecConfig) else init_params, dcfg), {}
 
 
-@under_defaults
 def check_model(model: Any, argument: str = "target") -> None:
     """Raises unless `model` is a loaded target (`load_target`'s `Model`); `argument` names it."""
     if not isinstance(model, Model):
         raise TypeError(f"{argument} must be a model from sj.load_target, got {type(model).__name__}")
 
 
+@under_defaults
 def save_target(model: Model, out_dir: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
     """Exports a target model as an orbax checkpoint that restores without HF files or torch (with its
     tokenizer files); `overwrite` replaces a model directory at `out_dir` (never a directory of other files)."""

@@ -81,7 +81,7 @@ def specextend_step(params, dparams, run: Run, sampler: Sampler, eos: jax.Array,
 
 def prefill_spec(spec: SpecConfig) -> SpecConfig:
     """The settings of `spec` that prefill reads (the draft's first working cache, `small.start`), the others at
-    their defaults: one compiled prefill serves every tree and every other mode's budget."""
+    their defaults: one compiled prefill serves every tree of a depth and every other mode's budget."""
     return SpecConfig(tree_depth=spec.tree_depth, tree_top_k=1, tree_nodes=1, chunk_tokens=spec.chunk_tokens,
                       draft_chunks=spec.draft_chunks, retrieve_every=spec.retrieve_every)
 

@@ -491,11 +491,12 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
          "afile is a file; pass the draft directory"),  # was: "does not exist"
         # refused before the weights load (they were loaded first)
         (["generate", target, "--prompt", "x", "--mode", "eagle", "--draft", str(ASSETS / "eagle3"), "--spec",
-          "offload=true"], "--mode eagle does not read --spec offload (read by specpv, exact)"),
-        # fields a mode does not read were taken in silence
+          "offload=true"], "SpecConfig(offload=True) works with modes specpv and exact"),
+        # fields a mode does not read, at other values than their defaults, were taken in silence
         (["generate", target, "--prompt", "x", "--mode", "specextend", "--draft", str(ASSETS / "small_draft"),
-          "--spec", "tree_nodes=8", "--spec", "retrieval-tokens=256"],
-         "--mode specextend does not read --spec retrieval_tokens (read by specpv, exact)"),
+          "--spec", "tree_nodes=8", "--spec", "retrieval-tokens=256", "--spec", "window_tokens=128", "--spec",
+          "offload=true"], "specpv-jax generate: warning: --mode specextend does not read --spec retrieval_tokens "
+                           "(read by specpv, exact), offload (read by specpv, exact): no effect\n"),
         (["generate", target, "--prompt", "x", "--mode", "longspec", "--draft", str(ASSETS / "eagle3")],
          "mode 'longspec' needs the config of a LongSpec draft, got that of an EAGLE-3 head"),
         (["generate", target, "--prompt", "  "], "the prompt is empty"),

@@ -129,7 +129,7 @@ def test_greedy_specextend_batch_equals_ar(pair):
         np.testing.assert_array_equal(out.tokens[r, : ar.lengths[r]], ar.tokens[r, : ar.lengths[r]])
 
 
-def test_tree_and_budget_settings_compile_no_new_prefill(pair):
+def test_prefill_spec_keeps_what_prefill_reads(pair):
     """Prefill was compiled again for each SpecConfig, though it reads only the retrieval settings and the tree's
     depth (a sweep over trees or budgets recompiled it each time): generate keys it on `prefill_spec`'s (checked
     in `test_greedy_specextend_equals_ar`), which starts the draft as the whole SpecConfig does."""
