@@ -208,7 +208,6 @@ def _cmd_generate(args) -> int:
     from specpv_jax.generate import check_mode_and_draft, check_seed, generate
     from specpv_jax.sampling import Sampler
     from specpv_jax.sharding import make_mesh
-    from specpv_jax.warning import warn
 
     # All that can be checked is checked before the (long) loads of the weights.
     spec = parse_spec(args.spec)
@@ -221,19 +220,7 @@ def _cmd_generate(args) -> int:
     if args.mode == "ar" and args.spec:
         raise ValueError("--mode ar decodes with the target alone: --spec sets the speculative modes' tree and "
                          "caches (leave it out, or choose a speculative --mode)")
-    unread = [name for name in dict.fromkeys(_spec_names(args.spec))
-              if name not in spec_fields_read(args.mode) and getattr(spec, name) != getattr(SpecConfig(), name)]
-    if unread:
-        warn(f"--mode {args.mode} does not read --spec " + ", ".join(
-            f"{name} (read by {', '.join(m for m in MODES if name in spec_fields_read(m))})" for name in unread)
-             + ": no effect")
-    if args.seed is not None and args.temperature == 0:
-        warn(f"--seed {args.seed} has no effect with --temperature 0 (greedy decoding)")
-    tree = ("tree_depth", "tree_top_k", "tree_nodes")
-    if args.mode != "ar" and jax.default_backend() == "cpu" and not set(tree) & set(_spec_names(args.spec)):
-        print(f"note: on a CPU the default tree ({', '.join(f'{n}={getattr(spec, n)}' for n in tree)}, for GPUs) "
-              f"costs more per step than it saves; a small one drafts faster here: --spec tree_depth=3 --spec "
-              f"tree_top_k=3 --spec tree_nodes=6", file=sys.stderr)
+    _point_out_settings(args, spec)
     if args.draft:
         loading.check_directory(pathlib.Path(args.draft), "draft")
     prompt = _read_prompt(args.prompt_file) if args.prompt_file else args.prompt
@@ -278,6 +265,27 @@ def _cmd_generate(args) -> int:
     if args.stats:
         print(stats_table(out.stats), file=sys.stderr)
     return 0
+
+
+def _point_out_settings(args, spec) -> None:
+    """Warns of `generate`'s settings that have no effect, and notes a default tree on a CPU."""
+    import jax
+
+    from specpv_jax.warning import warn
+
+    unread = [name for name in dict.fromkeys(_spec_names(args.spec))
+              if name not in spec_fields_read(args.mode) and getattr(spec, name) != getattr(SpecConfig(), name)]
+    if unread:
+        warn(f"--mode {args.mode} does not read --spec " + ", ".join(
+            f"{name} (read by {', '.join(m for m in MODES if name in spec_fields_read(m))})" for name in unread)
+             + ": no effect")
+    if args.seed is not None and args.temperature == 0:
+        warn(f"--seed {args.seed} has no effect with --temperature 0 (greedy decoding)")
+    tree = ("tree_depth", "tree_top_k", "tree_nodes")
+    if args.mode != "ar" and jax.default_backend() == "cpu" and not set(tree) & set(_spec_names(args.spec)):
+        print(f"note: on a CPU the default tree ({', '.join(f'{n}={getattr(spec, n)}' for n in tree)}, for GPUs) "
+              f"costs more per step than it saves; a small one drafts faster here: --spec tree_depth=3 --spec "
+              f"tree_top_k=3 --spec tree_nodes=6", file=sys.stderr)
 
 
 def _require_tokenizer(model: str, why: str) -> None:
