@@ -68,15 +68,16 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="llama-3.1-8b", choices=sorted(presets.HF_CONFIGS))
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--quick", action="store_true", help="CPU smoke run: 2 narrow layers, a 6144-token prompt")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run: 2 narrow layers, a 6144-token prompt, a 6-node tree")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     hf_config = presets.hf_config(args.model)
-    if args.quick:
+    spec = sj.SpecConfig()
+    if args.quick:  # the same code paths, sized for a CPU: the default 60-node tree took most of its time there
         hf_config.update(QUICK_SHAPES)
         args.context = 6144
+        spec = sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=6)
     cfg = ModelConfig.from_hf(hf_config)
-    spec = sj.SpecConfig()
     target, head = random_models(cfg)
     prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, args.context)
     rows = [run(target, head, prompt, args.new_tokens, offload, spec) for offload in (True, False)]

@@ -171,7 +171,6 @@ def test_assisted_timing_is_measured_again_after_a_busy_moment(monkeypatch):
         bench.hf_assisted_tokens_per_s("target", "draft", np.arange(4), 8)
 
 
-@pytest.mark.torch
 def test_bench_keeps_transformers_advice_out_of_its_output():
     """The peers' runs printed transformers' deprecation of generate's arguments and that the demo's small
     draft ran past its trained length."""
@@ -188,6 +187,7 @@ def test_bench_keeps_transformers_advice_out_of_its_output():
     assert transformers.logging.get_verbosity() == before
 
 
+@pytest.mark.torch
 def test_bench_of_an_orbax_target_deletes_its_transformers_copy(tmp_path, monkeypatch, capsys):
     """transformers' side of the bench needs an HF directory: one exported for the run, deleted after it (an 8B
     model's copy is 16 GB). The modes without their draft are named (they were left out in silence)."""
