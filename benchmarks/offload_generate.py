@@ -68,7 +68,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="llama-3.1-8b", choices=sorted(presets.HF_CONFIGS))
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--quick", action="store_true", help="CPU smoke run: 2 narrow layers, a 6144-token prompt, a 6-node tree")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU smoke run: 2 narrow layers, a 6144-token prompt, a 6-node tree")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     hf_config = presets.hf_config(args.model)
