@@ -111,7 +111,7 @@ def test_generate_and_forward_logits_under_a_transfer_guard(models):
     np.testing.assert_array_equal(got[0], expected[0])
 
 
-@pytest.mark.slow  # 45 s of make test's 25 min (2 cores): `make test-slow`
+@pytest.mark.slow  # 43-46 s of make test's 25 min on a slow day (2 cores): `make test-slow`
 def test_generate_runs_without_jit(models):
     """jax.disable_jit (for debugging) ran nothing: generate compiles ahead of time, which it cannot do."""
     target, head = models

@@ -431,7 +431,7 @@ def test_provisional_cap_pauses_partial_steps_after_a_losing_rollback():
     assert backoff.tolist() == [1, 1, 4, MAX_BACKOFF, 2, 2]
 
 
-@pytest.mark.slow  # 45 s of make test's 25 min (2 cores): `make test-slow`
+@pytest.mark.slow  # 43-46 s of make test's 25 min on a slow day (2 cores): `make test-slow`
 def test_exact_with_a_partial_cache_that_disagrees_costs_no_more_full_steps_than_eagle():
     """With no retrieval budget the partial cache (a 16-token window) often disagrees with the full context:
     rollbacks that lose pause partial verification, so exact mode does not pay a full step per partial one."""
