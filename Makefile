@@ -14,8 +14,8 @@ TEST_WORKERS ?= 2
 # the whole suite warm 731 s against 1494 s without the cache; a cold cache 1492 s.)
 JAX_CACHE := $(CURDIR)/.jax-cache
 # jaxlib 0.10's XLA:CPU also compiles about twice as fast without its fusion emitters (its older elemental
-# emitters instead), and runs the test models as fast (2-layer test model, 2026-12-07: exact mode's first call
-# 6.3 -> 4.9 s, later calls 0.42 s either way). jaxlib 0.11 has no such flag (XLA aborts on it): not for test-next.
+# emitters instead) and runs the test models as fast: the whole suite 1487 -> 1062 s, cold (2-core VM,
+# 2026-12-07). jaxlib 0.11 has no such flag (XLA aborts on it): not for test-next.
 TEST_XLA_FLAGS = --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false
 PYTEST_ENV = XLA_FLAGS="$(TEST_XLA_FLAGS) $(XLA_FLAGS)" JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) \
 	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
