@@ -16,8 +16,9 @@ JAX_CACHE := $(CURDIR)/.jax-cache
 # jaxlib 0.10's XLA:CPU also compiles about twice as fast without its fusion emitters (its older elemental
 # emitters instead) and runs the test models as fast: the whole suite 1487 -> 1062 s, cold (2-core VM,
 # 2026-12-07). jaxlib 0.11 has no such flag (XLA aborts on it): not for test-next.
-TEST_XLA_FLAGS = --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false
-PYTEST_ENV = XLA_FLAGS="$(TEST_XLA_FLAGS) $(XLA_FLAGS)" JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) \
+NO_FUSION_EMITTERS = --xla_cpu_use_fusion_emitters=false
+PYTEST_ENV = XLA_FLAGS="--xla_backend_optimization_level=0 $(NO_FUSION_EMITTERS) $(XLA_FLAGS)" \
+	JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) \
 	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
 # --durations: each run lists its slowest tests (what to trim if the suite nears its 20 minutes)
 PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist worksteal --durations=15
@@ -54,7 +55,7 @@ test: $(TEST_STAMP)
 test-slow: $(TEST_STAMP)
 	$(PYTEST) -m slow tests
 
-test-next: TEST_XLA_FLAGS = --xla_backend_optimization_level=0
+test-next: NO_FUSION_EMITTERS =
 test-next:
 	test -x $(NEXT)/bin/python || $(NEXT_PYTHON) -m venv $(NEXT)
 	$(NEXT)/bin/python -m pip install -q -e '.[test-core]'
