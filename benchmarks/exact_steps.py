@@ -38,7 +38,7 @@ def main(argv=None) -> None:
         for i in range(args.prompts):
             ids = doc[500 * i: 500 * i + args.context]
             runs = {mode: sj.generate(models.target, ids, args.new_tokens, draft=models.eagle3, mode=mode, spec=spec,
-                                      eos_token_ids=()) for mode in ("eagle", "exact")}
+                                      eos_token_ids=(), progress=False) for mode in ("eagle", "exact")}
             if not np.array_equal(runs["exact"].tokens, runs["eagle"].tokens):
                 raise AssertionError(f"exact and eagle differ on prompt {i} at budgets {sink, retrieval, window}")
             eagle_full += runs["eagle"].stats["full_verifications"]

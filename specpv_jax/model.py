@@ -319,20 +319,14 @@ def forward_by_layer(params: Params, cfg: ModelConfig, ids: jax.Array, chunk: in
 def layer_queries(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, positions: jax.Array) -> jax.Array:
     """The queries (after RoPE) layer `layer` computes from its inputs `x [B, T, H]`: `[B, T, Hq, D]`.
 
-    Lets a caller recompute one layer's attention (retrieval scores) from captured features.
+    Lets a caller recompute one layer's attention (retrieval scores) from captured features. The layer runs
+    whole, without a cache; under jit, XLA drops what the queries do not need.
     """
-    p = jax.tree.map(lambda a: a[layer], params["layers"])
     dtype = param_dtype(params)
-    h = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": p["input_layernorm"]}, x)
-    attn = p["self_attn"]
-    q = h @ attn["q_proj"]["kernel"]
-    if "bias" in attn["q_proj"]:
-        q = q + attn["q_proj"]["bias"]
-    q = q.reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": attn["q_norm"]}, q)
     cos, sin = rope.tables(cfg.rope, cfg.head_dim, positions, dtype)
-    return rope.apply_rope(q, cos, sin)
+    _, q, *_ = DecoderLayer(cfg, dtype).apply({"params": jax.tree.map(lambda a: a[layer], params["layers"])}, x,
+                                              cos, sin, None, None, None, causal_mask(*x.shape[:2]))
+    return q
 
 
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:

@@ -24,14 +24,21 @@ def test_assets_fit_the_size_limit():
         assert (ASSETS / draft / "model.safetensors").stat().st_size <= 10 * 2 ** 20
 
 
-def test_longspec_is_lossless_with_the_trained_draft():
+@pytest.fixture(scope="module")
+def heldout():
+    """The demo models, a held-out prompt of 2500 tokens (longer than LongSpec's window and the drafts' training
+    windows) and `ar`'s 48 tokens after it, which the lossless modes must reproduce."""
     models = sj.demo_models()
+    prompt = demo_prompt(models.tokenizer, 2500)
+    return models, prompt, sj.generate(models.target, prompt, 48, eos_token_ids=()).tokens
+
+
+def test_longspec_is_lossless_with_the_trained_draft(heldout):
+    models, prompt, ar_tokens = heldout
     assert models.longspec.kind == "longspec" and models.longspec.cfg.window == 512
-    prompt = demo_prompt(models.tokenizer, 2500)  # longer than the draft's window and training windows
-    ar = sj.generate(models.target, prompt, 48, eos_token_ids=())
     spec = sj.SpecConfig(tree_depth=4, tree_top_k=3, tree_nodes=10)
     out = sj.generate(models.target, prompt, 48, mode="longspec", draft=models.longspec, spec=spec, eos_token_ids=())
-    np.testing.assert_array_equal(out.tokens, ar.tokens)
+    np.testing.assert_array_equal(out.tokens, ar_tokens)
     assert out.stats["mean_accept_len"] > 1.5  # a trained draft: most steps accept drafted tokens
 
 
@@ -50,15 +57,13 @@ def test_bundled_target_matches_transformers_on_heldout_text():
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
 
 
-def test_specextend_is_lossless_with_the_trained_small_draft():
-    models = sj.demo_models()
+def test_specextend_is_lossless_with_the_trained_small_draft(heldout):
+    models, prompt, ar_tokens = heldout
     assert models.small_draft.kind == "small" and models.small_draft.cfg.num_layers < models.target.cfg.num_layers
-    prompt = demo_prompt(models.tokenizer, 2500)
-    ar = sj.generate(models.target, prompt, 48, eos_token_ids=())
     spec = sj.SpecConfig(tree_depth=4, tree_top_k=3, tree_nodes=10, draft_chunks=16, retrieve_every=2)
     out = sj.generate(models.target, prompt, 48, mode="specextend", draft=models.small_draft, spec=spec,
                       eos_token_ids=())
-    np.testing.assert_array_equal(out.tokens, ar.tokens)
+    np.testing.assert_array_equal(out.tokens, ar_tokens)
     assert out.stats["mean_accept_len"] > 1.5  # a trained draft: most steps accept drafted tokens
 
 
@@ -67,12 +72,10 @@ def test_specextend_is_lossless_with_the_trained_small_draft():
     sj.SpecConfig(tree_depth=3, tree_top_k=3, tree_nodes=6, retrieval_tokens=64, window_tokens=32,
                   buffer_tokens=8),  # a tiny partial cache and buffer: many full steps and rollbacks
 ], ids=["512-budget", "tiny-budget"])
-def test_exact_equals_ar_on_the_demo_models(spec):
-    models = sj.demo_models()
-    prompt = demo_prompt(models.tokenizer, 2500)
-    ar = sj.generate(models.target, prompt, 48, eos_token_ids=())
+def test_exact_equals_ar_on_the_demo_models(spec, heldout):
+    models, prompt, ar_tokens = heldout
     exact = sj.generate(models.target, prompt, 48, mode="exact", draft=models.eagle3, spec=spec, eos_token_ids=())
-    np.testing.assert_array_equal(exact.tokens, ar.tokens)
+    np.testing.assert_array_equal(exact.tokens, ar_tokens)
     assert exact.stats["partial_verifications"] > 0 and exact.stats["full_verifications"] > 1
 
 
