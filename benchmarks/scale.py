@@ -106,7 +106,7 @@ def verify_offloaded(params, cache, tokens, depth, mask, summary, *, cfg, spec, 
     the tree's new K/V, the scores and what the step keeps for its refresh (the refresh itself not run)."""
     keep = offload.keeper(cache.length, spec, blocks_spanned(tokens.shape[1], spec.block_size), cache.max_len)
     out = M.forward(params, cfg, tokens, cache.length[:, None] + depth, cache, mask, (), impl, summary,
-                    jnp.ones(tokens.shape, bool), offloaded=True, keep=keep)
+                    jnp.ones(tokens.shape, bool), keep=keep)
     return jnp.argmax(M.logits(params, cfg, out.hidden), -1), out.new_kv, out.block_scores, out.kept
 
 

@@ -169,7 +169,7 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
             attention: str = "xla", summary: BlockSummary | None = None,
             score_mask: jax.Array | None = None, committed: jax.Array | None = None,
             extra_kv: tuple[jax.Array, jax.Array] | None = None, write: bool = True, collect_kv: bool = False,
-            offloaded: bool = False, keep: Callable | None = None, window: int | None = None) -> ForwardOut:
+            keep: Callable | None = None, window: int | None = None) -> ForwardOut:
     """Runs new tokens `ids [B, T]` at `positions [B, T]` over `cache`.
 
     The new tokens attend to the cache prefix `[0, cache.length)` and to each
@@ -183,14 +183,14 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     new tokens (re-fed ones, already part of the sequence). `extra_kv` (k, v
     `[L, B, Hkv, U, D]`) adds keys between the prefix and the new tokens (a
     draft tree's earlier levels); `new_mask` is then `[B, T, U + T]`.
-    `collect_kv` returns the new tokens' K/V per layer. `offloaded`: the cache
+    `collect_kv` returns the new tokens' K/V per layer. With `keep`, the cache
     and summary live in host memory (`offload`); they are never written (as
     `write=False`, `collect_kv=True`: the caller writes the returned K/V back),
     and each layer's K/V are moved to the device whole and once, the next
-    layer's move overlapping this one's math; attention runs on that copy.
-    `keep(keys, values, scores)` (offloaded only; the copy, each `[B, Hkv, S,
-    D]`, and the layer's block scores) picks what the caller needs from it,
-    returned stacked over layers as `ForwardOut.kept`. `window`: each new token sees only the positions less
+    layer's move overlapping this one's math; attention runs on that copy, and
+    `keep(keys, values, scores)` (the copy, each `[B, Hkv, S, D]`, and the
+    layer's block scores) picks what the caller needs from it, returned stacked
+    over layers as `ForwardOut.kept`. `window`: each new token sees only the positions less
     than `window` before its own (a sliding window over prefix and new tokens; XLA attention), for caches
     whose slot i holds position i (as `loop.prefill` fills them).
     """
@@ -200,7 +200,7 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
         new_mask = causal_mask(b, t)
     prefix_from = None
     if window is not None:
-        if extra_kv is not None or offloaded:
+        if extra_kv is not None or keep is not None:
             raise ValueError("forward: window= takes the new tokens and an on-device cache only")
         new_mask = new_mask & (positions[:, :, None] - positions[:, None, :] < window)
         prefix_from = positions - (window - 1)
@@ -208,8 +208,7 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     cos, sin = rope.tables(cfg.rope, cfg.head_dim, positions, dtype)
     layer = DecoderLayer(cfg, dtype, attention)
     capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
-    if keep is not None and not offloaded:
-        raise ValueError("forward: `keep` picks from a host cache's layers; it needs offloaded=True")
+    offloaded = keep is not None
     if offloaded:
         write, collect_kv = False, True
     n_layers = cfg.num_layers
@@ -235,7 +234,7 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
             if committed is not None:
                 kmax, kmin = fold_keys(kmax, kmin, k, cache_len, committed, summary.block)
             scores = retrieval.block_scores(q, kmax, kmin, score_mask)
-        kept = None if keep is None else keep(*here, scores)
+        kept = keep(*here, scores) if offloaded else None
         return (x, k_all, v_all, feats), (scores, (k, v) if collect_kv else None, kept)
 
     feats = jnp.zeros((capture.shape[0], b, t, cfg.hidden_size), dtype)

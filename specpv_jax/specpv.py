@@ -251,7 +251,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     keep = offload.keeper(full_len, spec, summary_blocks, s.cache.max_len) if run.offload else None
     out = M.forward(params, run.cfg, tokens, positions, s.cache, mask, capture_layers=run.dcfg.feature_layers,
                     attention=run.attention, summary=st.summary, score_mask=score_mask,
-                    committed=n_missing if with_missing else None, offloaded=run.offload, keep=keep)
+                    committed=n_missing if with_missing else None, keep=keep)
     logits = M.logits(params, run.cfg, out.hidden)
     key, k_tree, k_check = jax.random.split(s.key, 3)
     acc = verify.accept(tree, logits[:, m:], sampler, k_tree)

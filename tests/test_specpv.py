@@ -372,6 +372,7 @@ def test_provisional_check_restores_the_target_law(temperature, top_p):
 
 
 SEED_WITH_A_ROLLBACK = 1  # of 6 seeds tried, all take partial steps and 5 roll back
+SAMPLES = 256  # generations per sampling check (each its own batch, vmapped)
 
 
 def sampling_setup():
@@ -405,15 +406,15 @@ def test_exact_sampling_follows_the_full_context_target():
     stats = sj.generate(target, prompt, 6, draft=head, mode="exact", spec=spec, temperature=0.7, top_p=0.8,
                         seed=SEED_WITH_A_ROLLBACK, eos_token_ids=()).stats
     assert stats["partial_verifications"] > 0 and stats["rollbacks"] > 0  # what the samples below go through
-    target, prompt, sampler, tokens = sampled_per_key("exact", 512, 6)
+    target, prompt, sampler, tokens = sampled_per_key("exact", SAMPLES, 6)
     assert teacher_forced_pvalues(target, prompt, tokens, sampler).min() > 1e-3
 
 
 @pytest.mark.slow
 def test_the_exact_sampling_check_tells_specpv_apart():
-    """The check above has the power to see a partial cache's drift: `specpv` fails it (512 samples: p = 1e-58 at
-    its 4th token; 256: 5e-28)."""
-    target, prompt, sampler, tokens = sampled_per_key("specpv", 512, 6)
+    """The check above has the power to see a partial cache's drift: `specpv` fails it (p = 5e-28 at its 4th token;
+    1e-58 with 512 samples)."""
+    target, prompt, sampler, tokens = sampled_per_key("specpv", SAMPLES, 6)
     assert teacher_forced_pvalues(target, prompt, tokens, sampler).min() < 1e-6
 
 
