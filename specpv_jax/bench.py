@@ -5,11 +5,12 @@
     specpv-jax bench --target DIR --draft DIR --contexts 16384 32768
 
 Per context: decode tokens/s of each mode (the fastest of two runs after a
-warm-up, the modes and `transformers` taking turns; prefill excluded), speedup over our `ar` and
+warm-up, the modes and `transformers` taking turns; prefill excluded; with `--prompts N`, over N held-out
+documents: all their decode tokens over all their decode time), speedup over our `ar` and
 over `transformers` greedy generate (torch CPU, from a prefilled cache, so decoding alone is
 timed), mean accepted length in full and partial verifications, their counts,
 and fidelity (share of tokens equal to the full-context target's greedy
-choice). `specpv-bd` is `specpv` with the bounded draft cache; `draft` is
+choice). `specpv-bd` and `exact-bd` are `specpv` and `exact` with the bounded draft cache; `draft` is
 classic draft-model speculation with the small draft model (it attends to its
 whole cache), `specextend` the same pair with Cross-model Retrieval;
 `longspec` the LongSpec draft, `longspec-plain` its ablation trained without
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import pathlib
@@ -36,8 +38,8 @@ import numpy as np
 from specpv_jax import config
 
 TREE_FIELDS = ("tree_depth", "tree_top_k", "tree_nodes")  # --tree's three numbers
-MODES = ("ar", "eagle", "specpv", "specpv-bd", "exact", "draft", "specextend", "specextend-ref", "longspec",
-         "longspec-ref", "longspec-plain")
+MODES = ("ar", "eagle", "specpv", "specpv-bd", "exact", "exact-bd", "draft", "specextend", "specextend-ref",
+         "longspec", "longspec-ref", "longspec-plain")
 DEFAULT_MODES = config.MODES  # generate's
 SMALL_DRAFT_MODES = ("draft", "specextend", "specextend-ref")
 REFERENCE_TREE_FIELDS = TREE_FIELDS + ("tree_threshold", "tree_beam")
@@ -82,7 +84,7 @@ def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec):
     """One `generate` call of a bench mode.
 
     drafts: {"eagle3": head, "small": small draft model, "longspec": ..., "longspec_plain": ...};
-    "specpv-bd" is specpv with the bounded draft cache, "draft" classic draft-model speculation
+    "specpv-bd" and "exact-bd" those modes with the bounded draft cache, "draft" classic draft-model speculation
     (specextend without retrieval), "*-ref" a peer with its reference code's tree, "longspec-plain"
     longspec with the ablation draft.
     """
@@ -96,8 +98,8 @@ def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec):
 def generate_mode(mode: str, spec):
     """The `generate` mode and `SpecConfig` a bench mode runs with (`offload` and `bounded_draft` only in the
     modes with partial steps)."""
-    if mode == "specpv-bd":
-        return "specpv", dataclasses.replace(spec, bounded_draft=True)
+    if mode.endswith("-bd"):
+        return mode.removesuffix("-bd"), dataclasses.replace(spec, bounded_draft=True)
     if mode == "draft":
         mode, spec = "specextend", dataclasses.replace(spec, draft_chunks=0)
     if mode.endswith("-ref"):
@@ -129,15 +131,21 @@ def _transformers_quiet() -> Iterator[None]:
         transformers.logging.set_verbosity(level)
 
 
-def hf_decode_timer(hf_dir: pathlib.Path, prompt: np.ndarray, new_tokens: int):
-    """A function timing one greedy `transformers` generate from a prefilled cache (a copy per run, so only
-    decoding is timed): its decode tokens/s."""
-    import copy
-
+def load_hf(hf_dir: pathlib.Path):
+    """A `transformers` model from `hf_dir`, float32, in eval mode."""
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def hf_decode_timer(model, prompt: np.ndarray, new_tokens: int):
+    """A function timing one greedy `transformers` generate of `model` (`load_hf`) from a prefilled cache (a copy
+    per run, so only decoding is timed): its decode tokens/s."""
+    import copy
+
+    import torch
+
     ids = torch.tensor(prompt[None], dtype=torch.long)
     keyword = hf_cache_keyword(model)
     with torch.no_grad():
@@ -162,17 +170,14 @@ def hf_cache_keyword(model) -> str:
         else "past_key_values"
 
 
-def hf_assisted_tokens_per_s(hf_dir: pathlib.Path, assistant_dir: pathlib.Path, prompt: np.ndarray,
-                             new_tokens: int) -> float:
-    """Greedy `transformers` assisted generation with the same draft model (its own defaults).
+def hf_assisted_tokens_per_s(model, assistant, prompt: np.ndarray, new_tokens: int) -> float:
+    """Greedy `transformers` assisted generation of `model` with `assistant`, the same draft model (`load_hf`;
+    `transformers`' own defaults).
 
     Decoding alone: the time of `new_tokens` minus that of one token (both models' prefill).
     """
     import torch
-    import transformers
 
-    load = lambda d: transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()  # noqa: E731
-    model, assistant = load(hf_dir), load(assistant_dir)
     ids = torch.tensor(prompt[None], dtype=torch.long)
 
     def timed(n):
@@ -218,14 +223,41 @@ def budget_for(context: int, base, fraction: float):
     return dataclasses.replace(base, retrieval_tokens=retrieval)
 
 
-def prompts_for(target, contexts: list[int]) -> dict[int, np.ndarray]:
-    """Held-out standard-library source through the target's tokenizer, else random ids."""
+def prompts_for(target, contexts: list[int], count: int = 1) -> dict[int, list[np.ndarray]]:
+    """`count` prompts per context: held-out standard-library documents through the target's tokenizer (the
+    longest first, each a different one), else random ids."""
     if target.tokenizer is None:
         rng = np.random.default_rng(0)
-        return {c: rng.integers(0, target.cfg.vocab_size, c) for c in contexts}
-    from specpv_jax.demo import demo_prompt
+        return {c: [rng.integers(0, target.cfg.vocab_size, c) for _ in range(count)] for c in contexts}
+    from specpv_jax.demo import heldout_prompts
 
-    return {c: demo_prompt(target.tokenizer, c) for c in contexts}
+    try:
+        return {c: heldout_prompts(target.tokenizer, c, count) for c in contexts}
+    except ValueError as e:
+        if count == 1:
+            raise
+        raise ValueError(f"--prompts {count}: {e}") from None
+
+
+def pooled(stats: list[dict]) -> dict:
+    """A mode's figures over a context's prompts, from each prompt's `generate` stats: decode tokens/s as all
+    decode tokens over all decode time, accepted lengths weighted by the verifications they average over,
+    verification counts summed (a mean over no verifications: None)."""
+    def mean(key: str, weight: str) -> float | None:
+        total = sum(s[weight] for s in stats)
+        return sum(s[key] * s[weight] for s in stats) / total if total else None
+
+    return dict(tokens_per_s=sum(s["tokens_per_s"] * s["time_s"] for s in stats) / sum(s["time_s"] for s in stats),
+                accept=mean("mean_accept_len", "steps"),
+                accept_full=mean("mean_accept_len_full", "full_verifications"),
+                accept_partial=mean("mean_accept_len_partial", "partial_verifications"),
+                full=sum(s["full_verifications"] for s in stats),
+                partial=sum(s["partial_verifications"] for s in stats))
+
+
+def _harmonic_mean(speeds: list[float]) -> float:
+    """Tokens/s over runs of equal token counts: all the tokens over all the time."""
+    return len(speeds) / sum(1 / v for v in speeds)
 
 
 def write_markdown(rows: list[dict], path: pathlib.Path, title: str) -> None:
@@ -290,6 +322,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", type=at_least(1), nargs="+", help="context lengths (default 2048 4096 8192 16384)")
     p.add_argument("--new-tokens", type=at_least(2), help="new tokens per run, at least 2 (speeds count the tokens "
                    "after the first, which prefill gives; default 64; --quick 32)")
+    p.add_argument("--prompts", type=at_least(1), default=1,
+                   help="prompts per context, each from a different held-out document (default 1)")
     p.add_argument("--modes", nargs="+", choices=MODES, help=f"default: {' '.join(DEFAULT_MODES)}")
     p.add_argument("--tree", type=int, nargs=3, metavar=("DEPTH", "TOP_K", "NODES"),
                    help="tree shape (default: SpecConfig's)")
@@ -367,42 +401,44 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
     modes = ["ar", *(m for m in modes if m != "ar")]  # ar first, always: the others' speeds are ratios to it
     _check_runs(modes, {kind for kind, draft in drafts.items() if draft is not None}, args, contexts, new_tokens,
                 target.cfg.max_position_embeddings)
-    prompts = prompts_for(target, contexts)
-    hf_dir = None if args.no_hf or not _torch_installed() else _hf_dir(target, scratch / "target")
-    assistant_dir = _hf_dir(drafts["small"], scratch / "small_draft") if hf_dir and "small" in drafts and any(
-        m in SMALL_DRAFT_MODES for m in modes) else None
+    prompts = prompts_for(target, contexts, args.prompts)
+    hf_model = None if args.no_hf or not _torch_installed() else load_hf(_hf_dir(target, scratch / "target"))
+    assistant = load_hf(_hf_dir(drafts["small"], scratch / "small_draft")) if hf_model and "small" in drafts and \
+        any(m in SMALL_DRAFT_MODES for m in modes) else None
 
     device = jax.devices()[0].device_kind
     title = (f"{target.cfg.arch} {target.cfg.num_layers} layers x {target.cfg.hidden_size} on {device}, "
-             f"{new_tokens} new tokens")
-    if hf_dir:  # the peer's speed on a CPU follows its threads
+             f"{new_tokens} new tokens" + (f", {args.prompts} prompts per context" if args.prompts > 1 else ""))
+    if hf_model:  # the peer's speed on a CPU follows its threads
         import torch
 
         title += f"; transformers: torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(title)
     rows, width = [], max(len(m) for m in [*modes, "hf-assisted"])
-    write_results(args.out, rows, title, device, contexts, new_tokens, modes)  # no stale results if the first fails
+    results = functools.partial(write_results, args.out, title=title, device=device, contexts=contexts,
+                                new_tokens=new_tokens, modes=modes, prompts=args.prompts)
+    results(rows)  # no stale results if the first context fails
     for context in contexts:
         if args.tune:  # on the bench's own prompt: random ids would draft and retrieve unlike real text
             print(f"tuning at context {context}")
-            spec = sj.SpecConfig.tuned(target, drafts["eagle3"], prompts[context], base=base, verbose=True)
+            spec = sj.SpecConfig.tuned(target, drafts["eagle3"], prompts[context][0], base=base, verbose=True)
         else:
             spec = budget_for(context, base, 0.25 if args.budget_fraction is None else args.budget_fraction)
-        prompt = prompts[context]
-        peers = {"transformers": hf_decode_timer(hf_dir, prompt, new_tokens)} if hf_dir else {}
-        outputs, peer_speeds = fastest_runs(target, drafts, prompt, new_tokens, modes, spec, peers)
-        hf, ar_speed = peer_speeds.get("transformers"), None
+        runs = []  # per prompt: ({mode: its fastest output}, {peer: its best tokens/s})
+        for prompt in prompts[context]:
+            peers = {"transformers": hf_decode_timer(hf_model, prompt, new_tokens)} if hf_model else {}
+            runs.append(fastest_runs(target, drafts, prompt, new_tokens, modes, spec, peers))
+        hf = _harmonic_mean([speeds["transformers"] for _, speeds in runs]) if hf_model else None
+        ar_speed = None
         for mode in modes:
-            (run_as, mode_spec), out = generate_mode(mode, spec), outputs[mode]
-            s = out.stats
-            ar_speed = s["tokens_per_s"] if mode == "ar" else ar_speed
-            row = dict(context=context, mode=mode, tokens_per_s=s["tokens_per_s"],
-                       vs_ar=s["tokens_per_s"] / ar_speed,
-                       vs_hf=s["tokens_per_s"] / hf if hf else None, accept=s["mean_accept_len"],
-                       accept_full=s["mean_accept_len_full"] if s["full_verifications"] else None,
-                       accept_partial=s["mean_accept_len_partial"] if s["partial_verifications"] else None,
-                       full=s["full_verifications"], partial=s["partial_verifications"],
-                       fidelity=sj.fidelity(target, prompt, out),
+            run_as, mode_spec = generate_mode(mode, spec)
+            outs = [best[mode] for best, _ in runs]
+            figures = pooled([out.stats for out in outs])
+            speed = figures.pop("tokens_per_s")
+            ar_speed = speed if mode == "ar" else ar_speed
+            fidelity = np.mean([sj.fidelity(target, prompt, out) for prompt, out in zip(prompts[context], outs)])
+            row = dict(context=context, mode=mode, tokens_per_s=speed, vs_ar=speed / ar_speed,
+                       vs_hf=speed / hf if hf else None, **figures, fidelity=float(fidelity),
                        retrieval_tokens=mode_spec.retrieval_tokens if run_as in config.PARTIAL_MODES else None,
                        tree=None if mode == "ar" else [getattr(mode_spec, name) for name in TREE_FIELDS],
                        spec=dataclasses.asdict(mode_spec))
@@ -415,13 +451,14 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                              vs_ar=hf / ar_speed))
             print(f"{context:>7} {'hf':>{width}} {hf:>8.1f} tok/s  x{hf / ar_speed:.2f} vs ar  (transformers greedy)",
                   flush=True)
-        if assistant_dir:
-            assisted = hf_assisted_tokens_per_s(hf_dir, assistant_dir, prompt, new_tokens)
+        if assistant:
+            assisted = _harmonic_mean([hf_assisted_tokens_per_s(hf_model, assistant, prompt, new_tokens)
+                                       for prompt in prompts[context]])
             rows.append(dict(context=context, mode="transformers-assisted", tokens_per_s=assisted,
                              vs_ar=assisted / ar_speed, vs_hf=assisted / hf))
             print(f"{context:>7} {'hf-assisted':>{width}} {assisted:>8.1f} tok/s  x{assisted / ar_speed:.2f} vs ar  "
                   f"x{assisted / hf:.2f} vs hf", flush=True)
-        write_results(args.out, rows, title, device, contexts, new_tokens, modes)  # a later failure keeps these
+        results(rows)  # a later failure keeps these
     print(f"wrote {args.out / 'bench.json'}, bench.md, bench.png")
     return rows
 
@@ -454,13 +491,13 @@ def _check_runs(modes: list[str], drafts: set[str], args, contexts: list[int], n
 
 
 def write_results(out: pathlib.Path, rows: list[dict], title: str, device: str, contexts: list[int],
-                  new_tokens: int, modes: list[str]) -> None:
+                  new_tokens: int, modes: list[str], prompts: int = 1) -> None:
     """bench.json, bench.md and bench.png in `out` for the rows so far; bench.json's "contexts" are those
-    measured, "pending" the rest (empty when the bench finished)."""
+    measured, "pending" the rest (empty when the bench finished); "prompts": per context."""
     out.mkdir(parents=True, exist_ok=True)
     done = list(dict.fromkeys(r["context"] for r in rows))
     (out / "bench.json").write_text(json.dumps(
         {"device": device, "title": title, "contexts": done, "pending": [c for c in contexts if c not in done],
-         "new_tokens": new_tokens, "modes": modes, "rows": rows}, indent=2))
+         "new_tokens": new_tokens, "prompts": prompts, "modes": modes, "rows": rows}, indent=2))
     write_markdown(rows, out / "bench.md", title)
     plot(rows, out / "bench.png", title)

@@ -58,20 +58,31 @@ def demo_models(dtype: str = "float32") -> DemoModels:
 
 def demo_prompt(tokenizer, length: int) -> np.ndarray:
     """The first `length` tokens of the longest held-out standard-library document (never trained on)."""
+    return heldout_prompts(tokenizer, length)[0]
+
+
+def heldout_prompts(tokenizer, length: int, count: int = 1) -> list[np.ndarray]:
+    """The first `length` tokens of each of the `count` longest held-out standard-library documents (never
+    trained on), longest first: distinct texts, for figures that do not hang on one document."""
     if length < 1:
         raise ValueError(f"a prompt needs at least one token, got length {length}")
-    ids = _longest_heldout_document(tokenizer)
-    if ids.size < length:
-        raise ValueError(f"the longest held-out document has {ids.size} tokens, fewer than {length}")
-    return ids[:length].copy()
+    docs = _heldout_documents(tokenizer)
+    if docs[0].size < length:
+        raise ValueError(f"the longest held-out document has {docs[0].size} tokens, fewer than {length}")
+    long_enough = [d for d in docs if d.size >= length]
+    if len(long_enough) < count:
+        raise ValueError(f"{len(long_enough)} held-out documents have {length} tokens or more, fewer than the "
+                         f"{count} prompts asked for")
+    return [d[:length].copy() for d in long_enough[:count]]
 
 
 @functools.lru_cache(maxsize=2)
-def _longest_heldout_document(tokenizer) -> np.ndarray:
+def _heldout_documents(tokenizer) -> list[np.ndarray]:
+    """The held-out documents' token ids, longest first."""
     from specpv_jax.train import corpus
 
     _, heldout = corpus.split(corpus.documents())  # reads the whole standard library: seconds
-    return max(corpus.encode_documents(tokenizer, heldout), key=len)
+    return sorted(corpus.encode_documents(tokenizer, heldout), key=len, reverse=True)
 
 
 DEMO_CONFIG = ModelConfig(arch="llama", vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=4,

@@ -196,11 +196,12 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     """
     dtype = param_dtype(params)
     b, t = ids.shape
+    offloaded = keep is not None
     if new_mask is None:
         new_mask = causal_mask(b, t)
     prefix_from = None
     if window is not None:
-        if extra_kv is not None or keep is not None:
+        if extra_kv is not None or offloaded:
             raise ValueError("forward: window= takes the new tokens and an on-device cache only")
         new_mask = new_mask & (positions[:, :, None] - positions[:, None, :] < window)
         prefix_from = positions - (window - 1)
@@ -208,7 +209,6 @@ def forward(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Arr
     cos, sin = rope.tables(cfg.rope, cfg.head_dim, positions, dtype)
     layer = DecoderLayer(cfg, dtype, attention)
     capture = jnp.asarray(capture_layers, jnp.int32).reshape(-1)
-    offloaded = keep is not None
     if offloaded:
         write, collect_kv = False, True
     n_layers = cfg.num_layers

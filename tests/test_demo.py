@@ -149,29 +149,23 @@ def test_assisted_timing_is_measured_again_after_a_busy_moment(monkeypatch):
     failed so while other jobs ran) is measured again; three such rounds in a row are an error."""
     import types
 
-    import transformers
-
     from specpv_jax import bench
 
     clock, calls, busy_calls = [0.0], [], [0]
 
     class Model:
-        def eval(self):
-            return self
-
         def generate(self, ids, max_new_tokens, **kwargs):  # 1 s a call while busy, else 10 ms a token
             calls.append(max_new_tokens)
             clock[0] += 1.0 if len(calls) <= busy_calls[0] else 0.01 * max_new_tokens
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Model())
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     busy_calls[0] = 1 + 6  # the warm-up and the first round of six
-    assert bench.hf_assisted_tokens_per_s("target", "draft", np.arange(4), 8) == pytest.approx(7 / 0.07)
+    assert bench.hf_assisted_tokens_per_s(Model(), Model(), np.arange(4), 8) == pytest.approx(7 / 0.07)
     assert len(calls) == 1 + 6 + 6
     calls.clear()
     busy_calls[0] = 1 + 3 * 6
     with pytest.raises(RuntimeError, match="no slower than 1, three times"):
-        bench.hf_assisted_tokens_per_s("target", "draft", np.arange(4), 8)
+        bench.hf_assisted_tokens_per_s(Model(), Model(), np.arange(4), 8)
 
 
 def test_bench_keeps_transformers_advice_out_of_its_output():
@@ -229,6 +223,46 @@ def test_bench_takes_each_modes_fastest_timed_run_in_turns(monkeypatch):
     assert peers == {"transformers": 9}
 
 
+def test_bench_pools_its_prompts_runs(tmp_path, monkeypatch):
+    """--prompts 2: each context runs each mode on two different prompts; a row's speed is all their decode
+    tokens over all their decode time, its accepted lengths weighted by the verifications they average over."""
+    from specpv_jax import bench
+    from specpv_jax.cli import main
+
+    one = dict(tokens_per_s=100.0, time_s=1.0, steps=40, mean_accept_len=2.5, full_verifications=10,
+               mean_accept_len_full=2.0, partial_verifications=30, mean_accept_len_partial=2.0)
+    other = dict(one, tokens_per_s=20.0, time_s=3.0, steps=10, mean_accept_len=1.0, partial_verifications=0,
+                 mean_accept_len_partial=0.0)
+    assert bench.pooled([one, other]) == dict(tokens_per_s=40.0, accept=2.2, accept_full=2.0, accept_partial=2.0,
+                                              full=20, partial=30)
+    assert bench.pooled([other])["accept_partial"] is None  # a mean over no partial verifications
+
+    target = make_target(64, layers=2)
+    sj.save_target(target, tmp_path / "ckpt")
+    prompts, real = [], bench.fastest_runs
+    monkeypatch.setattr(bench, "fastest_runs", lambda *a: prompts.append(a[2]) or real(*a))
+    assert main(["bench", "--target", str(tmp_path / "ckpt"), "--contexts", "40", "48", "--new-tokens", "4",
+                 "--prompts", "2", "--no-hf", "--out", str(tmp_path / "out")]) == 0
+    assert [p.size for p in prompts] == [40, 40, 48, 48] and not np.array_equal(prompts[0], prompts[1])
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert data["prompts"] == 2 and data["title"].endswith("4 new tokens, 2 prompts per context")
+    assert [(r["context"], r["mode"], r["accept"]) for r in data["rows"]] == [(40, "ar", 1.0), (48, "ar", 1.0)]
+
+
+def test_heldout_prompts_are_different_documents(tmp_path, capsys):
+    from specpv_jax.cli import main
+    from specpv_jax.demo import heldout_prompts
+
+    tokenizer = sj.demo_models().tokenizer
+    prompts = heldout_prompts(tokenizer, 8192, 3)
+    assert [p.size for p in prompts] == [8192] * 3 and np.array_equal(prompts[0], demo_prompt(tokenizer, 8192))
+    assert len({p[1:64].tobytes() for p in prompts}) == 3  # after the BOS: three texts
+    with pytest.raises(ValueError, match=r"\d+ held-out documents have 16384 tokens or more, fewer than the 30 "):
+        heldout_prompts(tokenizer, 16384, 30)
+    assert main(["bench", "--contexts", "16384", "--prompts", "30", "--no-hf", "--out", str(tmp_path / "out")]) == 1
+    assert "--prompts 30: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_bench_reference_tree_modes_run_each_peer_with_its_reference_codes_tree():
     from specpv_jax import bench
     from specpv_jax.longspec import LONGSPEC_TREE
@@ -246,6 +280,9 @@ def test_bench_reference_tree_modes_run_each_peer_with_its_reference_codes_tree(
     assert bench.generate_mode("eagle", bounded) == ("eagle", base)
     assert bench.generate_mode("specpv", bounded) == ("specpv", bounded)
     assert bench.generate_mode("ar", bounded) == ("ar", sj.SpecConfig())  # the target alone: no tree, no cache
+    for mode in ("specpv", "exact"):
+        assert bench.generate_mode(f"{mode}-bd", base) == (mode, bounded)
+        assert bench.draft_kind(f"{mode}-bd") == "eagle3"
 
 
 def test_bench_without_torch_skips_the_transformers_rows(tmp_path, monkeypatch, capsys):
