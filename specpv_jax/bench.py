@@ -231,12 +231,7 @@ def prompts_for(target, contexts: list[int], count: int = 1) -> dict[int, list[n
         return {c: [rng.integers(0, target.cfg.vocab_size, c) for _ in range(count)] for c in contexts}
     from specpv_jax.demo import heldout_prompts
 
-    try:
-        return {c: heldout_prompts(target.tokenizer, c, count) for c in contexts}
-    except ValueError as e:
-        if count == 1:
-            raise
-        raise ValueError(f"--prompts {count}: {e}") from None
+    return {c: heldout_prompts(target.tokenizer, c, count, option="--prompts") for c in contexts}
 
 
 def pooled(stats: list[dict]) -> dict:
@@ -323,7 +318,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=at_least(2), help="new tokens per run, at least 2 (speeds count the tokens "
                    "after the first, which prefill gives; default 64; --quick 32)")
     p.add_argument("--prompts", type=at_least(1), default=1,
-                   help="prompts per context, each from a different held-out document (default 1)")
+                   help="prompts per context, each from a different held-out document (random ids for a target "
+                   "without a tokenizer); default 1")
     p.add_argument("--modes", nargs="+", choices=MODES, help=f"default: {' '.join(DEFAULT_MODES)}")
     p.add_argument("--tree", type=int, nargs=3, metavar=("DEPTH", "TOP_K", "NODES"),
                    help="tree shape (default: SpecConfig's)")
@@ -403,13 +399,13 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                 target.cfg.max_position_embeddings)
     prompts = prompts_for(target, contexts, args.prompts)
     hf_model = None if args.no_hf or not _torch_installed() else load_hf(_hf_dir(target, scratch / "target"))
-    assistant = load_hf(_hf_dir(drafts["small"], scratch / "small_draft")) if hf_model and "small" in drafts and \
-        any(m in SMALL_DRAFT_MODES for m in modes) else None
+    assistant = load_hf(_hf_dir(drafts["small"], scratch / "small_draft")) if hf_model is not None and \
+        "small" in drafts and any(m in SMALL_DRAFT_MODES for m in modes) else None
 
     device = jax.devices()[0].device_kind
     title = (f"{target.cfg.arch} {target.cfg.num_layers} layers x {target.cfg.hidden_size} on {device}, "
              f"{new_tokens} new tokens" + (f", {args.prompts} prompts per context" if args.prompts > 1 else ""))
-    if hf_model:  # the peer's speed on a CPU follows its threads
+    if hf_model is not None:  # the peer's speed on a CPU follows its threads
         import torch
 
         title += f"; transformers: torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -419,16 +415,16 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                                 new_tokens=new_tokens, modes=modes, prompts=args.prompts)
     results(rows)  # no stale results if the first context fails
     for context in contexts:
-        if args.tune:  # on the bench's own prompt: random ids would draft and retrieve unlike real text
+        if args.tune:  # on the bench's first prompt: random ids would draft and retrieve unlike real text
             print(f"tuning at context {context}")
             spec = sj.SpecConfig.tuned(target, drafts["eagle3"], prompts[context][0], base=base, verbose=True)
         else:
             spec = budget_for(context, base, 0.25 if args.budget_fraction is None else args.budget_fraction)
         runs = []  # per prompt: ({mode: its fastest output}, {peer: its best tokens/s})
         for prompt in prompts[context]:
-            peers = {"transformers": hf_decode_timer(hf_model, prompt, new_tokens)} if hf_model else {}
+            peers = {} if hf_model is None else {"transformers": hf_decode_timer(hf_model, prompt, new_tokens)}
             runs.append(fastest_runs(target, drafts, prompt, new_tokens, modes, spec, peers))
-        hf = _harmonic_mean([speeds["transformers"] for _, speeds in runs]) if hf_model else None
+        hf = None if hf_model is None else _harmonic_mean([speeds["transformers"] for _, speeds in runs])
         ar_speed = None
         for mode in modes:
             run_as, mode_spec = generate_mode(mode, spec)
@@ -451,7 +447,7 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
                              vs_ar=hf / ar_speed))
             print(f"{context:>7} {'hf':>{width}} {hf:>8.1f} tok/s  x{hf / ar_speed:.2f} vs ar  (transformers greedy)",
                   flush=True)
-        if assistant:
+        if assistant is not None:
             assisted = _harmonic_mean([hf_assisted_tokens_per_s(hf_model, assistant, prompt, new_tokens)
                                        for prompt in prompts[context]])
             rows.append(dict(context=context, mode="transformers-assisted", tokens_per_s=assisted,

@@ -61,18 +61,21 @@ def demo_prompt(tokenizer, length: int) -> np.ndarray:
     return heldout_prompts(tokenizer, length)[0]
 
 
-def heldout_prompts(tokenizer, length: int, count: int = 1) -> list[np.ndarray]:
+def heldout_prompts(tokenizer, length: int, count: int = 1, option: str = "count") -> list[np.ndarray]:
     """The first `length` tokens of each of the `count` longest held-out standard-library documents (never
-    trained on), longest first: distinct texts, for figures that do not hang on one document."""
+    trained on), longest first: distinct texts, for figures that do not hang on one document. `option`: what
+    an error calls `count` (a CLI option's name)."""
     if length < 1:
         raise ValueError(f"a prompt needs at least one token, got length {length}")
+    if count < 1:
+        raise ValueError(f"{option} must be at least 1, got {count}")
     docs = _heldout_documents(tokenizer)
     if docs[0].size < length:
         raise ValueError(f"the longest held-out document has {docs[0].size} tokens, fewer than {length}")
     long_enough = [d for d in docs if d.size >= length]
     if len(long_enough) < count:
-        raise ValueError(f"{len(long_enough)} held-out documents have {length} tokens or more, fewer than the "
-                         f"{count} prompts asked for")
+        raise ValueError(f"{option} {count}: {len(long_enough)} held-out documents have {length} tokens or more, "
+                         f"fewer than the {count} prompts asked for")
     return [d[:length].copy() for d in long_enough[:count]]
 
 

@@ -259,6 +259,8 @@ def test_heldout_prompts_are_different_documents(tmp_path, capsys):
     assert len({p[1:64].tobytes() for p in prompts}) == 3  # after the BOS: three texts
     with pytest.raises(ValueError, match=r"\d+ held-out documents have 16384 tokens or more, fewer than the 30 "):
         heldout_prompts(tokenizer, 16384, 30)
+    with pytest.raises(ValueError, match="count must be at least 1, got 0"):
+        heldout_prompts(tokenizer, 100, 0)
     assert main(["bench", "--contexts", "16384", "--prompts", "30", "--no-hf", "--out", str(tmp_path / "out")]) == 1
     assert "--prompts 30: " in capsys.readouterr().err and not (tmp_path / "out").exists()
 
