@@ -455,6 +455,7 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `specpv-jax` argument parser, one subcommand per command (demo, generate, convert, bench, ...)."""
     from specpv_jax.presets import HF_CONFIGS
 
     p = argparse.ArgumentParser(prog="specpv-jax", description="Long-context speculative decoding in JAX.")
@@ -565,6 +566,7 @@ def _show_warning(command: str, show: Callable) -> Callable:
 
 @under_defaults
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `specpv-jax`: runs the subcommand `argv` names (default `sys.argv[1:]`); the exit status."""
     args = build_parser().parse_args(argv)
     # transformers says at import that without torch it has no models: we read only its configs and tokenizers
     # (bench checks for torch itself where its peer needs it)

@@ -77,6 +77,7 @@ class _Serialised:
     dataclass whose fields are plain values, tuples and a `rope: RopeConfig`."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-serialisable values (nested `rope` as a dict)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -828,6 +829,7 @@ class SpecConfig:
 
     @property
     def buffer_size(self) -> int:
+        """Partial-cache slots for tokens accepted in partial mode: `buffer_tokens`, or 20 + tree_nodes + 1."""
         return self.buffer_tokens if self.buffer_tokens is not None else 20 + self.tree_nodes + 1
 
     @property

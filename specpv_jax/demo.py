@@ -45,7 +45,8 @@ class DemoModels(NamedTuple):
 @functools.lru_cache(maxsize=4)
 @under_defaults
 def demo_models(dtype: str = "float32") -> DemoModels:
-    """The bundled demo target, its drafts and tokenizer, loaded and ready for `generate`."""
+    """The bundled demo target, its drafts and tokenizer, loaded in `dtype` (e.g. "bfloat16") and ready for
+    `generate`; cached, so a second call returns the same models."""
     dirs = [ASSETS / name for name in ("target", "eagle3", "small_draft", "longspec", "longspec_plain")]
     for d in dirs:
         if not (d / "config.json").is_file():

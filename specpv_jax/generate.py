@@ -543,8 +543,9 @@ def make_generate_fn(target_cfg: ModelConfig, spec_cfg: SpecConfig | None = None
                      prefill_chunk: int = DEFAULT_PREFILL_CHUNK, attention: str = "auto"):
     """A pure, jittable `generate_fn(params, draft_params, ids, key) -> (tokens [B, max_new_tokens], lengths [B])`.
 
-    For research code that jits (or vmaps) generation itself. ids: `[B, T]`
-    int32 equal-length prompts (no padding); draft_params: `{"params": draft.params,
+    For research code that jits (or vmaps) generation itself. The sampling settings (temperature, top_p,
+    top_k), eos_token_ids, prefill_chunk and attention mean what they mean in `generate`. ids: `[B, T]`
+    integer equal-length prompts (no padding); draft_params: `{"params": draft.params,
     "d2t": draft.d2t}` for the speculative modes (ignored by "ar"; a small or LongSpec
     draft has no d2t: `{"params": draft.params}`); key: a PRNG key.
     Settings are static and fixed here; output equals `generate` with the same

@@ -30,6 +30,7 @@ class Model:
 
     @property
     def dtype(self):
+        """The weights' dtype (that of the token embedding), e.g. bfloat16."""
         return self.params["embed_tokens"]["embedding"].dtype
 
 
