@@ -17,7 +17,8 @@ from specpv_jax.cache import BlockSummary, KVCache
 from specpv_jax.demo import demo_prompt
 from specpv_jax.loop import Output
 from specpv_jax.sampling import Sampler
-from specpv_jax.specpv import MAX_BACKOFF, next_provisional_cap
+from specpv_jax import specpv
+from specpv_jax.specpv import MAX_BACKOFF, is_shaky, log_prob_margin, next_provisional_cap
 from test_eagle import make_head, make_target
 
 BLOCK = 16
@@ -97,7 +98,7 @@ def test_full_step_scores_blocks_with_the_re_fed_tokens_keys():
 
 def test_full_steps_fold_the_re_fed_tokens_keys(monkeypatch):
     """full_step passes the re-fed tokens' count to the scoring forward (the test above covers the scoring)."""
-    from specpv_jax import host, specpv
+    from specpv_jax import host
 
     target = make_target(16)
     seen, forward = [], M.forward
@@ -201,8 +202,6 @@ def test_bounded_draft_partial_steps_start_once_the_heads_cache_holds_a_full_bud
     """The head's cache lags the target's by the tokens a full step just committed: with the target just past
     the threshold and the head not, the head's bounded cache was one block short and took sink block 0 twice
     (its keys counted twice in the partial steps' drafts)."""
-    from specpv_jax import specpv
-
     target, head = models
     spec = small_spec(bounded_draft=True, tree_nodes=7)  # a spec of its own: traced afresh with the spy below
     static = spec.static_tokens
@@ -430,6 +429,40 @@ def test_provisional_cap_pauses_partial_steps_after_a_losing_rollback():
     assert cap.tolist() == [8, 6, 1, 1, 1, 1]
     assert pause.tolist() == [0, 0, 2, MAX_BACKOFF, 1, 0]
     assert backoff.tolist() == [1, 1, 4, MAX_BACKOFF, 2, 2]
+
+
+def test_log_prob_margin_and_shaky_rows():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]))
+    np.testing.assert_allclose(log_prob_margin(logits, jnp.asarray([0, 2])), [np.log(5 / 3), np.log(2 / 5)],
+                               rtol=1e-6)
+    # Rows: no drift measured yet (any token is shaky); mean drift 0.5 with margins 0.4 and 0.6; the same with
+    # the 0.4 margin's slot not valid; a valid margin of exactly the mean drift.
+    margin = jnp.asarray([[3.0, 3.0], [0.6, 0.4], [0.6, 0.4], [0.5, 2.0]])
+    valid = jnp.asarray([[True, False], [True, True], [True, False], [True, True]])
+    drift = jnp.asarray([[0.0, 0.0], [1.0, 2.0], [1.0, 2.0], [2.0, 4.0]])
+    assert is_shaky(margin, valid, drift).tolist() == [True, True, False, False]
+
+
+def test_a_shaky_token_makes_the_next_step_full(models, monkeypatch):
+    """Greedy exact mode: a shaky row confirms at once (every partial step followed by a full one, still the
+    ar tokens), and full steps feed the drift that the rule reads."""
+    target, head = models
+    drift_counts = []
+
+    def always_shaky(margin, valid, drift):
+        jax.debug.callback(lambda d: drift_counts.append(float(d.sum())), drift[:, 1])
+        return jnp.ones(margin.shape[:1], bool)
+
+    monkeypatch.setattr(specpv, "is_shaky", always_shaky)
+    prompt = np.random.default_rng(300).integers(0, 16, 300)
+    ar = sj.generate(target, prompt, 64, eos_token_ids=())
+    spec = small_spec(window=48)  # a spec of its own: traced afresh with the spy above
+    exact = sj.generate(target, prompt, 64, draft=head, mode="exact", spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(exact.tokens, ar.tokens)
+    s = exact.stats
+    assert 0 < s["partial_verifications"] <= s["full_verifications"]  # partial steps are never consecutive
+    # Before the first full step none measured; by the last partial step, each earlier one's tokens (1+ each).
+    assert min(drift_counts) == 0 and max(drift_counts) >= s["partial_verifications"] - 1
 
 
 @pytest.mark.slow  # 43-46 s of make test's 25 min on a slow day (2 cores): `make test-slow`
