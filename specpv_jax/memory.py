@@ -229,7 +229,10 @@ def estimate(cfg: ModelConfig, context: int, new_tokens: int = 256, batch: int =
     # Offloaded, prefill goes a layer at a time: the prompt's hidden states (twice: XLA copies the loop's; CPU,
     # measured) and captured features stay resident.
     by_layer = (2 + len(d.feature_layers)) * batch * context * h * size if spec.offload and mode in PARTIAL_MODES else 0
-    temporaries = max(int(logit_buffers * batch * tree * v * 4), batch * draft_rows * v * 4,
+    # Greedy exact mode's full step takes each provisional token's margin over the best other logit: a masked
+    # copy of their logits (XLA CPU, measured; a fused reduction on GPUs).
+    margin_rows = spec.max_missing if mode == "exact" and temperature == 0 else 0
+    temporaries = max(int((logit_buffers * tree + margin_rows) * batch * v * 4), batch * draft_rows * v * 4,
                       batch * t * (2 * h + 2 * cfg.intermediate_size) * 4 + by_layer) + scores + attention_io
     temporaries += batch * v * 4  # the prompts' last logits, from prefill into the decode loop
     activations = temporaries // rows + layer_param_count(cfg, model) * size

@@ -97,7 +97,10 @@ def test_estimate_covers_what_the_compiled_stages_take():
     # a 100-node tree over a 65536-token vocabulary: the greedy check for finite logits holds a boolean mask of
     # them beside them (a quarter more; 176.9 MiB compiled against 165.8 estimated at 4 rows)
     ("eagle", 4, 65536, 0.0, 1.0, 0, sj.SpecConfig(tree_depth=3, tree_top_k=10, tree_nodes=100)),
-], ids=["ar", "exact-top-p-top-k", "eagle-beam", "eagle-top-k", "exact-offload", "eagle-wide-vocab"])
+    # greedy exact mode also takes each provisional token's margin over the best other logit
+    ("exact", 4, 65536, 0.0, 1.0, 0, sj.SpecConfig(sink_tokens=16, retrieval_tokens=32, window_tokens=16)),
+], ids=["ar", "exact-top-p-top-k", "eagle-beam", "eagle-top-k", "exact-offload", "eagle-wide-vocab",
+        "exact-wide-vocab"])
 def test_estimate_covers_kv_heads_sampling_and_drafting(mode, heads, vocab, temperature, top_p, top_k, spec):
     from specpv_jax import host
 

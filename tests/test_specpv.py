@@ -465,6 +465,30 @@ def test_a_shaky_token_makes_the_next_step_full(models, monkeypatch):
     assert min(drift_counts) == 0 and max(drift_counts) >= s["partial_verifications"] - 1
 
 
+def test_drift_is_zero_where_the_context_cannot_matter(monkeypatch):
+    """With its attention outputs zeroed the target's logits depend on the current token alone: partial and
+    full verification give each provisional token the same margin, and the drift full steps measure is zero
+    (a margin kept one slot off, or another token's, would not be)."""
+    target = make_target(16, seed=7)
+    params = jax.tree.map(lambda x: x, target.params)
+    attn = params["layers"]["self_attn"]
+    attn["o_proj"] = {**attn["o_proj"], "kernel": jnp.zeros_like(attn["o_proj"]["kernel"])}
+    target = dataclasses.replace(target, params=params)
+    seen, real = [], specpv.is_shaky
+
+    def spy(margin, valid, drift):
+        jax.debug.callback(lambda d: seen.append(np.asarray(d).copy()), drift)
+        return real(margin, valid, drift)
+
+    monkeypatch.setattr(specpv, "is_shaky", spy)
+    prompt = np.random.default_rng(7).integers(0, 16, 300)
+    spec = small_spec(window=64)  # a spec of its own: traced afresh with the spy
+    exact = sj.generate(target, prompt, 64, draft=make_head(target), mode="exact", spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(exact.tokens, sj.generate(target, prompt, 64, eos_token_ids=()).tokens)
+    total, count = max(seen, key=lambda d: d[0, 1])[0]
+    assert count >= 5 and total <= 1e-4 * count, (total, count)
+
+
 @pytest.mark.slow  # 43-46 s of make test's 25 min on a slow day (2 cores): `make test-slow`
 def test_exact_with_a_partial_cache_that_disagrees_costs_no_more_full_steps_than_eagle():
     """With no retrieval budget the partial cache (a 16-token window) often disagrees with the full context:
