@@ -95,10 +95,9 @@ class SpecPVState:
     Greedy exact mode only (else None): margins: `[B, M]` each provisional
     token's log-probability margin under the partial verification that chose it
     (`log_prob_margin`); drift: `[B, 2]` the sum and count of |partial margin -
-    full margin| over the provisional tokens full steps have checked; shaky:
-    `[B]` a provisional token since the last full step has a margin below the
-    row's mean drift (no drift measured yet: any token), so the next step is a
-    full one (`is_shaky`).
+    full margin| over the provisional tokens full steps have checked. A row
+    whose provisional tokens include one with a margin below its mean drift
+    takes a full step next (`is_shaky`, in `must_confirm`).
     """
 
     eagle: EagleState
@@ -114,7 +113,6 @@ class SpecPVState:
     backoff: jax.Array
     margins: jax.Array | None
     drift: jax.Array | None
-    shaky: jax.Array | None
     counters: Counters
 
 
@@ -175,11 +173,10 @@ def partial_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree:
     dest = jnp.where((slot < count[:, None]) & live[:, None], st.n_missing[:, None] + slot, st.missing.shape[1])
     rows = jnp.arange(dest.shape[0])[:, None]
     missing = st.missing.at[rows, dest].set(jnp.take_along_axis(tree.tokens, acc.path, axis=1), mode="drop")
-    margins, shaky = st.margins, st.shaky
+    margins = st.margins
     if margins is not None:  # the logits at path[i] chose emitted[i]: the next node's token, or the bonus
         margin = log_prob_margin(jnp.take_along_axis(logits, acc.path[:, :, None], axis=1), acc.emitted(tree))
         margins = margins.at[rows, dest].set(margin, mode="drop")
-        shaky |= live & is_shaky(margin, slot < count[:, None], st.drift)
     missing_q = st.missing_q
     if missing_q is not None:
         q = sampler.probs(jnp.take_along_axis(logits, acc.path[:, :, None], axis=1))
@@ -194,7 +191,7 @@ def partial_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree:
     return st.replace(
         eagle=s.replace(pair_feats=feats, pair_tokens=emitted, pair_count=count, root=acc.bonus, out=out_buf,
                         key=key),
-        partial=partial, missing=missing, missing_q=missing_q, margins=margins, shaky=shaky,
+        partial=partial, missing=missing, missing_q=missing_q, margins=margins,
         n_missing=jnp.where(live, st.n_missing + count, st.n_missing),
         counters=c.replace(partial=c.partial + 1, partial_rows=c.partial_rows + live.sum(),
                            partial_accepted=c.partial_accepted + kept.sum()))
@@ -261,7 +258,7 @@ def log_prob_margin(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def is_shaky(margin: jax.Array, valid: jax.Array, drift: jax.Array) -> jax.Array:
-    """`[B]` whether a greedy exact row should confirm now: one of its new provisional tokens (`margin [B, N]`
+    """`[B]` whether a greedy exact row should confirm now: one of its provisional tokens (`margin [B, N]`
     where `valid`) has a margin below the row's mean drift between partial and full margins (`drift [B, 2]`:
     sum, count), or any new token when none was measured yet. The full cache disagrees where the partial
     cache's error moves the margin past zero: on the demo models at 4K with a 1024-token budget, 39% of the
@@ -345,7 +342,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
         partial=partial, summary=summary, ready=_ready(cache, draft_cache, draft_partial, spec),
         draft_partial=draft_partial,
         n_missing=jnp.where(live, 0, st.n_missing), provisional_cap=cap, pause=pause, backoff=backoff,
-        drift=drift, shaky=None if st.shaky is None else st.shaky & ~live,
+        drift=drift,
         counters=c.replace(full=c.full + 1, full_rows=c.full_rows + live.sum(),
                            full_accepted=c.full_accepted + kept.sum(),
                            rollbacks=c.rollbacks + rejected.sum()))
@@ -428,7 +425,9 @@ def must_confirm(eos, st: SpecPVState) -> jax.Array:
     has_eos = (jnp.isin(st.missing, eos) & (slot < st.n_missing[:, None])).any(1) | jnp.isin(st.eagle.root, eos)
     at_cap = st.n_missing >= st.provisional_cap
     confirm = has_eos | (out.num_out + st.n_missing >= out.limit) | at_cap | (st.pause > 0)
-    return confirm if st.shaky is None else confirm | st.shaky
+    if st.margins is None:
+        return confirm
+    return confirm | is_shaky(st.margins, slot < st.n_missing[:, None], st.drift)
 
 
 def specpv_step(params, dparams, d2t, run: Run, sampler: Sampler, eos, st: SpecPVState) -> SpecPVState:
@@ -476,7 +475,6 @@ def specpv_decode_fn(run: Run):
             backoff=jnp.ones((b,), jnp.int32),
             margins=jnp.zeros((b, m), jnp.float32) if by_margin else None,
             drift=jnp.zeros((b, 2), jnp.float32) if by_margin else None,
-            shaky=jnp.zeros((b,), bool) if by_margin else None,
             counters=Counters.zeros())
         step = functools.partial(specpv_step, params, dparams, d2t, run, sampler, eos)
         st = decode_loop(run, step, st, lambda s: s.eagle.out)
