@@ -31,7 +31,7 @@ def spec_fields_read(mode: str) -> tuple[str, ...]:
                "offload")
     retrieval = ("chunk_tokens", "draft_chunks", "retrieve_every")
     return ((tree if mode != "ar" else ()) + (partial if mode in PARTIAL_MODES else ())
-            + (retrieval if mode == "specextend" else ()))
+            + (("full_step_cost",) if mode == "exact" else ()) + (retrieval if mode == "specextend" else ()))
 
 
 class ConfigError(ValueError):
@@ -742,6 +742,11 @@ class SpecConfig:
     best `tree_nodes`-node tree (the sum of their path probabilities) by no more
     than this (0 drafts every level; SpecExtend's reference: 0.7 with top-k 50,
     9 levels, 50 nodes: `specextend.SPECEXTEND_TREE`).
+    `full_step_cost` (mode "exact" with sampling): what a full verification step
+    costs in partial ones, from which the mode plans how many tokens to hold
+    provisional before a full step (`specpv.planned_cap`). About 1.5 for
+    Llama-3.1-8B at 64K on a GPU (weights and K/V bytes read), 7 for the demo
+    models at 4K on a 2-core CPU (measured).
     SpecExtend's Cross-model Retrieval (small-draft modes): the draft's working
     cache holds the `draft_chunks` best `chunk_tokens`-token chunks of the
     context, re-chosen every `retrieve_every` steps by the target's attention,
@@ -761,6 +766,7 @@ class SpecConfig:
     offload: bool = False
     tree_threshold: float = 0.0
     tree_beam: bool = False
+    full_step_cost: float = 3.0
     chunk_tokens: int = 32
     draft_chunks: int = 32
     retrieve_every: int = 4
@@ -789,6 +795,9 @@ class SpecConfig:
                               f"got {self.draft_chunks!r}")
         if not 0.0 <= self.tree_threshold < 1.0:
             raise ConfigError(f"SpecConfig.tree_threshold must be in [0, 1), got {self.tree_threshold!r}")
+        if not 1.0 <= self.full_step_cost < float("inf"):
+            raise ConfigError(f"SpecConfig.full_step_cost must be at least 1 (a full step's cost in partial "
+                              f"steps), got {self.full_step_cost!r}")
         if self.buffer_tokens is not None and self.buffer_tokens < self.tree_nodes + 1:
             raise ConfigError(f"SpecConfig.buffer_tokens={self.buffer_tokens} must hold at least one tree "
                               f"(tree_nodes + 1 = {self.tree_nodes + 1})")

@@ -92,12 +92,15 @@ class SpecPVState:
     repeat, up to `MAX_BACKOFF`), so a partial cache that keeps disagreeing costs
     about what `eagle` mode does (`next_provisional_cap`).
 
-    Greedy exact mode only (else None): margins: `[B, M]` each provisional
-    token's log-probability margin under the partial verification that chose it
-    (`log_prob_margin`); drift: `[B, 2]` the sum and count of |partial margin -
-    full margin| over the provisional tokens full steps have checked. A row
-    whose provisional tokens include one with a margin below its mean drift
-    takes a full step next (`is_shaky`, in `must_confirm`).
+    Exact mode only (else None): drift: `[B, 2]` the sum and count, over the
+    provisional tokens full steps have checked, of how far the partial cache's
+    verdict on each was from the full one's. Greedy: |partial margin - full
+    margin|, with margins: `[B, M]` (greedy only) each provisional token's
+    log-probability margin under the partial verification that chose it
+    (`log_prob_margin`); a row whose provisional tokens include one with a margin
+    below its mean drift takes a full step next (`is_shaky`, in `must_confirm`).
+    Sampling: the token's chance of rejection, 1 - min(1, p/q), from which
+    `planned_cap` sets the provisional cap instead of the doubling rule above.
     """
 
     eagle: EagleState
@@ -226,14 +229,16 @@ def check_provisional(sampler: Sampler, logits: jax.Array, provisional: jax.Arra
     are real. Greedy: keep while they equal the argmax. Sampling: speculative
     sampling with `q [B, M, V]` as the draft distribution (accept with
     min(1, p/q), else draw from norm(max(p - q, 0))). Returns (rejected `[B]`,
-    index of the first rejected token `[B]`, the token to emit in its place `[B]`); the last two mean
-    something only where rejected.
+    index of the first rejected token `[B]`, the token to emit in its place `[B]`, each token's chance of
+    rejection `[B, M]`: 1 - min(1, p/q), greedy 0 or 1); the second and third mean something only where rejected.
     """
     real = jnp.arange(provisional.shape[1])[None, :] < n[:, None]
     if sampler.greedy:
         target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        rejected, first = _first_bad(real & (target != provisional))
-        return rejected, first, jnp.take_along_axis(target, first[:, None], axis=1)[:, 0]
+        differs = target != provisional
+        rejected, first = _first_bad(real & differs)
+        correction = jnp.take_along_axis(target, first[:, None], axis=1)[:, 0]
+        return rejected, first, correction, differs.astype(jnp.float32)
     p = sampler.probs(logits)
     px = jnp.take_along_axis(p, provisional[..., None], axis=2)[..., 0]
     qx = jnp.take_along_axis(q, provisional[..., None], axis=2)[..., 0]
@@ -242,7 +247,8 @@ def check_provisional(sampler: Sampler, logits: jax.Array, provisional: jax.Arra
     p_first, q_first = (jnp.take_along_axis(x, first[:, None, None], axis=1)[:, 0] for x in (p, q))
     residual = jnp.maximum(p_first - q_first, 0.0)
     residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_first)
-    return rejected, first, sample_from(residual, k_resample)
+    chance = 1.0 - jnp.minimum(px / jnp.maximum(qx, jnp.finfo(jnp.float32).tiny), 1.0)
+    return rejected, first, sample_from(residual, k_resample), chance
 
 
 def log_prob_margin(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -301,13 +307,14 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     if run.mode == "exact" and with_missing:  # the tokens after missing[0] (and the root) were partially verified
         provisional = jnp.where(jnp.arange(m)[None, :] + 1 < n_missing[:, None], jnp.roll(missing, -1, axis=1),
                                 tree.tokens[:, :1])
-        rejected, first, correction = check_provisional(sampler, logits[:, :m], provisional, n_missing,
-                                                        st.missing_q, k_check)
+        rejected, first, correction, chance = check_provisional(sampler, logits[:, :m], provisional, n_missing,
+                                                                st.missing_q, k_check)
         rejected &= live
-        if st.drift is not None:
-            checked = (jnp.arange(m)[None, :] < n_missing[:, None]) & live[:, None]
-            error = jnp.where(checked, jnp.abs(st.margins - log_prob_margin(logits[:, :m], provisional)), 0.0)
-            drift = st.drift + jnp.stack([error.sum(1), checked.sum(1).astype(jnp.float32)], axis=1)
+        checked = (jnp.arange(m)[None, :] < n_missing[:, None]) & live[:, None]
+        error = (jnp.abs(st.margins - log_prob_margin(logits[:, :m], provisional)) if sampler.greedy
+                 else chance)
+        drift = st.drift + jnp.stack([jnp.where(checked, error, 0.0).sum(1), checked.sum(1).astype(jnp.float32)],
+                                     axis=1)
         root = jnp.where(rejected, correction, root)
         # A rollback keeps missing[0..first] and emits the target's token after them instead of the rest.
         emitted = jnp.where(rejected[:, None], jnp.zeros_like(emitted).at[:, 0].set(correction), emitted)
@@ -328,9 +335,12 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
     cache, summary, partial, draft_partial = _refresh(run, st, out, acc.path, cache, draft_cache, n_missing, m,
                                                       summary_blocks)
     cap, pause, backoff = st.provisional_cap, st.pause, st.backoff
-    if run.mode == "exact":
+    if run.mode == "exact" and sampler.greedy:
         cap, pause, backoff = next_provisional_cap(cap, pause, backoff, n_missing, rejected, first, acc.count + 1,
                                                    spec.max_missing)
+    elif run.mode == "exact":
+        cap, pause, backoff = next_planned_cap(cap, pause, backoff, n_missing, drift, _tokens_per_step(st.counters),
+                                               spec.full_step_cost, spec.max_missing)
     finite = jnp.isfinite(logits).all()  # all of them: the missing tokens' logits decide exact mode's rollbacks
     out_buf = s.out.append(out_tokens, out_count, eos, finite, tree.draft_nan)
     # This step's own tokens kept: those appended after the confirmed provisional ones.
@@ -403,9 +413,58 @@ def next_provisional_cap(cap, pause, backoff, n_missing, rejected, first, tree_c
     wasted = checked & rejected & (first + 1 < tree_count)
     cap = jnp.where(~checked, cap, jnp.where(~rejected, jnp.minimum(2 * cap, max_missing),
                                              jnp.where(wasted, 1, jnp.maximum(2 * first, 1))))
-    pause = jnp.where(wasted, backoff, jnp.maximum(pause - 1, 0))
-    backoff = jnp.where(wasted, jnp.minimum(2 * backoff, MAX_BACKOFF), jnp.where(checked, 1, backoff))
-    return cap, pause, backoff
+    return (cap, *next_pause(pause, backoff, checked, wasted))
+
+
+def next_pause(pause, backoff, checked, stop):
+    """`(pause, backoff)` `[B]` after a full step: `stop` rows pause partial steps for `backoff` full steps and
+    double the next pause (up to `MAX_BACKOFF`); other rows that checked provisional tokens reset it to 1, and a
+    row with nothing to check counts its pause down."""
+    pause = jnp.where(stop, backoff, jnp.maximum(pause - 1, 0))
+    backoff = jnp.where(stop, jnp.minimum(2 * backoff, MAX_BACKOFF), jnp.where(checked, 1, backoff))
+    return pause, backoff
+
+
+def mean_chance(drift: jax.Array) -> jax.Array:
+    """`[B]` sampling exact mode's estimate of a provisional token's chance of rejection: the mean over the
+    tokens checked so far (`drift [B, 2]`: sum, count), pulled towards 1/4 by a prior worth 4 tokens so that a
+    row's first phases are short."""
+    return (drift[:, 0] + 1.0) / (drift[:, 1] + 4.0)
+
+
+def next_planned_cap(cap, pause, backoff, n_missing, drift, tau, cost: float, max_missing: int):
+    """Sampling exact mode's `(provisional_cap, pause, backoff)` `[B]` after a full step that checked `n_missing`
+    provisional tokens: the cap `planned_cap` gives for the row's mean chance of rejection (`drift`), at least 1;
+    where it gives 0, partial steps pause as after a losing rollback (`next_pause`)."""
+    checked = n_missing > 0
+    best = planned_cap(mean_chance(drift), tau, cost, max_missing)
+    cap = jnp.where(checked, jnp.maximum(best, 1), cap)
+    return (cap, *next_pause(pause, backoff, checked, checked & (best == 0)))
+
+
+def _tokens_per_step(c: Counters) -> jax.Array:
+    """Tokens a verification step keeps, on average over the batch's steps so far (1 before any)."""
+    steps = (c.partial_rows + c.full_rows).astype(jnp.float32)
+    return jnp.maximum((c.partial_accepted + c.full_accepted) / jnp.maximum(steps, 1.0), 1.0)
+
+
+def planned_cap(chance: jax.Array, tau: jax.Array, cost: float, max_missing: int) -> jax.Array:
+    """`[B]` int32: the provisional tokens a phase should hold before its full step, for rows whose tokens are
+    each rejected, independently, with probability `chance [B]`, where a step keeps `tau` tokens and a full step
+    costs `cost` partial ones; 0 where full steps alone do best.
+
+    A phase of j partial steps holds n = j * tau tokens; the full step keeps s + s^2 + ... + s^n of them
+    (s = 1 - chance), then its own tau where all survived, else its correction: j + cost for that. The cap is
+    the n of the j that keeps the most tokens per unit cost.
+    """
+    steps = jnp.arange(max_missing + 1, dtype=jnp.float32)  # tau >= 1: more steps than this only add cost
+    n = jnp.minimum(steps * tau, max_missing)[None, :]
+    s = 1.0 - chance[:, None]
+    survive = s ** n
+    kept = jnp.where(chance[:, None] > 0, s * (1.0 - survive) / jnp.maximum(chance[:, None], 1e-6), n)
+    rate = (kept + survive * tau + (1.0 - survive)) / (steps + cost)
+    best = jnp.argmax(rate, axis=1)
+    return jnp.where(best > 0, jnp.maximum(jnp.round(n[0, best]), 1.0), 0.0).astype(jnp.int32)
 
 
 def _exact_emission(provisional, n_prov, emitted, count):
@@ -460,8 +519,13 @@ def specpv_decode_fn(run: Run):
         b = cache.length.shape[0]
         m = spec.max_missing
         store_q = run.mode == "exact" and not sampler.greedy
+        exact = run.mode == "exact"
         # Greedy exact mode confirms early after a shaky token; a sampled token's risk is not in its margin.
-        by_margin = run.mode == "exact" and sampler.greedy
+        by_margin = exact and sampler.greedy
+        # Sampling exact mode's first cap: what the prior alone plans for a step keeping 1 token, at least 1 (a
+        # cap of 0 would never measure the partial cache).
+        cap = m if sampler.greedy or not exact else jnp.maximum(
+            planned_cap(mean_chance(jnp.zeros((1, 2))), 1.0, spec.full_step_cost, m)[0], 1)
         st = SpecPVState(
             eagle=initial_state(run, cache, draft_cache, logits, last_feats, key, sampler, eos, limit),
             partial=retrieval.empty_partial(cache, spec),
@@ -471,10 +535,10 @@ def specpv_decode_fn(run: Run):
             # The head's buffer also holds the last full step's pairs: room for one more path.
             draft_partial=retrieval.empty_partial(draft_cache, spec, extra=spec.tree_depth + 1)
             if spec.bounded_draft else None,
-            provisional_cap=jnp.full((b,), m, jnp.int32), pause=jnp.zeros((b,), jnp.int32),
+            provisional_cap=jnp.full((b,), cap, jnp.int32), pause=jnp.zeros((b,), jnp.int32),
             backoff=jnp.ones((b,), jnp.int32),
             margins=jnp.zeros((b, m), jnp.float32) if by_margin else None,
-            drift=jnp.zeros((b, 2), jnp.float32) if by_margin else None,
+            drift=jnp.zeros((b, 2), jnp.float32) if exact else None,
             counters=Counters.zeros())
         step = functools.partial(specpv_step, params, dparams, d2t, run, sampler, eos)
         st = decode_loop(run, step, st, lambda s: s.eagle.out)

@@ -18,7 +18,8 @@ from specpv_jax.demo import demo_prompt
 from specpv_jax.loop import Output
 from specpv_jax.sampling import Sampler
 from specpv_jax import specpv
-from specpv_jax.specpv import MAX_BACKOFF, is_shaky, log_prob_margin, next_provisional_cap
+from specpv_jax.specpv import (MAX_BACKOFF, is_shaky, log_prob_margin, next_planned_cap, next_provisional_cap,
+                               planned_cap)
 from test_eagle import make_head, make_target
 
 BLOCK = 16
@@ -360,12 +361,18 @@ def test_provisional_check_restores_the_target_law(temperature, top_p):
     q_logits = p_logits + rng.standard_normal(vocab).astype(np.float32) * 2  # a quite different partial view
     p, q = (np.asarray(sampler.probs(jnp.asarray(x)), np.float64) for x in (p_logits, q_logits))
     drawn = rng.choice(vocab, rows, p=q / q.sum()).astype(np.int32)[:, None]
-    rejected, first, token = check_provisional(
+    rejected, first, token, chance = check_provisional(
         sampler, jnp.broadcast_to(jnp.asarray(p_logits), (rows, 1, vocab)), jnp.asarray(drawn),
         jnp.ones((rows,), jnp.int32), jnp.broadcast_to(jnp.asarray(q, jnp.float32), (rows, 1, vocab)),
         jax.random.key(0))
     out = np.where(np.asarray(rejected), np.asarray(token), drawn[:, 0])
     assert 0.05 < np.asarray(rejected).mean() < 0.95 and (np.asarray(first) == 0).all()
+    # Each token's chance of rejection, 1 - min(1, p/q): the rejections' rate, and on average over q, the
+    # total variation distance between p and q.
+    chance = np.asarray(chance)[:, 0]
+    np.testing.assert_allclose(chance, 1 - np.minimum(1, p[drawn[:, 0]] / q[drawn[:, 0]]), atol=1e-5)
+    assert abs(chance.mean() - np.asarray(rejected).mean()) < 0.02
+    assert abs(chance.mean() - 0.5 * np.abs(p - q).sum()) < 0.02
     assert chi_square_pvalue(out, p) > 1e-3
     assert chi_square_pvalue(drawn[:, 0], p) < 1e-6  # the test can tell q from p
 
@@ -431,6 +438,48 @@ def test_provisional_cap_pauses_partial_steps_after_a_losing_rollback():
     assert backoff.tolist() == [1, 1, 4, MAX_BACKOFF, 2, 2]
 
 
+def test_planned_cap_trades_rollbacks_for_full_steps():
+    """Sampling exact mode's cap: the most tokens where none is rejected, none where all are; a hand-worked
+    case (chance 1/4, a token a step, a full step worth 3 partial ones: 1/3, 7/16, 37/80, 0.456 tokens per
+    unit cost after 0-3 partial steps); fewer tokens the likelier a rejection, more the dearer a full step."""
+    cap = lambda chance, tau=1.43, cost=3.0: planned_cap(jnp.asarray(chance, jnp.float32), tau, cost, 24)  # noqa
+    assert cap([0.0, 1.0], tau=1.0).tolist() == [24, 0]
+    assert cap([0.25], tau=1.0).tolist() == [2]
+    chances = np.linspace(0.01, 0.6, 30, dtype=np.float32)
+    for cost in (1.0, 1.5, 3.0, 7.0, 20.0):
+        assert (np.diff(np.asarray(cap(chances, cost=cost))) <= 0).all()
+    by_cost = np.stack([np.asarray(cap(chances, cost=cost)) for cost in (1.0, 1.5, 3.0, 7.0, 20.0)])
+    assert (np.diff(by_cost, axis=0) >= 0).all() and by_cost[0, 0] < by_cost[-1, 0]
+    assert cap([0.07], cost=1.5)[0] < cap([0.07], cost=7.0)[0]
+    # After a full step: rows that checked 100 tokens, 7 rejections expected, or every one; one that checked
+    # nothing (its cap stays, its pause counts down).
+    i32 = lambda *x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    caps, pause, backoff = next_planned_cap(
+        cap=i32(5, 5, 5), pause=i32(0, 0, 2), backoff=i32(1, 4, 4), n_missing=i32(6, 6, 0),
+        drift=jnp.asarray([[7.0, 100.0], [100.0, 100.0], [0.0, 0.0]]), tau=1.43, cost=3.0, max_missing=24)
+    assert caps.tolist() == [int(cap([8 / 104])[0]), 1, 5] and caps[0] > 1
+    assert pause.tolist() == [0, 4, 1] and backoff.tolist() == [1, 8, 4]
+
+
+@pytest.mark.parametrize("cost", [0.5, float("nan"), float("inf")])
+def test_a_full_step_cost_below_one_partial_step_is_refused(cost):
+    with pytest.raises(sj.config.ConfigError, match="full_step_cost must be at least 1"):
+        sj.SpecConfig(full_step_cost=cost)
+
+
+def test_exact_sampling_plans_its_partial_steps_by_the_full_steps_cost():
+    """A full step that costs no more than a partial one (`full_step_cost=1`) leaves partial steps for the
+    rows to explore after a pause; one worth 50 takes many, and far fewer full steps."""
+    target, head, spec, prompt = sampling_setup()
+    stats = {cost: sj.generate(target, prompt, 48, draft=head, mode="exact", temperature=0.7, top_p=0.8,
+                               spec=dataclasses.replace(spec, full_step_cost=cost), seed=0, eos_token_ids=()).stats
+             for cost in (1.0, 50.0)}
+    cheap, dear = stats[1.0], stats[50.0]
+    assert cheap["partial_verifications"] < cheap["full_verifications"] / 2
+    assert dear["partial_verifications"] > dear["full_verifications"]
+    assert dear["full_verifications"] < cheap["full_verifications"]
+
+
 def test_log_prob_margin_and_shaky_rows():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]))
     np.testing.assert_allclose(log_prob_margin(logits, jnp.asarray([0, 2])), [np.log(5 / 3), np.log(2 / 5)],
@@ -490,9 +539,11 @@ def test_drift_is_zero_where_the_context_cannot_matter(monkeypatch):
 
 
 @pytest.mark.slow  # 43-46 s of make test's 25 min on a slow day (2 cores): `make test-slow`
-def test_exact_with_a_partial_cache_that_disagrees_costs_no_more_full_steps_than_eagle():
+def test_exact_with_a_partial_cache_that_disagrees_costs_about_eagles_full_steps():
     """With no retrieval budget the partial cache (a 16-token window) often disagrees with the full context:
-    rollbacks that lose pause partial verification, so exact mode does not pay a full step per partial one."""
+    rollbacks that lose pause partial verification, so exact mode does not pay a full step per partial one.
+    (A rollback's full step emits 1 token where eagle's emits its tree's: 17 or 18 against eagle's 17, by the
+    order the tests ran in, at f9e90ef.)"""
     models = sj.demo_models()
     spec = sj.SpecConfig(sink_tokens=0, retrieval_tokens=0, window_tokens=16)
     ids = demo_prompt(models.tokenizer, 2048)
@@ -500,7 +551,7 @@ def test_exact_with_a_partial_cache_that_disagrees_costs_no_more_full_steps_than
     exact = sj.generate(models.target, ids, 64, draft=models.eagle3, mode="exact", spec=spec, eos_token_ids=())
     np.testing.assert_array_equal(exact.tokens, eagle.tokens)
     assert exact.stats["rollbacks"] > 0 and exact.stats["partial_verifications"] > 0
-    assert exact.stats["full_verifications"] <= eagle.stats["full_verifications"]  # 35 without the pauses
+    assert exact.stats["full_verifications"] <= 1.2 * eagle.stats["full_verifications"]  # 35 without the pauses
 
 
 def test_tuned_picks_a_timed_candidate(models):
