@@ -10,9 +10,11 @@ documents: all their decode tokens over all their decode time), speedup over our
 over `transformers` greedy generate (torch CPU, from a prefilled cache, so decoding alone is
 timed), mean accepted length in full and partial verifications, their counts,
 and fidelity (share of tokens equal to the full-context target's greedy
-choice). `specpv-bd` and `exact-bd` are `specpv` and `exact` with the bounded draft cache; `draft` is
-classic draft-model speculation with the small draft model (it attends to its
-whole cache), `specextend` the same pair with Cross-model Retrieval;
+choice; not measured with `--temperature`, where every mode and `transformers`
+sample, seed 0 in each run). `specpv-bd` and `exact-bd` are `specpv` and
+`exact` with the bounded draft cache; `draft` is classic draft-model
+speculation with the small draft model (it attends to its whole cache),
+`specextend` the same pair with Cross-model Retrieval;
 `longspec` the LongSpec draft, `longspec-plain` its ablation trained without
 anchor-offset positions. Every mode drafts the same tree (`--tree`) except
 `specextend-ref` and `longspec-ref`: those peers with their reference code's
@@ -61,7 +63,8 @@ def draft_kind(mode: str) -> str | None:
 TIMED_ROUNDS = 2  # after a warm-up round (a fresh executable's first run pays one-time costs)
 
 
-def fastest_runs(target, drafts: dict, prompt, new_tokens, modes, spec, peers=None) -> tuple[dict, dict]:
+def fastest_runs(target, drafts: dict, prompt, new_tokens, modes, spec, peers=None,
+                 temperature: float = 0.0) -> tuple[dict, dict]:
     """Each mode's fastest run (by decode tokens/s) of `TIMED_ROUNDS` rounds over all `modes` after a warm-up
     round: round robin, so that a slow spell of a shared machine does not fall on one mode's runs alone.
     `peers` ({name: fn() -> decode tokens/s}, transformers) take their turns in each round too.
@@ -70,7 +73,7 @@ def fastest_runs(target, drafts: dict, prompt, new_tokens, modes, spec, peers=No
     best, best_peer = {}, {}
     for round_ in range(1 + TIMED_ROUNDS):
         for mode in modes:
-            out = run_mode(target, drafts, prompt, new_tokens, mode, spec)
+            out = run_mode(target, drafts, prompt, new_tokens, mode, spec, temperature)
             if round_ and (mode not in best or out.stats["tokens_per_s"] > best[mode].stats["tokens_per_s"]):
                 best[mode] = out
         for name, run in (peers or {}).items():
@@ -80,8 +83,8 @@ def fastest_runs(target, drafts: dict, prompt, new_tokens, modes, spec, peers=No
     return best, best_peer
 
 
-def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec):
-    """One `generate` call of a bench mode.
+def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec, temperature: float = 0.0):
+    """One `generate` call of a bench mode (greedy, or sampling at `temperature` with seed 0).
 
     drafts: {"eagle3": head, "small": small draft model, "longspec": ..., "longspec_plain": ...};
     "specpv-bd" and "exact-bd" those modes with the bounded draft cache, "draft" classic draft-model speculation
@@ -92,7 +95,7 @@ def run_mode(target, drafts: dict, prompt, new_tokens, mode, spec):
 
     name, spec = generate_mode(mode, spec)
     return generate(target, prompt, new_tokens, draft=drafts.get(draft_kind(mode)), mode=name, spec=spec,
-                    eos_token_ids=())
+                    temperature=temperature, seed=0, eos_token_ids=())
 
 
 def generate_mode(mode: str, spec):
@@ -139,9 +142,15 @@ def load_hf(hf_dir: pathlib.Path):
     return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
 
-def hf_decode_timer(model, prompt: np.ndarray, new_tokens: int):
-    """A function timing one greedy `transformers` generate of `model` (`load_hf`) from a prefilled cache (a copy
-    per run, so only decoding is timed): its decode tokens/s."""
+def hf_decoding(temperature: float) -> dict:
+    """`transformers` generate's options for greedy decoding, or sampling at `temperature` from the whole
+    distribution (as our `generate` does: no top-k)."""
+    return dict(do_sample=True, temperature=temperature, top_k=0) if temperature else dict(do_sample=False)
+
+
+def hf_decode_timer(model, prompt: np.ndarray, new_tokens: int, temperature: float = 0.0):
+    """A function timing one `transformers` generate of `model` (`load_hf`; greedy, or sampling at
+    `temperature`) from a prefilled cache (a copy per run, so only decoding is timed): its decode tokens/s."""
     import copy
 
     import torch
@@ -156,8 +165,8 @@ def hf_decode_timer(model, prompt: np.ndarray, new_tokens: int):
         start = time.perf_counter()
         with torch.no_grad(), _transformers_quiet():
             model.generate(ids, attention_mask=torch.ones_like(ids), **{keyword: cache},
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                           pad_token_id=0, **hf_decoding(temperature))
         return new_tokens / (time.perf_counter() - start)
 
     return timed
@@ -170,9 +179,10 @@ def hf_cache_keyword(model) -> str:
         else "past_key_values"
 
 
-def hf_assisted_tokens_per_s(model, assistant, prompt: np.ndarray, new_tokens: int) -> float:
-    """Greedy `transformers` assisted generation of `model` with `assistant`, the same draft model (`load_hf`;
-    `transformers`' own defaults).
+def hf_assisted_tokens_per_s(model, assistant, prompt: np.ndarray, new_tokens: int,
+                             temperature: float = 0.0) -> float:
+    """`transformers` assisted generation (greedy, or sampling at `temperature`) of `model` with `assistant`, the
+    same draft model (`load_hf`; `transformers`' own defaults).
 
     Decoding alone: the time of `new_tokens` minus that of one token (both models' prefill).
     """
@@ -184,7 +194,7 @@ def hf_assisted_tokens_per_s(model, assistant, prompt: np.ndarray, new_tokens: i
         start = time.perf_counter()
         with torch.no_grad(), _transformers_quiet():
             model.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=assistant, max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+                           min_new_tokens=n, eos_token_id=None, pad_token_id=0, **hf_decoding(temperature))
         return time.perf_counter() - start
 
     timed(2)  # warm-up
@@ -306,6 +316,16 @@ def _fraction(raw: str) -> float:
     return value
 
 
+def _temperature(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or positive, got {value}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from specpv_jax.cli import at_least
 
@@ -331,6 +351,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune", action="store_true",
                    help="pick tree and budget at each context with SpecConfig.tuned (instead of --tree and "
                    "--budget-fraction)")
+    p.add_argument("--temperature", type=_temperature, default=0.0,
+                   help="sample at this temperature (seed 0 in each run) instead of decoding greedily; fidelity, "
+                   "a greedy measure, is then not measured")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     p.add_argument("--quick", action="store_true", help="1K and 2K contexts, 32 new tokens")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_results"),
@@ -404,7 +427,8 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
 
     device = jax.devices()[0].device_kind
     title = (f"{target.cfg.arch} {target.cfg.num_layers} layers x {target.cfg.hidden_size} on {device}, "
-             f"{new_tokens} new tokens" + (f", {args.prompts} prompts per context" if args.prompts > 1 else ""))
+             f"{new_tokens} new tokens" + (f", {args.prompts} prompts per context" if args.prompts > 1 else "")
+             + (f", sampling at temperature {args.temperature:g}" if args.temperature else ""))
     if hf_model is not None:  # the peer's speed on a CPU follows its threads
         import torch
 
@@ -422,8 +446,9 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
             spec = budget_for(context, base, 0.25 if args.budget_fraction is None else args.budget_fraction)
         runs = []  # per prompt: ({mode: its fastest output}, {peer: its best tokens/s})
         for prompt in prompts[context]:
-            peers = {} if hf_model is None else {"transformers": hf_decode_timer(hf_model, prompt, new_tokens)}
-            runs.append(fastest_runs(target, drafts, prompt, new_tokens, modes, spec, peers))
+            peers = {} if hf_model is None else {
+                "transformers": hf_decode_timer(hf_model, prompt, new_tokens, args.temperature)}
+            runs.append(fastest_runs(target, drafts, prompt, new_tokens, modes, spec, peers, args.temperature))
         hf = None if hf_model is None else _harmonic_mean([speeds["transformers"] for _, speeds in runs])
         ar_speed = None
         for mode in modes:
@@ -432,24 +457,26 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
             figures = pooled([out.stats for out in outs])
             speed = figures.pop("tokens_per_s")
             ar_speed = speed if mode == "ar" else ar_speed
-            fidelity = np.mean([sj.fidelity(target, prompt, out) for prompt, out in zip(prompts[context], outs)])
+            fidelity = None if args.temperature else float(np.mean(
+                [sj.fidelity(target, prompt, out) for prompt, out in zip(prompts[context], outs)]))
             row = dict(context=context, mode=mode, tokens_per_s=speed, vs_ar=speed / ar_speed,
-                       vs_hf=speed / hf if hf else None, **figures, fidelity=float(fidelity),
+                       vs_hf=speed / hf if hf else None, **figures, fidelity=fidelity,
                        retrieval_tokens=mode_spec.retrieval_tokens if run_as in config.PARTIAL_MODES else None,
                        tree=None if mode == "ar" else [getattr(mode_spec, name) for name in TREE_FIELDS],
                        spec=dataclasses.asdict(mode_spec))
             rows.append(row)
             vs_hf = f"x{row['vs_hf']:.2f} vs hf  " if row["vs_hf"] is not None else ""
             print(f"{context:>7} {mode:>{width}} {row['tokens_per_s']:>8.1f} tok/s  x{row['vs_ar']:.2f} vs ar  {vs_hf}"
-                  f"accept {row['accept']:.2f}  fidelity {row['fidelity']:.3f}", flush=True)
+                  f"accept {row['accept']:.2f}" + (f"  fidelity {fidelity:.3f}" if fidelity is not None else ""),
+                  flush=True)
         if hf:
             rows.append(dict(context=context, mode="transformers", tokens_per_s=hf,
                              vs_ar=hf / ar_speed))
-            print(f"{context:>7} {'hf':>{width}} {hf:>8.1f} tok/s  x{hf / ar_speed:.2f} vs ar  (transformers greedy)",
-                  flush=True)
+            print(f"{context:>7} {'hf':>{width}} {hf:>8.1f} tok/s  x{hf / ar_speed:.2f} vs ar  (transformers "
+                  f"{'sampling' if args.temperature else 'greedy'})", flush=True)
         if assistant is not None:
-            assisted = _harmonic_mean([hf_assisted_tokens_per_s(hf_model, assistant, prompt, new_tokens)
-                                       for prompt in prompts[context]])
+            assisted = _harmonic_mean([hf_assisted_tokens_per_s(hf_model, assistant, prompt, new_tokens,
+                                                                args.temperature) for prompt in prompts[context]])
             rows.append(dict(context=context, mode="transformers-assisted", tokens_per_s=assisted,
                              vs_ar=assisted / ar_speed, vs_hf=assisted / hf))
             print(f"{context:>7} {'hf-assisted':>{width}} {assisted:>8.1f} tok/s  x{assisted / ar_speed:.2f} vs ar  "

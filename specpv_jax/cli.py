@@ -281,6 +281,9 @@ def _point_out_settings(args, spec) -> None:
              + ": no effect")
     if args.seed is not None and args.temperature == 0:
         warn(f"--seed {args.seed} has no effect with --temperature 0 (greedy decoding)")
+    if args.mode == "exact" and args.temperature == 0 and "full_step_cost" in _spec_names(args.spec):
+        warn("--spec full_step_cost has no effect with --temperature 0: greedy exact mode confirms by its "
+             "tokens' margins, not by a planned cap")
     tree = ("tree_depth", "tree_top_k", "tree_nodes")
     if args.mode != "ar" and jax.default_backend() == "cpu" and not set(tree) & set(_spec_names(args.spec)):
         print(f"note: on a CPU the default tree ({', '.join(f'{n}={getattr(spec, n)}' for n in tree)}, for GPUs) "

@@ -25,7 +25,7 @@ EAGLE3_MODES = ("eagle", *PARTIAL_MODES)  # drafting with an EAGLE-3 head
 
 def spec_fields_read(mode: str) -> tuple[str, ...]:
     """The `SpecConfig` fields `mode` reads: the tree's (every speculative mode), the partial cache's (specpv,
-    exact) and the draft's retrieval (specextend)."""
+    exact), `full_step_cost` (exact, when sampling) and the draft's retrieval (specextend)."""
     tree = ("tree_depth", "tree_top_k", "tree_nodes", "tree_threshold", "tree_beam")
     partial = ("block_size", "sink_tokens", "retrieval_tokens", "window_tokens", "buffer_tokens", "bounded_draft",
                "offload")

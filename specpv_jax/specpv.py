@@ -84,10 +84,11 @@ class SpecPVState:
     sampling only, else None); draft_partial: the head's bounded cache
     (`spec.bounded_draft` only, else None), length = static part + pairs since;
     provisional_cap: `[B]` exact mode's limit on provisional tokens before a full
-    step (doubled after a full step confirms all, set to twice the confirmed run
-    after a rollback, to 1 after a pause); pause: `[B]` full steps a row still
-    takes before partial verification again, set to `backoff` after a rollback
-    that emitted fewer tokens than its full step's tree alone would have;
+    step (greedy: doubled after a full step confirms all, set to twice the
+    confirmed run after a rollback, to 1 after a pause; sampling: planned, see
+    below); pause: `[B]` full steps a row still takes before partial verification
+    again, set to `backoff` after a rollback that emitted fewer tokens than its
+    full step's tree alone would have (sampling: where the plan is no partial step);
     backoff: `[B]` how long the next such pause lasts (doubling while they
     repeat, up to `MAX_BACKOFF`), so a partial cache that keeps disagreeing costs
     about what `eagle` mode does (`next_provisional_cap`).
@@ -230,7 +231,8 @@ def check_provisional(sampler: Sampler, logits: jax.Array, provisional: jax.Arra
     sampling with `q [B, M, V]` as the draft distribution (accept with
     min(1, p/q), else draw from norm(max(p - q, 0))). Returns (rejected `[B]`,
     index of the first rejected token `[B]`, the token to emit in its place `[B]`, each token's chance of
-    rejection `[B, M]`: 1 - min(1, p/q), greedy 0 or 1); the second and third mean something only where rejected.
+    rejection `[B, M]`: 1 - min(1, p/q), greedy 0 or 1, meaningful in the first `n` slots); the second and
+    third mean something only where rejected.
     """
     real = jnp.arange(provisional.shape[1])[None, :] < n[:, None]
     if sampler.greedy:
@@ -435,7 +437,8 @@ def mean_chance(drift: jax.Array) -> jax.Array:
 def next_planned_cap(cap, pause, backoff, n_missing, drift, tau, cost: float, max_missing: int):
     """Sampling exact mode's `(provisional_cap, pause, backoff)` `[B]` after a full step that checked `n_missing`
     provisional tokens: the cap `planned_cap` gives for the row's mean chance of rejection (`drift`), at least 1;
-    where it gives 0, partial steps pause as after a losing rollback (`next_pause`)."""
+    where it gives 0, partial steps pause as after a losing rollback (`next_pause`). `tau`: a scalar, the tokens
+    a step keeps."""
     checked = n_missing > 0
     best = planned_cap(mean_chance(drift), tau, cost, max_missing)
     cap = jnp.where(checked, jnp.maximum(best, 1), cap)
@@ -450,8 +453,8 @@ def _tokens_per_step(c: Counters) -> jax.Array:
 
 def planned_cap(chance: jax.Array, tau: jax.Array, cost: float, max_missing: int) -> jax.Array:
     """`[B]` int32: the provisional tokens a phase should hold before its full step, for rows whose tokens are
-    each rejected, independently, with probability `chance [B]`, where a step keeps `tau` tokens and a full step
-    costs `cost` partial ones; 0 where full steps alone do best.
+    each rejected, independently, with probability `chance [B]`, where a step keeps `tau` tokens (a scalar, at
+    least 1) and a full step costs `cost` partial ones; 0 where full steps alone do best.
 
     A phase of j partial steps holds n = j * tau tokens; the full step keeps s + s^2 + ... + s^n of them
     (s = 1 - chance), then its own tau where all survived, else its correction: j + cost for that. The cap is
@@ -459,9 +462,10 @@ def planned_cap(chance: jax.Array, tau: jax.Array, cost: float, max_missing: int
     """
     steps = jnp.arange(max_missing + 1, dtype=jnp.float32)  # tau >= 1: more steps than this only add cost
     n = jnp.minimum(steps * tau, max_missing)[None, :]
-    s = 1.0 - chance[:, None]
-    survive = s ** n
-    kept = jnp.where(chance[:, None] > 0, s * (1.0 - survive) / jnp.maximum(chance[:, None], 1e-6), n)
+    chance = chance[:, None]
+    log_s = jnp.log1p(-chance)  # s = 1 - chance, kept exact for tiny chances
+    survive = jnp.exp(n * log_s)
+    kept = jnp.where(chance > 0, (1.0 - chance) * -jnp.expm1(n * log_s) / jnp.where(chance > 0, chance, 1.0), n)
     rate = (kept + survive * tau + (1.0 - survive)) / (steps + cost)
     best = jnp.argmax(rate, axis=1)
     return jnp.where(best > 0, jnp.maximum(jnp.round(n[0, best]), 1.0), 0.0).astype(jnp.int32)

@@ -143,6 +143,28 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_samples_at_a_temperature(tmp_path, capsys, monkeypatch):
+    """--temperature: every mode samples (seed 0), fidelity (a greedy measure) is left out, transformers samples
+    from the whole distribution too."""
+    from specpv_jax import bench
+    from specpv_jax.cli import main
+
+    temperatures, real = [], bench.run_mode
+    monkeypatch.setattr(bench, "run_mode", lambda *a: temperatures.append(a[6]) or real(*a))
+    assert main(["bench", "--contexts", "300", "--new-tokens", "8", "--modes", "eagle", "--tree", "3", "3", "8",
+                 "--temperature", "0.7", "--no-hf", "--out", str(tmp_path)]) == 0
+    assert set(temperatures) == {0.7} and len(temperatures) == 2 * (1 + bench.TIMED_ROUNDS)
+    assert "fidelity" not in capsys.readouterr().out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["title"].endswith("sampling at temperature 0.7") and len(data["rows"]) == 2
+    assert all(r["fidelity"] is None and r["tokens_per_s"] > 0 for r in data["rows"])
+    assert bench.hf_decoding(0.7) == dict(do_sample=True, temperature=0.7, top_k=0)
+    assert bench.hf_decoding(0.0) == dict(do_sample=False)
+    with pytest.raises(SystemExit):
+        main(["bench", "--temperature", "-1"])
+    assert "must be 0 (greedy) or positive, got -1.0" in capsys.readouterr().err
+
+
 @pytest.mark.torch
 def test_assisted_timing_is_measured_again_after_a_busy_moment(monkeypatch):
     """transformers' assisted generation timed no slower for 8 tokens than for 1 (a busy moment: the bench test
@@ -539,6 +561,13 @@ def test_cli_mistakes_are_caught_before_any_model_loads(monkeypatch, tmp_path, c
           "--spec", "tree_nodes=8", "--spec", "retrieval-tokens=256", "--spec", "window_tokens=128", "--spec",
           "offload=true"], "specpv-jax generate: warning: --mode specextend does not read --spec retrieval_tokens "
                            "(read by specpv, exact), offload (read by specpv, exact): no effect\n"),
+        # (each refused for its mesh, after the warning)
+        (["generate", target, "--prompt", "x", "--mode", "specpv", "--draft", str(ASSETS / "eagle3"), "--spec",
+          "full_step_cost=7", "--mesh", "2x4"],
+         "warning: --mode specpv does not read --spec full_step_cost (read by exact): no effect"),
+        (["generate", target, "--prompt", "x", "--mode", "exact", "--draft", str(ASSETS / "eagle3"), "--spec",
+          "full_step_cost=7", "--mesh", "2x4"],
+         "warning: --spec full_step_cost has no effect with --temperature 0: greedy exact mode"),
         (["generate", target, "--prompt", "x", "--mode", "longspec", "--draft", str(ASSETS / "eagle3")],
          "mode 'longspec' needs the config of a LongSpec draft, got that of an EAGLE-3 head"),
         (["generate", target, "--prompt", "  "], "the prompt is empty"),
