@@ -744,9 +744,11 @@ class SpecConfig:
     9 levels, 50 nodes: `specextend.SPECEXTEND_TREE`).
     `full_step_cost` (mode "exact" with sampling): what a full verification step
     costs in partial ones, from which the mode plans how many tokens to hold
-    provisional before a full step (`specpv.planned_cap`). About 1.5 for
-    Llama-3.1-8B at 64K on a GPU (weights and K/V bytes read), 7 for the demo
-    models at 4K on a 2-core CPU (measured).
+    provisional before a full step (`specpv.planned_cap`). The default, 1.5, is
+    about Llama-3.1-8B's at 64K on a GPU (the weights and K/V bytes each step
+    reads); larger batches and longer contexts raise it. On a 2-core CPU a full
+    step that re-feeds provisional tokens costs about 3 partial ones with the
+    demo models at 4K (BENCHMARKS.md).
     SpecExtend's Cross-model Retrieval (small-draft modes): the draft's working
     cache holds the `draft_chunks` best `chunk_tokens`-token chunks of the
     context, re-chosen every `retrieve_every` steps by the target's attention,
@@ -766,7 +768,7 @@ class SpecConfig:
     offload: bool = False
     tree_threshold: float = 0.0
     tree_beam: bool = False
-    full_step_cost: float = 3.0
+    full_step_cost: float = 1.5
     chunk_tokens: int = 32
     draft_chunks: int = 32
     retrieve_every: int = 4

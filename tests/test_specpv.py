@@ -382,12 +382,14 @@ SAMPLES = 256  # generations per sampling check (each its own batch, vmapped)
 
 
 def sampling_setup():
-    """A target, its head, a spec whose partial cache (a 16-token window) often disagrees with the full context,
-    and a prompt."""
+    """A target, its head, a spec whose partial cache (a 16-token window) often disagrees with the full context
+    (and whose full steps, priced at 7 partial ones, make sampled exact mode hold many tokens provisional), and a
+    prompt."""
     vocab = 8
     target = make_target(vocab, seed=3, layers=3, sharpen=1.0)
     head = make_head(target, draft_vocab=6, seed=4)
-    spec = small_spec(retrieval_tokens=0, window=16, sink=0, tree_depth=2, tree_top_k=5, tree_nodes=10)
+    spec = small_spec(retrieval_tokens=0, window=16, sink=0, tree_depth=2, tree_top_k=5, tree_nodes=10,
+                      full_step_cost=7.0)
     return target, head, spec, np.random.default_rng(6).integers(0, vocab, 64).astype(np.int32)
 
 
@@ -514,15 +516,44 @@ def test_a_shaky_token_makes_the_next_step_full(models, monkeypatch):
     assert min(drift_counts) == 0 and max(drift_counts) >= s["partial_verifications"] - 1
 
 
-def test_drift_is_zero_where_the_context_cannot_matter(monkeypatch):
-    """With its attention outputs zeroed the target's logits depend on the current token alone: partial and
-    full verification give each provisional token the same margin, and the drift full steps measure is zero
-    (a margin kept one slot off, or another token's, would not be)."""
+def test_sampled_full_steps_count_each_checked_token_once(monkeypatch):
+    """Sampling exact mode with a target whose logits ignore the context (attention outputs zeroed): p = q, so
+    no provisional token can be rejected; each full step adds its checked tokens to the row's count and nothing
+    to the chance, and the planned cap grows past its first value."""
+    target = context_blind_target()
+    seen, real = [], specpv.next_planned_cap
+
+    def spy(cap, pause, backoff, n_missing, drift, *args):
+        jax.debug.callback(lambda *x: seen.append([np.asarray(v).copy() for v in x]), n_missing, drift, cap)
+        return real(cap, pause, backoff, n_missing, drift, *args)
+
+    monkeypatch.setattr(specpv, "next_planned_cap", spy)
+    prompt = np.random.default_rng(7).integers(0, 16, 300)
+    spec = small_spec(window=80)  # a spec of its own: traced afresh with the spy
+    out = sj.generate(target, prompt, 64, draft=make_head(target), mode="exact", spec=spec, temperature=1.0,
+                      eos_token_ids=())
+    n_missing, drift, caps = (np.stack(x)[:, 0] for x in zip(*seen))
+    assert out.stats["rollbacks"] == 0 and n_missing.sum() > 5
+    np.testing.assert_array_equal(drift[:, 1], np.cumsum(n_missing))
+    assert drift[:, 0].max() < 1e-4
+    first = specpv.planned_cap(specpv.mean_chance(jnp.zeros((1, 2))), 1.0, spec.full_step_cost, spec.max_missing)
+    assert caps.max() > max(int(first[0]), 1)
+
+
+def context_blind_target():
+    """A target whose attention outputs are zeroed: its logits depend on the current token alone."""
     target = make_target(16, seed=7)
     params = jax.tree.map(lambda x: x, target.params)
     attn = params["layers"]["self_attn"]
     attn["o_proj"] = {**attn["o_proj"], "kernel": jnp.zeros_like(attn["o_proj"]["kernel"])}
-    target = dataclasses.replace(target, params=params)
+    return dataclasses.replace(target, params=params)
+
+
+def test_drift_is_zero_where_the_context_cannot_matter(monkeypatch):
+    """With its attention outputs zeroed the target's logits depend on the current token alone: partial and
+    full verification give each provisional token the same margin, and the drift full steps measure is zero
+    (a margin kept one slot off, or another token's, would not be)."""
+    target = context_blind_target()
     seen, real = [], specpv.is_shaky
 
     def spy(margin, valid, drift):
@@ -542,8 +573,8 @@ def test_drift_is_zero_where_the_context_cannot_matter(monkeypatch):
 def test_exact_with_a_partial_cache_that_disagrees_costs_about_eagles_full_steps():
     """With no retrieval budget the partial cache (a 16-token window) often disagrees with the full context:
     rollbacks that lose pause partial verification, so exact mode does not pay a full step per partial one.
-    (A rollback's full step emits 1 token where eagle's emits its tree's: 17 or 18 against eagle's 17, by the
-    order the tests ran in, at f9e90ef.)"""
+    (A rollback's full step emits 1 token where eagle's emits its tree's: 18 full steps against eagle's 17 since
+    greedy exact mode confirms after a shaky token, 698214f; 17 before.)"""
     models = sj.demo_models()
     spec = sj.SpecConfig(sink_tokens=0, retrieval_tokens=0, window_tokens=16)
     ids = demo_prompt(models.tokenizer, 2048)
