@@ -1,7 +1,7 @@
 """Verification steps of `exact` mode against `eagle`, per partial-cache budget, on the demo models.
 
     python benchmarks/exact_steps.py [--context 4096] [--new-tokens 128] [--prompts 4]
-        [--temperature 0 --seeds 1] [--full-step-cost 3]
+        [--temperature 0 --seeds 1] [--full-step-cost 1.5]
 
 Each prompt is the start of a different held-out document (`demo.heldout_prompts`;
 before 2026-12-07, slices of one document at offsets 0, 500, 1000, ...); both

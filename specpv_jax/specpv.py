@@ -522,8 +522,8 @@ def specpv_decode_fn(run: Run):
         spec = run.spec
         b = cache.length.shape[0]
         m = spec.max_missing
-        store_q = run.mode == "exact" and not sampler.greedy
         exact = run.mode == "exact"
+        store_q = exact and not sampler.greedy
         # Greedy exact mode confirms early after a shaky token; a sampled token's risk is not in its margin.
         by_margin = exact and sampler.greedy
         # Sampling exact mode's first cap: what the prior alone plans for a step keeping 1 token, at least 1 (a
