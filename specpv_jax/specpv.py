@@ -228,11 +228,13 @@ def check_provisional(sampler: Sampler, logits: jax.Array, provisional: jax.Arra
 
     logits: `[B, M, V]`, slot j predicting `provisional[:, j]`; the first `n [B]`
     are real. Greedy: keep while they equal the argmax. Sampling: speculative
-    sampling with `q [B, M, V]` as the draft distribution (accept with
-    min(1, p/q), else draw from norm(max(p - q, 0))). Returns (rejected `[B]`,
-    index of the first rejected token `[B]`, the token to emit in its place `[B]`, each token's chance of
-    rejection `[B, M]`: 1 - min(1, p/q), greedy 0 or 1, meaningful in the first `n` slots); the second and
-    third mean something only where rejected.
+    sampling with the first M of `q [B, M', V]` (M' >= M) as the draft
+    distribution (accept with min(1, p/q), else draw from norm(max(p - q, 0))),
+    drawing for all M' slots: a token's draws do not depend on M. Returns
+    (rejected `[B]`, index of the first rejected token `[B]`, the token to emit
+    in its place `[B]`, each token's chance of rejection `[B, M]`: 1 - min(1, p/q),
+    greedy 0 or 1, meaningful in the first `n` slots); the second and third mean
+    something only where rejected.
     """
     real = jnp.arange(provisional.shape[1])[None, :] < n[:, None]
     if sampler.greedy:
@@ -241,11 +243,14 @@ def check_provisional(sampler: Sampler, logits: jax.Array, provisional: jax.Arra
         rejected, first = _first_bad(real & differs)
         correction = jnp.take_along_axis(target, first[:, None], axis=1)[:, 0]
         return rejected, first, correction, differs.astype(jnp.float32)
+    m = provisional.shape[1]
     p = sampler.probs(logits)
+    k_accept, k_resample = jax.random.split(key)
+    uniform = jax.random.uniform(k_accept, q.shape[:2])[:, :m]
+    q = q[:, :m]
     px = jnp.take_along_axis(p, provisional[..., None], axis=2)[..., 0]
     qx = jnp.take_along_axis(q, provisional[..., None], axis=2)[..., 0]
-    k_accept, k_resample = jax.random.split(key)
-    rejected, first = _first_bad(real & ~(jax.random.uniform(k_accept, px.shape) * qx < px))
+    rejected, first = _first_bad(real & ~(uniform * qx < px))
     p_first, q_first = (jnp.take_along_axis(x, first[:, None, None], axis=1)[:, 0] for x in (p, q))
     residual = jnp.maximum(p_first - q_first, 0.0)
     residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_first)
@@ -282,14 +287,16 @@ def _first_bad(bad: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tree,
-              with_missing: bool) -> SpecPVState:
-    """Verify `tree` against the full cache (re-feeding missing tokens when `with_missing`), then refresh."""
+              refeed: int) -> SpecPVState:
+    """Verify `tree` against the full cache, re-feeding the missing tokens in `refeed` slots (at least any live
+    row's `n_missing`; 0: none are missing), then refresh."""
     s, spec = st.eagle, run.spec
     live = _live(st)
     full_len = s.cache.length
-    missing = st.missing if with_missing else st.missing[:, :0]
+    m = refeed
+    with_missing = m > 0
+    missing = st.missing[:, :m]
     n_missing = st.n_missing if with_missing else jnp.zeros_like(st.n_missing)
-    m = missing.shape[1]
     tokens, positions, mask, score_mask = _full_inputs(tree, missing, n_missing, full_len)
     summary_blocks = blocks_spanned(m + tree.size, spec.block_size)  # the step writes [full_len, + m + N)
     keep = offload.keeper(full_len, spec, summary_blocks, s.cache.max_len) if run.offload else None
@@ -313,7 +320,7 @@ def full_step(params, run: Run, sampler: Sampler, eos, st: SpecPVState, tree: Tr
                                                                 st.missing_q, k_check)
         rejected &= live
         checked = (jnp.arange(m)[None, :] < n_missing[:, None]) & live[:, None]
-        error = (jnp.abs(st.margins - log_prob_margin(logits[:, :m], provisional)) if sampler.greedy
+        error = (jnp.abs(st.margins[:, :m] - log_prob_margin(logits[:, :m], provisional)) if sampler.greedy
                  else chance)
         drift = st.drift + jnp.stack([jnp.where(checked, error, 0.0).sum(1), checked.sum(1).astype(jnp.float32)],
                                      axis=1)
@@ -501,16 +508,32 @@ def specpv_step(params, dparams, d2t, run: Run, sampler: Sampler, eos, st: SpecP
     if run.mode == "exact":
         can_partial &= ~must_confirm(eos, st)
     use_partial = jnp.all(can_partial | ~live)
-    any_missing = jnp.any(live & (st.n_missing > 0))
-    branch = jnp.where(use_partial, 0, jnp.where(any_missing, 2, 1))
+    sizes = refeed_sizes(run.spec, run.mode)
+    need = jnp.where(live, st.n_missing, 0).max()  # <= spec.max_missing, the last size
+    branch = jnp.where(use_partial, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), need))
     # Every branch verifies the same draft: made once here, so the compiled loop holds one copy of the head.
     tree, st = draft_step(params, dparams, d2t, run, st, use_partial)
     args = (params, run, sampler, eos)
-    branches = [functools.partial(partial_step, *args), functools.partial(full_step, *args, with_missing=False),
-                functools.partial(full_step, *args, with_missing=True)]
+    branches = [functools.partial(partial_step, *args)] + [functools.partial(full_step, *args, refeed=k)
+                                                            for k in sizes]
     for i, verify_step in enumerate(branches):  # exactly one runs; `run_if` keeps the caches in place
         st = run_if(branch == i, lambda s, verify_step=verify_step: verify_step(s, tree), st)
     return st
+
+
+def refeed_sizes(spec: SpecConfig, mode: str) -> tuple[int, ...]:
+    """The slot counts full steps re-feed missing tokens in, ascending, each a branch of the compiled loop: a
+    full step takes the first that holds every live row's (0: none has any, the tree alone).
+
+    `specpv` takes a full step once its buffer cannot take another tree, so it
+    re-feeds about `max_missing` tokens. `exact` mode's full steps often come
+    after one partial step or two (at most `tree_depth + 1` tokens each): it also
+    has a branch for one step's, not to verify up to twice the rows it needs.
+    """
+    one_step = spec.tree_depth + 1
+    if mode == "exact" and one_step < spec.max_missing:
+        return (0, one_step, spec.max_missing)
+    return (0, spec.max_missing)
 
 
 @stage_factory

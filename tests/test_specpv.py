@@ -377,6 +377,63 @@ def test_provisional_check_restores_the_target_law(temperature, top_p):
     assert chi_square_pvalue(drawn[:, 0], p) < 1e-6  # the test can tell q from p
 
 
+def test_the_sampled_check_draws_alike_however_many_slots_it_checks():
+    """A full step checks provisional tokens in the slots of its re-feed branch (`refeed_sizes`): the first m
+    of q's M' slots, with the draws of all M', so a token's verdict and replacement are the same in any branch
+    that holds it, and sampled output does not depend on the branch the batch took."""
+    from specpv_jax.specpv import check_provisional
+
+    rng = np.random.default_rng(3)
+    rows, slots, vocab = 64, 6, 10
+    sampler = Sampler.create(1.0, 1.0)
+    logits = jnp.asarray(rng.standard_normal((rows, slots, vocab)) * 2, jnp.float32)
+    q = jax.nn.softmax(logits + jnp.asarray(rng.standard_normal((rows, slots, vocab)) * 2, jnp.float32), axis=-1)
+    provisional = jnp.asarray(rng.integers(0, vocab, (rows, slots)), jnp.int32)
+    n = jnp.asarray(rng.integers(0, 4, rows), jnp.int32)  # at most 3 real: both calls below hold them
+    key = jax.random.key(5)
+    wide = check_provisional(sampler, logits, provisional, n, q, key)
+    narrow = check_provisional(sampler, logits[:, :3], provisional[:, :3], n, q, key)
+    assert 0 < np.asarray(wide[0]).sum() < rows
+    for w, x in zip(wide[:3], narrow[:3]):
+        np.testing.assert_array_equal(np.asarray(w), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(wide[3])[:, :3], np.asarray(narrow[3]))
+
+
+def test_refeed_sizes():
+    """Exact mode re-feeds one partial step's tokens in a branch of its own; specpv's full steps come with a
+    full buffer; a buffer holding no more than one step's has no use for a smaller branch."""
+    spec = small_spec()  # tree depth 3: a partial step adds up to 4 tokens
+    assert specpv.refeed_sizes(spec, "exact") == (0, 4, spec.max_missing) and spec.max_missing > 4
+    assert specpv.refeed_sizes(spec, "specpv") == (0, spec.max_missing)
+    tiny = small_spec(buffer_tokens=11)  # 11 - 8 nodes + 3 = 6 missing at most
+    assert specpv.refeed_sizes(tiny, "exact") == (0, 4, 6)
+    tinier = small_spec(buffer_tokens=9)
+    assert tinier.max_missing == 4 and specpv.refeed_sizes(tinier, "exact") == (0, 4)
+
+
+def test_exact_full_steps_re_feed_in_the_smallest_branch_that_holds_them(models, monkeypatch):
+    """Each full step runs the branch of the fewest slots that hold every live row's missing tokens (a row
+    done is not waited for); the one-step branch runs, and the output is still ar's."""
+    target, head = models
+    seen, real = [], specpv.full_step
+
+    def spy(params, run, sampler, eos, st, tree, refeed):
+        jax.debug.callback(lambda n, done: seen.append((refeed, int(np.where(done, 0, n).max()))),
+                           st.n_missing, st.eagle.out.done)
+        return real(params, run, sampler, eos, st, tree, refeed=refeed)
+
+    monkeypatch.setattr(specpv, "full_step", spy)
+    prompts = np.random.default_rng(11).integers(0, 16, (2, 300))
+    spec = small_spec(window=96)  # a spec of its own: traced afresh with the spy
+    sizes = specpv.refeed_sizes(spec, "exact")
+    exact = sj.generate(target, prompts, 64, draft=head, mode="exact", spec=spec, eos_token_ids=())
+    np.testing.assert_array_equal(exact.tokens, sj.generate(target, prompts, 64, eos_token_ids=()).tokens)
+    assert len(seen) == exact.stats["full_verifications"]
+    for refeed, need in seen:
+        assert refeed == min(k for k in sizes if k >= need), (refeed, need)
+    assert sizes[1] in {refeed for refeed, _ in seen}
+
+
 SEED_WITH_A_ROLLBACK = 1  # of 6 seeds tried, all take partial steps and 5 roll back
 SAMPLES = 256  # generations per sampling check (each its own batch, vmapped)
 
