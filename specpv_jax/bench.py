@@ -316,16 +316,6 @@ def _fraction(raw: str) -> float:
     return value
 
 
-def _temperature(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or positive, got {value}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from specpv_jax.cli import at_least
 
@@ -351,7 +341,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune", action="store_true",
                    help="pick tree and budget at each context with SpecConfig.tuned (instead of --tree and "
                    "--budget-fraction)")
-    p.add_argument("--temperature", type=_temperature, default=0.0,
+    p.add_argument("--temperature", type=float, default=0.0,
                    help="sample at this temperature (seed 0 in each run) instead of decoding greedily; fidelity, "
                    "a greedy measure, is then not measured")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
@@ -370,10 +360,12 @@ def _run(args, scratch: pathlib.Path) -> list[dict]:
     import jax
 
     import specpv_jax as sj
+    from specpv_jax.sampling import Sampler
 
     contexts = args.contexts or ([1024, 2048] if args.quick else [2048, 4096, 8192, 16384])
     new_tokens = args.new_tokens or (32 if args.quick else 64)
     modes = args.modes or list(DEFAULT_MODES)
+    Sampler.create(args.temperature)  # checks it
     if args.tune and (args.tree or args.budget_fraction is not None):
         raise ValueError("--tune picks the tree and the retrieval budget itself: leave out --tree and "
                          "--budget-fraction, or --tune")
