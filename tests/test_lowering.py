@@ -80,9 +80,10 @@ def on(monkeypatch):
 
 
 # Kernel calls in each mode's program: prefill and the decode loop's verification; SpecPV's loop verifies
-# against the partial and the full cache; SpecExtend's draft model drafts with it too (its prefill, through a
-# sliding window, takes the XLA path: the kernel has no window).
-KERNEL_CALLS = {"ar": 2, "eagle": 2, "specpv": 4, "exact": 4, "specextend": 3, "longspec": 2}
+# against the partial and the full cache, the latter in a branch per re-feed size (`specpv.refeed_sizes`:
+# exact mode has one more); SpecExtend's draft model drafts with it too (its prefill, through a sliding
+# window, takes the XLA path: the kernel has no window).
+KERNEL_CALLS = {"ar": 2, "eagle": 2, "specpv": 4, "exact": 5, "specextend": 3, "longspec": 2}
 
 
 @pytest.mark.filterwarnings(TRITON_DEPRECATION)
