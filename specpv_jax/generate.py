@@ -83,6 +83,7 @@ def ar_step(params: M.Params, run: Run, sampler: Sampler, eos: jax.Array, s: ARS
 @stage_factory
 def _ar_decode_fn(run: Run):
     def fn(params, cache, logits, key, sampler, eos, limit):
+        params = M.for_decode_loop(params, run.cfg)
         first, out, key = Output.first_token(run, sampler, logits, key, eos, limit)
         state = ARState(cache=cache, out=out, last=first, key=key)
         state = decode_loop(run, functools.partial(ar_step, params, run, sampler, eos), state)

@@ -72,6 +72,7 @@ def longspec_decode_fn(run: Run):
     """Jitted `fn(params, dparams, cache, ring, logits, key, sampler, eos, limit) -> (Output, cache, ring)`: the
     `longspec` loop from `longspec_prefill_fn`'s results (cache and ring donated)."""
     def fn(params, dparams, cache, ring, logits, key, sampler, eos, limit):
+        params = M.for_decode_loop(params, run.cfg)
         first, out, key = Output.first_token(run, sampler, logits, key, eos, limit)
         state = LongSpecState(cache=cache, ring=ring, root=first, out=out, key=key)
         state = decode_loop(run, functools.partial(longspec_step, params, dparams, run, sampler, eos), state)

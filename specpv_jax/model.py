@@ -329,11 +329,22 @@ def layer_queries(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, po
 
 
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """Float32 logits `[..., V]` from final hidden states `[..., H]`."""
-    if cfg.tie_word_embeddings:
-        return jnp.einsum("...h,vh->...v", hidden, params["embed_tokens"]["embedding"],
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum("...h,hv->...v", hidden, params["lm_head"]["kernel"], preferred_element_type=jnp.float32)
+    """Float32 logits `[..., V]` from final hidden states `[..., H]`: by the `lm_head` kernel where `params`
+    have one (an untied model's, or a tied one's from `for_decode_loop`), else by the tied embedding."""
+    if "lm_head" in params:
+        return jnp.einsum("...h,hv->...v", hidden, params["lm_head"]["kernel"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...h,vh->...v", hidden, params["embed_tokens"]["embedding"],
+                      preferred_element_type=jnp.float32)
+
+
+def for_decode_loop(params: Params, cfg: ModelConfig) -> Params:
+    """`params` for a jitted decode loop, called inside the jitted function before the loop: on XLA:CPU a tied
+    model also gets its embedding's transpose as `lm_head` (one copy, made once per call), since there a loop's
+    product with the embedding's transpose runs several times slower than with a [H, V] kernel (the demo
+    target's [7, 4096] logits: 1.5 ms against about 0.2 ms a step; BENCHMARKS.md). Elsewhere, `params`."""
+    if not cfg.tie_word_embeddings or jax.default_backend() != "cpu":
+        return params
+    return {**params, "lm_head": {"kernel": params["embed_tokens"]["embedding"].T}}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -105,6 +105,7 @@ def specextend_decode_fn(run: Run):
     """Jitted `fn(params, dparams, cache, draft_state, logits, key, sampler, eos, limit) -> (Output, cache,
     draft_state)`: the `specextend` loop from `specextend_prefill_fn`'s results (cache and draft state donated)."""
     def fn(params, dparams, cache, draft_state, logits, key, sampler, eos, limit):
+        params, dparams = M.for_decode_loop(params, run.cfg), M.for_decode_loop(dparams, run.dcfg)
         first, out, key = Output.first_token(run, sampler, logits, key, eos, limit)
         b = first.shape[0]
         pending = jnp.zeros((b, run.spec.tree_depth + 1), jnp.int32).at[:, 0].set(first)

@@ -542,6 +542,7 @@ def specpv_decode_fn(run: Run):
     memory and a last argument, `summary` (`offload.empty_summary`, host memory), receives its block
     summaries, returned last."""
     def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, sampler, eos, limit, summary=None):
+        params = M.for_decode_loop(params, run.cfg)
         spec = run.spec
         b = cache.length.shape[0]
         m = spec.max_missing

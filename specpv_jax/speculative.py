@@ -131,6 +131,7 @@ def eagle_decode_fn(run: Run):
     """Jitted `fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, sampler, eos, limit) ->
     (Output, cache, draft_cache)`: the `eagle` loop from `eagle_prefill_fn`'s results (caches donated)."""
     def fn(params, dparams, d2t, cache, draft_cache, logits, last_feats, key, sampler, eos, limit):
+        params = M.for_decode_loop(params, run.cfg)
         state = initial_state(run, cache, draft_cache, logits, last_feats, key, sampler, eos, limit)
         step = functools.partial(eagle_step, params, dparams, d2t, run, sampler, eos)
         state = decode_loop(run, step, state)

@@ -514,3 +514,24 @@ def test_compiled_code_follows_the_trace_context(target, monkeypatch):
     kept = set(host._EXECUTABLES)
     sj.generate(target, [5, 6, 7], 40, eos_token_ids=())
     assert set(host._EXECUTABLES) == kept
+
+
+def test_a_tied_models_decode_loop_multiplies_by_a_kernel_made_before_it():
+    """On XLA:CPU a loop's product with a tied embedding's transpose runs several times slower than with a [H, V]
+    kernel (BENCHMARKS.md): `for_decode_loop` gives a tied model's decode loop one, with the same logits, and
+    the compiled AR program uses it (without, every logits product contracts the embedding's dimension 1)."""
+    from specpv_jax import model as M
+    from test_eagle import make_target
+
+    untied = make_target(96, layers=2)
+    cfg = dataclasses.replace(untied.cfg, tie_word_embeddings=True)
+    params = {name: p for name, p in untied.params.items() if name != "lm_head"}
+    prepared = M.for_decode_loop(params, cfg)
+    assert prepared["lm_head"]["kernel"].shape == (cfg.hidden_size, cfg.vocab_size)
+    hidden = jax.random.normal(jax.random.key(0), (3, cfg.hidden_size))
+    np.testing.assert_allclose(M.logits(prepared, cfg, hidden), M.logits(params, cfg, hidden), rtol=1e-5, atol=1e-5)
+    assert M.for_decode_loop(untied.params, untied.cfg) is untied.params
+    fn = sj.make_generate_fn(cfg, mode="ar", max_new_tokens=8, eos_token_ids=())
+    text = jax.jit(fn).lower(params, None, jnp.zeros((2, 16), jnp.int32), jax.random.key(0)).compile().as_text()
+    logits_products = [line for line in text.splitlines() if f",{cfg.vocab_size}]" in line and " dot(" in line]
+    assert any("rhs_contracting_dims={0}" in line for line in logits_products), logits_products
