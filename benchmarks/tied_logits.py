@@ -3,8 +3,8 @@
     python benchmarks/tied_logits.py [--context 4096] [--new-tokens 64] [--rounds 5]
 
 The demo target ties its embedding to its LM head. Inside a decode loop, XLA:CPU
-multiplied the hidden states by the embedding's transpose several times slower
-than by a [H, V] kernel, so on a CPU `for_decode_loop` gives each decode loop a
+multiplies the hidden states by the embedding's transpose slower than by a
+[H, V] kernel, so on a CPU `model.for_decode_loop` gives each decode loop a
 transposed copy, made once per call before the loop. This times, in one
 process and in alternating rounds, each mode's decode (`stats["time_s"]`) on
 the demo target as it is loaded (tied: the copy made) and with the copy left
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-
-import numpy as np
 
 import specpv_jax as sj
 from specpv_jax import model as M

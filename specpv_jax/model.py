@@ -340,8 +340,9 @@ def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
 def for_decode_loop(params: Params, cfg: ModelConfig) -> Params:
     """`params` for a jitted decode loop, called inside the jitted function before the loop: on XLA:CPU a tied
     model also gets its embedding's transpose as `lm_head` (one copy, made once per call), since there a loop's
-    product with the embedding's transpose runs several times slower than with a [H, V] kernel (the demo
-    target's [7, 4096] logits: 1.5 ms against about 0.2 ms a step; BENCHMARKS.md). Elsewhere, `params`."""
+    product with the embedding's transpose runs slower than with a [H, V] kernel (the demo models' decode
+    loops at 4K took 0.70-0.91x the time with the copy in the speculative modes; BENCHMARKS.md). Elsewhere,
+    `params`."""
     if not cfg.tie_word_embeddings or jax.default_backend() != "cpu":
         return params
     return {**params, "lm_head": {"kernel": params["embed_tokens"]["embedding"].T}}

@@ -517,8 +517,8 @@ def test_compiled_code_follows_the_trace_context(target, monkeypatch):
 
 
 def test_a_tied_models_decode_loop_multiplies_by_a_kernel_made_before_it():
-    """On XLA:CPU a loop's product with a tied embedding's transpose runs several times slower than with a [H, V]
-    kernel (BENCHMARKS.md): `for_decode_loop` gives a tied model's decode loop one, with the same logits, and
+    """On XLA:CPU a loop's product with a tied embedding's transpose runs slower than with a [H, V] kernel
+    (BENCHMARKS.md): `for_decode_loop` gives a tied model's decode loop one, with the same logits, and
     the compiled AR program uses it (without, every logits product contracts the embedding's dimension 1)."""
     from specpv_jax import model as M
     from test_eagle import make_target
