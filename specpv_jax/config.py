@@ -746,9 +746,11 @@ class SpecConfig:
     costs in partial ones, from which the mode plans how many tokens to hold
     provisional before a full step (`specpv.planned_cap`). The default, 1.5, is
     about Llama-3.1-8B's at 64K on a GPU (the weights and K/V bytes each step
-    reads); larger batches and longer contexts raise it. On a 2-core CPU a full
-    step that re-feeds provisional tokens costs about 3 partial ones with the
-    demo models at 4K (BENCHMARKS.md).
+    reads); larger batches and longer contexts raise it. On a 2-core CPU with the
+    demo models at 4K a full step cost about 1.5 partial ones without re-fed
+    tokens, and about 3 when it re-fed provisional tokens padded to
+    `max_missing` slots, before exact mode's one-step re-feed branch
+    (`specpv.refeed_sizes`; BENCHMARKS.md).
     SpecExtend's Cross-model Retrieval (small-draft modes): the draft's working
     cache holds the `draft_chunks` best `chunk_tokens`-token chunks of the
     context, re-chosen every `retrieve_every` steps by the target's attention,
